@@ -1,0 +1,204 @@
+"""The ONNX graph as the planner sees it: dynamic nodes, the tensors between them, their sizes at batch 1.
+
+Nodes that do not depend on a model input (Constant, arithmetic on initializers) are left out: they are
+replicated on whichever side needs them when head and tail are extracted, so they never cross a cut.
+Tensor shapes and dtypes come from one onnxruntime run at batch 1 with every intermediate exposed, which is
+exact where static shape inference gives up (dynamic reshapes, attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from models.extras import require
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One dynamic tensor: who makes it, who reads it, its size at batch 1."""
+
+    name: str
+    producer: str | None  # node name; None for a model input
+    consumers: tuple[str, ...]
+    shape: tuple[int, ...]  # at batch 1
+    dtype: str  # numpy dtype name
+
+    @property
+    def numel(self) -> int:
+        """Number of elements at batch 1."""
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes at batch 1 in the tensor's own dtype."""
+        return self.numel * np.dtype(self.dtype).itemsize
+
+    @property
+    def is_float(self) -> bool:
+        """Whether the codec may quantize it (float tensors only; shapes and indices go raw)."""
+        return np.dtype(self.dtype).kind == "f"
+
+
+@dataclass(frozen=True)
+class CutGraph:
+    """The DAG of dynamic nodes (in topological order) with the tensors between them."""
+
+    nodes: tuple[str, ...]
+    node_inputs: dict[str, tuple[str, ...]]  # node -> dynamic input tensors
+    node_weight_bytes: dict[str, int]  # node -> bytes of initializers it reads (fp32)
+    tensors: dict[str, TensorInfo]
+    inputs: tuple[str, ...]  # model inputs (non-initializer)
+    outputs: tuple[str, ...]  # model outputs
+    node_outputs: dict[str, tuple[str, ...]] = field(init=False, compare=False, repr=False)
+    _position: dict[str, int] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        made: dict[str, list[str]] = {}
+        for t in self.tensors.values():
+            if t.producer is not None:
+                made.setdefault(t.producer, []).append(t.name)
+        object.__setattr__(self, "node_outputs", {n: tuple(made.get(n, ())) for n in self.nodes})
+        object.__setattr__(self, "_position", {n: i for i, n in enumerate(self.nodes)})
+
+    def position(self, node: str) -> int:
+        """Index of `node` in topological order."""
+        return self._position[node]
+
+    def cut_tensors(self, edge_nodes: frozenset[str]) -> tuple[str, ...]:
+        """The tensors that cross from the edge side (`edge_nodes` plus the inputs) to the cloud side.
+
+        A tensor crosses when it is made on the edge (or is a model input) and read by a cloud node, or is
+        a model output made on the edge. For the empty edge set that is the model inputs (cloud-only); for
+        all nodes it is the model outputs (edge-only).
+        """
+        crossing = []
+        for t in self.tensors.values():
+            on_edge = t.producer is None or t.producer in edge_nodes
+            if not on_edge:
+                continue
+            read_in_cloud = any(c not in edge_nodes for c in t.consumers)
+            if read_in_cloud or (t.name in self.outputs and t.producer is not None):
+                crossing.append(t.name)
+        if not edge_nodes:
+            return self.inputs
+        return tuple(sorted(crossing, key=self._tensor_order))
+
+    def is_closed(self, edge_nodes: frozenset[str]) -> bool:
+        """Whether every dynamic predecessor of an edge node is on the edge too (data flows edge -> cloud only)."""
+        for node in edge_nodes:
+            for t in self.node_inputs[node]:
+                producer = self.tensors[t].producer
+                if producer is not None and producer not in edge_nodes:
+                    return False
+        return True
+
+    def _tensor_order(self, name: str) -> tuple[int, str]:
+        producer = self.tensors[name].producer
+        return (-1 if producer is None else self.position(producer), name)
+
+
+def _numpy_dtype(elem_type: int) -> str:
+    onnx = require("onnx", "profile")
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
+def build_cut_graph(model: "onnx.ModelProto", work_dir: Path | None = None) -> CutGraph:
+    """Analyse a (normalized, named-node) ONNX model into a CutGraph with exact sizes at batch 1."""
+    onnx = require("onnx", "profile")
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = tuple(i.name for i in graph.input if i.name not in initializers)
+    outputs = tuple(o.name for o in graph.output)
+    init_bytes = {
+        i.name: int(np.prod(i.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.data_type)).itemsize
+        for i in graph.initializer
+    }
+
+    dynamic: set[str] = set(inputs)
+    nodes: list[str] = []
+    node_inputs: dict[str, tuple[str, ...]] = {}
+    node_weights: dict[str, int] = {}
+    producer: dict[str, str | None] = {name: None for name in inputs}
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        dyn_in = tuple(dict.fromkeys(t for t in node.input if t in dynamic))
+        if not dyn_in:
+            continue  # constant subgraph: replicated where needed
+        if not node.name:
+            raise ValueError(f"node of type {node.op_type} has no name; normalize the model first")
+        nodes.append(node.name)
+        node_inputs[node.name] = dyn_in
+        node_weights[node.name] = sum(init_bytes.get(t, 0) for t in node.input)
+        for t in dyn_in:
+            consumers.setdefault(t, []).append(node.name)
+        for t in node.output:
+            if t:
+                dynamic.add(t)
+                producer[t] = node.name
+
+    shapes = _shapes_at_batch_one(model, [t for t in producer if t not in inputs])
+    tensors = {}
+    for name, prod in producer.items():
+        if name not in shapes:
+            continue  # an unused optional output: never read, never crosses
+        shape, dtype = shapes[name]
+        tensors[name] = TensorInfo(name, prod, tuple(consumers.get(name, ())), shape, dtype)
+    return CutGraph(tuple(nodes), node_inputs, node_weights, tensors, inputs, outputs)
+
+
+def _shapes_at_batch_one(model: "onnx.ModelProto", names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Run the model once at batch 1 with every intermediate exposed; return {tensor: (shape, dtype)}."""
+    onnx = require("onnx", "profile")
+    ort = require("onnxruntime", "edge")
+    inferred = onnx.shape_inference.infer_shapes(model)
+    elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    elem_types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.output})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing and elem_types.get(name):
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_types[name], None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feeds = {i.name: sample_input(i.shape, i.type) for i in sess.get_inputs()}
+    result = {name: (tuple(int(d) for d in arr.shape), np.asarray(arr).dtype.name) for name, arr in feeds.items()}
+    out_names = [o.name for o in sess.get_outputs()]
+    for name, arr in zip(out_names, sess.run(out_names, feeds)):
+        arr = np.asarray(arr)
+        result[name] = (tuple(int(d) for d in arr.shape), arr.dtype.name)
+    return result
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def sample_input(shape: list, ort_type: str, batch: int = 1, seed: int = 0) -> np.ndarray:
+    """A deterministic random input for an onnxruntime input description (dynamic dims -> `batch`)."""
+    dims = [d if isinstance(d, int) and d > 0 else batch for d in shape]
+    dtype = _ORT_TYPES.get(ort_type)
+    if dtype is None:
+        raise ValueError(f"model input of type {ort_type} is not supported; expected one of {sorted(_ORT_TYPES)}")
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        return rng.standard_normal(dims).astype(dtype)
+    if dtype is np.bool_:
+        return rng.integers(0, 2, dims).astype(np.bool_)
+    return rng.integers(0, 10, dims).astype(dtype)

@@ -1,0 +1,165 @@
+"""The planner on hand-made graphs and costs: its choice equals a brute-force search over all closed cuts."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from partitioning.graph import CutGraph, TensorInfo
+from partitioning.planner import (
+    CLOUD_ONLY,
+    EDGE_ONLY,
+    Budgets,
+    CostInputs,
+    Link,
+    evaluate_cut,
+    plan_cuts,
+)
+
+
+def make_graph(edges: dict[str, list[str]], sizes: dict[str, int], outputs: list[str]) -> CutGraph:
+    """A graph from {node: [input tensors]}; node n makes tensor n; 'x' is the model input."""
+    consumers: dict[str, list[str]] = {}
+    for node, ins in edges.items():
+        for t in ins:
+            consumers.setdefault(t, []).append(node)
+    tensors = {"x": TensorInfo("x", None, tuple(consumers.get("x", ())), (sizes["x"],), "float32")}
+    for node in edges:
+        tensors[node] = TensorInfo(node, node, tuple(consumers.get(node, ())), (sizes[node],), "float32")
+    return CutGraph(
+        nodes=tuple(edges),
+        node_inputs={n: tuple(ins) for n, ins in edges.items()},
+        node_weight_bytes={n: 1000 for n in edges},
+        tensors=tensors,
+        inputs=("x",),
+        outputs=tuple(outputs),
+    )
+
+
+def brute_force(graph: CutGraph, costs: CostInputs, link: Link, budgets: Budgets):
+    """Every closed edge set, simulated; the best feasible by the objective."""
+    best = None
+    for r in range(len(graph.nodes) + 1):
+        for combo in itertools.combinations(graph.nodes, r):
+            s = frozenset(combo)
+            if not graph.is_closed(s):
+                continue
+            if 0 < len(s) < len(graph.nodes) and set(graph.cut_tensors(s)) & set(graph.inputs):
+                continue
+            cand = evaluate_cut(graph, s, costs, link, budgets, "bf")
+            if not cand.feasible:
+                continue
+            value = cand.objective_value(budgets.objective)
+            if best is None or value < best[0] - 1e-9:
+                best = (value, s)
+    return best
+
+
+# Two branches after a stem: a (huge output) and b (tiny output), joined by d.
+BRANCHES = {"stem": ["x"], "a": ["stem"], "b": ["stem"], "a2": ["a"], "d": ["a2", "b"], "head": ["d"]}
+BRANCH_SIZES = {"x": 150_000, "stem": 200_000, "a": 400_000, "b": 1_000, "a2": 500, "d": 2_000, "head": 10}
+
+
+def test_chain_picks_the_small_activation_when_the_link_is_slow():
+    graph = make_graph({"n1": ["x"], "n2": ["n1"], "n3": ["n2"], "n4": ["n3"]},
+                       {"x": 100_000, "n1": 200_000, "n2": 1_000, "n3": 50_000, "n4": 10}, ["n4"])
+    costs = CostInputs(edge_ms={"n1": 5, "n2": 5, "n3": 40, "n4": 40}, cloud_ms={"n1": 1, "n2": 1, "n3": 2, "n4": 2})
+    plan = plan_cuts(graph, costs, Link(uplink_mbps=2, downlink_mbps=10, rtt_ms=10))
+    assert plan.best.edge_nodes == frozenset({"n1", "n2"})
+    assert plan.best.cut == ("n2",)
+    # a very fast link makes cloud-only best; a dead-slow one makes edge-only best
+    fast = plan_cuts(graph, costs, Link(uplink_mbps=10_000, downlink_mbps=10_000, rtt_ms=0.1))
+    assert fast.chosen == CLOUD_ONLY
+    slow = plan_cuts(graph, costs, Link(uplink_mbps=0.01, downlink_mbps=0.01, rtt_ms=500))
+    assert slow.chosen == EDGE_ONLY
+
+
+def test_best_cut_is_not_a_topological_prefix():
+    # Branch a is cheap on the edge and slow in the cloud and shrinks its data; branch b is the reverse.
+    # The optimum runs stem, a, a2 on the edge and sends two tensors (stem's for b, a2's for d): no prefix
+    # of the node order is that set, so a prefix-only search (Neurosurgeon) cannot find it.
+    graph = make_graph(BRANCHES, {**BRANCH_SIZES, "stem": 1_000}, ["head"])
+    costs = CostInputs(
+        edge_ms={"stem": 1, "a": 1, "b": 30, "a2": 1, "d": 30, "head": 30},
+        cloud_ms={"stem": 0.1, "a": 20, "b": 0.1, "a2": 20, "d": 0.1, "head": 0.1},
+    )
+    link = Link(uplink_mbps=5, downlink_mbps=20, rtt_ms=20)
+    plan = plan_cuts(graph, costs, link)
+    value, best_set = brute_force(graph, costs, link, Budgets())
+    assert plan.best.total_ms == pytest.approx(value)
+    assert plan.best.edge_nodes == best_set == frozenset({"stem", "a", "a2"})
+    prefixes = {frozenset(graph.nodes[:k]) for k in range(len(graph.nodes) + 1)}
+    assert best_set not in prefixes
+    assert set(plan.best.cut) == {"stem", "a2"}  # a multi-tensor cut: stem's output to b, a2's to d
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_planner_equals_brute_force_on_random_dags(seed):
+    rng = random.Random(seed)
+    n = rng.randint(4, 9)
+    names = [f"v{i}" for i in range(n)]
+    edges: dict[str, list[str]] = {}
+    for i, name in enumerate(names):
+        pool = ["x"] if i == 0 else names[:i]
+        k = rng.randint(1, min(2, len(pool)))
+        edges[name] = rng.sample(pool, k) if i else ["x"]
+    sizes = {"x": rng.randint(10_000, 300_000), **{v: rng.choice([100, 5_000, 80_000, 400_000]) for v in names}}
+    # every sink node is an output, so every node matters
+    consumed = {t for ins in edges.values() for t in ins}
+    outputs = [v for v in names if v not in consumed]
+    graph = make_graph(edges, sizes, outputs)
+    costs = CostInputs(
+        edge_ms={v: rng.uniform(0.5, 30) for v in names},
+        cloud_ms={v: rng.uniform(0.05, 3) for v in names},
+        edge_active_w=rng.uniform(2, 10),
+        edge_idle_w=rng.uniform(0.2, 2),
+    )
+    link = Link(uplink_mbps=rng.choice([1.1, 5.85, 18.88, 100]), downlink_mbps=50, rtt_ms=rng.uniform(5, 60),
+                tx_nj_per_byte=rng.uniform(50, 500))
+    for objective in ("latency", "energy"):
+        budgets = Budgets(objective=objective)
+        plan = plan_cuts(graph, costs, link, budgets)
+        value, _ = brute_force(graph, costs, link, budgets)
+        assert plan.best.objective_value(objective) == pytest.approx(value, rel=1e-6)
+
+
+def test_budgets_make_the_planner_pick_a_feasible_cut_and_name_failures():
+    graph = make_graph(BRANCHES, BRANCH_SIZES, ["head"])
+    costs = CostInputs(edge_ms={v: 2 for v in BRANCHES}, cloud_ms={v: 0.5 for v in BRANCHES})
+    link = Link(uplink_mbps=18.88, downlink_mbps=50, rtt_ms=20)
+    unconstrained = plan_cuts(graph, costs, link)
+    limit = unconstrained.best.edge_memory_bytes / 2**20 * 0.5
+    constrained = plan_cuts(graph, costs, link, Budgets(edge_memory_mb=limit))
+    assert constrained.feasible
+    assert constrained.best.edge_memory_bytes <= limit * 2**20
+    value, _ = brute_force(graph, costs, link, Budgets(edge_memory_mb=limit))
+    assert constrained.best.total_ms == pytest.approx(value)
+
+    impossible = plan_cuts(graph, costs, link, Budgets(max_latency_ms=0.001))
+    assert not impossible.feasible
+    assert impossible.best.violations and "latency" in impossible.best.violations[0]
+    assert "closest plan" in impossible.explain_infeasible()
+
+
+def test_plan_table_moves_toward_the_cloud_as_bandwidth_grows():
+    graph = make_graph({"n1": ["x"], "n2": ["n1"], "n3": ["n2"], "n4": ["n3"]},
+                       {"x": 100_000, "n1": 200_000, "n2": 1_000, "n3": 50_000, "n4": 10}, ["n4"])
+    costs = CostInputs(edge_ms={"n1": 5, "n2": 5, "n3": 40, "n4": 40}, cloud_ms={"n1": 1, "n2": 1, "n3": 2, "n4": 2})
+    plan = plan_cuts(graph, costs, Link(uplink_mbps=2, downlink_mbps=10, rtt_ms=10), table_mbps=(0.05, 2, 10_000))
+    table = dict(plan.plan_table)
+    edge_count = {c.id: len(c.edge_nodes) for c in plan.candidates}
+    assert edge_count[table[0.05]] >= edge_count[table[2]] >= edge_count[table[10_000]]
+    assert table[10_000] == CLOUD_ONLY
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="objective"):
+        Budgets(objective="speed")
+    with pytest.raises(ValueError, match="positive"):
+        Budgets(max_latency_ms=-1)
+    with pytest.raises(ValueError, match="uplink"):
+        Link(uplink_mbps=0, downlink_mbps=1, rtt_ms=1)
+    with pytest.raises(ValueError, match="codec"):
+        CostInputs(edge_ms={}, cloud_ms={}, codec="jpeg")
