@@ -1,0 +1,227 @@
+"""`partitioning.profile(...)`: from a model to a plan (and a verified bundle), the engine of `split-profile`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import platform
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from models.extras import require
+from models.manifest import PLAN_SCHEMA
+from partitioning.planner import PLAN_TABLE_MBPS, Budgets, CostInputs, Link, Plan, plan_cuts
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+# This host's power is unknown to us; these stand in for a small x86 box so that energy numbers are
+# defined for --device local. Use a named device or a saved profile for real energy figures.
+LOCAL_ACTIVE_W = 15.0
+LOCAL_IDLE_W = 5.0
+DEFAULT_CALIBRATION_SAMPLES = 16
+DEFAULT_CHECK_SAMPLES = 8
+
+
+class NoFeasiblePlanError(RuntimeError):
+    """No cut meets the budgets; `result` holds the plan with the closest candidate chosen."""
+
+    def __init__(self, message: str, result: "ProfileResult"):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """The plan, its plan.json document, and where the bundle was written (if it was)."""
+
+    plan: Plan
+    document: Mapping[str, Any]
+    bundle_dir: Path | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _edge_costs(device: str, onnx_path: Path, model, sha: str, *, repeats: int, threads: int | None,
+                progress: Progress, measured: dict) -> tuple[Any, dict[str, Any], float, float]:
+    """Per-node edge costs, the device's plan.json record, and its active/idle power."""
+    from partitioning import costs as cost_mod
+    from partitioning.devices import DeviceProfile, resolve_device
+
+    if device == "local":
+        measured.setdefault("local", _measure(onnx_path, repeats, threads, progress))
+        nc = measured["local"]
+        rec = {"name": "local", "kind": nc.kind, "source": nc.source, "host": _host(),
+               "power": {"active_w": LOCAL_ACTIVE_W, "idle_w": LOCAL_IDLE_W,
+                         "source": "assumed for a small x86 host; not measured"}}
+        return nc, rec, LOCAL_ACTIVE_W, LOCAL_IDLE_W
+    profile = resolve_device(device)
+    if isinstance(profile, DeviceProfile):
+        nc = cost_mod.estimate_node_costs(model, profile, precision="int8")
+        rec = {"name": profile.name, "kind": nc.kind, "source": nc.source, "device_table": profile.source,
+               "power": {"active_w": profile.active_w, "idle_w": profile.idle_w}}
+        return nc, rec, profile.active_w, profile.idle_w
+    nc = profile.costs_for(model, sha)
+    active = float(getattr(profile, "active_w", None) or LOCAL_ACTIVE_W)
+    idle = float(getattr(profile, "idle_w", None) or LOCAL_IDLE_W)
+    rec = {"name": str(device), "kind": nc.kind, "source": nc.source,
+           "power": {"active_w": active, "idle_w": idle}}
+    return nc, rec, active, idle
+
+
+def _cloud_costs(cloud: str, onnx_path: Path, model, *, repeats: int, threads: int | None, progress: Progress,
+                 measured: dict) -> tuple[Any, dict[str, Any]]:
+    from partitioning import costs as cost_mod
+    from partitioning.devices import resolve_gpu
+
+    if cloud == "local":
+        measured.setdefault("local", _measure(onnx_path, repeats, threads, progress))
+        nc = measured["local"]
+        return nc, {"name": "local", "kind": nc.kind, "source": nc.source}
+    gpu = resolve_gpu(cloud)
+    nc = cost_mod.estimate_node_costs(model, gpu, precision="fp32")
+    return nc, {"name": gpu.name, "kind": nc.kind, "source": nc.source, "gpu_table": gpu.source}
+
+
+def _measure(onnx_path: Path, repeats: int, threads: int | None, progress: Progress):
+    from partitioning.costs import measure_node_costs
+
+    progress(f"measuring per-node latency on this host ({repeats} runs after warm-up)")
+    return measure_node_costs(onnx_path, repeats=repeats, threads=threads,
+                              progress=lambda done, total: progress(f"  run {done}/{total}"))
+
+
+def _host() -> dict[str, Any]:
+    import os
+
+    ort = require("onnxruntime", "edge")
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "onnxruntime": ort.__version__}
+
+
+def profile(
+    model: str | Path,
+    *,
+    device: str = "local",
+    cloud: str = "local",
+    network: str | None = "wifi",
+    uplink_mbps: float | None = None,
+    downlink_mbps: float | None = None,
+    rtt_ms: float | None = None,
+    max_latency_ms: float | None = None,
+    edge_memory_mb: float | None = None,
+    max_energy_mj: float | None = None,
+    objective: str = "latency",
+    codec: str = "int8",
+    out: str | Path | None = None,
+    calibration: str | Path | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    allow_pickle: bool = False,
+    save_device_profile: str | Path | None = None,
+    repeats: int = 20,
+    threads: int | None = None,
+    plan_table_mbps: tuple[float, ...] = PLAN_TABLE_MBPS,
+    progress: Progress | None = None,
+) -> ProfileResult:
+    """Load `model`, cost every cut for device/cloud/network, choose under the budgets, write the bundle to `out`."""
+    from models.loaders import load_model
+    from partitioning.graph import build_cut_graph
+
+    onnx = require("onnx", "profile")
+    say: Progress = progress or (lambda msg: None)
+    notes: list[str] = []
+    budgets = Budgets(max_latency_ms, edge_memory_mb, max_energy_mj, objective)
+    from partitioning.devices import network_from_args
+
+    net = network_from_args(network, uplink_mbps, downlink_mbps, rtt_ms)
+    link = Link(net.uplink_mbps, net.downlink_mbps, net.rtt_ms, net.tx_nj_per_byte)
+
+    with tempfile.TemporaryDirectory(prefix="splitinfer-") as tmp:
+        say(f"loading {model}")
+        loaded = load_model(str(model), Path(tmp), input_shape=input_shape, allow_pickle=allow_pickle, progress=say)
+        proto = onnx.load(str(loaded.onnx_path))
+        onnx_sha = _sha256(loaded.onnx_path)
+        say(f"analysing the graph ({len(proto.graph.node)} nodes)")
+        graph = build_cut_graph(proto)
+        measured: dict = {}
+        edge_nc, device_rec, active_w, idle_w = _edge_costs(
+            device, loaded.onnx_path, proto, onnx_sha, repeats=repeats, threads=threads, progress=say, measured=measured)
+        if save_device_profile is not None:
+            if edge_nc.kind != "measured":
+                raise ValueError("--save-device-profile needs --device local (a measurement on this host)")
+            from partitioning.costs import save_device_profile as save
+
+            save(Path(save_device_profile), edge_nc, model_sha256=onnx_sha, host=_host())
+            say(f"saved the device profile to {save_device_profile}")
+        cloud_nc, cloud_rec = _cloud_costs(cloud, loaded.onnx_path, proto, repeats=repeats, threads=threads,
+                                           progress=say, measured=measured)
+        costs = CostInputs(
+            edge_ms=dict(edge_nc.per_node_ms), cloud_ms=dict(cloud_nc.per_node_ms),
+            edge_overhead_ms=edge_nc.overhead_ms, cloud_overhead_ms=cloud_nc.overhead_ms,
+            edge_active_w=active_w, edge_idle_w=idle_w, codec=codec,
+        )
+        say(f"searching cuts over {len(graph.nodes)} nodes")
+        plan = plan_cuts(graph, costs, link, budgets, plan_table_mbps)
+        document = _document(loaded, onnx_sha, graph, plan, device_rec, cloud_rec, net, budgets, codec)
+        result = ProfileResult(plan, document, None, tuple(notes))
+        if not plan.feasible:
+            raise NoFeasiblePlanError(plan.explain_infeasible(), result)
+        if out is None:
+            return result
+
+        from partitioning.bundle import write_bundle
+        from partitioning.quantize import load_calibration, synthetic_samples
+
+        if calibration is not None:
+            calib = load_calibration(Path(calibration), loaded.inputs)
+            checks = calib[-DEFAULT_CHECK_SAMPLES:]
+        else:
+            msg = ("no --calibration data: the int8 heads are calibrated on synthetic (random normal) inputs; "
+                   "their accuracy on real data may be lower than verification reports")
+            warnings.warn(msg, stacklevel=2)
+            notes.append(msg)
+            calib = synthetic_samples(loaded.inputs, DEFAULT_CALIBRATION_SAMPLES, seed=1)
+            checks = synthetic_samples(loaded.inputs, DEFAULT_CHECK_SAMPLES, seed=2)
+        document["calibration"] = {"source": str(calibration) if calibration else "synthetic", "samples": len(calib)}
+        final = write_bundle(Path(out), proto, loaded.onnx_path, graph, plan, document, calib, checks, loaded.task,
+                             progress=say)
+        return ProfileResult(plan, final, Path(out), tuple(notes))
+
+
+def _document(loaded, onnx_sha: str, graph, plan: Plan, device_rec: dict, cloud_rec: dict, net, budgets: Budgets,
+              codec: str) -> dict[str, Any]:
+    """The plan.json document (artifacts and verification are added when the bundle is written)."""
+    return {
+        "schema": PLAN_SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "generator": "splitinfer 0.1.0",
+        "model": {
+            "name": loaded.name,
+            "source": loaded.source,
+            "format": loaded.format,
+            "sha256": loaded.sha256,
+            "onnx_sha256": onnx_sha,
+            "task": loaded.task,
+            "inputs": [s.to_json() for s in loaded.inputs],
+            "outputs": [s.to_json() for s in loaded.outputs],
+            "nodes": len(graph.nodes),
+        },
+        "device": device_rec,
+        "cloud": cloud_rec,
+        "network": {"name": net.name, "uplink_mbps": net.uplink_mbps, "downlink_mbps": net.downlink_mbps,
+                    "rtt_ms": net.rtt_ms, "tx_nj_per_byte": net.tx_nj_per_byte, "source": net.source},
+        "budgets": {"max_latency_ms": budgets.max_latency_ms, "edge_memory_mb": budgets.edge_memory_mb,
+                    "max_energy_mj": budgets.max_energy_mj, "objective": budgets.objective},
+        "codec": codec,
+        "candidates": [c.to_json() for c in plan.candidates],
+        "chosen": plan.chosen,
+        "feasible": plan.feasible,
+        "plan_table": [{"uplink_mbps": m, "cut": cid} for m, cid in plan.plan_table],
+    }

@@ -1,0 +1,279 @@
+"""`split-profile`: parse arguments, call `partitioning.profile`, print the plan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_ERROR = 2
+EXIT_INFEASIBLE = 3
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    from models.loaders import ModelLoadError, parse_input_shape
+
+    try:
+        return parse_input_shape(text)
+    except ModelLoadError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of split-profile."""
+    p = argparse.ArgumentParser(
+        prog="split-profile",
+        description="Find where to cut a DNN between an edge device and the cloud, and write a verified split bundle.",
+    )
+    p.add_argument("model", help="model.pt (TorchScript), model.pt2 (torch.export), model.onnx, or a zoo name")
+    p.add_argument("--device", default="local",
+                   help="edge device: 'local' (measured here), a name (jetson-nano, jetson-orin-nano, jetson-orin-nx, "
+                        "jetson-agx-orin, rpi4, rpi5; aliases jetson, rpi), or a saved profile .json")
+    p.add_argument("--cloud", default="local", help="cloud side: 'local' (measured here) or a GPU class (t4, a10, l4, a100, h100, h200)")
+    p.add_argument("--network", default=None, help="3g, 4g, 5g, wifi, ethernet (default wifi unless --uplink-mbps)")
+    p.add_argument("--uplink-mbps", type=_positive)
+    p.add_argument("--downlink-mbps", type=_positive)
+    p.add_argument("--rtt-ms", type=_non_negative)
+    p.add_argument("--max-latency-ms", type=_positive)
+    p.add_argument("--edge-memory-mb", type=_positive, help="head weights plus peak activations")
+    p.add_argument("--max-energy-mj", type=_positive, help="device power model plus radio energy per byte")
+    p.add_argument("--objective", choices=("latency", "energy", "bytes"), default="latency")
+    p.add_argument("--codec", choices=("int8", "int8c", "fp16", "fp32"), default="int8",
+                   help="how cut activations travel (default int8)")
+    p.add_argument("--out", type=Path, help="write the bundle here (plan.json, head/int8 head/tail/full .onnx)")
+    p.add_argument("--calibration", type=Path, help="folder of .npy (or .npz) inputs to calibrate the int8 heads")
+    p.add_argument("--input-shape", type=_shape, help="e.g. 1x3x224x224, when the model file does not record it")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a pickled nn.Module (unpickling runs code: only for files you trust)")
+    p.add_argument("--save-device-profile", type=Path, help="with --device local: save the measurement as JSON")
+    p.add_argument("--repeats", type=int, default=20, help="measured runs per node (median)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for measurement")
+    p.add_argument("--top", type=int, default=5, help="candidates shown besides the baselines")
+    p.add_argument("--json", action="store_true", help="print plan.json to stdout instead of the table")
+    p.add_argument("--plot", type=Path, help="write a stacked-bar PNG of latency per candidate")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+class _Progress:
+    """Progress lines on stderr with elapsed time; run counters overwrite themselves on a terminal."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.start = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, msg: str) -> None:
+        if self.quiet:
+            return
+        line = f"[{time.monotonic() - self.start:6.1f}s] {msg}"
+        if msg.startswith("  run "):
+            if self.tty:
+                print("\r" + line, end="", file=sys.stderr, flush=True)
+            return
+        if self.tty:
+            print("\r\033[K", end="", file=sys.stderr)
+        print(line, file=sys.stderr, flush=True)
+
+
+def _fmt_cut(cut: Sequence[str], width: int = 34) -> str:
+    text = ",".join(cut)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(doc: dict[str, Any], top: int = 5) -> str:
+    """The best candidates and both baselines with their latency breakdown."""
+    objective = doc["budgets"]["objective"]
+    key = {"latency": "total_ms", "energy": "energy_mj", "bytes": "transfer_bytes"}[objective]
+    cands = doc["candidates"]
+    ranked = sorted((c for c in cands if c["feasible"]), key=lambda c: (c[key], c["total_ms"]))
+    shown = {c["id"]: c for c in ranked[:top]}
+    for c in cands:
+        if c["id"] in ("edge-only", "cloud-only", doc["chosen"]):
+            shown[c["id"]] = c
+    rows = sorted(shown.values(), key=lambda c: (c[key], c["total_ms"]))
+    head = f"{'':1} {'cut':<11} {'tensors':<34} {'edge ms':>8} {'xfer KB':>8} {'xfer ms':>8} {'cloud ms':>8} {'total ms':>9} {'mem MB':>7} {'mJ':>7}  ok"
+    lines = [head, "-" * len(head)]
+    for c in rows:
+        mark = "*" if c["id"] == doc["chosen"] else " "
+        lines.append(
+            f"{mark} {c['id']:<11} {_fmt_cut(c['cut']):<34} {c['edge_ms']:8.2f} {c['transfer_bytes'] / 1024:8.1f} "
+            f"{c['transfer_ms']:8.2f} {c['cloud_ms']:8.2f} {c['total_ms']:9.2f} {c['edge_memory_bytes'] / 2**20:7.2f} "
+            f"{c['energy_mj']:7.1f}  {'yes' if c['feasible'] else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def _summary(doc: dict[str, Any], bundle: Path | None) -> str:
+    net = doc["network"]
+    out = [
+        f"model    {doc['model']['name']} ({doc['model']['format']}, {doc['model']['nodes']} nodes)",
+        f"device   {doc['device']['name']}: {doc['device']['kind']} — {doc['device']['source']}",
+        f"cloud    {doc['cloud']['name']}: {doc['cloud']['kind']} — {doc['cloud']['source']}",
+        f"network  {net['name']}: up {net['uplink_mbps']:g} Mbps, down {net['downlink_mbps']:g} Mbps, rtt {net['rtt_ms']:g} ms",
+        f"objective {doc['budgets']['objective']}; {len(doc['candidates'])} candidate cuts; codec {doc['codec']}",
+        "",
+        format_table(doc),
+        "",
+        f"chosen: {doc['chosen']}  (* above)",
+        "plan table (uplink Mbps -> cut): "
+        + ", ".join(f"{r['uplink_mbps']:g}->{r['cut']}" for r in doc["plan_table"]),
+    ]
+    ver = doc.get("verification")
+    if ver:
+        for cid, v in ver["cuts"].items():
+            split, q = v["split"], v.get("int8")
+            qtext = f"int8 {q['metric']} {q['value']:.3f} ({'pass' if q['passed'] else 'FAIL'} at {q['threshold']})" if q else ""
+            out.append(f"verified {cid:<11} split max|err| {split['max_abs_error']:.2e} {qtext}")
+    out.append(f"bundle written to {bundle}" if bundle else "no --out given: plan only, no bundle written")
+    return "\n".join(out)
+
+
+def plot_candidates(doc: dict[str, Any], path: Path) -> None:
+    """A stacked bar (edge / transfer / cloud ms) per candidate, in topological order of the cut."""
+    from models.extras import require
+
+    require("matplotlib", "profile")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cands = sorted(doc["candidates"], key=lambda c: c["edge_nodes"])
+    ids = [c["id"] for c in cands]
+    edge = [c["edge_ms"] for c in cands]
+    xfer = [c["transfer_ms"] for c in cands]
+    cloud = [c["cloud_ms"] for c in cands]
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(ids) + 2), 4.5))
+    x = range(len(ids))
+    ax.bar(x, edge, label="edge", color="#4C72B0")
+    ax.bar(x, xfer, bottom=edge, label="transfer", color="#DD8452")
+    ax.bar(x, cloud, bottom=[e + t for e, t in zip(edge, xfer)], label="cloud", color="#55A868")
+    chosen = ids.index(doc["chosen"])
+    ax.annotate("chosen", (chosen, cands[chosen]["total_ms"]), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(ids, rotation=90, fontsize=6)
+    ax.set_ylabel("latency per request (ms)")
+    ax.set_title(f"{doc['model']['name']} on {doc['device']['name']} over {doc['network']['name']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _measure_only(args: argparse.Namespace, progress: _Progress) -> int:
+    """`--device local --save-device-profile` on an ONNX file with only the [edge] extra (no onnx, no torch)."""
+    import hashlib
+
+    from partitioning.costs import measure_node_costs, save_device_profile
+    from partitioning.api import _host
+
+    path = Path(args.model)
+    if not path.is_file():
+        print(f"split-profile: error: {path}: no such file", file=sys.stderr)
+        return EXIT_ERROR
+    progress(f"measuring per-node latency of {path} ({args.repeats} runs after warm-up)")
+    costs = measure_node_costs(path, repeats=args.repeats, threads=args.threads,
+                               progress=lambda d, t: progress(f"  run {d}/{t}"))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    save_device_profile(args.save_device_profile, costs, model_sha256=sha, host=_host())
+    print(f"measured {len(costs.per_node_ms)} nodes, {costs.total_ms():.2f} ms per run; "
+          f"saved the device profile to {args.save_device_profile}")
+    print("onnx is not installed here, so no plan or bundle was made: use the profile elsewhere with --device FILE")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of split-profile; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    progress = _Progress(args.quiet or args.json)
+    from models.extras import MissingExtraError, require
+
+    try:
+        require("onnx", "profile")
+    except MissingExtraError:
+        if args.device == "local" and args.save_device_profile and str(args.model).endswith(".onnx"):
+            return _measure_only(args, progress)
+        raise SystemExit(f"split-profile: error: {sys.exc_info()[1]}")
+    from partitioning.api import NoFeasiblePlanError, profile
+
+    network = args.network or (None if args.uplink_mbps else "wifi")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # profile() returns its warnings; they are printed once below
+            result = profile(
+                args.model, device=args.device, cloud=args.cloud, network=network,
+                uplink_mbps=args.uplink_mbps, downlink_mbps=args.downlink_mbps, rtt_ms=args.rtt_ms,
+                max_latency_ms=args.max_latency_ms, edge_memory_mb=args.edge_memory_mb,
+                max_energy_mj=args.max_energy_mj, objective=args.objective, codec=args.codec, out=args.out,
+                calibration=args.calibration, input_shape=args.input_shape, allow_pickle=args.allow_pickle,
+                save_device_profile=args.save_device_profile, repeats=args.repeats, threads=args.threads,
+                progress=progress,
+            )
+        for note in result.warnings:
+            print(f"split-profile: warning: {note}", file=sys.stderr)
+    except NoFeasiblePlanError as exc:
+        doc = exc.result.document
+        print(format_table(doc), file=sys.stderr)
+        print(f"split-profile: error: {exc}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    except Exception as exc:  # noqa: BLE001 - every error becomes one clear line and a non-zero exit
+        if args.debug:
+            raise
+        known = _is_user_error(exc)
+        prefix = "error" if known else f"internal error ({type(exc).__name__}; --debug shows the traceback)"
+        print(f"split-profile: {prefix}: {exc}", file=sys.stderr)
+        return EXIT_ERROR if known else 1
+    doc = dict(result.document)
+    if args.plot:
+        plot_candidates(doc, args.plot)
+        progress(f"wrote {args.plot}")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(_summary(doc, result.bundle_dir))
+    return 0
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors that are about the user's input (a clear message suffices) rather than a bug of ours."""
+    from models.extras import MissingExtraError
+    from models.manifest import BundleError
+    from partitioning.extract import SplitMismatchError
+    from partitioning.quantize import CalibrationError
+
+    try:
+        from models.loaders import ModelLoadError
+    except ImportError:  # pragma: no cover
+        ModelLoadError = ValueError  # type: ignore[misc,assignment]
+    return isinstance(exc, (ModelLoadError, BundleError, CalibrationError, SplitMismatchError, MissingExtraError,
+                            ValueError, OSError, KeyError))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

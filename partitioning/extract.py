@@ -1,0 +1,106 @@
+"""Head/tail extraction on the ONNX graph by tensor name, and the check that head then tail equals the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from models.extras import require
+
+
+class SplitMismatchError(RuntimeError):
+    """Head then tail does not reproduce the full model within tolerance."""
+
+
+def _with_value_info(model, names: Sequence[str]):
+    """Shape-inferred copy of `model` where every name has at least an element type (Extractor needs it)."""
+    onnx = require("onnx", "profile")
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {vi.name for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    missing = [n for n in names if n not in known]
+    if missing:
+        # Types the static inference could not reach: take them from one run (graph.py's probe does the same).
+        from partitioning.graph import _shapes_at_batch_one
+
+        shapes = _shapes_at_batch_one(model, missing)
+        for name in missing:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(shapes[name][1]))
+            inferred.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return inferred
+
+
+def extract_part(model, inputs: Sequence[str], outputs: Sequence[str], path: Path) -> Path:
+    """Write the subgraph computing `outputs` from `inputs` (initializers and constants copied in)."""
+    onnx = require("onnx", "profile")
+    prepared = _with_value_info(model, list(inputs) + list(outputs))
+    part = onnx.utils.Extractor(prepared).extract_model(list(inputs), list(outputs))
+    part.producer_name = "splitinfer"
+    onnx.checker.check_model(part)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(part, str(path))
+    return path
+
+
+def extract_split(model, cut: Sequence[str], head_path: Path, tail_path: Path) -> tuple[Path, Path]:
+    """Write head (model inputs -> cut tensors) and tail (cut tensors -> model outputs)."""
+    inputs = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
+    outputs = [o.name for o in model.graph.output]
+    return extract_part(model, inputs, cut, head_path), extract_part(model, cut, outputs, tail_path)
+
+
+def session(path: Path | bytes, threads: int | None = None):
+    """An onnxruntime CPU session with the project's default options."""
+    ort = require("onnxruntime", "edge")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    src = str(path) if isinstance(path, Path) else path
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+def run_split(head, tail, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run head (a session or None) then tail (a session or None) the way agent and cloud do."""
+    values = dict(feeds)
+    if head is not None:
+        names = [o.name for o in head.get_outputs()]
+        values = dict(zip(names, head.run(names, {i.name: values[i.name] for i in head.get_inputs()})))
+    if tail is None:
+        return list(values.values())
+    return tail.run(None, {i.name: values[i.name] for i in tail.get_inputs()})
+
+
+@dataclass(frozen=True)
+class SplitCheck:
+    """How far head-then-tail is from the full model on the sample inputs."""
+
+    max_abs_error: float
+    tolerance: float
+    samples: int
+
+    @property
+    def passed(self) -> bool:
+        """Within tolerance."""
+        return self.max_abs_error <= self.tolerance
+
+    def to_json(self) -> dict:
+        """The plan.json form."""
+        return {"max_abs_error": self.max_abs_error, "tolerance": self.tolerance, "samples": self.samples,
+                "passed": self.passed}
+
+
+def verify_split(full, head, tail, samples: Sequence[Mapping[str, np.ndarray]], rtol: float = 1e-4) -> SplitCheck:
+    """Compare head-then-tail with the full model; tolerance = rtol * max(1, max |reference|)."""
+    worst, scale = 0.0, 1.0
+    for feeds in samples:
+        ref = full.run(None, dict(feeds))
+        got = run_split(head, tail, feeds)
+        for r, g in zip(ref, got):
+            if r.shape != g.shape:
+                raise SplitMismatchError(f"split output shape {g.shape} differs from the model's {r.shape}")
+            worst = max(worst, float(np.max(np.abs(r.astype(np.float64) - g))) if r.size else 0.0)
+            scale = max(scale, float(np.max(np.abs(r))) if r.size else 0.0)
+    return SplitCheck(worst, rtol * scale, len(samples))

@@ -1,0 +1,131 @@
+"""Static int8 quantization of a head behind a small calibration reader, and its accuracy gate."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from models.extras import require
+from models.manifest import TensorSpec
+
+log = logging.getLogger(__name__)
+
+Sample = Mapping[str, np.ndarray]
+
+
+class CalibrationError(ValueError):
+    """Calibration data that does not fit the model's inputs."""
+
+
+def load_calibration(directory: Path, inputs: Sequence[TensorSpec], limit: int = 64) -> list[dict[str, np.ndarray]]:
+    """Samples (batch 1 each) from a folder of .npy files (one input) or .npz files (keyed by input name)."""
+    if not directory.is_dir():
+        raise CalibrationError(f"--calibration {directory}: not a directory of .npy/.npz files")
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".npy", ".npz"))
+    if not files:
+        raise CalibrationError(f"--calibration {directory}: no .npy or .npz files in it")
+    samples: list[dict[str, np.ndarray]] = []
+    for path in files:
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"{path}: not a readable numpy file ({exc})") from exc
+        arrays = dict(loaded) if path.suffix == ".npz" else {inputs[0].name: loaded}
+        if path.suffix == ".npy" and len(inputs) > 1:
+            raise CalibrationError(f"{path}: the model has {len(inputs)} inputs; use .npz files keyed by input name")
+        for spec in inputs:
+            if spec.name not in arrays:
+                raise CalibrationError(f"{path}: no array for input {spec.name!r}")
+            arr = np.asarray(arrays[spec.name], dtype=np.dtype(spec.dtype))
+            want = spec.concrete_shape(1)[1:]
+            if arr.shape == want:
+                arr = arr[None]
+            if arr.shape[1:] != want:
+                raise CalibrationError(f"{path}: {spec.name} has shape {arr.shape}, expected (N, {', '.join(map(str, want))})")
+            arrays[spec.name] = arr
+        count = min(len(arrays[s.name]) for s in inputs)
+        samples += [{s.name: arrays[s.name][i : i + 1] for s in inputs} for i in range(count)]
+        if len(samples) >= limit:
+            break
+    return samples[:limit]
+
+
+def synthetic_samples(inputs: Sequence[TensorSpec], count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Seeded standard-normal samples: a stand-in when the user gives no calibration data."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        sample = {}
+        for spec in inputs:
+            shape = spec.concrete_shape(1)
+            if np.dtype(spec.dtype).kind == "f":
+                sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            else:
+                sample[spec.name] = rng.integers(0, 10, shape).astype(spec.dtype)
+        out.append(sample)
+    return out
+
+
+def _reader(samples: Sequence[Sample]):
+    quant = require("onnxruntime.quantization", "edge")
+
+    class _SampleReader(quant.CalibrationDataReader):
+        """Feeds the calibration samples once each."""
+
+        def __init__(self) -> None:
+            self._it = iter(samples)
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            self._it = iter(samples)
+
+    return _SampleReader()
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How heads are quantized: QDQ, per-channel int8 weights, uint8 activations, min-max calibration."""
+
+    per_channel: bool = True
+    min_top1_agreement: float = 0.9
+    max_relative_error: float = 0.1
+
+
+def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], config: QuantConfig = QuantConfig()) -> Path:
+    """Write the static int8 (QDQ) version of `fp32_path`, calibrated on `samples` (inputs of that model)."""
+    quant = require("onnxruntime.quantization", "edge")
+    for name in ("onnxruntime.quantization", "root"):
+        logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.ERROR))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quant.quantize_static(
+            str(fp32_path),
+            str(int8_path),
+            _reader(samples),
+            quant_format=quant.QuantFormat.QDQ,
+            activation_type=quant.QuantType.QUInt8,
+            weight_type=quant.QuantType.QInt8,
+            per_channel=config.per_channel,
+            calibrate_method=quant.CalibrationMethod.MinMax,
+        )
+    return int8_path
+
+
+def int8_agreement(reference: Sequence[np.ndarray], quantized: Sequence[np.ndarray], task: str, config: QuantConfig = QuantConfig()) -> dict:
+    """Top-1 agreement for classifiers, relative L2 error otherwise, with the gate's verdict."""
+    ref = np.concatenate([np.asarray(r[0]) for r in reference])
+    got = np.concatenate([np.asarray(q[0]) for q in quantized])
+    if task == "classification" and ref.ndim == 2 and ref.shape[1] > 1:
+        value = float(np.mean(ref.argmax(1) == got.argmax(1)))
+        return {"metric": "top1_agreement", "value": value, "threshold": config.min_top1_agreement,
+                "passed": value >= config.min_top1_agreement, "samples": int(ref.shape[0])}
+    value = float(np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-12))
+    return {"metric": "relative_error", "value": value, "threshold": config.max_relative_error,
+            "passed": value <= config.max_relative_error, "samples": int(ref.shape[0])}
