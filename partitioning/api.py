@@ -24,7 +24,7 @@ Progress = Callable[[str], None]
 LOCAL_ACTIVE_W = 15.0
 LOCAL_IDLE_W = 5.0
 DEFAULT_CALIBRATION_SAMPLES = 16
-DEFAULT_CHECK_SAMPLES = 8
+DEFAULT_CHECK_SAMPLES = 32
 
 
 class NoFeasiblePlanError(RuntimeError):

@@ -47,10 +47,10 @@ def _write_cut(
     full = session(full_path)
     reference = [full.run(None, dict(x)) for x in checks]
     entry: dict[str, Any] = {"tensors": [s.to_json() for s in cut_tensor_specs(graph, cut)]}
-    (out / prefix).mkdir(parents=True, exist_ok=True)
     if cut_id == CLOUD_ONLY:
         entry.update(head=None, head_int8=None, tail=artifact_entry(out, full_path))
         return entry, {"split": {"max_abs_error": 0.0, "passed": True, "note": "no head: the tail is full.onnx"}}
+    (out / prefix).mkdir(parents=True, exist_ok=True)
     head_int8 = out / prefix / "head.int8.onnx"
     if cut_id == EDGE_ONLY:
         head, tail = full_path, None
