@@ -1,0 +1,363 @@
+"""The one place numpy arrays become proto `Tensor`s and back: codecs, compression and validation.
+
+Codec specs: `fp32`, `fp16`, `int8` (affine, one scale per tensor), `int8c` (affine, one scale per channel
+along axis 1), each optionally followed by `+lz4` or `+zstd` (e.g. `int8+zstd`). Only floating arrays are
+converted; integer arrays (token ids, masks) always travel losslessly in their own dtype.
+
+Wire rules (what `decode` accepts):
+- `raw_size` is the byte length of `data` once decompressed and must equal prod(shape) * itemsize(dtype).
+- `LZ4` is the lz4 *block* format without a stored size (`raw_size` is the size); `ZSTD` is one or more
+  zstd frames. Decompression never produces more than `raw_size` bytes: a zip bomb is refused, not inflated.
+- A quantized tensor has `dtype` INT8 (or UINT8), `quantization` set and `logical_dtype` FLOAT32:
+  real = scale * (q - zero_point); `axis` -1 with one scale, or `axis` k with shape[k] scales.
+- `logical_dtype` is the dtype handed to the model: FLOAT32 for FLOAT16 or quantized data, else `dtype`.
+
+`decode` validates everything before it allocates anything and raises `TensorError`, whose `status` is the
+grpc.StatusCode name the server answers with (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED for oversize tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from models.extras import require
+from models.manifest import TensorSpec
+from protos import inference_pb2 as pb
+
+DEFAULT_MAX_TENSOR_BYTES = 64 * 1024 * 1024
+ZSTD_LEVEL = 1  # ~1.7x on post-ReLU int8 for <1 ms (DESIGN field notes); higher levels rarely pay on a link
+MAX_RANK = 16
+
+QUANTIZERS = ("fp32", "fp16", "int8", "int8c")
+COMPRESSIONS = ("none", "lz4", "zstd")
+VALID_SPECS = tuple(q if c == "none" else f"{q}+{c}" for q in QUANTIZERS for c in COMPRESSIONS)
+
+INVALID_ARGUMENT = "INVALID_ARGUMENT"
+RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+
+# Wire dtype -> little-endian numpy dtype.
+_NP_DTYPES: dict[int, np.dtype] = {
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT16: np.dtype("<f2"),
+    pb.INT8: np.dtype("i1"),
+    pb.UINT8: np.dtype("u1"),
+    pb.INT32: np.dtype("<i4"),
+    pb.INT64: np.dtype("<i8"),
+}
+_DTYPE_BY_NAME: dict[str, int] = {np.dtype(d).name: code for code, d in _NP_DTYPES.items()}
+_QUANT_RANGE = {pb.INT8: (-128, 127), pb.UINT8: (0, 255)}
+_COMPRESSION_BY_NAME = {"none": pb.COMPRESSION_NONE, "lz4": pb.LZ4, "zstd": pb.ZSTD}
+
+
+class TensorError(ValueError):
+    """A tensor that cannot be encoded or that failed validation; `status` is a grpc.StatusCode name."""
+
+    def __init__(self, message: str, status: str = INVALID_ARGUMENT):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A parsed codec spec: how floats are reduced (`quantizer`) and how bytes are compressed."""
+
+    quantizer: str = "fp32"
+    compression: str = "none"
+
+    @property
+    def spec(self) -> str:
+        """The spec string, e.g. `int8+zstd`."""
+        return self.quantizer if self.compression == "none" else f"{self.quantizer}+{self.compression}"
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def parse_codec(spec: str | Codec) -> Codec:
+    """Parse a codec spec like `int8+zstd`; TensorError listing the valid specs otherwise."""
+    if isinstance(spec, Codec):
+        return spec
+    text = str(spec).strip().lower()
+    quantizer, _, compression = text.partition("+")
+    compression = compression or "none"
+    if quantizer not in QUANTIZERS or compression not in COMPRESSIONS or compression == "none" and "+" in text:
+        raise TensorError(f"unknown codec {spec!r}; expected one of {', '.join(VALID_SPECS)}")
+    return Codec(quantizer, compression)
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+def _affine_int8(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric int8 quantization (range widened to include 0); returns q, scales, zero points."""
+    if axis is None:
+        lo, hi = np.minimum(x.min(), 0.0), np.maximum(x.max(), 0.0)
+    else:
+        reduce = tuple(i for i in range(x.ndim) if i != axis)
+        lo = np.minimum(x.min(axis=reduce), 0.0)
+        hi = np.maximum(x.max(axis=reduce), 0.0)
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    scale = (hi - lo) / 255.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero tensor still gets a valid scale
+    zero = np.clip(np.round(-128.0 - lo / scale), -128, 127).astype(np.int32)
+    if axis is None:
+        q = np.round(x / scale) + zero
+    else:
+        bshape = [1] * x.ndim
+        bshape[axis] = -1
+        q = np.round(x / scale.reshape(bshape)) + zero.reshape(bshape)
+    return np.clip(q, -128, 127).astype(np.int8), scale.reshape(-1), zero.reshape(-1)
+
+
+def _compress(raw: bytes | memoryview, compression: str) -> bytes:
+    if compression == "lz4":
+        block = require("lz4.block", "edge")
+        return block.compress(raw, store_size=False)
+    if compression == "zstd":
+        zstd = require("zstandard", "edge")
+        return zstd.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
+    return bytes(raw)
+
+
+def encode(name: str, array: np.ndarray, codec: str | Codec = "fp32") -> pb.Tensor:
+    """Encode `array` as a proto Tensor named `name` with `codec` (see the module docstring)."""
+    c = parse_codec(codec)
+    arr = np.asarray(array)
+    if arr.dtype.name not in _DTYPE_BY_NAME and not np.issubdtype(arr.dtype, np.floating):
+        raise TensorError(f"tensor {name!r}: dtype {arr.dtype} cannot be sent; expected one of {sorted(_DTYPE_BY_NAME)}")
+    if arr.ndim > MAX_RANK:
+        raise TensorError(f"tensor {name!r}: rank {arr.ndim} exceeds {MAX_RANK}")
+    t = pb.Tensor(name=name, shape=arr.shape)
+    if np.issubdtype(arr.dtype, np.floating):
+        t.logical_dtype = pb.FLOAT32
+        if c.quantizer == "fp16":
+            arr, t.dtype = arr.astype("<f2", copy=False), pb.FLOAT16
+        elif c.quantizer in ("int8", "int8c"):
+            axis = None if c.quantizer == "int8" else 1
+            if axis is not None and arr.ndim < 2:
+                raise TensorError(f"tensor {name!r}: codec int8c needs rank >= 2 (channels on axis 1), got {arr.shape}")
+            if arr.size and not np.isfinite(arr).all():
+                raise TensorError(f"tensor {name!r}: cannot int8-quantize non-finite values")
+            if arr.size == 0:  # nothing to measure a range on: identity parameters
+                count = 1 if axis is None else arr.shape[1]
+                q, scale, zero = arr.astype(np.int8), np.ones(count, np.float32), np.zeros(count, np.int32)
+            else:
+                q, scale, zero = _affine_int8(arr.astype(np.float32, copy=False), axis)
+            arr, t.dtype = q, pb.INT8
+            t.quantization.scale.extend(scale.tolist())
+            t.quantization.zero_point.extend(zero.tolist())
+            t.quantization.axis = -1 if axis is None else axis
+        else:
+            arr, t.dtype = arr.astype("<f4", copy=False), pb.FLOAT32
+    else:
+        code = _DTYPE_BY_NAME[arr.dtype.name]
+        arr, t.dtype, t.logical_dtype = arr.astype(_NP_DTYPES[code], copy=False), code, code
+    raw = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    t.raw_size = raw.nbytes
+    t.compression = _COMPRESSION_BY_NAME[c.compression]
+    t.data = _compress(raw, c.compression)
+    return t
+
+
+def encode_all(arrays: Mapping[str, np.ndarray], codec: str | Codec = "fp32") -> list[pb.Tensor]:
+    """Encode every named array with the same codec, in mapping order."""
+    return [encode(name, arr, codec) for name, arr in arrays.items()]
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def _dtype_name(code: int) -> str:
+    return pb.DType.Name(code) if code in pb.DType.values() else str(code)
+
+
+def _logical_dtype(t: pb.Tensor) -> int:
+    """The dtype handed to the model, with UNSPECIFIED resolved."""
+    if t.logical_dtype != pb.DTYPE_UNSPECIFIED:
+        return t.logical_dtype
+    if t.HasField("quantization") or t.dtype == pb.FLOAT16:
+        return pb.FLOAT32
+    return t.dtype
+
+
+def validate(t: pb.Tensor, *, max_bytes: int, expected: TensorSpec | None = None) -> None:
+    """Check a tensor's metadata against itself, `max_bytes` and `expected`, without touching its data."""
+    where = f"tensor {t.name!r}"
+    if t.dtype not in _NP_DTYPES:
+        raise TensorError(f"{where}: dtype {_dtype_name(t.dtype)} is not one of {sorted(pb.DType.keys())[1:]}")
+    if t.compression not in pb.Compression.values():
+        raise TensorError(f"{where}: compression {t.compression} is not one of {list(pb.Compression.keys())}")
+    shape = list(t.shape)
+    if len(shape) > MAX_RANK:
+        raise TensorError(f"{where}: rank {len(shape)} exceeds {MAX_RANK}")
+    if any(d < 0 for d in shape):
+        raise TensorError(f"{where}: shape {shape} has a negative dimension")
+    itemsize = _NP_DTYPES[t.dtype].itemsize
+    nbytes = math.prod(shape) * itemsize  # Python ints: no overflow however large the dims
+    if nbytes != t.raw_size:
+        raise TensorError(
+            f"{where}: shape {shape} of {_dtype_name(t.dtype)} is {nbytes} bytes but raw_size says {t.raw_size}"
+        )
+    if nbytes > max_bytes:
+        raise TensorError(f"{where}: {nbytes} bytes exceeds the limit of {max_bytes} bytes", RESOURCE_EXHAUSTED)
+    if t.compression == pb.COMPRESSION_NONE and len(t.data) != nbytes:
+        raise TensorError(f"{where}: data is {len(t.data)} bytes, expected raw_size {nbytes}")
+    if t.compression != pb.COMPRESSION_NONE and len(t.data) > max_bytes:
+        raise TensorError(f"{where}: compressed data of {len(t.data)} bytes exceeds {max_bytes}", RESOURCE_EXHAUSTED)
+    logical = _logical_dtype(t)
+    if t.HasField("quantization"):
+        _validate_quantization(t, shape, logical)
+    elif not (logical == t.dtype or (t.dtype == pb.FLOAT16 and logical == pb.FLOAT32)):
+        raise TensorError(
+            f"{where}: logical_dtype {_dtype_name(logical)} needs quantization or a FLOAT16 payload; "
+            f"dtype is {_dtype_name(t.dtype)}"
+        )
+    if expected is not None:
+        _validate_expected(t, shape, logical, expected)
+
+
+def _validate_quantization(t: pb.Tensor, shape: list[int], logical: int) -> None:
+    where = f"tensor {t.name!r}"
+    q = t.quantization
+    if t.dtype not in _QUANT_RANGE:
+        raise TensorError(f"{where}: quantized data must be INT8 or UINT8, got {_dtype_name(t.dtype)}")
+    if logical != pb.FLOAT32:
+        raise TensorError(f"{where}: quantized data must have logical_dtype FLOAT32, got {_dtype_name(logical)}")
+    if q.axis == -1:
+        want = 1
+    elif 0 <= q.axis < len(shape):
+        want = shape[q.axis]
+    else:
+        raise TensorError(f"{where}: quantization axis {q.axis} is not -1 or a dimension of shape {shape}")
+    if len(q.scale) != want or len(q.zero_point) != want:
+        raise TensorError(
+            f"{where}: quantization along axis {q.axis} needs {want} scales and zero points, "
+            f"got {len(q.scale)} and {len(q.zero_point)}"
+        )
+    scales = np.asarray(q.scale, np.float32)
+    if not (np.isfinite(scales).all() and (scales > 0).all()):
+        raise TensorError(f"{where}: quantization scales must be finite and > 0")
+    lo, hi = _QUANT_RANGE[t.dtype]
+    if any(z < lo or z > hi for z in q.zero_point):
+        raise TensorError(f"{where}: zero points must lie in [{lo}, {hi}] for {_dtype_name(t.dtype)}")
+
+
+def _validate_expected(t: pb.Tensor, shape: list[int], logical: int, spec: TensorSpec) -> None:
+    where = f"tensor {t.name!r}"
+    if t.name != spec.name:
+        raise TensorError(f"{where}: expected tensor {spec.name!r}")
+    want = _DTYPE_BY_NAME.get(spec.dtype)
+    if want is not None and logical != want:
+        raise TensorError(f"{where}: logical dtype {_dtype_name(logical)}, the model expects {spec.dtype}")
+    if len(shape) != len(spec.shape) or any(d is not None and d != s for d, s in zip(spec.shape, shape)):
+        expect = ["batch" if d is None else d for d in spec.shape]
+        raise TensorError(f"{where}: shape {shape} does not match the model's {expect}")
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def _decompress(t: pb.Tensor) -> bytes:
+    """The decompressed payload; never more than raw_size bytes are produced."""
+    where = f"tensor {t.name!r}"
+    size = t.raw_size
+    if t.compression == pb.LZ4:
+        block = require("lz4.block", "edge")
+        if size == 0:
+            return b""
+        try:
+            # uncompressed_size bounds the output buffer; lz4 fails rather than write past it.
+            out = block.decompress(t.data, uncompressed_size=size)
+        except block.LZ4BlockError as exc:
+            raise TensorError(f"{where}: lz4 data does not decompress to raw_size {size} bytes ({exc})") from exc
+    else:
+        zstd = require("zstandard", "edge")
+        try:
+            params = zstd.get_frame_parameters(t.data)
+        except zstd.ZstdError as exc:
+            raise TensorError(f"{where}: not zstd data ({exc})") from exc
+        # decompress() trusts a frame's declared size, so read through a bounded stream instead.
+        if params.content_size not in (zstd.CONTENTSIZE_UNKNOWN, zstd.CONTENTSIZE_ERROR) and params.content_size > size:
+            raise TensorError(f"{where}: zstd frame declares {params.content_size} bytes, raw_size is {size}")
+        reader = zstd.ZstdDecompressor().stream_reader(t.data, read_across_frames=True)
+        chunks, total = [], 0
+        try:
+            while total <= size:
+                chunk = reader.read(size + 1 - total)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+        except zstd.ZstdError as exc:
+            raise TensorError(f"{where}: corrupt zstd data ({exc})") from exc
+        out = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if len(out) != size:
+        raise TensorError(f"{where}: data decompresses to {'more' if len(out) > size else len(out)} bytes, raw_size is {size}")
+    return out
+
+
+def decode(
+    t: pb.Tensor, *, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES, expected: TensorSpec | None = None
+) -> np.ndarray:
+    """Validate then decode a proto Tensor to numpy: float32 for float and quantized data, else its own dtype."""
+    validate(t, max_bytes=max_bytes, expected=expected)
+    raw = t.data if t.compression == pb.COMPRESSION_NONE else _decompress(t)
+    arr = np.frombuffer(raw, dtype=_NP_DTYPES[t.dtype]).reshape(tuple(t.shape))  # zero-copy view
+    if t.HasField("quantization"):
+        q = t.quantization
+        scale = np.asarray(q.scale, np.float32)
+        zero = np.asarray(q.zero_point, np.float32)
+        if q.axis >= 0:
+            bshape = [1] * arr.ndim
+            bshape[q.axis] = -1
+            scale, zero = scale.reshape(bshape), zero.reshape(bshape)
+        out = arr.astype(np.float32)
+        out -= zero
+        out *= scale
+        return out
+    if t.dtype == pb.FLOAT16:
+        return arr.astype(np.float32)
+    return arr
+
+
+def decode_all(
+    tensors: Iterable[pb.Tensor],
+    expected: Sequence[TensorSpec] | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+) -> dict[str, np.ndarray]:
+    """Decode a request's tensors by name; with `expected`, exactly those names, each checked against its spec."""
+    tensors = list(tensors)
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise TensorError(f"duplicate tensor names in {names}")
+    if expected is not None:
+        specs = {s.name: s for s in expected}
+        if set(names) != set(specs):
+            raise TensorError(f"got tensors {sorted(names)}, expected {sorted(specs)}")
+        return {t.name: decode(t, max_bytes=max_bytes, expected=specs[t.name]) for t in tensors}
+    return {t.name: decode(t, max_bytes=max_bytes) for t in tensors}
+
+
+def wire_bytes(tensors: Iterable[pb.Tensor]) -> int:
+    """Bytes of tensor payload on the wire (after compression), the quantity link time depends on."""
+    return sum(len(t.data) for t in tensors)
+
+
+__all__ = [
+    "DEFAULT_MAX_TENSOR_BYTES",
+    "VALID_SPECS",
+    "Codec",
+    "TensorError",
+    "decode",
+    "decode_all",
+    "encode",
+    "encode_all",
+    "parse_codec",
+    "validate",
+    "wire_bytes",
+]
