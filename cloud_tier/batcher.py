@@ -1,0 +1,240 @@
+"""Dynamic batching per (model, cut): gather requests for up to `max_wait_ms` or `max_batch` rows, run the
+tail once on their concatenation in a bounded worker pool, and hand each request its slice of the outputs.
+
+Everything here except the tail run itself happens on the server's event loop; the tail runs in a thread
+pool whose size bounds how many runs (of all batchers together) are in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from cloud_tier.stats import ServerStats
+
+RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class QueueFullError(RuntimeError):
+    """The batcher's queue is at its bound; the request was not taken."""
+
+
+class DeadlineExceededError(RuntimeError):
+    """The request's deadline passed while it waited; it was not run."""
+
+
+class BatcherClosedError(RuntimeError):
+    """The server stopped before the request ran."""
+
+
+class BatchRunError(RuntimeError):
+    """The tail failed on this request (run alone, so the failure is its own)."""
+
+
+@dataclass
+class BatchResult:
+    """One request's outputs and how its batch went."""
+
+    outputs: dict[str, np.ndarray]
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+
+@dataclass
+class _Pending:
+    feeds: Mapping[str, np.ndarray]
+    rows: int
+    arrived: float  # time.perf_counter()
+    deadline: float | None  # time.perf_counter() after which running it is pointless
+    future: asyncio.Future = field(repr=False)
+
+    @property
+    def signature(self) -> tuple:
+        """Requests batch together only when every input agrees beyond the batch dimension."""
+        return tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(self.feeds.items()))
+
+
+class DynamicBatcher:
+    """Batches the requests of one (model, cut) onto `run`."""
+
+    def __init__(
+        self,
+        name: str,
+        run: RunFn,
+        pool: Executor,
+        slots: asyncio.Semaphore,
+        stats: ServerStats,
+        *,
+        max_batch: int = 16,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 256,
+    ):
+        self.name = name
+        self._run = run
+        self._pool = pool
+        self._slots = slots  # shared by all batchers: one permit per worker thread
+        self._stats = stats
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
+        self._carry: _Pending | None = None
+        self._collecting: list[_Pending] = []  # taken from the queue, batch not started yet
+        self._flush = asyncio.Event()  # set while draining: stop waiting for company
+        self._running: set[asyncio.Task] = set()
+        self._held = 0  # submitted requests without an answer yet
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher {name}")
+
+    def submit(self, feeds: Mapping[str, np.ndarray], rows: int, deadline_s: float | None = None) -> asyncio.Future:
+        """Queue one request; its future resolves to a BatchResult. QueueFullError when at the bound."""
+        now = time.perf_counter()
+        fut = asyncio.get_running_loop().create_future()
+        item = _Pending(feeds, rows, now, None if deadline_s is None else now + deadline_s, fut)
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise QueueFullError(
+                f"{self.name}: queue full ({self.max_queue} requests waiting); retry later or run locally"
+            ) from None
+        self._stats.gauge("queued", 1)
+        self._held += 1
+        self._idle.clear()
+        fut.add_done_callback(self._answered)
+        return fut
+
+    def _answered(self, _fut: asyncio.Future) -> None:
+        self._held -= 1
+        if self._held == 0:
+            self._idle.set()
+
+    def flush(self) -> None:
+        """Run what is queued without waiting for fuller batches (used while draining)."""
+        self._flush.set()
+
+    async def idle(self) -> None:
+        """Wait until every submitted request has its answer."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Stop the batching loop; requests still queued get BatcherClosedError."""
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        for item in self._take_all():
+            if not item.future.done():
+                item.future.set_exception(BatcherClosedError(f"{self.name}: server stopped before this request ran"))
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _take_all(self) -> list[_Pending]:
+        items = self._collecting + ([self._carry] if self._carry is not None else [])
+        self._collecting, self._carry = [], None
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        self._stats.gauge("queued", -len(items))
+        return items
+
+    async def _next(self, timeout: float | None) -> _Pending | None:
+        """The next request; with a timeout, None once it passes or when flushing leaves nothing queued."""
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        if timeout is None:
+            item = await self._queue.get()
+        elif not self._queue.empty():
+            item = self._queue.get_nowait()
+        elif timeout <= 0 or self._flush.is_set():
+            return None
+        else:
+            get = asyncio.ensure_future(self._queue.get())
+            flush = asyncio.ensure_future(self._flush.wait())
+            await asyncio.wait({get, flush}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            flush.cancel()
+            get.cancel()
+            if not get.done() or get.cancelled():
+                return None
+            item = get.result()  # it completed before the cancel: keep the item
+        return item
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next(None)
+            self._collecting = batch = [first]
+            rows = first.rows
+            window_end = loop.time() + self.max_wait
+            while rows < self.max_batch:
+                item = await self._next(window_end - loop.time())
+                if item is None:
+                    break
+                if item.signature != first.signature or rows + item.rows > self.max_batch:
+                    self._carry = item  # starts the next batch
+                    break
+                batch.append(item)
+                rows += item.rows
+            await self._slots.acquire()
+            self._collecting = []
+            self._stats.gauge("queued", -len(batch))  # "queued" counts requests waiting for their run
+            task = loop.create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        try:
+            now = time.perf_counter()
+            live = []
+            for item in batch:
+                if item.future.cancelled():
+                    continue
+                if item.deadline is not None and now > item.deadline:
+                    item.future.set_exception(DeadlineExceededError(
+                        f"{self.name}: deadline passed after {1000 * (now - item.arrived):.1f} ms in the queue"))
+                else:
+                    live.append(item)
+            if not live:
+                return
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._pool, self._run_batch, live)
+            for item, result in zip(live, results):
+                if item.future.cancelled():
+                    continue
+                if isinstance(result, Exception):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+        finally:
+            self._slots.release()
+
+    def _run_batch(self, live: list[_Pending]) -> list[BatchResult | Exception]:
+        """In a worker thread: one tail run for the batch, split back per request."""
+        start = time.perf_counter()
+        rows = sum(i.rows for i in live)
+        if len(live) == 1:
+            feeds = live[0].feeds
+        else:
+            feeds = {k: np.concatenate([i.feeds[k] for i in live], axis=0) for k in live[0].feeds}
+        try:
+            outs = self._run(feeds)
+        except Exception as exc:  # onnxruntime's own error types; re-run alone so each gets its own answer
+            if len(live) > 1:
+                return [r for item in live for r in self._run_batch([item])]
+            return [BatchRunError(f"{self.name}: tail run failed: {exc}")]
+        compute_ms = 1000 * (time.perf_counter() - start)
+        self._stats.batch(rows)
+        if len(live) > 1 and any(v.ndim == 0 or v.shape[0] != rows for v in outs.values()):
+            # an output without the batch dimension cannot be split: run each request alone
+            return [r for item in live for r in self._run_batch([item])]
+        results: list[BatchResult | Exception] = []
+        offset = 0
+        for item in live:
+            part = {k: v[offset : offset + item.rows] for k, v in outs.items()} if len(live) > 1 else outs
+            offset += item.rows
+            results.append(BatchResult(part, 1000 * (start - item.arrived), compute_ms, rows))
+        return results

@@ -1,0 +1,85 @@
+"""CloudProcess: `split-cloud serve` in a child process, for kill tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+LISTENING = "listening on "
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class CloudProcess:
+    """Start `python -m cloud_tier.cli serve` and read the port it prints; terminate() drains, kill() does not."""
+
+    def __init__(self, bundles_dir: str | Path, *extra_args: str, host: str = "127.0.0.1", start_timeout: float = 60.0):
+        self.args = [sys.executable, "-m", "cloud_tier.cli", "serve", "--bundles", str(bundles_dir),
+                     "--host", host, "--port", "0", *extra_args]
+        self.host = host
+        self.start_timeout = start_timeout
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.lines: queue.Queue[str] = queue.Queue(maxsize=10_000)  # stdout lines after the port line
+
+    def start(self) -> int:
+        """Spawn the server and wait (bounded) for its `listening on` line; return the port."""
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, cwd=REPO_ROOT)
+        threading.Thread(target=self._pump, daemon=True, name="cloud-process-stdout").start()
+        seen: list[str] = []
+        while True:
+            try:
+                line = self.lines.get(timeout=self.start_timeout)
+            except queue.Empty:
+                self.kill()
+                raise RuntimeError(f"split-cloud printed no '{LISTENING}' line in {self.start_timeout} s: {seen}") from None
+            if line is None:
+                raise RuntimeError(f"split-cloud exited with {self.proc.wait()} before listening: {''.join(seen)}")
+            seen.append(line)
+            if line.startswith(LISTENING):
+                self.port = int(line.rsplit(":", 1)[1])
+                return self.port
+
+    @property
+    def address(self) -> str:
+        """host:port clients dial."""
+        return f"{self.host}:{self.port}"
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful drain) and wait for the exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: the cloud vanishes without a goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.lines.put_nowait(line)
+            except queue.Full:
+                pass  # nobody is reading the log: drop rather than block the child on a full pipe
+        self.lines.put(None)
+
+    def __enter__(self) -> "CloudProcess":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.terminate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.kill()

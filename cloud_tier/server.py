@@ -1,0 +1,187 @@
+"""CloudServer: the grpc.aio server (SplitInference + standard health) on its own thread and event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from cloud_tier.config import HEALTH_SERVICE, ServerConfig
+from cloud_tier.executor import ModelRegistry
+from cloud_tier.servicer import SplitInferenceServicer
+from cloud_tier.stats import ServerStats
+from protos import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 60.0
+_DEFAULTS = ServerConfig()
+
+
+class ServerStartError(RuntimeError):
+    """The server could not load its bundles or bind its port."""
+
+
+class CloudServer:
+    """Serves the tails of every bundle under `bundles_dir`; `start()` returns the bound port."""
+
+    def __init__(
+        self,
+        bundles_dir: str | Path,
+        host: str = _DEFAULTS.host,
+        port: int = _DEFAULTS.port,
+        *,
+        max_batch: int = _DEFAULTS.max_batch,
+        max_wait_ms: float = _DEFAULTS.max_wait_ms,
+        max_queue: int = _DEFAULTS.max_queue,
+        workers: int = _DEFAULTS.workers,
+        intra_op_threads: int = _DEFAULTS.intra_op_threads,
+        max_tensor_bytes: int = _DEFAULTS.max_tensor_bytes,
+        max_message_bytes: int = _DEFAULTS.max_message_bytes,
+        max_inflight_per_stream: int = _DEFAULTS.max_inflight_per_stream,
+        prefer_gpu: bool = _DEFAULTS.prefer_gpu,
+    ):
+        self.bundles_dir = Path(bundles_dir)
+        self.config = ServerConfig(
+            host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, workers=workers,
+            intra_op_threads=intra_op_threads, max_tensor_bytes=max_tensor_bytes, max_message_bytes=max_message_bytes,
+            max_inflight_per_stream=max_inflight_per_stream, prefer_gpu=prefer_gpu,
+        ).validate()
+        self.stats = ServerStats()
+        self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._server: grpc.aio.Server | None = None
+        self._servicer: SplitInferenceServicer | None = None
+        self._health: health_aio.HealthServicer | None = None
+        self._stop_request: asyncio.Event | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def from_config(cls, bundles_dir: str | Path, config: ServerConfig) -> "CloudServer":
+        """A server with every setting taken from `config`."""
+        return cls(bundles_dir, **{f.name: getattr(config, f.name) for f in fields(config)})
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> int:
+        """Load the bundles, bind, start serving on a background thread; return the port."""
+        if self._thread is not None:
+            raise RuntimeError("CloudServer.start() called twice")
+        ready: Future[int] = Future()
+        self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="cloud-server", daemon=True)
+        self._thread.start()
+        try:
+            self.port = ready.result(timeout=timeout)
+        except FutureTimeout as exc:
+            raise ServerStartError(f"cloud server did not start within {timeout} s") from exc
+        return self.port
+
+    @property
+    def address(self) -> str:
+        """host:port clients dial."""
+        return f"{self.config.host}:{self.port}"
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Health NOT_SERVING, refuse new requests (UNAVAILABLE), wait until accepted work is answered."""
+        self._call(self._drain(), timeout)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Graceful stop: drain (up to `grace` s), end open streams with UNAVAILABLE, stop the server."""
+        if self._loop is None or self._stopped.is_set():
+            return
+        deadline = time.monotonic() + grace
+        try:
+            self._call(self._drain(), grace)
+        except FutureTimeout:
+            log.warning("drain did not finish within %.1f s; stopping anyway", grace)
+        remaining = max(0.0, deadline - time.monotonic())
+        self._call(self._shutdown(remaining), remaining + 10.0)
+        assert self._thread is not None
+        self._thread.join(timeout=remaining + 10.0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped; False on timeout."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> "CloudServer":
+        if self._thread is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the server thread ---------------------------------------------------------------------------
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        assert self._loop is not None
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout=timeout)
+        except FutureTimeout:
+            fut.cancel()
+            raise
+
+    def _thread_main(self, ready: Future) -> None:
+        try:
+            asyncio.run(self._serve(ready))
+        except BaseException as exc:  # surface startup failures to start() instead of a dead thread
+            if not ready.done():
+                ready.set_exception(exc)
+            else:
+                log.exception("cloud server thread failed")
+        finally:
+            self._stopped.set()
+
+    async def _serve(self, ready: Future) -> None:
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        self._stop_request = asyncio.Event()
+        registry = await self._loop.run_in_executor(
+            None, lambda: ModelRegistry.load(self.bundles_dir, intra_op_threads=cfg.intra_op_threads,
+                                             prefer_gpu=cfg.prefer_gpu)
+        )
+        self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")
+        self._servicer = SplitInferenceServicer(registry, cfg, self._pool, self.stats)
+        self._health = health_aio.HealthServicer()
+        server = grpc.aio.server(options=cfg.grpc_options())
+        pb_grpc.add_SplitInferenceServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        try:
+            port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError as exc:
+            raise ServerStartError(f"cannot bind {cfg.host}:{cfg.port} ({exc})") from exc
+        if port == 0:
+            raise ServerStartError(f"cannot bind {cfg.host}:{cfg.port}")
+        await server.start()
+        self._server = server
+        for service in ("", HEALTH_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %d tails on %s:%d", len(registry.served()), cfg.host, port)
+        ready.set_result(port)
+        await self._stop_request.wait()
+        self._pool.shutdown(wait=True)
+
+    async def _drain(self) -> None:
+        assert self._health is not None and self._servicer is not None
+        await self._health.enter_graceful_shutdown()
+        await self._servicer.drain()
+
+    async def _shutdown(self, grace: float) -> None:
+        assert self._servicer is not None and self._server is not None and self._stop_request is not None
+        await self._servicer.close_streams()
+        await self._server.stop(grace)
+        await self._servicer.close()
+        self._stop_request.set()

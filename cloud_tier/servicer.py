@@ -1,0 +1,200 @@
+"""The SplitInference servicer (grpc.aio): decode and validate each request, batch it, answer it.
+
+A bad request gets its own RequestStatus and the stream goes on. Responses may leave out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from typing import AsyncIterator
+
+import grpc
+
+from cloud_tier.batcher import BatcherClosedError, BatchRunError, DeadlineExceededError, DynamicBatcher, QueueFullError
+from cloud_tier.config import ServerConfig
+from cloud_tier.executor import ModelRegistry
+from cloud_tier.stats import ServerStats
+from protos import codec
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_WAKE = object()  # wakes a stream's response loop to re-check whether it is done
+
+
+class RequestRejected(Exception):
+    """A request answered with a non-OK status without running."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Stream:
+    """The state of one Infer stream: responses to send and requests still being worked on."""
+
+    def __init__(self, max_inflight: int):
+        self.responses: asyncio.Queue = asyncio.Queue()  # bounded in effect by `slots`
+        self.slots = asyncio.Semaphore(max_inflight)
+        self.pending = 0
+        self.reader_done = False
+        self.closing = False
+
+    def wake(self) -> None:
+        self.responses.put_nowait(_WAKE)
+
+
+class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
+    """Serves the tails of a ModelRegistry with one DynamicBatcher per (model, cut)."""
+
+    def __init__(self, registry: ModelRegistry, config: ServerConfig, pool: Executor, stats: ServerStats):
+        self.registry = registry
+        self.config = config
+        self.stats = stats
+        self.draining = False
+        self._streams: set[_Stream] = set()
+        self._tasks: set[asyncio.Task] = set()
+        slots = asyncio.Semaphore(config.workers)
+        self._batchers = {
+            (t.model, t.cut): DynamicBatcher(
+                f"{t.model}/{t.cut}", t.executor.run, pool, slots, stats,
+                max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
+            )
+            for t in registry.served()
+        }
+
+    # -- RPCs ----------------------------------------------------------------------------------------
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        """Every served (model, cut) and the tensor names it takes."""
+        return pb.ListModelsResponse(
+            cuts=[pb.ServedCut(model=t.model, cut=t.cut, inputs=[s.name for s in t.inputs]) for t in self.registry.served()]
+        )
+
+    async def Infer(
+        self, request_iterator: AsyncIterator[pb.InferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.InferResponse]:
+        """One long-lived stream: each request answered on its own, possibly out of order."""
+        stream = _Stream(self.config.max_inflight_per_stream)
+        self._streams.add(stream)
+        if self.draining:
+            stream.closing = True
+        reader = asyncio.get_running_loop().create_task(self._read(request_iterator, stream))
+        try:
+            while not ((stream.reader_done or stream.closing) and stream.pending == 0):
+                item = await stream.responses.get()
+                if item is _WAKE:
+                    continue
+                yield item
+                stream.pending -= 1
+                stream.slots.release()
+            if stream.closing and not stream.reader_done:
+                context.set_code(grpc.StatusCode.UNAVAILABLE)
+                context.set_details("server is shutting down; reconnect to another cloud node or run locally")
+        finally:
+            reader.cancel()
+            self._streams.discard(stream)
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop taking new work (new requests get UNAVAILABLE) and wait for accepted work to be answered."""
+        self.draining = True
+        for batcher in self._batchers.values():
+            batcher.flush()
+        await asyncio.gather(*(b.idle() for b in self._batchers.values()))
+        while self._tasks:  # requests between decode and the batcher, or writing their response
+            await asyncio.wait(list(self._tasks))
+
+    async def close_streams(self) -> None:
+        """Let every open stream send what it owes, then end it with UNAVAILABLE."""
+        for stream in list(self._streams):
+            stream.closing = True
+            stream.wake()
+
+    async def close(self) -> None:
+        """Stop the batchers."""
+        await asyncio.gather(*(b.close() for b in self._batchers.values()))
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    async def _read(self, requests: AsyncIterator[pb.InferRequest], stream: _Stream) -> None:
+        try:
+            async for request in requests:
+                await stream.slots.acquire()  # at the bound, stop reading: flow control pushes back
+                stream.pending += 1
+                task = asyncio.get_running_loop().create_task(self._answer(request, stream))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError as exc:  # the client went away mid-stream
+            log.debug("Infer stream read ended: %s", exc)
+        finally:
+            stream.reader_done = True
+            stream.wake()
+
+    async def _answer(self, request: pb.InferRequest, stream: _Stream) -> None:
+        received_ns = time.time_ns()
+        self.stats.gauge("in_flight", 1)
+        try:
+            response = await self._infer(request, received_ns)
+        finally:
+            self.stats.gauge("in_flight", -1)
+        code = grpc.StatusCode.OK.value[0]
+        if response.status.code != code:
+            self.stats.error(_code_name(response.status.code))
+        stream.responses.put_nowait(response)
+
+    async def _infer(self, request: pb.InferRequest, received_ns: int) -> pb.InferResponse:
+        """Run one request to its response; every failure becomes that request's status."""
+        response = pb.InferResponse(request_id=request.request_id)
+        response.timing.received_unix_ns = received_ns
+        self.stats.incr("probes" if request.probe else "requests")
+        try:
+            if self.draining:
+                raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "server is shutting down; send to another node or run locally")
+            if request.probe and not request.tensors:
+                return response  # a liveness round trip: OK, no outputs
+            tail = self.registry.get(request.model, request.cut)
+            if tail is None:
+                raise RequestRejected(grpc.StatusCode.NOT_FOUND, self.registry.describe_missing(request.model, request.cut))
+            start = time.perf_counter()
+            feeds = codec.decode_all(request.tensors, tail.inputs, max_bytes=self.config.max_tensor_bytes)
+            rows = {v.shape[0] for v in feeds.values()}
+            if len(rows) != 1:
+                raise codec.TensorError(f"tensors disagree on the batch dimension: {sorted(rows)}")
+            response.timing.decode_ms = 1000 * (time.perf_counter() - start)
+            deadline = request.deadline_ms / 1000 if request.deadline_ms else None
+            result = await self._batchers[(tail.model, tail.cut)].submit(feeds, rows.pop(), deadline)
+            response.timing.queue_ms = result.queue_ms
+            response.timing.compute_ms = result.compute_ms
+            response.timing.batch_size = result.batch_size
+            response.outputs.extend(codec.encode(name, arr, "fp32") for name, arr in result.outputs.items())
+        except codec.TensorError as exc:
+            _set_status(response, grpc.StatusCode[exc.status], str(exc))
+        except RequestRejected as exc:
+            _set_status(response, exc.code, str(exc))
+        except QueueFullError as exc:
+            _set_status(response, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except DeadlineExceededError as exc:
+            _set_status(response, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except BatchRunError as exc:
+            _set_status(response, grpc.StatusCode.INTERNAL, str(exc))
+        except BatcherClosedError as exc:
+            _set_status(response, grpc.StatusCode.UNAVAILABLE, str(exc))
+        return response
+
+
+def _set_status(response: pb.InferResponse, code: grpc.StatusCode, message: str) -> None:
+    del response.outputs[:]
+    response.status.code = code.value[0]
+    response.status.message = message
+
+
+def _code_name(number: int) -> str:
+    return next((c.name for c in grpc.StatusCode if c.value[0] == number), str(number))

@@ -1,0 +1,261 @@
+"""The cloud tier over real gRPC on 127.0.0.1 (port 0): outputs, batching, bad requests, health, shutdown."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import zstandard
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cloud_tier import CloudProcess, CloudServer
+from protos import codec
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from tests.bundle_factory import CUT_TENSOR, MID_CUT, make_tiny_bundle, sample_input
+
+DEADLINE_S = 30.0
+OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+OK, INVALID, NOT_FOUND, EXHAUSTED, UNAVAILABLE = 0, 3, 5, 8, 14
+
+
+@pytest.fixture(scope="session")
+def bundles_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bundles")
+    make_tiny_bundle(root / "tiny")
+    return root
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="session")
+def reference(bundles_dir: Path) -> dict[str, ort.InferenceSession]:
+    b = bundles_dir / "tiny"
+    return {"head": _session(b / "head.onnx"), "tail": _session(b / "tail.onnx"), "full": _session(b / "full.onnx")}
+
+
+@pytest.fixture(scope="module")
+def server(bundles_dir: Path) -> Iterator[CloudServer]:
+    with CloudServer(bundles_dir, max_batch=16, max_wait_ms=20, max_tensor_bytes=1 << 20) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def stub(server: CloudServer) -> Iterator[pb_grpc.SplitInferenceStub]:
+    with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
+        yield pb_grpc.SplitInferenceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def batching_server(bundles_dir: Path) -> Iterator[CloudServer]:
+    # A long window with max_batch 4: a batch runs when its 4th request arrives, so batches are deterministic.
+    with CloudServer(bundles_dir, max_batch=4, max_wait_ms=10_000, max_tensor_bytes=1 << 20) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def batching_stub(batching_server: CloudServer) -> Iterator[pb_grpc.SplitInferenceStub]:
+    with grpc.insecure_channel(batching_server.address, options=OPTIONS) as channel:
+        yield pb_grpc.SplitInferenceStub(channel)
+
+
+def _activation(reference, seed: int) -> np.ndarray:
+    return reference["head"].run(None, {"input": sample_input(1, seed)})[0]
+
+
+def _request(rid: str, array: np.ndarray, *, cut: str = MID_CUT, name: str = CUT_TENSOR, codec_spec: str = "fp32",
+             model: str = "tiny") -> pb.InferRequest:
+    return pb.InferRequest(request_id=rid, device_id="test", model=model, cut=cut,
+                           tensors=[codec.encode(name, array, codec_spec)])
+
+
+def _infer(stub, requests: list[pb.InferRequest]) -> dict[str, pb.InferResponse]:
+    responses = {r.request_id: r for r in stub.Infer(iter(requests), timeout=DEADLINE_S)}
+    assert sorted(responses) == sorted(r.request_id for r in requests)
+    return responses
+
+
+def _output(response: pb.InferResponse) -> np.ndarray:
+    assert response.status.code == OK, response.status.message
+    (out,) = response.outputs
+    assert out.name == "output" and out.dtype == pb.FLOAT32
+    return codec.decode(out)
+
+
+def test_list_models(stub) -> None:
+    served = stub.ListModels(pb.ListModelsRequest(), timeout=DEADLINE_S)
+    assert {(c.model, c.cut, tuple(c.inputs)) for c in served.cuts} == {
+        ("tiny", MID_CUT, (CUT_TENSOR,)), ("tiny", "cloud-only", ("input",))}
+
+
+def test_outputs_match_running_the_tail_directly(stub, reference) -> None:
+    act = _activation(reference, seed=5)
+    x = sample_input(1, seed=6)
+    int8 = codec.encode(CUT_TENSOR, act, "int8+zstd")
+    res = _infer(stub, [_request("fp32", act)])  # alone: batch of one, same run as the reference
+    assert np.array_equal(_output(res["fp32"]), reference["tail"].run(None, {CUT_TENSOR: act})[0])
+    assert res["fp32"].timing.batch_size == 1 and res["fp32"].timing.received_unix_ns > 0
+    res = _infer(stub, [_request("int8", act, codec_spec="int8+zstd")])
+    want = reference["tail"].run(None, {CUT_TENSOR: codec.decode(int8)})[0]
+    np.testing.assert_allclose(_output(res["int8"]), want, rtol=0, atol=1e-6)
+    res = _infer(stub, [_request("cloud", x, cut="cloud-only", name="input")])
+    np.testing.assert_allclose(_output(res["cloud"]), reference["full"].run(None, {"input": x})[0], atol=1e-6)
+
+
+def test_a_request_with_its_own_batch_dimension(stub, reference) -> None:
+    x = sample_input(3, seed=7)
+    res = _infer(stub, [_request("b3", x, cut="cloud-only", name="input")])
+    out = _output(res["b3"])
+    assert out.shape == (3, 10) and res["b3"].timing.batch_size == 3
+    np.testing.assert_allclose(out, reference["full"].run(None, {"input": x})[0], atol=1e-6)
+
+
+def test_four_concurrent_streams_are_batched(batching_stub, reference, batching_server) -> None:
+    stub, server = batching_stub, batching_server
+    acts = [_activation(reference, seed=10 + i) for i in range(4)]
+    results: dict[int, pb.InferResponse] = {}
+    errors: list[BaseException] = []
+
+    def one_stream(i: int) -> None:
+        try:
+            results[i] = _infer(stub, [_request(f"s{i}", acts[i])])[f"s{i}"]
+        except BaseException as exc:  # re-raised in the test thread below
+            errors.append(exc)
+
+    batches_before = server.stats.snapshot().get("batches", 0)
+    threads = [threading.Thread(target=one_stream, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE_S)
+    assert not errors and len(results) == 4
+    assert [r.timing.batch_size for r in results.values()] == [4] * 4
+    assert server.stats.snapshot()["batches"] - batches_before == 1
+    for i, r in results.items():
+        alone = reference["tail"].run(None, {CUT_TENSOR: acts[i]})[0]
+        # batched convolution may differ from a batch-1 run in the last bits; 1e-6 holds
+        np.testing.assert_allclose(_output(r), alone, rtol=0, atol=1e-6)
+
+
+def _malformed(act: np.ndarray) -> dict[str, tuple[pb.InferRequest, int, str]]:
+    """Bad requests: (request, expected status code, a word of the expected message)."""
+    cases: dict[str, tuple[pb.InferRequest, int, str]] = {}
+
+    def bad(rid: str, code: int, word: str, **changes) -> pb.InferRequest:
+        req = _request(rid, act, codec_spec=changes.pop("codec_spec", "fp32"))
+        t = req.tensors[0]
+        for key, value in changes.items():
+            if key == "shape":
+                del t.shape[:]
+                t.shape.extend(value)
+            elif key == "scale":
+                t.quantization.scale[0] = value
+            else:
+                setattr(t, key, value)
+        cases[rid] = (req, code, word)
+        return req
+
+    bad("dtype", INVALID, "dtype 42", dtype=42)
+    bad("negdim", INVALID, "negative", shape=[1, -8, 16, 16])
+    bad("size", INVALID, "raw_size", raw_size=act.nbytes + 4)
+    bad("oversize", EXHAUSTED, "exceeds", shape=[1, 8, 16, 16 * 200], raw_size=8 * 16 * 16 * 200 * 4, data=b"")
+    bomb = zstandard.ZstdCompressor(level=1).compress(bytes(64 << 20))
+    bad("bomb", INVALID, "zstd", compression=pb.ZSTD, data=bomb)
+    bad("quant", INVALID, "finite and > 0", codec_spec="int8", scale=-1.0)
+    bad("wrongshape", INVALID, "does not match", shape=[1, 16, 8, 16])
+    cases["model"] = (_request("model", act, model="nope"), NOT_FOUND, "served models: ['tiny']")
+    cases["cut"] = (_request("cut", act, cut="c9"), NOT_FOUND, "served cuts: ['c1', 'cloud-only']")
+    cases["name"] = (_request("name", act, name="relu2"), INVALID, "expected ['relu1']")
+    cases["empty"] = (pb.InferRequest(request_id="empty", model="tiny", cut=MID_CUT), INVALID, "expected ['relu1']")
+    return cases
+
+
+def test_malformed_requests_get_their_status_and_the_stream_goes_on(batching_stub, reference, batching_server) -> None:
+    stub, server = batching_stub, batching_server
+    acts = [_activation(reference, seed=20 + i) for i in range(4)]
+    cases = _malformed(acts[0])
+    good = [_request(f"good{i}", a) for i, a in enumerate(acts)]
+    bad = [req for req, _, _ in cases.values()]
+    mixed = [good[0], *bad[:6], good[1], *bad[6:], good[2], good[3]]
+    res = _infer(stub, mixed)
+    for rid, (_, code, word) in cases.items():
+        assert res[rid].status.code == code, (rid, res[rid].status)
+        assert word in res[rid].status.message, (rid, res[rid].status.message)
+        assert not res[rid].outputs
+    # the same batch of good requests without the bad ones: the bad ones never reach a batch
+    clean = _infer(stub, good)
+    for i in range(4):
+        assert res[f"good{i}"].timing.batch_size == clean[f"good{i}"].timing.batch_size == 4
+        assert np.array_equal(_output(res[f"good{i}"]), _output(clean[f"good{i}"]))
+        np.testing.assert_allclose(_output(res[f"good{i}"]),
+                                   reference["tail"].run(None, {CUT_TENSOR: acts[i]})[0], rtol=0, atol=1e-6)
+    errors = server.stats.snapshot()["errors"]
+    assert errors["INVALID_ARGUMENT"] >= 8 and errors["NOT_FOUND"] >= 2 and errors["RESOURCE_EXHAUSTED"] >= 1
+
+
+def test_probe_without_tensors_is_answered(stub) -> None:
+    res = _infer(stub, [pb.InferRequest(request_id="p", probe=True)])
+    assert res["p"].status.code == OK and not res["p"].outputs
+
+
+def _poll(condition, what: str, timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_drain_and_stop(bundles_dir: Path, reference) -> None:
+    act = _activation(reference, seed=30)
+    srv = CloudServer(bundles_dir, max_wait_ms=60_000)  # a request waits in its batch window until drained
+    srv.start()
+    try:
+        with grpc.insecure_channel(srv.address, options=OPTIONS) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = lambda: health.Check(health_pb2.HealthCheckRequest(service=""), timeout=DEADLINE_S).status
+            assert check() == health_pb2.HealthCheckResponse.SERVING
+            outbox: queue.Queue = queue.Queue()
+
+            def requests() -> Iterator[pb.InferRequest]:
+                while (item := outbox.get(timeout=DEADLINE_S)) is not None:
+                    yield item
+
+            call = pb_grpc.SplitInferenceStub(channel).Infer(requests(), timeout=DEADLINE_S)
+            outbox.put(_request("inflight", act))
+            _poll(lambda: srv.stats.snapshot()["queued"] == 1, "the request to wait in its batch")
+            drainer = threading.Thread(target=srv.drain)
+            drainer.start()
+            first = next(call)  # drained: the in-flight request completes
+            assert first.request_id == "inflight"
+            np.testing.assert_allclose(_output(first), reference["tail"].run(None, {CUT_TENSOR: act})[0], atol=1e-6)
+            drainer.join(DEADLINE_S)
+            assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+            outbox.put(_request("late", act))  # new work while draining: refused, the stream still open
+            late = next(call)
+            assert late.request_id == "late" and late.status.code == UNAVAILABLE
+            assert "shutting down" in late.status.message
+            srv.stop(grace=5)
+            with pytest.raises(grpc.RpcError) as info:
+                next(call)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            outbox.put(None)
+    finally:
+        srv.stop(grace=1)
+    assert srv.wait(DEADLINE_S)
+
+
+def test_split_cloud_process_serves_and_stops_on_sigterm(bundles_dir: Path) -> None:
+    with CloudProcess(bundles_dir) as proc:
+        with grpc.insecure_channel(proc.address) as channel:
+            served = pb_grpc.SplitInferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=DEADLINE_S)
+            assert {c.cut for c in served.cuts} == {MID_CUT, "cloud-only"}
+        assert proc.terminate() == 0
