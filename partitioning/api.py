@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
-import platform
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ def _edge_costs(device: str, onnx_path: Path, model, sha: str, *, repeats: int, 
     if device == "local":
         measured.setdefault("local", _measure(onnx_path, repeats, threads, progress))
         nc = measured["local"]
-        rec = {"name": "local", "kind": nc.kind, "source": nc.source, "host": _host(),
+        rec = {"name": "local", "kind": nc.kind, "source": nc.source, "host": _host(threads),
                "power": {"active_w": LOCAL_ACTIVE_W, "idle_w": LOCAL_IDLE_W,
                          "source": "assumed for a small x86 host; not measured"}}
         return nc, rec, LOCAL_ACTIVE_W, LOCAL_IDLE_W
@@ -98,12 +97,10 @@ def _measure(onnx_path: Path, repeats: int, threads: int | None, progress: Progr
                               progress=lambda done, total: progress(f"  run {done}/{total}"))
 
 
-def _host() -> dict[str, Any]:
-    import os
+def _host(threads: int | None = None) -> dict[str, Any]:
+    from partitioning.costs import host_facts
 
-    ort = require("onnxruntime", "edge")
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "onnxruntime": ort.__version__}
+    return host_facts(threads)
 
 
 def profile(
@@ -158,7 +155,7 @@ def profile(
                 raise ValueError("--save-device-profile needs --device local (a measurement on this host)")
             from partitioning.costs import save_device_profile as save
 
-            save(Path(save_device_profile), edge_nc, model_sha256=onnx_sha, host=_host())
+            save(Path(save_device_profile), edge_nc, model_sha256=onnx_sha, host=_host(threads))
             say(f"saved the device profile to {save_device_profile}")
         cloud_nc, cloud_rec = _cloud_costs(cloud, loaded.onnx_path, proto, repeats=repeats, threads=threads,
                                            progress=say, measured=measured)

@@ -190,8 +190,7 @@ def _measure_only(args: argparse.Namespace, progress: _Progress) -> int:
     """`--device local --save-device-profile` on an ONNX file with only the [edge] extra (no onnx, no torch)."""
     import hashlib
 
-    from partitioning.costs import measure_node_costs, save_device_profile
-    from partitioning.api import _host
+    from partitioning.costs import host_facts, measure_node_costs, save_device_profile
 
     path = Path(args.model)
     if not path.is_file():
@@ -201,7 +200,7 @@ def _measure_only(args: argparse.Namespace, progress: _Progress) -> int:
     costs = measure_node_costs(path, repeats=args.repeats, threads=args.threads,
                                progress=lambda d, t: progress(f"  run {d}/{t}"))
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    save_device_profile(args.save_device_profile, costs, model_sha256=sha, host=_host())
+    save_device_profile(args.save_device_profile, costs, model_sha256=sha, host=host_facts(args.threads))
     print(f"measured {len(costs.per_node_ms)} nodes, {costs.total_ms():.2f} ms per run; "
           f"saved the device profile to {args.save_device_profile}")
     print("onnx is not installed here, so no plan or bundle was made: use the profile elsewhere with --device FILE")
