@@ -267,9 +267,12 @@ def test_profile_round_trip_and_costs_for(cnn, cnn_path, measured, tmp_path) -> 
     assert profile.costs.overhead_ms == pytest.approx(measured.overhead_ms)
     same = profile.costs_for(cnn, _sha(cnn_path))
     assert same.kind == "measured" and same.total_ms() == pytest.approx(measured.total_ms())
-    other = profile.costs_for(cnn, "0" * 64)
+    resaved = profile.costs_for(cnn, "0" * 64)  # same nodes, other bytes (a re-saved copy)
+    assert resaved.kind == "measured" and "matched by node names" in resaved.source
+    other_model = _renamed(cnn)
+    other = profile.costs_for(other_model, "0" * 64)
     assert other.kind == "estimated" and "measured profile my-pi" in other.source
-    assert set(other.per_node_ms) == set(measured.per_node_ms) and other.total_ms() > 0
+    assert set(other.per_node_ms) == {n.name for n in other_model.graph.node} and other.total_ms() > 0
     assert estimate_node_costs(cnn, profile).kind == "estimated"
 
 
@@ -278,7 +281,18 @@ def test_profile_without_fit_cannot_estimate_other_models(cnn, cnn_path, measure
     bare = NodeCosts(measured.per_node_ms, measured.overhead_ms, "measured", "test")
     save_device_profile(path, bare, model_sha256=_sha(cnn_path), host={})
     with pytest.raises(DeviceProfileError, match="measure this model on the device"):
-        load_device_profile(path).costs_for(cnn, "1" * 64)
+        load_device_profile(path).costs_for(_renamed(cnn), "1" * 64)
+
+
+def _renamed(model):
+    """A copy of `model` whose nodes have other names: another model as far as a profile can tell."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        node.name = f"other_{node.name}"
+    return copy
 
 
 def test_save_refuses_estimates_and_bad_sha(measured, tmp_path) -> None:
