@@ -1,0 +1,118 @@
+"""Embedded MQTT broker (amqtt) for zero-setup deployments and tests.
+
+amqtt binds 0.0.0.0 and allows anonymous clients by default, so it is bound to 127.0.0.1 here unless the
+caller asks otherwise. It is 2-3x slower than Mosquitto and MQTT 3.1.1 only: use Mosquitto in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from models.extras import require
+
+__all__ = ["EmbeddedBroker", "BrokerStartError"]
+
+log = logging.getLogger(__name__)
+
+
+class BrokerStartError(RuntimeError):
+    """The embedded broker did not start."""
+
+
+class EmbeddedBroker:
+    """An amqtt broker running on its own event loop in a daemon thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, start_timeout_s: float = 10.0) -> None:
+        """Configure; port 0 lets the OS choose (the chosen port is returned by start())."""
+        self.host, self._requested_port = host, port
+        self.port: int | None = None
+        self._timeout = start_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker: Any = None
+
+    def _config(self, port: int) -> dict[str, Any]:
+        return {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{port}"}},
+            # Only anonymous auth: no $SYS publisher and no per-packet logging (both cost throughput).
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+
+    def start(self) -> int:
+        """Start the broker thread and return the TCP port it listens on."""
+        if self._thread is not None:
+            raise BrokerStartError("embedded broker already started")
+        broker_mod = require("amqtt.broker", "cloud")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        async def boot() -> None:
+            port = self._requested_port
+            self._broker = broker_mod.Broker(self._config(port))
+            await self._broker.start()
+            self.port = self._bound_port() or port
+            if not self.port:
+                raise BrokerStartError("amqtt did not report the port it bound (its internals changed?); "
+                                       "pass an explicit port")
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(boot())
+            except BaseException as exc:  # noqa: BLE001 - handed to start() which re-raises it
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
+        self._thread.start()
+        if not ready.wait(self._timeout):
+            raise BrokerStartError(f"embedded MQTT broker on {self.host} did not start within {self._timeout} s")
+        if failure:
+            self._thread = None
+            raise BrokerStartError(f"embedded MQTT broker on {self.host}:{self._requested_port} failed: "
+                                   f"{failure[0]}") from failure[0]
+        assert self.port is not None
+        log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
+        return self.port
+
+    def _bound_port(self) -> int | None:
+        # amqtt keeps its asyncio servers in Broker._servers; read the real port when port 0 was asked for.
+        servers = getattr(self._broker, "_servers", {})
+        server = servers.get("default")
+        sockets = getattr(getattr(server, "instance", None), "sockets", None) or ()
+        for sock in sockets:
+            return int(sock.getsockname()[1])
+        return None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Shut the broker down and join its thread."""
+        if self._thread is None or self._loop is None:
+            return
+        loop, broker = self._loop, self._broker
+        fut = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
+        try:
+            fut.result(timeout_s)
+        except Exception as exc:  # noqa: BLE001 - still stop the loop; report why shutdown was unclean
+            log.warning("embedded MQTT broker shutdown was not clean: %r", exc)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout_s)
+        self._thread = None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,235 @@
+"""Fleet dashboard: an aiohttp app serving the page, a JSON API and Prometheus metrics from the fleet store.
+
+Routes: `/` (page), `/static/*` (app.js, app.css: shipped in the package, no CDN), `/api/fleet`,
+`/api/devices/{id}/series`, `/metrics`, `/healthz`. Every response carries a Content-Security-Policy that
+allows scripts only from this origin (no inline scripts); the page writes device-supplied text with
+textContent, never innerHTML.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from models.extras import require
+from protos.mqtt import STAGES, MqttSchemaError, check_device_id
+
+from cloud_tier.fleet_store import FleetStore
+
+__all__ = ["Dashboard", "build_app", "prometheus_text"]
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "NaN"
+    return repr(float(value)) if math.isfinite(value) else "NaN"
+
+
+def prometheus_text(fleet: list[dict[str, Any]]) -> str:
+    """Render fleet rows in the Prometheus text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_: str, samples: list[tuple[str, Any]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{{{labels}}} {_num(v)}" for labels, v in samples)
+
+    # Device ids match ^[A-Za-z0-9_-]+$ (validated on ingest), so they need no label escaping.
+    family("splitinfer_device_up", "gauge", "1 if the device is online, else 0.",
+           [(f'device="{d["device_id"]}"', 1 if d["status"] == "online" else 0) for d in fleet])
+    family("splitinfer_device_requests_per_second", "gauge", "Requests per second over the rate window.",
+           [(f'device="{d["device_id"]}"', d["req_per_s"]) for d in fleet])
+    family("splitinfer_device_edge_share", "gauge", "Share of requests finished on the device.",
+           [(f'device="{d["device_id"]}"', d["edge_share"]) for d in fleet if d["edge_share"] is not None])
+    family("splitinfer_device_dropped_records_total", "counter", "Telemetry records the agent dropped.",
+           [(f'device="{d["device_id"]}"', d["dropped_total"]) for d in fleet])
+    family("splitinfer_device_last_seen_seconds", "gauge", "Unix time of the last message from the device.",
+           [(f'device="{d["device_id"]}"', d["last_seen"]) for d in fleet])
+    samples = []
+    for d in fleet:
+        for stage in STAGES:
+            for q in (50, 95, 99):
+                v = d["stages"][stage][f"p{q}"]
+                if v is not None:
+                    samples.append((f'device="{d["device_id"]}",stage="{stage[:-3]}",quantile="0.{q}"', v))
+    family("splitinfer_device_latency_ms", "gauge", "Latency percentiles per stage over the stats window (ms).",
+           samples)
+    return "\n".join(lines) + "\n"
+
+
+def _secure(headers: Any, path: str) -> None:
+    headers["Content-Security-Policy"] = CSP
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Referrer-Policy"] = "no-referrer"
+    if path.startswith("/api/"):
+        headers["Cache-Control"] = "no-store"
+
+
+def _fleet_rows(fleet: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "device": d["device_id"], "label": d["label"], "status": d["status"], "mode": d["mode"],
+            "cut": d["cut"], "model": d["model"], "bandwidth_mbps": d["bandwidth_mbps"],
+            "req_per_s": d["req_per_s"], "p50_ms": d["p50_ms"], "p95_ms": d["p95_ms"], "p99_ms": d["p99_ms"],
+            "edge_share": d["edge_share"], "count": d["count"], "last_seen": d["last_seen"],
+            "dropped_total": d["dropped_total"],
+        }
+        for d in fleet
+    ]
+
+
+def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: float = 10.0,
+              series_s: float = 120.0) -> Any:
+    """The aiohttp Application serving the dashboard for `store`."""
+    web = require("aiohttp.web", "cloud")
+
+    async def in_thread(fn: Callable[[], Any]) -> Any:
+        # SQLite reads block: keep them off the event loop.
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    @web.middleware
+    async def security_headers(request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:  # 404s from the router and static files get the headers too
+            _secure(exc.headers, request.path)
+            raise
+        _secure(resp.headers, request.path)
+        return resp
+
+    async def index(_request: Any) -> Any:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    async def fleet(_request: Any) -> Any:
+        rows = await in_thread(lambda: store.fleet(window_s=window_s, rate_window_s=rate_window_s))
+        return web.json_response({"now": time.time(), "window_s": window_s, "rate_window_s": rate_window_s,
+                                  "devices": _fleet_rows(rows)})
+
+    async def series(request: Any) -> Any:
+        device_id = request.match_info["device_id"]
+        try:
+            check_device_id(device_id)
+        except MqttSchemaError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        try:
+            since = float(request.query.get("since_s", series_s))
+            bucket = float(request.query.get("bucket_s", 1.0))
+        except ValueError:
+            return web.json_response({"error": "since_s and bucket_s must be numbers"}, status=400)
+        if not (0 < since <= 86_400 and 0.1 <= bucket <= 3_600 and since / bucket <= 10_000):
+            return web.json_response({"error": "expected 0 < since_s <= 86400, 0.1 <= bucket_s <= 3600 and at "
+                                               "most 10000 buckets"}, status=400)
+        if await in_thread(lambda: store.device(device_id)) is None:
+            return web.json_response({"error": f"device {device_id!r} is unknown"}, status=404)
+        data = await in_thread(lambda: store.series(device_id, since_s=since, bucket_s=bucket))
+        return web.json_response(data)
+
+    async def metrics(_request: Any) -> Any:
+        rows = await in_thread(lambda: store.fleet(window_s=window_s, rate_window_s=rate_window_s))
+        return web.Response(body=prometheus_text(rows).encode(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def healthz(_request: Any) -> Any:
+        return web.json_response({"ok": True})
+
+    app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
+    app.router.add_get("/", index)
+    app.router.add_get("/api/fleet", fleet)
+    app.router.add_get("/api/devices/{device_id}/series", series)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_static("/static/", STATIC_DIR, show_index=False, follow_symlinks=False)
+    return app
+
+
+class Dashboard:
+    """The dashboard web server on its own event loop in a daemon thread."""
+
+    def __init__(self, store: FleetStore, host: str = "127.0.0.1", port: int = 0, **app_options: Any) -> None:
+        """Configure; port 0 lets the OS choose (returned by start())."""
+        self.store, self.host, self._requested_port = store, host, port
+        self._options = app_options
+        self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: Any = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running dashboard."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> int:
+        """Start serving and return the TCP port."""
+        web = require("aiohttp.web", "cloud")
+        if self._thread is not None:
+            raise RuntimeError("dashboard already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        async def boot() -> None:
+            self._runner = web.AppRunner(build_app(self.store, **self._options), access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.host, self._requested_port)
+            await site.start()
+            self.port = int(self._runner.addresses[0][1])
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(boot())
+            except BaseException as exc:  # noqa: BLE001 - re-raised by start()
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="dashboard", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout_s):
+            raise RuntimeError(f"dashboard on {self.host}:{self._requested_port} did not start in {timeout_s} s")
+        if failure:
+            self._thread = None
+            raise RuntimeError(f"dashboard on {self.host}:{self._requested_port} failed to start: {failure[0]}"
+                               ) from failure[0]
+        log.info("dashboard on %s", self.url)
+        assert self.port is not None
+        return self.port
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop serving and join the thread."""
+        if self._thread is None or self._loop is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        try:
+            fut.result(timeout_s)
+        except Exception as exc:  # noqa: BLE001 - still stop the loop; say why cleanup failed
+            log.warning("dashboard cleanup failed: %r", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout_s)
+        self._thread = None
+
+    def __enter__(self) -> "Dashboard":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

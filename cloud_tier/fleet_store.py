@@ -1,0 +1,323 @@
+"""Fleet store: device state, per-request latency records and commands in SQLite.
+
+WAL mode so the dashboard's readers never block the controller's writer. One writer connection behind a
+lock (batched inserts: executemany in one transaction); each reading thread gets its own connection.
+Retention: rows older than `max_age_s` and rows beyond `max_rows_per_device` per device are pruned,
+at most every `prune_every_s`, on the write path.
+
+Percentiles use linear interpolation between closest ranks (numpy's default), over the newest
+`max_sample` records of the window, so a dashboard poll stays cheap on a busy device.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from protos.mqtt import STAGES, Ack, Command, DeviceState, TelemetryRecord
+
+__all__ = ["FleetStore", "percentile", "STAGES"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    mode TEXT, cut TEXT, bandwidth_mbps REAL, model TEXT, label TEXT,
+    state_ts REAL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    dropped_total INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    received REAL NOT NULL,
+    head_ms REAL NOT NULL, encode_ms REAL NOT NULL, network_ms REAL NOT NULL,
+    queue_ms REAL NOT NULL, tail_ms REAL NOT NULL, total_ms REAL NOT NULL,
+    served_by TEXT NOT NULL,
+    cut TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_device_ts ON requests (device_id, ts);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE TABLE IF NOT EXISTS commands (
+    command_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    sent_ts REAL NOT NULL,
+    ack_ts REAL, ok INTEGER, message TEXT
+);
+"""
+
+_STAGE_COLS = ", ".join(STAGES)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Percentile `q` (0-100) of already sorted values, linear interpolation; None when empty."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    pos = (n - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much request history is kept."""
+
+    max_rows_per_device: int = 100_000
+    max_age_s: float = 24 * 3600.0
+    prune_every_s: float = 30.0
+
+
+class FleetStore:
+    """SQLite-backed store of fleet state and request telemetry; safe to use from several threads."""
+
+    def __init__(self, path: str | Path, *, retention: Retention = Retention(), max_sample: int = 20_000) -> None:
+        """Open (creating if needed) the database file at `path`."""
+        self.path = str(path)
+        if self.path == ":memory:" or self.path.startswith("file::memory:"):
+            raise ValueError("FleetStore needs a database file (readers use their own connections), not ':memory:'")
+        self.retention = retention
+        self.max_sample = max_sample
+        self._wlock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._writer = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False, isolation_level=None)
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        self._writer.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+        self._writer.executescript(_SCHEMA)
+        self._last_prune = time.monotonic()
+        self._closed = False
+
+    # --- connections -------------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise RuntimeError(f"fleet store {self.path} is closed")
+            conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every connection."""
+        self._closed = True
+        with self._wlock:
+            self._writer.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    # --- writes ------------------------------------------------------------------------------------
+
+    def upsert_state(self, device_id: str, state: DeviceState, received: float | None = None) -> None:
+        """Record a device's latest state (status, mode, cut, bandwidth, model, label)."""
+        now = time.time() if received is None else received
+        with self._wlock:
+            self._writer.execute(
+                "INSERT INTO devices (device_id, status, mode, cut, bandwidth_mbps, model, label, state_ts,"
+                " first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(device_id) DO UPDATE SET status=excluded.status, mode=excluded.mode,"
+                " cut=excluded.cut, bandwidth_mbps=excluded.bandwidth_mbps, model=excluded.model,"
+                " label=excluded.label, state_ts=excluded.state_ts, last_seen=excluded.last_seen",
+                (device_id, state.status, state.mode, state.cut, state.bandwidth_mbps, state.model, state.label,
+                 state.ts, now, now),
+            )
+
+    def insert_records(
+        self, batches: Iterable[tuple[str, Sequence[TelemetryRecord], int]], received: float | None = None
+    ) -> int:
+        """Insert (device_id, records, dropped) batches in one transaction; return the rows inserted."""
+        now = time.time() if received is None else received
+        rows: list[tuple[Any, ...]] = []
+        touched: dict[str, int] = {}
+        for device_id, records, dropped in batches:
+            touched[device_id] = touched.get(device_id, 0) + dropped
+            rows.extend(
+                (device_id, r.request_id, r.ts, now, r.head_ms, r.encode_ms, r.network_ms, r.queue_ms, r.tail_ms,
+                 r.total_ms, r.served_by, r.cut)
+                for r in records
+            )
+        if not touched:
+            return 0
+        with self._wlock:
+            cur = self._writer.cursor()
+            cur.execute("BEGIN")
+            try:
+                cur.executemany(
+                    f"INSERT INTO requests (device_id, request_id, ts, received, {_STAGE_COLS}, served_by, cut)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+                # A device that sends telemetry before (or without) a retained state still appears.
+                cur.executemany(
+                    "INSERT INTO devices (device_id, status, first_seen, last_seen, dropped_total)"
+                    " VALUES (?, 'online', ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
+                    " last_seen=excluded.last_seen, dropped_total=dropped_total+excluded.dropped_total",
+                    [(d, now, now, n) for d, n in touched.items()],
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            if time.monotonic() - self._last_prune >= self.retention.prune_every_s:
+                self._prune_locked()
+        return len(rows)
+
+    def prune(self) -> int:
+        """Apply the retention limits now; return the rows deleted."""
+        with self._wlock:
+            return self._prune_locked()
+
+    def _prune_locked(self) -> int:
+        self._last_prune = time.monotonic()
+        cur = self._writer.cursor()
+        cur.execute("BEGIN")
+        try:
+            deleted = cur.execute("DELETE FROM requests WHERE ts < ?",
+                                  (time.time() - self.retention.max_age_s,)).rowcount
+            keep = self.retention.max_rows_per_device
+            for (device_id,) in cur.execute("SELECT device_id FROM devices").fetchall():
+                deleted += cur.execute(
+                    "DELETE FROM requests WHERE device_id = ? AND id <= (SELECT id FROM requests"
+                    " WHERE device_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (device_id, device_id, keep),
+                ).rowcount
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return deleted
+
+    def record_command(self, device_id: str, cmd: Command, sent_ts: float | None = None) -> None:
+        """Remember a command sent to a device (its ack is filled in by record_ack)."""
+        with self._wlock:
+            self._writer.execute(
+                "INSERT OR REPLACE INTO commands (command_id, device_id, kind, payload, sent_ts) VALUES (?,?,?,?,?)",
+                (cmd.command_id, device_id, cmd.kind, cmd.to_json(), time.time() if sent_ts is None else sent_ts),
+            )
+
+    def record_ack(self, device_id: str, ack: Ack, ts: float | None = None) -> bool:
+        """Attach an ack to its command; False if no such command was sent to that device."""
+        with self._wlock:
+            cur = self._writer.execute(
+                "UPDATE commands SET ack_ts = ?, ok = ?, message = ? WHERE command_id = ? AND device_id = ?",
+                (time.time() if ts is None else ts, int(ack.ok), ack.message, ack.command_id, device_id),
+            )
+            return cur.rowcount > 0
+
+    # --- reads -------------------------------------------------------------------------------------
+
+    def command(self, command_id: str) -> dict[str, Any] | None:
+        """A sent command with its ack fields (ack_ts, ok, message are None until acked)."""
+        row = self._reader().execute(
+            "SELECT command_id, device_id, kind, payload, sent_ts, ack_ts, ok, message FROM commands"
+            " WHERE command_id = ?", (command_id,)).fetchone()
+        if row is None:
+            return None
+        keys = ("command_id", "device_id", "kind", "payload", "sent_ts", "ack_ts", "ok", "message")
+        out = dict(zip(keys, row))
+        out["ok"] = None if out["ok"] is None else bool(out["ok"])
+        return out
+
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        """The stored state row of one device."""
+        rows = self._devices("WHERE device_id = ?", (device_id,))
+        return rows[0] if rows else None
+
+    def _devices(self, where: str = "", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        keys = ("device_id", "status", "mode", "cut", "bandwidth_mbps", "model", "label", "state_ts",
+                "first_seen", "last_seen", "dropped_total")
+        rows = self._reader().execute(f"SELECT {', '.join(keys)} FROM devices {where} ORDER BY device_id",
+                                      params).fetchall()
+        return [dict(zip(keys, r)) for r in rows]
+
+    def record_count(self, device_id: str | None = None) -> int:
+        """Rows stored for one device or for the whole fleet."""
+        if device_id is None:
+            return self._reader().execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+        return self._reader().execute("SELECT COUNT(*) FROM requests WHERE device_id = ?",
+                                      (device_id,)).fetchone()[0]
+
+    def device_stats(
+        self, device_id: str, *, window_s: float = 300.0, rate_window_s: float = 10.0, now: float | None = None
+    ) -> dict[str, Any]:
+        """Percentiles (p50/p95/p99) of each stage, request rate and edge share over a window."""
+        now = time.time() if now is None else now
+        conn = self._reader()
+        rows = conn.execute(
+            f"SELECT {_STAGE_COLS}, served_by FROM requests WHERE device_id = ? AND ts >= ?"
+            " ORDER BY ts DESC LIMIT ?",
+            (device_id, now - window_s, self.max_sample),
+        ).fetchall()
+        in_rate = conn.execute("SELECT COUNT(*) FROM requests WHERE device_id = ? AND ts >= ? AND ts <= ?",
+                               (device_id, now - rate_window_s, now)).fetchone()[0]
+        first = conn.execute("SELECT first_seen FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        # A device seen for less than the rate window has not had the whole window to send requests.
+        span = min(rate_window_s, max(1.0, now - first[0])) if first else rate_window_s
+        stages: dict[str, dict[str, float | None]] = {}
+        for i, stage in enumerate(STAGES):
+            values = sorted(r[i] for r in rows)
+            stages[stage] = {f"p{q}": percentile(values, q) for q in (50, 95, 99)}
+        edge = sum(1 for r in rows if r[-1] == "edge")
+        return {
+            "count": len(rows),
+            "req_per_s": in_rate / span if span > 0 else 0.0,
+            "edge_share": edge / len(rows) if rows else None,
+            "stages": stages,
+        }
+
+    def fleet(self, *, window_s: float = 300.0, rate_window_s: float = 10.0, now: float | None = None
+              ) -> list[dict[str, Any]]:
+        """One summary row per device: state, last seen, req/s, p50/p95/p99 of total latency, edge share."""
+        out = []
+        for dev in self._devices():
+            stats = self.device_stats(dev["device_id"], window_s=window_s, rate_window_s=rate_window_s, now=now)
+            total = stats["stages"]["total_ms"]
+            out.append({**dev, "count": stats["count"], "req_per_s": stats["req_per_s"],
+                        "edge_share": stats["edge_share"], "p50_ms": total["p50"], "p95_ms": total["p95"],
+                        "p99_ms": total["p99"], "stages": stats["stages"]})
+        return out
+
+    def series(
+        self, device_id: str, *, since_s: float = 120.0, bucket_s: float = 1.0, now: float | None = None
+    ) -> dict[str, Any]:
+        """Per-bucket p50 of each stage and request count for one device, oldest bucket first."""
+        if bucket_s <= 0:
+            raise ValueError(f"bucket_s must be > 0, got {bucket_s}")
+        now = time.time() if now is None else now
+        rows = self._reader().execute(
+            f"SELECT ts, {_STAGE_COLS} FROM requests WHERE device_id = ? AND ts >= ? AND ts <= ? ORDER BY ts",
+            (device_id, now - since_s, now),
+        ).fetchall()
+        buckets: dict[int, list[tuple[float, ...]]] = {}
+        for r in rows:
+            buckets.setdefault(int(r[0] // bucket_s), []).append(r[1:])
+        keys = sorted(buckets)
+        series: dict[str, list[float | None]] = {s: [] for s in STAGES}
+        for k in keys:
+            for i, stage in enumerate(STAGES):
+                series[stage].append(percentile(sorted(v[i] for v in buckets[k]), 50))
+        return {
+            "device_id": device_id,
+            "bucket_s": bucket_s,
+            "t": [k * bucket_s for k in keys],
+            "count": [len(buckets[k]) for k in keys],
+            "p50": series,
+        }

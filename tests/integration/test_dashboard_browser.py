@@ -1,0 +1,164 @@
+"""The dashboard in real headless Chromium, driven over the DevTools protocol, with live MQTT telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import aiohttp
+import pytest
+
+from cloud_tier.controller import FleetController
+from cloud_tier.dashboard import Dashboard
+from cloud_tier.fleet_store import FleetStore
+from edge_agent.mqtt_control import AgentControl
+from protos.mqtt import Ack, TelemetryRecord
+from tests.integration.cdp import Chromium, Page, chromium_path
+from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
+from tests.mosquitto import Mosquitto
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+PROFILES = {"cam-1": (2.0, 1.0, 6.0, 0.5, 3.0), "cam-2": (4.0, 0.6, 14.0, 1.5, 3.5)}
+
+
+class Feeder:
+    """Simulated devices: each records a request every few ms until stopped."""
+
+    def __init__(self, agents: list[AgentControl]) -> None:
+        self.agents = agents
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
+
+    def _run(self) -> None:
+        rng = random.Random(11)
+        i = 0
+        while not self._stop.wait(0.01):
+            for agent in self.agents:
+                base = PROFILES[agent.device_id]
+                wobble = 1.0 + 0.5 * abs(((time.time() / 4) % 2) - 1)  # a slow sawtooth: the chart moves
+                st = [max(0.01, rng.gauss(b * wobble, b * 0.1)) for b in base]
+                edge = rng.random() < 0.2
+                agent.record(TelemetryRecord(f"{agent.device_id}-{i}", time.time(), *st, sum(st),
+                                             "edge" if edge else "cloud", "c3"))
+            i += 1
+
+    def __enter__(self) -> "Feeder":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.fixture()
+def live_fleet(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[tuple[Dashboard, list[AgentControl]]]:  # noqa: F811
+    store = FleetStore(tmp_path / "fleet.sqlite")
+    ctl = FleetController(store, mosquitto.host, mosquitto.port).start()
+    dash = Dashboard(store)
+    dash.start()
+    ack = lambda c: Ack(c.command_id, True)  # noqa: E731
+    agents = [AgentControl("cam-1", mosquitto.host, mosquitto.port, on_command=ack, label=HOSTILE,
+                           flush_interval_ms=100).start(),
+              AgentControl("cam-2", mosquitto.host, mosquitto.port, on_command=ack, label="line 2, wifi",
+                           flush_interval_ms=100).start()]
+    agents[0].publish_state(mode="split", cut="c3", bandwidth_mbps=18.9, model="resnet18")
+    agents[1].publish_state(mode="split", cut="c3", bandwidth_mbps=5.85, model="resnet18")
+    gone = AgentControl("cam-3", mosquitto.host, mosquitto.port, on_command=ack, label="spare").start()
+    gone.publish_state(mode="local", cut="edge-only", model="resnet18")
+    gone.close()
+    yield dash, agents
+    for agent in agents:
+        agent.close()
+    dash.stop()
+    ctl.stop()
+    store.close()
+
+
+def test_security_headers(live_fleet: tuple[Dashboard, list[AgentControl]]) -> None:
+    dash, _ = live_fleet
+    for path in ("/", "/static/app.js", "/api/fleet"):
+        with urllib.request.urlopen(dash.url + path, timeout=10) as resp:
+            csp = resp.headers["Content-Security-Policy"]
+            assert "script-src 'self'" in csp and "unsafe-inline" not in csp, (path, csp)
+    html = urllib.request.urlopen(dash.url + "/", timeout=10).read().decode()
+    assert "<script>" not in html and "http" not in html  # no inline script, nothing from a CDN
+    for bad in ("/api/devices/a%2Fb/series", "/api/devices/nobody/series"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(dash.url + bad, timeout=10)
+        assert err.value.code in (400, 404)
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed")
+def test_dashboard_in_headless_chromium(live_fleet: tuple[Dashboard, list[AgentControl]], tmp_path: Path) -> None:
+    dash, agents = live_fleet
+    browser = Chromium(tmp_path / "profile")
+    try:
+        with Feeder(agents):
+            asyncio.run(drive(browser, dash.url))
+    finally:
+        browser.close()
+
+
+async def drive(browser: Chromium, url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(browser.page_ws_url(), max_msg_size=64 * 1024 * 1024,
+                                      timeout=aiohttp.ClientWSTimeout(ws_close=5))
+        page = Page(ws)
+        try:
+            await page.send("Page.enable")
+            await page.send("Runtime.enable")
+            await page.send("Emulation.setDeviceMetricsOverride", width=1400, height=820, deviceScaleFactor=1,
+                            mobile=False)
+            await page.send("Page.navigate", url=url)
+
+            # One row per device, the offline one included.
+            await page.wait_for("document.querySelectorAll('#fleet-rows tr').length === 3", "three device rows")
+            devices = await page.eval("[...document.querySelectorAll('#fleet-rows tr')].map(r => r.dataset.device)")
+            assert devices == ["cam-1", "cam-2", "cam-3"]
+            await page.wait_for(
+                "document.querySelector('tr[data-device=\"cam-3\"] .col-status').textContent === 'offline'",
+                "cam-3 offline")
+
+            # The hostile label is shown as literal text: no element was created, no script ran.
+            label = await page.wait_for(
+                "document.querySelector('tr[data-device=\"cam-1\"] .col-label').textContent", "cam-1 label")
+            assert label == HOSTILE
+            assert await page.eval("document.querySelectorAll('img').length") == 0
+            assert await page.eval(
+                "document.querySelector('tr[data-device=\"cam-1\"] .col-label').childElementCount") == 0
+
+            # The chart follows the flowing telemetry.
+            await page.wait_for("document.getElementById('chart').dataset.device === 'cam-1' && "
+                                "Number(document.getElementById('chart').dataset.points) >= 2", "cam-1 chart")
+            first = await page.eval("document.getElementById('chart').dataset.lastT")
+            await page.wait_for(f"document.getElementById('chart').dataset.lastT !== '{first}'",
+                                "the chart to move on with new data")
+            rate = await page.eval("document.querySelector('tr[data-device=\"cam-1\"] .col-req_per_s').textContent")
+            assert float(rate) > 0
+
+            # Selecting a row switches the chart.
+            await page.eval("document.querySelector('tr[data-device=\"cam-2\"]').click()")
+            await page.wait_for("document.getElementById('chart').dataset.device === 'cam-2'", "chart of cam-2")
+            await page.eval("document.querySelector('tr[data-device=\"cam-1\"]').click()")
+            await page.wait_for("document.getElementById('chart').dataset.device === 'cam-1' && "
+                                "Number(document.getElementById('chart').dataset.points) >= 6",
+                                "a few seconds of chart", timeout_s=30)
+
+            shot = await page.send("Page.captureScreenshot", format="png")
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+
+            dialogs = [e for e in page.events if e["method"] == "Page.javascriptDialogOpening"]
+            assert dialogs == []
+            errors = [e for e in page.events if e["method"] == "Runtime.exceptionThrown"]
+            assert errors == []
+        finally:
+            await page.close()

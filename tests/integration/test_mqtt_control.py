@@ -1,0 +1,261 @@
+"""MQTT control plane against a real Mosquitto: last will, offline commands, telemetry into SQLite and the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from cloud_tier.broker import EmbeddedBroker
+from cloud_tier.controller import FleetController
+from cloud_tier.dashboard import Dashboard
+from cloud_tier.fleet_store import FleetStore
+from edge_agent.mqtt_control import AgentControl
+from protos.mqtt import STATE, TELEMETRY, Ack, Command, TelemetryRecord, device_topic
+from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
+from tests.mosquitto import Mosquitto
+
+AGENT_PROC = Path(__file__).with_name("mqtt_agent_proc.py")
+DEADLINE_S = 20.0
+
+
+def wait_for(cond: Callable[[], Any], what: str, timeout_s: float = DEADLINE_S) -> Any:
+    """Poll `cond` until truthy; fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.fixture()
+def fleet(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[tuple[FleetStore, FleetController]]:  # noqa: F811
+    store = FleetStore(tmp_path / "fleet.sqlite")
+    ctl = FleetController(store, mosquitto.host, mosquitto.port).start()
+    yield store, ctl
+    ctl.stop()
+    store.close()
+
+
+class AgentProc:
+    """A subprocess running AgentControl (see mqtt_agent_proc.py)."""
+
+    def __init__(self, device_id: str, port: int, applied_log: Path) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(AGENT_PROC), device_id, "127.0.0.1", str(port), str(applied_log)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        sel = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        ready = sel.select(timeout=DEADLINE_S)
+        sel.close()
+        line = self.proc.stdout.readline().decode().strip() if ready else ""
+        if line != "ready":
+            self.kill()
+            err = self.proc.stderr.read().decode()[-2000:] if self.proc.stderr else ""
+            raise AssertionError(f"agent process for {device_id} did not become ready (got {line!r}): {err}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+    def quit(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"quit\n")
+        self.proc.stdin.flush()
+        self.proc.wait(15)
+        self.kill()
+
+
+def applied(log: Path) -> list[dict[str, Any]]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def test_killed_agent_shows_offline_via_last_will(fleet: tuple[FleetStore, FleetController], tmp_path: Path,
+                                                   mosquitto: Mosquitto) -> None:  # noqa: F811
+    store, _ = fleet
+    agent = AgentProc("killed-1", mosquitto.port, tmp_path / "applied.jsonl")
+    try:
+        row = wait_for(lambda: (d := store.device("killed-1")) and d["cut"] == "c1" and d, "online state")
+        assert row["status"] == "online" and row["mode"] == "split"
+    finally:
+        agent.kill()  # SIGKILL: no goodbye, only the broker's last will can say it
+    row = wait_for(lambda: (d := store.device("killed-1")) and d["status"] == "offline" and d, "last will")
+    assert row["status"] == "offline"
+
+
+def test_command_sent_while_offline_is_applied_once_on_reconnect(
+    fleet: tuple[FleetStore, FleetController], tmp_path: Path, mosquitto: Mosquitto  # noqa: F811
+) -> None:
+    store, ctl = fleet
+    log = tmp_path / "applied.jsonl"
+    first = AgentProc("resume-1", mosquitto.port, log)  # registers the persistent session + subscription
+    first.kill()
+    wait_for(lambda: (d := store.device("resume-1")) and d["status"] == "offline", "offline after kill")
+
+    cmd = Command.switch_cut("c9")
+    assert ctl.send_command("resume-1", cmd) == cmd.command_id
+    assert applied(log) == []  # nobody there to apply it yet
+
+    second = AgentProc("resume-1", mosquitto.port, log)
+    try:
+        ack = ctl.wait_ack(cmd.command_id, DEADLINE_S)
+        assert ack == Ack(cmd.command_id, True, "applied switch_cut")
+        # A redelivery with the same id (e.g. after a lost PUBACK) must not be applied again.
+        ctl.send_command("resume-1", cmd)
+        barrier = ctl.send_command("resume-1", Command.ping())  # QoS 1 on one topic: delivered in order
+        assert ctl.wait_ack(barrier, DEADLINE_S) is not None
+        wait_for(lambda: (store.command(cmd.command_id) or {}).get("ok") is True, "ack stored")
+    finally:
+        second.quit()
+    entries = applied(log)
+    cuts = [e for e in entries if e["command"]["kind"] == "switch_cut"]
+    assert len(cuts) == 1, entries
+    assert cuts[0]["command"] == {"command_id": cmd.command_id, "kind": "switch_cut", "cut": "c9"}
+    assert cuts[0]["pid"] == second.proc.pid
+    wait_for(lambda: store.device("resume-1")["status"] == "offline", "offline after a clean close")
+
+
+def test_telemetry_equals_store_and_api(fleet: tuple[FleetStore, FleetController], tmp_path: Path,
+                                        mosquitto: Mosquitto) -> None:  # noqa: F811
+    store, ctl = fleet
+    rng = random.Random(3)
+    now = time.time()
+    sent: dict[str, list[TelemetryRecord]] = {"tele-a": [], "tele-b": []}
+    agents = [AgentControl(d, mosquitto.host, mosquitto.port, on_command=lambda c: Ack(c.command_id, True),
+                           flush_interval_ms=20, max_batch=37, label=f"label {d}").start()
+              for d in sent]
+    dash = Dashboard(store)
+    dash.start()
+    try:
+        for agent in agents:
+            agent.publish_state(mode="split", cut="c2", bandwidth_mbps=5.85, model="toy")
+            for i in range(300):
+                st = [rng.uniform(0.05, 30.0) for _ in range(5)]
+                rec = TelemetryRecord(f"{agent.device_id}-{i}", now - 5 + i * 0.01, *st, sum(st),
+                                      "edge" if rng.random() < 0.3 else "cloud", "c2")
+                assert agent.record(rec)
+                sent[agent.device_id].append(rec)
+        wait_for(lambda: store.record_count() == 600, "600 stored records")
+        with urllib.request.urlopen(f"{dash.url}/api/fleet", timeout=10) as resp:
+            api = {r["device"]: r for r in json.load(resp)["devices"]}
+        for device_id, recs in sent.items():
+            assert store.record_count(device_id) == len(recs)
+            stored = store._reader().execute("SELECT request_id, total_ms FROM requests WHERE device_id = ?",
+                                             (device_id,)).fetchall()
+            assert sorted(stored) == sorted((r.request_id, r.total_ms) for r in recs)
+            totals = [r.total_ms for r in recs]
+            ref = statistics.quantiles(totals, n=100, method="inclusive")
+            row = api[device_id]
+            assert row["count"] == len(recs)
+            assert row["status"] == "online" and row["cut"] == "c2" and row["mode"] == "split"
+            assert row["label"] == f"label {device_id}" and row["bandwidth_mbps"] == 5.85
+            for p in (50, 95, 99):
+                assert row[f"p{p}_ms"] == pytest.approx(ref[p - 1], rel=1e-9)
+            assert row["edge_share"] == pytest.approx(sum(r.served_by == "edge" for r in recs) / len(recs))
+        with urllib.request.urlopen(f"{dash.url}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        assert 'splitinfer_device_up{device="tele-a"} 1' in metrics
+        assert 'splitinfer_device_latency_ms{device="tele-b",stage="total",quantile="0.95"}' in metrics
+    finally:
+        for agent in agents:
+            agent.close()
+        dash.stop()
+    assert ctl.bad_payloads == 0 and ctl.dropped_messages == 0
+
+
+def test_bad_payloads_are_counted_and_the_controller_keeps_going(
+    fleet: tuple[FleetStore, FleetController], mosquitto: Mosquitto  # noqa: F811
+) -> None:
+    store, ctl = fleet
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    pub.connect(mosquitto.host, mosquitto.port, keepalive=10)
+    pub.loop_start()
+    try:
+        bad = [(device_topic("bad-1", TELEMETRY), b"not json"),
+               (device_topic("bad-1", TELEMETRY), b'{"records":[{"request_id":"x"}]}'),
+               (device_topic("bad-1", STATE), b'{"status":"sleepy"}'),
+               ("splitinfer/v1/devices/has space/state", b'{"status":"online"}')]
+        for topic, payload in bad:
+            pub.publish(topic, payload, qos=1).wait_for_publish(10)
+        pub.publish(device_topic("good-1", STATE), b'{"status":"online"}', qos=1).wait_for_publish(10)
+        wait_for(lambda: store.device("good-1"), "the good state after the bad ones")
+        assert ctl.bad_payloads == len(bad)
+        assert store.device("bad-1") is None and store.record_count("bad-1") == 0
+    finally:
+        pub.publish(device_topic("good-1", STATE), b"", qos=1, retain=True).wait_for_publish(10)
+        pub.loop_stop()
+        pub.disconnect()
+
+
+def test_agent_buffer_bound_counts_drops(fleet: tuple[FleetStore, FleetController],
+                                         mosquitto: Mosquitto) -> None:  # noqa: F811
+    store, _ = fleet
+    agent = AgentControl("bound-1", mosquitto.host, mosquitto.port, on_command=lambda c: Ack(c.command_id, True),
+                         telemetry_bound=3, flush_interval_ms=20)
+    now = time.time()
+    kept = [agent.record(TelemetryRecord(f"r{i}", now, 1, 1, 1, 1, 1, 5, "edge", "edge-only")) for i in range(5)]
+    assert kept == [True, True, True, False, False] and agent.dropped_total == 2
+    agent.start()  # nothing was connected yet: the buffer waits for the broker
+    try:
+        row = wait_for(lambda: (d := store.device("bound-1")) and d["dropped_total"] == 2 and d, "drop count")
+        assert store.record_count("bound-1") == 3 and row["status"] == "online"
+    finally:
+        agent.close()
+
+
+def test_embedded_amqtt_broker_round_trip(tmp_path: Path) -> None:
+    broker = EmbeddedBroker()
+    port = broker.start()
+    try:
+        assert port > 0
+        # amqtt would bind 0.0.0.0 by default: the embedded broker must only listen on loopback.
+        bound = {s.getsockname()[0] for s in broker._broker._servers["default"].instance.sockets}
+        assert bound == {"127.0.0.1"}
+        got: list[Ack] = []
+        store = FleetStore(tmp_path / "amqtt.sqlite")
+        ctl = FleetController(store, "127.0.0.1", port).start()
+        agent = AgentControl("amqtt-1", "127.0.0.1", port, flush_interval_ms=20,
+                             on_command=lambda c: got.append(Ack(c.command_id, True, "pong")) or got[-1]).start()
+        try:
+            agent.record(TelemetryRecord("r1", time.time(), 1, 2, 3, 4, 5, 15, "cloud", "c1"))
+            wait_for(lambda: store.record_count("amqtt-1") == 1, "telemetry through amqtt")
+            cid = ctl.send_command("amqtt-1", Command.ping())
+            assert ctl.wait_ack(cid, DEADLINE_S) == Ack(cid, True, "pong")
+        finally:
+            agent.close()
+            wait_for(lambda: store.device("amqtt-1")["status"] == "offline", "offline state through amqtt")
+            ctl.stop()
+            store.close()
+    finally:
+        broker.stop()
+
+
+def test_agent_control_imports_no_cloud_or_torch() -> None:
+    code = ("import sys, edge_agent.mqtt_control; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'cloud_tier', 'partitioning', 'onnx'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,148 @@
+"""Fleet store on a real SQLite file: batching, queries, percentiles, series, retention, threads."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cloud_tier.fleet_store import FleetStore, Retention, percentile
+from protos.mqtt import STAGES, Ack, Command, DeviceState, TelemetryRecord
+
+NOW = 1_800_000_000.0
+
+
+def make_records(n: int, *, t0: float, rng: random.Random, edge_every: int = 4) -> list[TelemetryRecord]:
+    out = []
+    for i in range(n):
+        stages = [rng.uniform(0.1, 20.0) for _ in range(5)]
+        out.append(TelemetryRecord(f"r{i}", t0 + i * 0.01, *stages, sum(stages),
+                                   "edge" if i % edge_every == 0 else "cloud", "c1"))
+    return out
+
+
+def q(values: list[float], p: int) -> float:
+    # Independent reference: statistics' inclusive method is numpy's default linear interpolation.
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> FleetStore:
+    s = FleetStore(tmp_path / "fleet.sqlite")
+    yield s
+    s.close()
+
+
+def test_wal_mode_and_memory_refused(store: FleetStore, tmp_path: Path) -> None:
+    assert store._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with pytest.raises(ValueError, match="file"):
+        FleetStore(":memory:")
+
+
+def test_percentile_helper() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+
+
+def test_stats_match_an_independent_computation(store: FleetStore) -> None:
+    rng = random.Random(7)
+    recs = make_records(400, t0=NOW - 4.0, rng=rng)
+    assert store.insert_records([("d1", recs[:150], 0), ("d1", recs[150:], 2), ("d2", recs[:10], 0)],
+                                received=NOW - 100) == 410
+    store.upsert_state("d1", DeviceState(status="online", mode="split", cut="c1", bandwidth_mbps=18.9,
+                                         model="resnet18", label="bench"))
+    stats = store.device_stats("d1", window_s=60, rate_window_s=10, now=NOW)
+    assert stats["count"] == 400
+    for stage in STAGES:
+        values = [getattr(r, stage) for r in recs]
+        for p in (50, 95, 99):
+            assert stats["stages"][stage][f"p{p}"] == pytest.approx(q(values, p), rel=1e-12)
+    assert stats["edge_share"] == pytest.approx(100 / 400)
+    assert stats["req_per_s"] == pytest.approx(400 / 10)
+    # a device first seen 4 s ago is rated over those 4 s, not the whole 10 s window
+    store.insert_records([("d3", recs, 0)], received=NOW - 4)
+    assert store.device_stats("d3", rate_window_s=10, now=NOW)["req_per_s"] == pytest.approx(400 / 4)
+
+    rows = {r["device_id"]: r for r in store.fleet(window_s=60, now=NOW)}
+    assert set(rows) == {"d1", "d2", "d3"}
+    d1 = rows["d1"]
+    assert (d1["status"], d1["mode"], d1["cut"], d1["bandwidth_mbps"], d1["label"]) == (
+        "online", "split", "c1", 18.9, "bench")
+    assert d1["dropped_total"] == 2 and d1["count"] == 400
+    assert d1["p95_ms"] == pytest.approx(q([r.total_ms for r in recs], 95))
+    assert rows["d2"]["status"] == "online" and rows["d2"]["mode"] is None  # telemetry before any state
+
+    store.upsert_state("d1", DeviceState(status="offline", label="bench"))
+    assert store.device("d1")["status"] == "offline"
+
+
+def test_series_buckets_per_second(store: FleetStore) -> None:
+    recs = [TelemetryRecord(f"r{i}", NOW - 3 + i * 0.25, 1.0 * i, 0, 0, 0, 0, 1.0 * i, "cloud", "c")
+            for i in range(12)]  # 4 records in each of 3 seconds
+    store.insert_records([("d1", recs, 0)])
+    s = store.series("d1", since_s=10, bucket_s=1.0, now=NOW)
+    assert s["t"] == [NOW - 3, NOW - 2, NOW - 1]
+    assert s["count"] == [4, 4, 4]
+    assert s["p50"]["head_ms"] == [1.5, 5.5, 9.5]
+    with pytest.raises(ValueError, match="bucket_s"):
+        store.series("d1", bucket_s=0)
+
+
+def test_retention_by_rows_and_age(tmp_path: Path) -> None:
+    store = FleetStore(tmp_path / "r.sqlite", retention=Retention(max_rows_per_device=50, max_age_s=3600,
+                                                                   prune_every_s=1e9))
+    rng = random.Random(1)
+    now = time.time()
+    store.insert_records([("d1", make_records(120, t0=now - 10, rng=rng), 0),
+                          ("d2", make_records(5, t0=now - 7200, rng=rng), 0)])
+    assert store.record_count() == 125
+    deleted = store.prune()
+    assert deleted == 70 + 5
+    assert store.record_count("d1") == 50 and store.record_count("d2") == 0
+    # the newest rows are the ones kept
+    oldest_kept = store._reader().execute("SELECT MIN(ts) FROM requests WHERE device_id='d1'").fetchone()[0]
+    assert oldest_kept == pytest.approx(now - 10 + 70 * 0.01)
+    store.close()
+
+
+def test_commands_and_acks(store: FleetStore) -> None:
+    cmd = Command.switch_cut("c4")
+    store.record_command("d1", cmd, sent_ts=NOW)
+    assert store.command(cmd.command_id)["ok"] is None
+    assert store.record_ack("d1", Ack(cmd.command_id, True, "done"), ts=NOW + 0.01)
+    assert not store.record_ack("d2", Ack(cmd.command_id, True, "wrong device"))
+    row = store.command(cmd.command_id)
+    assert (row["ok"], row["message"], row["kind"]) == (True, "done", "switch_cut")
+
+
+def test_concurrent_writers_and_readers(store: FleetStore) -> None:
+    errors: list[BaseException] = []
+
+    def write(dev: str) -> None:
+        try:
+            rng = random.Random(dev)
+            for _ in range(20):
+                store.insert_records([(dev, make_records(25, t0=NOW - 5, rng=rng), 0)])
+        except BaseException as exc:  # collected and re-raised in the test thread
+            errors.append(exc)
+
+    def read() -> None:
+        try:
+            for _ in range(30):
+                store.fleet(now=NOW)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(f"d{i}",)) for i in range(3)]
+    threads += [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert store.record_count() == 3 * 20 * 25

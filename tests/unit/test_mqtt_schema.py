@@ -1,0 +1,106 @@
+"""The MQTT contract: topic helpers and payload validation (no broker needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protos.mqtt import (
+    ACK, CMD, STATE, TELEMETRY, Ack, Command, DeviceState, MqttSchemaError, TelemetryBatch, TelemetryRecord,
+    device_topic, fleet_filter, parse_topic,
+)
+
+
+def rec(**over: object) -> TelemetryRecord:
+    base = dict(request_id="r1", ts=1.7e9, head_ms=1.0, encode_ms=0.5, network_ms=3.0, queue_ms=0.2, tail_ms=2.0,
+                total_ms=6.7, served_by="cloud", cut="c1")
+    base.update(over)
+    return TelemetryRecord(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("leaf", [STATE, TELEMETRY, CMD, ACK])
+def test_topic_round_trip(leaf: str) -> None:
+    topic = device_topic("pi-07_a", leaf)
+    assert topic == f"splitinfer/v1/devices/pi-07_a/{leaf}"
+    assert parse_topic(topic) == ("pi-07_a", leaf)
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a+b", "#", "dev ice", "x" * 65, "<img src=x>", "é", None, 7])
+def test_bad_device_ids_are_refused_before_a_topic_is_built(bad: object) -> None:
+    with pytest.raises(MqttSchemaError, match="device id"):
+        device_topic(bad, STATE)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("topic", ["splitinfer/v1/devices/a/b/c", "other/a/state", "splitinfer/v1/devices/a",
+                                   "splitinfer/v1/devices/a+/state", "splitinfer/v1/devices//state"])
+def test_parse_topic_refuses_foreign_topics(topic: str) -> None:
+    with pytest.raises(MqttSchemaError):
+        parse_topic(topic)
+
+
+def test_fleet_filter() -> None:
+    assert fleet_filter(ACK) == "splitinfer/v1/devices/+/cmd/ack"
+    with pytest.raises(MqttSchemaError, match="leaf"):
+        fleet_filter("nope")
+
+
+def test_payloads_round_trip() -> None:
+    s = DeviceState(status="online", mode="split", cut="c3", bandwidth_mbps=5.85, model="resnet", label="lab <1>")
+    assert DeviceState.from_json(s.to_json()) == s
+    b = TelemetryBatch((rec(), rec(request_id="r2", served_by="edge")), dropped=3)
+    assert TelemetryBatch.from_json(b.to_json().encode()) == b
+    for c in (Command.switch_cut("c2"), Command.switch_mode("local"), Command.ping()):
+        assert Command.from_json(c.to_json()) == c
+    a = Ack("id1", True, "switched")
+    assert Ack.from_json(a.to_json()) == a
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"status": "maybe"}, "status"),
+        ({"status": "online", "mode": "hybrid"}, "mode"),
+        ({"status": "online", "bandwidth_mbps": -1}, "bandwidth_mbps"),
+        ({"status": "online", "bandwidth_mbps": "fast"}, "bandwidth_mbps"),
+        ({"mode": "split"}, "status"),
+    ],
+)
+def test_bad_state_names_the_field(payload: dict, field: str) -> None:
+    with pytest.raises(MqttSchemaError, match=field):
+        DeviceState.from_json(json.dumps(payload))
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [({"head_ms": -0.1}, "head_ms"), ({"total_ms": True}, "total_ms"), ({"served_by": "fog"}, "served_by"),
+     ({"tail_ms": "1"}, "tail_ms"), ({"request_id": ""}, "request_id"), ({"cut": 3}, "cut")],
+)
+def test_bad_record_names_the_field(override: dict, field: str) -> None:
+    good = json.loads(TelemetryBatch((rec(),)).to_json())
+    good["records"][0].update(override)
+    with pytest.raises(MqttSchemaError, match=rf"records\[0\].*{field}"):
+        TelemetryBatch.from_json(json.dumps(good))
+
+
+def test_nan_and_garbage_are_refused() -> None:
+    with pytest.raises(MqttSchemaError, match="total_ms"):
+        TelemetryBatch.from_json('{"records":[{"request_id":"r","ts":1,"head_ms":0,"encode_ms":0,"network_ms":0,'
+                                 '"queue_ms":0,"tail_ms":0,"total_ms":NaN,"served_by":"edge","cut":"c"}]}')
+    with pytest.raises(MqttSchemaError, match="JSON"):
+        TelemetryBatch.from_json(b"\xff\xfe")
+    with pytest.raises(MqttSchemaError, match="object"):
+        Ack.from_json("[1,2]")
+    with pytest.raises(MqttSchemaError, match="dropped"):
+        TelemetryBatch.from_json('{"records": [], "dropped": -1}')
+
+
+def test_command_fields_follow_the_kind() -> None:
+    with pytest.raises(MqttSchemaError, match="cut"):
+        Command.from_json('{"command_id": "x", "kind": "switch_cut"}')
+    with pytest.raises(MqttSchemaError, match="mode"):
+        Command.from_json('{"command_id": "x", "kind": "switch_mode", "mode": "turbo"}')
+    with pytest.raises(MqttSchemaError, match="kind"):
+        Command.from_json('{"command_id": "x", "kind": "reboot"}')
+    with pytest.raises(MqttSchemaError, match="cut"):
+        Command("ping", "x", cut="c1")
