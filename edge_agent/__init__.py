@@ -1,0 +1,41 @@
+"""The edge agent: runs a bundle's int8 head on the device, streams the cut activation to the cloud tier over
+gRPC, and finishes every request on the device when the cloud is slow or gone.
+
+Never imports torch, onnx, cloud_tier or partitioning: a Raspberry Pi needs only `splitinfer[edge]`.
+"""
+
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import AgentConfig, BackoffConfig, ConfigError, InputConfig
+from edge_agent.results import (
+    CLOUD,
+    EDGE,
+    LOCAL,
+    SPLIT,
+    AgentClosedError,
+    AgentError,
+    AgentStats,
+    InferenceResult,
+    InFlightLimitError,
+    StageTimes,
+)
+from edge_agent.runtime import InputError, ModelLoadError
+
+__all__ = [
+    "CLOUD",
+    "EDGE",
+    "LOCAL",
+    "SPLIT",
+    "AgentClosedError",
+    "AgentConfig",
+    "AgentError",
+    "AgentStats",
+    "BackoffConfig",
+    "ConfigError",
+    "EdgeAgent",
+    "InFlightLimitError",
+    "InferenceResult",
+    "InputConfig",
+    "InputError",
+    "ModelLoadError",
+    "StageTimes",
+]

@@ -1,0 +1,207 @@
+"""`split-agent`: run the edge agent on a folder of .npy inputs or synthetic ones, and summarise latency.
+
+    split-agent run --config agent.toml [--cloud HOST:PORT --rate 20 --count 500 ...]
+    split-agent run --bundle bundles/tiny --cloud 127.0.0.1:50051
+    split-agent keys                       # every config key with its description
+
+Exit status: 0 when every request got a result, 1 when some failed on the device, 2 on a bad config,
+bundle, input folder or address (one line on stderr naming it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edge_agent.config import AgentConfig, ConfigError, describe, merge_overrides
+from edge_agent.results import CLOUD, EDGE, AgentError, InferenceResult
+from edge_agent.runtime import InputError, ModelLoadError
+from models.extras import MissingExtraError
+from models.manifest import Bundle, BundleError, TensorSpec
+
+STAGES = ("total_ms", "queue_ms", "head_ms", "encode_ms", "network_ms", "cloud_queue_ms", "tail_ms")
+SYNTHETIC_VARIANTS = 8  # distinct synthetic inputs, cycled: generating one per request would dominate
+
+# flag -> config key; None values (flag not given) leave the config file's value.
+OVERRIDES = {
+    "bundle": "bundle", "cloud": "cloud", "device_id": "device_id", "cut": "cut",
+    "head_precision": "head_precision", "codec": "codec", "deadline_ms": "deadline_ms",
+    "max_in_flight": "max_in_flight", "input": "input.source", "rate": "input.rate", "count": "input.count",
+    "seed": "input.seed",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of split-agent."""
+    parser = argparse.ArgumentParser(prog="split-agent", description="Edge agent of splitinfer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="feed inputs through the agent and print a latency summary")
+    run.add_argument("--config", type=Path, help="agent TOML file (flags below override its keys)")
+    run.add_argument("--bundle", help="split bundle directory")
+    run.add_argument("--cloud", help='cloud tier address "host:port"')
+    run.add_argument("--device-id")
+    run.add_argument("--cut", help="cut id (default: the bundle's chosen cut)")
+    run.add_argument("--head-precision", choices=["int8", "fp32"])
+    run.add_argument("--codec", help="activation codec: fp32|fp16|int8|int8c, optionally +lz4 or +zstd")
+    run.add_argument("--deadline-ms", type=int)
+    run.add_argument("--max-in-flight", type=int)
+    run.add_argument("--input", help='"synthetic" or a folder of .npy files')
+    run.add_argument("--rate", type=float, help="requests per second (0: as fast as max_in_flight allows)")
+    run.add_argument("--count", type=int, help="number of requests")
+    run.add_argument("--seed", type=int, help="seed of the synthetic inputs")
+    run.add_argument("--wait-split-s", type=float, default=0.0,
+                     help="wait up to this long for split mode before feeding (default: do not wait)")
+    run.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
+    run.add_argument("--quiet", action="store_true", help="no progress line")
+    run.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub.add_parser("keys", help="list every config key with its description")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> AgentConfig:
+    """The config from --config (if any) with the flags given applied over it."""
+    overrides = {key: getattr(args, flag) for flag, key in OVERRIDES.items() if getattr(args, flag) is not None}
+    if args.config is not None:
+        return AgentConfig.from_toml(args.config, overrides)
+    return AgentConfig.from_dict(merge_overrides({}, overrides), source="command line")
+
+
+def load_inputs(source: str, specs: Sequence[TensorSpec], seed: int) -> list[np.ndarray]:
+    """The inputs to cycle through: seeded synthetic ones, or the .npy files of a folder (one-input models)."""
+    if len(specs) != 1:
+        raise InputError(f"split-agent feeds one-input models; this one takes {[s.name for s in specs]}")
+    spec = specs[0]
+    if source == "synthetic":
+        rng = np.random.default_rng(seed)
+        shape, dtype = spec.concrete_shape(1), np.dtype(spec.dtype)
+        return [(rng.standard_normal(shape) if dtype.kind == "f" else np.zeros(shape)).astype(dtype)
+                for _ in range(SYNTHETIC_VARIANTS)]
+    folder = Path(source)
+    if not folder.is_dir():
+        raise InputError(f"input {source!r}: not a folder of .npy files (or \"synthetic\")")
+    files = sorted(folder.glob("*.npy"))
+    if not files:
+        raise InputError(f"input folder {folder}: no .npy files in it")
+    pool = []
+    for f in files:
+        try:
+            arr = np.load(f, allow_pickle=False)  # never unpickle: a .npy must be plain data
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{f}: not a readable .npy array ({exc})") from exc
+        pool.append(arr[None] if arr.ndim == len(spec.shape) - 1 else arr)  # one sample: add the batch axis
+    return pool
+
+
+def summarize(results: list[InferenceResult], failures: int, stats: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """Counts, served_by, fallbacks and p50/p95/p99 of each stage (ms)."""
+    stages = {}
+    for stage in STAGES:
+        vals = np.array([getattr(r.timing, stage) for r in results], dtype=np.float64)
+        if vals.size:
+            p50, p95, p99 = np.percentile(vals, [50, 95, 99])
+            stages[stage] = {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+    return {
+        "count": len(results) + failures,
+        "failed": failures,
+        "served_by": {CLOUD: sum(r.served_by == CLOUD for r in results), EDGE: sum(r.served_by == EDGE for r in results)},
+        "fallbacks": stats["fallbacks"],
+        "deadline_misses": stats["deadline_misses"],
+        "late_replies_dropped": stats["late_replies_dropped"],
+        "mode_switches": stats["mode_switches"],
+        "throughput_rps": (len(results) + failures) / wall_s if wall_s > 0 else 0.0,
+        "stages_ms": stages,
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The summary as a small text table."""
+    lines = [
+        f"requests {s['count']}  cloud {s['served_by'][CLOUD]}  edge {s['served_by'][EDGE]}  failed {s['failed']}  "
+        f"fallbacks {s['fallbacks']}  deadline misses {s['deadline_misses']}  late replies dropped "
+        f"{s['late_replies_dropped']}  mode switches {s['mode_switches']}  {s['throughput_rps']:.1f} req/s",
+        f"{'stage':<16}{'p50':>10}{'p95':>10}{'p99':>10}",
+    ]
+    for stage, p in s["stages_ms"].items():
+        lines.append(f"{stage:<16}{p['p50']:>10.2f}{p['p95']:>10.2f}{p['p99']:>10.2f}")
+    return "\n".join(lines)
+
+
+def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, json_path: Path | None = None) -> int:
+    """Feed cfg.input through an agent, print progress and the summary; the exit status."""
+    from edge_agent.agent import EdgeAgent  # grpc and onnxruntime load only for `run`
+
+    bundle = Bundle.load(cfg.bundle)
+    pool = load_inputs(cfg.input.source, bundle.inputs, cfg.input.seed)  # bad inputs fail before connecting
+    results: list[InferenceResult] = []
+    failures: list[BaseException] = []
+    with EdgeAgent(cfg) as agent:
+        if wait_split_s > 0:
+            agent.wait_for_mode("split", wait_split_s)
+        print(f"split-agent: {bundle.model_name} cut {agent.cut} -> {cfg.cloud}, mode {agent.mode}", file=sys.stderr)
+        futures: list[Future] = []
+        start = time.perf_counter()
+        period = 1.0 / cfg.input.rate if cfg.input.rate > 0 else 0.0
+        last_progress = 0.0
+        tty = sys.stderr.isatty()
+        for i in range(cfg.input.count):
+            x = pool[i % len(pool)]
+            if period:
+                delay = start + i * period - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)  # pacing the feed (product code, not a test wait)
+            futures.append(agent.submit(x))
+            now = time.perf_counter()
+            if not quiet and now - last_progress > (0.5 if tty else 5.0):
+                last_progress = now
+                st = agent.stats()
+                print(f"{chr(13) if tty else ''}  {i + 1}/{cfg.input.count} sent  cloud {st.served_cloud}  "
+                      f"edge {st.served_edge}  mode {st.mode}   ", end="" if tty else "\n", file=sys.stderr, flush=True)
+        for fut in futures:
+            exc = fut.exception()
+            if exc is not None:
+                failures.append(exc)
+            else:
+                results.append(fut.result())
+        wall = time.perf_counter() - start
+        stats = agent.stats().as_dict()
+    if not quiet and tty:
+        print(file=sys.stderr)
+    summary = summarize(results, len(failures), stats, wall)
+    print(format_summary(summary))
+    if json_path is not None:
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if failures:
+        print(f"split-agent: {len(failures)} requests failed; first: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        for key, doc in describe().items():
+            print(f"{key:<22}{doc}")
+        return 0
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args)
+        return run(cfg, wait_split_s=args.wait_split_s, quiet=args.quiet, json_path=args.json)
+    except (ConfigError, BundleError, InputError, ModelLoadError, MissingExtraError, AgentError) as exc:
+        print(f"split-agent: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("split-agent: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

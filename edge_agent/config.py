@@ -1,0 +1,302 @@
+"""The edge agent's typed, validated configuration: one place, loadable from TOML.
+
+A file looks like this (every key optional except `bundle`; unknown keys are errors)::
+
+    bundle = "bundles/resnet18"
+    cloud = "10.0.0.5:50051"
+    device_id = "pi-kitchen"
+    cut = "c3"                  # default: the bundle's chosen cut
+    head_precision = "int8"     # or "fp32"
+    codec = "int8"              # activation codec, see protos/codec.py: fp32|fp16|int8|int8c [+lz4|+zstd]
+    deadline_ms = 1000          # how long the agent waits for the cloud's reply once a request is sent
+    max_in_flight = 32
+
+    [backoff]                   # reconnecting to the cloud
+    initial_s = 0.2
+    max_s = 10.0
+    multiplier = 2.0
+    jitter = 1.0                # 1.0 = full jitter, 0 = none
+
+    [input]                     # what `split-agent run` feeds
+    source = "synthetic"        # or a folder of .npy files
+    rate = 20.0                 # requests per second, 0 = as fast as max_in_flight allows
+    count = 200
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from edge_agent import constants as C
+from protos.codec import VALID_SPECS, TensorError, parse_codec
+
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+HEAD_PRECISIONS = ("int8", "fp32")
+
+
+class ConfigError(ValueError):
+    """A config key has a bad value, or is unknown; the message names the key and what was expected."""
+
+    def __init__(self, key: str | None, message: str, source: str = ""):
+        self.key = key
+        self.detail = message
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}key {key!r}: {message}" if key else f"{where}{message}")
+
+    def within(self, prefix: str, source: str = "") -> "ConfigError":
+        """The same error with the key prefixed by its table name (and the source named)."""
+        return ConfigError(f"{prefix}.{self.key}", self.detail, source or self.source)
+
+
+# -- value checks: each returns the normalised value or raises ConfigError naming the key ----------
+
+
+def _int(key: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(key, f"expected an integer {rng}, got {value}")
+    return value
+
+
+def _float(key: str, value: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    value = float(value)
+    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+    if bad_lo or (hi is not None and value > hi) or value != value:
+        op = ">" if lo_open else ">="
+        rng = f"{op} {lo}" if hi is None else f"{op} {lo} and <= {hi}"
+        raise ConfigError(key, f"expected a number {rng}, got {value}")
+    return value
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(key, f"expected one of {list(choices)}, got {value!r}")
+    return value
+
+
+def parse_address(value: str, key: str = "cloud") -> tuple[str, int]:
+    """Split "host:port" (or "[v6]:port") into host and port; ConfigError naming `key` if malformed."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected \"host:port\", got {value!r}")
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", value)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ConfigError(key, f"expected \"host:port\" with a port in 1..65535, got {value!r}")
+    return match.group(1), int(match.group(2))
+
+
+# -- the config objects ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackoffConfig:
+    """Reconnect backoff: delay = min(max_s, initial_s * multiplier**attempt), then jittered."""
+
+    initial_s: float = field(default=C.DEFAULT_BACKOFF_INITIAL_S, metadata={"doc": "first delay, seconds"})
+    max_s: float = field(default=C.DEFAULT_BACKOFF_MAX_S, metadata={"doc": "largest delay, seconds"})
+    multiplier: float = field(default=C.DEFAULT_BACKOFF_MULTIPLIER, metadata={"doc": "growth per attempt"})
+    jitter: float = field(
+        default=C.DEFAULT_BACKOFF_JITTER, metadata={"doc": "share of the delay drawn at random (1 = full jitter)"}
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "initial_s", _float("initial_s", self.initial_s, 0.0, lo_open=True))
+        object.__setattr__(self, "max_s", _float("max_s", self.max_s, 0.0, lo_open=True))
+        object.__setattr__(self, "multiplier", _float("multiplier", self.multiplier, 1.0))
+        object.__setattr__(self, "jitter", _float("jitter", self.jitter, 0.0, 1.0))
+        if self.max_s < self.initial_s:
+            raise ConfigError("max_s", f"expected a number >= initial_s ({self.initial_s}), got {self.max_s}")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What `split-agent run` feeds: a folder of .npy files or synthetic inputs, at a rate."""
+
+    source: str = field(default="synthetic", metadata={"doc": '"synthetic" or a folder of .npy files'})
+    rate: float = field(default=0.0, metadata={"doc": "requests per second; 0 = as fast as allowed"})
+    count: int = field(default=100, metadata={"doc": "how many requests to send"})
+    seed: int = field(default=0, metadata={"doc": "seed of the synthetic inputs"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", _str("source", self.source))
+        if not self.source:
+            raise ConfigError("source", 'expected "synthetic" or a folder of .npy files, got ""')
+        object.__setattr__(self, "rate", _float("rate", self.rate, 0.0))
+        object.__setattr__(self, "count", _int("count", self.count, 1))
+        object.__setattr__(self, "seed", _int("seed", self.seed, 0))
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the edge agent needs; validated when built, whatever it is built from."""
+
+    bundle: Path = field(metadata={"doc": "split bundle directory (plan.json + ONNX files)"})
+    cloud: str = field(default=C.DEFAULT_CLOUD, metadata={"doc": 'cloud tier address "host:port"'})
+    device_id: str = field(default=C.DEFAULT_DEVICE_ID, metadata={"doc": "this device's id, [A-Za-z0-9_-]{1,64}"})
+    cut: str | None = field(default=None, metadata={"doc": "cut id to run; default the bundle's chosen cut"})
+    head_precision: str = field(default=C.DEFAULT_HEAD_PRECISION, metadata={"doc": '"int8" or "fp32" head'})
+    codec: str = field(default=C.DEFAULT_CODEC, metadata={"doc": "activation codec: fp32|fp16|int8|int8c[+lz4|+zstd]"})
+    deadline_ms: int = field(
+        default=C.DEFAULT_DEADLINE_MS, metadata={"doc": "wait for the cloud's reply after sending, then finish locally"}
+    )
+    max_in_flight: int = field(default=C.DEFAULT_MAX_IN_FLIGHT, metadata={"doc": "bound on unfinished requests"})
+    workers: int = field(default=C.DEFAULT_WORKERS, metadata={"doc": "edge compute threads (heads, local tails)"})
+    intra_op_threads: int = field(
+        default=C.DEFAULT_INTRA_OP_THREADS, metadata={"doc": "onnxruntime intra-op threads (0 = its default)"}
+    )
+    inter_op_threads: int = field(
+        default=C.DEFAULT_INTER_OP_THREADS, metadata={"doc": "onnxruntime inter-op threads (0 = its default)"}
+    )
+    providers: tuple[str, ...] = field(
+        default=C.DEFAULT_PROVIDERS, metadata={"doc": "onnxruntime execution providers, in order of preference"}
+    )
+    keepalive_s: float = field(default=C.DEFAULT_KEEPALIVE_S, metadata={"doc": "HTTP/2 keepalive ping interval"})
+    keepalive_timeout_s: float = field(
+        default=C.DEFAULT_KEEPALIVE_TIMEOUT_S, metadata={"doc": "a ping unanswered this long breaks the stream"}
+    )
+    connect_timeout_s: float = field(
+        default=C.DEFAULT_CONNECT_TIMEOUT_S, metadata={"doc": "deadline of the health check and of connecting"}
+    )
+    health_service: str = field(default=C.DEFAULT_HEALTH_SERVICE, metadata={"doc": "grpc.health.v1 service name"})
+    probe_count: int = field(
+        default=C.DEFAULT_PROBE_COUNT, metadata={"doc": "probe requests that must succeed before split mode again"}
+    )
+    backoff: BackoffConfig = field(default_factory=BackoffConfig, metadata={"doc": "reconnect backoff"})
+    input: InputConfig = field(default_factory=InputConfig, metadata={"doc": "inputs for split-agent run"})
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        if not isinstance(self.bundle, (str, Path)) or not str(self.bundle):
+            raise ConfigError("bundle", f"expected a bundle directory path, got {self.bundle!r}")
+        s(self, "bundle", Path(self.bundle))
+        parse_address(self.cloud, "cloud")
+        if not isinstance(self.device_id, str) or not DEVICE_ID_RE.match(self.device_id):
+            raise ConfigError("device_id", f"expected 1-64 characters of [A-Za-z0-9_-], got {self.device_id!r}")
+        if self.cut is not None and (not isinstance(self.cut, str) or not self.cut):
+            raise ConfigError("cut", f"expected a cut id of the bundle, got {self.cut!r}")
+        _choice("head_precision", self.head_precision, HEAD_PRECISIONS)
+        if not isinstance(self.codec, str):
+            raise ConfigError("codec", f"expected a codec spec string like \"int8\", got {self.codec!r}")
+        try:
+            s(self, "codec", parse_codec(self.codec).spec)
+        except TensorError:
+            raise ConfigError("codec", f"expected one of {', '.join(VALID_SPECS)}, got {self.codec!r}") from None
+        s(self, "deadline_ms", _int("deadline_ms", self.deadline_ms, 1, 2**32 - 1))
+        s(self, "max_in_flight", _int("max_in_flight", self.max_in_flight, 1, 100_000))
+        s(self, "workers", _int("workers", self.workers, 1, 256))
+        s(self, "intra_op_threads", _int("intra_op_threads", self.intra_op_threads, 0, 1024))
+        s(self, "inter_op_threads", _int("inter_op_threads", self.inter_op_threads, 0, 1024))
+        providers = self.providers
+        if isinstance(providers, str) or not isinstance(providers, (list, tuple)) or not providers:
+            raise ConfigError("providers", f"expected a non-empty list of provider names, got {providers!r}")
+        s(self, "providers", tuple(_str("providers", p) for p in providers))
+        s(self, "keepalive_s", _float("keepalive_s", self.keepalive_s, 0.0, lo_open=True))
+        s(self, "keepalive_timeout_s", _float("keepalive_timeout_s", self.keepalive_timeout_s, 0.0, lo_open=True))
+        s(self, "connect_timeout_s", _float("connect_timeout_s", self.connect_timeout_s, 0.0, lo_open=True))
+        _str("health_service", self.health_service)
+        s(self, "probe_count", _int("probe_count", self.probe_count, 1, 1000))
+        if not isinstance(self.backoff, BackoffConfig):
+            raise ConfigError("backoff", f"expected a [backoff] table, got {self.backoff!r}")
+        if not isinstance(self.input, InputConfig):
+            raise ConfigError("input", f"expected an [input] table, got {self.input!r}")
+
+    # -- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "AgentConfig":
+        """Build from a TOML-shaped mapping; unknown or bad keys raise ConfigError naming them and `source`."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(None, f"expected a table of keys, got {type(data).__name__}", source)
+        data = dict(data)
+        kwargs: dict[str, Any] = {}
+        for name, sub in (("backoff", BackoffConfig), ("input", InputConfig)):
+            if name in data:
+                value = data.pop(name)
+                if isinstance(value, sub):
+                    kwargs[name] = value
+                    continue
+                if not isinstance(value, Mapping):
+                    raise ConfigError(name, f"expected a [{name}] table, got {value!r}", source)
+                _reject_unknown(sub, value, source, prefix=f"{name}.")
+                try:
+                    kwargs[name] = sub(**value)
+                except ConfigError as exc:
+                    raise exc.within(name, source) from None
+        _reject_unknown(cls, data, source)
+        if "bundle" not in data:
+            raise ConfigError("bundle", "is required: the split bundle directory", source)
+        try:
+            return cls(**data, **kwargs)
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.detail, source) from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "AgentConfig":
+        """Read a TOML file; `overrides` (dotted keys like "input.rate" allowed) win over its values."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(None, "config file not found", str(path)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(None, f"cannot read it ({exc})", str(path)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(None, f"not valid TOML ({exc})", str(path)) from None
+        if "bundle" in data and isinstance(data["bundle"], str) and not Path(data["bundle"]).is_absolute():
+            data["bundle"] = str(path.parent / data["bundle"])  # relative to the file, not the cwd
+        return cls.from_dict(merge_overrides(data, overrides or {}), source=str(path))
+
+    def replace(self, **changes: Any) -> "AgentConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def merge_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with `overrides` applied; a dotted key ("backoff.max_s") sets a key of a table."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        table, _, sub = key.partition(".")
+        if sub:
+            current = out.setdefault(table, {})
+            if not isinstance(current, dict):
+                raise ConfigError(table, f"expected a [{table}] table, got {current!r}")
+            current[sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+def describe() -> dict[str, str]:
+    """Every config key (dotted for tables) with its description; the docs and --help read this."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(AgentConfig):
+        out[f.name] = f.metadata.get("doc", "")
+    for prefix, sub in (("backoff", BackoffConfig), ("input", InputConfig)):
+        for f in dataclasses.fields(sub):
+            out[f"{prefix}.{f.name}"] = f.metadata.get("doc", "")
+    return out
+
+
+def _reject_unknown(cls: type, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", f"unknown key; expected one of {sorted(known)}", source)
+

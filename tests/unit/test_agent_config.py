@@ -1,0 +1,97 @@
+"""AgentConfig: defaults, TOML loading, overrides, and errors that name the key and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import AgentConfig, BackoffConfig, ConfigError, describe, merge_overrides, parse_address
+
+
+def test_defaults_and_types():
+    cfg = AgentConfig(bundle="b")
+    assert cfg.bundle == Path("b") and cfg.head_precision == "int8" and cfg.codec == "int8"
+    assert cfg.cut is None and cfg.deadline_ms > 0 and cfg.max_in_flight >= 1
+    assert cfg.backoff == BackoffConfig() and cfg.input.source == "synthetic"
+
+
+def test_toml_file_with_tables_and_relative_bundle(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        'bundle = "bundles/tiny"\ncloud = "10.0.0.5:50051"\ndevice_id = "pi-kitchen_1"\ncut = "c1"\n'
+        'codec = "int8+zstd"\ndeadline_ms = 250\nproviders = ["CPUExecutionProvider"]\n'
+        "[backoff]\ninitial_s = 0.5\nmax_s = 4\n[input]\nsource = \"synthetic\"\nrate = 20\ncount = 7\n"
+    )
+    cfg = AgentConfig.from_toml(path)
+    assert cfg.bundle == tmp_path / "bundles" / "tiny"  # relative to the file, not the cwd
+    assert cfg.cloud == "10.0.0.5:50051" and cfg.device_id == "pi-kitchen_1" and cfg.cut == "c1"
+    assert cfg.codec == "int8+zstd" and cfg.deadline_ms == 250
+    assert cfg.backoff.initial_s == 0.5 and cfg.backoff.max_s == 4.0 and cfg.input.count == 7
+    over = AgentConfig.from_toml(path, {"cloud": "127.0.0.1:9", "input.rate": 0, "backoff.max_s": 8})
+    assert over.cloud == "127.0.0.1:9" and over.input.rate == 0 and over.backoff.max_s == 8
+    assert over.input.count == 7  # the rest of the table stays
+
+
+@pytest.mark.parametrize(
+    "data,key,expected",
+    [
+        ({"cloud": "nohost"}, "cloud", '"host:port"'),
+        ({"cloud": "h:70000"}, "cloud", "1..65535"),
+        ({"device_id": "a b"}, "device_id", "A-Za-z0-9_-"),
+        ({"device_id": "x" * 65}, "device_id", "1-64"),
+        ({"head_precision": "int4"}, "head_precision", "['int8', 'fp32']"),
+        ({"codec": "int4"}, "codec", "int8+zstd"),
+        ({"deadline_ms": 0}, "deadline_ms", "integer in [1,"),
+        ({"deadline_ms": 1.5}, "deadline_ms", "an integer"),
+        ({"max_in_flight": True}, "max_in_flight", "an integer"),
+        ({"probe_count": 0}, "probe_count", "[1, 1000]"),
+        ({"keepalive_s": -1}, "keepalive_s", "> 0"),
+        ({"providers": "CPUExecutionProvider"}, "providers", "list"),
+        ({"backoff": {"jitter": 2}}, "backoff.jitter", "<= 1.0"),
+        ({"backoff": {"initial_s": 5, "max_s": 1}}, "backoff.max_s", ">= initial_s"),
+        ({"backoff": {"delay": 1}}, "backoff.delay", "unknown key"),
+        ({"backoff": 3}, "backoff", "[backoff] table"),
+        ({"input": {"rate": -1}}, "input.rate", ">= 0"),
+        ({"input": {"count": "many"}}, "input.count", "an integer"),
+        ({"deadline": 5}, "deadline", "unknown key; expected one of"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_expectation(data, key, expected):
+    with pytest.raises(ConfigError) as err:
+        AgentConfig.from_dict({"bundle": "b", **data}, source="agent.toml")
+    assert err.value.key == key
+    assert str(err.value).startswith(f"agent.toml: key {key!r}:") and expected in str(err.value)
+
+
+def test_bundle_is_required_and_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="'bundle': is required"):
+        AgentConfig.from_dict({})
+    with pytest.raises(ConfigError, match="config file not found"):
+        AgentConfig.from_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("bundle = \n")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        AgentConfig.from_toml(bad)
+
+
+def test_parse_address():
+    assert parse_address("127.0.0.1:50051") == ("127.0.0.1", 50051)
+    assert parse_address("[::1]:8") == ("[::1]", 8)
+    assert parse_address("cloud-1.example:443") == ("cloud-1.example", 443)
+    with pytest.raises(ConfigError):
+        parse_address("127.0.0.1")
+
+
+def test_merge_overrides_and_describe():
+    merged = merge_overrides({"input": {"count": 3}}, {"input.rate": 5.0, "cut": None, "cloud": "h:1"})
+    assert merged == {"input": {"count": 3, "rate": 5.0}, "cloud": "h:1"}
+    keys = describe()
+    assert "backoff.jitter" in keys and "input.source" in keys and all(keys.values())
+
+
+def test_replace_validates_again():
+    cfg = AgentConfig(bundle="b")
+    assert cfg.replace(deadline_ms=5).deadline_ms == 5
+    with pytest.raises(ConfigError, match="deadline_ms"):
+        cfg.replace(deadline_ms=-5)
