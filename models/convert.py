@@ -1,0 +1,345 @@
+"""Convert a model to ONNX once, and normalize any ONNX file into the form the rest of splitinfer relies on.
+
+The normal form: every node has a non-empty unique name, all weights are inside the one .onnx file (no
+external data), shapes are inferred and kept in value_info, `onnx.checker` passes, and the batch dimension
+(dim 0 of every input and output) is the symbolic `batch` where the graph allows it.
+
+Exporters: torch's dynamo exporter (`dynamo=True`) for nn.Modules and ExportedPrograms, opset 18 (its
+down-conversion to 17 fails); the legacy TorchScript exporter for ScriptModules, and as the fallback when
+dynamo fails on an nn.Module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from models.extras import require
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+EDGE_IR_VERSION = 8  # ONNX 1.13's IR, which opset 18 belongs to: older onnxruntime builds on edge devices read it
+BATCH_DIM = "batch"
+RTOL = 1e-4  # max |onnx - torch| / max |torch| allowed, per output
+_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
+
+
+class ConversionError(ValueError):
+    """A model could not be converted to, or normalized as, a valid ONNX model."""
+
+
+def to_onnx(module_or_program: Any, example_inputs: tuple, out_path: Path, *,
+            input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+            verbose: bool = False) -> Path:
+    """Export an nn.Module, ScriptModule or ExportedProgram to normalized ONNX at `out_path`, checked against torch."""
+    torch = require("torch", "profile")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    example_inputs = tuple(example_inputs)
+    reference = _torch_outputs(module_or_program, example_inputs)
+    in_names = list(input_names or _default_names("input", len(example_inputs)))
+    out_names = list(output_names or _default_names("output", len(reference)))
+    args = (module_or_program, example_inputs, out_path, in_names, out_names, verbose)
+    if isinstance(module_or_program, torch.jit.ScriptModule):
+        _export_or_raise(_export_legacy, args, "legacy (TorchScript)")
+    elif isinstance(module_or_program, torch.export.ExportedProgram):
+        _export_or_raise(_export_dynamo, args, "dynamo")
+    elif isinstance(module_or_program, torch.nn.Module):
+        try:
+            _export_dynamo(*args)
+        except Exception as exc:  # noqa: BLE001 - any dynamo failure: try the other exporter, keep the cause
+            log.warning("dynamo ONNX export of %s failed (%s); falling back to the legacy exporter",
+                        type(module_or_program).__name__, _summary(exc))
+            _export_or_raise(_export_legacy, args, f"dynamo: {_summary(exc)}; legacy")
+    else:
+        raise ConversionError(
+            f"cannot export {type(module_or_program).__name__}: "
+            "expected torch.nn.Module, ScriptModule or ExportedProgram"
+        )
+    normalize_onnx(out_path)
+    _lower_ir_version(out_path)
+    if not make_batch_dynamic(out_path):
+        log.warning("%s: exported with a fixed batch dimension", out_path.name)
+    _check_against_reference(out_path, example_inputs, reference)
+    return out_path
+
+
+def normalize_onnx(path: Path) -> None:
+    """Name every node uniquely, embed all weights in the file, infer shapes and run onnx.checker, in place."""
+    onnx = require("onnx", "profile")
+    path = Path(path)
+    try:
+        header = onnx.load(str(path), load_external_data=False)
+        external = {
+            _external_location(t) for t in _all_initializers(header.graph) if _external_location(t) is not None
+        }
+        model = onnx.load(str(path))  # with external data, resolved next to the file
+    except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, OSError, ValueError...
+        raise ConversionError(f"{path}: cannot be read as ONNX ({type(exc).__name__}: {exc})") from exc
+    _name_nodes(model.graph)
+    model = _infer_shapes(model, path)
+    if model.ByteSize() >= 2**31 - 1:
+        raise ConversionError(f"{path}: model is over 2 GiB and cannot be stored in one .onnx file")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - ValidationError and friends
+        raise ConversionError(f"{path}: fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    onnx.save_model(model, str(path), save_as_external_data=False)
+    for location in external:
+        data = (path.parent / location).resolve()
+        if data != path.resolve() and data.parent == path.parent.resolve() and data.is_file():
+            data.unlink()  # the weights are embedded now; a stale .data file would only confuse
+
+
+def make_batch_dynamic(path: Path) -> bool:
+    """Make dim 0 of every input and output the symbolic `batch` if the graph runs at batch 2; else leave it fixed."""
+    onnx = require("onnx", "profile")
+    path = Path(path)
+    model = onnx.load(str(path))
+    initializer_names = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializer_names]
+    dim0 = [vi.type.tensor_type.shape.dim[0] for vi in inputs if vi.type.tensor_type.shape.dim]
+    if not dim0:
+        return False
+    if all(d.HasField("dim_param") and d.dim_param for d in dim0):  # the file declares a symbolic batch
+        old = {d.dim_param for d in dim0}
+        if old != {BATCH_DIM}:
+            _rename_dim_params(model.graph, old, BATCH_DIM)
+            onnx.save_model(model, str(path))
+        return True
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    for io_ in list(candidate.graph.input) + list(candidate.graph.output):
+        if io_.name in initializer_names or not io_.type.tensor_type.shape.dim:
+            continue
+        io_.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM  # clears dim_value (oneof)
+    del candidate.graph.value_info[:]  # inferred again for the new batch dim
+    try:
+        candidate = onnx.shape_inference.infer_shapes(candidate)
+        feeds = _random_feeds(inputs, batch=2)
+        outputs = _run_onnx(candidate.SerializeToString(), feeds)
+        ok = all(o.ndim > 0 and o.shape[0] == 2 for o in outputs)
+    except Exception as exc:  # noqa: BLE001 - any failure means the batch size is baked into the graph
+        log.debug("batch 2 run failed: %s", exc)
+        ok = False
+    if not ok:
+        log.warning("%s: the batch dimension is fixed in the graph (e.g. a Reshape to batch 1); kept as is", path.name)
+        return False
+    onnx.save_model(candidate, str(path))
+    log.info("%s: made the fixed batch dimension dynamic (%r)", path.name, BATCH_DIM)
+    return True
+
+
+def _lower_ir_version(path: Path) -> None:
+    """Stamp IR version 8 on our own exports when nothing in them needs a newer IR (checked by onnx.checker)."""
+    onnx = require("onnx", "profile")
+    model = onnx.load(str(path))
+    opsets = {o.domain: o.version for o in model.opset_import}
+    if model.ir_version <= EDGE_IR_VERSION or model.functions or opsets.get("", 0) > OPSET or set(opsets) - {""}:
+        return
+    original = model.ir_version
+    model.ir_version = EDGE_IR_VERSION
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - keep the exporter's IR version then
+        log.debug("%s: keeping IR version %d (%s)", path.name, original, exc)
+        return
+    onnx.save_model(model, str(path))
+
+
+# -- exporters -------------------------------------------------------------------------------------
+
+
+def _export_dynamo(program: Any, example_inputs: tuple, out_path: Path, in_names: list[str],
+                   out_names: list[str], verbose: bool) -> None:
+    torch = require("torch", "profile")
+    kwargs: dict[str, Any] = {}
+    if not isinstance(program, torch.export.ExportedProgram):  # a program carries its own dynamic shapes
+        batch = torch.export.Dim(BATCH_DIM)
+        kwargs["dynamic_shapes"] = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
+    with _quiet(verbose):
+        torch.onnx.export(program, example_inputs, str(out_path), dynamo=True, opset_version=OPSET,
+                          input_names=in_names, output_names=out_names, verbose=verbose, **kwargs)
+
+
+def _export_legacy(module: Any, example_inputs: tuple, out_path: Path, in_names: list[str],
+                   out_names: list[str], verbose: bool) -> None:
+    torch = require("torch", "profile")
+    axes = {name: {0: BATCH_DIM} for name in in_names + out_names}
+    with _quiet(verbose):
+        torch.onnx.export(module, example_inputs, str(out_path), dynamo=False, opset_version=OPSET,
+                          input_names=in_names, output_names=out_names, dynamic_axes=axes, verbose=verbose)
+
+
+def _export_or_raise(export: Any, args: tuple, exporter: str) -> None:
+    try:
+        export(*args)
+    except Exception as exc:  # noqa: BLE001 - the exporters raise anything; keep it as the cause
+        raise ConversionError(f"ONNX export failed ({exporter}: {_summary(exc)})") from exc
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Silence the exporters' progress prints, deprecation warnings and logger chatter unless verbose."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        # torch.export prints failing graphs to stderr; the exception still carries the cause
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _summary(exc: BaseException) -> str:
+    """The innermost cause's first line, without terminal colour codes, at most 200 characters."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+# -- checks ----------------------------------------------------------------------------------------
+
+
+def _torch_outputs(program: Any, example_inputs: tuple) -> list[np.ndarray]:
+    torch = require("torch", "profile")
+    runnable = program.module() if isinstance(program, torch.export.ExportedProgram) else program
+    try:
+        with torch.no_grad():
+            out = runnable(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 - user model code can raise anything
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs)
+        raise ConversionError(f"the model fails on inputs of shape {shapes}: {type(exc).__name__}: {exc}") from exc
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return [t.detach().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _check_against_reference(path: Path, example_inputs: tuple, reference: list[np.ndarray]) -> None:
+    onnx = require("onnx", "profile")
+    model = onnx.load(str(path))
+    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, example_inputs)}
+    got = _run_onnx(model.SerializeToString(), feeds)
+    if len(got) != len(reference):
+        raise ConversionError(f"{path}: ONNX has {len(got)} outputs, torch gave {len(reference)}")
+    for i, (a, b) in enumerate(zip(got, reference)):
+        if a.shape != b.shape:
+            raise ConversionError(f"{path}: output {i} has shape {a.shape} in ONNX, {b.shape} in torch")
+        scale = float(np.max(np.abs(b))) if b.size else 0.0
+        err = float(np.max(np.abs(a.astype(np.float64) - b))) if b.size else 0.0
+        if err > RTOL * max(scale, 1e-6):
+            raise ConversionError(f"{path}: output {i} differs from torch by {err:.3g} (max |torch| {scale:.3g})")
+
+
+def _run_onnx(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    ort = require("onnxruntime", "edge")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _random_feeds(inputs: Sequence[Any], batch: int | None = None) -> dict[str, np.ndarray]:
+    """Seeded feeds for graph inputs: symbolic dims 1, dim 0 `batch` when given."""
+    onnx = require("onnx", "profile")
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for vi in inputs:
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        if dims and batch is not None:
+            dims[0] = batch
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            feeds[vi.name] = np.zeros(dims, dtype=dtype)
+    return feeds
+
+
+# -- graph helpers ---------------------------------------------------------------------------------
+
+
+def _default_names(stem: str, n: int) -> list[str]:
+    return [stem if i == 0 else f"{stem}_{i}" for i in range(n)]
+
+
+def _subgraphs(graph: Any) -> Iterator[Any]:
+    onnx = require("onnx", "profile")
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield attr.g
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                yield from attr.graphs
+
+
+def _all_initializers(graph: Any) -> Iterator[Any]:
+    yield from graph.initializer
+    for sub in _subgraphs(graph):
+        yield from _all_initializers(sub)
+
+
+def _external_location(tensor: Any) -> str | None:
+    onnx = require("onnx", "profile")
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((e.value for e in tensor.external_data if e.key == "location"), None)
+
+
+def _name_nodes(graph: Any) -> None:
+    """Give every node (subgraphs included) a non-empty name unique in the model: `{op_type}_{i}` where needed."""
+    nodes = list(_walk_nodes(graph))
+    reserved = {node.name for node in nodes if node.name}  # a generated name never steals an existing one
+    used: set[str] = set()
+    for i, node in enumerate(nodes):
+        if node.name and node.name not in used:  # the first holder of a duplicated name keeps it
+            used.add(node.name)
+            continue
+        base = name = f"{node.op_type}_{i}"
+        k = 1
+        while name in used or name in reserved:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        used.add(name)
+
+
+def _walk_nodes(graph: Any) -> Iterator[Any]:
+    for node in graph.node:
+        yield node
+    for sub in _subgraphs(graph):
+        yield from _walk_nodes(sub)
+
+
+def _rename_dim_params(graph: Any, old: set[str], new: str) -> None:
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in old:
+                d.dim_param = new
+
+
+def _infer_shapes(model: Any, path: Path) -> Any:
+    onnx = require("onnx", "profile")
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - inference is best effort; the checker decides validity
+        log.warning("%s: shape inference failed (%s); keeping the shapes the file has", path.name, exc)
+        return model

@@ -1,0 +1,394 @@
+"""One entry point, `load_model`, from any model source `split-profile` accepts to a normalized ONNX file.
+
+Sources: a zoo name (when no file of that name exists), ONNX, TorchScript (`torch.jit.save`), torch.export
+(`torch.export.save`, `.pt2`) and, only with `allow_pickle`, a pickled nn.Module (`torch.save(model)`).
+The format is detected from the content (zip member names, protobuf parse), not the extension. torch and
+onnx are imported only when a model is loaded, so importing this module needs neither.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from models.extras import require
+from models.manifest import TensorSpec, sha256_file
+
+FORMATS = ("zoo", "torchscript", "torch.export", "onnx", "pickle")
+_EXPECTED = "expected ONNX, TorchScript (torch.jit.save), torch.export (.pt2) or a zoo model name"
+_SHAPE_HINT = "pass --input-shape 1x3x224x224 (with your model's shape)"
+
+
+class ModelLoadError(ValueError):
+    """A model source cannot be loaded; the message names the file, what went wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model converted to normalized ONNX in the work directory, with its I/O and provenance."""
+
+    name: str
+    source: str
+    format: str  # one of FORMATS
+    sha256: str  # of the source file (for zoo: of the ONNX bytes)
+    onnx_path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    task: str  # "classification" | "segmentation" | "other"
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """Parse "1x3x224x224" (or "1,3,224,224") into (1, 3, 224, 224); ModelLoadError otherwise."""
+    parts = re.split(r"\s*[x,]\s*", str(text).strip().lower())
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ModelLoadError(
+            f"--input-shape {text!r}: expected positive integers joined by 'x', batch first, like 1x3x224x224"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def load_model(source: str | Path, workdir: Path, *, input_shape: tuple[int, ...] | None = None,
+               allow_pickle: bool = False, progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load `source` (file or zoo name), convert it to normalized ONNX in `workdir` and describe its I/O."""
+    say = progress or (lambda _msg: None)
+    if input_shape is not None:
+        input_shape = _check_shape(input_shape)
+    workdir = Path(workdir)
+    text = str(source)
+    path = Path(text).expanduser()
+    if not path.exists():
+        from models import zoo
+
+        if text in zoo.zoo_names():
+            return _load_zoo(text, workdir, input_shape, say)
+        if "/" in text or "\\" in text or path.suffix:
+            raise ModelLoadError(f"{text}: no such file; {_EXPECTED}")
+        raise ModelLoadError(f"{text}: no such file and no zoo model of that name; the zoo has: "
+                             f"{', '.join(zoo.zoo_names())}")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory; {_EXPECTED}")
+    fmt = detect_format(path)
+    say(f"{path.name}: {fmt} model")
+    workdir.mkdir(parents=True, exist_ok=True)
+    name = path.stem
+    out = workdir / f"{name}.onnx"
+    if out.resolve() == path.resolve():  # never overwrite the user's file
+        out = workdir / f"{name}.normalized.onnx"
+    if fmt == "onnx":
+        _convert_onnx(path, out, input_shape, say)
+    elif fmt == "torchscript":
+        _convert_torchscript(path, out, input_shape, say)
+    elif fmt == "torch.export":
+        _convert_exported(path, out, input_shape, say)
+    else:
+        _convert_pickle(path, out, input_shape, allow_pickle, say)
+    inputs, outputs = _describe(out, path)
+    fixed = [f"{s.name} ({s.shape[0]})" for s in inputs if s.shape and s.shape[0] is not None]
+    if fixed:
+        say(f"{path.name}: the batch dimension is fixed in the graph for {', '.join(fixed)}; kept as is "
+            "(the model runs one fixed-size batch at a time)")
+    return LoadedModel(name=name, source=text, format=fmt, sha256=sha256_file(path), onnx_path=out,
+                       inputs=inputs, outputs=outputs, task=_task(outputs))
+
+
+def detect_format(path: Path) -> str:
+    """The format of model file `path` from its content: "onnx", "torchscript", "torch.export" or "pickle"."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise ModelLoadError(f"{path}: is empty (0 bytes); {_EXPECTED}")
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return _zip_format(path)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"  # torch.save's legacy (non-zip) format is a bare pickle stream
+    if _parses_as_onnx(path):
+        return "onnx"
+    what = _describe_bytes(head)
+    if path.suffix.lower() == ".onnx" and what == "unrecognized binary data":
+        raise ModelLoadError(f"{path}: is not a valid ONNX model (the protobuf does not parse or has no graph: "
+                             "truncated or not ONNX); re-export or re-download it")
+    raise ModelLoadError(f"{path}: is not a model file ({what}); {_EXPECTED}")
+
+
+# -- format detection ------------------------------------------------------------------------------
+
+
+def _zip_format(path: Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelLoadError(f"{path}: is a damaged or truncated zip archive (torch .pt/.pt2 files are zip "
+                             f"archives: {exc}); re-save or re-download it") from exc
+    if any(n.endswith(("/archive_format", "serialized_exported_program.json")) for n in names):
+        return "torch.export"
+    if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    if any(n.endswith("data.pkl") for n in names):
+        return "pickle"
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise ModelLoadError(f"{path}: is a zip archive but not a torch model (members: {shown}); {_EXPECTED}")
+
+
+def _parses_as_onnx(path: Path) -> bool:
+    onnx = require("onnx", "profile")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - DecodeError and friends: simply not ONNX
+        return False
+    # protobuf keeps unknown fields silently, so text can "parse": insist on what every model has
+    return model.ir_version > 0 and len(model.graph.node) > 0
+
+
+def _describe_bytes(head: bytes) -> str:
+    if head.startswith(b"\xff\xd8\xff"):
+        return "looks like a JPEG image"
+    if head.startswith(b"\x89PNG"):
+        return "looks like a PNG image"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:  # a multi-byte character cut at the end of the sample still counts as text
+        text = head[:-4].decode("utf-8", errors="strict") if _decodes(head[:-4]) else ""
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return "looks like a text file"
+    return "unrecognized binary data"
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+# -- sources ---------------------------------------------------------------------------------------
+
+
+def _load_zoo(name: str, workdir: Path, input_shape: tuple[int, ...] | None,
+              say: Callable[[str], None]) -> LoadedModel:
+    from models import zoo
+    from models.convert import to_onnx
+
+    torch = require("torch", "profile")
+    entry = zoo.zoo_entry(name)
+    shape = entry.input_shape
+    if input_shape is not None and input_shape[1:] != shape[1:]:
+        raise ModelLoadError(f"zoo model {name}: built for input {_fmt(shape)}, not --input-shape {_fmt(input_shape)}; "
+                             "drop --input-shape for zoo models")
+    say(f"{name}: building the zoo model ({entry.description})")
+    model = zoo.build_zoo_model(name)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / f"{name}.onnx"
+    say(f"{name}: converting to ONNX")
+    _wrap(lambda: to_onnx(model, (example,), out), f"zoo model {name}")
+    inputs, outputs = _describe(out, out)
+    return LoadedModel(name=name, source=name, format="zoo", sha256=sha256_file(out), onnx_path=out,
+                       inputs=inputs, outputs=outputs, task=entry.task)
+
+
+def _convert_onnx(path: Path, out: Path, input_shape: tuple[int, ...] | None, say: Callable[[str], None]) -> None:
+    from models.convert import make_batch_dynamic, normalize_onnx
+
+    onnx = require("onnx", "profile")
+    model = _wrap(lambda: onnx.load(str(path)), str(path))  # external data resolved next to the user's file
+    initializers = {t.name for t in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in initializers]
+    for vi in graph_inputs:
+        dims = vi.type.tensor_type.shape.dim
+        known = vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims[1:])
+        if known and len(dims) > 0:
+            recorded = tuple(d.dim_value for d in dims)
+            if input_shape is not None and len(graph_inputs) == 1 and input_shape[1:] != recorded[1:]:
+                raise ModelLoadError(f"{path}: records input shape {_fmt(recorded)}, not --input-shape "
+                                     f"{_fmt(input_shape)}; drop --input-shape or fix it")
+            continue
+        if input_shape is None or len(graph_inputs) != 1:
+            raise ModelLoadError(f"{path}: input {vi.name!r} does not record its full shape; {_SHAPE_HINT}")
+        if dims and len(dims) != len(input_shape):
+            raise ModelLoadError(f"{path}: input {vi.name!r} has rank {len(dims)}, --input-shape "
+                                 f"{_fmt(input_shape)} has rank {len(input_shape)}")
+        batch = onnx.TensorShapeProto.Dimension()
+        if dims:
+            batch.CopyFrom(dims[0])  # a fixed batch stays fixed until make_batch_dynamic proves otherwise
+        else:
+            batch.dim_param = "batch"
+        vi.type.tensor_type.shape.Clear()
+        vi.type.tensor_type.shape.dim.add().CopyFrom(batch)
+        for d in input_shape[1:]:
+            vi.type.tensor_type.shape.dim.add().dim_value = d
+    _wrap(lambda: onnx.save_model(model, str(out), save_as_external_data=False), str(path))
+    _wrap(lambda: normalize_onnx(out), str(path))
+    _wrap(lambda: make_batch_dynamic(out), str(path))
+
+
+def _convert_torchscript(path: Path, out: Path, input_shape: tuple[int, ...] | None,
+                         say: Callable[[str], None]) -> None:
+    from models.convert import to_onnx
+
+    torch = require("torch", "profile")
+    with zipfile.ZipFile(path) as zf:  # traced archives keep their example inputs; scripted ones do not
+        traced = any(n.endswith("/traced_inputs.pkl") for n in zf.namelist())
+    module = _wrap(lambda: torch.jit.load(str(path), map_location="cpu", _restore_shapes=traced), str(path))
+    module.eval()
+    args = list(module.graph.inputs())[1:]  # [0] is self
+    shapes: list[tuple[int, ...] | None] = []
+    for arg in args:
+        t = arg.type()
+        sizes = t.sizes() if t.kind() == "TensorType" else None
+        shapes.append(tuple(sizes) if sizes is not None and all(s is not None for s in sizes) else None)
+    examples = _examples_from(path, shapes, input_shape, torch)
+    say(f"{path.name}: converting TorchScript to ONNX")
+    _wrap(lambda: to_onnx(module, examples, out), str(path))
+
+
+def _convert_exported(path: Path, out: Path, input_shape: tuple[int, ...] | None,
+                      say: Callable[[str], None]) -> None:
+    from models.convert import to_onnx
+
+    torch = require("torch", "profile")
+    program = _wrap(lambda: torch.export.load(str(path)), str(path))
+    recorded = getattr(program, "example_inputs", None)
+    if recorded is not None and recorded[0] and not recorded[1]:
+        examples = tuple(recorded[0])
+        if input_shape is not None and len(examples) == 1 and tuple(examples[0].shape[1:]) != input_shape[1:]:
+            raise ModelLoadError(f"{path}: records input shape {_fmt(tuple(examples[0].shape))}, not --input-shape "
+                                 f"{_fmt(input_shape)}; drop --input-shape or fix it")
+    else:  # no stored example inputs: read the shapes off the graph's user-input placeholders
+        user_inputs = set(program.graph_signature.user_inputs)
+        shapes: list[tuple[int, ...] | None] = []
+        for node in program.graph.nodes:
+            if node.op == "placeholder" and node.name in user_inputs:
+                val = node.meta.get("val")
+                dims = tuple(val.shape) if val is not None else ()
+                static = all(isinstance(d, int) for d in dims[1:]) and val is not None
+                batch = dims[0] if dims and isinstance(dims[0], int) else 1  # a symbolic batch: run 1
+                shapes.append((batch, *dims[1:]) if static and dims else None)
+        examples = _examples_from(path, shapes, input_shape, torch)
+    say(f"{path.name}: converting the ExportedProgram to ONNX")
+    _wrap(lambda: to_onnx(program, examples, out), str(path))
+
+
+def _convert_pickle(path: Path, out: Path, input_shape: tuple[int, ...] | None, allow_pickle: bool,
+                    say: Callable[[str], None]) -> None:
+    from models.convert import to_onnx
+
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"{path}: is a pickled torch model (torch.save(model)); unpickling runs arbitrary code from the file. "
+            "Pass --allow-pickle only for files you trust, or re-save it with torch.jit.save (TorchScript) "
+            "or torch.export.save (.pt2)"
+        )
+    torch = require("torch", "profile")
+    obj = _wrap(lambda: torch.load(str(path), map_location="cpu", weights_only=False), str(path))
+    if not isinstance(obj, torch.nn.Module):
+        hint = " (a state_dict holds weights but not the architecture)" if isinstance(obj, dict) else ""
+        raise ModelLoadError(f"{path}: unpickled a {type(obj).__name__}, expected an nn.Module{hint}; save the "
+                             "module itself with torch.jit.save or torch.export.save")
+    obj.eval()
+    examples = _examples_from(path, [None], input_shape, torch)
+    say(f"{path.name}: converting the unpickled nn.Module to ONNX")
+    _wrap(lambda: to_onnx(obj, examples, out), str(path))
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _examples_from(path: Path, shapes: list[tuple[int, ...] | None], input_shape: tuple[int, ...] | None,
+                   torch: Any) -> tuple:
+    """Seeded float32 example inputs: recorded shapes where known, else --input-shape (single input only)."""
+    if not shapes:
+        raise ModelLoadError(f"{path}: the model takes no tensor inputs; expected at least one")
+    if input_shape is not None and len(shapes) == 1:
+        if shapes[0] is not None and shapes[0][1:] != input_shape[1:]:
+            raise ModelLoadError(f"{path}: records input shape {_fmt(shapes[0])}, not --input-shape "
+                                 f"{_fmt(input_shape)}; drop --input-shape or fix it")
+        shapes = [input_shape]
+    missing = [i for i, s in enumerate(shapes) if s is None]
+    if missing and len(shapes) > 1:
+        raise ModelLoadError(f"{path}: has {len(shapes)} inputs and does not record their shapes; "
+                             "re-save it with torch.export.save (which records them)")
+    if missing:
+        raise ModelLoadError(f"{path}: does not record its input shape; {_SHAPE_HINT}")
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(s, generator=gen) for s in shapes if s is not None)
+
+
+def _describe(onnx_path: Path, source: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Input and output specs of a normalized ONNX file, output shapes taken from one onnxruntime run."""
+    from models.convert import _random_feeds, _run_onnx
+
+    onnx = require("onnx", "profile")
+    model = onnx.load(str(onnx_path))
+    initializers = {t.name for t in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in initializers]
+    outputs = _wrap(lambda: _run_onnx(model.SerializeToString(), _random_feeds(graph_inputs)),
+                    f"{source} (onnxruntime cannot run the converted model)")
+
+    def dynamic0(vi: Any) -> bool:
+        dims = vi.type.tensor_type.shape.dim
+        return bool(dims) and dims[0].HasField("dim_param")
+
+    def dtype(vi: Any) -> str:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).name
+
+    inputs = tuple(
+        TensorSpec(vi.name, tuple(None if (i == 0 and dynamic0(vi)) else d.dim_value
+                                  for i, d in enumerate(vi.type.tensor_type.shape.dim)), dtype(vi))
+        for vi in graph_inputs
+    )
+    outs = tuple(
+        TensorSpec(vi.name, tuple(None if (i == 0 and dynamic0(vi)) else int(d) for i, d in enumerate(arr.shape)),
+                   arr.dtype.name)
+        for vi, arr in zip(model.graph.output, outputs)
+    )
+    return inputs, outs
+
+
+def _task(outputs: tuple[TensorSpec, ...]) -> str:
+    return "classification" if len(outputs) == 1 and len(outputs[0].shape) == 2 else "other"
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        dims = ()
+    if not dims or any(d <= 0 for d in dims) or any(isinstance(d, bool) for d in shape):
+        raise ModelLoadError(f"input shape {shape!r}: expected positive integers, batch first, like 1x3x224x224")
+    return dims
+
+
+def _fmt(shape: tuple[Any, ...]) -> str:
+    return "x".join("N" if d is None else str(d) for d in shape)
+
+
+def _wrap(fn: Callable[[], Any], where: str) -> Any:
+    """Run fn; any torch/onnx/ort failure becomes one ModelLoadError line naming `where`, chained to the cause."""
+    from models.convert import ConversionError
+
+    try:
+        return fn()
+    except ModelLoadError:
+        raise
+    except ConversionError as exc:
+        raise ModelLoadError(f"{where}: {_first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - torch and onnx raise anything; the cause is kept as __cause__
+        raise ModelLoadError(f"{where}: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300] + ("" if len(text) <= 1 else " ...")
+
