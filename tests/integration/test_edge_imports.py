@@ -64,3 +64,32 @@ def test_measure_node_costs_runs_without_onnx(tmp_path) -> None:
         """
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_split_profile_measures_and_saves_a_device_profile_without_onnx(tmp_path) -> None:
+    """On a Pi with only [edge]: `split-profile full.onnx --device local --save-device-profile` works."""
+    from models.convert import to_onnx
+    from models.zoo import build_zoo_model, zoo_entry
+
+    import torch
+
+    model = to_onnx(build_zoo_model("tiny_cnn"), (torch.randn(*zoo_entry("tiny_cnn").input_shape),),
+                    tmp_path / "full.onnx")
+    profile_path = tmp_path / "pi.json"
+    result = _run(
+        f"""
+        import sys
+        from partitioning.cli import main
+        code = main([{str(model)!r}, "--device", "local", "--save-device-profile", {str(profile_path)!r},
+                     "--repeats", "3", "-q"])
+        assert "torch" not in sys.modules and "onnx" not in sys.modules
+        sys.exit(code)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "saved the device profile" in result.stdout and "no plan or bundle" in result.stdout
+    # back on the workstation, the saved profile drives the plan of the same model
+    from partitioning import profile
+
+    planned = profile(str(model), device=str(profile_path), repeats=3)
+    assert planned.document["device"]["kind"] == "measured"

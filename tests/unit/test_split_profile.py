@@ -105,6 +105,25 @@ def test_no_feasible_cut_names_the_budget_and_the_closest_plan(capsys):
     assert profile("tiny_cnn", device="rpi4", edge_memory_mb=1e-6, repeats=3).plan.chosen == CLOUD_ONLY
 
 
+def _truncated_torchscript(d: Path) -> Path:
+    import torch
+
+    from models.zoo import build_zoo_model
+
+    path = d / "model.pt"
+    torch.jit.save(torch.jit.trace(build_zoo_model("tiny_cnn"), torch.randn(1, 3, 32, 32)), str(path))
+    return _write(path, path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _pickled_module(d: Path) -> Path:
+    import torch
+
+    from models.zoo import build_zoo_model
+
+    torch.save(build_zoo_model("tiny_cnn"), str(d / "pickled.pt"))
+    return d / "pickled.pt"
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -118,6 +137,8 @@ def _write(path: Path, data: bytes) -> Path:
         (lambda d: [str(_write(d / "notes.txt", b"hello, this is not a model\n" * 20))], "not a"),
         (lambda d: [str(_write(d / "photo.jpg", b"\xff\xd8\xff\xe0" + bytes(300)))], "not a"),
         (lambda d: ["no_such_zoo_model"], "resnet18"),
+        (lambda d: [str(_truncated_torchscript(d))], "truncated"),
+        (lambda d: [str(_pickled_module(d))], "--allow-pickle"),
         (lambda d: ["tiny_cnn", "--device", "pdp11"], "unknown edge device"),
         (lambda d: ["tiny_cnn", "--network", "carrier-pigeon"], "unknown network"),
         (lambda d: ["tiny_cnn", "--cloud", "abacus"], "unknown cloud GPU"),
