@@ -2,10 +2,12 @@
 gRPC, and finishes every request on the device when the cloud is slow or gone.
 
 Never imports torch, onnx, cloud_tier or partitioning: a Raspberry Pi needs only `splitinfer[edge]`.
+The MQTT control plane (`edge_agent.fleet.FleetLink`) is imported only when a config has an [mqtt] table.
 """
 
 from edge_agent.agent import EdgeAgent
-from edge_agent.config import AgentConfig, BackoffConfig, ConfigError, InputConfig
+from edge_agent.bandwidth import AdaptiveCut, BandwidthEstimator, CutPolicy, Estimate
+from edge_agent.config import AdaptiveConfig, AgentConfig, BackoffConfig, ConfigError, InputConfig, MqttConfig
 from edge_agent.results import (
     CLOUD,
     EDGE,
@@ -25,17 +27,23 @@ __all__ = [
     "EDGE",
     "LOCAL",
     "SPLIT",
+    "AdaptiveConfig",
+    "AdaptiveCut",
     "AgentClosedError",
     "AgentConfig",
     "AgentError",
     "AgentStats",
     "BackoffConfig",
+    "BandwidthEstimator",
     "ConfigError",
+    "CutPolicy",
     "EdgeAgent",
+    "Estimate",
     "InFlightLimitError",
     "InferenceResult",
     "InputConfig",
     "InputError",
     "ModelLoadError",
+    "MqttConfig",
     "StageTimes",
 ]

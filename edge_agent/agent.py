@@ -15,6 +15,9 @@ INVALID_ARGUMENT, FAILED_PRECONDITION and OUT_OF_RANGE are about that request's 
 SPLIT; any other code (NOT_FOUND: the cloud does not serve this cut, RESOURCE_EXHAUSTED, UNAVAILABLE,
 INTERNAL, ...) says the cloud cannot serve us now, so the agent goes LOCAL and probes before coming back.
 
+Bandwidth: every cloud round trip and probe feeds `self.bandwidth` (edge_agent/bandwidth.py); with
+`[adaptive] enabled` an AdaptiveCut thread switches the cut by that estimate and the bundle's plan table.
+
 Threads: `workers` edge threads run heads and local tails (so the next head runs while the last request is
 on the wire); gRPC's sender and one receiver thread per stream; a deadline watcher; the supervisor.
 `on_result` and future callbacks run on those threads: keep them short.
@@ -35,6 +38,7 @@ import grpc
 import numpy as np
 
 from edge_agent import constants as C
+from edge_agent.bandwidth import AdaptiveCut, BandwidthEstimator
 from edge_agent.config import AgentConfig
 from edge_agent.results import (
     CLOUD,
@@ -119,7 +123,13 @@ class EdgeAgent:
         self._runtimes: dict[str, CutRuntime] = {}
         self._rt = self._runtime(config.cut or self.bundle.chosen)
         self._on_result = on_result
+        self._result_listeners: list[Callable[[InferenceResult], None]] = []
+        self._state_listeners: list[Callable[[str, str], None]] = []
+        self.bandwidth = BandwidthEstimator()
+        self._open_lock = threading.Lock()  # the supervisor and probe_link both may open the link
         self._lock = threading.RLock()
+        # Built before any thread starts: it checks every plan-table cut loads.
+        self.adaptive: AdaptiveCut | None = AdaptiveCut(self, config.adaptive) if config.adaptive.enabled else None
         self._changed = threading.Condition(self._lock)  # mode switches and finished requests
         self._stats = AgentStats(mode=LOCAL, cut=self._rt.cut_id)
         self._mode = LOCAL
@@ -155,6 +165,8 @@ class EdgeAgent:
             self._wake.set()  # the supervisor connects in the background
         self._supervisor = threading.Thread(target=self._supervise, name="splitinfer-supervisor", daemon=True)
         self._supervisor.start()
+        if self.adaptive is not None:
+            self.adaptive.start()
 
     @classmethod
     def from_bundle(
@@ -181,6 +193,56 @@ class EdgeAgent:
     def cut(self) -> str:
         """The cut new requests start on."""
         return self._rt.cut_id
+
+    @property
+    def forced_local(self) -> bool:
+        """Whether set_mode('local') holds the agent on the device."""
+        return self._forced_local
+
+    def is_remote(self, cut_id: str) -> bool:
+        """Whether cut `cut_id` of the bundle sends anything to the cloud (every cut but edge-only)."""
+        return self._runtime(cut_id).remote
+
+    def add_result_listener(self, fn: Callable[[InferenceResult], None]) -> None:
+        """Also call `fn(result)` for every result (after on_result); keep it short: it runs on agent threads."""
+        self._result_listeners.append(fn)
+
+    def add_state_listener(self, fn: Callable[[str, str], None]) -> None:
+        """Call `fn(mode, cut)` whenever the mode or the cut changes; keep it short: it runs on agent threads."""
+        self._state_listeners.append(fn)
+
+    def measure_rtt(self) -> float | None:
+        """Time one health check on the open stream's channel (a tiny round trip) into `bandwidth`; ms or None."""
+        if self._link.generation is None:
+            return None
+        t0 = time.perf_counter()
+        ok, _why = self._link.health()
+        if not ok:
+            return None
+        rtt = _ms(t0, time.perf_counter())
+        self.bandwidth.add_rtt(rtt)
+        return rtt
+
+    def probe_link(self, cut_id: str) -> bool:
+        """Send one measurement probe carrying `cut_id`'s payload (it feeds `bandwidth`); whether it was answered.
+
+        Opens the link first only while the agent runs a cut that sends nothing (edge-only): for remote cuts
+        reconnecting is the supervisor's job.
+        """
+        rt = self._runtime(cut_id)
+        if not rt.remote or self._closing or self._forced_local:
+            return False
+        with self._open_lock:
+            if self._link.generation is None:
+                if self._rt.remote:
+                    return False
+                try:
+                    self._link.open()
+                except LinkDown as exc:
+                    log.debug("measurement probe: cloud %s unreachable: %s", self.config.cloud, exc)
+                    return False
+        ok, _why = self._probe(rt)
+        return ok
 
     def infer(self, x: Any, timeout: float | None = None) -> InferenceResult:
         """Run one request to completion (cloud or edge) and return its result."""
@@ -222,10 +284,13 @@ class EdgeAgent:
         """Start new requests on `cut_id`; requests in flight finish on the cut they started on."""
         rt = self._runtime(cut_id)
         with self._lock:
+            changed = self._rt is not rt
             self._rt = rt
             self._stats.cut = cut_id
         if rt.remote and self._mode == LOCAL and not self._forced_local:
             self._wake.set()
+        if changed:
+            self._notify_state()
 
     def set_mode(self, mode: str) -> None:
         """"local": stay on the device until told otherwise; "split": go back to the cloud once probes pass."""
@@ -252,6 +317,8 @@ class EdgeAgent:
             if self._closing and self._stop.is_set():
                 return
             self._closing = True
+        if self.adaptive is not None:
+            self.adaptive.stop()
         drain = C.CLOSE_DRAIN_S if timeout is None else timeout
         with self._changed:
             self._changed.wait_for(lambda: self._unfinished == 0, drain)
@@ -370,9 +437,11 @@ class EdgeAgent:
     def _finish_cloud(self, req: _Request, reply: CloudReply) -> None:
         cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms
         now = time.perf_counter()
+        network_ms = max(0.0, _ms(req.t_sent, reply.received_at) - cloud_ms)
+        self.bandwidth.add(req.sent_bytes, network_ms, reply.received_at)
         timing = StageTimes(
             queue_ms=req.queue_ms, head_ms=req.head_ms, encode_ms=req.encode_ms,
-            network_ms=max(0.0, _ms(req.t_sent, reply.received_at) - cloud_ms),
+            network_ms=network_ms,
             cloud_queue_ms=reply.queue_ms, tail_ms=reply.compute_ms, total_ms=_ms(req.t_submit, now),
         )
         result = InferenceResult(
@@ -403,9 +472,11 @@ class EdgeAgent:
             req.future.set_exception(exc)
             return
         req.future.set_result(result)  # type: ignore[arg-type]
-        if self._on_result is not None:
+        for fn in (self._on_result, *self._result_listeners):
+            if fn is None:
+                continue
             try:
-                self._on_result(result)  # type: ignore[arg-type]
+                fn(result)  # type: ignore[arg-type]
             except Exception:  # a telemetry hook must not take the agent down; logged with its traceback
                 with self._lock:
                     self._stats.callback_errors += 1
@@ -490,6 +561,15 @@ class EdgeAgent:
         log.info("mode -> %s (%s)", mode, reason)
         if mode == LOCAL:
             self._wake.set()
+        self._notify_state()
+
+    def _notify_state(self) -> None:
+        mode, cut = self._mode, self._rt.cut_id
+        for fn in self._state_listeners:
+            try:
+                fn(mode, cut)
+            except Exception:  # a state hook must not take the agent down; logged with its traceback
+                log.exception("state listener failed (mode %s, cut %s)", mode, cut)
 
     def _supervise(self) -> None:
         """While LOCAL (and not forced), try to get back to SPLIT with backoff and jitter."""
@@ -516,11 +596,14 @@ class EdgeAgent:
 
     def _try_split(self) -> tuple[bool, str]:
         """Reconnect if needed, check health, then send probe_count probes; (ok, why not)."""
-        if self._link.generation is None:
-            try:
-                self._link.open()
-            except LinkDown as exc:
-                return False, str(exc)
+        with self._open_lock:
+            opened = self._link.generation is None
+            if opened:
+                try:
+                    self._link.open()
+                except LinkDown as exc:
+                    return False, str(exc)
+        if opened:
             with self._lock:
                 self._stats.reconnects += 1
         else:
@@ -550,6 +633,7 @@ class EdgeAgent:
             self._probes[pid] = probe
             self._stats.probes_sent += 1
         try:
+            t_sent = time.perf_counter()
             self._link.send(msg)
             answered = probe.event.wait(self.config.deadline_ms / 1000.0)
         except LinkDown as exc:
@@ -561,6 +645,9 @@ class EdgeAgent:
             self._probes.pop(pid, None)
         reply = probe.reply
         if reply is not None and reply.ok:
+            cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms
+            self.bandwidth.add(request_bytes(msg), max(0.0, _ms(t_sent, reply.received_at) - cloud_ms),
+                               reply.received_at)
             return True, ""
         if reply is not None:
             why = f"probe: cloud error {status_name(reply.code)}: {reply.message}"

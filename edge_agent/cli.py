@@ -2,6 +2,7 @@
 
     split-agent run --config agent.toml [--cloud HOST:PORT --rate 20 --count 500 ...]
     split-agent run --bundle bundles/tiny --cloud 127.0.0.1:50051
+    split-agent run --config agent.toml --mqtt 127.0.0.1:1883 --label "kitchen" --adaptive
     split-agent keys                       # every config key with its description
 
 Exit status: 0 when every request got a result, 1 when some failed on the device, 2 on a bad config,
@@ -11,13 +12,14 @@ bundle, input folder or address (one line on stderr naming it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -35,7 +37,7 @@ OVERRIDES = {
     "bundle": "bundle", "cloud": "cloud", "device_id": "device_id", "cut": "cut",
     "head_precision": "head_precision", "codec": "codec", "deadline_ms": "deadline_ms",
     "max_in_flight": "max_in_flight", "input": "input.source", "rate": "input.rate", "count": "input.count",
-    "seed": "input.seed",
+    "seed": "input.seed", "mqtt": "mqtt.broker", "label": "mqtt.label", "adaptive": "adaptive.enabled",
 }
 
 
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rate", type=float, help="requests per second (0: as fast as max_in_flight allows)")
     run.add_argument("--count", type=int, help="number of requests")
     run.add_argument("--seed", type=int, help="seed of the synthetic inputs")
+    run.add_argument("--mqtt", metavar="HOST:PORT", help="MQTT broker of the fleet control plane ([mqtt] broker)")
+    run.add_argument("--label", help="free-text display name on the dashboard ([mqtt] label)")
+    run.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                     help="switch cuts by the measured uplink ([adaptive] enabled)")
     run.add_argument("--wait-split-s", type=float, default=0.0,
                      help="wait up to this long for split mode before feeding (default: do not wait)")
     run.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
@@ -134,6 +140,23 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _fleet(agent: Any, cfg: AgentConfig) -> Iterator[Any]:
+    """The agent's MQTT control plane while the block runs, when [mqtt] is configured (else nothing)."""
+    if cfg.mqtt is None:
+        yield None
+        return
+    from edge_agent.fleet import FleetLink  # paho loads only with [mqtt]
+
+    link = FleetLink(agent, cfg.mqtt).start(wait_s=None)  # inference does not wait for the broker
+    print(f"split-agent: mqtt broker {cfg.mqtt.broker} as device {cfg.device_id}", file=sys.stderr, flush=True)
+    try:
+        yield link
+    finally:
+        agent.close()  # drain first, so the last results reach the telemetry buffer before the final flush
+        link.close()
+
+
 def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, json_path: Path | None = None) -> int:
     """Feed cfg.input through an agent, print progress and the summary; the exit status."""
     from edge_agent.agent import EdgeAgent  # grpc and onnxruntime load only for `run`
@@ -142,7 +165,7 @@ def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, jso
     pool = load_inputs(cfg.input.source, bundle.inputs, cfg.input.seed)  # bad inputs fail before connecting
     results: list[InferenceResult] = []
     failures: list[BaseException] = []
-    with EdgeAgent(cfg) as agent:
+    with EdgeAgent(cfg) as agent, _fleet(agent, cfg):
         if wait_split_s > 0:
             agent.wait_for_mode("split", wait_split_s)
         print(f"split-agent: {bundle.model_name} cut {agent.cut} -> {cfg.cloud}, mode {agent.mode}", file=sys.stderr)
@@ -189,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "keys":
         for key, doc in describe().items():
-            print(f"{key:<22}{doc}")
+            print(f"{key:<26}{doc}")
         return 0
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -21,6 +21,21 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     source = "synthetic"        # or a folder of .npy files
     rate = 20.0                 # requests per second, 0 = as fast as max_in_flight allows
     count = 200
+
+    [mqtt]                      # optional: fleet control plane (without it the agent never imports paho)
+    broker = "10.0.0.5:1883"
+    label = "kitchen camera"    # free-text display name on the dashboard
+    flush_interval_ms = 500     # telemetry batches are published this often
+    telemetry_bound = 10000     # records buffered while the broker is away; beyond it they are counted, dropped
+    reconnect_min_s = 1
+    reconnect_max_s = 30
+
+    [adaptive]                  # optional: pick the cut from the measured uplink (needs the plan table)
+    enabled = true
+    hysteresis = 1.25           # the estimate must cross a plan-table boundary by this ratio
+    min_dwell_s = 5.0           # hold a cut at least this long
+    min_samples = 5             # bandwidth samples needed before deciding
+    probe_interval_s = 2.0      # measurement probes while nothing is sent (edge-only cut)
 """
 
 from __future__ import annotations
@@ -142,6 +157,70 @@ class InputConfig:
 
 
 @dataclass(frozen=True)
+class MqttConfig:
+    """The fleet control plane: where the broker is and how telemetry is batched."""
+
+    broker: str = field(default="", metadata={"doc": 'MQTT broker "host:port" (required in [mqtt])'})
+    label: str | None = field(default=None, metadata={"doc": "free-text display name shown on the dashboard"})
+    flush_interval_ms: int = field(default=500, metadata={"doc": "how often telemetry batches are published"})
+    telemetry_bound: int = field(
+        default=10_000, metadata={"doc": "records buffered while the broker is away; beyond it they are dropped"}
+    )
+    reconnect_min_s: int = field(default=1, metadata={"doc": "first MQTT reconnect delay, seconds"})
+    reconnect_max_s: int = field(default=30, metadata={"doc": "largest MQTT reconnect delay, seconds"})
+
+    def __post_init__(self) -> None:
+        if self.broker == "":
+            raise ConfigError("broker", 'is required: the MQTT broker "host:port"')
+        parse_address(self.broker, "broker")
+        if self.label is not None and (not isinstance(self.label, str) or len(self.label) > 256):
+            raise ConfigError("label", f"expected a string of at most 256 characters, got {self.label!r}")
+        object.__setattr__(self, "flush_interval_ms", _int("flush_interval_ms", self.flush_interval_ms, 1, 3_600_000))
+        object.__setattr__(self, "telemetry_bound", _int("telemetry_bound", self.telemetry_bound, 1, 10_000_000))
+        object.__setattr__(self, "reconnect_min_s", _int("reconnect_min_s", self.reconnect_min_s, 1, 3600))
+        object.__setattr__(self, "reconnect_max_s", _int("reconnect_max_s", self.reconnect_max_s, 1, 3600))
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ConfigError("reconnect_max_s", f"expected an integer >= reconnect_min_s ({self.reconnect_min_s}), "
+                                                 f"got {self.reconnect_max_s}")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the broker."""
+        return parse_address(self.broker, "broker")
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """Adaptive cut selection from the measured uplink (see edge_agent/bandwidth.py)."""
+
+    enabled: bool = field(default=False, metadata={"doc": "switch cuts by the measured uplink and the plan table"})
+    hysteresis: float = field(
+        default=1.25, metadata={"doc": "ratio by which the estimate must cross a plan-table boundary"}
+    )
+    min_dwell_s: float = field(default=5.0, metadata={"doc": "hold a cut at least this long before switching"})
+    min_samples: int = field(default=5, metadata={"doc": "bandwidth samples needed before deciding"})
+    probe_interval_s: float = field(
+        default=2.0, metadata={"doc": "measure with a probe this often while nothing is sent (edge-only cut)"}
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError("enabled", f"expected true or false, got {self.enabled!r}")
+        object.__setattr__(self, "hysteresis", _float("hysteresis", self.hysteresis, 1.0, 100.0))
+        object.__setattr__(self, "min_dwell_s", _float("min_dwell_s", self.min_dwell_s, 0.0, 86_400.0))
+        object.__setattr__(self, "min_samples", _int("min_samples", self.min_samples, 1, 10_000))
+        object.__setattr__(
+            self, "probe_interval_s", _float("probe_interval_s", self.probe_interval_s, 0.0, 86_400.0, lo_open=True)
+        )
+
+
+# The [table]s of an agent file, by name.
+_TABLES: dict[str, type] = {
+    "backoff": BackoffConfig, "input": InputConfig, "mqtt": MqttConfig, "adaptive": AdaptiveConfig,
+}
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Everything the edge agent needs; validated when built, whatever it is built from."""
 
@@ -178,6 +257,8 @@ class AgentConfig:
     )
     backoff: BackoffConfig = field(default_factory=BackoffConfig, metadata={"doc": "reconnect backoff"})
     input: InputConfig = field(default_factory=InputConfig, metadata={"doc": "inputs for split-agent run"})
+    mqtt: MqttConfig | None = field(default=None, metadata={"doc": "fleet control plane; none: no MQTT at all"})
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig, metadata={"doc": "adaptive cut selection"})
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -214,6 +295,10 @@ class AgentConfig:
             raise ConfigError("backoff", f"expected a [backoff] table, got {self.backoff!r}")
         if not isinstance(self.input, InputConfig):
             raise ConfigError("input", f"expected an [input] table, got {self.input!r}")
+        if self.mqtt is not None and not isinstance(self.mqtt, MqttConfig):
+            raise ConfigError("mqtt", f"expected an [mqtt] table, got {self.mqtt!r}")
+        if not isinstance(self.adaptive, AdaptiveConfig):
+            raise ConfigError("adaptive", f"expected an [adaptive] table, got {self.adaptive!r}")
 
     # -- building -------------------------------------------------------------------------------
 
@@ -224,7 +309,7 @@ class AgentConfig:
             raise ConfigError(None, f"expected a table of keys, got {type(data).__name__}", source)
         data = dict(data)
         kwargs: dict[str, Any] = {}
-        for name, sub in (("backoff", BackoffConfig), ("input", InputConfig)):
+        for name, sub in _TABLES.items():
             if name in data:
                 value = data.pop(name)
                 if isinstance(value, sub):
@@ -288,7 +373,7 @@ def describe() -> dict[str, str]:
     out: dict[str, str] = {}
     for f in dataclasses.fields(AgentConfig):
         out[f.name] = f.metadata.get("doc", "")
-    for prefix, sub in (("backoff", BackoffConfig), ("input", InputConfig)):
+    for prefix, sub in _TABLES.items():
         for f in dataclasses.fields(sub):
             out[f"{prefix}.{f.name}"] = f.metadata.get("doc", "")
     return out

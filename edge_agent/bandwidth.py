@@ -1,0 +1,293 @@
+"""Uplink bandwidth and RTT measured from the agent's own traffic, and the adaptive cut chosen from them.
+
+Samples: every cloud-served request (and every probe) gives (payload bytes, network ms = round trip minus the
+cloud's own time, receive time). Round trips of tiny messages (the gRPC health check) give the RTT.
+
+    rtt_ms    = min over the last `rtt_window` health-check round trips (0 until there is one: the estimate is
+                then a lower bound, which errs toward the smaller payload)
+    transfer  = network_ms - rtt_ms                     for a request that had the link to itself
+              = min(that, t_done - t_done_previous)     for one sent while the previous was still on the
+                                                        link: the uplink is FIFO, so when requests queue,
+                                                        the spacing of their replies is the link time
+    sample    = 8 * bytes / transfer                    (Mbit/s; transfer floored at 5% of network_ms)
+    estimate  = median of the last `window` samples no older than `max_age_s`
+
+Only the payload bytes are counted (not HTTP/2 and protobuf framing), so the estimate errs low by a few
+percent on small messages.
+
+Adaptive cut (`CutPolicy`): the plan table maps uplink Mbit/s to the best cut. The policy moves to a row
+above the current one only if the estimate divided by `hysteresis` still reaches it, and below only if the
+estimate multiplied by `hysteresis` still stays below the current row; a cut is held at least `min_dwell_s`,
+and nothing is decided with fewer than `min_samples` samples. So a constant rate never flaps, and a rate near
+a boundary changes nothing.
+
+While the agent runs an edge-only cut it sends nothing and so measures nothing: `AdaptiveCut` then sends one
+measurement probe every `probe_interval_s`, carrying the payload of the cheapest remote cut of the plan table
+(the one it would switch to), and keeps the last estimate between probes. While the cloud is unreachable
+(LOCAL mode not by choice) it does not probe: the agent's supervisor is reconnecting and its probes feed the
+same estimator. A cloud override (`pin`) suspends switching until `resume`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from edge_agent.config import AdaptiveConfig
+
+__all__ = ["AdaptiveCut", "BandwidthEstimator", "CutPolicy", "Estimate"]
+
+log = logging.getLogger("splitinfer.edge.adaptive")
+
+_MIN_SPACING_MS = 0.05  # replies closer than this came out of one cloud batch: they say nothing about the link
+_TRANSFER_FLOOR = 0.05  # a transfer is at least this share of network_ms (the RTT estimate may be too high)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The current uplink estimate: Mbit/s (None until measured), RTT in ms, and the samples behind it."""
+
+    mbps: float | None
+    rtt_ms: float | None
+    samples: int
+
+
+class BandwidthEstimator:
+    """Windowed-median uplink estimate from (bytes, network ms) samples; `add` is O(1) for the hot path."""
+
+    def __init__(self, window: int = 10, max_age_s: float = 60.0, rtt_window: int = 16) -> None:
+        """Keep the last `window` samples (no older than `max_age_s`) and `rtt_window` RTT measurements."""
+        if window < 1 or rtt_window < 1 or max_age_s <= 0:
+            raise ValueError("window and rtt_window must be >= 1 and max_age_s > 0")
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        # (t_done, bytes, network_ms); one extra kept so the oldest sample has a predecessor
+        self._samples: collections.deque[tuple[float, int, float]] = collections.deque(maxlen=window + 1)
+        self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=rtt_window)
+        self.total_samples = 0
+
+    def add(self, sent_bytes: int, network_ms: float, t_done: float | None = None) -> None:
+        """One cloud round trip: payload bytes, network ms (cloud time excluded), receive time (perf_counter)."""
+        if sent_bytes <= 0 or not network_ms >= 0:
+            return  # nothing sent (edge result) or a bogus time: not a sample
+        t = time.perf_counter() if t_done is None else t_done
+        with self._lock:
+            self._samples.append((t, int(sent_bytes), float(network_ms)))
+            self.total_samples += 1
+
+    def add_rtt(self, rtt_ms: float, t: float | None = None) -> None:
+        """The round trip of a tiny message (a health check), in ms."""
+        if not rtt_ms >= 0:
+            return
+        with self._lock:
+            self._rtts.append((time.perf_counter() if t is None else t, float(rtt_ms)))
+
+    def rtt_ms(self, now: float | None = None) -> float | None:
+        """Minimum recent tiny-message round trip, or None when there is none."""
+        now = time.perf_counter() if now is None else now
+        with self._lock:
+            recent = [r for t, r in self._rtts if now - t <= self.max_age_s]
+        return min(recent) if recent else None
+
+    def estimate(self, now: float | None = None) -> Estimate:
+        """Median uplink Mbit/s over the window (see the module docstring for the formula)."""
+        now = time.perf_counter() if now is None else now
+        rtt = self.rtt_ms(now)
+        with self._lock:
+            samples = sorted(self._samples)
+        values: list[float] = []
+        prev_done: float | None = None
+        for i, (t_done, nbytes, net_ms) in enumerate(samples):
+            spacing_ms = None if prev_done is None else (t_done - prev_done) * 1000.0
+            prev_done = t_done
+            if i == 0 and len(samples) == self._samples.maxlen:
+                continue  # kept only as the predecessor of the next one
+            if now - t_done > self.max_age_s:
+                continue
+            transfer = net_ms - (rtt or 0.0)
+            if spacing_ms is not None and spacing_ms < net_ms:  # sent while the previous one was on the link
+                if spacing_ms < _MIN_SPACING_MS:
+                    continue
+                transfer = min(transfer, spacing_ms)
+            transfer = max(transfer, _TRANSFER_FLOOR * net_ms, 1e-3)
+            values.append(nbytes * 8.0 / (transfer * 1000.0))
+        mbps = statistics.median(values) if values else None
+        return Estimate(mbps, rtt, len(values))
+
+    def clear(self) -> None:
+        """Forget every sample (e.g. when the link changed)."""
+        with self._lock:
+            self._samples.clear()
+            self._rtts.clear()
+
+
+class CutPolicy:
+    """Plan-table lookup with hysteresis and a minimum dwell; pure logic, the clock is passed in."""
+
+    def __init__(
+        self,
+        plan_table: Sequence[tuple[float, str]],
+        current: str,
+        *,
+        hysteresis: float = 1.25,
+        min_dwell_s: float = 5.0,
+        min_samples: int = 5,
+        now: float = 0.0,
+    ) -> None:
+        """`plan_table`: (uplink Mbit/s, cut) rows; `current`: the cut the agent runs now."""
+        if not plan_table:
+            raise ValueError("plan_table: expected at least one (uplink_mbps, cut) row")
+        if hysteresis < 1.0:
+            raise ValueError(f"hysteresis: expected a ratio >= 1, got {hysteresis}")
+        self.rows = tuple(sorted((float(m), str(c)) for m, c in plan_table))
+        self._bounds = [m for m, _ in self.rows]
+        self.hysteresis = hysteresis
+        self.min_dwell_s = min_dwell_s
+        self.min_samples = min_samples
+        self.current = current
+        self.since = now
+        self._row = self._row_of(current)
+
+    def row_for(self, mbps: float) -> int:
+        """Index of the plan-table row for `mbps` (as Bundle.best_cut_for picks it)."""
+        return max(0, bisect.bisect_right(self._bounds, mbps) - 1)
+
+    def _row_of(self, cut: str) -> int | None:
+        return next((i for i, (_, c) in enumerate(self.rows) if c == cut), None)
+
+    def moved_to(self, cut: str, now: float) -> None:
+        """Record that the agent now runs `cut` (whoever switched it); the dwell starts again."""
+        self.current, self.since, self._row = cut, now, self._row_of(cut)
+
+    def decide(self, est: Estimate, now: float) -> str | None:
+        """The cut to switch to now, or None to stay."""
+        if est.mbps is None or est.samples < self.min_samples or now - self.since < self.min_dwell_s:
+            return None
+        if self._row is None:  # running a cut the table does not list: take the table's choice
+            target = self.row_for(est.mbps)
+        else:
+            up, down = self.row_for(est.mbps / self.hysteresis), self.row_for(est.mbps * self.hysteresis)
+            if up > self._row:
+                target = up
+            elif down < self._row:
+                target = down
+            else:
+                return None
+        cut = self.rows[target][1]
+        if cut == self.current:
+            self._row = target  # the same cut in another row of the table: nothing to switch
+            return None
+        return cut
+
+
+class _Agent(Protocol):
+    """What AdaptiveCut needs of an EdgeAgent."""
+
+    bundle: Any
+    bandwidth: BandwidthEstimator
+
+    @property
+    def cut(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def forced_local(self) -> bool: ...
+    def set_cut(self, cut_id: str) -> None: ...
+    def is_remote(self, cut_id: str) -> bool: ...
+    def probe_link(self, cut_id: str) -> bool: ...
+    def measure_rtt(self) -> float | None: ...
+
+
+class AdaptiveCut:
+    """A background thread that switches the agent's cut by the measured uplink (see the module docstring)."""
+
+    def __init__(self, agent: _Agent, config: AdaptiveConfig) -> None:
+        """Follow `agent`'s estimator and bundle plan table; start() begins switching."""
+        self.agent = agent
+        self.config = config
+        self.policy = CutPolicy(
+            agent.bundle.plan_table, agent.cut, hysteresis=config.hysteresis, min_dwell_s=config.min_dwell_s,
+            min_samples=config.min_samples, now=time.monotonic(),
+        )
+        remote = [c for _, c in self.policy.rows if agent.is_remote(c)]
+        self._probe_cut = remote[0] if remote else None  # the cheapest remote cut: what we would move to
+        self._lock = threading.Lock()  # one decision or override at a time
+        self._pinned = False
+        self._stop = threading.Event()
+        self._last_probe = self._last_rtt = float("-inf")
+        self.switches = 0
+        self.probes = 0
+        self._thread = threading.Thread(target=self._loop, name="splitinfer-adaptive", daemon=True)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether a cloud override holds the cut (switching suspended)."""
+        return self._pinned
+
+    def start(self) -> "AdaptiveCut":
+        """Start the decision thread."""
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the decision thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def pin(self, cut_id: str) -> None:
+        """Run `cut_id` and suspend adaptive switching until resume()."""
+        with self._lock:
+            self._pinned = True
+            self.agent.set_cut(cut_id)
+            self.policy.moved_to(cut_id, time.monotonic())
+
+    def resume(self) -> None:
+        """Let the estimate choose the cut again (a decision may follow at once: the dwell is waived)."""
+        with self._lock:
+            self._pinned = False
+            self.policy.moved_to(self.agent.cut, time.monotonic() - self.config.min_dwell_s)
+
+    def tick(self) -> str | None:
+        """Measure if due, then decide and maybe switch; the cut switched to, or None."""
+        now = time.monotonic()
+        agent = self.agent
+        if self._pinned or agent.forced_local:
+            return None
+        if now - self._last_rtt >= self.config.probe_interval_s:
+            self._last_rtt = now
+            agent.measure_rtt()
+        if not agent.is_remote(agent.cut) and self._probe_cut is not None \
+                and now - self._last_probe >= self.config.probe_interval_s:
+            self._last_probe = now
+            self.probes += 1
+            agent.probe_link(self._probe_cut)
+        est = agent.bandwidth.estimate()
+        with self._lock:
+            if self._pinned:
+                return None
+            if self.policy.current != agent.cut:  # someone else switched it
+                self.policy.moved_to(agent.cut, now)
+            cut = self.policy.decide(est, now)
+            if cut is None:
+                return None
+            log.info("adaptive cut: %s -> %s (uplink ~%.3f Mbit/s, rtt %s ms, %d samples)", self.policy.current,
+                     cut, est.mbps, None if est.rtt_ms is None else round(est.rtt_ms, 2), est.samples)
+            agent.set_cut(cut)
+            self.policy.moved_to(cut, now)
+            self.switches += 1
+            return cut
+
+    def _loop(self) -> None:
+        period = min(0.5, self.config.probe_interval_s, max(0.05, self.config.min_dwell_s / 4))
+        while not self._stop.wait(period):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - a failed measurement must not end adaptivity; logged with cause
+                log.exception("adaptive cut: tick failed")

@@ -1,0 +1,236 @@
+"""Uplink estimation and the adaptive cut policy on synthetic samples (no sockets, no agent)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from edge_agent.bandwidth import AdaptiveCut, BandwidthEstimator, CutPolicy, Estimate
+from edge_agent.config import AdaptiveConfig, AgentConfig, ConfigError, describe
+
+RTT_MS = 2.0
+
+
+def link_ms(nbytes: int, mbps: float, rtt_ms: float = RTT_MS) -> float:
+    """Network time of one request alone on a link of `mbps` with round trip `rtt_ms`."""
+    return rtt_ms + nbytes * 8 / (mbps * 1000.0)
+
+
+def isolated(est: BandwidthEstimator, n: int, nbytes: int, mbps: float, t0: float = 100.0) -> float:
+    """Feed n requests that each had the link to themselves (1 s apart); return the last receive time."""
+    t = t0
+    for _ in range(n):
+        t += 1.0
+        est.add(nbytes, link_ms(nbytes, mbps), t)
+    return t
+
+
+def test_isolated_requests_with_a_known_rtt_give_the_link_rate():
+    est = BandwidthEstimator(window=8)
+    est.add_rtt(RTT_MS, 100.0)
+    t = isolated(est, 8, 20_000, 5.0)
+    e = est.estimate(now=t)
+    assert e.rtt_ms == RTT_MS and e.samples == 8
+    assert e.mbps == pytest.approx(5.0, rel=1e-6)
+
+
+def test_without_an_rtt_the_estimate_is_a_lower_bound():
+    est = BandwidthEstimator(window=8)
+    t = isolated(est, 8, 20_000, 5.0)
+    e = est.estimate(now=t)
+    assert e.rtt_ms is None and 4.0 < e.mbps < 5.0
+
+
+def test_rtt_is_the_minimum_of_recent_round_trips_and_expires():
+    est = BandwidthEstimator(max_age_s=10.0)
+    for t, r in ((0.0, 0.5), (5.0, 3.0), (6.0, 2.0)):
+        est.add_rtt(r, t)
+    assert est.rtt_ms(now=9.0) == 0.5
+    assert est.rtt_ms(now=12.0) == 2.0  # the 0.5 ms one is older than max_age_s
+    assert est.rtt_ms(now=30.0) is None
+
+
+def test_queued_requests_are_measured_by_reply_spacing():
+    # 10 requests sent at once on a 2 Mbit/s link: each waits for the ones before it, so network_ms grows;
+    # bytes / network_ms would say ~0.4 Mbit/s, the reply spacing says 2.
+    est = BandwidthEstimator(window=8)
+    est.add_rtt(RTT_MS, 0.0)
+    per = 10_000 * 8 / (2.0 * 1000.0)  # ms on the link per request
+    for i in range(10):
+        network = RTT_MS + per * (i + 1)
+        est.add(10_000, network, t_done=1.0 + network / 1000.0)
+    e = est.estimate(now=2.0)
+    assert e.mbps == pytest.approx(2.0, rel=1e-6) and e.samples == 8
+
+
+def test_replies_of_one_cloud_batch_are_not_samples():
+    est = BandwidthEstimator(window=8)
+    est.add(10_000, 50.0, t_done=1.0)
+    est.add(10_000, 50.0, t_done=1.0)  # same instant: one batch
+    e = est.estimate(now=1.0)
+    assert e.samples == 1
+
+
+def test_median_ignores_outliers_and_window_follows_a_rate_change():
+    est = BandwidthEstimator(window=9)
+    est.add_rtt(RTT_MS, 0.0)
+    t = isolated(est, 9, 10_000, 10.0, t0=0.0)
+    est.add(10_000, 0.001, t + 0.5)  # one absurd sample (10_000 bytes in ~0 ms)
+    assert est.estimate(now=t + 1).mbps == pytest.approx(10.0, rel=1e-6)
+    t = isolated(est, 5, 10_000, 0.5, t0=t + 1)  # the link slows down: 5 of 9 newest samples
+    assert est.estimate(now=t).mbps == pytest.approx(0.5, rel=1e-6)
+
+
+def test_old_samples_expire_and_edge_results_are_not_samples():
+    est = BandwidthEstimator(max_age_s=5.0)
+    est.add(0, 10.0, 1.0)  # nothing sent: an edge result
+    est.add(1000, float("nan"), 1.0)
+    assert est.estimate(now=1.0).samples == 0
+    est.add(1000, 10.0, 1.0)
+    assert est.estimate(now=2.0).samples == 1
+    assert est.estimate(now=10.0) == Estimate(None, None, 0)
+
+
+def test_add_is_thread_safe():
+    est = BandwidthEstimator(window=50)
+
+    def feed() -> None:
+        for _ in range(2000):
+            est.add(1000, 1.0)
+
+    threads = [threading.Thread(target=feed) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert est.total_samples == 8000 and est.estimate().samples <= 50
+
+
+TABLE = ((0.0, "edge-only"), (1.0, "c1"), (10.0, "cloud-only"))
+
+
+def policy(current: str = "c1", **kw) -> CutPolicy:
+    kw = {"hysteresis": 1.25, "min_dwell_s": 5.0, "min_samples": 3, "now": 0.0, **kw}
+    return CutPolicy(TABLE, current, **kw)
+
+
+def est(mbps: float | None, samples: int = 10) -> Estimate:
+    return Estimate(mbps, 1.0, samples)
+
+
+def test_policy_switches_only_past_the_boundary_by_the_ratio():
+    p = policy()
+    assert p.decide(est(11.0), 100.0) is None  # above 10 but not by 1.25x
+    assert p.decide(est(12.6), 100.0) == "cloud-only"
+    assert p.decide(est(0.9), 100.0) is None  # below 1 but not by 1.25x
+    assert p.decide(est(0.7), 100.0) == "edge-only"
+    assert p.decide(est(5.0), 100.0) is None
+
+
+def test_policy_waits_for_dwell_and_samples():
+    p = policy()
+    assert p.decide(est(100.0), 4.9) is None  # held < min_dwell_s
+    assert p.decide(est(100.0, samples=2), 100.0) is None  # too few samples
+    assert p.decide(est(None), 100.0) is None
+    assert p.decide(est(100.0), 5.0) == "cloud-only"
+
+
+def test_policy_does_not_flap_at_a_constant_rate_near_a_boundary():
+    p = policy(current="edge-only", min_dwell_s=0.0)
+    switches = []
+    for i, mbps in enumerate([1.3, 1.2, 1.3, 1.1, 0.95, 1.05, 0.9, 1.3, 1.26] * 5):
+        cut = p.decide(est(mbps), float(i))
+        if cut is not None:
+            switches.append(cut)
+            p.moved_to(cut, float(i))
+    assert switches == ["c1"]  # up once (1.3 >= 1.25), never back down (never <= 0.8)
+
+
+def test_policy_can_jump_several_rows_and_takes_the_table_choice_for_an_unlisted_cut():
+    p = policy(current="edge-only")
+    assert p.decide(est(50.0), 10.0) == "cloud-only"
+    p = policy(current="c9")  # e.g. the bundle's chosen cut, not in the table
+    assert p.decide(est(1.05), 10.0) == "c1"  # no ratio needed to leave an unlisted cut
+
+
+def test_policy_moved_to_restarts_the_dwell():
+    p = policy()
+    p.moved_to("edge-only", 100.0)
+    assert p.decide(est(5.0), 104.0) is None
+    assert p.decide(est(5.0), 105.0) == "c1"
+
+
+def test_policy_rejects_bad_tables():
+    with pytest.raises(ValueError, match="at least one"):
+        CutPolicy((), "c1")
+    with pytest.raises(ValueError, match="hysteresis"):
+        CutPolicy(TABLE, "c1", hysteresis=0.5)
+
+
+class FakeBundle:
+    plan_table = TABLE
+
+
+class FakeAgent:
+    """The surface AdaptiveCut uses, recording what it is asked to do."""
+
+    def __init__(self, cut: str):
+        self.bundle = FakeBundle()
+        self.bandwidth = BandwidthEstimator(window=4)
+        self.cut, self.mode, self.forced_local = cut, "split", False
+        self.probed: list[str] = []
+        self.cuts: list[str] = []
+
+    def set_cut(self, cut_id: str) -> None:
+        self.cut = cut_id
+        self.cuts.append(cut_id)
+
+    def is_remote(self, cut_id: str) -> bool:
+        return cut_id != "edge-only"
+
+    def probe_link(self, cut_id: str) -> bool:
+        self.probed.append(cut_id)
+        return True
+
+    def measure_rtt(self) -> float | None:
+        return None
+
+
+def test_adaptive_cut_probes_on_edge_only_and_respects_pins():
+    agent = FakeAgent("edge-only")
+    ad = AdaptiveCut(agent, AdaptiveConfig(enabled=True, min_dwell_s=0.0, min_samples=2, probe_interval_s=0.01))
+    assert ad.tick() is None and agent.probed == ["c1"]  # the cheapest remote cut of the table
+    t0 = time.perf_counter() - 10.0  # samples 1 s apart: each had the link to itself
+    for i in range(4):
+        agent.bandwidth.add(10_000, 10.0, t0 + i)  # 8 Mbit/s
+    assert ad.tick() == "c1" and agent.cut == "c1"
+    ad.pin("cloud-only")
+    for i in range(4):
+        agent.bandwidth.add(10_000, 200.0, t0 + 5 + i)  # 0.4 Mbit/s: would go edge-only, but pinned
+    assert ad.tick() is None and agent.cut == "cloud-only"
+    ad.resume()
+    assert ad.tick() == "edge-only"
+    agent.forced_local = True
+    agent.set_cut("c1")
+    assert ad.tick() is None and agent.cut == "c1"
+
+
+def test_config_tables_are_optional_and_validated():
+    cfg = AgentConfig(bundle="b")
+    assert cfg.mqtt is None and cfg.adaptive.enabled is False
+    cfg = AgentConfig.from_dict({"bundle": "b", "mqtt": {"broker": "127.0.0.1:1883", "label": "kitchen cam"},
+                                 "adaptive": {"enabled": True, "hysteresis": 1.5}})
+    assert cfg.mqtt.address == ("127.0.0.1", 1883) and cfg.mqtt.label == "kitchen cam"
+    assert cfg.adaptive.hysteresis == 1.5 and cfg.adaptive.min_samples >= 1
+    assert "mqtt.broker" in describe() and "adaptive.min_dwell_s" in describe()
+    for data, key in (({"mqtt": {}}, "mqtt.broker"), ({"mqtt": {"broker": "nope"}}, "mqtt.broker"),
+                      ({"mqtt": {"broker": "h:1", "qos": 2}}, "mqtt.qos"),
+                      ({"mqtt": {"broker": "h:1", "reconnect_min_s": 9, "reconnect_max_s": 2}}, "mqtt.reconnect_max_s"),
+                      ({"adaptive": {"hysteresis": 0.9}}, "adaptive.hysteresis"),
+                      ({"adaptive": {"enabled": "yes"}}, "adaptive.enabled"),
+                      ({"adaptive": {"min_samples": 0}}, "adaptive.min_samples")):
+        with pytest.raises(ConfigError) as info:
+            AgentConfig.from_dict({"bundle": "b", **data})
+        assert info.value.key == key, (data, str(info.value))
