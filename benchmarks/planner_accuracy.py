@@ -1,0 +1,115 @@
+"""How well the planner's cost model predicts real head+tail latency, measured on this host.
+
+For each zoo model with --device local and --cloud local: profile per node, plan, then for a spread of
+candidate cuts extract the head and tail and time them (fp32, median of N runs each, side by side in one
+process). Reports, per model:
+
+- MAPE: mean absolute percentage error of the predicted compute (edge_ms + cloud_ms) against the measured
+  head_ms + tail_ms over the candidates;
+- regret: how much slower the chosen cut is than the best cut by measurement, where each cut's total is its
+  measured head + tail plus the same modelled transfer at the plan's network (the link is not emulated here).
+
+    python benchmarks/planner_accuracy.py [--models resnet18,...] [--repeats 30] [--network wifi]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from partitioning import profile  # noqa: E402
+from partitioning.extract import extract_split, session  # noqa: E402
+from partitioning.quantize import synthetic_samples  # noqa: E402
+
+DEFAULT_MODELS = ("tiny_cnn", "mobilenet_v2", "resnet18", "vgg11", "vit_tiny", "unet_small")
+
+
+def _median_ms(sess, feeds, repeats: int) -> float:
+    names = [o.name for o in sess.get_outputs()]
+    for _ in range(3):
+        sess.run(names, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(names, feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure_model(name: str, repeats: int, network: str, max_cuts: int, threads: int | None) -> dict:
+    """Plan one model and measure a spread of its candidates; returns the row of the report."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bundle"
+        result = profile(name, device="local", cloud="local", network=network, repeats=repeats, threads=threads)
+        doc = result.document
+        # the plan itself wrote no bundle; convert again for extraction (same deterministic weights)
+        from models.loaders import load_model
+
+        loaded = load_model(name, Path(tmp))
+        model = onnx.load(str(loaded.onnx_path))
+        full = session(loaded.onnx_path, threads)
+        feeds = synthetic_samples(loaded.inputs, 1, seed=5)[0]
+        cands = sorted(result.plan.candidates, key=lambda c: len(c.edge_nodes))
+        step = max(1, len(cands) // max_cuts)
+        chosen = result.plan.best
+        picked = {c.id: c for c in cands[::step]}
+        picked[chosen.id] = chosen
+        rows = []
+        for cand in picked.values():
+            if cand.id == "edge-only" or cand.id == "cloud-only":
+                head_ms = _median_ms(full, feeds, repeats) if cand.id == "edge-only" else 0.0
+                tail_ms = _median_ms(full, feeds, repeats) if cand.id == "cloud-only" else 0.0
+            else:
+                h, t = extract_split(model, cand.cut, Path(tmp) / f"{cand.id}.h.onnx", Path(tmp) / f"{cand.id}.t.onnx")
+                hs, ts = session(h, threads), session(t, threads)
+                head_ms = _median_ms(hs, feeds, repeats)
+                mid = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, feeds)))
+                tail_ms = _median_ms(ts, {i.name: mid[i.name] for i in ts.get_inputs()}, repeats)
+            predicted = cand.edge_ms + cand.cloud_ms
+            measured = head_ms + tail_ms
+            rows.append((cand, predicted, measured, measured + cand.transfer_ms))
+        errors = [abs(p - m) / m for _, p, m, _ in rows if m > 0]
+        best_measured = min(total for *_, total in rows)
+        chosen_total = next(total for c, *_, total in rows if c.id == chosen.id)
+        return {
+            "model": name,
+            "nodes": doc["model"]["nodes"],
+            "cuts": len(rows),
+            "mape": 100 * float(np.mean(errors)),
+            "regret": 100 * (chosen_total - best_measured) / best_measured,
+            "chosen": chosen.id,
+            "best": min(rows, key=lambda r: r[3])[0].id,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print a Markdown table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--network", default="wifi")
+    ap.add_argument("--max-cuts", type=int, default=16, help="candidates measured per model (spread over the order)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    print(f"| model | nodes | cuts measured | MAPE (compute) | regret of chosen cut | chosen | best measured |")
+    print("|---|---:|---:|---:|---:|---|---|")
+    for name in args.models.split(","):
+        r = measure_model(name.strip(), args.repeats, args.network, args.max_cuts, args.threads)
+        print(f"| {r['model']} | {r['nodes']} | {r['cuts']} | {r['mape']:.1f}% | {r['regret']:.1f}% | {r['chosen']} | {r['best']} |",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
