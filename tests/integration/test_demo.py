@@ -1,0 +1,54 @@
+"""`split-demo` end to end: bundles, cloud stack, link proxies and agent processes, then a clean stop."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_runs_agents_that_report_to_the_dashboard_and_stops_cleanly(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud_tier.demo", "--workdir", str(tmp_path), "--duration", "25", "--period", "8",
+         "--devices", "pi-porch,pi-yard"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    try:
+        url = None
+        deadline = time.monotonic() + 240  # the first run profiles the demo's bundle
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "split-demo exited early:\n" + "".join(lines)
+            lines.append(line)
+            match = re.match(r"dashboard: (http://127\.0\.0\.1:\d+/)", line)
+            url = match.group(1) if match else None
+        assert url, "".join(lines)
+        seen: dict = {}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(url + "api/fleet", timeout=5) as resp:
+                fleet = json.load(resp)
+            seen = {row["device"]: row for row in fleet["devices"]}
+            if {"pi-porch", "pi-yard"} <= set(seen) and all(r["count"] > 0 for r in seen.values()):
+                break
+            time.sleep(0.5)
+        assert {"pi-porch", "pi-yard"} <= set(seen), seen
+        assert all(row["status"] == "online" and row["count"] > 0 for row in seen.values()), seen
+        rest, _ = proc.communicate(timeout=120)
+        lines.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    out = "".join(lines)
+    assert proc.returncode == 0, out
+    assert "cloud unreachable" in out and "cloud reachable again" in out
+    assert re.search(r"agent pi-yard \(exit 0\)", out) and re.search(r"agent pi-porch \(exit 0\)", out), out
+    assert "stopped:" in out and "Traceback" not in out
