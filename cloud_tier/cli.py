@@ -1,14 +1,17 @@
-"""`split-cloud`: serve the tails of a directory of split bundles over gRPC."""
+"""`split-cloud`: serve the tails of a directory of split bundles over gRPC, with the fleet control plane
+(MQTT broker, fleet store, controller, dashboard) unless --no-fleet."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 
 from cloud_tier.config import ServerConfig
+from cloud_tier.fleet import STATE_DIR_ENV, FleetOptions
 from models.manifest import BundleError
 
 DEFAULTS = ServerConfig()
@@ -35,34 +38,55 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-mib", type=int, default=DEFAULTS.max_message_bytes >> 20,
                        help="gRPC message size limit, MiB (default %(default)s)")
     serve.add_argument("--cpu-only", action="store_true", help="do not use the CUDA execution provider")
+    fleet = serve.add_argument_group("fleet control plane")
+    fleet.add_argument("--no-fleet", action="store_true",
+                       help="run only the gRPC tier (no MQTT broker, fleet store, controller or dashboard)")
+    fleet.add_argument("--broker", metavar="HOST:PORT", default=None,
+                       help="MQTT broker to use (Mosquitto in production); default: start the embedded amqtt "
+                            "broker on 127.0.0.1 with a port the OS picks")
+    fleet.add_argument("--db", metavar="PATH", default=None,
+                       help=f"SQLite fleet store file (default ${STATE_DIR_ENV}/fleet.db, else "
+                            "$XDG_STATE_HOME/splitinfer/fleet.db, else ~/.local/state/splitinfer/fleet.db)")
+    fleet.add_argument("--dashboard-host", default=FleetOptions.dashboard_host,
+                       help="dashboard bind address (default %(default)s)")
+    fleet.add_argument("--dashboard-port", type=int, default=FleetOptions.dashboard_port,
+                       help="dashboard port; 0 lets the OS pick (default %(default)s)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run the server until SIGTERM or SIGINT, then drain and stop; returns the exit status."""
-    from cloud_tier.server import CloudServer, ServerStartError
+    """Run the node until SIGTERM or SIGINT, then drain and stop every part; returns the exit status."""
+    from cloud_tier.broker import BrokerStartError
+    from cloud_tier.fleet import CloudStack
+    from cloud_tier.server import ServerStartError
 
-    server = CloudServer(
-        args.bundles, args.host, args.port,
-        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, workers=args.workers,
-        intra_op_threads=args.intra_op_threads, max_tensor_bytes=args.max_tensor_mib << 20,
-        max_message_bytes=args.max_message_mib << 20, prefer_gpu=not args.cpu_only,
-    )
+    config = ServerConfig(
+        host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, workers=args.workers, intra_op_threads=args.intra_op_threads,
+        max_tensor_bytes=args.max_tensor_mib << 20, max_message_bytes=args.max_message_mib << 20,
+        prefer_gpu=not args.cpu_only,
+    ).validate()
+    fleet = None if args.no_fleet else FleetOptions(
+        broker=args.broker, db_path=args.db, dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port,
+    ).validate()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    stack = CloudStack(args.bundles, config, fleet)
     try:
-        port = server.start()
-    except (BundleError, ServerStartError) as exc:
+        stack.start()
+    except (BundleError, ServerStartError, BrokerStartError, TimeoutError, OSError, RuntimeError,
+            sqlite3.Error) as exc:
         print(f"split-cloud: {exc}", file=sys.stderr)
         return 2
-    print(f"listening on {args.host}:{port}", flush=True)
-    while not stop.wait(1.0) and not server.wait(0):
+    for line in stack.banner():
+        print(line, flush=True)
+    while not stop.wait(1.0) and not stack.wait(0):
         pass  # wake every second so signals are handled promptly on every platform
     print("shutting down: draining", flush=True)
-    server.stop(grace=args.grace)
+    stack.stop(grace=args.grace)
     print("stopped", flush=True)
     return 0
 

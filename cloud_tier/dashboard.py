@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from models.extras import require
 from protos.mqtt import STAGES, MqttSchemaError, check_device_id
 
 from cloud_tier.fleet_store import FleetStore
+from cloud_tier.metrics import CONTENT_TYPE, Exposition, fleet_metrics
+
+# Per-device cloud-side view: device id -> {requests, errors, mean_ms, last_ts} (see server.RequestCounters).
+CloudView = Callable[[], dict[str, dict[str, Any]]]
 
 __all__ = ["Dashboard", "build_app", "prometheus_text"]
 
@@ -30,42 +33,9 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def _num(value: Any) -> str:
-    if value is None:
-        return "NaN"
-    return repr(float(value)) if math.isfinite(value) else "NaN"
-
-
 def prometheus_text(fleet: list[dict[str, Any]]) -> str:
     """Render fleet rows in the Prometheus text exposition format (version 0.0.4)."""
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_: str, samples: list[tuple[str, Any]]) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(f"{name}{{{labels}}} {_num(v)}" for labels, v in samples)
-
-    # Device ids match ^[A-Za-z0-9_-]+$ (validated on ingest), so they need no label escaping.
-    family("splitinfer_device_up", "gauge", "1 if the device is online, else 0.",
-           [(f'device="{d["device_id"]}"', 1 if d["status"] == "online" else 0) for d in fleet])
-    family("splitinfer_device_requests_per_second", "gauge", "Requests per second over the rate window.",
-           [(f'device="{d["device_id"]}"', d["req_per_s"]) for d in fleet])
-    family("splitinfer_device_edge_share", "gauge", "Share of requests finished on the device.",
-           [(f'device="{d["device_id"]}"', d["edge_share"]) for d in fleet if d["edge_share"] is not None])
-    family("splitinfer_device_dropped_records_total", "counter", "Telemetry records the agent dropped.",
-           [(f'device="{d["device_id"]}"', d["dropped_total"]) for d in fleet])
-    family("splitinfer_device_last_seen_seconds", "gauge", "Unix time of the last message from the device.",
-           [(f'device="{d["device_id"]}"', d["last_seen"]) for d in fleet])
-    samples = []
-    for d in fleet:
-        for stage in STAGES:
-            for q in (50, 95, 99):
-                v = d["stages"][stage][f"p{q}"]
-                if v is not None:
-                    samples.append((f'device="{d["device_id"]}",stage="{stage[:-3]}",quantile="0.{q}"', v))
-    family("splitinfer_device_latency_ms", "gauge", "Latency percentiles per stage over the stats window (ms).",
-           samples)
-    return "\n".join(lines) + "\n"
+    return fleet_metrics(fleet).render()
 
 
 def _secure(headers: Any, path: str) -> None:
@@ -76,7 +46,9 @@ def _secure(headers: Any, path: str) -> None:
         headers["Cache-Control"] = "no-store"
 
 
-def _fleet_rows(fleet: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _fleet_rows(fleet: list[dict[str, Any]], cloud: dict[str, dict[str, Any]] | None = None
+                ) -> list[dict[str, Any]]:
+    cloud = cloud or {}
     return [
         {
             "device": d["device_id"], "label": d["label"], "status": d["status"], "mode": d["mode"],
@@ -84,14 +56,21 @@ def _fleet_rows(fleet: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "req_per_s": d["req_per_s"], "p50_ms": d["p50_ms"], "p95_ms": d["p95_ms"], "p99_ms": d["p99_ms"],
             "edge_share": d["edge_share"], "count": d["count"], "last_seen": d["last_seen"],
             "dropped_total": d["dropped_total"],
+            # What the cloud tier saw of this device's requests (None: no cloud view, or none seen).
+            "cloud": cloud.get(d["device_id"]),
         }
         for d in fleet
     ]
 
 
 def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: float = 10.0,
-              series_s: float = 120.0) -> Any:
-    """The aiohttp Application serving the dashboard for `store`."""
+              series_s: float = 120.0, extra_metrics: Sequence[Callable[[], Exposition]] = (),
+              cloud_view: CloudView | None = None) -> Any:
+    """The aiohttp Application serving the dashboard for `store`.
+
+    `extra_metrics` add families to /metrics (the gRPC tier, the controller); `cloud_view` adds each
+    device's cloud-side counts to /api/fleet rows.
+    """
     web = require("aiohttp.web", "cloud")
 
     async def in_thread(fn: Callable[[], Any]) -> Any:
@@ -113,8 +92,9 @@ def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: floa
 
     async def fleet(_request: Any) -> Any:
         rows = await in_thread(lambda: store.fleet(window_s=window_s, rate_window_s=rate_window_s))
+        cloud = cloud_view() if cloud_view is not None else None
         return web.json_response({"now": time.time(), "window_s": window_s, "rate_window_s": rate_window_s,
-                                  "devices": _fleet_rows(rows)})
+                                  "devices": _fleet_rows(rows, cloud)})
 
     async def series(request: Any) -> Any:
         device_id = request.match_info["device_id"]
@@ -137,8 +117,10 @@ def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: floa
 
     async def metrics(_request: Any) -> Any:
         rows = await in_thread(lambda: store.fleet(window_s=window_s, rate_window_s=rate_window_s))
-        return web.Response(body=prometheus_text(rows).encode(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        out = fleet_metrics(rows)
+        for source in extra_metrics:
+            out.extend(source())
+        return web.Response(body=out.render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(_request: Any) -> Any:
         return web.json_response({"ok": True})

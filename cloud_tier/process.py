@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -11,11 +12,17 @@ import threading
 from pathlib import Path
 
 LISTENING = "listening on "
+BROKER_LINE = re.compile(r"^mqtt broker (\S+):(\d+) \((embedded|external)\)$")
+DASHBOARD_LINE = re.compile(r"^dashboard (http://\S+/)$")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class CloudProcess:
-    """Start `python -m cloud_tier.cli serve` and read the port it prints; terminate() drains, kill() does not."""
+    """Start `python -m cloud_tier.cli serve` and read the addresses it prints; terminate() drains, kill() does not.
+
+    With the fleet (no `--no-fleet` in `extra_args`), `start()` also waits for the broker and dashboard lines:
+    `broker_host`, `broker_port`, `broker_embedded` and `dashboard_url` are then set.
+    """
 
     def __init__(self, bundles_dir: str | Path, *extra_args: str, host: str = "127.0.0.1", start_timeout: float = 60.0):
         self.args = [sys.executable, "-m", "cloud_tier.cli", "serve", "--bundles", str(bundles_dir),
@@ -23,11 +30,16 @@ class CloudProcess:
         self.host = host
         self.start_timeout = start_timeout
         self.port: int | None = None
+        self.fleet = "--no-fleet" not in extra_args
+        self.broker_host: str | None = None
+        self.broker_port: int | None = None
+        self.broker_embedded: bool | None = None
+        self.dashboard_url: str | None = None
         self.proc: subprocess.Popen | None = None
         self.lines: queue.Queue[str] = queue.Queue(maxsize=10_000)  # stdout lines after the port line
 
     def start(self) -> int:
-        """Spawn the server and wait (bounded) for its `listening on` line; return the port."""
+        """Spawn the server and wait (bounded) for its `listening on` (and fleet) lines; return the gRPC port."""
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env, cwd=REPO_ROOT)
@@ -42,9 +54,23 @@ class CloudProcess:
             if line is None:
                 raise RuntimeError(f"split-cloud exited with {self.proc.wait()} before listening: {''.join(seen)}")
             seen.append(line)
-            if line.startswith(LISTENING):
-                self.port = int(line.rsplit(":", 1)[1])
+            self._parse(line.rstrip("\n"))
+            if self.port is not None and (not self.fleet or (self.broker_port and self.dashboard_url)):
                 return self.port
+
+    def _parse(self, line: str) -> None:
+        if line.startswith(LISTENING):
+            self.port = int(line.rsplit(":", 1)[1])
+        elif m := BROKER_LINE.match(line):
+            self.broker_host, self.broker_port = m.group(1), int(m.group(2))
+            self.broker_embedded = m.group(3) == "embedded"
+        elif m := DASHBOARD_LINE.match(line):
+            self.dashboard_url = m.group(1)
+
+    @property
+    def broker_address(self) -> str | None:
+        """host:port of the MQTT broker the node uses (None with --no-fleet)."""
+        return None if self.broker_port is None else f"{self.broker_host}:{self.broker_port}"
 
     @property
     def address(self) -> str:

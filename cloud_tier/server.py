@@ -20,7 +20,9 @@ from cloud_tier.config import HEALTH_SERVICE, ServerConfig
 from cloud_tier.executor import ModelRegistry
 from cloud_tier.servicer import SplitInferenceServicer
 from cloud_tier.stats import ServerStats
+from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from protos.mqtt import DEVICE_ID_RE
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,78 @@ _DEFAULTS = ServerConfig()
 
 class ServerStartError(RuntimeError):
     """The server could not load its bundles or bind its port."""
+
+
+UNKNOWN = "_unknown"  # label of requests for a (model, cut) this server does not serve
+MAX_DEVICES_TRACKED = 4096  # the cloud-side per-device view is bounded: device ids come from clients
+
+
+class RequestCounters:
+    """Thread-safe answered-request counts by (model, cut, status code) and a bounded per-device cloud view.
+
+    Label values are bounded: a (model, cut) the server does not serve counts as `_unknown`, and at most
+    MAX_DEVICES_TRACKED valid device ids are tracked (later ones are only counted in `untracked_devices`).
+    """
+
+    def __init__(self, served: set[tuple[str, str]], max_devices: int = MAX_DEVICES_TRACKED):
+        self._served = frozenset(served)
+        self._max_devices = max_devices
+        self._lock = threading.Lock()
+        # Every served (model, cut) has an OK series from the start, so rates work before the first request.
+        self._by_cut: dict[tuple[str, str, str], int] = {(m, c, "OK"): 0 for m, c in sorted(self._served)}
+        self._devices: dict[str, dict[str, float]] = {}
+        self.untracked_devices = 0
+
+    def record(self, request: pb.InferRequest, response: pb.InferResponse) -> None:
+        """Count one answered (non-probe) request."""
+        key = (request.model, request.cut) if (request.model, request.cut) in self._served else (UNKNOWN, UNKNOWN)
+        code = _CODE_NAMES.get(response.status.code, str(response.status.code))
+        cloud_ms = response.timing.decode_ms + response.timing.queue_ms + response.timing.compute_ms
+        with self._lock:
+            k = (*key, code)
+            self._by_cut[k] = self._by_cut.get(k, 0) + 1
+            dev = self._devices.get(request.device_id)
+            if dev is None:
+                if len(self._devices) >= self._max_devices or not DEVICE_ID_RE.fullmatch(request.device_id):
+                    self.untracked_devices += 1
+                    return
+                dev = self._devices[request.device_id] = {"requests": 0, "errors": 0, "cloud_ms_sum": 0.0,
+                                                          "last_ts": 0.0}
+            dev["requests"] += 1
+            dev["errors"] += response.status.code != 0
+            dev["cloud_ms_sum"] += cloud_ms
+            dev["last_ts"] = time.time()
+
+    def by_cut(self) -> dict[tuple[str, str, str], int]:
+        """A copy of the counts by (model, cut, status code name)."""
+        with self._lock:
+            return dict(self._by_cut)
+
+    def devices(self) -> dict[str, dict[str, float]]:
+        """Per device id: requests, errors, mean cloud-side ms (decode + queue + compute), last request time."""
+        with self._lock:
+            return {
+                d: {"requests": v["requests"], "errors": v["errors"], "last_ts": v["last_ts"],
+                    "mean_ms": v["cloud_ms_sum"] / v["requests"] if v["requests"] else None}
+                for d, v in self._devices.items()
+            }
+
+
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+
+
+class _CountingServicer(SplitInferenceServicer):
+    """The servicer, also counting each answered request by (model, cut, code) and by device."""
+
+    def __init__(self, *args: Any, counters: RequestCounters, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.counters = counters
+
+    async def _infer(self, request: pb.InferRequest, received_ns: int) -> pb.InferResponse:
+        response = await super()._infer(request, received_ns)
+        if not request.probe:
+            self.counters.record(request, response)
+        return response
 
 
 class CloudServer:
@@ -58,6 +132,7 @@ class CloudServer:
             max_inflight_per_stream=max_inflight_per_stream, prefer_gpu=prefer_gpu,
         ).validate()
         self.stats = ServerStats()
+        self.counters: RequestCounters | None = None  # set once the bundles are loaded
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -154,7 +229,8 @@ class CloudServer:
                                              prefer_gpu=cfg.prefer_gpu)
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")
-        self._servicer = SplitInferenceServicer(registry, cfg, self._pool, self.stats)
+        self.counters = RequestCounters({(t.model, t.cut) for t in registry.served()})
+        self._servicer = _CountingServicer(registry, cfg, self._pool, self.stats, counters=self.counters)
         self._health = health_aio.HealthServicer()
         server = grpc.aio.server(options=cfg.grpc_options())
         pb_grpc.add_SplitInferenceServicer_to_server(self._servicer, server)

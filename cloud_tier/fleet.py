@@ -1,0 +1,202 @@
+"""CloudStack: the whole cloud node in one object: gRPC tier, MQTT broker (embedded or external), fleet store,
+fleet controller and dashboard, started in dependency order and stopped in reverse.
+
+Stop order: health NOT_SERVING and drain the gRPC tier first (agents move elsewhere or run locally while
+telemetry still flows), then the controller (it stores what it has queued), the dashboard, the embedded
+broker, and last the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cloud_tier.config import ServerConfig
+from cloud_tier.metrics import Exposition, controller_metrics, server_metrics
+from cloud_tier.server import CloudServer
+
+__all__ = ["CloudStack", "FleetOptions", "default_db_path", "parse_address", "STATE_DIR_ENV"]
+
+log = logging.getLogger(__name__)
+
+STATE_DIR_ENV = "SPLITINFER_STATE_DIR"  # overrides where the fleet database lives by default
+DB_FILE = "fleet.db"
+
+
+def default_db_path() -> Path:
+    """$SPLITINFER_STATE_DIR/fleet.db, else $XDG_STATE_HOME/splitinfer/fleet.db, else ~/.local/state/..."""
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV]) / DB_FILE
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "splitinfer" / DB_FILE
+
+
+def parse_address(text: str, what: str = "address") -> tuple[str, int]:
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); ValueError naming `what` otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{what} {text!r} is invalid: expected HOST:PORT with a port in 1..65535")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    """The control plane's settings; `broker=None` starts the embedded broker on `embedded_broker_host`."""
+
+    broker: str | None = None  # HOST:PORT of an external broker (Mosquitto in production)
+    db_path: str | Path | None = None  # None: default_db_path()
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 0
+    embedded_broker_host: str = "127.0.0.1"  # amqtt allows anonymous clients: keep it on loopback by default
+    embedded_broker_port: int = 0
+    connect_timeout_s: float = 10.0  # how long the controller waits for the broker at start
+
+    def validate(self) -> "FleetOptions":
+        """Return self, or raise ValueError naming the bad field."""
+        if self.broker is not None:
+            parse_address(self.broker, "--broker")
+        for name in ("dashboard_port", "embedded_broker_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"FleetOptions.{name} must be in 0..65535, got {getattr(self, name)}")
+        if str(self.db_path) == ":memory:":
+            raise ValueError("--db ':memory:' is not supported: the fleet store needs a file "
+                             "(the dashboard reads with its own connections)")
+        return self
+
+
+class CloudStack:
+    """A cloud node: `start()` brings every part up (or none), `stop()` takes them down in order."""
+
+    def __init__(self, bundles_dir: str | Path, config: ServerConfig = ServerConfig(),
+                 fleet: FleetOptions | None = FleetOptions()):
+        """`fleet=None` runs only the gRPC tier."""
+        self.server = CloudServer.from_config(bundles_dir, config)
+        self.fleet_options = fleet.validate() if fleet is not None else None
+        self.broker: Any = None  # EmbeddedBroker when embedded
+        self.broker_host: str | None = None
+        self.broker_port: int | None = None
+        self.store: Any = None  # FleetStore
+        self.controller: Any = None  # FleetController
+        self.dashboard: Any = None  # Dashboard
+        self._started = False
+
+    # -- addresses -----------------------------------------------------------------------------------
+
+    @property
+    def grpc_address(self) -> str:
+        """host:port of the gRPC tier."""
+        return self.server.address
+
+    @property
+    def broker_address(self) -> str | None:
+        """host:port of the MQTT broker in use (None without the fleet)."""
+        return None if self.broker_port is None else f"{self.broker_host}:{self.broker_port}"
+
+    @property
+    def broker_embedded(self) -> bool:
+        """Whether the broker is the embedded amqtt one."""
+        return self.broker is not None
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """Base URL of the dashboard, with a trailing slash (None without the fleet)."""
+        return None if self.dashboard is None else self.dashboard.url + "/"
+
+    def banner(self) -> list[str]:
+        """The lines `split-cloud serve` prints once everything is up (the first one is parsed by clients)."""
+        lines = [f"listening on {self.grpc_address}"]
+        if self.broker_address is not None:
+            kind = "embedded" if self.broker_embedded else "external"
+            lines.append(f"mqtt broker {self.broker_address} ({kind})")
+        if self.dashboard_url is not None:
+            lines.append(f"dashboard {self.dashboard_url}")
+        return lines
+
+    # -- metrics -----------------------------------------------------------------------------------
+
+    def server_metrics(self) -> Exposition:
+        """The gRPC tier's Prometheus families."""
+        counters = self.server.counters
+        return server_metrics(self.server.stats.snapshot(), counters.by_cut() if counters else {})
+
+    def controller_metrics(self) -> Exposition:
+        """The fleet controller's Prometheus families."""
+        ctl = self.controller
+        names = ("telemetry_messages", "stored_records", "stored_states", "bad_payloads", "dropped_messages")
+        return controller_metrics(ctl.connected, {n: getattr(ctl, n) for n in names}, ctl.pending)
+
+    def cloud_view(self) -> dict[str, dict[str, Any]]:
+        """Per device id: what the gRPC tier saw (requests, errors, mean cloud ms, last request time)."""
+        counters = self.server.counters
+        return counters.devices() if counters else {}
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> "CloudStack":
+        """Start the gRPC tier, then broker, store, controller and dashboard; on failure stop what started."""
+        if self._started:
+            raise RuntimeError("CloudStack.start() called twice")
+        self._started = True
+        try:
+            self.server.start()
+            if self.fleet_options is not None:
+                self._start_fleet(self.fleet_options)
+        except BaseException:
+            self.stop(grace=1.0)
+            raise
+        return self
+
+    def _start_fleet(self, opts: FleetOptions) -> None:
+        from cloud_tier.broker import EmbeddedBroker
+        from cloud_tier.controller import FleetController
+        from cloud_tier.dashboard import Dashboard
+        from cloud_tier.fleet_store import FleetStore
+
+        if opts.broker is None:
+            self.broker = EmbeddedBroker(opts.embedded_broker_host, opts.embedded_broker_port)
+            self.broker_host, self.broker_port = opts.embedded_broker_host, self.broker.start()
+        else:
+            self.broker_host, self.broker_port = parse_address(opts.broker, "--broker")
+        db_path = Path(opts.db_path) if opts.db_path is not None else default_db_path()
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.store = FleetStore(db_path)
+        except sqlite3.Error as exc:
+            raise RuntimeError(f"fleet store {db_path}: {exc} (expected a writable SQLite file path; see --db)"
+                               ) from exc
+        self.controller = FleetController(self.store, self.broker_host, self.broker_port)
+        self.controller.start(wait_s=opts.connect_timeout_s)
+        self.dashboard = Dashboard(self.store, opts.dashboard_host, opts.dashboard_port,
+                                   extra_metrics=(self.server_metrics, self.controller_metrics),
+                                   cloud_view=self.cloud_view)
+        self.dashboard.start()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Drain and stop the gRPC tier (health NOT_SERVING first), then controller, dashboard, broker, DB."""
+        steps = [
+            ("gRPC tier", lambda: self.server.stop(grace=grace)),
+            ("fleet controller", lambda: self.controller and self.controller.stop()),
+            ("dashboard", lambda: self.dashboard and self.dashboard.stop()),
+            ("embedded MQTT broker", lambda: self.broker and self.broker.stop()),
+            ("fleet store", lambda: self.store and self.store.close()),
+        ]
+        for name, step in steps:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - one part failing to stop must not leave the others running
+                log.exception("stopping the %s failed", name)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the gRPC tier has stopped; False on timeout."""
+        return self.server.wait(timeout)
+
+    def __enter__(self) -> "CloudStack":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
