@@ -2,14 +2,15 @@
 
 For each zoo model with --device local and --cloud local: profile per node, plan, then for a spread of
 candidate cuts extract the head and tail and time them (fp32, median of N runs each, side by side in one
-process). Reports, per model:
+process). The edge is this host at --edge-threads and the cloud this host at --cloud-threads (default 1 and 2),
+so that the cloud is faster and cuts other than edge-only can win. Reports, per model:
 
 - MAPE: mean absolute percentage error of the predicted compute (edge_ms + cloud_ms) against the measured
   head_ms + tail_ms over the candidates;
 - regret: how much slower the chosen cut is than the best cut by measurement, where each cut's total is its
   measured head + tail plus the same modelled transfer at the plan's network (the link is not emulated here).
 
-    python benchmarks/planner_accuracy.py [--models resnet18,...] [--repeats 30] [--network wifi]
+    python benchmarks/planner_accuracy.py [--models resnet18,...] [--repeats 30] [--network ethernet]
 """
 
 from __future__ import annotations
@@ -45,20 +46,21 @@ def _median_ms(sess, feeds, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_model(name: str, repeats: int, network: str, max_cuts: int, threads: int | None) -> dict:
+def measure_model(name: str, repeats: int, network: str, max_cuts: int, edge_threads: int, cloud_threads: int) -> dict:
     """Plan one model and measure a spread of its candidates; returns the row of the report."""
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bundle"
-        result = profile(name, device="local", cloud="local", network=network, repeats=repeats, threads=threads)
+        result = profile(name, device="local", cloud="local", network=network, repeats=repeats,
+                         threads=edge_threads, cloud_threads=cloud_threads)
         doc = result.document
         # the plan itself wrote no bundle; convert again for extraction (same deterministic weights)
         from models.loaders import load_model
 
         loaded = load_model(name, Path(tmp))
         model = onnx.load(str(loaded.onnx_path))
-        full = session(loaded.onnx_path, threads)
+        full_edge, full_cloud = session(loaded.onnx_path, edge_threads), session(loaded.onnx_path, cloud_threads)
         feeds = synthetic_samples(loaded.inputs, 1, seed=5)[0]
         cands = sorted(result.plan.candidates, key=lambda c: len(c.edge_nodes))
         step = max(1, len(cands) // max_cuts)
@@ -68,11 +70,11 @@ def measure_model(name: str, repeats: int, network: str, max_cuts: int, threads:
         rows = []
         for cand in picked.values():
             if cand.id == "edge-only" or cand.id == "cloud-only":
-                head_ms = _median_ms(full, feeds, repeats) if cand.id == "edge-only" else 0.0
-                tail_ms = _median_ms(full, feeds, repeats) if cand.id == "cloud-only" else 0.0
+                head_ms = _median_ms(full_edge, feeds, repeats) if cand.id == "edge-only" else 0.0
+                tail_ms = _median_ms(full_cloud, feeds, repeats) if cand.id == "cloud-only" else 0.0
             else:
                 h, t = extract_split(model, cand.cut, Path(tmp) / f"{cand.id}.h.onnx", Path(tmp) / f"{cand.id}.t.onnx")
-                hs, ts = session(h, threads), session(t, threads)
+                hs, ts = session(h, edge_threads), session(t, cloud_threads)
                 head_ms = _median_ms(hs, feeds, repeats)
                 mid = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, feeds)))
                 tail_ms = _median_ms(ts, {i.name: mid[i.name] for i in ts.get_inputs()}, repeats)
@@ -98,14 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--network", default="wifi")
+    ap.add_argument("--network", default="ethernet")
     ap.add_argument("--max-cuts", type=int, default=16, help="candidates measured per model (spread over the order)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--edge-threads", type=int, default=1)
+    ap.add_argument("--cloud-threads", type=int, default=2)
     args = ap.parse_args(argv)
+    print(f"edge: this host, {args.edge_threads} thread(s); cloud: this host, {args.cloud_threads} thread(s); "
+          f"network {args.network} (modelled, not emulated); {args.repeats} runs per median\n")
     print(f"| model | nodes | cuts measured | MAPE (compute) | regret of chosen cut | chosen | best measured |")
     print("|---|---:|---:|---:|---:|---|---|")
     for name in args.models.split(","):
-        r = measure_model(name.strip(), args.repeats, args.network, args.max_cuts, args.threads)
+        r = measure_model(name.strip(), args.repeats, args.network, args.max_cuts, args.edge_threads, args.cloud_threads)
         print(f"| {r['model']} | {r['nodes']} | {r['cuts']} | {r['mape']:.1f}% | {r['regret']:.1f}% | {r['chosen']} | {r['best']} |",
               flush=True)
     return 0

@@ -47,10 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from protos.mqtt import DEVICE_ID_RE
 from edge_agent import constants as C
 from protos.codec import VALID_SPECS, TensorError, parse_codec
 
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 HEAD_PRECISIONS = ("int8", "fp32")
 
 
@@ -266,7 +266,7 @@ class AgentConfig:
             raise ConfigError("bundle", f"expected a bundle directory path, got {self.bundle!r}")
         s(self, "bundle", Path(self.bundle))
         parse_address(self.cloud, "cloud")
-        if not isinstance(self.device_id, str) or not DEVICE_ID_RE.match(self.device_id):
+        if not isinstance(self.device_id, str) or not DEVICE_ID_RE.fullmatch(self.device_id):
             raise ConfigError("device_id", f"expected 1-64 characters of [A-Za-z0-9_-], got {self.device_id!r}")
         if self.cut is not None and (not isinstance(self.cut, str) or not self.cut):
             raise ConfigError("cut", f"expected a cut id of the bundle, got {self.cut!r}")

@@ -55,8 +55,9 @@ def _edge_costs(device: str, onnx_path: Path, model, sha: str, *, repeats: int, 
     from partitioning.devices import DeviceProfile, resolve_device
 
     if device == "local":
-        measured.setdefault("local", _measure(onnx_path, repeats, threads, progress))
-        nc = measured["local"]
+        if threads not in measured:
+            measured[threads] = _measure(onnx_path, repeats, threads, progress)
+        nc = measured[threads]
         rec = {"name": "local", "kind": nc.kind, "source": nc.source, "host": _host(threads),
                "power": {"active_w": LOCAL_ACTIVE_W, "idle_w": LOCAL_IDLE_W,
                          "source": "assumed for a small x86 host; not measured"}}
@@ -81,8 +82,9 @@ def _cloud_costs(cloud: str, onnx_path: Path, model, *, repeats: int, threads: i
     from partitioning.devices import resolve_gpu
 
     if cloud == "local":
-        measured.setdefault("local", _measure(onnx_path, repeats, threads, progress))
-        nc = measured["local"]
+        if threads not in measured:  # the same host and threads as the edge: one measurement serves both
+            measured[threads] = _measure(onnx_path, repeats, threads, progress)
+        nc = measured[threads]
         return nc, {"name": "local", "kind": nc.kind, "source": nc.source}
     gpu = resolve_gpu(cloud)
     nc = cost_mod.estimate_node_costs(model, gpu, precision="fp32")
@@ -124,6 +126,7 @@ def profile(
     save_device_profile: str | Path | None = None,
     repeats: int = 20,
     threads: int | None = None,
+    cloud_threads: int | None = None,
     plan_table_mbps: tuple[float, ...] = PLAN_TABLE_MBPS,
     progress: Progress | None = None,
 ) -> ProfileResult:
@@ -157,7 +160,8 @@ def profile(
 
             save(Path(save_device_profile), edge_nc, model_sha256=onnx_sha, host=_host(threads))
             say(f"saved the device profile to {save_device_profile}")
-        cloud_nc, cloud_rec = _cloud_costs(cloud, loaded.onnx_path, proto, repeats=repeats, threads=threads,
+        cloud_nc, cloud_rec = _cloud_costs(cloud, loaded.onnx_path, proto, repeats=repeats,
+                                           threads=threads if cloud_threads is None else cloud_threads,
                                            progress=say, measured=measured)
         costs = CostInputs(
             edge_ms=dict(edge_nc.per_node_ms), cloud_ms=dict(cloud_nc.per_node_ms),

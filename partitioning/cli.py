@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load a pickled nn.Module (unpickling runs code: only for files you trust)")
     p.add_argument("--save-device-profile", type=Path, help="with --device local: save the measurement as JSON")
     p.add_argument("--repeats", type=int, default=20, help="measured runs per node (median)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for measurement")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads when measuring the edge here")
+    p.add_argument("--cloud-threads", type=int, help="with --cloud local: threads when measuring the cloud (default --threads)")
     p.add_argument("--top", type=int, default=5, help="candidates shown besides the baselines")
     p.add_argument("--json", action="store_true", help="print plan.json to stdout instead of the table")
     p.add_argument("--plot", type=Path, help="write a stacked-bar PNG of latency per candidate")
@@ -232,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_energy_mj=args.max_energy_mj, objective=args.objective, codec=args.codec, out=args.out,
                 calibration=args.calibration, input_shape=args.input_shape, allow_pickle=args.allow_pickle,
                 save_device_profile=args.save_device_profile, repeats=args.repeats, threads=args.threads,
+                cloud_threads=args.cloud_threads,
                 progress=progress,
             )
         for note in result.warnings:

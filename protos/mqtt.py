@@ -48,7 +48,7 @@ CMD = "cmd"
 ACK = "cmd/ack"
 LEAVES = (STATE, TELEMETRY, CMD, ACK)
 
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # always used with fullmatch: `$` would admit a trailing newline
 STATUSES = ("online", "offline")
 MODES = ("split", "local")
 SERVED_BY = ("cloud", "edge")
@@ -67,7 +67,7 @@ class MqttSchemaError(ValueError):
 
 def check_device_id(device_id: Any) -> str:
     """Return `device_id` if it matches ^[A-Za-z0-9_-]{1,64}$, else raise MqttSchemaError."""
-    if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
+    if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
         raise MqttSchemaError(
             f"device id {device_id!r} is invalid: expected 1-64 characters from [A-Za-z0-9_-] "
             "(no '/', '+', '#' or spaces, so it cannot change the topic)"

@@ -8,6 +8,20 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory):
+    """Servers started by the tests (in process or as subprocesses) keep their fleet DB in a temp dir."""
+    import os
+
+    old = os.environ.get("SPLITINFER_STATE_DIR")
+    os.environ["SPLITINFER_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if old is None:
+        os.environ.pop("SPLITINFER_STATE_DIR", None)
+    else:
+        os.environ["SPLITINFER_STATE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def zoo_onnx(tmp_path_factory):
     """zoo_onnx(name) -> path of that zoo model's normalized ONNX, converted once per session."""

@@ -104,3 +104,16 @@ def test_command_fields_follow_the_kind() -> None:
         Command.from_json('{"command_id": "x", "kind": "reboot"}')
     with pytest.raises(MqttSchemaError, match="cut"):
         Command("ping", "x", cut="c1")
+
+
+def test_device_id_with_a_trailing_newline_is_refused():
+    from edge_agent.config import AgentConfig, ConfigError
+    from protos.mqtt import MqttSchemaError, check_device_id, device_topic
+
+    for bad in ("pi-1\n", "pi 1", "a" * 65, "", "pi/1", "pi+", "#"):
+        with pytest.raises(MqttSchemaError):
+            check_device_id(bad)
+        with pytest.raises(MqttSchemaError):
+            device_topic(bad, "state")
+    with pytest.raises(ConfigError, match="device_id"):
+        AgentConfig.from_dict({"bundle": "b", "cloud": "127.0.0.1:1", "device_id": "pi-1\n"}, "test")
