@@ -6,11 +6,10 @@ caller asks otherwise. It is 2-3x slower than Mosquitto and MQTT 3.1.1 only: use
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from typing import Any
 
+from cloud_tier.loopthread import LoopThread
 from models.extras import require
 
 __all__ = ["EmbeddedBroker", "BrokerStartError"]
@@ -30,8 +29,7 @@ class EmbeddedBroker:
         self.host, self._requested_port = host, port
         self.port: int | None = None
         self._timeout = start_timeout_s
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("amqtt-broker")
         self._broker: Any = None
 
     def _config(self, port: int) -> dict[str, Any]:
@@ -43,11 +41,9 @@ class EmbeddedBroker:
 
     def start(self) -> int:
         """Start the broker thread and return the TCP port it listens on."""
-        if self._thread is not None:
+        if self._runner.running:
             raise BrokerStartError("embedded broker already started")
         broker_mod = require("amqtt.broker", "cloud")
-        ready = threading.Event()
-        failure: list[BaseException] = []
 
         async def boot() -> None:
             port = self._requested_port
@@ -58,31 +54,14 @@ class EmbeddedBroker:
                 raise BrokerStartError("amqtt did not report the port it bound (its internals changed?); "
                                        "pass an explicit port")
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(boot())
-            except BaseException as exc:  # noqa: BLE001 - handed to start() which re-raises it
-                failure.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
-        self._thread.start()
-        if not ready.wait(self._timeout):
-            raise BrokerStartError(f"embedded MQTT broker on {self.host} did not start within {self._timeout} s")
-        if failure:
-            self._thread = None
-            raise BrokerStartError(f"embedded MQTT broker on {self.host}:{self._requested_port} failed: "
-                                   f"{failure[0]}") from failure[0]
+        try:
+            self._runner.start(boot, self._timeout)
+        except TimeoutError as exc:
+            raise BrokerStartError(f"embedded MQTT broker on {self.host} did not start within {self._timeout} s") from exc
+        except BrokerStartError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - amqtt's own errors, one clear line
+            raise BrokerStartError(f"embedded MQTT broker on {self.host}:{self._requested_port} failed: {exc}") from exc
         assert self.port is not None
         log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
         return self.port
@@ -98,17 +77,8 @@ class EmbeddedBroker:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Shut the broker down and join its thread."""
-        if self._thread is None or self._loop is None:
-            return
-        loop, broker = self._loop, self._broker
-        fut = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
-        try:
-            fut.result(timeout_s)
-        except Exception as exc:  # noqa: BLE001 - still stop the loop; report why shutdown was unclean
-            log.warning("embedded MQTT broker shutdown was not clean: %r", exc)
-        loop.call_soon_threadsafe(loop.stop)
-        self._thread.join(timeout_s)
-        self._thread = None
+        broker = self._broker
+        self._runner.stop(broker.shutdown if broker is not None else None, timeout_s)
 
     def __enter__(self) -> "EmbeddedBroker":
         self.start()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
@@ -19,6 +18,7 @@ from models.extras import require
 from protos.mqtt import STAGES, MqttSchemaError, check_device_id
 
 from cloud_tier.fleet_store import FleetStore
+from cloud_tier.loopthread import LoopThread
 from cloud_tier.metrics import CONTENT_TYPE, Exposition, fleet_metrics
 
 # Per-device cloud-side view: device id -> {requests, errors, mean_ms, last_ts} (see server.RequestCounters).
@@ -143,8 +143,7 @@ class Dashboard:
         self.store, self.host, self._requested_port = store, host, port
         self._options = app_options
         self.port: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner_thread = LoopThread("dashboard")
         self._runner: Any = None
 
     @property
@@ -155,10 +154,8 @@ class Dashboard:
     def start(self, timeout_s: float = 10.0) -> int:
         """Start serving and return the TCP port."""
         web = require("aiohttp.web", "cloud")
-        if self._thread is not None:
+        if self._runner_thread.running:
             raise RuntimeError("dashboard already started")
-        ready = threading.Event()
-        failure: list[BaseException] = []
 
         async def boot() -> None:
             self._runner = web.AppRunner(build_app(self.store, **self._options), access_log=None)
@@ -167,47 +164,18 @@ class Dashboard:
             await site.start()
             self.port = int(self._runner.addresses[0][1])
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(boot())
-            except BaseException as exc:  # noqa: BLE001 - re-raised by start()
-                failure.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="dashboard", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout_s):
-            raise RuntimeError(f"dashboard on {self.host}:{self._requested_port} did not start in {timeout_s} s")
-        if failure:
-            self._thread = None
-            raise RuntimeError(f"dashboard on {self.host}:{self._requested_port} failed to start: {failure[0]}"
-                               ) from failure[0]
+        try:
+            self._runner_thread.start(boot, timeout_s)
+        except Exception as exc:  # noqa: BLE001 - bind errors and timeouts, one clear line
+            raise RuntimeError(f"dashboard on {self.host}:{self._requested_port} failed to start: {exc}") from exc
         log.info("dashboard on %s", self.url)
         assert self.port is not None
         return self.port
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop serving and join the thread."""
-        if self._thread is None or self._loop is None:
-            return
-        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-        try:
-            fut.result(timeout_s)
-        except Exception as exc:  # noqa: BLE001 - still stop the loop; say why cleanup failed
-            log.warning("dashboard cleanup failed: %r", exc)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout_s)
-        self._thread = None
+        runner = self._runner
+        self._runner_thread.stop(runner.cleanup if runner is not None else None, timeout_s)
 
     def __enter__(self) -> "Dashboard":
         self.start()
