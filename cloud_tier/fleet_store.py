@@ -133,9 +133,14 @@ class FleetStore:
             self._writer.execute(
                 "INSERT INTO devices (device_id, status, mode, cut, bandwidth_mbps, model, label, state_ts,"
                 " first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT(device_id) DO UPDATE SET status=excluded.status, mode=excluded.mode,"
-                " cut=excluded.cut, bandwidth_mbps=excluded.bandwidth_mbps, model=excluded.model,"
-                " label=excluded.label, state_ts=excluded.state_ts, last_seen=excluded.last_seen",
+                # An offline last will carries no mode/cut/model: keep the last known ones for the dashboard.
+                " ON CONFLICT(device_id) DO UPDATE SET status=excluded.status,"
+                " mode=COALESCE(NULLIF(excluded.mode, ''), devices.mode),"
+                " cut=COALESCE(NULLIF(excluded.cut, ''), devices.cut),"
+                " bandwidth_mbps=COALESCE(excluded.bandwidth_mbps, devices.bandwidth_mbps),"
+                " model=COALESCE(NULLIF(excluded.model, ''), devices.model),"
+                " label=COALESCE(NULLIF(excluded.label, ''), devices.label),"
+                " state_ts=excluded.state_ts, last_seen=excluded.last_seen",
                 (device_id, state.status, state.mode, state.cut, state.bandwidth_mbps, state.model, state.label,
                  state.ts, now, now),
             )

@@ -146,3 +146,19 @@ def test_concurrent_writers_and_readers(store: FleetStore) -> None:
         t.join(60)
     assert not errors, errors
     assert store.record_count() == 3 * 20 * 25
+
+
+def test_offline_state_keeps_the_last_known_cut_and_model(tmp_path):
+    from cloud_tier.fleet_store import FleetStore
+    from protos.mqtt import DeviceState
+
+    store = FleetStore(tmp_path / "f.db")
+    try:
+        store.upsert_state("pi-1", DeviceState(status="online", mode="split", cut="c021", bandwidth_mbps=20.0,
+                                               model="mobilenet_v2", label="Kitchen"))
+        store.upsert_state("pi-1", DeviceState(status="offline", label="Kitchen"))
+        row = store.device("pi-1")
+        assert row["status"] == "offline"
+        assert (row["cut"], row["model"], row["mode"]) == ("c021", "mobilenet_v2", "split")
+    finally:
+        store.close()
