@@ -29,6 +29,7 @@ from edge_agent import CLOUD, EDGE, LOCAL, SPLIT, EdgeAgent
 from edge_agent.fleet import AUTO_CUT, FleetLink
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, PLAN_FILE, Bundle
 from protos.mqtt import Command
+from tests import polling
 from tests.bundle_factory import MID_CUT, copy_bundle, make_tiny_bundle, sample_input
 from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
 from tests.mosquitto import Mosquitto
@@ -39,13 +40,7 @@ DEADLINE_S = 10.0
 
 def wait_for(cond: Callable[[], Any], what: str, timeout_s: float = DEADLINE_S) -> Any:
     """Poll `cond` until truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+    return polling.wait_for(cond, what, timeout_s)
 
 
 @pytest.fixture(scope="module")

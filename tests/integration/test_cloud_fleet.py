@@ -24,6 +24,7 @@ from protos import codec
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from protos.mqtt import STATE, TELEMETRY, DeviceState, TelemetryBatch, TelemetryRecord, device_topic
+from tests import polling
 from tests.bundle_factory import CUT_SHAPE, CUT_TENSOR, MID_CUT, make_tiny_bundle
 from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
 from tests.mosquitto import Mosquitto
@@ -41,13 +42,7 @@ def bundles_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def wait_for(cond: Callable[[], Any], what: str, timeout_s: float = DEADLINE_S) -> Any:
     """Poll `cond` until truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+    return polling.wait_for(cond, what, timeout_s)
 
 
 def get(url: str) -> tuple[str, str]:

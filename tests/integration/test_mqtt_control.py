@@ -24,6 +24,7 @@ from cloud_tier.dashboard import Dashboard
 from cloud_tier.fleet_store import FleetStore
 from edge_agent.mqtt_control import AgentControl
 from protos.mqtt import STATE, TELEMETRY, Ack, Command, TelemetryRecord, device_topic
+from tests import polling
 from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
 from tests.mosquitto import Mosquitto
 
@@ -33,13 +34,7 @@ DEADLINE_S = 20.0
 
 def wait_for(cond: Callable[[], Any], what: str, timeout_s: float = DEADLINE_S) -> Any:
     """Poll `cond` until truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+    return polling.wait_for(cond, what, timeout_s)
 
 
 @pytest.fixture()
