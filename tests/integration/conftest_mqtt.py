@@ -1,14 +1,17 @@
 """MQTT fixtures (a real Mosquitto per test module). Import them into a test module:
 
-    from tests.integration.conftest_mqtt import mosquitto  # noqa: F401
+    from tests.integration.conftest_mqtt import fleet, mosquitto  # noqa: F401
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from cloud_tier.controller import FleetController
+from cloud_tier.fleet_store import FleetStore
 from tests.mosquitto import Mosquitto, mosquitto_path
 
 
@@ -21,3 +24,13 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture()
+def fleet(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[tuple[FleetStore, FleetController]]:
+    """A fleet store and a controller subscribed to the module's Mosquitto."""
+    store = FleetStore(tmp_path / "fleet.sqlite")
+    ctl = FleetController(store, mosquitto.host, mosquitto.port).start()
+    yield store, ctl
+    ctl.stop()
+    store.close()

@@ -31,7 +31,7 @@ from models.manifest import CLOUD_ONLY, EDGE_ONLY, PLAN_FILE, Bundle
 from protos.mqtt import Command
 from tests import polling
 from tests.bundle_factory import MID_CUT, copy_bundle, make_tiny_bundle, sample_input
-from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
+from tests.integration.conftest_mqtt import fleet, mosquitto  # noqa: F401  (fixtures)
 from tests.mosquitto import Mosquitto
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,15 +63,6 @@ def server(bundles: dict[str, Path]) -> Iterator[CloudServer]:
     srv.start()
     yield srv
     srv.stop(grace=1.0)
-
-
-@pytest.fixture()
-def fleet(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[tuple[FleetStore, FleetController]]:  # noqa: F811
-    store = FleetStore(tmp_path / "fleet.sqlite")
-    ctl = FleetController(store, mosquitto.host, mosquitto.port).start()
-    yield store, ctl
-    ctl.stop()
-    store.close()
 
 
 def make_agent(

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tests import polling
 from cloud_tier.server import CloudServer
 from edge_agent import CLOUD, EDGE, LOCAL, SPLIT, EdgeAgent
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
@@ -61,11 +62,7 @@ def server(bundles_dir):
 
 def poll(cond, timeout: float, what: str) -> None:
     """Wait for `cond()` to hold, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    polling.wait_for(cond, what, timeout, interval_s=0.01)
 
 
 def agent_for(bundles_dir: Path, address: str, **fields) -> EdgeAgent:

@@ -15,6 +15,7 @@ import pytest
 import zstandard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests import polling
 from cloud_tier import CloudProcess, CloudServer
 from protos import codec
 from protos import inference_pb2 as pb
@@ -208,10 +209,7 @@ def test_probe_without_tensors_is_answered(stub) -> None:
 
 
 def _poll(condition, what: str, timeout: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+    polling.wait_for(condition, what, timeout, interval_s=0.005)
 
 
 def test_drain_and_stop(bundles_dir: Path, reference) -> None:

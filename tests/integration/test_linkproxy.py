@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tests import polling
 from cloud_tier import CloudServer
 from cloud_tier.linkproxy import LinkProxy
 from protos import codec
@@ -77,12 +78,8 @@ def _echo_round_trip(s: socket.socket, payload: bytes) -> bytes:
 
 
 def _wait_for(cond, timeout: float = DEADLINE_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
+    polling.wait_for(cond, "the proxy's condition", timeout, interval_s=0.01)
+    return True
 
 
 def test_bytes_pass_unchanged_both_ways(echo: int) -> None:

@@ -25,7 +25,7 @@ from cloud_tier.fleet_store import FleetStore
 from edge_agent.mqtt_control import AgentControl
 from protos.mqtt import STATE, TELEMETRY, Ack, Command, TelemetryRecord, device_topic
 from tests import polling
-from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
+from tests.integration.conftest_mqtt import fleet, mosquitto  # noqa: F401  (fixtures)
 from tests.mosquitto import Mosquitto
 
 AGENT_PROC = Path(__file__).with_name("mqtt_agent_proc.py")
@@ -35,15 +35,6 @@ DEADLINE_S = 20.0
 def wait_for(cond: Callable[[], Any], what: str, timeout_s: float = DEADLINE_S) -> Any:
     """Poll `cond` until truthy; fail naming `what` at the deadline."""
     return polling.wait_for(cond, what, timeout_s)
-
-
-@pytest.fixture()
-def fleet(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[tuple[FleetStore, FleetController]]:  # noqa: F811
-    store = FleetStore(tmp_path / "fleet.sqlite")
-    ctl = FleetController(store, mosquitto.host, mosquitto.port).start()
-    yield store, ctl
-    ctl.stop()
-    store.close()
 
 
 class AgentProc:
