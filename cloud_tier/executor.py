@@ -10,6 +10,7 @@ from typing import Mapping
 import numpy as np
 
 from models.extras import require
+from models.ortopts import session_options
 from models.manifest import CLOUD_ONLY, PLAN_FILE, Bundle, BundleError, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,7 @@ class TailExecutor:
 
     def __init__(self, path: Path, *, intra_op_threads: int = 1, prefer_gpu: bool = True):
         ort = require("onnxruntime", "edge")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
+        options = session_options(intra_op_threads, 1)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=select_providers(prefer_gpu))
         except Exception as exc:  # onnxruntime raises its own exception types for bad model files

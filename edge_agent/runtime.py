@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from models.extras import require
+from models.ortopts import session_options
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle, TensorSpec
 
 
@@ -48,10 +49,7 @@ class OrtRunner:
                 f"none of the execution providers {list(options.providers)} is available in this onnxruntime "
                 f"build (it has {sorted(available)})"
             )
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads
-        so.inter_op_num_threads = options.inter_op_threads
-        so.log_severity_level = 3  # warnings about unused initializers etc. are noise on a device
+        so = session_options(options.intra_op_threads, options.inter_op_threads)
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph errors

@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from models.extras import require
+from models.ortopts import session_options
 
 
 class SplitMismatchError(RuntimeError):
@@ -54,10 +55,7 @@ def extract_split(model, cut: Sequence[str], head_path: Path, tail_path: Path) -
 def session(path: Path | bytes, threads: int | None = None):
     """An onnxruntime CPU session with the project's default options."""
     ort = require("onnxruntime", "edge")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts = session_options(threads or None, None)
     src = str(path) if isinstance(path, Path) else path
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
