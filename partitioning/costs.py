@@ -133,15 +133,10 @@ def _read_graph(path: Path) -> tuple[list[_Node], set[str]]:
 
 
 def session_options(threads: int | None = None) -> "onnxruntime.SessionOptions":
-    """The SessionOptions the head/tail runners use: ORT_ENABLE_ALL, sequential, `threads` intra-op threads."""
-    import onnxruntime as ort
+    """The SessionOptions the head/tail runners use (models.ortopts), with `threads` intra-op threads."""
+    from models.ortopts import session_options as project_options
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
-    return options
+    return project_options(threads, None, log_severity=2)
 
 
 def default_providers() -> list[str]:
@@ -205,7 +200,8 @@ def _random_inputs(session: Any, batch: int, shapes: Mapping[str, Sequence[int]]
     return feeds
 
 
-FIXED_OVERHEAD_CAP_MS = 0.05  # session.run dispatch and I/O copies: tens of microseconds on a CPU
+FIXED_OVERHEAD_CAP_MS = 0.05
+_CHUNK = 5  # runs per turn when the profiled and the plain session take turns  # session.run dispatch and I/O copies: tens of microseconds on a CPU
 
 
 def measure_node_costs(
@@ -249,9 +245,25 @@ def measure_node_costs(
             options.optimized_model_filepath = ""
             session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         feeds = _random_inputs(session, batch, input_shapes)
-        for _ in range(warmup + repeats):
-            session.run(None, feeds)
-            tick()
+        # The unprofiled session's wall times scale the node times below. The two sessions take turns in
+        # chunks of runs, so a stretch of background load on the host slows both alike instead of skewing the
+        # scale, while each still runs back to back as a deployed session does (a pool's first run after
+        # another session ran pays for waking its threads).
+        plain = ort.InferenceSession(str(onnx_path), session_options(threads), providers=providers)
+        walls = []
+        for first in range(0, warmup + repeats, _CHUNK):
+            count = min(_CHUNK, warmup + repeats - first)
+            for _ in range(count):
+                session.run(None, feeds)
+                tick()
+            plain.run(None, feeds)  # wakes its pool after the other session's turn; not counted
+            for i in range(first, first + count):
+                start = time.perf_counter()
+                plain.run(None, feeds)
+                if i >= warmup:
+                    walls.append((time.perf_counter() - start) * 1000.0)
+                tick()
+        del plain
         events = json.loads(Path(session.end_profiling()).read_text())
         try:
             optimized, _ = _read_graph(Path(tmp) / "optimized.onnx")
@@ -269,14 +281,6 @@ def measure_node_costs(
     per_node = {n.name: statistics.median(r[0].get(n.name, 0.0) for r in per_run) for n in nodes}
     unattributed = statistics.median(r[1] for r in per_run)
 
-    plain = ort.InferenceSession(str(onnx_path), session_options(threads), providers=providers)
-    walls = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        plain.run(None, feeds)
-        if i >= warmup:
-            walls.append((time.perf_counter() - start) * 1000.0)
-        tick()
     node_sum = sum(per_node.values())
     wall = statistics.median(walls)
     # What the profiler does not see (dispatch, allocation, thread wake-ups, preemption) grows with the
