@@ -16,6 +16,7 @@ so that the cloud is faster and cuts other than edge-only can win. Reports, per 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
@@ -34,24 +35,27 @@ from partitioning.quantize import synthetic_samples  # noqa: E402
 DEFAULT_MODELS = ("tiny_cnn", "mobilenet_v2", "resnet18", "vgg11", "vit_tiny", "unet_small")
 
 
-def _median_ms(sess, feeds, repeats: int) -> float:
+def _timed(sess, feeds, runs: int) -> list[float]:
     names = [o.name for o in sess.get_outputs()]
-    for _ in range(3):
-        sess.run(names, feeds)
     times = []
-    for _ in range(repeats):
+    for _ in range(runs):
         t0 = time.perf_counter()
         sess.run(names, feeds)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
-def measure_model(name: str, repeats: int, network: str, max_cuts: int, edge_threads: int, cloud_threads: int) -> dict:
-    """Plan one model and measure a spread of its candidates; returns the row of the report."""
+def measure_model(name: str, repeats: int, network: str, max_cuts: int, edge_threads: int, cloud_threads: int,
+                  rounds: int = 5) -> dict:
+    """Plan one model and measure a spread of its candidates; returns the row of the report.
+
+    Every candidate's head and tail sessions are built first; then `rounds` rounds each time every candidate
+    (in a fresh random order) for repeats/rounds runs, and each part's time is the median over all its runs.
+    A stretch of background load on the host thus slows all candidates a little instead of a few a lot.
+    """
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bundle"
         result = profile(name, device="local", cloud="local", network=network, repeats=repeats,
                          threads=edge_threads, cloud_threads=cloud_threads)
         doc = result.document
@@ -60,24 +64,39 @@ def measure_model(name: str, repeats: int, network: str, max_cuts: int, edge_thr
 
         loaded = load_model(name, Path(tmp))
         model = onnx.load(str(loaded.onnx_path))
-        full_edge, full_cloud = session(loaded.onnx_path, edge_threads), session(loaded.onnx_path, cloud_threads)
         feeds = synthetic_samples(loaded.inputs, 1, seed=5)[0]
         cands = sorted(result.plan.candidates, key=lambda c: len(c.edge_nodes))
         step = max(1, len(cands) // max_cuts)
         chosen = result.plan.best
         picked = {c.id: c for c in cands[::step]}
         picked[chosen.id] = chosen
-        rows = []
+        parts: dict[str, list] = {}  # candidate id -> [(session, feeds) of the head or None, same of the tail]
         for cand in picked.values():
-            if cand.id == "edge-only" or cand.id == "cloud-only":
-                head_ms = _median_ms(full_edge, feeds, repeats) if cand.id == "edge-only" else 0.0
-                tail_ms = _median_ms(full_cloud, feeds, repeats) if cand.id == "cloud-only" else 0.0
+            if cand.id == "edge-only":
+                parts[cand.id] = [(session(loaded.onnx_path, edge_threads), feeds), None]
+            elif cand.id == "cloud-only":
+                parts[cand.id] = [None, (session(loaded.onnx_path, cloud_threads), feeds)]
             else:
                 h, t = extract_split(model, cand.cut, Path(tmp) / f"{cand.id}.h.onnx", Path(tmp) / f"{cand.id}.t.onnx")
                 hs, ts = session(h, edge_threads), session(t, cloud_threads)
-                head_ms = _median_ms(hs, feeds, repeats)
                 mid = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, feeds)))
-                tail_ms = _median_ms(ts, {i.name: mid[i.name] for i in ts.get_inputs()}, repeats)
+                parts[cand.id] = [(hs, feeds), (ts, {i.name: mid[i.name] for i in ts.get_inputs()})]
+        for pair in parts.values():  # warm-up
+            for part in filter(None, pair):
+                _timed(*part, 3)
+        samples: dict[str, list[list[float]]] = {cid: [[], []] for cid in parts}
+        rng = random.Random(0)
+        per_round = max(3, -(-repeats // rounds))
+        for _ in range(rounds):
+            order = list(parts)
+            rng.shuffle(order)
+            for cid in order:
+                for side, part in enumerate(parts[cid]):
+                    if part is not None:
+                        samples[cid][side].extend(_timed(*part, per_round))
+        rows = []
+        for cand in picked.values():
+            head_ms, tail_ms = (statistics.median(s) if s else 0.0 for s in samples[cand.id])
             predicted = cand.edge_ms + cand.cloud_ms
             measured = head_ms + tail_ms
             rows.append((cand, predicted, measured, measured + cand.transfer_ms))
@@ -92,6 +111,7 @@ def measure_model(name: str, repeats: int, network: str, max_cuts: int, edge_thr
             "regret": 100 * (chosen_total - best_measured) / best_measured,
             "chosen": chosen.id,
             "best": min(rows, key=lambda r: r[3])[0].id,
+            "rows": rows,
         }
 
 
@@ -104,13 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-cuts", type=int, default=16, help="candidates measured per model (spread over the order)")
     ap.add_argument("--edge-threads", type=int, default=1)
     ap.add_argument("--cloud-threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved measuring rounds over the candidates")
+    ap.add_argument("--verbose", action="store_true", help="also print each measured candidate")
     args = ap.parse_args(argv)
     print(f"edge: this host, {args.edge_threads} thread(s); cloud: this host, {args.cloud_threads} thread(s); "
           f"network {args.network} (modelled, not emulated); {args.repeats} runs per median\n")
     print(f"| model | nodes | cuts measured | MAPE (compute) | regret of chosen cut | chosen | best measured |")
     print("|---|---:|---:|---:|---:|---|---|")
     for name in args.models.split(","):
-        r = measure_model(name.strip(), args.repeats, args.network, args.max_cuts, args.edge_threads, args.cloud_threads)
+        r = measure_model(name.strip(), args.repeats, args.network, args.max_cuts, args.edge_threads, args.cloud_threads,
+                          args.rounds)
+        if args.verbose:
+            for cand, predicted, measured, _ in r["rows"]:
+                print(f"    {cand.id:>10}: predicted {cand.edge_ms:.3f} + {cand.cloud_ms:.3f} ms, measured "
+                      f"{measured:.3f} ms ({100 * (predicted - measured) / measured:+.1f}%)", file=sys.stderr)
         print(f"| {r['model']} | {r['nodes']} | {r['cuts']} | {r['mape']:.1f}% | {r['regret']:.1f}% | {r['chosen']} | {r['best']} |",
               flush=True)
     return 0
