@@ -8,6 +8,7 @@ pool whose size bounds how many runs (of all batchers together) are in progress.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -60,15 +61,63 @@ class _Pending:
         return tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(self.feeds.items()))
 
 
+class WorkerSlots:
+    """How many tail runs may be in progress at once (one per worker thread), shared by all batchers.
+
+    Like asyncio.Semaphore, plus `try_take`, which takes a free slot without awaiting: the batcher's fast path.
+    """
+
+    def __init__(self, count: int):
+        if count < 1:
+            raise ValueError(f"need at least one worker slot, got {count}")
+        self._free = count
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    def try_take(self) -> bool:
+        """Take a slot if one is free and nobody is waiting for one."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Wait for a slot, first come first served."""
+        if self.try_take():
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # give() hands its slot straight to this waiter
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.give()  # handed over just as we were cancelled: pass it on
+            else:
+                self._waiters.remove(fut)
+            raise
+
+    def give(self) -> None:
+        """Return a slot: to the first waiter, else to the free pool."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
 class DynamicBatcher:
-    """Batches the requests of one (model, cut) onto `run`."""
+    """Batches the requests of one (model, cut) onto `run`.
+
+    With max_batch 1 or max_wait 0 there is no window to wait in: a request that finds the queue empty and a
+    worker free goes straight to the worker from `submit`, without a hop through the batching loop.
+    """
 
     def __init__(
         self,
         name: str,
         run: RunFn,
         pool: Executor,
-        slots: asyncio.Semaphore,
+        slots: WorkerSlots,
         stats: ServerStats,
         *,
         max_batch: int = 16,
@@ -83,6 +132,7 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self._eager = max_batch == 1 or max_wait_ms <= 0
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
         self._carry: _Pending | None = None
         self._collecting: list[_Pending] = []  # taken from the queue, batch not started yet
@@ -98,16 +148,21 @@ class DynamicBatcher:
         now = time.perf_counter()
         fut = asyncio.get_running_loop().create_future()
         item = _Pending(feeds, rows, now, None if deadline_s is None else now + deadline_s, fut)
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            raise QueueFullError(
-                f"{self.name}: queue full ({self.max_queue} requests waiting); retry later or run locally"
-            ) from None
-        self._stats.gauge("queued", 1)
+        fast = (self._eager and self._queue.empty() and self._carry is None and not self._collecting
+                and self._slots.try_take())
+        if not fast:
+            try:
+                self._queue.put_nowait(item)
+            except asyncio.QueueFull:
+                raise QueueFullError(
+                    f"{self.name}: queue full ({self.max_queue} requests waiting); retry later or run locally"
+                ) from None
+            self._stats.gauge("queued", 1)
         self._held += 1
         self._idle.clear()
         fut.add_done_callback(self._answered)
+        if fast:
+            self._start([item])
         return fut
 
     def _answered(self, _fut: asyncio.Future) -> None:
@@ -179,12 +234,16 @@ class DynamicBatcher:
                     break
                 batch.append(item)
                 rows += item.rows
-            await self._slots.acquire()
+            await self._slots.take()
             self._collecting = []
             self._stats.gauge("queued", -len(batch))  # "queued" counts requests waiting for their run
-            task = loop.create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._start(batch)
+
+    def _start(self, batch: list[_Pending]) -> None:
+        """Run `batch` on a worker; the caller holds a worker slot, which the run gives back."""
+        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _execute(self, batch: list[_Pending]) -> None:
         try:
@@ -210,7 +269,7 @@ class DynamicBatcher:
                 else:
                     item.future.set_result(result)
         finally:
-            self._slots.release()
+            self._slots.give()
 
     def _run_batch(self, live: list[_Pending]) -> list[BatchResult | Exception]:
         """In a worker thread: one tail run for the batch, split back per request."""

@@ -13,7 +13,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from cloud_tier.batcher import BatcherClosedError, BatchRunError, DeadlineExceededError, DynamicBatcher, QueueFullError
+from cloud_tier.batcher import (BatcherClosedError, BatchRunError, DeadlineExceededError, DynamicBatcher, QueueFullError,
+                                WorkerSlots)
 from cloud_tier.config import ServerConfig
 from cloud_tier.executor import ModelRegistry
 from cloud_tier.stats import ServerStats
@@ -58,7 +59,7 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         self.draining = False
         self._streams: set[_Stream] = set()
         self._tasks: set[asyncio.Task] = set()
-        slots = asyncio.Semaphore(config.workers)
+        slots = WorkerSlots(config.workers)
         self._batchers = {
             (t.model, t.cut): DynamicBatcher(
                 f"{t.model}/{t.cut}", t.executor.run, pool, slots, stats,

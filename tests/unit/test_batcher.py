@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cloud_tier.batcher import (BatcherClosedError, BatchRunError, DeadlineExceededError, DynamicBatcher,
-                                QueueFullError)
+                                QueueFullError, WorkerSlots)
 from cloud_tier.stats import ServerStats
 
 
@@ -37,7 +37,7 @@ def _run(coro_fn, **kw):
         tail = FakeTail()
         stats = ServerStats()
         with ThreadPoolExecutor(2) as pool:
-            b = DynamicBatcher("m/c", tail, pool, asyncio.Semaphore(2), stats, **kw)
+            b = DynamicBatcher("m/c", tail, pool, WorkerSlots(2), stats, **kw)
             try:
                 return await coro_fn(b, tail, stats)
             finally:
@@ -136,3 +136,46 @@ def test_close_answers_what_is_queued() -> None:
             fut.result()
 
     _run(body, max_wait_ms=60_000)
+
+
+def test_worker_slots_hand_over_first_come_first_served_and_survive_cancellation() -> None:
+    async def main():
+        slots = WorkerSlots(1)
+        assert slots.try_take() and not slots.try_take()
+        order: list[str] = []
+
+        async def waiter(name: str) -> None:
+            await slots.take()
+            order.append(name)
+
+        a = asyncio.create_task(waiter("a"))
+        b = asyncio.create_task(waiter("b"))
+        c = asyncio.create_task(waiter("c"))
+        await asyncio.sleep(0)
+        b.cancel()  # a waiter that gives up must not take a slot with it
+        await asyncio.sleep(0)
+        assert not slots.try_take()  # waiters queue ahead of a newcomer
+        slots.give()
+        await asyncio.sleep(0)
+        slots.give()
+        await asyncio.gather(a, c)
+        assert order == ["a", "c"] and b.cancelled()
+        slots.give()
+        assert slots.try_take() and not slots.try_take()
+
+    asyncio.run(main())
+
+
+def test_without_a_window_a_request_goes_straight_to_a_free_worker() -> None:
+    async def body(b, tail, stats):
+        tail.gate.clear()
+        first = b.submit(_x(1.0), 1)  # a free worker: starts at once, from submit
+        assert stats.snapshot()["queued"] == 0
+        second = b.submit(_x(2.0), 1)
+        third = b.submit(_x(3.0), 1)  # both workers busy: this one waits in the queue
+        assert stats.snapshot()["queued"] == 1
+        tail.gate.set()
+        results = await asyncio.gather(first, second, third)
+        assert [float(r.outputs["y"][0, 0]) for r in results] == [2.0, 4.0, 6.0]
+
+    _run(body, max_batch=1, max_wait_ms=2)
