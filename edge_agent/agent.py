@@ -19,7 +19,8 @@ Bandwidth: every cloud round trip and probe feeds `self.bandwidth` (edge_agent/b
 `[adaptive] enabled` an AdaptiveCut thread switches the cut by that estimate and the bundle's plan table.
 
 Threads: `workers` edge threads run heads and local tails (so the next head runs while the last request is
-on the wire); gRPC's sender and one receiver thread per stream; a deadline watcher; the supervisor.
+on the wire; `infer` runs its head on the calling thread instead); gRPC's sender and one receiver thread per
+stream; a deadline watcher; the supervisor.
 `on_result` and future callbacks run on those threads: keep them short.
 """
 
@@ -245,11 +246,22 @@ class EdgeAgent:
         return ok
 
     def infer(self, x: Any, timeout: float | None = None) -> InferenceResult:
-        """Run one request to completion (cloud or edge) and return its result."""
-        return self.submit(x).result(timeout)
+        """Run one request to completion (cloud or edge) and return its result.
+
+        The head runs on the calling thread, which waits anyway: one thread hand-over less than `submit`.
+        """
+        req = self._admit(x, block=True, timeout=None)
+        self._run(req)
+        return req.future.result(timeout)
 
     def submit(self, x: Any, *, block: bool = True, timeout: float | None = None) -> Future[InferenceResult]:
         """Start a request; waits (up to `timeout`) for one of max_in_flight slots, else InFlightLimitError."""
+        req = self._admit(x, block=block, timeout=timeout)
+        self._pool.submit(self._run, req)
+        return req.future
+
+    def _admit(self, x: Any, *, block: bool, timeout: float | None) -> "_Request":
+        """Check the input, take an in-flight slot and count the request; the caller then runs it."""
         rt = self._rt
         inputs = prepare_inputs(x, rt.inputs)
         if self._closing:
@@ -268,8 +280,7 @@ class EdgeAgent:
                 raise AgentClosedError("the agent is closed; make a new EdgeAgent")
             self._unfinished += 1
             self._stats.submitted += 1
-        self._pool.submit(self._run, req)
-        return req.future
+        return req
 
     def stats(self) -> AgentStats:
         """A snapshot of the counters, the mode and the cut."""
