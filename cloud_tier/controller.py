@@ -98,6 +98,7 @@ class FleetController:
         self._client.on_socket_open = _nodelay
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
+        self._client.on_subscribe = self._handle_subscribe
         self._client.on_message = self._handle_message
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ class FleetController:
 
     @property
     def connected(self) -> bool:
-        """Whether the MQTT session is up."""
+        """Whether the MQTT session is up and the broker has confirmed the fleet subscriptions."""
         return self._connected.is_set()
 
     @property
@@ -176,9 +177,18 @@ class FleetController:
             log.warning("fleet controller: broker %s:%s refused the connection: %s", self.host, self.port,
                         reason_code)
             return
+        # Connected counts from the broker's SUBACK, not from CONNACK: a message published in between would
+        # find no subscription and be lost to the controller.
         client.subscribe([(fleet_filter(STATE), 1), (fleet_filter(TELEMETRY), 1), (fleet_filter(ACK), 1)])
+
+    def _handle_subscribe(self, _client: Any, _userdata: Any, _mid: Any, reason_codes: Any, _props: Any) -> None:
+        failed = [rc for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.warning("fleet controller: broker %s:%s refused the fleet subscriptions: %s", self.host, self.port,
+                        failed)
+            return
         self._connected.set()
-        log.info("fleet controller connected to MQTT %s:%s", self.host, self.port)
+        log.info("fleet controller connected to MQTT %s:%s and subscribed", self.host, self.port)
 
     def _handle_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
         self._connected.clear()
