@@ -10,8 +10,8 @@ from typing import Mapping
 import numpy as np
 
 from models.extras import require
-from models.ortopts import session_options
 from models.manifest import CLOUD_ONLY, PLAN_FILE, Bundle, BundleError, TensorSpec
+from models.ortopts import session_options
 
 log = logging.getLogger(__name__)
 

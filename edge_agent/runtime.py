@@ -15,8 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from models.extras import require
-from models.ortopts import session_options
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle, TensorSpec
+from models.ortopts import session_options
 
 
 class ModelLoadError(RuntimeError):
