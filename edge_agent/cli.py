@@ -15,7 +15,9 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -168,25 +170,42 @@ def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, jso
     with EdgeAgent(cfg) as agent, _fleet(agent, cfg):
         if wait_split_s > 0:
             agent.wait_for_mode("split", wait_split_s)
-        print(f"split-agent: {bundle.model_name} cut {agent.cut} -> {cfg.cloud}, mode {agent.mode}", file=sys.stderr)
         futures: list[Future] = []
         start = time.perf_counter()
         period = 1.0 / cfg.input.rate if cfg.input.rate > 0 else 0.0
         last_progress = 0.0
         tty = sys.stderr.isatty()
-        for i in range(cfg.input.count):
-            x = pool[i % len(pool)]
-            if period:
-                delay = start + i * period - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)  # pacing the feed (product code, not a test wait)
-            futures.append(agent.submit(x))
-            now = time.perf_counter()
-            if not quiet and now - last_progress > (0.5 if tty else 5.0):
-                last_progress = now
-                st = agent.stats()
-                print(f"{chr(13) if tty else ''}  {i + 1}/{cfg.input.count} sent  cloud {st.served_cloud}  "
-                      f"edge {st.served_edge}  mode {st.mode}   ", end="" if tty else "\n", file=sys.stderr, flush=True)
+        # Ctrl-C (SIGINT) stops the feed between requests; those already submitted finish and are summarized.
+        # A flag, not KeyboardInterrupt, so that no request is left half-submitted. A second Ctrl-C while the
+        # last requests finish interrupts at once.
+        stop = threading.Event()
+        previous = (signal.signal(signal.SIGINT, lambda *_: stop.set())
+                    if threading.current_thread() is threading.main_thread() else None)
+        try:
+            print(f"split-agent: {bundle.model_name} cut {agent.cut} -> {cfg.cloud}, mode {agent.mode}", file=sys.stderr,
+                  flush=True)
+            for i in range(cfg.input.count):
+                x = pool[i % len(pool)]
+                if period:
+                    delay = start + i * period - time.perf_counter()
+                    if delay > 0 and stop.wait(delay):  # pacing the feed (product code, not a test wait)
+                        break
+                if stop.is_set():
+                    break
+                futures.append(agent.submit(x))
+                now = time.perf_counter()
+                if not quiet and now - last_progress > (0.5 if tty else 5.0):
+                    last_progress = now
+                    st = agent.stats()
+                    print(f"{chr(13) if tty else ''}  {i + 1}/{cfg.input.count} sent  cloud {st.served_cloud}  "
+                          f"edge {st.served_edge}  mode {st.mode}   ", end="" if tty else "\n", file=sys.stderr,
+                          flush=True)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if stop.is_set():
+            print(f"split-agent: interrupted after {len(futures)} of {cfg.input.count} requests; finishing those "
+                  "in flight", file=sys.stderr, flush=True)
         for fut in futures:
             exc = fut.exception()
             if exc is not None:
@@ -204,7 +223,7 @@ def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, jso
     if failures:
         print(f"split-agent: {len(failures)} requests failed; first: {failures[0]}", file=sys.stderr)
         return 1
-    return 0
+    return 130 if stop.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:

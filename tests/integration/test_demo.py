@@ -50,5 +50,8 @@ def test_demo_runs_agents_that_report_to_the_dashboard_and_stops_cleanly(tmp_pat
     out = "".join(lines)
     assert proc.returncode == 0, out
     assert "cloud unreachable" in out and "cloud reachable again" in out
-    assert re.search(r"agent pi-yard \(exit 0\)", out) and re.search(r"agent pi-porch \(exit 0\)", out), out
+    # An agent still feeding when the duration ends is stopped with SIGINT: it finishes what it sent, prints its
+    # summary and exits 130; one that sent its whole count first exits 0.
+    for device in ("pi-yard", "pi-porch"):
+        assert re.search(rf"agent {device} \(exit (0|130)\)", out), out
     assert "stopped:" in out and "Traceback" not in out
