@@ -1,5 +1,11 @@
-"""Dynamic batching per (model, cut): gather requests for up to `max_wait_ms` or `max_batch` rows, run the
-tail once on their concatenation in a bounded worker pool, and hand each request its slice of the outputs.
+"""Dynamic batching per (model, cut): a free worker takes every request queued for it (up to `max_batch` rows)
+and runs the tail once on their concatenation; each request gets its slice of the outputs.
+
+This is continuous (work-conserving) batching: requests that arrive while every worker is busy wait in the
+queue and form the next batch together, and a worker never idles while requests wait. With `max_wait_ms` > 0
+the first request of a batch additionally waits up to that long for company before it asks for a worker,
+which pays only where a bigger batch costs much less per row (a GPU); on a CPU it holds requests back while a
+worker idles.
 
 Everything here except the tail run itself happens on the server's event loop; the tail runs in a thread
 pool whose size bounds how many runs (of all batchers together) are in progress.
@@ -109,7 +115,9 @@ class DynamicBatcher:
     """Batches the requests of one (model, cut) onto `run`.
 
     With max_batch 1 or max_wait 0 there is no window to wait in: a request that finds the queue empty and a
-    worker free goes straight to the worker from `submit`, without a hop through the batching loop.
+    worker free goes straight to the worker from `submit`, without a hop through the batching loop. Otherwise
+    the loop takes the first queued request, waits out its window (if any) and then for a worker, and tops the
+    batch up with everything that queued meanwhile.
     """
 
     def __init__(
@@ -121,7 +129,7 @@ class DynamicBatcher:
         stats: ServerStats,
         *,
         max_batch: int = 16,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.0,
         max_queue: int = 256,
     ):
         self.name = name
@@ -225,19 +233,28 @@ class DynamicBatcher:
             self._collecting = batch = [first]
             rows = first.rows
             window_end = loop.time() + self.max_wait
-            while rows < self.max_batch:
+            while rows < self.max_batch and self.max_wait > 0:
                 item = await self._next(window_end - loop.time())
-                if item is None:
+                if item is None or not self._joins(batch, item, rows):
                     break
-                if item.signature != first.signature or rows + item.rows > self.max_batch:
-                    self._carry = item  # starts the next batch
-                    break
-                batch.append(item)
                 rows += item.rows
             await self._slots.take()
+            while rows < self.max_batch and self._carry is None and not self._queue.empty():
+                item = self._queue.get_nowait()  # queued while this batch waited for a worker: it comes along
+                if not self._joins(batch, item, rows):
+                    break
+                rows += item.rows
             self._collecting = []
             self._stats.gauge("queued", -len(batch))  # "queued" counts requests waiting for their run
             self._start(batch)
+
+    def _joins(self, batch: list[_Pending], item: _Pending, rows: int) -> bool:
+        """Append `item` to `batch` if it fits (same signature, rows within max_batch), else carry it over."""
+        if item.signature != batch[0].signature or rows + item.rows > self.max_batch:
+            self._carry = item  # starts the next batch
+            return False
+        batch.append(item)
+        return True
 
     def _start(self, batch: list[_Pending]) -> None:
         """Run `batch` on a worker; the caller holds a worker slot, which the run gives back."""

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=DEFAULTS.port, help="port; 0 lets the OS pick (default %(default)s)")
     serve.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, help="rows per tail run (default %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=DEFAULTS.max_wait_ms,
-                       help="how long a batch waits to fill (default %(default)s)")
+                       help="how long a batch's first request waits for company before it asks for a worker; "
+                            "0 is continuous batching: a free worker takes whatever is queued (default %(default)s)")
     serve.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                        help="requests waiting per model and cut before RESOURCE_EXHAUSTED (default %(default)s)")
     serve.add_argument("--workers", type=int, default=DEFAULTS.workers, help="parallel tail runs (default %(default)s)")

@@ -25,7 +25,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: the OS picks; the server reports the port it got
     max_batch: int = 16  # rows (sum of request batch dims) per tail run
-    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_wait_ms: float = 0.0  # > 0: the first request of a batch waits this long for company (0: continuous)
     max_queue: int = 256  # requests waiting per (model, cut); beyond: RESOURCE_EXHAUSTED
     workers: int = max(1, min(4, os.cpu_count() or 1))  # tail runs in parallel (thread pool size)
     intra_op_threads: int = 1  # onnxruntime threads per run; workers * this should not exceed the cores

@@ -179,3 +179,33 @@ def test_without_a_window_a_request_goes_straight_to_a_free_worker() -> None:
         assert [float(r.outputs["y"][0, 0]) for r in results] == [2.0, 4.0, 6.0]
 
     _run(body, max_batch=1, max_wait_ms=2)
+
+
+def test_requests_queued_while_the_workers_are_busy_form_the_next_batch() -> None:
+    async def body(b, tail, stats):
+        tail.gate.clear()
+        busy = [b.submit(_x(1.0), 1), b.submit(_x(2.0), 1)]  # both workers taken, straight from submit
+        waiting = [b.submit(_x(3.0), 1)]
+        await asyncio.sleep(0.05)  # the batching loop has it and waits for a worker
+        waiting += [b.submit(_x(float(v)), 1) for v in range(4, 8)]  # these join it: no worker is free yet
+        await asyncio.sleep(0.05)
+        assert stats.snapshot()["queued"] == 5 and tail.rows == []
+        tail.gate.set()
+        results = await asyncio.gather(*busy, *waiting)
+        assert sorted(tail.rows) == [1, 1, 5]  # the five waited together and ran as one batch
+        assert [float(r.outputs["y"][0, 0]) for r in results] == [2.0 * v for v in range(1, 8)]
+        assert [r.batch_size for r in results[2:]] == [5] * 5
+
+    _run(body, max_batch=16)
+
+
+def test_a_batch_waiting_for_a_worker_takes_at_most_max_batch_rows() -> None:
+    async def body(b, tail, stats):
+        tail.gate.clear()
+        futs = [b.submit(_x(float(v)), 1) for v in range(1, 10)]  # 2 start at once, 7 queue behind
+        await asyncio.sleep(0.05)
+        tail.gate.set()
+        await asyncio.gather(*futs)
+        assert sorted(tail.rows) == [1, 1, 3, 4]  # the seven behind: a full batch of 4, then the other 3
+
+    _run(body, max_batch=4)
