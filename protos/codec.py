@@ -171,6 +171,9 @@ def encode_all(arrays: Mapping[str, np.ndarray], codec: str | Codec = "fp32") ->
 # -- validation ----------------------------------------------------------------------------------
 
 
+_COMPRESSIONS = frozenset(pb.Compression.values())
+
+
 def _dtype_name(code: int) -> str:
     return pb.DType.Name(code) if code in pb.DType.values() else str(code)
 
@@ -189,7 +192,7 @@ def validate(t: pb.Tensor, *, max_bytes: int, expected: TensorSpec | None = None
     where = f"tensor {t.name!r}"
     if t.dtype not in _NP_DTYPES:
         raise TensorError(f"{where}: dtype {_dtype_name(t.dtype)} is not one of {sorted(pb.DType.keys())[1:]}")
-    if t.compression not in pb.Compression.values():
+    if t.compression not in _COMPRESSIONS:
         raise TensorError(f"{where}: compression {t.compression} is not one of {list(pb.Compression.keys())}")
     shape = list(t.shape)
     if len(shape) > MAX_RANK:
@@ -238,8 +241,13 @@ def _validate_quantization(t: pb.Tensor, shape: list[int], logical: int) -> None
             f"{where}: quantization along axis {q.axis} needs {want} scales and zero points, "
             f"got {len(q.scale)} and {len(q.zero_point)}"
         )
-    scales = np.asarray(q.scale, np.float32)
-    if not (np.isfinite(scales).all() and (scales > 0).all()):
+    if want == 1:  # per tensor, the common case: no array for one number
+        s = float(np.float32(q.scale[0]))
+        finite_positive = math.isfinite(s) and s > 0
+    else:
+        scales = np.asarray(q.scale, np.float32)
+        finite_positive = bool(np.isfinite(scales).all() and (scales > 0).all())
+    if not finite_positive:
         raise TensorError(f"{where}: quantization scales must be finite and > 0")
     lo, hi = _QUANT_RANGE[t.dtype]
     if any(z < lo or z > hi for z in q.zero_point):
@@ -309,15 +317,15 @@ def decode(
     arr = np.frombuffer(raw, dtype=_NP_DTYPES[t.dtype]).reshape(tuple(t.shape))  # zero-copy view
     if t.HasField("quantization"):
         q = t.quantization
-        scale = np.asarray(q.scale, np.float32)
-        zero = np.asarray(q.zero_point, np.float32)
-        if q.axis >= 0:
-            bshape = [1] * arr.ndim
-            bshape[q.axis] = -1
-            scale, zero = scale.reshape(bshape), zero.reshape(bshape)
         out = arr.astype(np.float32)
-        out -= zero
-        out *= scale
+        if q.axis < 0:  # per tensor: scalars (float32, as the per-channel arrays are)
+            out -= np.float32(q.zero_point[0])
+            out *= np.float32(q.scale[0])
+            return out
+        bshape = [1] * arr.ndim
+        bshape[q.axis] = -1
+        out -= np.asarray(q.zero_point, np.float32).reshape(bshape)
+        out *= np.asarray(q.scale, np.float32).reshape(bshape)
         return out
     if t.dtype == pb.FLOAT16:
         return arr.astype(np.float32)
