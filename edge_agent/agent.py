@@ -147,6 +147,7 @@ class EdgeAgent:
         self._deadlines: list[tuple[float, int, str]] = []
         self._deadline_seq = itertools.count()
         self._deadline_cv = threading.Condition(threading.Lock())
+        self._watch_until = 0.0  # perf_counter time the deadline watcher sleeps until (0: not asleep)
         self._retry = RetryPolicy(config.backoff)
         self._last_code: grpc.StatusCode | None = None  # status of the last failed probe, for the retry policy
         self._wake = threading.Event()
@@ -534,7 +535,7 @@ class EdgeAgent:
         due = req.t_sent + self.config.deadline_ms / 1000.0
         with self._deadline_cv:
             heapq.heappush(self._deadlines, (due, next(self._deadline_seq), req.id))
-            if self._deadlines[0][2] == req.id:
+            if due < self._watch_until:  # the watcher would sleep past it: wake it (else no thread wake-up)
                 self._deadline_cv.notify()
 
     def _watch_deadlines(self) -> None:
@@ -546,8 +547,10 @@ class EdgeAgent:
                 while self._deadlines and self._deadlines[0][0] <= now:
                     expired.append(heapq.heappop(self._deadlines)[2])
                 if not expired:
-                    wait = self._deadlines[0][0] - now if self._deadlines else 1.0
-                    self._deadline_cv.wait(min(wait, 1.0))
+                    wait = min(self._deadlines[0][0] - now if self._deadlines else 1.0, 1.0)
+                    self._watch_until = now + wait
+                    self._deadline_cv.wait(wait)
+                    self._watch_until = 0.0  # awake: a new deadline needs no wake-up call
                     continue
             for rid in expired:
                 req = self._claim(rid)  # None: it was answered in time
