@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 from models.extras import require
 from models.manifest import PLAN_SCHEMA
-from partitioning.planner import PLAN_TABLE_MBPS, Budgets, CostInputs, Link, Plan, plan_cuts
+from partitioning.planner import PLAN_TABLE_MBPS, Budgets, CostInputs, Link, Plan, apply_measured, plan_cuts, rank
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -24,6 +24,9 @@ LOCAL_ACTIVE_W = 15.0
 LOCAL_IDLE_W = 5.0
 DEFAULT_CALIBRATION_SAMPLES = 16
 DEFAULT_CHECK_SAMPLES = 32
+DEFAULT_REFINE = 3
+REFINE_ROUNDS = 5
+REFINE_BOUND = 3  # at most REFINE_BOUND * refine candidates are timed, however the choice moves
 
 
 class NoFeasiblePlanError(RuntimeError):
@@ -99,6 +102,41 @@ def _measure(onnx_path: Path, repeats: int, threads: int | None, progress: Progr
                               progress=lambda done, total: progress(f"  run {done}/{total}"))
 
 
+def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs, *, count: int, repeats: int,
+            edge_threads: int | None, cloud_threads: int | None, progress: Progress) -> tuple[Plan, dict[str, Any]]:
+    """Time the `count` best candidates' real heads and tails and choose again, until the chosen one is timed."""
+    from partitioning.refine import runs_per_round, time_cuts
+
+    runs = runs_per_round(repeats, REFINE_ROUNDS) * REFINE_ROUNDS
+    timed: list[str] = []
+    while len(timed) < REFINE_BOUND * count:
+        todo = [c for c in rank(plan.candidates, plan.budgets) if not c.measured]
+        todo = todo[: min(count, REFINE_BOUND * count - len(timed))]
+        if not todo:
+            break
+        again = " more" if timed else ""
+        progress(f"timing the {len(todo)}{again} best cuts as extracted head+tail ({', '.join(c.id for c in todo)}; "
+                 f"{runs} runs each in {REFINE_ROUNDS} interleaved rounds)")
+        times = time_cuts(proto, onnx_path, inputs, todo, edge_threads=edge_threads, cloud_threads=cloud_threads,
+                          repeats=repeats, rounds=REFINE_ROUNDS)
+        before = plan.chosen
+        plan = apply_measured(plan, graph, costs, times)
+        timed += [c.id for c in todo]
+        for c in todo:
+            got = plan.candidate(c.id)
+            progress(f"  {c.id}: predicted {got.predicted_edge_ms:.3f} + {got.predicted_cloud_ms:.3f} ms, "
+                     f"timed {got.edge_ms:.3f} + {got.cloud_ms:.3f} ms")
+        if plan.chosen != before:
+            progress(f"timing moved the choice from {before} to {plan.chosen}")
+        if plan.best.measured:
+            break
+    record = {"candidates": timed, "runs": runs, "rounds": REFINE_ROUNDS, "edge_threads": edge_threads,
+              "cloud_threads": cloud_threads, "chosen_timed": plan.best.measured}
+    if not plan.best.measured:
+        progress(f"the chosen cut {plan.chosen} was not timed: {len(timed)} cuts timed, the bound for --refine {count}")
+    return plan, record
+
+
 def _host(threads: int | None = None) -> dict[str, Any]:
     from partitioning.costs import host_facts
 
@@ -128,13 +166,20 @@ def profile(
     threads: int | None = None,
     cloud_threads: int | None = None,
     plan_table_mbps: tuple[float, ...] = PLAN_TABLE_MBPS,
+    refine: int = DEFAULT_REFINE,
     progress: Progress | None = None,
 ) -> ProfileResult:
-    """Load `model`, cost every cut for device/cloud/network, choose under the budgets, write the bundle to `out`."""
+    """Load `model`, cost every cut for device/cloud/network, choose under the budgets, write the bundle to `out`.
+
+    With device and cloud both "local", the `refine` best candidates are then timed as real head and tail
+    (more when the choice moves to one not yet timed) and the choice is made again with those times.
+    """
     from models.loaders import load_model
     from partitioning.graph import build_cut_graph
 
     onnx = require("onnx", "profile")
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0 (candidates to time; 0 disables), got {refine}")
     say: Progress = progress or (lambda msg: None)
     notes: list[str] = []
     budgets = Budgets(max_latency_ms, edge_memory_mb, max_energy_mj, objective)
@@ -170,7 +215,16 @@ def profile(
         )
         say(f"searching cuts over {len(graph.nodes)} nodes")
         plan = plan_cuts(graph, costs, link, budgets, plan_table_mbps)
+        if device != "local" or cloud != "local":
+            refined: dict[str, Any] = {"candidates": [], "reason": "edge and cloud are not both measured on this host"}
+        elif refine == 0:
+            refined = {"candidates": [], "reason": "refine 0"}
+        else:
+            plan, refined = _refine(plan, graph, costs, proto, loaded.onnx_path, loaded.inputs, count=refine,
+                                    repeats=repeats, edge_threads=threads,
+                                    cloud_threads=threads if cloud_threads is None else cloud_threads, progress=say)
         document = _document(loaded, onnx_sha, graph, plan, device_rec, cloud_rec, net, budgets, codec)
+        document["refined"] = refined
         result = ProfileResult(plan, document, None, tuple(notes))
         if not plan.feasible:
             raise NoFeasiblePlanError(plan.explain_infeasible(), result)

@@ -34,6 +34,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = _non_negative(text)
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(value)
+
+
 def _shape(text: str) -> tuple[int, ...]:
     from models.loaders import ModelLoadError, parse_input_shape
 
@@ -73,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="measured runs per node (median)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads when measuring the edge here")
     p.add_argument("--cloud-threads", type=int, help="with --cloud local: threads when measuring the cloud (default --threads)")
+    p.add_argument("--refine", type=_count, default=3, metavar="K",
+                   help="with --device local and --cloud local: time the K best cuts as real extracted head and "
+                        "tail (fp32, --repeats runs each) and choose again with those times, timing more while the "
+                        "choice moves to an untimed cut (at most 3K); 0 disables (default 3)")
     p.add_argument("--top", type=int, default=5, help="candidates shown besides the baselines")
     p.add_argument("--json", action="store_true", help="print plan.json to stdout instead of the table")
     p.add_argument("--plot", type=Path, help="write a stacked-bar PNG of latency per candidate")
@@ -118,16 +129,34 @@ def format_table(doc: dict[str, Any], top: int = 5) -> str:
         if c["id"] in ("edge-only", "cloud-only", doc["chosen"]):
             shown[c["id"]] = c
     rows = sorted(shown.values(), key=lambda c: (c[key], c["total_ms"]))
+    timed = any(c.get("measured") for c in rows)  # a column only when --refine timed some of these rows
     head = f"{'':1} {'cut':<11} {'tensors':<34} {'edge ms':>8} {'xfer KB':>8} {'xfer ms':>8} {'cloud ms':>8} {'total ms':>9} {'mem MB':>7} {'mJ':>7}  ok"
+    head += "   timed" if timed else ""
     lines = [head, "-" * len(head)]
     for c in rows:
         mark = "*" if c["id"] == doc["chosen"] else " "
         lines.append(
             f"{mark} {c['id']:<11} {_fmt_cut(c['cut']):<34} {c['edge_ms']:8.2f} {c['transfer_bytes'] / 1024:8.1f} "
             f"{c['transfer_ms']:8.2f} {c['cloud_ms']:8.2f} {c['total_ms']:9.2f} {c['edge_memory_bytes'] / 2**20:7.2f} "
-            f"{c['energy_mj']:7.1f}  {'yes' if c['feasible'] else 'NO'}"
+            f"{c['energy_mj']:7.1f}  {'yes' if c['feasible'] else 'NO':<3}"
+            + (f"  {'yes' if c.get('measured') else '':>5}" if timed else "")
         )
+    lines = [line.rstrip() for line in lines]
     return "\n".join(lines)
+
+
+def _refine_note(doc: dict[str, Any]) -> str:
+    """Which rows' edge and cloud ms were timed as a real head and tail, and which are the per-node model."""
+    refined = doc.get("refined") or {}
+    ids = refined.get("candidates") or []
+    if not ids:
+        reason = refined.get("reason")
+        return f"compute: per-node model for every cut (not timed: {reason})" if reason else ""
+    text = (f"compute: timed as extracted fp32 head + tail for {', '.join(ids)} (timed = yes, median of "
+            f"{refined.get('runs')} runs); per-node model for the other cuts")
+    if not refined.get("chosen_timed", True):
+        text += f"; the chosen cut {doc['chosen']} was not timed (the --refine bound was reached)"
+    return text
 
 
 def _summary(doc: dict[str, Any], bundle: Path | None) -> str:
@@ -142,6 +171,7 @@ def _summary(doc: dict[str, Any], bundle: Path | None) -> str:
         format_table(doc),
         "",
         f"chosen: {doc['chosen']}  (* above)",
+        *filter(None, [_refine_note(doc)]),
         "plan table (uplink Mbps -> cut): "
         + ", ".join(f"{r['uplink_mbps']:g}->{r['cut']}" for r in doc["plan_table"]),
     ]
@@ -233,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_energy_mj=args.max_energy_mj, objective=args.objective, codec=args.codec, out=args.out,
                 calibration=args.calibration, input_shape=args.input_shape, allow_pickle=args.allow_pickle,
                 save_device_profile=args.save_device_profile, repeats=args.repeats, threads=args.threads,
-                cloud_threads=args.cloud_threads,
+                cloud_threads=args.cloud_threads, refine=args.refine,
                 progress=progress,
             )
         for note in result.warnings:

@@ -12,6 +12,12 @@ edge -> cloud) and C = crossing tensors (made on the edge or model inputs, read 
     energy_mj   = P_active * edge_ms + P_idle * (transfer_ms + cloud_ms) + e_tx * up_bytes
     memory      = weights of E (int8: fp32 bytes / 4) + peak live activations while the head runs
 
+Refinement (`apply_measured`): a candidate whose head and tail were extracted and timed (partitioning.refine)
+takes the timed values for edge_ms and cloud_ms in place of the two sums above; transfer and memory are
+unchanged, energy and total follow from the same formula, the budgets are checked again, and the plan is
+chosen again over all candidates (timed or not) and its plan table rebuilt. The sums are kept as the
+candidate's prediction, so the cost model can still be judged against independent measurements.
+
 Search (separate from this simulation): every prefix of the topological order, both baselines, and the
 exact minimum of each additive objective (latency, energy, bytes, and latency + lambda * energy mixtures)
 over ALL closed edge sets, found as a minimum s-t cut (DADS): node v -> sink costs e(v) (v on edge),
@@ -103,6 +109,9 @@ class Candidate:
     energy_mj: float
     feasible: bool = True
     violations: tuple[str, ...] = ()
+    measured: bool = False  # edge_ms / cloud_ms are the timed head and tail, not the per-node sums
+    predicted_edge_ms: float | None = None  # when measured: what the formula predicted
+    predicted_cloud_ms: float | None = None
 
     def objective_value(self, objective: str) -> float:
         """The value the planner minimises."""
@@ -110,7 +119,7 @@ class Candidate:
 
     def to_json(self) -> dict:
         """The plan.json form."""
-        return {
+        doc = {
             "id": self.id,
             "cut": list(self.cut),
             "edge_nodes": len(self.edge_nodes),
@@ -123,7 +132,12 @@ class Candidate:
             "energy_mj": round(self.energy_mj, 4),
             "feasible": self.feasible,
             "violations": list(self.violations),
+            "measured": self.measured,
         }
+        if self.measured:
+            doc["predicted"] = {"edge_ms": round(self.predicted_edge_ms or 0.0, 4),
+                                "cloud_ms": round(self.predicted_cloud_ms or 0.0, 4)}
+        return doc
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,11 @@ class Plan:
             if cand.id == cut_id:
                 return cand
         raise KeyError(f"no candidate {cut_id!r}")
+
+    @property
+    def measured(self) -> tuple[str, ...]:
+        """Ids of the candidates whose compute was timed rather than predicted."""
+        return tuple(c.id for c in self.candidates if c.measured)
 
     @property
     def best(self) -> Candidate:
@@ -204,9 +223,18 @@ def peak_activation_bytes(graph: CutGraph, edge_nodes: frozenset[str], cut: tupl
 
 
 def evaluate_cut(
-    graph: CutGraph, edge_nodes: frozenset[str], costs: CostInputs, link: Link, budgets: Budgets, cut_id: str
+    graph: CutGraph,
+    edge_nodes: frozenset[str],
+    costs: CostInputs,
+    link: Link,
+    budgets: Budgets,
+    cut_id: str,
+    measured: tuple[float, float] | None = None,
 ) -> Candidate:
-    """Simulate one cut with the formula in the module docstring and check it against the budgets."""
+    """Simulate one cut with the formula in the module docstring and check it against the budgets.
+
+    `measured` (edge_ms, cloud_ms), when given, replaces the two per-node sums (a timed head and tail).
+    """
     all_edge = len(edge_nodes) == len(graph.nodes)
     cut = graph.cut_tensors(edge_nodes)
     edge_ms = costs.edge_overhead_ms + sum(costs.edge_ms.get(v, 0.0) for v in edge_nodes) if edge_nodes else 0.0
@@ -216,12 +244,17 @@ def evaluate_cut(
         up = _upload_bytes(graph, cut, costs.codec)
         t_ms = transfer_ms(up, _download_bytes(graph), link)
         cloud_ms = costs.cloud_overhead_ms + sum(costs.cloud_ms.get(v, 0.0) for v in graph.nodes if v not in edge_nodes)
+    predicted = {}
+    if measured is not None:
+        predicted = {"measured": True, "predicted_edge_ms": edge_ms, "predicted_cloud_ms": cloud_ms}
+        edge_ms, cloud_ms = (float(ms) for ms in measured)
     weights = sum(graph.node_weight_bytes[v] for v in edge_nodes)
     if costs.head_precision == "int8":
         weights //= 4
     memory = weights + peak_activation_bytes(graph, edge_nodes, cut) if edge_nodes else 0
     energy = costs.edge_active_w * edge_ms + costs.edge_idle_w * (t_ms + cloud_ms) + link.tx_nj_per_byte * up * 1e-6
-    cand = Candidate(cut_id, cut, edge_nodes, edge_ms, up, t_ms, cloud_ms, edge_ms + t_ms + cloud_ms, memory, energy)
+    cand = Candidate(cut_id, cut, edge_nodes, edge_ms, up, t_ms, cloud_ms, edge_ms + t_ms + cloud_ms, memory, energy,
+                     **predicted)
     return replace(cand, **_check_budgets(cand, budgets))
 
 
@@ -334,14 +367,48 @@ def _candidate_id(graph: CutGraph, edge_nodes: frozenset[str], taken: set[str]) 
     return cid
 
 
+def rank(candidates: Iterable[Candidate], budgets: Budgets) -> list[Candidate]:
+    """Best first: feasible ones by the objective (ties: lower latency, fewer bytes), then the rest by closeness."""
+    key = lambda c: (c.objective_value(budgets.objective), c.total_ms, c.transfer_bytes, c.id)  # noqa: E731
+    cands = list(candidates)
+    feasible = sorted((c for c in cands if c.feasible), key=key)
+    return feasible + sorted((c for c in cands if not c.feasible), key=lambda c: (_overshoot(c, budgets),) + key(c))
+
+
 def choose(candidates: Iterable[Candidate], budgets: Budgets) -> tuple[Candidate, bool]:
     """The best feasible candidate by the objective (ties: lower latency, fewer bytes), else the closest."""
-    cands = list(candidates)
-    key = lambda c: (c.objective_value(budgets.objective), c.total_ms, c.transfer_bytes, c.id)  # noqa: E731
-    feasible = [c for c in cands if c.feasible]
-    if feasible:
-        return min(feasible, key=key), True
-    return min(cands, key=lambda c: (_overshoot(c, budgets),) + key(c)), False
+    best = rank(candidates, budgets)[0]
+    return best, best.feasible
+
+
+def _evaluate_all(
+    graph: CutGraph,
+    edge_sets: Mapping[str, frozenset[str]],
+    costs: CostInputs,
+    link: Link,
+    budgets: Budgets,
+    measured: Mapping[str, tuple[float, float]],
+) -> tuple[Candidate, ...]:
+    return tuple(evaluate_cut(graph, s, costs, link, budgets, cid, measured.get(cid)) for cid, s in edge_sets.items())
+
+
+def _decide(
+    graph: CutGraph,
+    edge_sets: Mapping[str, frozenset[str]],
+    costs: CostInputs,
+    link: Link,
+    budgets: Budgets,
+    table_mbps: Iterable[float],
+    measured: Mapping[str, tuple[float, float]],
+) -> Plan:
+    """Simulate the edge sets (id -> nodes), choose under the budgets, and tabulate the best cut per uplink."""
+    candidates = _evaluate_all(graph, edge_sets, costs, link, budgets, measured)
+    best, feasible = choose(candidates, budgets)
+    table = []
+    for m in table_mbps:
+        at_rate = _evaluate_all(graph, edge_sets, costs, replace(link, uplink_mbps=m), budgets, measured)
+        table.append((m, choose(at_rate, budgets)[0].id))
+    return Plan(candidates, best.id, link, budgets, feasible, tuple(table))
 
 
 def plan_cuts(
@@ -353,14 +420,26 @@ def plan_cuts(
 ) -> Plan:
     """Search the cuts, simulate each, choose under the budgets, and tabulate the best cut per uplink."""
     table_mbps = tuple(sorted(set(table_mbps)))
-    table_links = [replace(link, uplink_mbps=m) for m in table_mbps]
-    edge_sets = search_edge_sets(graph, costs, [link, *table_links])
+    edge_sets = search_edge_sets(graph, costs, [link, *(replace(link, uplink_mbps=m) for m in table_mbps)])
     taken: set[str] = set()
-    ids = {s: _candidate_id(graph, s, taken) for s in sorted(edge_sets, key=lambda s: (len(s), sorted(s)))}
-    candidates = tuple(evaluate_cut(graph, s, costs, link, budgets, ids[s]) for s in ids)
-    best, feasible = choose(candidates, budgets)
-    table = []
-    for m, tl in zip(table_mbps, table_links):
-        at_rate = [evaluate_cut(graph, c.edge_nodes, costs, tl, budgets, c.id) for c in candidates]
-        table.append((m, choose(at_rate, budgets)[0].id))
-    return Plan(candidates, best.id, link, budgets, feasible, tuple(table))
+    ids = {_candidate_id(graph, s, taken): s for s in sorted(edge_sets, key=lambda s: (len(s), sorted(s)))}
+    return _decide(graph, ids, costs, link, budgets, table_mbps, {})
+
+
+def apply_measured(
+    plan: Plan, graph: CutGraph, costs: CostInputs, measured: Mapping[str, tuple[float, float]]
+) -> Plan:
+    """`plan` with timed (edge_ms, cloud_ms) for the candidates in `measured`, chosen and tabulated again.
+
+    Candidates already timed in `plan` keep their timings unless `measured` gives new ones; the prediction
+    recorded on each timed candidate is always the formula's, from `costs`. Link, budgets and plan-table
+    rates are the plan's.
+    """
+    known = {c.id for c in plan.candidates}
+    unknown = sorted(set(measured) - known)
+    if unknown:
+        raise KeyError(f"measured timings for {unknown}, which are not candidates of this plan ({sorted(known)})")
+    timings = {c.id: (c.edge_ms, c.cloud_ms) for c in plan.candidates if c.measured}
+    timings.update(measured)
+    edge_sets = {c.id: c.edge_nodes for c in plan.candidates}
+    return _decide(graph, edge_sets, costs, plan.link, plan.budgets, [m for m, _ in plan.plan_table], timings)

@@ -14,6 +14,7 @@ from partitioning.planner import (
     Budgets,
     CostInputs,
     Link,
+    apply_measured,
     evaluate_cut,
     plan_cuts,
 )
@@ -163,3 +164,80 @@ def test_bad_inputs_are_refused():
         Link(uplink_mbps=0, downlink_mbps=1, rtt_ms=1)
     with pytest.raises(ValueError, match="codec"):
         CostInputs(edge_ms={}, cloud_ms={}, codec="jpeg")
+
+
+# A near-tie: edge-only takes 4.0 ms, cloud-only 3.0 ms of compute plus ~1.01 ms of link; every middle cut is
+# slower than both. A few percent of error in either prediction decides the choice.
+NEAR_TIE = {"n1": ["x"], "n2": ["n1"], "n3": ["n2"], "n4": ["n3"]}
+NEAR_TIE_SIZES = {"x": 1_000, "n1": 1_000, "n2": 1_000, "n3": 1_000, "n4": 10}
+
+
+def near_tie(budgets: Budgets = Budgets(), table_mbps=(0.001, 1000.0)):
+    graph = make_graph(NEAR_TIE, NEAR_TIE_SIZES, ["n4"])
+    costs = CostInputs(edge_ms={v: 1.0 for v in NEAR_TIE}, cloud_ms={v: 0.75 for v in NEAR_TIE},
+                       edge_active_w=5.0, edge_idle_w=1.0)
+    link = Link(uplink_mbps=1000, downlink_mbps=1000, rtt_ms=1.0, tx_nj_per_byte=100.0)
+    return graph, costs, link, plan_cuts(graph, costs, link, budgets, table_mbps)
+
+
+def test_timed_compute_flips_a_near_tie_and_keeps_the_prediction():
+    graph, costs, link, plan = near_tie()
+    assert plan.chosen == EDGE_ONLY and not plan.measured
+    cloud_only = plan.candidate(CLOUD_ONLY)
+    assert cloud_only.total_ms - plan.best.total_ms < 0.05  # within ~1%: a near-tie
+
+    refined = apply_measured(plan, graph, costs, {EDGE_ONLY: (4.3, 0.0), CLOUD_ONLY: (0.0, 2.9)})
+    assert refined.chosen == CLOUD_ONLY and refined.feasible
+    assert set(refined.measured) == {EDGE_ONLY, CLOUD_ONLY}
+    timed = refined.candidate(CLOUD_ONLY)
+    assert (timed.edge_ms, timed.cloud_ms) == (0.0, 2.9)
+    assert (timed.predicted_edge_ms, timed.predicted_cloud_ms) == (0.0, pytest.approx(3.0))
+    # transfer and memory unchanged; total and energy follow the formula with the timed compute
+    assert timed.transfer_bytes == cloud_only.transfer_bytes and timed.transfer_ms == cloud_only.transfer_ms
+    assert timed.edge_memory_bytes == cloud_only.edge_memory_bytes
+    assert timed.total_ms == pytest.approx(timed.transfer_ms + 2.9)
+    assert timed.energy_mj == pytest.approx(1.0 * (timed.transfer_ms + 2.9) + 100.0 * timed.transfer_bytes * 1e-6)
+    edge_only = refined.candidate(EDGE_ONLY)
+    assert edge_only.total_ms == pytest.approx(4.3) and edge_only.energy_mj == pytest.approx(5.0 * 4.3)
+    assert edge_only.predicted_edge_ms == pytest.approx(4.0)
+    # the untimed candidates are as the formula made them
+    for cand in plan.candidates:
+        if cand.id not in (EDGE_ONLY, CLOUD_ONLY):
+            assert refined.candidate(cand.id) == cand and not cand.measured
+    doc = timed.to_json()
+    assert doc["measured"] is True and doc["predicted"] == {"edge_ms": 0.0, "cloud_ms": 3.0}
+    assert doc["cloud_ms"] == 2.9
+    assert plan.candidate("c002").to_json()["measured"] is False and "predicted" not in plan.candidate("c002").to_json()
+
+
+def test_timings_accumulate_and_unknown_ids_are_refused():
+    graph, costs, _, plan = near_tie()
+    once = apply_measured(plan, graph, costs, {EDGE_ONLY: (4.3, 0.0)})
+    twice = apply_measured(once, graph, costs, {"c002": (2.5, 1.0)})
+    assert set(twice.measured) == {EDGE_ONLY, "c002"}
+    kept = twice.candidate(EDGE_ONLY)
+    assert kept.edge_ms == 4.3 and kept.predicted_edge_ms == pytest.approx(4.0)
+    again = apply_measured(twice, graph, costs, {EDGE_ONLY: (3.9, 0.0)})  # a new timing replaces the old one
+    replaced = again.candidate(EDGE_ONLY)
+    assert replaced.edge_ms == 3.9 and replaced.predicted_edge_ms == pytest.approx(4.0)
+    with pytest.raises(KeyError, match="c999"):
+        apply_measured(plan, graph, costs, {"c999": (1.0, 1.0)})
+
+
+def test_timed_compute_is_checked_against_the_budgets_again():
+    graph, costs, _, plan = near_tie(Budgets(max_latency_ms=4.2))
+    assert plan.chosen == EDGE_ONLY and plan.best.feasible
+    refined = apply_measured(plan, graph, costs, {EDGE_ONLY: (4.3, 0.0)})
+    slow = refined.candidate(EDGE_ONLY)
+    assert not slow.feasible and "latency 4.3 ms > budget 4.2 ms" in slow.violations[0]
+    assert refined.feasible and refined.chosen == CLOUD_ONLY  # the next best by prediction, still feasible
+    # and the other way: a cut infeasible by prediction becomes feasible when timed faster
+    tight = apply_measured(near_tie(Budgets(max_latency_ms=3.5))[3], graph, costs, {CLOUD_ONLY: (0.0, 2.0)})
+    assert tight.feasible and tight.chosen == CLOUD_ONLY and tight.best.violations == ()
+
+
+def test_plan_table_is_rebuilt_with_the_timed_compute():
+    graph, costs, _, plan = near_tie()
+    assert dict(plan.plan_table) == {0.001: EDGE_ONLY, 1000.0: EDGE_ONLY}
+    refined = apply_measured(plan, graph, costs, {CLOUD_ONLY: (0.0, 2.9)})
+    assert dict(refined.plan_table) == {0.001: EDGE_ONLY, 1000.0: CLOUD_ONLY}

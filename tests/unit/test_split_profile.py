@@ -155,7 +155,7 @@ def test_bad_inputs_get_one_clear_line(make_args, fragment, tmp_path, capsys):
 
 def test_bad_argument_values_are_usage_errors(capsys):
     for argv in (["tiny_cnn", "--uplink-mbps", "-3"], ["tiny_cnn", "--input-shape", "1xbanana"],
-                 ["tiny_cnn", "--objective", "speed"]):
+                 ["tiny_cnn", "--objective", "speed"], ["tiny_cnn", "--refine", "-1"], ["tiny_cnn", "--refine", "two"]):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2
