@@ -104,7 +104,12 @@ def _measure(onnx_path: Path, repeats: int, threads: int | None, progress: Progr
 
 def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs, *, count: int, repeats: int,
             edge_threads: int | None, cloud_threads: int | None, progress: Progress) -> tuple[Plan, dict[str, Any]]:
-    """Time the `count` best candidates' real heads and tails and choose again, until the chosen one is timed."""
+    """Time the `count` best candidates' real heads and tails and choose again, until the chosen one is timed.
+
+    The first round also times both baselines: each is one session of the full model, cheap to time, and the
+    usual rival of a near-tie (a baseline predicted a little worse than the best cut is often measured better).
+    """
+    from partitioning.planner import CLOUD_ONLY, EDGE_ONLY
     from partitioning.refine import runs_per_round, time_cuts
 
     runs = runs_per_round(repeats, REFINE_ROUNDS) * REFINE_ROUNDS
@@ -112,6 +117,8 @@ def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs
     while len(timed) < REFINE_BOUND * count:
         todo = [c for c in rank(plan.candidates, plan.budgets) if not c.measured]
         todo = todo[: min(count, REFINE_BOUND * count - len(timed))]
+        if not timed:
+            todo += [c for c in plan.candidates if c.id in (EDGE_ONLY, CLOUD_ONLY) and c not in todo]
         if not todo:
             break
         again = " more" if timed else ""

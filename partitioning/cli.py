@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud-threads", type=int, help="with --cloud local: threads when measuring the cloud (default --threads)")
     p.add_argument("--refine", type=_count, default=3, metavar="K",
                    help="with --device local and --cloud local: time the K best cuts as real extracted head and "
-                        "tail (fp32, --repeats runs each) and choose again with those times, timing more while the "
-                        "choice moves to an untimed cut (at most 3K); 0 disables (default 3)")
+                        "tail (fp32, --repeats runs each), and both baselines, then choose again with those times, "
+                        "timing more while the choice moves to an untimed cut (at most 3K); 0 disables (default 3)")
     p.add_argument("--top", type=int, default=5, help="candidates shown besides the baselines")
     p.add_argument("--json", action="store_true", help="print plan.json to stdout instead of the table")
     p.add_argument("--plot", type=Path, help="write a stacked-bar PNG of latency per candidate")
