@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import random
 import threading
 import time
@@ -24,7 +25,8 @@ from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
 from tests.mosquitto import Mosquitto
 
 HOSTILE = "<img src=x onerror=alert(1)>"
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+# The page's picture goes to the test's temp dir; SPLITINFER_SCREENSHOT=docs/dashboard.png refreshes the docs' copy.
+SCREENSHOT_ENV = "SPLITINFER_SCREENSHOT"
 PROFILES = {"cam-1": (2.0, 1.0, 6.0, 0.5, 3.0), "cam-2": (4.0, 0.6, 14.0, 1.5, 3.5)}
 
 
@@ -102,12 +104,12 @@ def test_dashboard_in_headless_chromium(live_fleet: tuple[Dashboard, list[AgentC
     browser = Chromium(tmp_path / "profile")
     try:
         with Feeder(agents):
-            asyncio.run(drive(browser, dash.url))
+            asyncio.run(drive(browser, dash.url, Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "dashboard.png")))
     finally:
         browser.close()
 
 
-async def drive(browser: Chromium, url: str) -> None:
+async def drive(browser: Chromium, url: str, screenshot: Path) -> None:
     async with aiohttp.ClientSession() as session:
         ws = await session.ws_connect(browser.page_ws_url(), max_msg_size=64 * 1024 * 1024,
                                       timeout=aiohttp.ClientWSTimeout(ws_close=5))
@@ -153,8 +155,8 @@ async def drive(browser: Chromium, url: str) -> None:
                                 "a few seconds of chart", timeout_s=30)
 
             shot = await page.send("Page.captureScreenshot", format="png")
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            screenshot.write_bytes(base64.b64decode(shot["data"]))
 
             dialogs = [e for e in page.events if e["method"] == "Page.javascriptDialogOpening"]
             assert dialogs == []
