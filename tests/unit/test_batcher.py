@@ -47,6 +47,15 @@ def _run(coro_fn, **kw):
     return asyncio.run(main())
 
 
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    """Yield to the event loop until `condition()` holds; fail after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
 def _x(value: float, rows: int = 1) -> dict[str, np.ndarray]:
     return {"x": np.full((rows, 3), value, np.float32)}
 
@@ -186,9 +195,8 @@ def test_requests_queued_while_the_workers_are_busy_form_the_next_batch() -> Non
         tail.gate.clear()
         busy = [b.submit(_x(1.0), 1), b.submit(_x(2.0), 1)]  # both workers taken, straight from submit
         waiting = [b.submit(_x(3.0), 1)]
-        await asyncio.sleep(0.05)  # the batching loop has it and waits for a worker
+        await _until(lambda: b._queue.empty() and len(b._collecting) == 1)  # the loop has it, waits for a worker
         waiting += [b.submit(_x(float(v)), 1) for v in range(4, 8)]  # these join it: no worker is free yet
-        await asyncio.sleep(0.05)
         assert stats.snapshot()["queued"] == 5 and tail.rows == []
         tail.gate.set()
         results = await asyncio.gather(*busy, *waiting)
@@ -203,7 +211,6 @@ def test_a_batch_waiting_for_a_worker_takes_at_most_max_batch_rows() -> None:
     async def body(b, tail, stats):
         tail.gate.clear()
         futs = [b.submit(_x(float(v)), 1) for v in range(1, 10)]  # 2 start at once, 7 queue behind
-        await asyncio.sleep(0.05)
         tail.gate.set()
         await asyncio.gather(*futs)
         assert sorted(tail.rows) == [1, 1, 3, 4]  # the seven behind: a full batch of 4, then the other 3
