@@ -1,7 +1,8 @@
 """Embedded MQTT broker (amqtt) for zero-setup deployments and tests.
 
 amqtt binds 0.0.0.0 and allows anonymous clients by default, so it is bound to 127.0.0.1 here unless the
-caller asks otherwise. It is 2-3x slower than Mosquitto and MQTT 3.1.1 only: use Mosquitto in production.
+caller asks otherwise. Clients are not authenticated; a client with clean_session=False keeps its session and
+its QoS 1 messages while it is away (cloud_tier.amqtt_auth). It is 2-3x slower than Mosquitto and MQTT 3.1.1 only: use Mosquitto in production.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class EmbeddedBroker:
     def _config(self, port: int) -> dict[str, Any]:
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{port}"}},
-            # Only anonymous auth: no $SYS publisher and no per-packet logging (both cost throughput).
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            # Only our auth plugin (anyone in; persistent sessions kept, see cloud_tier.amqtt_auth): no $SYS
+            # publisher and no per-packet logging (both cost throughput).
+            "plugins": {"cloud_tier.amqtt_auth.AcceptAllAuthPlugin": {}},
         }
 
     def start(self) -> int:

@@ -3,19 +3,22 @@ and sends commands.
 
 Messages are validated (device id from the topic, payload against protos.mqtt) in the network thread and
 handed through a bounded queue to one writer thread that stores them in batches. A bad payload is
-counted and logged with its reason; it never stops the controller.
+counted and logged with its reason; it never stops the controller. The MQTT session is persistent, under a
+client id kept in the fleet store, so telemetry and acks sent while the controller is down reach it when it
+comes back (within the broker's per-client queue: Mosquitto's max_queued_messages, 1000 by default).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any
+from typing import IO, Any
 
 from models.extras import require
 from protos.mqtt import (
@@ -52,6 +55,21 @@ def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
         log.debug("TCP_NODELAY not set on %r: %s", sock, exc)
 
 
+def _claim(store: FleetStore) -> IO[bytes] | None:
+    """An exclusive lock on `<store>.controller.lock` (held while the file stays open); None if already held."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, every controller on the store shares its session
+        return open(os.devnull, "rb")
+    f = open(f"{store.path}.controller.lock", "ab")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
 class FleetController:
     """Subscribes to the fleet's state/telemetry/ack topics, stores them, and publishes commands."""
 
@@ -68,7 +86,7 @@ class FleetController:
         reconnect_max_s: int = 30,
         client_id: str | None = None,
     ) -> None:
-        """Configure (nothing is connected until start())."""
+        """Configure (nothing is connected until start()); client_id defaults to the one kept in `store`."""
         mqtt = require("paho.mqtt.client", "edge")
         self.store = store
         self.host, self.port = broker_host, broker_port
@@ -86,10 +104,24 @@ class FleetController:
         self._connected = threading.Event()
         self._writer: threading.Thread | None = None
         self._closed = False
+        # A persistent session under an id kept in the store: while this controller is down (restart, crash,
+        # lost link) the broker queues the fleet's QoS 1 telemetry and acks for it, and a controller started
+        # again on the same store receives them. Retained states rebuild the device picture on every connect.
+        # Only one controller per store may hold that id (two would take the session from each other in
+        # turn): a second one gets a fresh id and a clean session.
+        self._lock_file = _claim(store) if client_id is None else None
+        persistent = client_id is not None or self._lock_file is not None
+        if client_id is None and self._lock_file is None:
+            log.warning("fleet controller: another controller already runs on the fleet store %s; this one uses "
+                        "a clean MQTT session (it stores every message the other stores too, and keeps nothing "
+                        "for itself while it is down)", store.path)
+        self.client_id = client_id or (
+            store.setting("controller_client_id", f"splitinfer-controller-{uuid.uuid4().hex[:12]}")
+            if persistent else f"splitinfer-controller-{uuid.uuid4().hex[:12]}")
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"splitinfer-controller-{uuid.uuid4().hex[:12]}",
-            clean_session=True,  # retained states rebuild the picture on every connect
+            client_id=self.client_id,
+            clean_session=not persistent,
             protocol=mqtt.MQTTv311,
         )
         self._client.reconnect_delay_set(min_delay=reconnect_min_s, max_delay=reconnect_max_s)
@@ -120,6 +152,9 @@ class FleetController:
         if self._closed:
             return
         self._closed = True
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the file drops the lock
+            self._lock_file = None
         self._client.disconnect()
         self._client.loop_stop()
         if self._writer is not None:

@@ -54,6 +54,10 @@ CREATE TABLE IF NOT EXISTS commands (
     sent_ts REAL NOT NULL,
     ack_ts REAL, ok INTEGER, message TEXT
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 _STAGE_COLS = ", ".join(STAGES)
@@ -125,6 +129,12 @@ class FleetStore:
             self._readers.clear()
 
     # --- writes ------------------------------------------------------------------------------------
+
+    def setting(self, key: str, default: str) -> str:
+        """The value stored under `key`; the first call stores `default` (the first writer wins)."""
+        with self._wlock:
+            self._writer.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, default))
+            return self._writer.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
 
     def upsert_state(self, device_id: str, state: DeviceState, received: float | None = None) -> None:
         """Record a device's latest state (status, mode, cut, bandwidth, model, label)."""

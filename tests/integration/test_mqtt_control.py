@@ -23,7 +23,7 @@ from cloud_tier.controller import FleetController
 from cloud_tier.dashboard import Dashboard
 from cloud_tier.fleet_store import FleetStore
 from edge_agent.mqtt_control import AgentControl
-from protos.mqtt import STATE, TELEMETRY, Ack, Command, TelemetryRecord, device_topic
+from protos.mqtt import STATE, TELEMETRY, Ack, Command, TelemetryBatch, TelemetryRecord, device_topic
 from tests import polling
 from tests.integration.conftest_mqtt import fleet, mosquitto  # noqa: F401  (fixtures)
 from tests.mosquitto import Mosquitto
@@ -169,6 +169,110 @@ def test_telemetry_equals_store_and_api(fleet: tuple[FleetStore, FleetController
             agent.close()
         dash.stop()
     assert ctl.bad_payloads == 0 and ctl.dropped_messages == 0
+
+
+def test_telemetry_sent_while_the_controller_is_down_is_stored_when_it_returns(
+    mosquitto: Mosquitto, tmp_path: Path  # noqa: F811
+) -> None:
+    _controller_outage(mosquitto.host, mosquitto.port, tmp_path)
+
+
+def test_controller_outage_with_the_embedded_amqtt_broker(tmp_path: Path) -> None:
+    broker = EmbeddedBroker("127.0.0.1", 0)
+    port = broker.start()
+    try:
+        _controller_outage("127.0.0.1", port, tmp_path)
+    finally:
+        broker.stop()
+
+
+def test_command_sent_while_offline_reaches_the_agent_through_the_embedded_amqtt_broker(tmp_path: Path) -> None:
+    broker = EmbeddedBroker("127.0.0.1", 0)
+    port = broker.start()
+    store = FleetStore(tmp_path / "fleet.sqlite")
+    got: list[Command] = []
+
+    def on_command(cmd: Command) -> Ack:
+        got.append(cmd)
+        return Ack(cmd.command_id, True, "applied")
+
+    try:
+        with FleetController(store, "127.0.0.1", port) as ctl:
+            AgentControl("away-1", "127.0.0.1", port, on_command=on_command).start().close()
+            wait_for(lambda: (d := store.device("away-1")) and d["status"] == "offline", "offline after close")
+            cmd = Command.switch_cut("c3")
+            ctl.send_command("away-1", cmd)
+            back = AgentControl("away-1", "127.0.0.1", port, on_command=on_command).start()
+            try:
+                assert ctl.wait_ack(cmd.command_id, DEADLINE_S) == Ack(cmd.command_id, True, "applied")
+            finally:
+                back.close()
+        assert [c.command_id for c in got] == [cmd.command_id]
+    finally:
+        store.close()
+        broker.stop()
+
+
+def _controller_outage(host: str, port: int, tmp_path: Path) -> None:
+    """Records sent while the store's controller is stopped reach the store once a controller runs on it again."""
+    store = FleetStore(tmp_path / "fleet.sqlite")
+    now = time.time()
+    recs = tuple(TelemetryRecord(f"outage-{i}", now + i * 0.01, 1.0, 0.5, 2.0, 0.1, 3.0, 6.6, "cloud", "c2")
+                 for i in range(12))
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    pub.connect(host, port, keepalive=10)
+    pub.loop_start()
+
+    def send(batch: tuple[TelemetryRecord, ...]) -> None:
+        info = pub.publish(device_topic("outage-1", TELEMETRY), TelemetryBatch(batch).to_json(), qos=1)
+        info.wait_for_publish(DEADLINE_S)  # PUBACK: the broker holds it
+        assert info.is_published()
+
+    try:
+        first = FleetController(store, host, port).start()
+        try:
+            send(recs[:5])
+            wait_for(lambda: store.record_count("outage-1") == 5, "5 records while the controller is up")
+        finally:
+            first.stop()
+        send(recs[5:])  # nobody subscribed now: the broker queues it for the controller's session
+        second = FleetController(store, host, port).start()
+        try:
+            assert second.client_id == first.client_id  # the session id lives in the store
+            wait_for(lambda: store.record_count("outage-1") == 12, "the 7 records sent during the outage")
+        finally:
+            second.stop()
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    stored = store._reader().execute("SELECT request_id FROM requests WHERE device_id = 'outage-1'").fetchall()
+    assert sorted(r for (r,) in stored) == sorted(r.request_id for r in recs)
+    other = FleetStore(tmp_path / "other.sqlite")  # another store: another controller, another session
+    try:
+        elsewhere = FleetController(other, host, port)
+        assert elsewhere.client_id != first.client_id
+        elsewhere.stop()
+    finally:
+        other.close()
+    store.close()
+
+
+def test_a_second_controller_on_one_store_gets_its_own_clean_session(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    store = FleetStore(tmp_path / "fleet.sqlite")
+    try:
+        first = FleetController(store, "127.0.0.1", 1)  # not started: the session id is settled at construction
+        with caplog.at_level("WARNING", logger="cloud_tier.controller"):
+            second = FleetController(store, "127.0.0.1", 1)
+        assert second.client_id != first.client_id
+        assert "another controller already runs on the fleet store" in caplog.text
+        second.stop()
+        first.stop()
+        third = FleetController(store, "127.0.0.1", 1)  # the first let go of the store: its session is free
+        assert third.client_id == first.client_id
+        third.stop()
+    finally:
+        store.close()
 
 
 def test_bad_payloads_are_counted_and_the_controller_keeps_going(
