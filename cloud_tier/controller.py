@@ -111,13 +111,16 @@ class FleetController:
         # turn): a second one gets a fresh id and a clean session.
         self._lock_file = _claim(store) if client_id is None else None
         persistent = client_id is not None or self._lock_file is not None
-        if client_id is None and self._lock_file is None:
+        fresh = f"splitinfer-controller-{uuid.uuid4().hex[:12]}"
+        if client_id is not None:
+            self.client_id = client_id
+        elif persistent:
+            self.client_id = store.setting("controller_client_id", fresh)
+        else:
+            self.client_id = fresh
             log.warning("fleet controller: another controller already runs on the fleet store %s; this one uses "
                         "a clean MQTT session (it stores every message the other stores too, and keeps nothing "
                         "for itself while it is down)", store.path)
-        self.client_id = client_id or (
-            store.setting("controller_client_id", f"splitinfer-controller-{uuid.uuid4().hex[:12]}")
-            if persistent else f"splitinfer-controller-{uuid.uuid4().hex[:12]}")
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,

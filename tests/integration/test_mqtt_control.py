@@ -261,14 +261,14 @@ def test_a_second_controller_on_one_store_gets_its_own_clean_session(tmp_path: P
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     store = FleetStore(tmp_path / "fleet.sqlite")
     try:
-        first = FleetController(store, "127.0.0.1", 1)  # not started: the session id is settled at construction
+        first = FleetController(store, "127.0.0.1", 0)  # never started: the session id is settled at construction
         with caplog.at_level("WARNING", logger="cloud_tier.controller"):
-            second = FleetController(store, "127.0.0.1", 1)
+            second = FleetController(store, "127.0.0.1", 0)
         assert second.client_id != first.client_id
         assert "another controller already runs on the fleet store" in caplog.text
         second.stop()
         first.stop()
-        third = FleetController(store, "127.0.0.1", 1)  # the first let go of the store: its session is free
+        third = FleetController(store, "127.0.0.1", 0)  # the first let go of the store: its session is free
         assert third.client_id == first.client_id
         third.stop()
     finally:
