@@ -65,9 +65,10 @@ def measure_model(name: str, repeats: int, network: str, max_cuts: int, edge_thr
 
     Profiles and timings take turns (P1 T1 P2 T2 ...), so a stretch of a faster or slower host reaches the
     predictions and the measurements alike. Timed in every round: a spread over the order and the first round's
-    best-predicted candidates and near-ties (where the choice falls); a later round's choice outside them is timed from then on. Each candidate's prediction and measurement are the medians over
-    the rounds; MAPE is computed on those (and, for the spread, on each round alone). Each round's chosen cut is
-    judged against the pooled measurements: regret is reported as the median and the worst over the rounds.
+    best-predicted candidates and near-ties (where the choice falls); a later round's choice outside them is
+    timed from then on. Each candidate's prediction and measurement are the medians over the rounds; MAPE is
+    computed on those (and on each round alone). Each round's chosen cut is judged against the pooled
+    measurements: regret is reported as the median and the worst over the rounds.
     """
     import onnx
 
@@ -89,10 +90,11 @@ def measure_model(name: str, repeats: int, network: str, max_cuts: int, edge_thr
             doc = result.document
             by_id = {c.id: c for c in result.plan.candidates}
             if not picked:  # a spread over the order, and the near-ties any round's plan is likely to choose
-                total = {c.id: sum(predicted_compute(c)) + c.transfer_ms for c in result.plan.candidates}
-                by_prediction = sorted(result.plan.candidates, key=lambda c: total[c.id])
-                band = total[by_prediction[0].id] * (1 + NEAR_TIE_BAND)
-                near = [c for i, c in enumerate(by_prediction[:MAX_NEAR_TIES]) if i < 2 * refine or total[c.id] <= band]
+                guess = {c.id: sum(predicted_compute(c)) + c.transfer_ms for c in result.plan.candidates}
+                by_prediction = sorted(result.plan.candidates, key=lambda c: guess[c.id])
+                band = guess[by_prediction[0].id] * (1 + NEAR_TIE_BAND)
+                near = [c for i, c in enumerate(by_prediction[:MAX_NEAR_TIES])
+                        if i < 2 * refine or guess[c.id] <= band]
                 picked = {c.id: c for c in [*_spread(result.plan.candidates, max_cuts), *near]}
             chosen.append(result.plan.best.id)
             ids = list(dict.fromkeys([*picked, *chosen]))  # every round's choice is timed from then on

@@ -2,7 +2,8 @@
 
 amqtt binds 0.0.0.0 and allows anonymous clients by default, so it is bound to 127.0.0.1 here unless the
 caller asks otherwise. Clients are not authenticated; a client with clean_session=False keeps its session and
-its QoS 1 messages while it is away (cloud_tier.amqtt_auth). It is 2-3x slower than Mosquitto and MQTT 3.1.1 only: use Mosquitto in production.
+its QoS 1 messages while it is away (cloud_tier.amqtt_auth). It is 2-3x slower than Mosquitto and MQTT
+3.1.1 only: use Mosquitto in production.
 """
 
 from __future__ import annotations
