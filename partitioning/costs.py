@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from partitioning.devices import DeviceProfile, GpuProfile, _check_precision
 from partitioning.flops import ELEM_BYTES, VIEW_OPS, base_op, numel, op_class, op_flops
+from partitioning.planner import BoundaryRates
 
 if TYPE_CHECKING:
     import onnx
@@ -53,6 +54,7 @@ class NodeCosts:
     kind: str  # "measured" | "estimated"
     source: str
     fitted: Throughput | None = field(default=None, compare=False)  # measured only: what it achieved
+    boundary: BoundaryRates | None = None  # what a cut adds on this side (partitioning.planner docstring)
 
     def total_ms(self, nodes: Iterable[str] | None = None) -> float:
         """Overhead plus the sum over `nodes` (all nodes when None)."""
@@ -129,6 +131,42 @@ def _read_graph(path: Path) -> tuple[list[_Node], set[str]]:
     return nodes, initializers
 
 
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _message(*fields: tuple[int, int | bytes | str]) -> bytes:
+    """A protobuf message from (field number, int | bytes | str) pairs: varints and length-delimited fields."""
+    out = bytearray()
+    for number, value in fields:
+        if isinstance(value, int):
+            out += _encode_varint(number << 3) + _encode_varint(value)
+        else:
+            data = value.encode("utf-8") if isinstance(value, str) else value
+            out += _encode_varint(number << 3 | 2) + _encode_varint(len(data)) + data
+    return bytes(out)
+
+
+def one_op_model(op_type: str, dims: Sequence[int]) -> bytes:
+    """An ONNX model of one float op (Identity, Relu, ...) from x to y of shape `dims`, written without onnx."""
+    shape = _message(*((1, _message((1, int(d)))) for d in dims))  # TensorShapeProto { dim { dim_value } ... }
+    tensor_type = _message((1, _message((1, 1), (2, shape))))  # TypeProto { tensor_type { elem_type: FLOAT, shape } }
+    node = _message((1, "x"), (2, "y"), (3, "op"), (4, op_type))  # NodeProto input, output, name, op_type
+    graph = _message((1, node), (2, op_type.lower()), (11, _message((1, "x"), (2, tensor_type))),
+                     (12, _message((1, "y"), (2, tensor_type))))  # GraphProto node, name, input, output
+    return _message((1, 8), (7, graph), (8, _message((1, ""), (2, 17))))  # ir_version 8, graph, opset 17
+
+
+def identity_model() -> bytes:
+    """One Identity on a float[1]: what one session.run costs besides its nodes."""
+    return one_op_model("Identity", [1])
+
+
 # --- measuring ---------------------------------------------------------------------------------------
 
 
@@ -200,8 +238,8 @@ def _random_inputs(session: Any, batch: int, shapes: Mapping[str, Sequence[int]]
     return feeds
 
 
-FIXED_OVERHEAD_CAP_MS = 0.05
-_CHUNK = 5  # runs per turn when the profiled and the plain session take turns  # session.run dispatch and I/O copies: tens of microseconds on a CPU
+_CHUNK = 5  # runs per turn when the profiled and the plain session take turns
+PROBE_ELEMENTS = (4096, 262_144)  # Relu probes over 16 KB and 1 MB of floats
 
 
 def measure_node_costs(
@@ -216,6 +254,7 @@ def measure_node_costs(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> NodeCosts:
     """Median per-node times of `onnx_path` from onnxruntime's profiler, mapped back to the original nodes."""
+    import numpy as np
     import onnxruntime as ort
 
     if repeats < 1 or warmup < 0:
@@ -250,7 +289,16 @@ def measure_node_costs(
         # scale, while each still runs back to back as a deployed session does (a pool's first run after
         # another session ran pays for waking its threads).
         plain = ort.InferenceSession(str(onnx_path), session_options(threads), providers=providers)
-        walls = []
+        # Probes, timed in the same turns: a one-Identity model's run is what every session.run costs besides
+        # its nodes (binding the feeds, allocating outputs, handing them to Python), which a cut model pays
+        # twice; one Relu over 16 KB and one over 1 MB give the memory rate of a lone kernel, at which the
+        # kernels a cut adds are costed (partitioning.planner, boundary terms).
+        probes: dict[Any, tuple[Any, dict]] = {}
+        for name, op, n in (("fixed", "Identity", 1), *((n, "Relu", n) for n in PROBE_ELEMENTS)):
+            probe = ort.InferenceSession(one_op_model(op, [n]), session_options(threads), providers=providers)
+            probes[name] = probe, {"x": np.zeros(n, np.float32)}
+        walls: list[float] = []
+        probe_walls: dict[Any, list[float]] = {name: [] for name in probes}
         for first in range(0, warmup + repeats, _CHUNK):
             count = min(_CHUNK, warmup + repeats - first)
             for _ in range(count):
@@ -263,7 +311,13 @@ def measure_node_costs(
                 if i >= warmup:
                     walls.append((time.perf_counter() - start) * 1000.0)
                 tick()
-        del plain
+            for name, (probe, probe_feeds) in probes.items():
+                probe.run(None, probe_feeds)
+                for _ in range(count):
+                    start = time.perf_counter()
+                    probe.run(None, probe_feeds)
+                    probe_walls[name].append((time.perf_counter() - start) * 1000.0)
+        del plain, probes
         events = json.loads(Path(session.end_profiling()).read_text())
         try:
             optimized, _ = _read_graph(Path(tmp) / "optimized.onnx")
@@ -284,27 +338,57 @@ def measure_node_costs(
     node_sum = sum(per_node.values())
     wall = statistics.median(walls)
     # What the profiler does not see (dispatch, allocation, thread wake-ups, preemption) grows with the
-    # work, so only a small fixed part stays a per-run overhead; node times are scaled so that nodes plus
-    # overhead equal the unprofiled wall time (down when the profiler inflated tiny kernels, up otherwise).
-    overhead = min(max(0.0, wall - node_sum), FIXED_OVERHEAD_CAP_MS)
+    # work, so only the fixed cost of a run (the Identity model's) stays a per-run overhead; node times are
+    # scaled so that nodes plus overhead equal the unprofiled wall time (down when the profiler inflated tiny
+    # kernels, up otherwise).
+    probe_ms = {name: statistics.median(times) for name, times in probe_walls.items()}
+    overhead = min(probe_ms["fixed"], wall)
     scaled = ""
     if node_sum > 0 and wall > overhead:
         factor = (wall - overhead) / node_sum
         per_node = {name: ms * factor for name, ms in per_node.items()}
         scaled = f"; node times scaled by {factor:.2f} to add up to the unprofiled wall time"
+    fitted = _fit_throughput(runs)
+    boundary = _boundary_rates(probe_ms, fitted, runs)
     host = host_facts(threads, providers)
     fused = sum(1 for v in per_node.values() if v == 0.0)
     source = (
         f"measured on this host ({host['machine']}, {host['platform']}, {threads or 'default'} threads, "
         f"{providers[0]}, onnxruntime {host['onnxruntime']}), median of {repeats} profiled runs after {warmup} "
         f"warm-up; {fused} of {len(nodes)} nodes fused away or constant-folded (0 ms); overhead = median "
-        f"session.run wall time - median node sum, at most {FIXED_OVERHEAD_CAP_MS} ms"
-        + (f"; {unattributed:.3f} ms of runtime-inserted nodes left in overhead" if unattributed > 0 else "")
+        f"session.run of a one-Identity model, {overhead * 1000:.1f} us"
+        + (f"; {unattributed:.3f} ms of runtime-inserted nodes spread over the nodes by the scaling"
+           if unattributed > 0 else "")
         + scaled
         + ("; note: with a GPU execution provider the profiler times host-side kernel launches, so GPU "
            "execution time shows up in the overhead" if providers[0] != "CPUExecutionProvider" else "")
     )
-    return NodeCosts(per_node, overhead, "measured", source, _fit_throughput(runs))
+    return NodeCosts(per_node, overhead, "measured", source + _describe(boundary), fitted, boundary)
+
+
+LAYOUT_REORDERS = frozenset({"ReorderInput", "ReorderOutput"})  # onnxruntime's NCHWc conversions (x86)
+
+
+def _describe(rates: BoundaryRates | None) -> str:
+    if rates is None:
+        return ""
+    return (f"; a cut adds kernels at {rates.launch_ms * 1000:.1f} us + bytes / {rates.gbps:.2f} GB/s each"
+            + (" (the runtime reorders 4-D activations' layout)" if rates.reorders else ""))
+
+
+def _boundary_rates(probe_ms: Mapping[Any, float], fit: Throughput | None,
+                    runs: list[list[tuple[str, str, float, dict]]]) -> BoundaryRates:
+    """What a kernel that a cut adds costs here: the fitted launch plus its bytes at the Relu probes' rate.
+
+    A probe's time less the Identity run's is the kernel's work, launch excluded (both runs launch one
+    kernel); the slope between the 16 KB and the 1 MB Relu is ms per byte written (the planner costs a cut's
+    extra kernels by the bytes they write). Reorders: whether the runtime put layout conversions into this
+    model's run.
+    """
+    small, large = PROBE_ELEMENTS
+    per_byte = max(probe_ms[large] - probe_ms[small], 1e-9) / (4 * (large - small))
+    reorders = any(op in LAYOUT_REORDERS for run in runs[:1] for _, op, _, _ in run)
+    return BoundaryRates(fit.launch_ms if fit is not None else 0.0, 1e-6 / per_byte, reorders)
 
 
 def _node_times_per_run(events: list[dict[str, Any]]) -> list[list[tuple[str, str, float, dict]]]:
@@ -537,7 +621,7 @@ def estimate_node_costs(
         f"{device.memory_gbps:g} GB/s x {device.memory_efficiency}); {free} nodes constant-folded or fused "
         f"(0 ms); session overhead ~10 launches (approximate)"
     )
-    return NodeCosts(per_node, overhead, "estimated", source)
+    return NodeCosts(per_node, overhead, "estimated", source, boundary=BoundaryRates(device.launch_overhead_ms, gbps))
 
 
 # --- saved device profiles ------------------------------------------------------------------------------
@@ -589,7 +673,8 @@ class MeasuredDeviceProfile:
             f"another model, sha256 {self.model_sha256[:12]}...): roofline with its {fit.source}; "
             f"{free} nodes constant-folded or fused (0 ms); overhead as measured"
         )
-        return NodeCosts(per_node, self.costs.overhead_ms, "estimated", source)
+        boundary = self.costs.boundary or BoundaryRates(fit.launch_ms, fit.gbps)
+        return NodeCosts(per_node, self.costs.overhead_ms, "estimated", source, boundary=boundary)
 
 
 def save_device_profile(
@@ -619,6 +704,9 @@ def save_device_profile(
         "fitted": None if fit is None else {"gflops": fit.gflops, "gbps": fit.gbps, "launch_ms": fit.launch_ms,
                                             "source": fit.source},
         "power": {"active_w": active_w, "idle_w": idle_w},
+        "boundary": None if costs.boundary is None else {"launch_ms": costs.boundary.launch_ms,
+                                                         "gbps": costs.boundary.gbps,
+                                                         "reorders": costs.boundary.reorders},
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -674,7 +762,20 @@ def load_device_profile(path: Path | str) -> MeasuredDeviceProfile:
         raise DeviceProfileError(f"{where}: power must be an object, got {power!r}")
     watts = {k: None if power.get(k) is None else _number(power[k], f"{where}: power.{k}")
              for k in ("active_w", "idle_w")}
+    boundary = None
+    rates = doc.get("boundary")  # absent in profiles saved before it was measured: the fitted rates stand in
+    if rates is not None:
+        if not isinstance(rates, dict) or not isinstance(rates.get("reorders", False), bool):
+            raise DeviceProfileError(f"{where}: boundary must be an object with launch_ms, gbps, reorders, "
+                                     f"got {rates!r}")
+        gbps = _number(rates.get("gbps"), f"{where}: boundary.gbps")
+        if gbps <= 0:
+            raise DeviceProfileError(f"{where}: boundary.gbps must be > 0, got {gbps}")
+        boundary = BoundaryRates(_number(rates.get("launch_ms"), f"{where}: boundary.launch_ms"), gbps,
+                                 rates.get("reorders", False))
+    elif fitted is not None:
+        boundary = BoundaryRates(fitted.launch_ms, fitted.gbps)
     name = str(doc.get("name") or path.stem)
     costs = NodeCosts(per_node, overhead, "measured", f"{doc.get('source', 'measured')} (loaded from {path})",
-                      fitted)
+                      fitted, boundary)
     return MeasuredDeviceProfile(name, sha, host, costs, fitted, path, watts["active_w"], watts["idle_w"])

@@ -56,6 +56,7 @@ class CutGraph:
     tensors: dict[str, TensorInfo]
     inputs: tuple[str, ...]  # model inputs (non-initializer)
     outputs: tuple[str, ...]  # model outputs
+    node_ops: dict[str, str] = field(default_factory=dict)  # node -> op type (may be empty in hand-made graphs)
     node_outputs: dict[str, tuple[str, ...]] = field(init=False, compare=False, repr=False)
     _position: dict[str, int] = field(init=False, compare=False, repr=False)
 
@@ -125,6 +126,7 @@ def build_cut_graph(model: "onnx.ModelProto", work_dir: Path | None = None) -> C
     nodes: list[str] = []
     node_inputs: dict[str, tuple[str, ...]] = {}
     node_weights: dict[str, int] = {}
+    node_ops: dict[str, str] = {}
     producer: dict[str, str | None] = {name: None for name in inputs}
     consumers: dict[str, list[str]] = {}
     for node in graph.node:
@@ -135,6 +137,7 @@ def build_cut_graph(model: "onnx.ModelProto", work_dir: Path | None = None) -> C
             raise ValueError(f"node of type {node.op_type} has no name; normalize the model first")
         nodes.append(node.name)
         node_inputs[node.name] = dyn_in
+        node_ops[node.name] = node.op_type
         node_weights[node.name] = sum(init_bytes.get(t, 0) for t in node.input)
         for t in dyn_in:
             consumers.setdefault(t, []).append(node.name)
@@ -150,7 +153,7 @@ def build_cut_graph(model: "onnx.ModelProto", work_dir: Path | None = None) -> C
             continue  # an unused optional output: never read, never crosses
         shape, dtype = shapes[name]
         tensors[name] = TensorInfo(name, prod, tuple(consumers.get(name, ())), shape, dtype)
-    return CutGraph(tuple(nodes), node_inputs, node_weights, tensors, inputs, outputs)
+    return CutGraph(tuple(nodes), node_inputs, node_weights, tensors, inputs, outputs, node_ops)
 
 
 def _shapes_at_batch_one(model: "onnx.ModelProto", names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:

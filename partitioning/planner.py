@@ -3,14 +3,31 @@
 Cost of a cut, where E is the set of nodes run on the edge (closed under predecessors: data only flows
 edge -> cloud) and C = crossing tensors (made on the edge or model inputs, read in the cloud):
 
-    edge_ms     = o_edge + sum_{v in E} e(v)                     (0 when E is empty)
+    edge_ms     = o_edge + sum_{v in E} e(v) + B_edge                      (0 when E is empty)
     up_bytes    = MSG + sum_{t in C} (TENSOR + wire(t))           wire(t): t's bytes under the plan's codec
     down_bytes  = MSG + sum_{t in outputs} (TENSOR + bytes(t))    results come back as fp32
     transfer_ms = rtt + 8 * up_bytes / uplink + 8 * down_bytes / downlink      (0 for edge-only)
-    cloud_ms    = o_cloud + sum_{v not in E} c(v)                (0 for edge-only)
+    cloud_ms    = o_cloud + sum_{v not in E} c(v) + B_cloud                (0 for edge-only)
     total_ms    = edge_ms + transfer_ms + cloud_ms
     energy_mj   = P_active * edge_ms + P_idle * (transfer_ms + cloud_ms) + e_tx * up_bytes
     memory      = weights of E (int8: fp32 bytes / 4) + peak live activations while the head runs
+
+The boundary terms (0 for the baselines, and when a side has no `BoundaryRates`) are what the per-node sums,
+taken in one full-model run, miss when the model is cut; with a side's launch cost l and memory rate g:
+
+    B_edge  = sum_{t in C, 4-D float} (l + bytes(t) / g)         if the edge runtime reorders layouts
+    B_cloud = sum_{t in C, 4-D float} (l + bytes(t) / g)         if the cloud runtime reorders layouts
+              + sum_{v in U} (l + out(v) / g)
+    U       = cloud nodes that cost 0 in the full run (fused into the node that makes their input), not view
+              ops, reached from a cut tensor through such nodes: cut off from their producer they run alone
+    out(v)  = bytes of v's outputs
+
+A runtime that keeps convolutions' activations in a blocked layout (onnxruntime's NCHWc on x86) converts each
+4-D cut tensor back on the edge and forward again in the cloud (measured on tiny_cnn: 10 of the 33 us a cut
+added); a Conv + Add + Relu fused in the full run runs as three kernels when the cut feeds the Add, and
+the next residual block's Add, fed by that lone Relu, is not fused either. g is the rate the side's memory-bound
+kernels achieved, counting their input and output bytes; one pass over a kernel's output bytes at that rate
+came within 1.5x of every reorder, Relu and Add that a cut added to resnet18 and tiny_cnn on x86.
 
 Refinement (`apply_measured`): a candidate whose head and tail were extracted and timed (partitioning.refine)
 takes the timed values for edge_ms and cloud_ms in place of the two sums above; transfer and memory are
@@ -22,16 +39,21 @@ Search (separate from this simulation): every prefix of the topological order, b
 exact minimum of each additive objective (latency, energy, bytes, and latency + lambda * energy mixtures)
 over ALL closed edge sets, found as a minimum s-t cut (DADS): node v -> sink costs e(v) (v on edge),
 source -> v costs c(v) (v in cloud), producer -> aux(t) costs transfer(t) once however many cloud
-consumers read t, and infinite reverse edges forbid cloud -> edge flow. Without budgets the chosen cut is
-therefore the global optimum; with budgets it is the best feasible cut among these (which include the
-optimum whenever that is feasible, and the Lagrangian points of the latency/energy trade-off otherwise).
+consumers read t, and infinite reverse edges forbid cloud -> edge flow. The boundary terms enter the search
+per crossing tensor: exactly for the reorders, and approximately for U (each tensor is charged the fused
+chain its readers start, as if all of them ran in the cloud); every candidate is then simulated exactly as
+above. Without budgets, and with U empty, the chosen cut is therefore the global optimum (with U, the optimum
+of that per-tensor approximation, or a better cut found among the prefixes); with budgets it is the best
+feasible cut among these (which include the optimum whenever that is feasible, and the Lagrangian points of
+the latency/energy trade-off otherwise).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
+from partitioning.flops import VIEW_OPS
 from partitioning.graph import CutGraph
 
 OBJECTIVES = ("latency", "energy", "bytes")
@@ -76,13 +98,32 @@ class Budgets:
 
 
 @dataclass(frozen=True)
+class BoundaryRates:
+    """What one side pays per cut tensor and per fused node a cut leaves on its own (module docstring)."""
+
+    launch_ms: float  # fixed cost of one more kernel
+    gbps: float  # achieved memory rate of memory-bound kernels
+    reorders: bool = False  # whether the runtime keeps 4-D activations in a blocked layout (NCHWc)
+
+    def __post_init__(self) -> None:
+        if self.launch_ms < 0 or self.gbps <= 0:
+            raise ValueError(f"boundary rates need launch_ms >= 0 and gbps > 0, got {self}")
+
+    def kernel_ms(self, nbytes: float) -> float:
+        """One more kernel writing `nbytes` (1 GB/s = 1e6 bytes per ms)."""
+        return self.launch_ms + nbytes / (self.gbps * 1e6)
+
+
+@dataclass(frozen=True)
 class CostInputs:
-    """Per-node costs on each side and the edge's power model."""
+    """Per-node costs on each side, what a cut adds on each side, and the edge's power model."""
 
     edge_ms: Mapping[str, float]
     cloud_ms: Mapping[str, float]
     edge_overhead_ms: float = 0.0
     cloud_overhead_ms: float = 0.0
+    edge_boundary: BoundaryRates | None = None
+    cloud_boundary: BoundaryRates | None = None
     edge_active_w: float = 5.0
     edge_idle_w: float = 1.0
     codec: str = "int8"
@@ -222,6 +263,49 @@ def peak_activation_bytes(graph: CutGraph, edge_nodes: frozenset[str], cut: tupl
     return peak
 
 
+def _reorders(graph: CutGraph, tensors: Iterable[str], rates: BoundaryRates | None) -> float:
+    """Layout conversions of the 4-D float tensors among `tensors`: one kernel each."""
+    if rates is None or not rates.reorders:
+        return 0.0
+    return sum(rates.kernel_ms(graph.tensors[t].nbytes) for t in tensors
+               if len(graph.tensors[t].shape) == 4 and graph.tensors[t].is_float)
+
+
+def _unfused(graph: CutGraph, starts: Iterable[str], costs: CostInputs, side: frozenset[str] | None) -> list[str]:
+    """U of the module docstring: 0-cost non-view nodes reached from `starts` through such nodes.
+
+    `side`: the cloud nodes (None: every reader counts, as the search assumes).
+    """
+    found: list[str] = []
+    stack = [c for t in starts for c in graph.tensors[t].consumers]
+    while stack:
+        v = stack.pop()
+        if v in found or (side is not None and v not in side) or costs.cloud_ms.get(v, 0.0) > 0:
+            continue
+        if graph.node_ops.get(v, "") in VIEW_OPS:
+            continue
+        found.append(v)
+        stack.extend(c for t in graph.node_outputs[v] for c in graph.tensors[t].consumers)
+    return found
+
+
+def _out_bytes(graph: CutGraph, node: str) -> int:
+    return sum(graph.tensors[t].nbytes for t in graph.node_outputs[node])
+
+
+def boundary_ms(
+    graph: CutGraph, edge_nodes: frozenset[str], cut: Sequence[str], costs: CostInputs
+) -> tuple[float, float]:
+    """(B_edge, B_cloud) of the module docstring for a partial cut."""
+    edge = _reorders(graph, cut, costs.edge_boundary)
+    cloud = _reorders(graph, cut, costs.cloud_boundary)
+    rates = costs.cloud_boundary
+    if rates is not None:
+        cloud_side = frozenset(graph.nodes) - edge_nodes
+        cloud += sum(rates.kernel_ms(_out_bytes(graph, v)) for v in _unfused(graph, cut, costs, cloud_side))
+    return edge, cloud
+
+
 def evaluate_cut(
     graph: CutGraph,
     edge_nodes: frozenset[str],
@@ -244,6 +328,9 @@ def evaluate_cut(
         up = _upload_bytes(graph, cut, costs.codec)
         t_ms = transfer_ms(up, _download_bytes(graph), link)
         cloud_ms = costs.cloud_overhead_ms + sum(costs.cloud_ms.get(v, 0.0) for v in graph.nodes if v not in edge_nodes)
+        if edge_nodes:
+            b_edge, b_cloud = boundary_ms(graph, edge_nodes, cut, costs)
+            edge_ms, cloud_ms = edge_ms + b_edge, cloud_ms + b_cloud
     predicted = {}
     if measured is not None:
         predicted = {"measured": True, "predicted_edge_ms": edge_ms, "predicted_cloud_ms": cloud_ms}
@@ -320,11 +407,21 @@ def search_edge_sets(graph: CutGraph, costs: CostInputs, links: Iterable[Link]) 
     """Candidate edge sets: baselines, every topological prefix, and exact min-cuts per objective and link."""
     sets: list[frozenset[str]] = [frozenset(), frozenset(graph.nodes)]
     sets += [frozenset(graph.nodes[:k]) for k in range(1, len(graph.nodes))]
+    # Boundary terms per crossing tensor (module docstring); model inputs never cross a partial cut.
+    made = [t for t, info in graph.tensors.items() if info.producer is not None]
+    b_edge = dict.fromkeys(graph.tensors, 0.0) | {t: _reorders(graph, [t], costs.edge_boundary) for t in made}
+    b_cloud = dict.fromkeys(graph.tensors, 0.0)
+    if costs.cloud_boundary is not None:
+        rates = costs.cloud_boundary
+        for t in made:
+            chain = _unfused(graph, [t], costs, None)
+            b_cloud[t] = _reorders(graph, [t], rates) + sum(rates.kernel_ms(_out_bytes(graph, v)) for v in chain)
     for link in links:
         per_byte_ms = 8.0 / (link.uplink_mbps * 1e3)
-        latency_t = {t: wire_bytes(graph, t, costs.codec) * per_byte_ms for t in graph.tensors}
+        latency_t = {t: wire_bytes(graph, t, costs.codec) * per_byte_ms + b_edge[t] + b_cloud[t] for t in graph.tensors}
         energy_t = {
             t: wire_bytes(graph, t, costs.codec) * (per_byte_ms * costs.edge_idle_w + link.tx_nj_per_byte * 1e-6)
+            + b_edge[t] * costs.edge_active_w + b_cloud[t] * costs.edge_idle_w
             for t in graph.tensors
         }
         bytes_t = {t: float(wire_bytes(graph, t, costs.codec)) for t in graph.tensors}

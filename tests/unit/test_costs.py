@@ -25,7 +25,9 @@ from partitioning.costs import (
     _read_graph,
     estimate_node_costs,
     host_facts,
+    identity_model,
     load_device_profile,
+    one_op_model,
     measure_node_costs,
     save_device_profile,
     session_options,
@@ -343,3 +345,61 @@ def test_dynamic_non_batch_dims_need_explicit_shapes(tmp_path) -> None:
         measure_node_costs(path, warmup=0, repeats=1)
     costs = measure_node_costs(path, warmup=0, repeats=1, input_shapes={"x": (1, 4, 16)})
     assert set(costs.per_node_ms) == {"relu"}
+
+
+# --- what a cut adds ---------------------------------------------------------------------------------
+
+
+def test_identity_model_is_valid_onnx_written_without_onnx() -> None:
+    model = onnx.load_from_string(identity_model())
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["Identity"]
+    session = ort.InferenceSession(identity_model(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.array([2.5], np.float32)})[0].tolist() == [2.5]
+
+
+def test_measured_costs_carry_the_fixed_run_cost_and_boundary_rates(cnn_path, measured, tmp_path) -> None:
+    assert 0 < measured.overhead_ms < measured.total_ms()
+    assert "one-Identity model" in measured.source
+    rates = measured.boundary
+    assert rates is not None and rates.launch_ms == measured.fitted.launch_ms
+    # the rate is the Relu probes' slope: a 1 MB Relu timed directly here takes about 1 MB at that rate
+    relu = ort.InferenceSession(one_op_model("Relu", [262_144]), session_options(1), providers=["CPUExecutionProvider"])
+    small = ort.InferenceSession(one_op_model("Relu", [4096]), session_options(1), providers=["CPUExecutionProvider"])
+    big, tiny = ({"x": np.ones(262_144, np.float32)}, {"x": np.ones(4096, np.float32)})
+    for _ in range(5):
+        relu.run(None, big), small.run(None, tiny)
+    slope = statistics.median(_timed(relu, big) - _timed(small, tiny) for _ in range(30))
+    expected_gbps = 4 * (262_144 - 4096) / (slope * 1e6)
+    assert expected_gbps / 4 <= rates.gbps <= expected_gbps * 4  # same ballpark; other tests share the CPU
+    # reorders exactly when onnxruntime put layout conversions into the graph it ran (NCHWc on x86)
+    options = session_options(1)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(cnn_path), options, providers=["CPUExecutionProvider"])
+    ran = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert rates.reorders == bool(ran & {"ReorderInput", "ReorderOutput"})
+
+
+def _timed(session, feeds) -> float:
+    start = time.perf_counter()
+    session.run(None, feeds)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def test_profile_keeps_boundary_rates_and_old_profiles_fall_back_to_the_fit(cnn_path, measured, tmp_path) -> None:
+    path = tmp_path / "dev.json"
+    save_device_profile(path, measured, model_sha256=_sha(cnn_path), host={})
+    assert load_device_profile(path).costs.boundary == measured.boundary
+    doc = json.loads(path.read_text())
+    del doc["boundary"]  # a profile saved before boundary rates were measured
+    path.write_text(json.dumps(doc))
+    old = load_device_profile(path).costs.boundary
+    assert (old.launch_ms, old.gbps, old.reorders) == (measured.fitted.launch_ms, measured.fitted.gbps, False)
+    doc["boundary"] = {"launch_ms": 0.01, "gbps": 0, "reorders": True}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DeviceProfileError, match="boundary.gbps must be > 0"):
+        load_device_profile(path)
+    doc["boundary"] = {"launch_ms": 0.01, "gbps": 1, "reorders": "yes"}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DeviceProfileError, match="boundary must be an object"):
+        load_device_profile(path)

@@ -11,6 +11,7 @@ from partitioning.graph import CutGraph, TensorInfo
 from partitioning.planner import (
     CLOUD_ONLY,
     EDGE_ONLY,
+    BoundaryRates,
     Budgets,
     CostInputs,
     Link,
@@ -241,3 +242,76 @@ def test_plan_table_is_rebuilt_with_the_timed_compute():
     assert dict(plan.plan_table) == {0.001: EDGE_ONLY, 1000.0: EDGE_ONLY}
     refined = apply_measured(plan, graph, costs, {CLOUD_ONLY: (0.0, 2.9)})
     assert dict(refined.plan_table) == {0.001: EDGE_ONLY, 1000.0: CLOUD_ONLY}
+
+
+# A residual block as onnxruntime fuses it: conv (the only kernel) with add and relu fused in (cost 0 in the
+# full run); `skip` is the block input, 4-D tensors of 1x8x16x16 floats (8,192 bytes each).
+RESIDUAL = {"stem": ["x"], "conv": ["stem"], "add": ["conv", "stem"], "relu": ["add"], "flat": ["relu"],
+            "fc": ["flat"]}
+RESIDUAL_OPS = {"stem": "Conv", "conv": "Conv", "add": "Add", "relu": "Relu", "flat": "Flatten", "fc": "Gemm"}
+
+
+def residual_graph() -> CutGraph:
+    graph = make_graph(RESIDUAL, dict.fromkeys([*RESIDUAL, "x"], 1), ["fc"])
+    shapes = {t: (1, 8, 16, 16) for t in ("x", "stem", "conv", "add", "relu")} | {"flat": (1, 2048), "fc": (1, 10)}
+    tensors = {t: TensorInfo(t, info.producer, info.consumers, shapes[t], "float32")
+               for t, info in graph.tensors.items()}
+    return CutGraph(graph.nodes, graph.node_inputs, graph.node_weight_bytes, tensors, graph.inputs, graph.outputs,
+                    RESIDUAL_OPS)
+
+
+def test_a_cut_pays_layout_reorders_and_the_fusions_it_breaks():
+    graph = residual_graph()
+    cost = {"stem": 1.0, "conv": 2.0, "add": 0.0, "relu": 0.0, "flat": 0.0, "fc": 0.5}
+    rates = BoundaryRates(launch_ms=0.01, gbps=8.192)  # 8,192 bytes -> 0.001 ms
+    link = Link(uplink_mbps=1000, downlink_mbps=1000, rtt_ms=1.0)
+    plain = CostInputs(edge_ms=cost, cloud_ms=cost)
+    cut = CostInputs(edge_ms=cost, cloud_ms=cost, edge_boundary=rates,
+                     cloud_boundary=BoundaryRates(0.01, 8.192, reorders=True))
+    after_stem = frozenset({"stem"})
+    base = evaluate_cut(graph, after_stem, plain, link, Budgets(), "c")
+    paid = evaluate_cut(graph, after_stem, cut, link, Budgets(), "c")
+    assert paid.edge_ms == pytest.approx(base.edge_ms)  # the edge runtime keeps one layout: nothing to convert
+    # cloud: one reorder of `stem` (0.011 ms); add and relu run alone (0.011 ms each); conv and the view op do not
+    assert paid.cloud_ms == pytest.approx(base.cloud_ms + 3 * 0.011)
+    # a cut after the block breaks nothing: the flattened tensor is 2-D (no reorder), fc is a kernel anyway
+    late = frozenset({"stem", "conv", "add", "relu", "flat"})
+    assert evaluate_cut(graph, late, cut, link, Budgets(), "c").cloud_ms == pytest.approx(
+        evaluate_cut(graph, late, plain, link, Budgets(), "c").cloud_ms)
+    # the edge pays the reorder back when its runtime reorders; the baselines never pay either
+    both = CostInputs(edge_ms=cost, cloud_ms=cost, edge_boundary=BoundaryRates(0.01, 8.192, reorders=True),
+                      cloud_boundary=BoundaryRates(0.01, 8.192, reorders=True))
+    assert evaluate_cut(graph, after_stem, both, link, Budgets(), "c").edge_ms == pytest.approx(base.edge_ms + 0.011)
+    for nodes in (frozenset(), frozenset(RESIDUAL)):
+        assert evaluate_cut(graph, nodes, both, link, Budgets(), "b").total_ms == pytest.approx(
+            evaluate_cut(graph, nodes, plain, link, Budgets(), "b").total_ms)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_planner_with_layout_reorders_equals_brute_force_on_random_dags(seed):
+    # Reorders are paid per crossing tensor, as transfer is, so the min-cut search stays exact: the choice must
+    # equal the brute-force optimum of the full formula. Where the reorder term is what decides, a search that
+    # left it out of its tensor weights would stop at a cut that sends many big 4-D tensors.
+    rng = random.Random(100 + seed)
+    names = [f"v{i}" for i in range(rng.randint(5, 9))]
+    edges = {v: (["x"] if i == 0 else rng.sample(names[:i], min(i, rng.randint(1, 2)))) for i, v in enumerate(names)}
+    consumed = {t for ins in edges.values() for t in ins}
+    sizes = {"x": 400_000, **{v: rng.choice([4_000, 80_000, 400_000]) for v in names}}
+    base = make_graph(edges, sizes, [v for v in names if v not in consumed])
+    tensors = {t: TensorInfo(t, i.producer, i.consumers, (1, 1, 1, sizes[t] // 4), "float32")
+               for t, i in base.tensors.items()}
+    graph = CutGraph(base.nodes, base.node_inputs, base.node_weight_bytes, tensors, base.inputs, base.outputs,
+                     dict.fromkeys(names, "Conv"))
+    costs = CostInputs(edge_ms={v: rng.uniform(0.5, 10) for v in names},
+                       cloud_ms={v: rng.uniform(0.05, 2) for v in names},
+                       edge_boundary=BoundaryRates(0.05, 0.5, reorders=True),
+                       cloud_boundary=BoundaryRates(0.02, 0.8, reorders=True))
+    link = Link(uplink_mbps=rng.choice([100.0, 1000.0, 10_000.0]), downlink_mbps=1000, rtt_ms=2)
+    plan = plan_cuts(graph, costs, link)
+    value, _ = brute_force(graph, costs, link, Budgets())
+    assert plan.best.total_ms == pytest.approx(value, rel=1e-9)
+
+
+def test_boundary_rates_are_checked():
+    with pytest.raises(ValueError, match="gbps > 0"):
+        BoundaryRates(launch_ms=0.01, gbps=0)
