@@ -1,18 +1,22 @@
 """How well the planner's cost model predicts real head+tail latency, measured on this host.
 
-For each zoo model with --device local and --cloud local: profile per node, plan, then for a spread of
-candidate cuts extract the head and tail and time them (fp32, median of N runs each, side by side in one
-process); that profile-then-time round runs --plan-rounds times (default 3), and a candidate's prediction and
-measurement are each the median over the rounds, so a stretch of a slower host reaches both alike (on a 2-core
-VM the speed drifts by 15-30% within a minute, which a single profile then timing took as model error). The
-edge is this host at --edge-threads and the cloud this host at --cloud-threads (default 1 and 2), so that the
-cloud is faster and cuts other than edge-only can win. Reports, per model:
+For each zoo model with --device local and --cloud local: profile per node and plan, as split-profile does,
+then extract the head and tail of a spread of candidate cuts and time them (fp32, side by side in one
+process). That profile-then-time round runs --plan-rounds times (default 5), and the rounds go round the models
+(round 1 of every model, then round 2 of every model, ...), so one model's rounds lie minutes apart. On a
+2-core VM the host's speed drifts by 10-30% over seconds (see the README), so one profile and one timing are
+one draw each from that drift; a candidate's prediction and its measurement are each the median over the
+rounds. The edge is this host at --edge-threads and the cloud this host at --cloud-threads (default 1 and 2),
+so that the cloud is faster and cuts other than edge-only can win. Reports, per model:
 
 - MAPE: mean absolute percentage error of the predicted compute (edge_ms + cloud_ms) against the measured
   head_ms + tail_ms over the candidates (and, alongside, the MAPE of each round on its own);
-- regret: how much slower the chosen cut is than the best cut by measurement, where each cut's total is its
-  measured head + tail plus the same modelled transfer at the plan's network (the link is not emulated here);
-  each round's choice is judged against the pooled measurements, reported as the median and the worst round.
+- regret: how much slower each round's chosen cut is than the best cut, where a cut's total is its measured
+  head + tail plus the same modelled transfer at the plan's network (the link is not emulated here). The
+  best is settled by a final head-to-head timing of every round's choice and the best few cuts by the pooled
+  measurements, in fine turns (3 runs each), so that drift reaches them alike and the pooled minimum's luck
+  (the fastest of 40 noisy cuts is faster than it really is) does not count as regret. Reported as the median
+  and the worst over the rounds.
 
 The plan is made as split-profile makes it, so its few best cuts are timed before choosing (--refine, default
 3; partitioning/refine.py): regret judges that refined choice. MAPE stays a test of the cost model alone: a
@@ -20,7 +24,7 @@ refined candidate is compared by its recorded per-node prediction, and every mea
 benchmark's own, taken after the plan is made (the same timing code, not the plan's timings).
 
     python benchmarks/planner_accuracy.py [--models resnet18,...] [--repeats 30] [--network ethernet] [--refine 3]
-                                        [--plan-rounds 3] [--verbose]
+                                        [--plan-rounds 5] [--verbose]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +48,10 @@ from partitioning.refine import time_cuts  # noqa: E402
 # within 10% of the best (up to 40), since any of them may be a round's choice.
 NEAR_TIE_BAND = 0.10
 MAX_NEAR_TIES = 40
+# The final head-to-head: every round's choice and this many best cuts by the pooled measurements, each part
+# timed FINAL_TURNS times for FINAL_RUNS runs, in a fresh random order each turn.
+FINAL_CONTENDERS = 3
+FINAL_TURNS, FINAL_RUNS = 40, 3
 DEFAULT_MODELS = ("tiny_cnn", "mobilenet_v2", "resnet18", "vgg11", "vit_tiny", "unet_small")
 
 
@@ -59,76 +68,91 @@ def _spread(cands: list[Candidate], max_cuts: int) -> list[Candidate]:
     return ordered[:: max(1, len(ordered) // max_cuts)]
 
 
-def measure_model(name: str, repeats: int, network: str, max_cuts: int, edge_threads: int, cloud_threads: int,
-                  rounds: int = 5, refine: int = 3, plan_rounds: int = 3) -> dict:
-    """Plan one model `plan_rounds` times, each plan followed at once by timing a spread of its candidates.
+class ModelRun:
+    """One model's rounds: each plans as split-profile does, then times the picked candidates at once."""
 
-    Profiles and timings take turns (P1 T1 P2 T2 ...), so a stretch of a faster or slower host reaches the
-    predictions and the measurements alike. Timed in every round: a spread over the order and the first round's
-    best-predicted candidates and near-ties (where the choice falls); a later round's choice outside them is
-    timed from then on. Each candidate's prediction and measurement are the medians over the rounds; MAPE is
-    computed on those (and on each round alone). Each round's chosen cut is judged against the pooled
-    measurements: regret is reported as the median and the worst over the rounds.
-    """
-    import onnx
+    def __init__(self, name: str, workdir: Path, args: argparse.Namespace) -> None:
+        import onnx
 
-    from models.loaders import load_model
+        from models.loaders import load_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_model(name, Path(tmp))  # the plan writes no bundle; the same deterministic weights again
-        model = onnx.load(str(loaded.onnx_path))
-        predicted: dict[str, list[float]] = {}
-        measured: dict[str, list[float]] = {}
-        transfer: dict[str, float] = {}
-        chosen: list[str] = []
-        round_mapes: list[float] = []
-        picked: dict[str, Candidate] = {}
-        doc: dict = {}
-        for r in range(plan_rounds):
-            result = profile(name, device="local", cloud="local", network=network, repeats=repeats,
-                             threads=edge_threads, cloud_threads=cloud_threads, refine=refine)
-            doc = result.document
-            by_id = {c.id: c for c in result.plan.candidates}
-            if not picked:  # a spread over the order, and the near-ties any round's plan is likely to choose
-                guess = {c.id: sum(predicted_compute(c)) + c.transfer_ms for c in result.plan.candidates}
-                by_prediction = sorted(result.plan.candidates, key=lambda c: guess[c.id])
-                band = guess[by_prediction[0].id] * (1 + NEAR_TIE_BAND)
-                near = [c for i, c in enumerate(by_prediction[:MAX_NEAR_TIES])
-                        if i < 2 * refine or guess[c.id] <= band]
-                picked = {c.id: c for c in [*_spread(result.plan.candidates, max_cuts), *near]}
-            chosen.append(result.plan.best.id)
-            ids = list(dict.fromkeys([*picked, *chosen]))  # every round's choice is timed from then on
-            times = time_cuts(model, loaded.onnx_path, loaded.inputs, [by_id[i] for i in ids],
-                              edge_threads=edge_threads, cloud_threads=cloud_threads, repeats=repeats,
-                              rounds=rounds, seed=5 + r)
-            errors = []
-            for cid in ids:
-                pred, meas = sum(predicted_compute(by_id[cid])), sum(times[cid])
-                predicted.setdefault(cid, []).append(pred)
-                measured.setdefault(cid, []).append(meas)
-                transfer[cid] = by_id[cid].transfer_ms  # modelled from bytes and the network: the same each round
-                if meas > 0:
-                    errors.append(abs(pred - meas) / meas)
-            round_mapes.append(100 * float(np.mean(errors)))
+        self.name, self.args = name, args
+        self.loaded = load_model(name, workdir)  # the plan writes no bundle; the same deterministic weights again
+        self.model = onnx.load(str(self.loaded.onnx_path))
+        self.predicted: dict[str, list[float]] = {}
+        self.measured: dict[str, list[float]] = {}
+        self.transfer: dict[str, float] = {}
+        self.candidates: dict[str, Candidate] = {}
+        self.chosen: list[str] = []
+        self.round_mapes: list[float] = []
+        self.picked: list[str] = []
+        self.nodes = 0
+
+    def _time(self, ids: list[str], **kw) -> dict[str, float]:
+        a = self.args
+        times = time_cuts(self.model, self.loaded.onnx_path, self.loaded.inputs, [self.candidates[i] for i in ids],
+                          edge_threads=a.edge_threads, cloud_threads=a.cloud_threads, **kw)
+        return {cid: sum(parts) for cid, parts in times.items()}
+
+    def round(self, r: int) -> None:
+        """Plan once, then time the spread, the near-ties and every choice so far."""
+        a = self.args
+        result = profile(self.name, device="local", cloud="local", network=a.network, repeats=a.repeats,
+                         threads=a.edge_threads, cloud_threads=a.cloud_threads, refine=a.refine)
+        self.nodes = result.document["model"]["nodes"]
+        self.candidates = {c.id: c for c in result.plan.candidates}
+        if not self.picked:  # a spread over the order, and the near-ties any round's plan is likely to choose
+            guess = {c.id: sum(predicted_compute(c)) + c.transfer_ms for c in result.plan.candidates}
+            by_prediction = sorted(result.plan.candidates, key=lambda c: guess[c.id])
+            band = guess[by_prediction[0].id] * (1 + NEAR_TIE_BAND)
+            near = [c for i, c in enumerate(by_prediction[:MAX_NEAR_TIES]) if i < 2 * a.refine or guess[c.id] <= band]
+            self.picked = list(dict.fromkeys(c.id for c in [*_spread(result.plan.candidates, a.max_cuts), *near]))
+        self.chosen.append(result.plan.best.id)
+        ids = list(dict.fromkeys([*self.picked, *self.chosen]))  # every round's choice is timed from then on
+        times = self._time(ids, repeats=a.repeats, rounds=a.rounds, seed=5 + r)
+        errors = []
+        for cid in ids:
+            pred, meas = sum(predicted_compute(self.candidates[cid])), times[cid]
+            self.predicted.setdefault(cid, []).append(pred)
+            self.measured.setdefault(cid, []).append(meas)
+            self.transfer[cid] = self.candidates[cid].transfer_ms  # from bytes and the network: the same each round
+            if meas > 0:
+                errors.append(abs(pred - meas) / meas)
+        self.round_mapes.append(100 * float(np.mean(errors)))
+
+    def result(self) -> dict:
+        """Pooled MAPE, and each round's regret from a final head-to-head of the choices and the best few."""
         rows = []
-        for cid in predicted:
-            pred, meas = float(np.median(predicted[cid])), float(np.median(measured[cid]))
-            rows.append((cid, pred, meas, meas + transfer[cid], len(measured[cid])))
-        total = {cid: t for cid, _, _, t, _ in rows}
+        for cid in self.predicted:
+            pred, meas = float(np.median(self.predicted[cid])), float(np.median(self.measured[cid]))
+            rows.append((cid, pred, meas, meas + self.transfer[cid], len(self.measured[cid])))
+        pooled = {cid: t for cid, _, _, t, _ in rows}
+        contenders = list(dict.fromkeys([*sorted(pooled, key=pooled.get)[:FINAL_CONTENDERS], *self.chosen]))
+        final = self._time(contenders, repeats=FINAL_TURNS * FINAL_RUNS, rounds=FINAL_TURNS, seed=99)
+        total = {cid: final[cid] + self.transfer[cid] for cid in contenders}
         best = min(total, key=total.get)
-        regrets = [100 * (total[c] - total[best]) / total[best] for c in chosen]
+        regrets = [100 * (total[c] - total[best]) / total[best] for c in self.chosen]
         return {
-            "model": name,
-            "nodes": doc["model"]["nodes"],
+            "model": self.name,
+            "nodes": self.nodes,
             "cuts": len(rows),
             "mape": 100 * float(np.mean([abs(p - m) / m for _, p, m, _, _ in rows if m > 0])),
-            "round_mapes": round_mapes,
+            "round_mapes": self.round_mapes,
             "regret": float(np.median(regrets)),
             "worst_regret": max(regrets),
-            "chosen": chosen,
+            "chosen": self.chosen,
             "best": best,
             "rows": rows,
+            "final": total,
         }
+
+
+def _chosen(ids: list[str]) -> str:
+    """Round choices, runs folded: 'c044, cloud-only ×2'."""
+    counts = dict.fromkeys(ids, 0)
+    for cid in ids:
+        counts[cid] += 1
+    return ", ".join(cid if n == 1 else f"{cid} ×{n}" for cid, n in counts.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,28 +166,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cloud-threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved measuring rounds over the candidates")
     ap.add_argument("--refine", type=int, default=3, help="candidates the plan times before choosing (0: none)")
-    ap.add_argument("--plan-rounds", type=int, default=3,
-                    help="profile-then-time rounds per model; predictions and measurements are medians over them")
+    ap.add_argument("--plan-rounds", type=int, default=5,
+                    help="profile-then-time rounds per model, taken in turns across the models; predictions and "
+                         "measurements are medians over them")
     ap.add_argument("--verbose", action="store_true", help="also print each measured candidate")
     args = ap.parse_args(argv)
     if args.plan_rounds < 1:
         ap.error(f"--plan-rounds must be at least 1, got {args.plan_rounds}")
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
     print(f"edge: this host, {args.edge_threads} thread(s); cloud: this host, {args.cloud_threads} thread(s); "
           f"network {args.network} (modelled, not emulated); {args.repeats} runs per median; "
-          f"{args.plan_rounds} profile-then-time rounds per model\n")
+          f"{args.plan_rounds} profile-then-time rounds per model, in turns across the models\n", flush=True)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [ModelRun(name, Path(tmp) / name, args) for name in names]
+        for r in range(args.plan_rounds):
+            for run in runs:
+                run.round(r)
+                print(f"[{time.monotonic() - start:6.0f} s] round {r + 1}/{args.plan_rounds} {run.name}: MAPE "
+                      f"{run.round_mapes[-1]:.1f}%, chose {run.chosen[-1]}", file=sys.stderr, flush=True)
+        results = [run.result() for run in runs]
     print("| model | nodes | cuts measured | MAPE (compute) | MAPE per round | regret of chosen cut (median / worst) "
-          "| chosen per round | best measured |")
+          "| chosen per round | best (head-to-head) |")
     print("|---|---:|---:|---:|---|---:|---|---|")
-    for name in args.models.split(","):
-        r = measure_model(name.strip(), args.repeats, args.network, args.max_cuts, args.edge_threads, args.cloud_threads,
-                          args.rounds, args.refine, args.plan_rounds)
+    for r in results:
         if args.verbose:
             for cid, pred, meas, _, n in r["rows"]:
                 print(f"    {cid:>10}: predicted {pred:.3f} ms, measured {meas:.3f} ms "
                       f"({100 * (pred - meas) / meas:+.1f}%; medians of {n} round(s))", file=sys.stderr)
-        per_round = " / ".join(f"{m:.1f}%" for m in r["round_mapes"])
+            print("    head-to-head totals (with modelled transfer): "
+                  + ", ".join(f"{cid} {t:.3f} ms" for cid, t in sorted(r["final"].items(), key=lambda kv: kv[1])),
+                  file=sys.stderr)
+        per_round = " / ".join(f"{m:.1f}" for m in r["round_mapes"])
         print(f"| {r['model']} | {r['nodes']} | {r['cuts']} | {r['mape']:.1f}% | {per_round} | {r['regret']:.1f}% / "
-              f"{r['worst_regret']:.1f}% | {', '.join(r['chosen'])} | {r['best']} |", flush=True)
+              f"{r['worst_regret']:.1f}% | {_chosen(r['chosen'])} | {r['best']} |")
+    print(f"\n({time.monotonic() - start:.0f} s)")
     return 0
 
 
