@@ -293,17 +293,21 @@ def _out_bytes(graph: CutGraph, node: str) -> int:
     return sum(graph.tensors[t].nbytes for t in graph.node_outputs[node])
 
 
+def _cloud_extra(graph: CutGraph, tensors: Sequence[str], costs: CostInputs, side: frozenset[str] | None) -> float:
+    """B_cloud for `tensors` crossing: their reorders plus the fused nodes they leave alone (`side`: see _unfused)."""
+    rates = costs.cloud_boundary
+    if rates is None:
+        return 0.0
+    alone = _unfused(graph, tensors, costs, side)
+    return _reorders(graph, tensors, rates) + sum(rates.kernel_ms(_out_bytes(graph, v)) for v in alone)
+
+
 def boundary_ms(
     graph: CutGraph, edge_nodes: frozenset[str], cut: Sequence[str], costs: CostInputs
 ) -> tuple[float, float]:
     """(B_edge, B_cloud) of the module docstring for a partial cut."""
-    edge = _reorders(graph, cut, costs.edge_boundary)
-    cloud = _reorders(graph, cut, costs.cloud_boundary)
-    rates = costs.cloud_boundary
-    if rates is not None:
-        cloud_side = frozenset(graph.nodes) - edge_nodes
-        cloud += sum(rates.kernel_ms(_out_bytes(graph, v)) for v in _unfused(graph, cut, costs, cloud_side))
-    return edge, cloud
+    cloud_side = frozenset(graph.nodes) - edge_nodes
+    return _reorders(graph, cut, costs.edge_boundary), _cloud_extra(graph, cut, costs, cloud_side)
 
 
 def evaluate_cut(
@@ -410,12 +414,7 @@ def search_edge_sets(graph: CutGraph, costs: CostInputs, links: Iterable[Link]) 
     # Boundary terms per crossing tensor (module docstring); model inputs never cross a partial cut.
     made = [t for t, info in graph.tensors.items() if info.producer is not None]
     b_edge = dict.fromkeys(graph.tensors, 0.0) | {t: _reorders(graph, [t], costs.edge_boundary) for t in made}
-    b_cloud = dict.fromkeys(graph.tensors, 0.0)
-    if costs.cloud_boundary is not None:
-        rates = costs.cloud_boundary
-        for t in made:
-            chain = _unfused(graph, [t], costs, None)
-            b_cloud[t] = _reorders(graph, [t], rates) + sum(rates.kernel_ms(_out_bytes(graph, v)) for v in chain)
+    b_cloud = dict.fromkeys(graph.tensors, 0.0) | {t: _cloud_extra(graph, [t], costs, None) for t in made}
     for link in links:
         per_byte_ms = 8.0 / (link.uplink_mbps * 1e3)
         latency_t = {t: wire_bytes(graph, t, costs.codec) * per_byte_ms + b_edge[t] + b_cloud[t] for t in graph.tensors}
