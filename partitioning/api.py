@@ -219,6 +219,7 @@ def profile(
             edge_ms=dict(edge_nc.per_node_ms), cloud_ms=dict(cloud_nc.per_node_ms),
             edge_overhead_ms=edge_nc.overhead_ms, cloud_overhead_ms=cloud_nc.overhead_ms,
             edge_boundary=edge_nc.boundary, cloud_boundary=cloud_nc.boundary,
+            cloud_reorder_out_ms=dict(cloud_nc.reorder_out_ms),
             edge_active_w=active_w, edge_idle_w=idle_w, codec=codec,
         )
         say(f"searching cuts over {len(graph.nodes)} nodes")

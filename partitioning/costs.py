@@ -55,6 +55,9 @@ class NodeCosts:
     source: str
     fitted: Throughput | None = field(default=None, compare=False)  # measured only: what it achieved
     boundary: BoundaryRates | None = None  # what a cut adds on this side (partitioning.planner docstring)
+    # measured only: the part of a node's time that was a layout conversion back from the blocked layout
+    # (onnxruntime's ReorderOutput, charged to the node whose output it writes); included in per_node_ms
+    reorder_out_ms: Mapping[str, float] = field(default_factory=dict)
 
     def total_ms(self, nodes: Iterable[str] | None = None) -> float:
         """Overhead plus the sum over `nodes` (all nodes when None)."""
@@ -334,6 +337,7 @@ def measure_node_costs(
     per_run = [mapper.attribute(run) for run in runs]
     per_node = {n.name: statistics.median(r[0].get(n.name, 0.0) for r in per_run) for n in nodes}
     unattributed = statistics.median(r[1] for r in per_run)
+    reorder_out = _reorder_out(mapper, runs)
 
     node_sum = sum(per_node.values())
     wall = statistics.median(walls)
@@ -347,6 +351,7 @@ def measure_node_costs(
     if node_sum > 0 and wall > overhead:
         factor = (wall - overhead) / node_sum
         per_node = {name: ms * factor for name, ms in per_node.items()}
+        reorder_out = {name: ms * factor for name, ms in reorder_out.items()}
         scaled = f"; node times scaled by {factor:.2f} to add up to the unprofiled wall time"
     fitted = _fit_throughput(runs)
     boundary = _boundary_rates(probe_ms, fitted, runs)
@@ -363,7 +368,21 @@ def measure_node_costs(
         + ("; note: with a GPU execution provider the profiler times host-side kernel launches, so GPU "
            "execution time shows up in the overhead" if providers[0] != "CPUExecutionProvider" else "")
     )
-    return NodeCosts(per_node, overhead, "measured", source + _describe(boundary), fitted, boundary)
+    return NodeCosts(per_node, overhead, "measured", source + _describe(boundary), fitted, boundary, reorder_out)
+
+
+def _reorder_out(mapper: _Attribution, runs: list[list[tuple[str, str, float, dict]]]) -> dict[str, float]:
+    """Per original node, the median ms of the ReorderOutput kernels charged to it (nodes with any only)."""
+    per_run: list[dict[str, float]] = []
+    for run in runs:
+        got: dict[str, float] = {}
+        for name, op, ms, _ in run:
+            owner = mapper.cache.get((name, op)) if op == "ReorderOutput" else None
+            if owner is not None:
+                got[owner] = got.get(owner, 0.0) + ms
+        per_run.append(got)
+    owners = {n for got in per_run for n in got}
+    return {n: statistics.median(got.get(n, 0.0) for got in per_run) for n in owners}
 
 
 LAYOUT_REORDERS = frozenset({"ReorderInput", "ReorderOutput"})  # onnxruntime's NCHWc conversions (x86)

@@ -20,7 +20,12 @@ taken in one full-model run, miss when the model is cut; with a side's launch co
               + sum_{v in U} (l + out(v) / g)
     U       = cloud nodes that cost 0 in the full run (fused into the node that makes their input), not view
               ops, reached from a cut tensor through such nodes: cut off from their producer they run alone
+              - sum_{v in R} r(v)
     out(v)  = bytes of v's outputs
+    R       = cloud nodes reading a cut tensor that are not Conv or pooling, where the cloud reorders layouts:
+              the full run converted such a node's output back from the blocked layout (a reorder r(v) that
+              the profile charges to v, part of c(v)); fed a plain cut tensor it runs plain, and the head
+              already converted the tensor (B_edge), so that reorder is not run in the cloud
 
 A runtime that keeps convolutions' activations in a blocked layout (onnxruntime's NCHWc on x86) converts each
 4-D cut tensor back on the edge and forward again in the cloud (measured on tiny_cnn: 10 of the 33 us a cut
@@ -40,9 +45,10 @@ exact minimum of each additive objective (latency, energy, bytes, and latency + 
 over ALL closed edge sets, found as a minimum s-t cut (DADS): node v -> sink costs e(v) (v on edge),
 source -> v costs c(v) (v in cloud), producer -> aux(t) costs transfer(t) once however many cloud
 consumers read t, and infinite reverse edges forbid cloud -> edge flow. The boundary terms enter the search
-per crossing tensor: exactly for the reorders, and approximately for U (each tensor is charged the fused
-chain its readers start, as if all of them ran in the cloud); every candidate is then simulated exactly as
-above. Without budgets, and with U empty, the chosen cut is therefore the global optimum (with U, the optimum
+per crossing tensor: exactly for the reorders, approximately for U (each tensor is charged the fused
+chain its readers start, as if all of them ran in the cloud), and without R (a credit a min-cut cannot take);
+every candidate is then simulated exactly as
+above. Without budgets, and with U and R empty, the chosen cut is therefore the global optimum (with U, the optimum
 of that per-tensor approximation, or a better cut found among the prefixes); with budgets it is the best
 feasible cut among these (which include the optimum whenever that is feasible, and the Lagrangian points of
 the latency/energy trade-off otherwise).
@@ -57,6 +63,9 @@ from partitioning.flops import VIEW_OPS
 from partitioning.graph import CutGraph
 
 OBJECTIVES = ("latency", "energy", "bytes")
+# Ops that onnxruntime runs in the blocked layout even when their input arrives plain (it reorders it first);
+# any other op fed a plain cut tensor runs plain.
+BLOCKED_LAYOUT_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool"})
 CODEC_ITEMSIZE = {"fp32": 4, "fp16": 2, "int8": 1, "int8c": 1}
 MSG_OVERHEAD_BYTES = 64  # request framing: ids, model, cut, timestamps
 TENSOR_OVERHEAD_BYTES = 32  # per tensor: name, dtype, shape, quantization parameters
@@ -124,6 +133,8 @@ class CostInputs:
     cloud_overhead_ms: float = 0.0
     edge_boundary: BoundaryRates | None = None
     cloud_boundary: BoundaryRates | None = None
+    # the part of c(v) that converted v's output back from the blocked layout in the full run (R of the docstring)
+    cloud_reorder_out_ms: Mapping[str, float] = field(default_factory=dict)
     edge_active_w: float = 5.0
     edge_idle_w: float = 1.0
     codec: str = "int8"
@@ -302,12 +313,23 @@ def _cloud_extra(graph: CutGraph, tensors: Sequence[str], costs: CostInputs, sid
     return _reorders(graph, tensors, rates) + sum(rates.kernel_ms(_out_bytes(graph, v)) for v in alone)
 
 
+def _moved_reorders(graph: CutGraph, cut: Sequence[str], costs: CostInputs, side: frozenset[str]) -> float:
+    """R of the module docstring: reorders the full run charged to cloud readers of `cut` that the head does."""
+    rates = costs.cloud_boundary
+    if rates is None or not rates.reorders or not costs.cloud_reorder_out_ms:
+        return 0.0
+    readers = {c for t in cut for c in graph.tensors[t].consumers if c in side}
+    return sum(min(costs.cloud_reorder_out_ms.get(v, 0.0), costs.cloud_ms.get(v, 0.0)) for v in readers
+               if graph.node_ops.get(v, "") not in BLOCKED_LAYOUT_OPS)
+
+
 def boundary_ms(
     graph: CutGraph, edge_nodes: frozenset[str], cut: Sequence[str], costs: CostInputs
 ) -> tuple[float, float]:
     """(B_edge, B_cloud) of the module docstring for a partial cut."""
     cloud_side = frozenset(graph.nodes) - edge_nodes
-    return _reorders(graph, cut, costs.edge_boundary), _cloud_extra(graph, cut, costs, cloud_side)
+    return (_reorders(graph, cut, costs.edge_boundary),
+            _cloud_extra(graph, cut, costs, cloud_side) - _moved_reorders(graph, cut, costs, cloud_side))
 
 
 def evaluate_cut(

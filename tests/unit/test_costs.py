@@ -370,6 +370,10 @@ def test_measured_costs_carry_the_fixed_run_cost_and_boundary_rates(cnn_path, me
     ort.InferenceSession(str(cnn_path), options, providers=["CPUExecutionProvider"])
     ran = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     assert rates.reorders == bool(ran & {"ReorderInput", "ReorderOutput"})
+    # the reorders back from the blocked layout are kept apart too, as part of the node charged with them
+    assert bool(measured.reorder_out_ms) == ("ReorderOutput" in ran)
+    for node, ms in measured.reorder_out_ms.items():
+        assert 0 <= ms <= measured.per_node_ms[node]
 
 
 def test_profile_keeps_boundary_rates_and_old_profiles_fall_back_to_the_fit(cnn_path, measured, tmp_path) -> None:

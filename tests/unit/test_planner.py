@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -285,6 +286,32 @@ def test_a_cut_pays_layout_reorders_and_the_fusions_it_breaks():
     for nodes in (frozenset(), frozenset(RESIDUAL)):
         assert evaluate_cut(graph, nodes, both, link, Budgets(), "b").total_ms == pytest.approx(
             evaluate_cut(graph, nodes, plain, link, Budgets(), "b").total_ms)
+
+
+def test_a_reorder_the_head_does_is_not_charged_to_the_cloud_again():
+    # relu ran on the blocked layout in the full run, and the reorder back (0.2 of its 0.3 ms) was charged to it.
+    # Cut at add's output, the head converts `add` (B_edge) and relu runs plain in the cloud: no reorder there.
+    graph = residual_graph()
+    cost = {"stem": 1.0, "conv": 2.0, "add": 0.0, "relu": 0.3, "flat": 0.0, "fc": 0.5}
+    link = Link(uplink_mbps=1000, downlink_mbps=1000, rtt_ms=1.0)
+    reorders = BoundaryRates(0.01, 8.192, reorders=True)
+    charged = CostInputs(edge_ms=cost, cloud_ms=cost, cloud_boundary=reorders)
+    moved = replace(charged, cloud_reorder_out_ms={"relu": 0.2, "conv": 0.4})
+    before_relu = frozenset({"stem", "conv", "add"})
+    assert evaluate_cut(graph, before_relu, moved, link, Budgets(), "c").cloud_ms == pytest.approx(
+        evaluate_cut(graph, before_relu, charged, link, Budgets(), "c").cloud_ms - 0.2)
+    # a Conv fed a cut tensor still runs blocked in the cloud and converts back itself: its reorder stays
+    after_stem = frozenset({"stem"})
+    assert evaluate_cut(graph, after_stem, moved, link, Budgets(), "c").cloud_ms == pytest.approx(
+        evaluate_cut(graph, after_stem, charged, link, Budgets(), "c").cloud_ms)
+    # a cloud runtime that keeps one layout never had the reorder; the credit never exceeds the node's cost
+    plain = replace(moved, cloud_boundary=BoundaryRates(0.01, 8.192))
+    assert evaluate_cut(graph, before_relu, plain, link, Budgets(), "c").cloud_ms == pytest.approx(
+        evaluate_cut(graph, before_relu, CostInputs(edge_ms=cost, cloud_ms=cost, cloud_boundary=plain.cloud_boundary),
+                     link, Budgets(), "c").cloud_ms)
+    capped = replace(charged, cloud_reorder_out_ms={"relu": 5.0})
+    assert evaluate_cut(graph, before_relu, capped, link, Budgets(), "c").cloud_ms == pytest.approx(
+        evaluate_cut(graph, before_relu, charged, link, Budgets(), "c").cloud_ms - 0.3)
 
 
 @pytest.mark.parametrize("seed", range(8))
