@@ -24,7 +24,8 @@ so that the cloud is faster and cuts other than edge-only can win. Reports, per 
   and the worst over the rounds.
 
 The plan is made as split-profile makes it, so its few best cuts are timed before choosing (--refine, default
-3; partitioning/refine.py): regret judges that refined choice. MAPE stays a test of the cost model alone: a
+3; partitioning/refine.py), and the two best timed again head to head when within 10%: regret judges that
+refined choice. MAPE stays a test of the cost model alone: a
 refined candidate is compared by its recorded per-node prediction, and every measurement here is the
 benchmark's own, taken after the plan is made (the same timing code, not the plan's timings).
 
@@ -92,6 +93,7 @@ class ModelRun:
         self.round_mapes: list[float] = []
         self.retimed: dict[str, list[tuple[int, float]]] = {}  # cid -> (round, the plan's refinement timing)
         self.round_noise: list[float] = []
+        self.tie_breaks = 0  # rounds whose plan timed its two best cuts again head to head
         self.picked: list[str] = []
         self.nodes = 0
 
@@ -115,6 +117,7 @@ class ModelRun:
             near = [c for i, c in enumerate(by_prediction[:MAX_NEAR_TIES]) if i < 2 * a.refine or guess[c.id] <= band]
             self.picked = list(dict.fromkeys(c.id for c in [*_spread(result.plan.candidates, a.max_cuts), *near]))
         self.chosen.append(result.plan.best.id)
+        self.tie_breaks += (result.document.get("refined") or {}).get("tie_break") is not None
         refined = [c for c in result.plan.candidates if c.measured]
         # Every round's choice is timed from then on, and this round's refined cuts again (the noise floor).
         ids = list(dict.fromkeys([*self.picked, *self.chosen, *(c.id for c in refined)]))
@@ -171,6 +174,7 @@ class ModelRun:
             "regret": float(np.median(regrets)),
             "worst_regret": max(regrets),
             "chosen": self.chosen,
+            "tie_breaks": self.tie_breaks,
             "best": best,
             "rows": rows,
             "final": total,
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [run.result() for run in runs]
     print("| model | nodes | cuts measured | MAPE (compute) | MAPE per round | re-timing MAPE (noise floor) / "
           "prediction's, same cuts | re-timing MAPE per round | regret of chosen cut (median / worst) "
-          "| chosen per round | best (head-to-head) |")
+          "| chosen per round (rounds whose plan broke a tie head to head) | best (head-to-head) |")
     print("|---|---:|---:|---:|---|---:|---|---:|---|---|")
     for r in results:
         if args.verbose:
@@ -233,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         noise = " / ".join(f"{m:.1f}" for m in r["round_noise"])
         print(f"| {r['model']} | {r['nodes']} | {r['cuts']} | {r['mape']:.1f}% | {per_round} | "
               f"{r['retime_mape']:.1f}% / {r['retime_predicted_mape']:.1f}% ({r['retimed_cuts']} cuts) | {noise} | "
-              f"{r['regret']:.1f}% / {r['worst_regret']:.1f}% | {_chosen(r['chosen'])} | {r['best']} |")
+              f"{r['regret']:.1f}% / {r['worst_regret']:.1f}% | {_chosen(r['chosen'])} "
+              f"({r['tie_breaks']} head-to-head) | {r['best']} |")
     print(f"\n({time.monotonic() - start:.0f} s)")
     return 0
 

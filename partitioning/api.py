@@ -27,6 +27,10 @@ DEFAULT_CHECK_SAMPLES = 32
 DEFAULT_REFINE = 3
 REFINE_ROUNDS = 5
 REFINE_BOUND = 3  # at most REFINE_BOUND * refine candidates are timed, however the choice moves
+# When the two best timed cuts are within REFINE_TIE of each other by the objective, they are timed again
+# head to head: twice the runs, in turns of TIE_RUNS runs each (see _tie_break).
+REFINE_TIE = 0.10
+TIE_RUNS = 3
 
 
 class NoFeasiblePlanError(RuntimeError):
@@ -137,11 +141,48 @@ def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs
             progress(f"timing moved the choice from {before} to {plan.chosen}")
         if plan.best.measured:
             break
+    plan, tie = _tie_break(plan, graph, costs, proto, onnx_path, inputs, repeats=repeats, edge_threads=edge_threads,
+                           cloud_threads=cloud_threads, progress=progress)
     record = {"candidates": timed, "runs": runs, "rounds": REFINE_ROUNDS, "edge_threads": edge_threads,
-              "cloud_threads": cloud_threads, "chosen_timed": plan.best.measured}
+              "cloud_threads": cloud_threads, "chosen_timed": plan.best.measured, "tie_break": tie}
     if not plan.best.measured:
         progress(f"the chosen cut {plan.chosen} was not timed: {len(timed)} cuts timed, the bound for --refine {count}")
     return plan, record
+
+
+def _tie_break(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs, *, repeats: int,
+               edge_threads: int | None, cloud_threads: int | None,
+               progress: Progress) -> tuple[Plan, dict[str, Any] | None]:
+    """Time the two best timed cuts again, head to head, when they are within REFINE_TIE by the objective.
+
+    The refinement's rounds are a few seconds long, and this host's speed drifts by 5-13% over such spans, so
+    two cuts timed a few percent apart may be in either order. Here the two alone take 2 x repeats runs each,
+    TIE_RUNS at a time in alternating turns, so that a drift reaches both alike; their timings replace the
+    refinement's. None when there is no such pair (or the objective is bytes, which timing does not change).
+    """
+    from partitioning.refine import time_cuts
+
+    ranked = [c for c in rank(plan.candidates, plan.budgets) if c.measured and c.feasible]
+    if plan.budgets.objective == "bytes" or len(ranked) < 2:
+        return plan, None
+    first, second = ranked[:2]
+    a, b = (c.objective_value(plan.budgets.objective) for c in (first, second))
+    if a <= 0 or (b - a) / a > REFINE_TIE:
+        return plan, None
+    runs = 2 * repeats
+    turns = max(1, runs // TIE_RUNS)
+    progress(f"{first.id} and {second.id} are within {100 * (b - a) / a:.1f}%: timing them head to head "
+             f"({runs} runs each in {turns} turns)")
+    times = time_cuts(proto, onnx_path, inputs, [first, second], edge_threads=edge_threads,
+                      cloud_threads=cloud_threads, repeats=runs, rounds=turns, seed=1)
+    before = plan.chosen
+    plan = apply_measured(plan, graph, costs, times)
+    for c in (first, second):
+        got = plan.candidate(c.id)
+        progress(f"  {c.id}: timed {got.edge_ms:.3f} + {got.cloud_ms:.3f} ms")
+    if plan.chosen != before:
+        progress(f"the head-to-head moved the choice from {before} to {plan.chosen}")
+    return plan, {"candidates": [first.id, second.id], "runs": runs, "rounds": turns}
 
 
 def _host(threads: int | None = None) -> dict[str, Any]:

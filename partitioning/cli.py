@@ -154,8 +154,12 @@ def _refine_note(doc: dict[str, Any]) -> str:
         return f"compute: per-node model for every cut (not timed: {reason})" if reason else ""
     text = (f"compute: timed as extracted fp32 head + tail for {', '.join(ids)} (timed = yes, median of "
             f"{refined.get('runs')} runs); per-node model for the other cuts")
+    tie = refined.get("tie_break")
+    if tie:
+        text += (f"; {' and '.join(tie['candidates'])} were close and timed again head to head "
+                 f"({tie['runs']} runs each)")
     if not refined.get("chosen_timed", True):
-        text += f"; the chosen cut {doc['chosen']} was not timed (the --refine bound was reached)"
+        text += f"; the chosen cut {doc['chosen']} was not timed"
     return text
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
-from partitioning import profile
+from partitioning import api, profile
 from partitioning.cli import main
 
 
@@ -51,6 +51,23 @@ def test_a_refined_bundle_loads_and_records_the_timings(refined):
     assert bundle.chosen == result.plan.chosen
     assert bundle.candidate(bundle.chosen)["measured"] is True
     assert json.loads((out / "plan.json").read_text())["refined"] == result.document["refined"]
+
+
+@pytest.mark.parametrize("tie", [float("inf"), -1.0])
+def test_the_two_best_timed_cuts_are_timed_again_head_to_head_when_close(monkeypatch, tie):
+    # inf: any two timed cuts count as close; -1: none do
+    monkeypatch.setattr(api, "REFINE_TIE", tie)
+    result = profile("tiny_cnn", device="local", cloud="local", network="ethernet", threads=1, cloud_threads=2,
+                     repeats=3, refine=2)
+    record, plan = result.document["refined"], result.plan
+    if tie < 0:
+        assert record["tie_break"] is None
+        return
+    pair = record["tie_break"]["candidates"]
+    assert len(set(pair)) == 2 and set(pair) <= set(record["candidates"])
+    assert record["tie_break"]["runs"] == 6 and record["tie_break"]["rounds"] == 2
+    assert all(plan.candidate(cid).measured for cid in pair)
+    assert record["chosen_timed"] is plan.best.measured
 
 
 def test_refine_zero_and_estimated_devices_time_nothing():
