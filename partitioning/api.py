@@ -155,8 +155,9 @@ def _tie_break(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inp
                progress: Progress) -> tuple[Plan, dict[str, Any] | None]:
     """Time the two best timed cuts again, head to head, when they are within REFINE_TIE by the objective.
 
-    The refinement's rounds are a few seconds long, and this host's speed drifts by 5-13% over such spans, so
-    two cuts timed a few percent apart may be in either order. Here the two alone take 2 x repeats runs each,
+    The refinement's rounds are a few seconds long, and a busy or virtualized host's speed drifts over such
+    spans (5-13% on the 2-core development VM, README), so two cuts timed a few percent apart may come out in
+    either order. Here the two alone take 2 x repeats runs each,
     TIE_RUNS at a time in alternating turns, so that a drift reaches both alike; their timings replace the
     refinement's. None when there is no such pair (or the objective is bytes, which timing does not change).
     """

@@ -18,9 +18,9 @@ taken in one full-model run, miss when the model is cut; with a side's launch co
     B_edge  = sum_{t in C, 4-D float} (l + bytes(t) / g)         if the edge runtime reorders layouts
     B_cloud = sum_{t in C, 4-D float} (l + bytes(t) / g)         if the cloud runtime reorders layouts
               + sum_{v in U} (l + out(v) / g)
+              - sum_{v in R} r(v)
     U       = cloud nodes that cost 0 in the full run (fused into the node that makes their input), not view
               ops, reached from a cut tensor through such nodes: cut off from their producer they run alone
-              - sum_{v in R} r(v)
     out(v)  = bytes of v's outputs
     R       = cloud nodes reading a cut tensor that are not Conv or pooling, where the cloud reorders layouts:
               the full run converted such a node's output back from the blocked layout (a reorder r(v) that
@@ -46,10 +46,10 @@ over ALL closed edge sets, found as a minimum s-t cut (DADS): node v -> sink cos
 source -> v costs c(v) (v in cloud), producer -> aux(t) costs transfer(t) once however many cloud
 consumers read t, and infinite reverse edges forbid cloud -> edge flow. The boundary terms enter the search
 per crossing tensor: exactly for the reorders, approximately for U (each tensor is charged the fused
-chain its readers start, as if all of them ran in the cloud), and without R (a credit a min-cut cannot take);
-every candidate is then simulated exactly as
-above. Without budgets, and with U and R empty, the chosen cut is therefore the global optimum (with U, the optimum
-of that per-tensor approximation, or a better cut found among the prefixes); with budgets it is the best
+chain its readers start, as if all of them ran in the cloud), and without R (a credit a min-cut cannot
+take); every candidate is then simulated exactly as above. Without budgets, and with U and R empty, the
+chosen cut is therefore the global optimum (with U or R, the optimum of that per-tensor approximation, or a
+better cut found among the prefixes); with budgets it is the best
 feasible cut among these (which include the optimum whenever that is feasible, and the Lagrangian points of
 the latency/energy trade-off otherwise).
 """
