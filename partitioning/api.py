@@ -146,7 +146,8 @@ def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs
     record = {"candidates": timed, "runs": runs, "rounds": REFINE_ROUNDS, "edge_threads": edge_threads,
               "cloud_threads": cloud_threads, "chosen_timed": plan.best.measured, "tie_break": tie}
     if not plan.best.measured:
-        progress(f"the chosen cut {plan.chosen} was not timed: {len(timed)} cuts timed, the bound for --refine {count}")
+        progress(f"the chosen cut {plan.chosen} was not timed ({len(timed)} cuts timed, at most "
+                 f"{REFINE_BOUND * count} for --refine {count}; a head-to-head may have moved the choice)")
     return plan, record
 
 
