@@ -24,8 +24,8 @@ so that the cloud is faster and cuts other than edge-only can win. Reports, per 
   and the worst over the rounds.
 
 The plan is made as split-profile makes it, so its few best cuts are timed before choosing (--refine, default
-3; partitioning/refine.py), and the two best timed again head to head when within 10%: regret judges that
-refined choice. MAPE stays a test of the cost model alone: a
+3; partitioning/refine.py), and the two best timed again head to head when within 10% or when the timing
+overturns the model's order: regret judges that refined choice. MAPE stays a test of the cost model alone: a
 refined candidate is compared by its recorded per-node prediction, and every measurement here is the
 benchmark's own, taken after the plan is made (the same timing code, not the plan's timings).
 
@@ -107,7 +107,8 @@ class ModelRun:
         """Plan once, then time the spread, the near-ties and every choice so far."""
         a = self.args
         result = profile(self.name, device="local", cloud="local", network=a.network, repeats=a.repeats,
-                         threads=a.edge_threads, cloud_threads=a.cloud_threads, refine=a.refine)
+                         measure_seconds=a.measure_seconds, threads=a.edge_threads, cloud_threads=a.cloud_threads,
+                         refine=a.refine)
         self.nodes = result.document["model"]["nodes"]
         self.candidates = {c.id: c for c in result.plan.candidates}
         if not self.picked:  # a spread over the order, and the near-ties any round's plan is likely to choose
@@ -121,7 +122,7 @@ class ModelRun:
         refined = [c for c in result.plan.candidates if c.measured]
         # Every round's choice is timed from then on, and this round's refined cuts again (the noise floor).
         ids = list(dict.fromkeys([*self.picked, *self.chosen, *(c.id for c in refined)]))
-        times = self._time(ids, repeats=a.repeats, rounds=a.rounds, seed=5 + r)
+        times = self._time(ids, repeats=a.repeats, rounds=a.rounds, seed=5 + r, min_seconds=a.timing_seconds)
         errors = []
         for cid in ids:
             pred, meas = sum(predicted_compute(self.candidates[cid])), times[cid]
@@ -156,7 +157,8 @@ class ModelRun:
             rows.append((cid, pred, meas, meas + self.transfer[cid], len(self.measured[cid])))
         pooled = {cid: t for cid, _, _, t, _ in rows}
         contenders = list(dict.fromkeys([*sorted(pooled, key=pooled.get)[:FINAL_CONTENDERS], *self.chosen]))
-        final = self._time(contenders, repeats=FINAL_TURNS * FINAL_RUNS, rounds=FINAL_TURNS, seed=99)
+        final = self._time(contenders, repeats=FINAL_TURNS * FINAL_RUNS, rounds=FINAL_TURNS, seed=99,
+                           min_seconds=2 * self.args.timing_seconds)
         total = {cid: final[cid] + self.transfer[cid] for cid in contenders}
         best = min(total, key=total.get)
         regrets = [100 * (total[c] - total[best]) / total[best] for c in self.chosen]
@@ -200,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cloud-threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved measuring rounds over the candidates")
     ap.add_argument("--refine", type=int, default=3, help="candidates the plan times before choosing (0: none)")
+    ap.add_argument("--measure-seconds", type=float, default=1.0,
+                    help="the plan's --measure-seconds: each profile and refinement timing spans at least this")
+    ap.add_argument("--timing-seconds", type=float, default=2.0,
+                    help="the benchmark's timing of a round's cuts spans at least this (the final head-to-head twice "
+                         "this)")
     ap.add_argument("--plan-rounds", type=int, default=5,
                     help="profile-then-time rounds per model, taken in turns across the models; predictions and "
                          "measurements are medians over them")
@@ -209,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--plan-rounds must be at least 1, got {args.plan_rounds}")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     print(f"edge: this host, {args.edge_threads} thread(s); cloud: this host, {args.cloud_threads} thread(s); "
-          f"network {args.network} (modelled, not emulated); {args.repeats} runs per median; "
+          f"network {args.network} (modelled, not emulated); {args.repeats} runs per median, profiles and the "
+          f"plan's timings over >= {args.measure_seconds:g} s, the benchmark's over >= {args.timing_seconds:g} s; "
           f"{args.plan_rounds} profile-then-time rounds per model, in turns across the models\n", flush=True)
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,9 @@ from typing import Any, Callable, Mapping
 
 from models.extras import require
 from models.manifest import PLAN_SCHEMA
-from partitioning.planner import PLAN_TABLE_MBPS, Budgets, CostInputs, Link, Plan, apply_measured, plan_cuts, rank
+from partitioning.costs import MIN_SECONDS
+from partitioning.planner import (PLAN_TABLE_MBPS, Budgets, CostInputs, Link, Plan, apply_measured, evaluate_cut,
+                                  plan_cuts, rank)
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -27,8 +29,9 @@ DEFAULT_CHECK_SAMPLES = 32
 DEFAULT_REFINE = 3
 REFINE_ROUNDS = 5
 REFINE_BOUND = 3  # at most REFINE_BOUND * refine candidates are timed, however the choice moves
-# When the two best timed cuts are within REFINE_TIE of each other by the objective, they are timed again
-# head to head: twice the runs, in turns of TIE_RUNS runs each (see _tie_break).
+# When the two best timed cuts are within REFINE_TIE of each other by the objective, or their timings rank them
+# the other way round from the per-node model, they are timed again head to head: twice the runs, in turns of
+# TIE_RUNS runs each (see _tie_break).
 REFINE_TIE = 0.10
 TIE_RUNS = 3
 
@@ -55,15 +58,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _edge_costs(device: str, onnx_path: Path, model, sha: str, *, repeats: int, threads: int | None,
-                progress: Progress, measured: dict) -> tuple[Any, dict[str, Any], float, float]:
+def _edge_costs(device: str, onnx_path: Path, model, sha: str, *, repeats: int, seconds: float,
+                threads: int | None, progress: Progress, measured: dict) -> tuple[Any, dict[str, Any], float, float]:
     """Per-node edge costs, the device's plan.json record, and its active/idle power."""
     from partitioning import costs as cost_mod
     from partitioning.devices import DeviceProfile, resolve_device
 
     if device == "local":
         if threads not in measured:
-            measured[threads] = _measure(onnx_path, repeats, threads, progress)
+            measured[threads] = _measure(onnx_path, repeats, seconds, threads, progress)
         nc = measured[threads]
         rec = {"name": "local", "kind": nc.kind, "source": nc.source, "host": _host(threads),
                "power": {"active_w": LOCAL_ACTIVE_W, "idle_w": LOCAL_IDLE_W,
@@ -83,14 +86,14 @@ def _edge_costs(device: str, onnx_path: Path, model, sha: str, *, repeats: int, 
     return nc, rec, active, idle
 
 
-def _cloud_costs(cloud: str, onnx_path: Path, model, *, repeats: int, threads: int | None, progress: Progress,
-                 measured: dict) -> tuple[Any, dict[str, Any]]:
+def _cloud_costs(cloud: str, onnx_path: Path, model, *, repeats: int, seconds: float, threads: int | None,
+                 progress: Progress, measured: dict) -> tuple[Any, dict[str, Any]]:
     from partitioning import costs as cost_mod
     from partitioning.devices import resolve_gpu
 
     if cloud == "local":
         if threads not in measured:  # the same host and threads as the edge: one measurement serves both
-            measured[threads] = _measure(onnx_path, repeats, threads, progress)
+            measured[threads] = _measure(onnx_path, repeats, seconds, threads, progress)
         nc = measured[threads]
         return nc, {"name": "local", "kind": nc.kind, "source": nc.source}
     gpu = resolve_gpu(cloud)
@@ -98,16 +101,17 @@ def _cloud_costs(cloud: str, onnx_path: Path, model, *, repeats: int, threads: i
     return nc, {"name": gpu.name, "kind": nc.kind, "source": nc.source, "gpu_table": gpu.source}
 
 
-def _measure(onnx_path: Path, repeats: int, threads: int | None, progress: Progress):
+def _measure(onnx_path: Path, repeats: int, seconds: float, threads: int | None, progress: Progress):
     from partitioning.costs import measure_node_costs
 
-    progress(f"measuring per-node latency on this host ({repeats} runs after warm-up)")
-    return measure_node_costs(onnx_path, repeats=repeats, threads=threads,
+    progress(f"measuring per-node latency on this host ({repeats} runs after warm-up, over at least {seconds:g} s)")
+    return measure_node_costs(onnx_path, repeats=repeats, threads=threads, min_seconds=seconds,
                               progress=lambda done, total: progress(f"  run {done}/{total}"))
 
 
 def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs, *, count: int, repeats: int,
-            edge_threads: int | None, cloud_threads: int | None, progress: Progress) -> tuple[Plan, dict[str, Any]]:
+            seconds: float, edge_threads: int | None, cloud_threads: int | None,
+            progress: Progress) -> tuple[Plan, dict[str, Any]]:
     """Time the `count` best candidates' real heads and tails and choose again, until the chosen one is timed.
 
     The first round also times both baselines: each is one session of the full model, cheap to time, and the
@@ -127,9 +131,9 @@ def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs
             break
         again = " more" if timed else ""
         progress(f"timing the {len(todo)}{again} best cuts as extracted head+tail ({', '.join(c.id for c in todo)}; "
-                 f"{runs} runs each in {REFINE_ROUNDS} interleaved rounds)")
+                 f"at least {runs} runs each in {REFINE_ROUNDS} or more interleaved rounds over {seconds:g} s)")
         times = time_cuts(proto, onnx_path, inputs, todo, edge_threads=edge_threads, cloud_threads=cloud_threads,
-                          repeats=repeats, rounds=REFINE_ROUNDS)
+                          repeats=repeats, rounds=REFINE_ROUNDS, min_seconds=seconds)
         before = plan.chosen
         plan = apply_measured(plan, graph, costs, times)
         timed += [c.id for c in todo]
@@ -141,10 +145,11 @@ def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs
             progress(f"timing moved the choice from {before} to {plan.chosen}")
         if plan.best.measured:
             break
-    plan, tie = _tie_break(plan, graph, costs, proto, onnx_path, inputs, repeats=repeats, edge_threads=edge_threads,
-                           cloud_threads=cloud_threads, progress=progress)
-    record = {"candidates": timed, "runs": runs, "rounds": REFINE_ROUNDS, "edge_threads": edge_threads,
-              "cloud_threads": cloud_threads, "chosen_timed": plan.best.measured, "tie_break": tie}
+    plan, tie = _tie_break(plan, graph, costs, proto, onnx_path, inputs, repeats=repeats, seconds=seconds,
+                           edge_threads=edge_threads, cloud_threads=cloud_threads, progress=progress)
+    record = {"candidates": timed, "runs": runs, "rounds": REFINE_ROUNDS, "min_seconds": seconds,
+              "edge_threads": edge_threads, "cloud_threads": cloud_threads, "chosen_timed": plan.best.measured,
+              "tie_break": tie}
     if not plan.best.measured:
         progress(f"the chosen cut {plan.chosen} was not timed ({len(timed)} cuts timed, at most "
                  f"{REFINE_BOUND * count} for --refine {count}; a head-to-head may have moved the choice)")
@@ -152,15 +157,18 @@ def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs
 
 
 def _tie_break(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs, *, repeats: int,
-               edge_threads: int | None, cloud_threads: int | None,
+               seconds: float, edge_threads: int | None, cloud_threads: int | None,
                progress: Progress) -> tuple[Plan, dict[str, Any] | None]:
-    """Time the two best timed cuts again, head to head, when they are within REFINE_TIE by the objective.
+    """Time the two best timed cuts again, head to head, when they are within REFINE_TIE by the objective or
+    when their timings overturn the per-node model's order.
 
     The refinement's rounds are a few seconds long, and a busy or virtualized host's speed drifts over such
     spans (5-13% on the 2-core development VM, README), so two cuts timed a few percent apart may come out in
-    either order. Here the two alone take 2 x repeats runs each,
-    TIE_RUNS at a time in alternating turns, so that a drift reaches both alike; their timings replace the
-    refinement's. None when there is no such pair (or the objective is bytes, which timing does not change).
+    either order, and a stretch that slows one side's threads more than the other's can even reverse two cuts
+    the model holds 15% apart. Here the two alone take 2 x repeats runs each (more, until the turns span
+    2 x seconds), TIE_RUNS at a time in alternating turns, so that a drift reaches both alike; their timings
+    replace the refinement's. None when there is no such pair (or the objective is bytes, which timing does not
+    change).
     """
     from partitioning.refine import time_cuts
 
@@ -168,15 +176,27 @@ def _tie_break(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inp
     if plan.budgets.objective == "bytes" or len(ranked) < 2:
         return plan, None
     first, second = ranked[:2]
-    a, b = (c.objective_value(plan.budgets.objective) for c in (first, second))
-    if a <= 0 or (b - a) / a > REFINE_TIE:
+    objective = plan.budgets.objective
+    a, b = (c.objective_value(objective) for c in (first, second))
+    predicted = {c.id: evaluate_cut(graph, c.edge_nodes, costs, plan.link, plan.budgets, c.id)
+                 .objective_value(objective) for c in (first, second)}
+    if a <= 0:
+        return plan, None
+    if (b - a) / a <= REFINE_TIE:
+        reason = f"within {100 * REFINE_TIE:g}%"
+        progress(f"{first.id} and {second.id} are within {100 * (b - a) / a:.1f}%: timing them head to head")
+    elif predicted[first.id] > predicted[second.id]:
+        reason = "timing overturned the prediction"
+        progress(f"timed, {first.id} is {100 * (b - a) / a:.1f}% better than {second.id}, but the per-node model put "
+                 f"{second.id} {100 * (predicted[first.id] / predicted[second.id] - 1):.1f}% ahead: timing them head "
+                 f"to head")
+    else:
         return plan, None
     runs = 2 * repeats
     turns = max(1, runs // TIE_RUNS)
-    progress(f"{first.id} and {second.id} are within {100 * (b - a) / a:.1f}%: timing them head to head "
-             f"({runs} runs each in {turns} turns)")
+    progress(f"  (at least {runs} runs each in turns of {TIE_RUNS}, over {2 * seconds:g} s)")
     times = time_cuts(proto, onnx_path, inputs, [first, second], edge_threads=edge_threads,
-                      cloud_threads=cloud_threads, repeats=runs, rounds=turns, seed=1)
+                      cloud_threads=cloud_threads, repeats=runs, rounds=turns, seed=1, min_seconds=2 * seconds)
     before = plan.chosen
     plan = apply_measured(plan, graph, costs, times)
     for c in (first, second):
@@ -184,7 +204,9 @@ def _tie_break(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inp
         progress(f"  {c.id}: timed {got.edge_ms:.3f} + {got.cloud_ms:.3f} ms")
     if plan.chosen != before:
         progress(f"the head-to-head moved the choice from {before} to {plan.chosen}")
-    return plan, {"candidates": [first.id, second.id], "runs": runs, "rounds": turns}
+    return plan, {"candidates": [first.id, second.id], "reason": reason, "runs": runs, "rounds": turns,
+                  "min_seconds": 2 * seconds, "before": {first.id: round(a, 4), second.id: round(b, 4)},
+                  "predicted": {cid: round(v, 4) for cid, v in predicted.items()}}
 
 
 def _host(threads: int | None = None) -> dict[str, Any]:
@@ -213,6 +235,7 @@ def profile(
     allow_pickle: bool = False,
     save_device_profile: str | Path | None = None,
     repeats: int = 20,
+    measure_seconds: float = MIN_SECONDS,
     threads: int | None = None,
     cloud_threads: int | None = None,
     plan_table_mbps: tuple[float, ...] = PLAN_TABLE_MBPS,
@@ -222,7 +245,8 @@ def profile(
     """Load `model`, cost every cut for device/cloud/network, choose under the budgets, write the bundle to `out`.
 
     With device and cloud both "local", the `refine` best candidates are then timed as real head and tail
-    (more when the choice moves to one not yet timed) and the choice is made again with those times.
+    (more when the choice moves to one not yet timed) and the choice is made again with those times. Every
+    measurement on this host (each side's profile, each refinement timing) spans at least `measure_seconds`.
     """
     from models.loaders import load_model
     from partitioning.graph import build_cut_graph
@@ -230,6 +254,8 @@ def profile(
     onnx = require("onnx", "profile")
     if refine < 0:
         raise ValueError(f"refine must be >= 0 (candidates to time; 0 disables), got {refine}")
+    if not measure_seconds >= 0:
+        raise ValueError(f"measure_seconds must be >= 0, got {measure_seconds}")
     say: Progress = progress or (lambda msg: None)
     notes: list[str] = []
     budgets = Budgets(max_latency_ms, edge_memory_mb, max_energy_mj, objective)
@@ -247,7 +273,8 @@ def profile(
         graph = build_cut_graph(proto)
         measured: dict = {}
         edge_nc, device_rec, active_w, idle_w = _edge_costs(
-            device, loaded.onnx_path, proto, onnx_sha, repeats=repeats, threads=threads, progress=say, measured=measured)
+            device, loaded.onnx_path, proto, onnx_sha, repeats=repeats, seconds=measure_seconds, threads=threads,
+            progress=say, measured=measured)
         if save_device_profile is not None:
             if edge_nc.kind != "measured":
                 raise ValueError("--save-device-profile needs --device local (a measurement on this host)")
@@ -255,7 +282,7 @@ def profile(
 
             save(Path(save_device_profile), edge_nc, model_sha256=onnx_sha, host=_host(threads))
             say(f"saved the device profile to {save_device_profile}")
-        cloud_nc, cloud_rec = _cloud_costs(cloud, loaded.onnx_path, proto, repeats=repeats,
+        cloud_nc, cloud_rec = _cloud_costs(cloud, loaded.onnx_path, proto, repeats=repeats, seconds=measure_seconds,
                                            threads=threads if cloud_threads is None else cloud_threads,
                                            progress=say, measured=measured)
         costs = CostInputs(
@@ -273,7 +300,7 @@ def profile(
             refined = {"candidates": [], "reason": "refine 0"}
         else:
             plan, refined = _refine(plan, graph, costs, proto, loaded.onnx_path, loaded.inputs, count=refine,
-                                    repeats=repeats, edge_threads=threads,
+                                    repeats=repeats, seconds=measure_seconds, edge_threads=threads,
                                     cloud_threads=threads if cloud_threads is None else cloud_threads, progress=say)
         document = _document(loaded, onnx_sha, graph, plan, device_rec, cloud_rec, net, budgets, codec)
         document["refined"] = refined

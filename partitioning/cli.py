@@ -52,6 +52,8 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of split-profile."""
+    from partitioning.costs import MIN_SECONDS
+
     p = argparse.ArgumentParser(
         prog="split-profile",
         description="Find where to cut a DNN between an edge device and the cloud, and write a verified split bundle.",
@@ -78,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load a pickled nn.Module (unpickling runs code: only for files you trust)")
     p.add_argument("--save-device-profile", type=Path, help="with --device local: save the measurement as JSON")
     p.add_argument("--repeats", type=int, default=20, help="measured runs per node (median)")
+    p.add_argument("--measure-seconds", type=_non_negative, default=MIN_SECONDS, metavar="S",
+                   help="each measurement here (a side's profile, each refinement timing) goes on in turns until "
+                        f"it spans at least S seconds, so one busy moment of the host does not decide it "
+                        f"(default {MIN_SECONDS:g})")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads when measuring the edge here")
     p.add_argument("--cloud-threads", type=int, help="with --cloud local: threads when measuring the cloud (default --threads)")
     p.add_argument("--refine", type=_count, default=3, metavar="K",
@@ -152,12 +158,13 @@ def _refine_note(doc: dict[str, Any]) -> str:
     if not ids:
         reason = refined.get("reason")
         return f"compute: per-node model for every cut (not timed: {reason})" if reason else ""
-    text = (f"compute: timed as extracted fp32 head + tail for {', '.join(ids)} (timed = yes, median of "
+    text = (f"compute: timed as extracted fp32 head + tail for {', '.join(ids)} (timed = yes, median of at least "
             f"{refined.get('runs')} runs); per-node model for the other cuts")
     tie = refined.get("tie_break")
     if tie:
-        text += (f"; {' and '.join(tie['candidates'])} were close and timed again head to head "
-                 f"({tie['runs']} runs each)")
+        why = tie.get("reason", "close")
+        text += (f"; {' and '.join(tie['candidates'])} were timed again head to head ({why}; at least "
+                 f"{tie['runs']} runs each)")
     if not refined.get("chosen_timed", True):
         text += f"; the chosen cut {doc['chosen']} was not timed"
     return text
@@ -231,8 +238,9 @@ def _measure_only(args: argparse.Namespace, progress: _Progress) -> int:
     if not path.is_file():
         print(f"split-profile: error: {path}: no such file", file=sys.stderr)
         return EXIT_ERROR
-    progress(f"measuring per-node latency of {path} ({args.repeats} runs after warm-up)")
-    costs = measure_node_costs(path, repeats=args.repeats, threads=args.threads,
+    progress(f"measuring per-node latency of {path} ({args.repeats} runs after warm-up, over at least "
+             f"{args.measure_seconds:g} s)")
+    costs = measure_node_costs(path, repeats=args.repeats, threads=args.threads, min_seconds=args.measure_seconds,
                                progress=lambda d, t: progress(f"  run {d}/{t}"))
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     save_device_profile(args.save_device_profile, costs, model_sha256=sha, host=host_facts(args.threads))
@@ -266,9 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_latency_ms=args.max_latency_ms, edge_memory_mb=args.edge_memory_mb,
                 max_energy_mj=args.max_energy_mj, objective=args.objective, codec=args.codec, out=args.out,
                 calibration=args.calibration, input_shape=args.input_shape, allow_pickle=args.allow_pickle,
-                save_device_profile=args.save_device_profile, repeats=args.repeats, threads=args.threads,
-                cloud_threads=args.cloud_threads, refine=args.refine,
-                progress=progress,
+                save_device_profile=args.save_device_profile, repeats=args.repeats,
+                measure_seconds=args.measure_seconds, threads=args.threads, cloud_threads=args.cloud_threads,
+                refine=args.refine, progress=progress,
             )
         for note in result.warnings:
             print(f"split-profile: warning: {note}", file=sys.stderr)

@@ -243,6 +243,10 @@ def _random_inputs(session: Any, batch: int, shapes: Mapping[str, Sequence[int]]
 
 _CHUNK = 5  # runs per turn when the profiled and the plain session take turns
 PROBE_ELEMENTS = (4096, 262_144)  # Relu probes over 16 KB and 1 MB of floats
+# The least span of a measurement's turns. On the 2-core development VM the host's speed drifts by 10-20%
+# over fractions of a second: two 30-run medians of tiny_cnn (4 ms each) 2 s apart differ by 18% on average,
+# two 1-second medians by 9% (benchmarks/planner_accuracy.py, README).
+MIN_SECONDS = 1.0
 
 
 def measure_node_costs(
@@ -255,13 +259,19 @@ def measure_node_costs(
     progress: Callable[[int, int], None] | None = None,
     providers: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    min_seconds: float = MIN_SECONDS,
 ) -> NodeCosts:
-    """Median per-node times of `onnx_path` from onnxruntime's profiler, mapped back to the original nodes."""
+    """Median per-node times of `onnx_path` from onnxruntime's profiler, mapped back to the original nodes.
+
+    The profiled runs give each node's share; the unprofiled session's wall time, timed in turns with it
+    (and on alone until the turns span `min_seconds`), gives the scale.
+    """
     import numpy as np
     import onnxruntime as ort
 
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats} warmup={warmup}")
+    if repeats < 1 or warmup < 0 or not min_seconds >= 0:
+        raise ValueError(f"need repeats >= 1, warmup >= 0 and min_seconds >= 0, got repeats={repeats} "
+                         f"warmup={warmup} min_seconds={min_seconds}")
     onnx_path = Path(onnx_path)
     nodes, initializers = _read_graph(onnx_path)
     providers = list(providers or default_providers())
@@ -302,24 +312,31 @@ def measure_node_costs(
             probes[name] = probe, {"x": np.zeros(n, np.float32)}
         walls: list[float] = []
         probe_walls: dict[Any, list[float]] = {name: [] for name in probes}
-        for first in range(0, warmup + repeats, _CHUNK):
-            count = min(_CHUNK, warmup + repeats - first)
-            for _ in range(count):
-                session.run(None, feeds)
-                tick()
+        goal, ran, start = warmup + repeats, 0, time.perf_counter()
+        # The turns go on, without the profiled session, until they span min_seconds: a small model's few
+        # dozen runs take milliseconds, one draw of a host whose speed drifts over seconds (README).
+        while ran < goal or time.perf_counter() - start < min_seconds:
+            count = min(_CHUNK, goal - ran) if ran < goal else _CHUNK
+            if ran < goal:
+                for _ in range(count):
+                    session.run(None, feeds)
+                    tick()
             plain.run(None, feeds)  # wakes its pool after the other session's turn; not counted
-            for i in range(first, first + count):
-                start = time.perf_counter()
+            for i in range(ran, ran + count):
+                start_run = time.perf_counter()
                 plain.run(None, feeds)
                 if i >= warmup:
-                    walls.append((time.perf_counter() - start) * 1000.0)
-                tick()
+                    walls.append((time.perf_counter() - start_run) * 1000.0)
+                if i < goal:
+                    tick()
             for name, (probe, probe_feeds) in probes.items():
                 probe.run(None, probe_feeds)
                 for _ in range(count):
-                    start = time.perf_counter()
+                    start_run = time.perf_counter()
                     probe.run(None, probe_feeds)
-                    probe_walls[name].append((time.perf_counter() - start) * 1000.0)
+                    probe_walls[name].append((time.perf_counter() - start_run) * 1000.0)
+            ran += count
+        span = time.perf_counter() - start
         del plain, probes
         events = json.loads(Path(session.end_profiling()).read_text())
         try:
@@ -360,7 +377,8 @@ def measure_node_costs(
     source = (
         f"measured on this host ({host['machine']}, {host['platform']}, {threads or 'default'} threads, "
         f"{providers[0]}, onnxruntime {host['onnxruntime']}), median of {repeats} profiled runs after {warmup} "
-        f"warm-up; {fused} of {len(nodes)} nodes fused away or constant-folded (0 ms); overhead = median "
+        f"warm-up; unprofiled wall time the median of {len(walls)} runs over {span:.1f} s; "
+        f"{fused} of {len(nodes)} nodes fused away or constant-folded (0 ms); overhead = median "
         f"session.run of a one-Identity model, {overhead * 1000:.1f} us"
         + (f"; {unattributed:.3f} ms of runtime-inserted nodes spread over the nodes by the scaling"
            if unattributed > 0 else "")

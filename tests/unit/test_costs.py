@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -216,6 +217,19 @@ def test_progress_is_reported_up_to_the_total(cnn_path) -> None:
 def test_measure_rejects_bad_arguments(cnn_path) -> None:
     with pytest.raises(ValueError, match="repeats >= 1"):
         measure_node_costs(cnn_path, repeats=0)
+    with pytest.raises(ValueError, match="min_seconds >= 0"):
+        measure_node_costs(cnn_path, min_seconds=-1)
+
+
+def test_the_wall_time_is_sampled_until_the_turns_span_min_seconds(cnn_path) -> None:
+    quick = measure_node_costs(cnn_path, warmup=1, repeats=3, threads=1, min_seconds=0)
+    assert re.search(r"median of 3 runs over [\d.]+ s", quick.source)  # the profiled runs' turns alone
+    start = time.perf_counter()
+    spread = measure_node_costs(cnn_path, warmup=1, repeats=3, threads=1, min_seconds=0.5)
+    assert time.perf_counter() - start >= 0.5
+    runs, span = re.search(r"median of (\d+) runs over ([\d.]+) s", spread.source).groups()
+    assert int(runs) > 3 and float(span) >= 0.5
+    assert set(spread.per_node_ms) == set(quick.per_node_ms) and spread.total_ms() > 0
 
 
 def test_attribution_maps_fused_and_renamed_nodes() -> None:

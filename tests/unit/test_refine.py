@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -60,12 +61,18 @@ def test_the_two_best_timed_cuts_are_timed_again_head_to_head_when_close(monkeyp
     result = profile("tiny_cnn", device="local", cloud="local", network="ethernet", threads=1, cloud_threads=2,
                      repeats=3, refine=2)
     record, plan = result.document["refined"], result.plan
-    if tie < 0:
-        assert record["tie_break"] is None
+    if tie < 0:  # none is close; a pair is timed again only when the timing overturned the per-node model's order
+        if record["tie_break"] is not None:
+            first, second = record["tie_break"]["candidates"]
+            before, predicted = record["tie_break"]["before"], record["tie_break"]["predicted"]
+            assert record["tie_break"]["reason"] == "timing overturned the prediction"
+            assert before[first] <= before[second] and predicted[first] > predicted[second]
         return
+    assert record["tie_break"]["reason"] == "within inf%"
     pair = record["tie_break"]["candidates"]
     assert len(set(pair)) == 2 and set(pair) <= set(record["candidates"])
     assert record["tie_break"]["runs"] == 6 and record["tie_break"]["rounds"] == 2
+    assert record["tie_break"]["min_seconds"] == 2 * record["min_seconds"] == 2 * api.MIN_SECONDS
     assert all(plan.candidate(cid).measured for cid in pair)
     assert record["chosen_timed"] is plan.best.measured
 
@@ -93,3 +100,59 @@ def test_cli_marks_the_timed_rows(capsys):
     out = capsys.readouterr().out
     assert "timed" not in next(line for line in out.splitlines() if "edge ms" in line)
     assert "per-node model for every cut (not timed:" in out
+
+
+def test_timing_goes_on_in_rounds_until_they_span_min_seconds(monkeypatch, tmp_path):
+    import onnx
+
+    from models.loaders import load_model
+    from partitioning import refine
+
+    loaded = load_model("tiny_cnn", tmp_path)
+    proto = onnx.load(str(loaded.onnx_path))
+    plan = profile("tiny_cnn", device="rpi4", repeats=3, refine=0).plan
+    baselines = [plan.candidate(EDGE_ONLY), plan.candidate(CLOUD_ONLY)]
+    calls = []
+    timed = refine._timed
+    monkeypatch.setattr(refine, "_timed", lambda part, runs: calls.append(runs) or timed(part, runs))
+
+    def count(seconds: float) -> int:
+        calls.clear()
+        refine.time_cuts(proto, loaded.onnx_path, loaded.inputs, baselines, repeats=3, rounds=1, min_seconds=seconds)
+        return len(calls)
+
+    assert count(0) == 2 + 2  # warm-up and one round, for each baseline's one session
+    start = time.perf_counter()
+    assert count(0.3) > 4 + 2 and time.perf_counter() - start >= 0.3
+    with pytest.raises(ValueError, match="min_seconds >= 0"):
+        count(-1)
+
+
+def test_a_timing_that_overturns_the_per_node_model_is_checked_head_to_head(monkeypatch):
+    # The refinement's timing (a stand-in here, so that the case is certain) puts the model's best cut between
+    # its second and third; the head-to-head times both as the model predicts them and restores the order.
+    from partitioning import refine
+
+    monkeypatch.setattr(api, "REFINE_TIE", -1.0)  # only an overturn can call for a head-to-head
+    calls = []
+
+    def stand_in(model, path, inputs, cands, **kw):
+        calls.append([c.id for c in cands])
+        factor = dict.fromkeys((c.id for c in cands), 1.0)
+        if len(calls) == 1:
+            best, second, third = sorted(cands, key=lambda c: c.total_ms)[:3]
+            target = (second.total_ms + third.total_ms) / 2
+            factor[best.id] = (target - best.transfer_ms) / (best.edge_ms + best.cloud_ms)
+        model = {c.id: (c.predicted_edge_ms, c.predicted_cloud_ms) if c.measured else (c.edge_ms, c.cloud_ms)
+                 for c in cands}
+        return {cid: (edge * factor[cid], cloud * factor[cid]) for cid, (edge, cloud) in model.items()}
+
+    monkeypatch.setattr(refine, "time_cuts", stand_in)
+    result = profile("tiny_cnn", device="local", cloud="local", network="ethernet", threads=1, cloud_threads=2,
+                     repeats=3, refine=3, measure_seconds=0)
+    tie = result.document["refined"]["tie_break"]
+    assert len(calls) == 2 and tie is not None and tie["reason"] == "timing overturned the prediction"
+    first, second = tie["candidates"]
+    assert tie["before"][first] < tie["before"][second] and tie["predicted"][first] > tie["predicted"][second]
+    assert set(calls[1]) == {first, second}
+    assert result.plan.chosen == second == min(tie["predicted"], key=tie["predicted"].get)
