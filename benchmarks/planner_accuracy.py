@@ -93,7 +93,7 @@ class ModelRun:
         self.round_mapes: list[float] = []
         self.retimed: dict[str, list[tuple[int, float]]] = {}  # cid -> (round, the plan's refinement timing)
         self.round_noise: list[float] = []
-        self.tie_breaks = 0  # rounds whose plan timed its two best cuts again head to head
+        self.tie_breaks = 0  # rounds whose plan timed its two best cuts again head to head (close or overturned)
         self.picked: list[str] = []
         self.nodes = 0
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [run.result() for run in runs]
     print("| model | nodes | cuts measured | MAPE (compute) | MAPE per round | re-timing MAPE (noise floor) / "
           "prediction's, same cuts | re-timing MAPE per round | regret of chosen cut (median / worst) "
-          "| chosen per round (rounds whose plan broke a tie head to head) | best (head-to-head) |")
+          "| chosen per round (rounds whose plan timed a pair head to head) | best (head-to-head) |")
     print("|---|---:|---:|---:|---|---:|---|---:|---|---|")
     for r in results:
         if args.verbose:

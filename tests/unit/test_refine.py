@@ -143,9 +143,9 @@ def test_a_timing_that_overturns_the_per_node_model_is_checked_head_to_head(monk
             best, second, third = sorted(cands, key=lambda c: c.total_ms)[:3]
             target = (second.total_ms + third.total_ms) / 2
             factor[best.id] = (target - best.transfer_ms) / (best.edge_ms + best.cloud_ms)
-        model = {c.id: (c.predicted_edge_ms, c.predicted_cloud_ms) if c.measured else (c.edge_ms, c.cloud_ms)
-                 for c in cands}
-        return {cid: (edge * factor[cid], cloud * factor[cid]) for cid, (edge, cloud) in model.items()}
+        modelled = {c.id: (c.predicted_edge_ms, c.predicted_cloud_ms) if c.measured else (c.edge_ms, c.cloud_ms)
+                    for c in cands}
+        return {cid: (edge * factor[cid], cloud * factor[cid]) for cid, (edge, cloud) in modelled.items()}
 
     monkeypatch.setattr(refine, "time_cuts", stand_in)
     result = profile("tiny_cnn", device="local", cloud="local", network="ethernet", threads=1, cloud_threads=2,
