@@ -34,6 +34,7 @@ REFINE_BOUND = 3  # at most REFINE_BOUND * refine candidates are timed, however 
 # TIE_RUNS runs each (see _tie_break).
 REFINE_TIE = 0.10
 TIE_RUNS = 3
+MAX_TIE_BREAKS = 2  # per refinement: a second only when the first handed the choice to a cut not yet timed
 
 
 class NoFeasiblePlanError(RuntimeError):
@@ -112,19 +113,55 @@ def _measure(onnx_path: Path, repeats: int, seconds: float, threads: int | None,
 def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs, *, count: int, repeats: int,
             seconds: float, edge_threads: int | None, cloud_threads: int | None,
             progress: Progress) -> tuple[Plan, dict[str, Any]]:
-    """Time the `count` best candidates' real heads and tails and choose again, until the chosen one is timed.
+    """Time the `count` best candidates' real heads and tails and choose again, until the chosen one is timed;
+    then settle a close or overturned pair head to head (_tie_break).
 
     The first round also times both baselines: each is one session of the full model, cheap to time, and the
     usual rival of a near-tie (a baseline predicted a little worse than the best cut is often measured better).
+    A head-to-head that slows both its cuts can hand the choice to a cut that was never timed; that cut is then
+    timed in turn and the pair settled again (at most MAX_TIE_BREAKS head-to-heads, REFINE_BOUND * count cuts).
     """
+    from partitioning.refine import runs_per_round
+
+    runs = runs_per_round(repeats, REFINE_ROUNDS) * REFINE_ROUNDS
+    timed: list[str] = []
+    ties: list[dict[str, Any]] = []
+    timing = dict(repeats=repeats, seconds=seconds, edge_threads=edge_threads, cloud_threads=cloud_threads,
+                  progress=progress)
+    limit = REFINE_BOUND * count
+    plan = _time_best(plan, graph, costs, proto, onnx_path, inputs, count=count, limit=limit, timed=timed, **timing)
+    while len(ties) < MAX_TIE_BREAKS:
+        plan, tie = _tie_break(plan, graph, costs, proto, onnx_path, inputs, **timing)
+        if tie is None:
+            break
+        ties.append(tie)
+        if plan.best.measured or len(timed) >= limit:
+            break
+        progress(f"the head-to-head handed the choice to {plan.chosen}, which was not timed: timing it")
+        plan = _time_best(plan, graph, costs, proto, onnx_path, inputs, count=1, limit=limit, timed=timed, **timing)
+    record = {"candidates": timed, "runs": runs, "rounds": REFINE_ROUNDS, "min_seconds": seconds,
+              "edge_threads": edge_threads, "cloud_threads": cloud_threads, "chosen_timed": plan.best.measured,
+              "tie_break": ties[-1] if ties else None}
+    if len(ties) > 1:
+        record["earlier_tie_breaks"] = ties[:-1]
+    if not plan.best.measured:
+        progress(f"the chosen cut {plan.chosen} was not timed ({len(timed)} cuts timed, at most "
+                 f"{limit} for --refine {count}, and the choice moved with every timing)")
+    return plan, record
+
+
+def _time_best(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs, *, count: int, limit: int,
+               timed: list[str], repeats: int, seconds: float, edge_threads: int | None,
+               cloud_threads: int | None, progress: Progress) -> Plan:
+    """Time the `count` best untimed candidates (and, when nothing is timed yet, both baselines) and choose
+    again, until the chosen one is timed or `limit` cuts are; appends the timed ids to `timed`."""
     from partitioning.planner import CLOUD_ONLY, EDGE_ONLY
     from partitioning.refine import runs_per_round, time_cuts
 
     runs = runs_per_round(repeats, REFINE_ROUNDS) * REFINE_ROUNDS
-    timed: list[str] = []
-    while len(timed) < REFINE_BOUND * count:
+    while len(timed) < limit:
         todo = [c for c in rank(plan.candidates, plan.budgets) if not c.measured]
-        todo = todo[: min(count, REFINE_BOUND * count - len(timed))]
+        todo = todo[: min(count, limit - len(timed))]
         if not timed:
             todo += [c for c in plan.candidates if c.id in (EDGE_ONLY, CLOUD_ONLY) and c not in todo]
         if not todo:
@@ -145,15 +182,7 @@ def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs
             progress(f"timing moved the choice from {before} to {plan.chosen}")
         if plan.best.measured:
             break
-    plan, tie = _tie_break(plan, graph, costs, proto, onnx_path, inputs, repeats=repeats, seconds=seconds,
-                           edge_threads=edge_threads, cloud_threads=cloud_threads, progress=progress)
-    record = {"candidates": timed, "runs": runs, "rounds": REFINE_ROUNDS, "min_seconds": seconds,
-              "edge_threads": edge_threads, "cloud_threads": cloud_threads, "chosen_timed": plan.best.measured,
-              "tie_break": tie}
-    if not plan.best.measured:
-        progress(f"the chosen cut {plan.chosen} was not timed ({len(timed)} cuts timed, at most "
-                 f"{REFINE_BOUND * count} for --refine {count}; a head-to-head may have moved the choice)")
-    return plan, record
+    return plan
 
 
 def _tie_break(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs, *, repeats: int,

@@ -165,6 +165,9 @@ def _refine_note(doc: dict[str, Any]) -> str:
         why = tie.get("reason", "close")
         text += (f"; {' and '.join(tie['candidates'])} were timed again head to head ({why}; at least "
                  f"{tie['runs']} runs each)")
+    for earlier in refined.get("earlier_tie_breaks") or []:
+        text += (f"; before that, {' and '.join(earlier['candidates'])} were timed head to head and handed the choice "
+                 f"to a cut not yet timed, which was timed next")
     if not refined.get("chosen_timed", True):
         text += f"; the chosen cut {doc['chosen']} was not timed"
     return text

@@ -9,7 +9,7 @@ import pytest
 
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
 from partitioning import api, profile
-from partitioning.cli import main
+from partitioning.cli import _refine_note, main
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,40 @@ def test_a_timing_that_overturns_the_per_node_model_is_checked_head_to_head(monk
     assert tie["before"][first] < tie["before"][second] and tie["predicted"][first] > tie["predicted"][second]
     assert set(calls[1]) == {first, second}
     assert result.plan.chosen == second == min(tie["predicted"], key=tie["predicted"].get)
+
+
+def test_a_head_to_head_that_hands_the_choice_to_an_untimed_cut_has_that_cut_timed(monkeypatch):
+    # Stand-in timings make the case certain: the first pass times the model's two best cuts as predicted (the
+    # rest of what it times, 1000x slower); the head-to-head then finds that pair 1000x slower too, so an untimed
+    # cut's prediction comes out best. That cut is timed, and the best pair settled by a second head-to-head.
+    from partitioning import refine
+
+    monkeypatch.setattr(api, "REFINE_TIE", float("inf"))  # every pair counts as close
+    calls = []
+
+    def stand_in(model, path, inputs, cands, **kw):
+        calls.append([c.id for c in cands])
+        modelled = {c.id: (c.predicted_edge_ms, c.predicted_cloud_ms) if c.measured else (c.edge_ms, c.cloud_ms)
+                    for c in cands}
+        slow = set()
+        if len(calls) == 1:
+            slow = {c.id for c in sorted(cands, key=lambda c: c.total_ms)[2:]}
+        elif len(calls) == 2:
+            slow = set(calls[1])
+        return {cid: (edge * (1000 if cid in slow else 1), cloud * (1000 if cid in slow else 1))
+                for cid, (edge, cloud) in modelled.items()}
+
+    monkeypatch.setattr(refine, "time_cuts", stand_in)
+    result = profile("tiny_cnn", device="local", cloud="local", network="ethernet", threads=1, cloud_threads=2,
+                     repeats=3, refine=2, measure_seconds=0)
+    record, plan = result.document["refined"], result.plan
+    assert len(calls) == 4, calls
+    first_pass, handed_over = set(calls[0]), calls[2]
+    assert len(handed_over) == 1 and handed_over[0] not in first_pass  # the untimed cut, timed on its own
+    assert [e["candidates"] for e in record["earlier_tie_breaks"]] == [calls[1]]
+    assert handed_over[0] in record["tie_break"]["candidates"] == calls[3]
+    assert record["chosen_timed"] is True and plan.best.measured
+    assert record["candidates"] == [*calls[0], *handed_over]
+    note = _refine_note(result.document)
+    assert f"before that, {' and '.join(calls[1])} were timed head to head and handed the choice" in note
+    assert "was not timed" not in note
