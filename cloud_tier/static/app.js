@@ -11,7 +11,15 @@ const STAGES = [
   ["tail_ms", "tail", "#ef4444"],
 ];
 const COLUMNS = ["device", "label", "status", "mode", "cut", "bandwidth_mbps", "req_per_s",
-                 "p50_ms", "p95_ms", "p99_ms", "edge_share", "last_seen"];
+                 "p50_ms", "p95_ms", "p99_ms", "edge_share", "last_seen", "cloud_requests", "cloud_mean_ms"];
+const TEXT_COLUMNS = new Set(["device", "label", "status", "mode", "cut"]);
+
+// A row's value for a column: the cloud tier's own view of the device (dev.cloud) is nested.
+function cellValue(dev, key) {
+  if (key === "cloud_requests") return dev.cloud ? dev.cloud : null;
+  if (key === "cloud_mean_ms") return dev.cloud ? dev.cloud.mean_ms : null;
+  return dev[key];
+}
 
 let selected = null;
 const rowsByDevice = new Map();
@@ -24,6 +32,9 @@ function fmt(key, value, now) {
     case "p50_ms": case "p95_ms": case "p99_ms": return value.toFixed(2);
     case "edge_share": return (100 * value).toFixed(0) + " %";
     case "last_seen": return Math.max(0, now - value).toFixed(0) + " s ago";
+    case "cloud_mean_ms": return value.toFixed(2);
+    case "cloud_requests":
+      return String(value.requests) + (value.errors ? " (" + String(value.errors) + " failed)" : "");
     default: return String(value);
   }
 }
@@ -40,9 +51,7 @@ function renderFleet(data) {
       for (const key of COLUMNS) {
         const td = document.createElement("td");
         td.className = "col-" + key;
-        if (key !== "device" && key !== "label" && key !== "status" && key !== "mode" && key !== "cut") {
-          td.classList.add("num");
-        }
+        if (!TEXT_COLUMNS.has(key)) td.classList.add("num");
         tr.appendChild(td);
       }
       tr.addEventListener("click", () => select(dev.device));
@@ -51,7 +60,7 @@ function renderFleet(data) {
     }
     COLUMNS.forEach((key, i) => {
       const td = tr.children[i];
-      td.textContent = fmt(key, dev[key], data.now);  // textContent: a hostile label stays text
+      td.textContent = fmt(key, cellValue(dev, key), data.now);  // textContent: a hostile label stays text
       if (key === "status") td.classList.toggle("online", dev.status === "online");
       if (key === "status") td.classList.toggle("offline", dev.status !== "online");
     });

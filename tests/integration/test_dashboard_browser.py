@@ -18,7 +18,9 @@ import pytest
 from cloud_tier.controller import FleetController
 from cloud_tier.dashboard import Dashboard
 from cloud_tier.fleet_store import FleetStore
+from cloud_tier.server import RequestCounters
 from edge_agent.mqtt_control import AgentControl
+from protos import inference_pb2 as pb
 from protos.mqtt import Ack, TelemetryRecord
 from tests.integration.cdp import Chromium, Page, chromium_path
 from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
@@ -64,7 +66,15 @@ class Feeder:
 def live_fleet(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[tuple[Dashboard, list[AgentControl]]]:  # noqa: F811
     store = FleetStore(tmp_path / "fleet.sqlite")
     ctl = FleetController(store, mosquitto.host, mosquitto.port).start()
-    dash = Dashboard(store)
+    # The gRPC tier's per-device counters (cloud_tier.server), fed the requests it answered for cam-1 only.
+    counters = RequestCounters({("resnet18", "c3")})
+    for i, (code, compute_ms) in enumerate([(0, 2.0), (0, 3.0), (0, 4.0), (14, 1.0)]):
+        request = pb.InferRequest(request_id=f"r{i}", device_id="cam-1", model="resnet18", cut="c3")
+        response = pb.InferResponse(request_id=f"r{i}", timing=pb.Timing(decode_ms=0.25, queue_ms=0.5,
+                                                                         compute_ms=compute_ms),
+                                    status=pb.RequestStatus(code=code))
+        counters.record(request, response)
+    dash = Dashboard(store, cloud_view=counters.devices)
     dash.start()
     ack = lambda c: Ack(c.command_id, True)  # noqa: E731
     agents = [AgentControl("cam-1", mosquitto.host, mosquitto.port, on_command=ack, label=HOSTILE,
@@ -136,6 +146,13 @@ async def drive(browser: Chromium, url: str, screenshot: Path) -> None:
             assert await page.eval("document.querySelectorAll('img').length") == 0
             assert await page.eval(
                 "document.querySelector('tr[data-device=\"cam-1\"] .col-label').childElementCount") == 0
+
+            # The cloud tier's own view: cam-1's 4 answered requests (1 failed), mean 0.75 + 2.5 ms; none for cam-2.
+            cloud = await page.eval("['cloud_requests', 'cloud_mean_ms'].map(k => "
+                                    "document.querySelector('tr[data-device=\"cam-1\"] .col-' + k).textContent)")
+            assert cloud == ["4 (1 failed)", "3.25"]
+            assert await page.eval("document.querySelector('tr[data-device=\"cam-2\"] .col-cloud_mean_ms')"
+                                   ".textContent") == "—"
 
             # The chart follows the flowing telemetry.
             await page.wait_for("document.getElementById('chart').dataset.device === 'cam-1' && "
