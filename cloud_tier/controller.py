@@ -197,6 +197,11 @@ class FleetController:
                                   f"(paho rc={info.rc}); is the broker {self.host}:{self.port} reachable?")
         return cmd.command_id
 
+    @property
+    def duplicate_batches(self) -> int:
+        """Telemetry batches the store skipped as second deliveries (protos.mqtt.TelemetryBatch.batch_id)."""
+        return self.store.duplicate_batches
+
     def wait_ack(self, command_id: str, timeout_s: float) -> Ack | None:
         """Block until the ack of `command_id` arrives or `timeout_s` passes (then None)."""
         deadline = time.monotonic() + timeout_s
@@ -294,7 +299,7 @@ class FleetController:
         batches = []
         for kind, device_id, payload, received in items:
             if kind == TELEMETRY:
-                batches.append((device_id, payload.records, payload.dropped))
+                batches.append((device_id, payload.records, payload.dropped, payload.batch_id))
                 continue
             # Keep order: telemetry gathered so far goes in before a state change of the same device.
             if batches:

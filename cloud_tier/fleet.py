@@ -127,7 +127,8 @@ class CloudStack:
     def controller_metrics(self) -> Exposition:
         """The fleet controller's Prometheus families."""
         ctl = self.controller
-        names = ("telemetry_messages", "stored_records", "stored_states", "bad_payloads", "dropped_messages")
+        names = ("telemetry_messages", "stored_records", "stored_states", "bad_payloads", "dropped_messages",
+                 "duplicate_batches")
         return controller_metrics(ctl.connected, {n: getattr(ctl, n) for n in names}, ctl.pending)
 
     def cloud_view(self) -> dict[str, dict[str, Any]]:

@@ -46,6 +46,13 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_device_ts ON requests (device_id, ts);
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE TABLE IF NOT EXISTS telemetry_batches (
+    device_id TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (device_id, batch_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS telemetry_batches_received ON telemetry_batches (received);
 CREATE TABLE IF NOT EXISTS commands (
     command_id TEXT PRIMARY KEY,
     device_id TEXT NOT NULL,
@@ -81,6 +88,10 @@ class Retention:
     max_rows_per_device: int = 100_000
     max_age_s: float = 24 * 3600.0
     prune_every_s: float = 30.0
+    # How long a telemetry batch id is remembered, by the time it was received: a copy of a batch delivered twice
+    # (an agent's QoS 1 resend) arrives right behind the first in the broker's queue for this store's controller,
+    # however long the controller was down, so minutes are plenty.
+    batch_ids_s: float = 900.0
 
 
 class FleetStore:
@@ -103,6 +114,7 @@ class FleetStore:
         self._writer.executescript(_SCHEMA)
         self._last_prune = time.monotonic()
         self._closed = False
+        self.duplicate_batches = 0  # telemetry batches skipped as second deliveries (insert_records)
 
     # --- connections -------------------------------------------------------------------------------
 
@@ -156,25 +168,39 @@ class FleetStore:
             )
 
     def insert_records(
-        self, batches: Iterable[tuple[str, Sequence[TelemetryRecord], int]], received: float | None = None
+        self, batches: Iterable[tuple[str, Sequence[TelemetryRecord], int] | tuple[str, Sequence[TelemetryRecord],
+                                                                                 int, str]],
+        received: float | None = None,
     ) -> int:
-        """Insert (device_id, records, dropped) batches in one transaction; return the rows inserted."""
+        """Insert (device_id, records, dropped[, batch_id]) batches in one transaction; return the rows inserted.
+
+        A batch whose non-empty batch_id this store saw from the same device within Retention.batch_ids_s is a
+        second delivery of it: its records and its dropped count are skipped.
+        """
         now = time.time() if received is None else received
-        rows: list[tuple[Any, ...]] = []
-        touched: dict[str, int] = {}
-        for device_id, records, dropped in batches:
-            touched[device_id] = touched.get(device_id, 0) + dropped
-            rows.extend(
-                (device_id, r.request_id, r.ts, now, r.head_ms, r.encode_ms, r.network_ms, r.queue_ms, r.tail_ms,
-                 r.total_ms, r.served_by, r.cut)
-                for r in records
-            )
-        if not touched:
+        batches = list(batches)
+        if not batches:
             return 0
         with self._wlock:
             cur = self._writer.cursor()
             cur.execute("BEGIN")
             try:
+                rows: list[tuple[Any, ...]] = []
+                touched: dict[str, int] = {}
+                dupes = 0
+                for device_id, records, dropped, *rest in batches:
+                    batch_id = rest[0] if rest else ""
+                    if batch_id and cur.execute(
+                            "INSERT OR IGNORE INTO telemetry_batches (device_id, batch_id, received) VALUES (?,?,?)",
+                            (device_id, batch_id, now)).rowcount == 0:
+                        dupes += 1
+                        continue
+                    touched[device_id] = touched.get(device_id, 0) + dropped
+                    rows.extend(
+                        (device_id, r.request_id, r.ts, now, r.head_ms, r.encode_ms, r.network_ms, r.queue_ms,
+                         r.tail_ms, r.total_ms, r.served_by, r.cut)
+                        for r in records
+                    )
                 cur.executemany(
                     f"INSERT INTO requests (device_id, request_id, ts, received, {_STAGE_COLS}, served_by, cut)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -191,6 +217,7 @@ class FleetStore:
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+            self.duplicate_batches += dupes
             if time.monotonic() - self._last_prune >= self.retention.prune_every_s:
                 self._prune_locked()
         return len(rows)
@@ -207,6 +234,8 @@ class FleetStore:
         try:
             deleted = cur.execute("DELETE FROM requests WHERE ts < ?",
                                   (time.time() - self.retention.max_age_s,)).rowcount
+            cur.execute("DELETE FROM telemetry_batches WHERE received < ?",
+                        (time.time() - self.retention.batch_ids_s,))
             keep = self.retention.max_rows_per_device
             for (device_id,) in cur.execute("SELECT device_id FROM devices").fetchall():
                 deleted += cur.execute(

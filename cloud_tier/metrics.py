@@ -160,6 +160,7 @@ def controller_metrics(connected: bool, counters: Mapping[str, int], pending: in
         "stored_states": "Device state messages written to the fleet store.",
         "bad_payloads": "Messages ignored because topic or payload broke the schema.",
         "dropped_messages": "Messages dropped because the store queue was full.",
+        "duplicate_batches": "Telemetry batches skipped as a second delivery of a batch already stored.",
     }
     for key, help_ in helps.items():
         out.family(f"splitinfer_fleet_{key}_total", "counter", help_, [({}, counters.get(key, 0))])

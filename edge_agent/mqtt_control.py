@@ -14,6 +14,7 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from typing import Any, Callable
 
 from models.extras import require
@@ -95,6 +96,7 @@ class AgentControl:
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         self._closed = False
+        self._queue_full = mqtt.MQTT_ERR_QUEUE_SIZE
 
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -213,11 +215,14 @@ class AgentControl:
                 if not self._buffer and not self._dropped:
                     return
                 n = min(self._max_batch, len(self._buffer))
-                batch = TelemetryBatch(tuple(self._buffer.popleft() for _ in range(n)), self._dropped)
+                batch = TelemetryBatch(tuple(self._buffer.popleft() for _ in range(n)), self._dropped,
+                                       batch_id=uuid.uuid4().hex)
                 self._dropped = 0
             info = self._client.publish(device_topic(self.device_id, TELEMETRY), batch.to_json(), qos=1)
-            if info.rc != 0:
-                # Queue full or not connected: put the batch back (front) and try on the next tick.
+            if info.rc == self._queue_full:
+                # paho's queue is full and it refused the batch: put it back (front) and try on the next tick.
+                # Any other code (no connection: the link dropped since the check above) means paho kept the
+                # QoS 1 message and sends it when it reconnects; putting it back too would send it twice.
                 with self._lock:
                     self._buffer.extendleft(reversed(batch.records))
                     self._dropped += batch.dropped
@@ -227,6 +232,8 @@ class AgentControl:
                         self.dropped_total += 1
                 log.debug("telemetry batch of %s not queued (rc=%s); retrying later", self.device_id, info.rc)
                 return
+            if info.rc != 0:
+                return  # queued in paho until the reconnect
 
     # --- paho callbacks (network thread) -----------------------------------------------------------
 

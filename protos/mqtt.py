@@ -5,7 +5,8 @@ Every `from_json` validates types and ranges and raises `MqttSchemaError` naming
 
 Topics, all under `splitinfer/v1/devices/{device_id}/`:
   state      retained; DeviceState (the agent's last will publishes status "offline" here)
-  telemetry  TelemetryBatch: per-request records plus how many were dropped since the previous batch
+  telemetry  TelemetryBatch: per-request records plus how many were dropped since the previous batch, under a
+             batch id, so that a batch delivered twice (QoS 1 is at-least-once) is stored once
   cmd        QoS 1; Command (switch_cut, switch_mode, ping), each with a command id
   cmd/ack    Ack (command id, ok, message)
 """
@@ -260,10 +261,16 @@ class TelemetryRecord:
 
 @dataclass(frozen=True)
 class TelemetryBatch:
-    """A batch of request records (`telemetry` topic) plus records dropped since the last batch."""
+    """A batch of request records (`telemetry` topic) plus records dropped since the last batch.
+
+    `batch_id` ([A-Za-z0-9_-], 1-64 characters; the agent sends a fresh uuid4 hex per batch) lets the fleet store
+    keep a batch that reaches it twice (an agent resends an unacknowledged QoS 1 publish after a reconnect, and
+    the broker passes both copies on) once. An empty id (older agents) is stored every time it arrives.
+    """
 
     records: tuple[TelemetryRecord, ...]
     dropped: int = 0
+    batch_id: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.records, tuple) or not all(isinstance(r, TelemetryRecord) for r in self.records):
@@ -272,10 +279,16 @@ class TelemetryBatch:
             raise MqttSchemaError(
                 f"field 'records' has {len(self.records)} entries: expected at most {MAX_RECORDS_PER_BATCH}")
         _count(self.dropped, "dropped")
+        if self.batch_id != "" and not (isinstance(self.batch_id, str) and DEVICE_ID_RE.fullmatch(self.batch_id)):
+            raise MqttSchemaError(f"field 'batch_id' is {self.batch_id!r}: expected 1-64 characters from "
+                                  "[A-Za-z0-9_-]")
 
     def to_json(self) -> str:
         """Serialize to compact JSON."""
-        return _dumps({"records": [r.to_dict() for r in self.records], "dropped": self.dropped})
+        obj: dict[str, Any] = {"records": [r.to_dict() for r in self.records], "dropped": self.dropped}
+        if self.batch_id:
+            obj["batch_id"] = self.batch_id
+        return _dumps(obj)
 
     @classmethod
     def from_json(cls, data: str | bytes | dict[str, Any]) -> "TelemetryBatch":
@@ -287,7 +300,7 @@ class TelemetryBatch:
         if len(recs) > MAX_RECORDS_PER_BATCH:
             raise MqttSchemaError(f"field 'records' has {len(recs)} entries: expected at most {MAX_RECORDS_PER_BATCH}")
         records = tuple(TelemetryRecord.from_dict(r, f"records[{i}]") for i, r in enumerate(recs))
-        return cls(records=records, dropped=o.get("dropped", 0))
+        return cls(records=records, dropped=o.get("dropped", 0), batch_id=o.get("batch_id", ""))
 
 
 def new_command_id() -> str:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -299,6 +300,55 @@ def test_bad_payloads_are_counted_and_the_controller_keeps_going(
         pub.publish(device_topic("good-1", STATE), b"", qos=1, retain=True).wait_for_publish(10)
         pub.loop_stop()
         pub.disconnect()
+
+
+def test_a_telemetry_batch_delivered_twice_is_stored_once(
+    fleet: tuple[FleetStore, FleetController], mosquitto: Mosquitto  # noqa: F811
+) -> None:
+    # An agent that loses its link before the broker's PUBACK reaches it publishes the batch again (QoS 1 is
+    # at-least-once) and the broker passes both copies on; here a client publishes the same payload twice.
+    store, ctl = fleet
+    now = time.time()
+    batch = TelemetryBatch(tuple(TelemetryRecord(f"twice-{i}", now, 1, 1, 1, 1, 1, 5, "cloud", "c1")
+                                 for i in range(5)), dropped=1, batch_id=uuid.uuid4().hex)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    pub.connect(mosquitto.host, mosquitto.port, keepalive=10)
+    pub.loop_start()
+    try:
+        for _ in range(2):
+            pub.publish(device_topic("twice-1", TELEMETRY), batch.to_json(), qos=1).wait_for_publish(10)
+        wait_for(lambda: ctl.duplicate_batches >= 1, "the second copy seen")
+        assert store.record_count("twice-1") == 5 and store.device("twice-1")["dropped_total"] == 1
+        assert ctl.duplicate_batches == 1 and ctl.telemetry_messages == 2
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+
+
+def test_a_batch_published_as_the_link_drops_is_sent_once(fleet: tuple[FleetStore, FleetController],
+                                                          mosquitto: Mosquitto) -> None:  # noqa: F811
+    # The flusher checks the link, then publishes; when the link drops in between, paho answers "no connection"
+    # but keeps the QoS 1 message and sends it after reconnecting. The agent must not also put it back.
+    store, _ = fleet
+    agent = AgentControl("drop-1", mosquitto.host, mosquitto.port, on_command=lambda c: Ack(c.command_id, True),
+                         flush_interval_ms=20)
+    now = time.time()
+    for i in range(3):
+        assert agent.record(TelemetryRecord(f"d{i}", now, 1, 1, 1, 1, 1, 5, "edge", "edge-only"))
+    agent._connected.set()  # the flusher's view a moment before the link dropped: never connected, in fact
+    agent._flush_once()
+    agent._connected.clear()
+    assert agent.buffered == 0  # paho holds the batch
+    agent.start()
+    try:
+        wait_for(lambda: store.record_count("drop-1") >= 3, "the batch paho kept, sent on connect")
+        # A marker recorded now is published after anything put back, and the broker keeps one client's order.
+        assert agent.record(TelemetryRecord("marker", time.time(), 1, 1, 1, 1, 1, 5, "edge", "edge-only"))
+        wait_for(lambda: store._reader().execute("SELECT 1 FROM requests WHERE request_id = 'marker'").fetchone(),
+                 "the marker stored")
+        assert store.record_count("drop-1") == 4
+    finally:
+        agent.close()
 
 
 def test_agent_buffer_bound_counts_drops(fleet: tuple[FleetStore, FleetController],

@@ -162,3 +162,28 @@ def test_offline_state_keeps_the_last_known_cut_and_model(tmp_path):
         assert (row["cut"], row["model"], row["mode"]) == ("c021", "mobilenet_v2", "split")
     finally:
         store.close()
+
+
+def test_a_batch_delivered_twice_is_stored_once(store: FleetStore, tmp_path: Path) -> None:
+    rng = random.Random(5)
+    recs = make_records(20, t0=NOW - 2, rng=rng)
+    assert store.insert_records([("d1", recs[:10], 2, "b1")], received=time.time()) == 10
+    # The same batch again (an agent's QoS 1 resend), alone and beside a new one in the writer's next transaction.
+    assert store.insert_records([("d1", recs[:10], 2, "b1")]) == 0
+    assert store.insert_records([("d1", recs[:10], 2, "b1"), ("d1", recs[10:], 0, "b2")]) == 10
+    assert store.record_count("d1") == 20 and store.device("d1")["dropped_total"] == 2
+    assert store.duplicate_batches == 2
+    # Ids are per device, and a batch without one (an older agent) is stored every time.
+    assert store.insert_records([("d2", recs[:3], 0, "b1")]) == 3
+    assert store.insert_records([("d2", recs[:3], 0), ("d2", recs[:3], 0, "")]) == 6
+    assert store.duplicate_batches == 2
+    # An id is remembered for Retention.batch_ids_s after it was received, then pruned.
+    short = FleetStore(tmp_path / "short.sqlite", retention=Retention(batch_ids_s=60.0))
+    try:
+        assert short.insert_records([("d1", recs[:5], 0, "old")], received=time.time() - 120) == 5
+        assert short.insert_records([("d1", recs[:5], 0, "new")], received=time.time()) == 5
+        short.prune()
+        assert short.insert_records([("d1", recs[:5], 0, "new")]) == 0  # within the window: still known
+        assert short.insert_records([("d1", recs[:5], 0, "old")]) == 5  # pruned: stored again
+    finally:
+        short.close()

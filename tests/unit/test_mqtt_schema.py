@@ -50,6 +50,9 @@ def test_payloads_round_trip() -> None:
     assert DeviceState.from_json(s.to_json()) == s
     b = TelemetryBatch((rec(), rec(request_id="r2", served_by="edge")), dropped=3)
     assert TelemetryBatch.from_json(b.to_json().encode()) == b
+    assert "batch_id" not in b.to_json()  # an older agent's batch: no id on the wire
+    with_id = TelemetryBatch((rec(),), batch_id="0f3a9c_b-1")
+    assert TelemetryBatch.from_json(with_id.to_json()) == with_id
     for c in (Command.switch_cut("c2"), Command.switch_mode("local"), Command.ping()):
         assert Command.from_json(c.to_json()) == c
     a = Ack("id1", True, "switched")
@@ -93,6 +96,9 @@ def test_nan_and_garbage_are_refused() -> None:
         Ack.from_json("[1,2]")
     with pytest.raises(MqttSchemaError, match="dropped"):
         TelemetryBatch.from_json('{"records": [], "dropped": -1}')
+    for bad in ('"a/b"', '7', '"' + "x" * 65 + '"'):
+        with pytest.raises(MqttSchemaError, match="batch_id"):
+            TelemetryBatch.from_json('{"records": [], "batch_id": %s}' % bad)
 
 
 def test_command_fields_follow_the_kind() -> None:
