@@ -129,7 +129,8 @@ def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs
     timing = dict(repeats=repeats, seconds=seconds, edge_threads=edge_threads, cloud_threads=cloud_threads,
                   progress=progress)
     limit = REFINE_BOUND * count
-    plan = _time_best(plan, graph, costs, proto, onnx_path, inputs, count=count, limit=limit, timed=timed, **timing)
+    plan = _time_best(plan, graph, costs, proto, onnx_path, inputs, count=count, limit=limit, runs=runs, timed=timed,
+                      **timing)
     while len(ties) < MAX_TIE_BREAKS:
         plan, tie = _tie_break(plan, graph, costs, proto, onnx_path, inputs, **timing)
         if tie is None:
@@ -138,7 +139,8 @@ def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs
         if plan.best.measured or len(timed) >= limit:
             break
         progress(f"the head-to-head handed the choice to {plan.chosen}, which was not timed: timing it")
-        plan = _time_best(plan, graph, costs, proto, onnx_path, inputs, count=1, limit=limit, timed=timed, **timing)
+        plan = _time_best(plan, graph, costs, proto, onnx_path, inputs, count=1, limit=limit, runs=runs, timed=timed,
+                          **timing)
     record = {"candidates": timed, "runs": runs, "rounds": REFINE_ROUNDS, "min_seconds": seconds,
               "edge_threads": edge_threads, "cloud_threads": cloud_threads, "chosen_timed": plan.best.measured,
               "tie_break": ties[-1] if ties else None}
@@ -151,14 +153,14 @@ def _refine(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs
 
 
 def _time_best(plan: Plan, graph, costs: CostInputs, proto, onnx_path: Path, inputs, *, count: int, limit: int,
-               timed: list[str], repeats: int, seconds: float, edge_threads: int | None,
+               runs: int, timed: list[str], repeats: int, seconds: float, edge_threads: int | None,
                cloud_threads: int | None, progress: Progress) -> Plan:
     """Time the `count` best untimed candidates (and, when nothing is timed yet, both baselines) and choose
-    again, until the chosen one is timed or `limit` cuts are; appends the timed ids to `timed`."""
+    again, until the chosen one is timed or `limit` cuts are; appends the timed ids to `timed`. `runs` (the
+    least runs per cut, from repeats) is for the progress line."""
     from partitioning.planner import CLOUD_ONLY, EDGE_ONLY
-    from partitioning.refine import runs_per_round, time_cuts
+    from partitioning.refine import time_cuts
 
-    runs = runs_per_round(repeats, REFINE_ROUNDS) * REFINE_ROUNDS
     while len(timed) < limit:
         todo = [c for c in rank(plan.candidates, plan.budgets) if not c.measured]
         todo = todo[: min(count, limit - len(timed))]
