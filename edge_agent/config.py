@@ -42,14 +42,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from protos.mqtt import DEVICE_ID_RE
 from edge_agent import constants as C
 from protos.codec import VALID_SPECS, TensorError, parse_codec
+from protos.mqtt import DEVICE_ID_RE
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10 (JetPack 6): the `tomli` backport, which the [edge] extra installs there
+    import tomli as tomllib  # type: ignore[no-redef]
 
 HEAD_PRECISIONS = ("int8", "fp32")
 
