@@ -41,12 +41,12 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from edge_agent import constants as C
+from protos import address
 from protos.codec import VALID_SPECS, TensorError, parse_codec
 from protos.mqtt import DEVICE_ID_RE
 
@@ -110,13 +110,12 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
 
 
 def parse_address(value: str, key: str = "cloud") -> tuple[str, int]:
-    """Split "host:port" (or "[v6]:port") into host and port; ConfigError naming `key` if malformed."""
-    if not isinstance(value, str):
-        raise ConfigError(key, f"expected \"host:port\", got {value!r}")
-    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", value)
-    if not match or not 0 < int(match.group(2)) < 65536:
-        raise ConfigError(key, f"expected \"host:port\" with a port in 1..65535, got {value!r}")
-    return match.group(1), int(match.group(2))
+    """Split "host:port" (or "[v6]:port", host kept in brackets) into host and port; ConfigError naming `key`."""
+    try:
+        host, port = address.parse_address(value, key)
+    except address.AddressError:
+        raise ConfigError(key, f"expected \"host:port\" with a port in 1..65535, got {value!r}") from None
+    return (f"[{host}]" if ":" in host else host), port
 
 
 # -- the config objects ---------------------------------------------------------------------------
