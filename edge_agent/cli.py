@@ -119,7 +119,7 @@ def summarize(results: list[InferenceResult], failures: int, stats: dict[str, An
     return {
         "count": len(results) + failures,
         "failed": failures,
-        "served_by": {CLOUD: sum(r.served_by == CLOUD for r in results), EDGE: sum(r.served_by == EDGE for r in results)},
+        "served_by": {side: sum(r.served_by == side for r in results) for side in (CLOUD, EDGE)},
         "fallbacks": stats["fallbacks"],
         "deadline_misses": stats["deadline_misses"],
         "late_replies_dropped": stats["late_replies_dropped"],
@@ -148,9 +148,9 @@ def _fleet(agent: Any, cfg: AgentConfig) -> Iterator[Any]:
     if cfg.mqtt is None:
         yield None
         return
-    from edge_agent.fleet import FleetLink  # paho loads only with [mqtt]
+    from edge_agent.control import ControlLink  # paho loads only with [mqtt]
 
-    link = FleetLink(agent, cfg.mqtt).start(wait_s=None)  # inference does not wait for the broker
+    link = ControlLink(agent, cfg.mqtt).start(wait_s=None)  # inference does not wait for the broker
     print(f"split-agent: mqtt broker {cfg.mqtt.broker} as device {cfg.device_id}", file=sys.stderr, flush=True)
     try:
         yield link
@@ -182,8 +182,8 @@ def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, jso
         previous = (signal.signal(signal.SIGINT, lambda *_: stop.set())
                     if threading.current_thread() is threading.main_thread() else None)
         try:
-            print(f"split-agent: {bundle.model_name} cut {agent.cut} -> {cfg.cloud}, mode {agent.mode}", file=sys.stderr,
-                  flush=True)
+            print(f"split-agent: {bundle.model_name} cut {agent.cut} -> {cfg.cloud}, mode {agent.mode}",
+                  file=sys.stderr, flush=True)
             for i in range(cfg.input.count):
                 x = pool[i % len(pool)]
                 if period:
