@@ -25,11 +25,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from edge_agent.config import AgentConfig, ConfigError, describe, merge_overrides
+from edge_agent.config import HEAD_PRECISIONS, AgentConfig, ConfigError, describe, merge_overrides
 from edge_agent.results import CLOUD, EDGE, AgentError, InferenceResult
 from edge_agent.runtime import InputError, ModelLoadError
 from models.extras import MissingExtraError
 from models.manifest import Bundle, BundleError, TensorSpec
+from protos.codec import SPEC_SYNTAX
 
 STAGES = ("total_ms", "queue_ms", "head_ms", "encode_ms", "network_ms", "cloud_queue_ms", "tail_ms")
 SYNTHETIC_VARIANTS = 8  # distinct synthetic inputs, cycled: generating one per request would dominate
@@ -53,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cloud", help='cloud tier address "host:port"')
     run.add_argument("--device-id")
     run.add_argument("--cut", help="cut id (default: the bundle's chosen cut)")
-    run.add_argument("--head-precision", choices=["int8", "fp32"])
-    run.add_argument("--codec", help="activation codec: fp32|fp16|int8|int8c, optionally +lz4 or +zstd")
+    run.add_argument("--head-precision", choices=list(HEAD_PRECISIONS))
+    run.add_argument("--codec", help=f"activation codec: {SPEC_SYNTAX}")
     run.add_argument("--deadline-ms", type=int)
     run.add_argument("--max-in-flight", type=int)
     run.add_argument("--input", help='"synthetic" or a folder of .npy files')

@@ -47,7 +47,7 @@ from typing import Any, Mapping
 
 from edge_agent import constants as C
 from protos import address
-from protos.codec import VALID_SPECS, TensorError, parse_codec
+from protos.codec import SPEC_SYNTAX, VALID_SPECS, TensorError, parse_codec
 from protos.mqtt import DEVICE_ID_RE
 
 try:
@@ -232,7 +232,7 @@ class AgentConfig:
     device_id: str = field(default=C.DEFAULT_DEVICE_ID, metadata={"doc": "this device's id, [A-Za-z0-9_-]{1,64}"})
     cut: str | None = field(default=None, metadata={"doc": "cut id to run; default the bundle's chosen cut"})
     head_precision: str = field(default=C.DEFAULT_HEAD_PRECISION, metadata={"doc": '"int8" or "fp32" head'})
-    codec: str = field(default=C.DEFAULT_CODEC, metadata={"doc": "activation codec: fp32|fp16|int8|int8c[+lz4|+zstd]"})
+    codec: str = field(default=C.DEFAULT_CODEC, metadata={"doc": f"activation codec: {SPEC_SYNTAX}"})
     deadline_ms: int = field(
         default=C.DEFAULT_DEADLINE_MS, metadata={"doc": "wait for the cloud's reply after sending, then finish locally"}
     )
