@@ -41,6 +41,7 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,6 +50,7 @@ from edge_agent import constants as C
 from protos import address
 from protos.codec import SPEC_SYNTAX, VALID_SPECS, TensorError, parse_codec
 from protos.mqtt import DEVICE_ID_RE
+from protos.validate import FieldError, check_bool, check_choice, check_int, check_number, check_text
 
 try:
     import tomllib
@@ -58,55 +60,25 @@ except ImportError:  # Python 3.10 (JetPack 6): the `tomli` backport, which the 
 HEAD_PRECISIONS = ("int8", "fp32")
 
 
-class ConfigError(ValueError):
+class ConfigError(FieldError):
     """A config key has a bad value, or is unknown; the message names the key and what was expected."""
 
     def __init__(self, key: str | None, message: str, source: str = ""):
-        self.key = key
-        self.detail = message
+        super().__init__(key, message)
         self.source = source
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}key {key!r}: {message}" if key else f"{where}{message}")
+        if source:
+            self.args = (f"{source}: {self.args[0]}",)
 
     def within(self, prefix: str, source: str = "") -> "ConfigError":
         """The same error with the key prefixed by its table name (and the source named)."""
         return ConfigError(f"{prefix}.{self.key}", self.detail, source or self.source)
 
 
-# -- value checks: each returns the normalised value or raises ConfigError naming the key ----------
-
-
-def _int(key: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(key, f"expected an integer {rng}, got {value}")
-    return value
-
-
-def _float(key: str, value: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    value = float(value)
-    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
-    if bad_lo or (hi is not None and value > hi) or value != value:
-        op = ">" if lo_open else ">="
-        rng = f"{op} {lo}" if hi is None else f"{op} {lo} and <= {hi}"
-        raise ConfigError(key, f"expected a number {rng}, got {value}")
-    return value
-
-
-def _str(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(key, f"expected a string, got {value!r}")
-    return value
-
-
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(key, f"expected one of {list(choices)}, got {value!r}")
-    return value
+# Value checks (protos/validate.py), raising ConfigError naming the key; each returns the normalised value.
+_int = functools.partial(check_int, error=ConfigError)
+_float = functools.partial(check_number, error=ConfigError)
+_str = functools.partial(check_text, error=ConfigError)
+_choice = functools.partial(check_choice, error=ConfigError)
 
 
 def parse_address(value: str, key: str = "cloud") -> tuple[str, int]:
@@ -176,8 +148,8 @@ class MqttConfig:
         if self.broker == "":
             raise ConfigError("broker", 'is required: the MQTT broker "host:port"')
         parse_address(self.broker, "broker")
-        if self.label is not None and (not isinstance(self.label, str) or len(self.label) > 256):
-            raise ConfigError("label", f"expected a string of at most 256 characters, got {self.label!r}")
+        if self.label is not None:
+            _str("label", self.label, max_len=256)
         object.__setattr__(self, "flush_interval_ms", _int("flush_interval_ms", self.flush_interval_ms, 1, 3_600_000))
         object.__setattr__(self, "telemetry_bound", _int("telemetry_bound", self.telemetry_bound, 1, 10_000_000))
         object.__setattr__(self, "reconnect_min_s", _int("reconnect_min_s", self.reconnect_min_s, 1, 3600))
@@ -207,8 +179,7 @@ class AdaptiveConfig:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError("enabled", f"expected true or false, got {self.enabled!r}")
+        check_bool("enabled", self.enabled, error=ConfigError)
         object.__setattr__(self, "hysteresis", _float("hysteresis", self.hysteresis, 1.0, 100.0))
         object.__setattr__(self, "min_dwell_s", _float("min_dwell_s", self.min_dwell_s, 0.0, 86_400.0))
         object.__setattr__(self, "min_samples", _int("min_samples", self.min_samples, 1, 10_000))
