@@ -20,9 +20,10 @@ from cloud_tier.config import HEALTH_SERVICE, ServerConfig
 from cloud_tier.executor import ModelRegistry
 from cloud_tier.servicer import SplitInferenceServicer
 from cloud_tier.stats import ServerStats
-from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from protos import serde
 from protos.mqtt import DEVICE_ID_RE
+from protos.serde import CloudReply, CloudRequest
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,11 @@ class RequestCounters:
         self._devices: dict[str, dict[str, float]] = {}
         self.untracked_devices = 0
 
-    def record(self, request: pb.InferRequest, response: pb.InferResponse) -> None:
+    def record(self, request: CloudRequest, reply: CloudReply) -> None:
         """Count one answered (non-probe) request."""
         key = (request.model, request.cut) if (request.model, request.cut) in self._served else (UNKNOWN, UNKNOWN)
-        code = _CODE_NAMES.get(response.status.code, str(response.status.code))
-        cloud_ms = response.timing.decode_ms + response.timing.queue_ms + response.timing.compute_ms
+        code = serde.status_name(reply.code)
+        cloud_ms = reply.decode_ms + reply.queue_ms + reply.compute_ms
         with self._lock:
             k = (*key, code)
             self._by_cut[k] = self._by_cut.get(k, 0) + 1
@@ -70,7 +71,7 @@ class RequestCounters:
                 dev = self._devices[request.device_id] = {"requests": 0, "errors": 0, "cloud_ms_sum": 0.0,
                                                           "last_ts": 0.0}
             dev["requests"] += 1
-            dev["errors"] += response.status.code != 0
+            dev["errors"] += reply.code != serde.OK
             dev["cloud_ms_sum"] += cloud_ms
             dev["last_ts"] = time.time()
 
@@ -79,7 +80,7 @@ class RequestCounters:
         with self._lock:
             return dict(self._by_cut)
 
-    def devices(self) -> dict[str, dict[str, float]]:
+    def devices(self) -> dict[str, dict[str, float | None]]:
         """Per device id: requests, errors, mean cloud-side ms (decode + queue + compute), last request time."""
         with self._lock:
             return {
@@ -89,9 +90,6 @@ class RequestCounters:
             }
 
 
-_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
-
-
 class _CountingServicer(SplitInferenceServicer):
     """The servicer, also counting each answered request by (model, cut, code) and by device."""
 
@@ -99,11 +97,11 @@ class _CountingServicer(SplitInferenceServicer):
         super().__init__(*args, **kwargs)
         self.counters = counters
 
-    async def _infer(self, request: pb.InferRequest, received_ns: int) -> pb.InferResponse:
-        response = await super()._infer(request, received_ns)
+    async def _infer(self, request: CloudRequest, received_ns: int) -> CloudReply:
+        reply = await super()._infer(request, received_ns)
         if not request.probe:
-            self.counters.record(request, response)
-        return response
+            self.counters.record(request, reply)
+        return reply
 
 
 class CloudServer:

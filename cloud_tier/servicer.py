@@ -1,6 +1,8 @@
 """The SplitInference servicer (grpc.aio): decode and validate each request, batch it, answer it.
 
 A bad request gets its own RequestStatus and the stream goes on. Responses may leave out of order.
+Messages become `CloudRequest` / `CloudReply` (protos.serde) as they arrive and leave; pb2 types appear here only
+as the stream's items and in ListModels.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ from typing import AsyncIterator
 
 import grpc
 
-from cloud_tier.batcher import (BatcherClosedError, BatchRunError, DeadlineExceededError, DynamicBatcher, QueueFullError,
-                                WorkerSlots)
+from cloud_tier.batcher import (
+    BatcherClosedError,
+    BatchRunError,
+    DeadlineExceededError,
+    DynamicBatcher,
+    QueueFullError,
+    WorkerSlots,
+)
 from cloud_tier.config import ServerConfig
 from cloud_tier.executor import ModelRegistry
 from cloud_tier.stats import ServerStats
-from protos import codec
+from protos import codec, serde
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from protos.serde import CloudReply, CloudRequest
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +79,13 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
 
     # -- RPCs ----------------------------------------------------------------------------------------
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         """Every served (model, cut) and the tensor names it takes."""
-        return pb.ListModelsResponse(
-            cuts=[pb.ServedCut(model=t.model, cut=t.cut, inputs=[s.name for s in t.inputs]) for t in self.registry.served()]
-        )
+        return pb.ListModelsResponse(cuts=[
+            pb.ServedCut(model=t.model, cut=t.cut, inputs=[s.name for s in t.inputs]) for t in self.registry.served()
+        ])
 
     async def Infer(
         self, request_iterator: AsyncIterator[pb.InferRequest], context: grpc.aio.ServicerContext
@@ -139,63 +150,58 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
             stream.reader_done = True
             stream.wake()
 
-    async def _answer(self, request: pb.InferRequest, stream: _Stream) -> None:
+    async def _answer(self, message: pb.InferRequest, stream: _Stream) -> None:
         received_ns = time.time_ns()
         self.stats.gauge("in_flight", 1)
         try:
-            response = await self._infer(request, received_ns)
+            reply = await self._infer(serde.request_from_proto(message), received_ns)
         finally:
             self.stats.gauge("in_flight", -1)
-        code = grpc.StatusCode.OK.value[0]
-        if response.status.code != code:
-            self.stats.error(_code_name(response.status.code))
-        stream.responses.put_nowait(response)
+        if reply.code != serde.OK:
+            self.stats.error(serde.status_name(reply.code))
+        stream.responses.put_nowait(serde.reply_to_proto(reply))
 
-    async def _infer(self, request: pb.InferRequest, received_ns: int) -> pb.InferResponse:
-        """Run one request to its response; every failure becomes that request's status."""
-        response = pb.InferResponse(request_id=request.request_id)
-        response.timing.received_unix_ns = received_ns
+    async def _infer(self, request: CloudRequest, received_ns: int) -> CloudReply:
+        """Run one request to its reply; every failure becomes that request's status."""
+        decode_ms = 0.0  # kept in a failed reply once decoding succeeded
         self.stats.incr("probes" if request.probe else "requests")
         try:
             if self.draining:
-                raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "server is shutting down; send to another node or run locally")
+                raise RequestRejected(
+                    grpc.StatusCode.UNAVAILABLE, "server is shutting down; send to another node or run locally"
+                )
             if request.probe and not request.tensors:
-                return response  # a liveness round trip: OK, no outputs
+                return CloudReply(request.request_id, serde.OK, "", received_unix_ns=received_ns)  # liveness: OK
             tail = self.registry.get(request.model, request.cut)
             if tail is None:
-                raise RequestRejected(grpc.StatusCode.NOT_FOUND, self.registry.describe_missing(request.model, request.cut))
+                raise RequestRejected(
+                    grpc.StatusCode.NOT_FOUND, self.registry.describe_missing(request.model, request.cut)
+                )
             start = time.perf_counter()
-            feeds = codec.decode_all(request.tensors, tail.inputs, max_bytes=self.config.max_tensor_bytes)
+            feeds = request.tensors.decode(tail.inputs, max_bytes=self.config.max_tensor_bytes)
             rows = {v.shape[0] for v in feeds.values()}
             if len(rows) != 1:
                 raise codec.TensorError(f"tensors disagree on the batch dimension: {sorted(rows)}")
-            response.timing.decode_ms = 1000 * (time.perf_counter() - start)
+            decode_ms = 1000 * (time.perf_counter() - start)
             deadline = request.deadline_ms / 1000 if request.deadline_ms else None
             result = await self._batchers[(tail.model, tail.cut)].submit(feeds, rows.pop(), deadline)
-            response.timing.queue_ms = result.queue_ms
-            response.timing.compute_ms = result.compute_ms
-            response.timing.batch_size = result.batch_size
-            response.outputs.extend(codec.encode(name, arr, "fp32") for name, arr in result.outputs.items())
+            return CloudReply(
+                request.request_id, serde.OK, "", queue_ms=result.queue_ms, compute_ms=result.compute_ms,
+                batch_size=result.batch_size, received_unix_ns=received_ns,
+                decode_ms=decode_ms, wire_outputs=serde.encode_tensors(result.outputs, "fp32"),
+            )
         except codec.TensorError as exc:
-            _set_status(response, grpc.StatusCode[exc.status], str(exc))
+            code, message = grpc.StatusCode[exc.status], str(exc)
         except RequestRejected as exc:
-            _set_status(response, exc.code, str(exc))
+            code, message = exc.code, str(exc)
         except QueueFullError as exc:
-            _set_status(response, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         except DeadlineExceededError as exc:
-            _set_status(response, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
         except BatchRunError as exc:
-            _set_status(response, grpc.StatusCode.INTERNAL, str(exc))
+            code, message = grpc.StatusCode.INTERNAL, str(exc)
         except BatcherClosedError as exc:
-            _set_status(response, grpc.StatusCode.UNAVAILABLE, str(exc))
-        return response
-
-
-def _set_status(response: pb.InferResponse, code: grpc.StatusCode, message: str) -> None:
-    del response.outputs[:]
-    response.status.code = code.value[0]
-    response.status.message = message
-
-
-def _code_name(number: int) -> str:
-    return next((c.name for c in grpc.StatusCode if c.value[0] == number), str(number))
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        return CloudReply(
+            request.request_id, serde.status_number(code), message, decode_ms=decode_ms, received_unix_ns=received_ns
+        )

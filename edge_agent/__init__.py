@@ -2,7 +2,7 @@
 gRPC, and finishes every request on the device when the cloud is slow or gone.
 
 Never imports torch, onnx, cloud_tier or partitioning: a Raspberry Pi needs only `splitinfer[edge]`.
-The MQTT control plane (`edge_agent.fleet.FleetLink`) is imported only when a config has an [mqtt] table.
+The MQTT control plane (`edge_agent.control.ControlLink`) is imported only when a config has an [mqtt] table.
 """
 
 from edge_agent.agent import EdgeAgent

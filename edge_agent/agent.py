@@ -7,8 +7,11 @@ finish it, so a late cloud reply for a request already finished on the device is
 
 Fallback: a request that misses its deadline (counted from when it was sent) or whose stream breaks is
 finished on the device by running the local tail on the activation it already has, and the agent switches to
-LOCAL. A supervisor thread reconnects with exponential backoff and full jitter and returns to SPLIT only after
-the health check says SERVING and `probe_count` probe requests succeed.
+LOCAL. The supervisor (edge_agent/supervisor.py) reconnects with exponential backoff and full jitter and returns
+to SPLIT only after the health check says SERVING and `probe_count` probe requests succeed.
+
+The mode is one frozen `AgentMode` (mode, reason, forced_local, closing), replaced as a whole under the agent's
+lock; readers take the current value without the lock and see a consistent one.
 
 Per-request cloud errors: the request is finished on the device with `fallback_reason` "cloud error CODE: msg".
 INVALID_ARGUMENT, FAILED_PRECONDITION and OUT_OF_RANGE are about that request's data, so the agent stays in
@@ -20,13 +23,13 @@ Bandwidth: every cloud round trip and probe feeds `self.bandwidth` (edge_agent/b
 
 Threads: `workers` edge threads run heads and local tails (so the next head runs while the last request is
 on the wire; `infer` runs its head on the calling thread instead); gRPC's sender and one receiver thread per
-stream; a deadline watcher; the supervisor.
+stream; the deadline watcher (edge_agent/deadlines.py); the supervisor.
 `on_result` and future callbacks run on those threads: keep them short.
 """
 
 from __future__ import annotations
 
-import heapq
+import dataclasses
 import itertools
 import logging
 import threading
@@ -41,30 +44,33 @@ import numpy as np
 from edge_agent import constants as C
 from edge_agent.bandwidth import AdaptiveCut, BandwidthEstimator
 from edge_agent.config import AgentConfig
+from edge_agent.deadlines import DeadlineWatcher
 from edge_agent.results import (
     CLOUD,
     EDGE,
     LOCAL,
     SPLIT,
     AgentClosedError,
+    AgentMode,
     AgentStats,
     InferenceResult,
     InFlightLimitError,
     StageTimes,
 )
-from edge_agent.retry import RetryPolicy
 from edge_agent.runtime import CutRuntime, RunnerCache, RuntimeOptions, prepare_inputs
-from edge_agent.transport import CloudLink, CloudReply, LinkDown, encode_request, request_bytes, status_name
+from edge_agent.supervisor import Supervisor
+from edge_agent.transport import CloudLink, LinkDown
 from models.manifest import Bundle
+from protos import serde
+from protos.serde import CloudReply, CloudRequest
 
 log = logging.getLogger("splitinfer.edge")
 
 # Cloud status codes about one request's data: finish it here but keep the cloud.
 PER_REQUEST_CODES = frozenset(
-    c.value[0]
+    serde.status_number(c)
     for c in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE)
 )
-PROBE_PREFIX = "~probe-"
 
 LinkFactory = Callable[..., Any]
 
@@ -90,15 +96,6 @@ class _Request:
         self.generation: int | None = None
         self.sent_bytes = 0
         self.done = False
-
-
-class _Probe:
-    __slots__ = ("event", "reply", "generation")
-
-    def __init__(self, generation: int | None):
-        self.event = threading.Event()
-        self.reply: CloudReply | None = None
-        self.generation = generation
 
 
 def _ms(t0: float, t1: float) -> float:
@@ -127,46 +124,34 @@ class EdgeAgent:
         self._result_listeners: list[Callable[[InferenceResult], None]] = []
         self._state_listeners: list[Callable[[str, str], None]] = []
         self.bandwidth = BandwidthEstimator()
-        self._open_lock = threading.Lock()  # the supervisor and probe_link both may open the link
         self._lock = threading.RLock()
         # Built before any thread starts: it checks every plan-table cut loads.
         self.adaptive: AdaptiveCut | None = AdaptiveCut(self, config.adaptive) if config.adaptive.enabled else None
         self._changed = threading.Condition(self._lock)  # mode switches and finished requests
         self._stats = AgentStats(mode=LOCAL, cut=self._rt.cut_id)
-        self._mode = LOCAL
-        self._mode_reason = "not connected yet"
-        self._forced_local = False
-        self._closing = False
+        self._state = AgentMode()  # replaced (never changed) under self._lock; see _set_state
         self._pending: dict[str, _Request] = {}  # sent to the cloud, not finished
         self._unfinished = 0
-        self._probes: dict[str, _Probe] = {}
-        self._probe_payloads: dict[str, dict[str, np.ndarray]] = {}
         self._ids = itertools.count(1)
         self._slots = threading.BoundedSemaphore(config.max_in_flight)
         self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="splitinfer-edge")
-        self._deadlines: list[tuple[float, int, str]] = []
-        self._deadline_seq = itertools.count()
-        self._deadline_cv = threading.Condition(threading.Lock())
-        self._watch_until = 0.0  # perf_counter time the deadline watcher sleeps until (0: not asleep)
-        self._retry = RetryPolicy(config.backoff)
-        self._last_code: grpc.StatusCode | None = None  # status of the last failed probe, for the retry policy
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._stopped = False
         self._link = link_factory(config, self._on_reply, self._on_broken)
-        self._watcher = threading.Thread(target=self._watch_deadlines, name="splitinfer-deadlines", daemon=True)
-        self._watcher.start()
+        self._deadlines = DeadlineWatcher(self._on_deadline).start()
+        self._supervisor = Supervisor(
+            config, self._link, self.bandwidth, state=lambda: self._state, runtime=lambda: self._rt,
+            switch=self._switch, still_local=self._still_local, count=self._count, next_id=lambda: next(self._ids),
+        )
+        failed_at_start = False
         if connect and self._rt.remote:
-            ok, why = self._try_split()
+            ok, why = self._supervisor.try_split()
             if ok:
                 self._switch(SPLIT, "connected")
             else:
-                self._mode_reason = why
+                self._still_local(why)
                 log.warning("cloud %s unavailable at start (%s); serving on the device", config.cloud, why)
-                self._retry.next_delay()  # the first background attempt counts as a retry
-        if self._mode == LOCAL:
-            self._wake.set()  # the supervisor connects in the background
-        self._supervisor = threading.Thread(target=self._supervise, name="splitinfer-supervisor", daemon=True)
-        self._supervisor.start()
+                failed_at_start = True  # the first background attempt counts as a retry
+        self._supervisor.start(failed_at_start)
         if self.adaptive is not None:
             self.adaptive.start()
 
@@ -189,7 +174,7 @@ class EdgeAgent:
     @property
     def mode(self) -> str:
         """SPLIT or LOCAL."""
-        return self._mode
+        return self._state.mode
 
     @property
     def cut(self) -> str:
@@ -199,7 +184,7 @@ class EdgeAgent:
     @property
     def forced_local(self) -> bool:
         """Whether set_mode('local') holds the agent on the device."""
-        return self._forced_local
+        return self._state.forced_local
 
     def is_remote(self, cut_id: str) -> bool:
         """Whether cut `cut_id` of the bundle sends anything to the cloud (every cut but edge-only)."""
@@ -232,9 +217,10 @@ class EdgeAgent:
         reconnecting is the supervisor's job.
         """
         rt = self._runtime(cut_id)
-        if not rt.remote or self._closing or self._forced_local:
+        st = self._state
+        if not rt.remote or st.closing or st.forced_local:
             return False
-        with self._open_lock:
+        with self._supervisor.open_lock:
             if self._link.generation is None:
                 if self._rt.remote:
                     return False
@@ -243,7 +229,7 @@ class EdgeAgent:
                 except LinkDown as exc:
                     log.debug("measurement probe: cloud %s unreachable: %s", self.config.cloud, exc)
                     return False
-        ok, _why = self._probe(rt)
+        ok, _why = self._supervisor.probe(rt)
         return ok
 
     def infer(self, x: Any, timeout: float | None = None) -> InferenceResult:
@@ -265,7 +251,7 @@ class EdgeAgent:
         """Check the input, take an in-flight slot and count the request; the caller then runs it."""
         rt = self._rt
         inputs = prepare_inputs(x, rt.inputs)
-        if self._closing:
+        if self._state.closing:
             raise AgentClosedError("the agent is closed; make a new EdgeAgent")
         if not self._slots.acquire(blocking=block, timeout=timeout if block else None):
             with self._lock:
@@ -276,7 +262,7 @@ class EdgeAgent:
             )
         req = _Request(f"{self.config.device_id}-{next(self._ids)}", rt, inputs)
         with self._lock:
-            if self._closing:
+            if self._state.closing:
                 self._slots.release()
                 raise AgentClosedError("the agent is closed; make a new EdgeAgent")
             self._unfinished += 1
@@ -286,10 +272,10 @@ class EdgeAgent:
     def stats(self) -> AgentStats:
         """A snapshot of the counters, the mode and the cut."""
         with self._lock:
-            self._stats.mode = self._mode
+            self._stats.mode = self._state.mode
             self._stats.cut = self._rt.cut_id
             self._stats.in_flight = self._unfinished
-            self._stats.extra["mode_reason"] = self._mode_reason
+            self._stats.extra["mode_reason"] = self._state.reason
             return self._stats.snapshot()
 
     def set_cut(self, cut_id: str) -> None:
@@ -299,36 +285,34 @@ class EdgeAgent:
             changed = self._rt is not rt
             self._rt = rt
             self._stats.cut = cut_id
-        if rt.remote and self._mode == LOCAL and not self._forced_local:
-            self._wake.set()
+        st = self._state
+        if rt.remote and st.mode == LOCAL and not st.forced_local:
+            self._supervisor.wake()
         if changed:
             self._notify_state()
 
     def set_mode(self, mode: str) -> None:
         """"local": stay on the device until told otherwise; "split": go back to the cloud once probes pass."""
         if mode == LOCAL:
-            with self._lock:
-                self._forced_local = True
+            self._set_state(forced_local=True)
             self._switch(LOCAL, "set_mode('local')")
         elif mode == SPLIT:
-            with self._lock:
-                self._forced_local = False
-            self._retry.reset()
-            self._wake.set()
+            self._set_state(forced_local=False)
+            self._supervisor.resume()
         else:
             raise ValueError(f"mode: expected {SPLIT!r} or {LOCAL!r}, got {mode!r}")
 
     def wait_for_mode(self, mode: str, timeout: float) -> bool:
         """Block until the agent is in `mode` (True) or `timeout` seconds pass (False)."""
         with self._changed:
-            return self._changed.wait_for(lambda: self._mode == mode, timeout)
+            return self._changed.wait_for(lambda: self._state.mode == mode, timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, let those in flight finish (the stragglers on the device), stop threads."""
         with self._lock:
-            if self._closing and self._stop.is_set():
+            if self._state.closing and self._stopped:
                 return
-            self._closing = True
+            self._set_state(closing=True)
         if self.adaptive is not None:
             self.adaptive.stop()
         drain = C.CLOSE_DRAIN_S if timeout is None else timeout
@@ -340,13 +324,13 @@ class EdgeAgent:
                 self._fallback(req, "agent closing", switch=False)
         with self._changed:
             self._changed.wait_for(lambda: self._unfinished == 0, drain)
-        self._stop.set()
-        self._wake.set()
-        with self._deadline_cv:
-            self._deadline_cv.notify_all()
+        with self._lock:
+            self._stopped = True
+        self._supervisor.stop()
+        self._deadlines.stop()
         self._link.close()
         self._supervisor.join(5.0)
-        self._watcher.join(5.0)
+        self._deadlines.join(5.0)
         self._pool.shutdown(wait=True)
 
     def __enter__(self) -> "EdgeAgent":
@@ -375,14 +359,17 @@ class EdgeAgent:
             if not req.rt.remote:
                 self._finish_local(req, None)
                 return
-            if self._mode == LOCAL:
-                self._finish_local(req, f"local mode: {self._mode_reason}")
+            st = self._state
+            if st.mode == LOCAL:
+                self._finish_local(req, f"local mode: {st.reason}")
                 return
-            msg = encode_request(
-                req.id, device_id=self.config.device_id, model=req.rt.model_name, cut=req.rt.cut_id,
-                tensors=req.activation, codec_spec=self.config.codec, deadline_ms=self.config.deadline_ms,
+            cfg = self.config
+            msg = CloudRequest(
+                req.id, cfg.device_id, req.rt.model_name, req.rt.cut_id,
+                serde.encode_tensors(req.activation, cfg.codec), deadline_ms=cfg.deadline_ms,
+                sent_unix_ns=time.time_ns(),
             )
-            req.sent_bytes = request_bytes(msg)
+            req.sent_bytes = msg.tensors.wire_bytes
             req.t_sent = time.perf_counter()
             req.encode_ms = _ms(t1, req.t_sent)
             with self._lock:
@@ -399,7 +386,7 @@ class EdgeAgent:
                 return
             with self._lock:
                 req.generation = gen
-            self._add_deadline(req)
+            self._deadlines.add(req.id, req.t_sent + self.config.deadline_ms / 1000.0)
             if gen != self._link.generation:  # the stream broke while we queued: its report may have missed us
                 self._on_broken(gen, "stream broken while sending")
         except Exception as exc:  # the model failed on the device: the caller gets the exception as its result
@@ -447,9 +434,8 @@ class EdgeAgent:
         self._complete(req, result, None)
 
     def _finish_cloud(self, req: _Request, reply: CloudReply) -> None:
-        cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms
         now = time.perf_counter()
-        network_ms = max(0.0, _ms(req.t_sent, reply.received_at) - cloud_ms)
+        network_ms = max(0.0, _ms(req.t_sent, reply.received_at) - reply.cloud_ms)
         self.bandwidth.add(req.sent_bytes, network_ms, reply.received_at)
         timing = StageTimes(
             queue_ms=req.queue_ms, head_ms=req.head_ms, encode_ms=req.encode_ms,
@@ -497,12 +483,7 @@ class EdgeAgent:
     # -- events from the link -------------------------------------------------------------------
 
     def _on_reply(self, generation: int, reply: CloudReply) -> None:
-        if reply.request_id.startswith(PROBE_PREFIX):
-            with self._lock:
-                probe = self._probes.pop(reply.request_id, None)
-            if probe is not None:
-                probe.reply = reply
-                probe.event.set()
+        if self._supervisor.on_reply(reply):
             return
         req = self._claim(reply.request_id)
         if req is None:
@@ -514,158 +495,69 @@ class EdgeAgent:
             return
         with self._lock:
             self._stats.cloud_errors += 1
-        reason = f"cloud error {status_name(reply.code)}: {reply.message}"
+        reason = f"cloud error {serde.status_name(reply.code)}: {reply.message}"
         self._fallback(req, reason, switch=reply.code not in PER_REQUEST_CODES)
 
     def _on_broken(self, generation: int, reason: str) -> None:
         with self._lock:
             ids = [rid for rid, r in self._pending.items() if r.generation == generation]
-            probes = [p for p in self._probes.values() if p.generation == generation]
-        for probe in probes:
-            probe.event.set()  # no reply: the probe failed
+        self._supervisor.on_broken(generation)
         claimed = [r for r in (self._claim(rid) for rid in ids) if r is not None]
-        if claimed or (self._mode == SPLIT and self._link.generation is None and not self._closing):
+        st = self._state
+        if claimed or (st.mode == SPLIT and self._link.generation is None and not st.closing):
             self._switch(LOCAL, reason)
         for req in claimed:
             self._fallback(req, reason, switch=False)
 
     # -- deadlines ------------------------------------------------------------------------------
 
-    def _add_deadline(self, req: _Request) -> None:
-        due = req.t_sent + self.config.deadline_ms / 1000.0
-        with self._deadline_cv:
-            heapq.heappush(self._deadlines, (due, next(self._deadline_seq), req.id))
-            if due < self._watch_until:  # the watcher would sleep past it: wake it (else no thread wake-up)
-                self._deadline_cv.notify()
-
-    def _watch_deadlines(self) -> None:
-        """Finish on the device every sent request whose reply is later than deadline_ms."""
-        while not self._stop.is_set():
-            expired: list[str] = []
-            with self._deadline_cv:
-                now = time.perf_counter()
-                while self._deadlines and self._deadlines[0][0] <= now:
-                    expired.append(heapq.heappop(self._deadlines)[2])
-                if not expired:
-                    wait = min(self._deadlines[0][0] - now if self._deadlines else 1.0, 1.0)
-                    self._watch_until = now + wait
-                    self._deadline_cv.wait(wait)
-                    self._watch_until = 0.0  # awake: a new deadline needs no wake-up call
-                    continue
-            for rid in expired:
-                req = self._claim(rid)  # None: it was answered in time
-                if req is not None:
-                    with self._lock:
-                        self._stats.deadline_misses += 1
-                    self._fallback(req, f"deadline of {self.config.deadline_ms} ms exceeded")
+    def _on_deadline(self, request_id: str) -> None:
+        """On the watcher's thread: a sent request's deadline passed; finish it on the device unless answered."""
+        req = self._claim(request_id)  # None: it was answered in time
+        if req is not None:
+            with self._lock:
+                self._stats.deadline_misses += 1
+            self._fallback(req, f"deadline of {self.config.deadline_ms} ms exceeded")
 
     # -- mode and recovery ----------------------------------------------------------------------
 
+    def _set_state(self, **changes: Any) -> AgentMode:
+        """Replace the mode value (the one place it changes) and wake whoever waits on a mode."""
+        with self._changed:
+            self._state = dataclasses.replace(self._state, **changes)
+            self._changed.notify_all()
+            return self._state
+
+    def _still_local(self, why: str) -> None:
+        """Record why the agent stays LOCAL (a failed reconnect)."""
+        self._set_state(reason=why)
+
+    def _count(self, counter: str) -> None:
+        """Add one to an AgentStats counter."""
+        with self._lock:
+            setattr(self._stats, counter, getattr(self._stats, counter) + 1)
+
     def _switch(self, mode: str, reason: str) -> None:
         with self._changed:
-            if mode == SPLIT and self._forced_local:
+            st = self._state
+            if mode == SPLIT and st.forced_local:
                 return
-            self._mode_reason = reason if mode == LOCAL else ""
-            if self._mode == mode:
+            self._state = dataclasses.replace(st, reason=reason if mode == LOCAL else "")
+            if st.mode == mode:
                 return
-            self._mode = mode
+            self._state = dataclasses.replace(self._state, mode=mode)
             self._stats.mode_switches += 1
             self._stats.mode = mode
             self._changed.notify_all()
         log.info("mode -> %s (%s)", mode, reason)
         if mode == LOCAL:
-            self._wake.set()
+            self._supervisor.wake()
         self._notify_state()
 
     def _notify_state(self) -> None:
-        mode, cut = self._mode, self._rt.cut_id
+        mode, cut = self._state.mode, self._rt.cut_id
         for fn in self._state_listeners:
             try:
                 fn(mode, cut)
             except Exception:  # a state hook must not take the agent down; logged with its traceback
                 log.exception("state listener failed (mode %s, cut %s)", mode, cut)
-
-    def _supervise(self) -> None:
-        """While LOCAL (and not forced), try to get back to SPLIT with backoff and jitter."""
-        delay: float | None = None
-        while not self._stop.is_set():
-            self._wake.wait(delay)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            if self._mode == SPLIT or self._forced_local or self._closing or not self._rt.remote:
-                delay = None
-                continue
-            ok, why = self._try_split()
-            if ok:
-                self._retry.reset()
-                self._switch(SPLIT, "cloud healthy and probes answered")
-                delay = None
-            else:
-                with self._lock:
-                    self._mode_reason = why
-                    code, self._last_code = self._last_code, None
-                delay = self._retry.delay_after(code)
-                log.info("cloud still unavailable (%s); next attempt in %.2f s", why, delay)
-
-    def _try_split(self) -> tuple[bool, str]:
-        """Reconnect if needed, check health, then send probe_count probes; (ok, why not)."""
-        with self._open_lock:
-            opened = self._link.generation is None
-            if opened:
-                try:
-                    self._link.open()
-                except LinkDown as exc:
-                    return False, str(exc)
-        if opened:
-            with self._lock:
-                self._stats.reconnects += 1
-        else:
-            ok, why = self._link.health()
-            if not ok:
-                self._link.drop(why)
-                return False, why
-        rt = self._rt
-        for _ in range(self.config.probe_count):
-            ok, why = self._probe(rt)
-            if not ok:
-                self._link.drop(why)
-                return False, why
-        return True, ""
-
-    def _probe(self, rt: CutRuntime) -> tuple[bool, str]:
-        payload = self._probe_payloads.get(rt.cut_id)
-        if payload is None:
-            payload = self._probe_payloads[rt.cut_id] = rt.run_head(rt.zeros_input())
-        pid = f"{PROBE_PREFIX}{self.config.device_id}-{next(self._ids)}"
-        msg = encode_request(
-            pid, device_id=self.config.device_id, model=rt.model_name, cut=rt.cut_id, tensors=payload,
-            codec_spec=self.config.codec, deadline_ms=self.config.deadline_ms, probe=True,
-        )
-        probe = _Probe(self._link.generation)
-        with self._lock:
-            self._probes[pid] = probe
-            self._stats.probes_sent += 1
-        try:
-            t_sent = time.perf_counter()
-            self._link.send(msg)
-            answered = probe.event.wait(self.config.deadline_ms / 1000.0)
-        except LinkDown as exc:
-            answered, probe.reply = True, None
-            why = f"probe not sent: {exc}"
-        else:
-            why = "probe: the stream broke" if answered else f"probe: no reply in {self.config.deadline_ms} ms"
-        with self._lock:
-            self._probes.pop(pid, None)
-        reply = probe.reply
-        if reply is not None and reply.ok:
-            cloud_ms = reply.queue_ms + reply.compute_ms + reply.decode_ms
-            self.bandwidth.add(request_bytes(msg), max(0.0, _ms(t_sent, reply.received_at) - cloud_ms),
-                               reply.received_at)
-            return True, ""
-        if reply is not None:
-            why = f"probe: cloud error {status_name(reply.code)}: {reply.message}"
-            self._last_code = next((c for c in grpc.StatusCode if c.value[0] == reply.code), None)
-        with self._lock:
-            self._stats.probes_failed += 1
-        return False, why

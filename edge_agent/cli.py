@@ -25,11 +25,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from edge_agent.config import AgentConfig, ConfigError, describe, merge_overrides
+from edge_agent.config import HEAD_PRECISIONS, AgentConfig, ConfigError, describe, merge_overrides
 from edge_agent.results import CLOUD, EDGE, AgentError, InferenceResult
 from edge_agent.runtime import InputError, ModelLoadError
 from models.extras import MissingExtraError
 from models.manifest import Bundle, BundleError, TensorSpec
+from protos.codec import SPEC_SYNTAX
 
 STAGES = ("total_ms", "queue_ms", "head_ms", "encode_ms", "network_ms", "cloud_queue_ms", "tail_ms")
 SYNTHETIC_VARIANTS = 8  # distinct synthetic inputs, cycled: generating one per request would dominate
@@ -53,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cloud", help='cloud tier address "host:port"')
     run.add_argument("--device-id")
     run.add_argument("--cut", help="cut id (default: the bundle's chosen cut)")
-    run.add_argument("--head-precision", choices=["int8", "fp32"])
-    run.add_argument("--codec", help="activation codec: fp32|fp16|int8|int8c, optionally +lz4 or +zstd")
+    run.add_argument("--head-precision", choices=list(HEAD_PRECISIONS))
+    run.add_argument("--codec", help=f"activation codec: {SPEC_SYNTAX}")
     run.add_argument("--deadline-ms", type=int)
     run.add_argument("--max-in-flight", type=int)
     run.add_argument("--input", help='"synthetic" or a folder of .npy files')
@@ -119,7 +120,7 @@ def summarize(results: list[InferenceResult], failures: int, stats: dict[str, An
     return {
         "count": len(results) + failures,
         "failed": failures,
-        "served_by": {CLOUD: sum(r.served_by == CLOUD for r in results), EDGE: sum(r.served_by == EDGE for r in results)},
+        "served_by": {side: sum(r.served_by == side for r in results) for side in (CLOUD, EDGE)},
         "fallbacks": stats["fallbacks"],
         "deadline_misses": stats["deadline_misses"],
         "late_replies_dropped": stats["late_replies_dropped"],
@@ -148,9 +149,9 @@ def _fleet(agent: Any, cfg: AgentConfig) -> Iterator[Any]:
     if cfg.mqtt is None:
         yield None
         return
-    from edge_agent.fleet import FleetLink  # paho loads only with [mqtt]
+    from edge_agent.control import ControlLink  # paho loads only with [mqtt]
 
-    link = FleetLink(agent, cfg.mqtt).start(wait_s=None)  # inference does not wait for the broker
+    link = ControlLink(agent, cfg.mqtt).start(wait_s=None)  # inference does not wait for the broker
     print(f"split-agent: mqtt broker {cfg.mqtt.broker} as device {cfg.device_id}", file=sys.stderr, flush=True)
     try:
         yield link
@@ -182,8 +183,8 @@ def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, jso
         previous = (signal.signal(signal.SIGINT, lambda *_: stop.set())
                     if threading.current_thread() is threading.main_thread() else None)
         try:
-            print(f"split-agent: {bundle.model_name} cut {agent.cut} -> {cfg.cloud}, mode {agent.mode}", file=sys.stderr,
-                  flush=True)
+            print(f"split-agent: {bundle.model_name} cut {agent.cut} -> {cfg.cloud}, mode {agent.mode}",
+                  file=sys.stderr, flush=True)
             for i in range(cfg.input.count):
                 x = pool[i % len(pool)]
                 if period:

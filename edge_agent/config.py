@@ -41,78 +41,53 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
 from __future__ import annotations
 
 import dataclasses
-import re
-import tomllib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from protos.mqtt import DEVICE_ID_RE
 from edge_agent import constants as C
-from protos.codec import VALID_SPECS, TensorError, parse_codec
+from protos import address
+from protos.codec import SPEC_SYNTAX, VALID_SPECS, TensorError, parse_codec
+from protos.mqtt import DEVICE_ID_RE
+from protos.validate import FieldError, check_bool, check_choice, check_int, check_number, check_text
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10 (JetPack 6): the `tomli` backport, which the [edge] extra installs there
+    import tomli as tomllib  # type: ignore[no-redef]
 
 HEAD_PRECISIONS = ("int8", "fp32")
 
 
-class ConfigError(ValueError):
+class ConfigError(FieldError):
     """A config key has a bad value, or is unknown; the message names the key and what was expected."""
 
     def __init__(self, key: str | None, message: str, source: str = ""):
-        self.key = key
-        self.detail = message
+        super().__init__(key, message)
         self.source = source
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}key {key!r}: {message}" if key else f"{where}{message}")
+        if source:
+            self.args = (f"{source}: {self.args[0]}",)
 
     def within(self, prefix: str, source: str = "") -> "ConfigError":
         """The same error with the key prefixed by its table name (and the source named)."""
         return ConfigError(f"{prefix}.{self.key}", self.detail, source or self.source)
 
 
-# -- value checks: each returns the normalised value or raises ConfigError naming the key ----------
-
-
-def _int(key: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(key, f"expected an integer {rng}, got {value}")
-    return value
-
-
-def _float(key: str, value: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    value = float(value)
-    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
-    if bad_lo or (hi is not None and value > hi) or value != value:
-        op = ">" if lo_open else ">="
-        rng = f"{op} {lo}" if hi is None else f"{op} {lo} and <= {hi}"
-        raise ConfigError(key, f"expected a number {rng}, got {value}")
-    return value
-
-
-def _str(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(key, f"expected a string, got {value!r}")
-    return value
-
-
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(key, f"expected one of {list(choices)}, got {value!r}")
-    return value
+# Value checks (protos/validate.py), raising ConfigError naming the key; each returns the normalised value.
+_int = functools.partial(check_int, error=ConfigError)
+_float = functools.partial(check_number, error=ConfigError)
+_str = functools.partial(check_text, error=ConfigError)
+_choice = functools.partial(check_choice, error=ConfigError)
 
 
 def parse_address(value: str, key: str = "cloud") -> tuple[str, int]:
-    """Split "host:port" (or "[v6]:port") into host and port; ConfigError naming `key` if malformed."""
-    if not isinstance(value, str):
-        raise ConfigError(key, f"expected \"host:port\", got {value!r}")
-    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", value)
-    if not match or not 0 < int(match.group(2)) < 65536:
-        raise ConfigError(key, f"expected \"host:port\" with a port in 1..65535, got {value!r}")
-    return match.group(1), int(match.group(2))
+    """Split "host:port" (or "[v6]:port", host kept in brackets) into host and port; ConfigError naming `key`."""
+    try:
+        host, port = address.parse_address(value, key)
+    except address.AddressError:
+        raise ConfigError(key, f"expected \"host:port\" with a port in 1..65535, got {value!r}") from None
+    return (f"[{host}]" if ":" in host else host), port
 
 
 # -- the config objects ---------------------------------------------------------------------------
@@ -173,8 +148,8 @@ class MqttConfig:
         if self.broker == "":
             raise ConfigError("broker", 'is required: the MQTT broker "host:port"')
         parse_address(self.broker, "broker")
-        if self.label is not None and (not isinstance(self.label, str) or len(self.label) > 256):
-            raise ConfigError("label", f"expected a string of at most 256 characters, got {self.label!r}")
+        if self.label is not None:
+            _str("label", self.label, max_len=256)
         object.__setattr__(self, "flush_interval_ms", _int("flush_interval_ms", self.flush_interval_ms, 1, 3_600_000))
         object.__setattr__(self, "telemetry_bound", _int("telemetry_bound", self.telemetry_bound, 1, 10_000_000))
         object.__setattr__(self, "reconnect_min_s", _int("reconnect_min_s", self.reconnect_min_s, 1, 3600))
@@ -204,8 +179,7 @@ class AdaptiveConfig:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError("enabled", f"expected true or false, got {self.enabled!r}")
+        check_bool("enabled", self.enabled, error=ConfigError)
         object.__setattr__(self, "hysteresis", _float("hysteresis", self.hysteresis, 1.0, 100.0))
         object.__setattr__(self, "min_dwell_s", _float("min_dwell_s", self.min_dwell_s, 0.0, 86_400.0))
         object.__setattr__(self, "min_samples", _int("min_samples", self.min_samples, 1, 10_000))
@@ -229,7 +203,7 @@ class AgentConfig:
     device_id: str = field(default=C.DEFAULT_DEVICE_ID, metadata={"doc": "this device's id, [A-Za-z0-9_-]{1,64}"})
     cut: str | None = field(default=None, metadata={"doc": "cut id to run; default the bundle's chosen cut"})
     head_precision: str = field(default=C.DEFAULT_HEAD_PRECISION, metadata={"doc": '"int8" or "fp32" head'})
-    codec: str = field(default=C.DEFAULT_CODEC, metadata={"doc": "activation codec: fp32|fp16|int8|int8c[+lz4|+zstd]"})
+    codec: str = field(default=C.DEFAULT_CODEC, metadata={"doc": f"activation codec: {SPEC_SYNTAX}"})
     deadline_ms: int = field(
         default=C.DEFAULT_DEADLINE_MS, metadata={"doc": "wait for the cloud's reply after sending, then finish locally"}
     )

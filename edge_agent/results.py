@@ -26,6 +26,16 @@ class AgentClosedError(AgentError):
 
 
 @dataclass(frozen=True)
+class AgentMode:
+    """Where new requests go, and why: replaced as a whole (under the agent's lock), never changed in place."""
+
+    mode: str = LOCAL  # SPLIT or LOCAL
+    reason: str = "not connected yet"  # why the agent is LOCAL ("" in SPLIT)
+    forced_local: bool = False  # set_mode('local') holds the agent on the device
+    closing: bool = False  # close() was called: no new requests, no reconnecting
+
+
+@dataclass(frozen=True)
 class StageTimes:
     """Where a request's time went, in milliseconds.
 

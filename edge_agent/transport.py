@@ -7,7 +7,8 @@ job (its deadline watcher); this module only reports replies and broken streams.
 fresh channel, health-checks it with a deadline, and opens a new stream with a new generation number, so the
 agent can tell which in-flight requests a broken stream took with it.
 
-pb2 types stay in here and in protos.codec; the agent sees numpy arrays and `CloudReply`.
+The agent hands over `CloudRequest`s and gets `CloudReply`s (protos.serde converts them); pb2 types appear
+here only as the stream's items.
 """
 
 from __future__ import annotations
@@ -15,52 +16,23 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterator
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge_agent import constants as C
 from edge_agent.config import AgentConfig
-from protos import codec
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from protos import serde
+from protos.serde import CloudReply, CloudRequest
 
-OK = grpc.StatusCode.OK.value[0]
-INTERNAL = grpc.StatusCode.INTERNAL.value[0]
-_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
-
-
-def status_name(code: int) -> str:
-    """The grpc.StatusCode name of a numeric code (or the number when unknown)."""
-    return _CODE_NAMES.get(code, str(code))
+__all__ = ["CloudLink", "LinkDown", "channel_options"]
 
 
 class LinkDown(ConnectionError):
     """The cloud cannot take a request now: no stream, the stream broke, or the send queue is full."""
-
-
-@dataclass(frozen=True)
-class CloudReply:
-    """One decoded InferResponse, stamped with the agent's monotonic receive time."""
-
-    request_id: str
-    code: int
-    message: str
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
-    queue_ms: float = 0.0
-    compute_ms: float = 0.0
-    decode_ms: float = 0.0
-    batch_size: int = 0
-    received_at: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        """Whether the cloud answered the request with outputs."""
-        return self.code == OK
 
 
 def channel_options(cfg: AgentConfig) -> list[tuple[str, int]]:
@@ -78,59 +50,6 @@ def channel_options(cfg: AgentConfig) -> list[tuple[str, int]]:
     ]
 
 
-def encode_request(
-    request_id: str,
-    *,
-    device_id: str,
-    model: str,
-    cut: str,
-    tensors: Mapping[str, np.ndarray],
-    codec_spec: str,
-    deadline_ms: int,
-    probe: bool = False,
-) -> pb.InferRequest:
-    """Build the InferRequest for cut tensors `tensors`, encoded with `codec_spec`."""
-    return pb.InferRequest(
-        request_id=request_id,
-        device_id=device_id,
-        model=model,
-        cut=cut,
-        tensors=codec.encode_all(tensors, codec_spec),
-        sent_unix_ns=time.time_ns(),
-        deadline_ms=deadline_ms,
-        probe=probe,
-    )
-
-
-def request_bytes(request: pb.InferRequest) -> int:
-    """Tensor payload bytes of a request (what the link carries, after compression)."""
-    return codec.wire_bytes(request.tensors)
-
-
-def _decode_reply(resp: pb.InferResponse) -> CloudReply:
-    now = time.perf_counter()
-    code = resp.status.code if resp.HasField("status") else OK
-    message = resp.status.message if resp.HasField("status") else ""
-    outputs: dict[str, np.ndarray] = {}
-    if code == OK:
-        try:
-            outputs = codec.decode_all(resp.outputs, max_bytes=C.MAX_MESSAGE_BYTES)
-        except codec.TensorError as exc:
-            code, message = INTERNAL, f"the cloud's output does not decode: {exc}"
-    t = resp.timing
-    return CloudReply(
-        request_id=resp.request_id,
-        code=code,
-        message=message,
-        outputs=outputs,
-        queue_ms=t.queue_ms,
-        compute_ms=t.compute_ms,
-        decode_ms=t.decode_ms,
-        batch_size=t.batch_size,
-        received_at=now,
-    )
-
-
 class _Stream:
     """One Infer call: its bounded send queue, the call object and the receiver thread."""
 
@@ -142,7 +61,7 @@ class _Stream:
         self.call: grpc.Call | None = None
         self.thread: threading.Thread | None = None
 
-    def requests(self):
+    def requests(self) -> Iterator[pb.InferRequest]:
         """The request iterator gRPC's sender consumes; ends when the stream is closed."""
         while True:
             try:
@@ -246,14 +165,14 @@ class CloudLink:
 
     # -- sending and receiving ------------------------------------------------------------------
 
-    def send(self, request: pb.InferRequest) -> int:
+    def send(self, request: CloudRequest) -> int:
         """Queue `request` on the open stream and return its generation; LinkDown if it cannot go now."""
         with self._lock:
             s = self._stream
         if s is None or s.closed.is_set():
             raise LinkDown("no open stream to the cloud")
         try:
-            s.queue.put_nowait(request)
+            s.queue.put_nowait(serde.request_to_proto(request))
         except queue.Full:
             raise LinkDown(f"the send queue is full ({s.queue.maxsize} requests waiting for the link)") from None
         return s.generation
@@ -262,7 +181,7 @@ class CloudLink:
         reason = "the cloud ended the stream"
         try:
             for resp in s.call:  # type: ignore[union-attr]
-                self._on_reply(s.generation, _decode_reply(resp))
+                self._on_reply(s.generation, serde.reply_from_proto(resp, max_bytes=C.MAX_MESSAGE_BYTES))
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             details = exc.details() if hasattr(exc, "details") else str(exc)

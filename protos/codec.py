@@ -35,6 +35,8 @@ MAX_RANK = 16
 QUANTIZERS = ("fp32", "fp16", "int8", "int8c")
 COMPRESSIONS = ("none", "lz4", "zstd")
 VALID_SPECS = tuple(q if c == "none" else f"{q}+{c}" for q in QUANTIZERS for c in COMPRESSIONS)
+# The spec grammar in one line, for help texts: "fp32|fp16|int8|int8c[+lz4|+zstd]".
+SPEC_SYNTAX = "|".join(QUANTIZERS) + "[" + "|".join(f"+{c}" for c in COMPRESSIONS if c != "none") + "]"
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
@@ -128,7 +130,9 @@ def encode(name: str, array: np.ndarray, codec: str | Codec = "fp32") -> pb.Tens
     c = parse_codec(codec)
     arr = np.asarray(array)
     if arr.dtype.name not in _DTYPE_BY_NAME and not np.issubdtype(arr.dtype, np.floating):
-        raise TensorError(f"tensor {name!r}: dtype {arr.dtype} cannot be sent; expected one of {sorted(_DTYPE_BY_NAME)}")
+        raise TensorError(
+            f"tensor {name!r}: dtype {arr.dtype} cannot be sent; expected one of {sorted(_DTYPE_BY_NAME)}"
+        )
     if arr.ndim > MAX_RANK:
         raise TensorError(f"tensor {name!r}: rank {arr.ndim} exceeds {MAX_RANK}")
     t = pb.Tensor(name=name, shape=arr.shape)
@@ -304,7 +308,8 @@ def _decompress(t: pb.Tensor) -> bytes:
             raise TensorError(f"{where}: corrupt zstd data ({exc})") from exc
         out = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if len(out) != size:
-        raise TensorError(f"{where}: data decompresses to {'more' if len(out) > size else len(out)} bytes, raw_size is {size}")
+        got = "more" if len(out) > size else len(out)
+        raise TensorError(f"{where}: data decompresses to {got} bytes, raw_size is {size}")
     return out
 
 
@@ -358,6 +363,7 @@ def wire_bytes(tensors: Iterable[pb.Tensor]) -> int:
 
 __all__ = [
     "DEFAULT_MAX_TENSOR_BYTES",
+    "SPEC_SYNTAX",
     "VALID_SPECS",
     "Codec",
     "TensorError",

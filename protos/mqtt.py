@@ -14,12 +14,13 @@ Topics, all under `splitinfer/v1/devices/{device_id}/`:
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from protos.validate import FieldError, check_bool, check_choice, check_int, check_number, check_text
 
 __all__ = [
     "TOPIC_PREFIX",
@@ -62,8 +63,17 @@ MAX_TEXT = 256  # cut ids, model names, labels, request ids, messages
 MAX_MS = 86_400_000.0  # a day: anything longer is a unit mistake, not a latency
 
 
-class MqttSchemaError(ValueError):
-    """A topic or payload does not match the splitinfer MQTT contract."""
+class MqttSchemaError(FieldError):
+    """A topic or payload does not match the splitinfer MQTT contract; `key` names the field when there is one."""
+
+    label = "field"
+
+    def __init__(self, key_or_message: str | None, detail: str | None = None):
+        # MqttSchemaError("whole-payload message") or MqttSchemaError("field", "what was expected")
+        if detail is None:
+            super().__init__(None, key_or_message or "")
+        else:
+            super().__init__(key_or_message, detail)
 
 
 def check_device_id(device_id: Any) -> str:
@@ -126,45 +136,23 @@ def _obj(data: str | bytes | bytearray | dict[str, Any], what: str) -> dict[str,
     return obj
 
 
+# Field checks (protos/validate.py), raising MqttSchemaError naming the field; None passes where it may be absent.
+
+
 def _text(value: Any, name: str, *, optional: bool = False, allow_empty: bool = False) -> str | None:
     if value is None and optional:
         return None
-    if not isinstance(value, str):
-        raise MqttSchemaError(f"field {name!r} must be a string, got {type(value).__name__}")
-    if not value and not allow_empty:
-        raise MqttSchemaError(f"field {name!r} must not be empty")
-    if len(value) > MAX_TEXT:
-        raise MqttSchemaError(f"field {name!r} is {len(value)} characters: expected at most {MAX_TEXT}")
-    return value
+    return check_text(name, value, max_len=MAX_TEXT, allow_empty=allow_empty, error=MqttSchemaError)
 
 
 def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise MqttSchemaError(f"field {name!r} is {value!r}: expected one of {choices}")
-    return value
+    return check_choice(name, value, choices, error=MqttSchemaError)
 
 
 def _number(value: Any, name: str, lo: float, hi: float, *, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
-    # bool is an int subclass; True is not a latency
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MqttSchemaError(f"field {name!r} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise MqttSchemaError(f"field {name!r} is {value!r}: expected a finite number in [{lo}, {hi}]")
-    return float(value)
-
-
-def _count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MqttSchemaError(f"field {name!r} is {value!r}: expected a non-negative integer")
-    return value
-
-
-def _bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise MqttSchemaError(f"field {name!r} must be true or false, got {value!r}")
-    return value
+    return check_number(name, value, lo, hi, error=MqttSchemaError)
 
 
 def _dumps(obj: dict[str, Any]) -> str:
@@ -209,7 +197,7 @@ class DeviceState:
         """Parse and validate a `state` payload."""
         o = _obj(data, "state")
         if "status" not in o:
-            raise MqttSchemaError("field 'status' is missing from the state payload")
+            raise MqttSchemaError("status", "is missing from the state payload")
         return cls(status=o["status"], mode=o.get("mode"), cut=o.get("cut"),
                    bandwidth_mbps=o.get("bandwidth_mbps"), model=o.get("model"), label=o.get("label"),
                    ts=o.get("ts", time.time()))
@@ -252,11 +240,11 @@ class TelemetryRecord:
         names = ("request_id", "ts", *STAGES, "served_by", "cut")
         missing = [n for n in names if n not in o]
         if missing:
-            raise MqttSchemaError(f"{where}: field {missing[0]!r} is missing")
+            raise MqttSchemaError(f"{where}.{missing[0]}", "is missing")
         try:
             return cls(**{n: o[n] for n in names})
         except MqttSchemaError as exc:
-            raise MqttSchemaError(f"{where}: {exc}") from exc
+            raise MqttSchemaError(f"{where}.{exc.key}" if exc.key else where, exc.detail) from exc
 
 
 @dataclass(frozen=True)
@@ -274,14 +262,14 @@ class TelemetryBatch:
 
     def __post_init__(self) -> None:
         if not isinstance(self.records, tuple) or not all(isinstance(r, TelemetryRecord) for r in self.records):
-            raise MqttSchemaError("field 'records' must be a tuple of TelemetryRecord")
+            raise MqttSchemaError("records", "expected a tuple of TelemetryRecord")
         if len(self.records) > MAX_RECORDS_PER_BATCH:
             raise MqttSchemaError(
-                f"field 'records' has {len(self.records)} entries: expected at most {MAX_RECORDS_PER_BATCH}")
-        _count(self.dropped, "dropped")
+                "records", f"expected at most {MAX_RECORDS_PER_BATCH} entries, got {len(self.records)}"
+            )
+        check_int("dropped", self.dropped, 0, error=MqttSchemaError)
         if self.batch_id != "" and not (isinstance(self.batch_id, str) and DEVICE_ID_RE.fullmatch(self.batch_id)):
-            raise MqttSchemaError(f"field 'batch_id' is {self.batch_id!r}: expected 1-64 characters from "
-                                  "[A-Za-z0-9_-]")
+            raise MqttSchemaError("batch_id", f"expected 1-64 characters from [A-Za-z0-9_-], got {self.batch_id!r}")
 
     def to_json(self) -> str:
         """Serialize to compact JSON."""
@@ -296,9 +284,9 @@ class TelemetryBatch:
         o = _obj(data, "telemetry")
         recs = o.get("records")
         if not isinstance(recs, list):
-            raise MqttSchemaError(f"field 'records' must be a list, got {type(recs).__name__}")
+            raise MqttSchemaError("records", f"expected a list, got {type(recs).__name__}")
         if len(recs) > MAX_RECORDS_PER_BATCH:
-            raise MqttSchemaError(f"field 'records' has {len(recs)} entries: expected at most {MAX_RECORDS_PER_BATCH}")
+            raise MqttSchemaError("records", f"expected at most {MAX_RECORDS_PER_BATCH} entries, got {len(recs)}")
         records = tuple(TelemetryRecord.from_dict(r, f"records[{i}]") for i, r in enumerate(recs))
         return cls(records=records, dropped=o.get("dropped", 0), batch_id=o.get("batch_id", ""))
 
@@ -323,11 +311,11 @@ class Command:
         if self.kind == "switch_cut":
             _text(self.cut, "cut")
         elif self.cut is not None:
-            raise MqttSchemaError(f"field 'cut' is only allowed with kind 'switch_cut', not {self.kind!r}")
+            raise MqttSchemaError("cut", f"expected only with kind 'switch_cut', not {self.kind!r}")
         if self.kind == "switch_mode":
             _choice(self.mode, "mode", MODES)
         elif self.mode is not None:
-            raise MqttSchemaError(f"field 'mode' is only allowed with kind 'switch_mode', not {self.kind!r}")
+            raise MqttSchemaError("mode", f"expected only with kind 'switch_mode', not {self.kind!r}")
 
     @classmethod
     def switch_cut(cls, cut: str, command_id: str | None = None) -> "Command":
@@ -359,7 +347,7 @@ class Command:
         o = _obj(data, "cmd")
         for name in ("command_id", "kind"):
             if name not in o:
-                raise MqttSchemaError(f"field {name!r} is missing from the cmd payload")
+                raise MqttSchemaError(name, "is missing from the cmd payload")
         return cls(kind=o["kind"], command_id=o["command_id"], cut=o.get("cut"), mode=o.get("mode"))
 
 
@@ -373,9 +361,8 @@ class Ack:
 
     def __post_init__(self) -> None:
         _text(self.command_id, "command_id")
-        _bool(self.ok, "ok")
-        if not isinstance(self.message, str):
-            raise MqttSchemaError(f"field 'message' must be a string, got {type(self.message).__name__}")
+        check_bool("ok", self.ok, error=MqttSchemaError)
+        check_text("message", self.message, error=MqttSchemaError)
 
     def to_json(self) -> str:
         """Serialize to compact JSON (message truncated to the schema limit)."""
@@ -387,7 +374,7 @@ class Ack:
         o = _obj(data, "cmd/ack")
         for name in ("command_id", "ok"):
             if name not in o:
-                raise MqttSchemaError(f"field {name!r} is missing from the cmd/ack payload")
+                raise MqttSchemaError(name, "is missing from the cmd/ack payload")
         msg = o.get("message", "")
         _text(msg, "message", allow_empty=True)
         return cls(command_id=o["command_id"], ok=o["ok"], message=msg)

@@ -53,3 +53,8 @@ def _no_sockets_in_unit_tests(request, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "bind", refuse)
+
+
+def pytest_configure(config):
+    """Markers: `needs_profile` tests need the [profile] extra (onnx/torch); the [edge]-only job deselects them."""
+    config.addinivalue_line("markers", "needs_profile: needs the [profile] extra (onnx, torch), not just [edge]")

@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -20,13 +19,12 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from cloud_tier.controller import FleetController
 from cloud_tier.dashboard import Dashboard
 from cloud_tier.fleet_store import FleetStore
 from cloud_tier.linkproxy import LinkProxy
 from cloud_tier.server import CloudServer
 from edge_agent import CLOUD, EDGE, LOCAL, SPLIT, EdgeAgent
-from edge_agent.fleet import AUTO_CUT, FleetLink
+from edge_agent.control import AUTO_CUT, ControlLink
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, PLAN_FILE, Bundle
 from protos.mqtt import Command
 from tests import polling
@@ -67,7 +65,7 @@ def server(bundles: dict[str, Path]) -> Iterator[CloudServer]:
 
 def make_agent(
     bundle: Path, cloud: str, device_id: str, broker: Mosquitto, **fields: Any
-) -> tuple[EdgeAgent, FleetLink]:
+) -> tuple[EdgeAgent, ControlLink]:
     """An agent plus its MQTT link (started, subscribed to its commands)."""
     fields.setdefault("connect_timeout_s", 1.0)
     fields.setdefault("backoff", {"initial_s": 0.05, "max_s": 0.3})
@@ -77,7 +75,7 @@ def make_agent(
                                   mqtt={"broker": f"{broker.host}:{broker.port}", "flush_interval_ms": 50, **mqtt},
                                   **fields)
     try:
-        link = FleetLink(agent, agent.config.mqtt).start(wait_s=DEADLINE_S)
+        link = ControlLink(agent, agent.config.mqtt).start(wait_s=DEADLINE_S)
     except BaseException:
         agent.close()
         raise

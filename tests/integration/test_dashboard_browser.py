@@ -20,8 +20,8 @@ from cloud_tier.dashboard import Dashboard
 from cloud_tier.fleet_store import FleetStore
 from cloud_tier.server import RequestCounters
 from edge_agent.mqtt_control import AgentControl
-from protos import inference_pb2 as pb
 from protos.mqtt import Ack, TelemetryRecord
+from protos.serde import CloudReply, CloudRequest
 from tests.integration.cdp import Chromium, Page, chromium_path
 from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
 from tests.mosquitto import Mosquitto
@@ -69,11 +69,10 @@ def live_fleet(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[tuple[Dashboard
     # The gRPC tier's per-device counters (cloud_tier.server), fed the requests it answered for cam-1 only.
     counters = RequestCounters({("resnet18", "c3")})
     for i, (code, compute_ms) in enumerate([(0, 2.0), (0, 3.0), (0, 4.0), (14, 1.0)]):
-        request = pb.InferRequest(request_id=f"r{i}", device_id="cam-1", model="resnet18", cut="c3")
-        response = pb.InferResponse(request_id=f"r{i}", timing=pb.Timing(decode_ms=0.25, queue_ms=0.5,
-                                                                         compute_ms=compute_ms),
-                                    status=pb.RequestStatus(code=code))
-        counters.record(request, response)
+        request = CloudRequest(request_id=f"r{i}", device_id="cam-1", model="resnet18", cut="c3")
+        reply = CloudReply(request_id=f"r{i}", code=code, message="", decode_ms=0.25, queue_ms=0.5,
+                           compute_ms=compute_ms)
+        counters.record(request, reply)
     dash = Dashboard(store, cloud_view=counters.devices)
     dash.start()
     ack = lambda c: Ack(c.command_id, True)  # noqa: E731

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
+import edge_agent.config as config_module
 from edge_agent.config import AgentConfig, BackoffConfig, ConfigError, describe, merge_overrides, parse_address
 
 
@@ -95,3 +99,20 @@ def test_replace_validates_again():
     assert cfg.replace(deadline_ms=5).deadline_ms == 5
     with pytest.raises(ConfigError, match="deadline_ms"):
         cfg.replace(deadline_ms=-5)
+
+
+def test_loads_without_tomllib_on_python_3_10(tmp_path, monkeypatch):
+    """Python 3.10 has no `tomllib`: the config module falls back to `tomli` (the [edge] extra's backport)."""
+    # The real parser stands in for tomli (the same API); on a real 3.10 it is tomli itself.
+    real_toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` raises ImportError, as on 3.10
+    monkeypatch.setitem(sys.modules, "tomli", real_toml)
+    # A fresh copy of the module (the imported one, and the classes other tests hold, stay as they are).
+    spec = importlib.util.spec_from_file_location("edge_agent_config_py310", config_module.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, fresh)  # dataclasses look their module up there
+    spec.loader.exec_module(fresh)
+    path = tmp_path / "agent.toml"
+    path.write_text('bundle = "b"\ndeadline_ms = 250\n')
+    assert fresh.AgentConfig.from_toml(path).deadline_ms == 250
+    assert fresh.tomllib is real_toml

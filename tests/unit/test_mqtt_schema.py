@@ -7,8 +7,19 @@ import json
 import pytest
 
 from protos.mqtt import (
-    ACK, CMD, STATE, TELEMETRY, Ack, Command, DeviceState, MqttSchemaError, TelemetryBatch, TelemetryRecord,
-    device_topic, fleet_filter, parse_topic,
+    ACK,
+    CMD,
+    STATE,
+    TELEMETRY,
+    Ack,
+    Command,
+    DeviceState,
+    MqttSchemaError,
+    TelemetryBatch,
+    TelemetryRecord,
+    device_topic,
+    fleet_filter,
+    parse_topic,
 )
 
 

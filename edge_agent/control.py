@@ -1,4 +1,4 @@
-"""Glue between an EdgeAgent and the fleet control plane (MQTT): telemetry, state, commands.
+"""The agent's side of the MQTT control plane: its telemetry, its state, and the commands it applies.
 
 - Telemetry: each InferenceResult becomes one TelemetryRecord handed to `AgentControl.record()` (a bounded
   buffer; its flush thread publishes batches), so the request path pays for building one small object.
@@ -28,7 +28,7 @@ from protos.mqtt import Ack, Command, TelemetryRecord
 if TYPE_CHECKING:
     from edge_agent.agent import EdgeAgent
 
-__all__ = ["AUTO_CUT", "FleetLink"]
+__all__ = ["AUTO_CUT", "ControlLink"]
 
 log = logging.getLogger("splitinfer.edge.fleet")
 
@@ -52,7 +52,7 @@ def telemetry_record(result: InferenceResult, ts: float | None = None) -> Teleme
     )
 
 
-class FleetLink:
+class ControlLink:
     """Attach an AgentControl to an EdgeAgent: publish its telemetry and state, apply the cloud's commands."""
 
     def __init__(self, agent: "EdgeAgent", mqtt: MqttConfig, *, keepalive_s: int = 30) -> None:
@@ -73,7 +73,7 @@ class FleetLink:
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self, wait_s: float | None = 10.0) -> "FleetLink":
+    def start(self, wait_s: float | None = 10.0) -> "ControlLink":
         """Publish the current state, hook into the agent, connect; optionally wait until commands can arrive."""
         self._publish_state()
         self.agent.add_result_listener(self._on_result)
@@ -86,7 +86,7 @@ class FleetLink:
         self._closed = True
         self.control.close(timeout_s)
 
-    def __enter__(self) -> "FleetLink":
+    def __enter__(self) -> "ControlLink":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
