@@ -18,7 +18,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from cloud_tier import CloudProcess
+from cloud_tier.lab.process import CloudProcess
 from cloud_tier.metrics import server_metrics
 from protos import codec
 from protos import inference_pb2 as pb

@@ -17,7 +17,7 @@ import pytest
 
 from tests import polling
 from cloud_tier import CloudServer
-from cloud_tier.linkproxy import LinkProxy
+from cloud_tier.lab.linkproxy import LinkProxy
 from protos import codec
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
