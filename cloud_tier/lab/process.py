@@ -21,14 +21,15 @@ from cloud_tier.config import parse_address
 LISTENING = "listening on "
 BROKER_LINE = re.compile(r"^mqtt broker (\S+):(\d+) \((embedded|external)\)$")
 DASHBOARD_LINE = re.compile(r"^dashboard (http://\S+/)$")
-SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout, or site-packages when installed
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout, or site-packages when installed
+CHECKOUT: Path | None = _ROOT if (_ROOT / "pyproject.toml").is_file() else None
 
 
 def child_env() -> dict[str, str]:
     """This process's environment, with the source checkout first on PYTHONPATH when running from one."""
-    if not (SOURCE_ROOT / "pyproject.toml").is_file():
+    if CHECKOUT is None:
         return dict(os.environ)  # installed: the child imports the same package from site-packages
-    path = os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
 
 
@@ -56,7 +57,7 @@ class CloudProcess:
     def start(self) -> int:
         """Spawn the server and wait (bounded) for its `listening on` (and fleet) lines; return the gRPC port."""
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=child_env())
+                                     env=child_env(), cwd=CHECKOUT)  # -m puts the cwd first on sys.path
         threading.Thread(target=self._pump, daemon=True, name="cloud-process-stdout").start()
         seen: list[str] = []
         while True:
