@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloud_tier.config import NodeOptions, ServerConfig, parse_address
-from cloud_tier.metrics import Exposition, controller_metrics, server_metrics
 from cloud_tier.server import CloudServer
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 __all__ = ["CloudNode"]
 
 log = logging.getLogger(__name__)
+
 
 class CloudNode:
     """A cloud node: `start()` brings every part up (or none), `stop()` takes them down in order."""
@@ -78,17 +81,16 @@ class CloudNode:
 
     # -- metrics -----------------------------------------------------------------------------------
 
-    def server_metrics(self) -> Exposition:
-        """The gRPC tier's Prometheus families."""
-        counters = self.server.counters
-        return server_metrics(self.server.stats.snapshot(), counters.by_cut() if counters else {})
+    def metrics_collectors(self) -> list[Collector]:
+        """Prometheus collectors of the gRPC tier and (once started) the fleet controller, read at scrape time."""
+        from cloud_tier.metrics import ControllerCollector, ServerCollector
 
-    def controller_metrics(self) -> Exposition:
-        """The fleet controller's Prometheus families."""
-        ctl = self.controller
-        names = ("telemetry_messages", "stored_records", "stored_states", "bad_payloads", "dropped_messages",
-                 "duplicate_batches")
-        return controller_metrics(ctl.connected, {n: getattr(ctl, n) for n in names}, ctl.pending)
+        server = self.server
+        out: list[Collector] = [ServerCollector(server.stats.snapshot,
+                                                lambda: server.counters.by_cut() if server.counters else {})]
+        if self.controller is not None:
+            out.append(ControllerCollector(self.controller))
+        return out
 
     def cloud_view(self) -> dict[str, dict[str, Any]]:
         """Per device id: what the gRPC tier saw (requests, errors, mean cloud ms, last request time)."""
@@ -132,7 +134,7 @@ class CloudNode:
         self.controller = FleetController(self.store, self.broker_host, self.broker_port)
         self.controller.start(wait_s=opts.connect_timeout_s)
         self.dashboard = Dashboard(self.store, opts.dashboard_host, opts.dashboard_port,
-                                   extra_metrics=(self.server_metrics, self.controller_metrics),
+                                   extra_metrics=self.metrics_collectors(),
                                    cloud_view=self.cloud_view)
         self.dashboard.start()
 
