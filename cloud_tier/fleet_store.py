@@ -1,4 +1,4 @@
-"""Fleet store: device state, per-request latency records and commands in SQLite.
+"""Fleet store: device state, per-request latency records, telemetry batch ids and commands in SQLite.
 
 WAL mode so the dashboard's readers never block the controller's writer. One writer connection behind a
 lock (batched inserts: executemany in one transaction); each reading thread gets its own connection.

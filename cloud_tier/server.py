@@ -1,4 +1,8 @@
-"""CloudServer: the grpc.aio server (SplitInference + standard health) on its own thread and event loop."""
+"""CloudServer: the grpc.aio server (SplitInference + standard health) on its own thread and event loop.
+
+It keeps ServerStats and RequestCounters (answered requests by model, cut and status, and a bounded per-device
+view), which the node's /metrics and /api/fleet read.
+"""
 
 from __future__ import annotations
 

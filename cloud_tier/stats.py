@@ -1,4 +1,7 @@
-"""Counters of the cloud tier (requests, batches, batch sizes, errors by code); Prometheus comes later."""
+"""Counters of the gRPC tier (requests, probes, batches, batch sizes, errors by code, queue and in-flight gauges).
+
+Read at scrape time by cloud_tier.metrics.ServerCollector for the dashboard's /metrics.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """CloudProcess: `split-cloud serve` in a child process, for kill tests and benchmarks.
 
 The child runs `python -m cloud_tier.cli` with this interpreter, so it works from an installed package; from a
-source checkout (a pyproject.toml beside the package) the checkout is put first on the child's PYTHONPATH, so
-the child runs the same code as the parent.
+source checkout (a pyproject.toml beside the package) the child runs in the checkout with it first on
+PYTHONPATH, so it runs the same code as the parent.
 """
 
 from __future__ import annotations
