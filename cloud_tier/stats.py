@@ -19,7 +19,7 @@ class ServerStats:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
-        self._batch_sizes: Counter[int] = Counter()
+        self._batch_sizes: Counter[float] = Counter()  # bucket upper bound (inf: beyond the last) -> runs
         self.queued = 0  # requests waiting in batchers right now (gauge)
         self.in_flight = 0  # accepted requests not yet answered (gauge)
 

@@ -19,8 +19,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
+from cloud_tier.lab.linkproxy import LinkProxy
 from cloud_tier.lab.process import child_env
 from models.manifest import Bundle, BundleError
 
@@ -99,7 +100,7 @@ def _split_profile(spec: DemoBundle, out: Path) -> None:
 class _Scenario(threading.Thread):
     """Drives the proxies: bandwidth swings and outages, every `period_s`, until stopped."""
 
-    def __init__(self, proxies: dict[str, object], devices: Sequence[DemoDevice], period_s: float,
+    def __init__(self, proxies: Mapping[str, LinkProxy], devices: Sequence[DemoDevice], period_s: float,
                  say: Callable[[str], None]):
         super().__init__(name="demo-scenario", daemon=True)
         self.proxies, self.devices, self.period_s, self.say = proxies, devices, period_s, say
@@ -133,7 +134,6 @@ def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, device
              say: Callable[[str], None] = print) -> int:
     """Start everything, wait for Ctrl-C or `duration_s`, stop everything; returns the exit status."""
     from cloud_tier.config import NodeOptions
-    from cloud_tier.lab.linkproxy import LinkProxy
     from cloud_tier.node import CloudNode
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +147,7 @@ def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, device
     try:
         for line in node.banner():
             say(line)
+        assert node.broker_address is not None  # the control plane is on
         for dev in devices:
             proxy = LinkProxy(node.server.config.host, node.grpc_port, uplink_mbps=dev.uplink_mbps,
                               downlink_mbps=dev.downlink_mbps, delay_ms=dev.one_way_ms)
@@ -170,7 +171,8 @@ def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, device
         while deadline is None or time.monotonic() < deadline:
             dead = [d for d, p in agents.items() if p.poll() is not None]
             if dead and duration_s is None:
-                say(f"agent {dead[0]} exited with {agents[dead[0]].returncode}:\n{agents[dead[0]].stdout.read()}")
+                proc = agents[dead[0]]
+                say(f"agent {dead[0]} exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
                 return 1
             if deadline is not None and all(p.poll() is not None for p in agents.values()):
                 break
@@ -220,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--duration must be positive")
     if args.period <= 0:
         ap.error("--period must be positive")
-    devices = DEVICES
+    devices: Sequence[DemoDevice] = DEVICES
     if args.devices:
         names = [n.strip() for n in args.devices.split(",")]
         unknown = sorted(set(names) - {d.device_id for d in DEVICES})

@@ -52,7 +52,7 @@ class CloudProcess:
         self.broker_embedded: bool | None = None
         self.dashboard_url: str | None = None
         self.proc: subprocess.Popen | None = None
-        self.lines: queue.Queue[str] = queue.Queue(maxsize=10_000)  # stdout lines after the port line
+        self.lines: queue.Queue[str | None] = queue.Queue(maxsize=10_000)  # stdout lines; None: it exited
 
     def start(self) -> int:
         """Spawn the server and wait (bounded) for its `listening on` (and fleet) lines; return the gRPC port."""

@@ -14,7 +14,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import pytest
