@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import bundles_dir, host_line, make_bundle, median, mid_cut, table  # noqa: E402
 
-from cloud_tier.linkproxy import LinkProxy  # noqa: E402
-from cloud_tier.process import CloudProcess  # noqa: E402
+from cloud_tier.lab.linkproxy import LinkProxy  # noqa: E402
+from cloud_tier.lab.process import CloudProcess  # noqa: E402
 from edge_agent import EdgeAgent  # noqa: E402
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle  # noqa: E402
 from partitioning.devices import resolve_network  # noqa: E402

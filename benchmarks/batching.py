@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import bundles_dir, host_line, make_bundle, median, mid_cut, percentile, table  # noqa: E402
 
-from cloud_tier.process import CloudProcess  # noqa: E402
+from cloud_tier.lab.process import CloudProcess  # noqa: E402
 from edge_agent.runtime import CutRuntime, OrtRunner, RunnerCache, RuntimeOptions  # noqa: E402
 from models.manifest import Bundle  # noqa: E402
 from protos import codec  # noqa: E402

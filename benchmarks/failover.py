@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import bundles_dir, host_line, make_bundle, median, mid_cut, percentile, table  # noqa: E402
 
-from cloud_tier.linkproxy import LinkProxy  # noqa: E402
-from cloud_tier.process import CloudProcess  # noqa: E402
+from cloud_tier.lab.linkproxy import LinkProxy  # noqa: E402
+from cloud_tier.lab.process import CloudProcess  # noqa: E402
 from edge_agent import EdgeAgent  # noqa: E402
 from models.manifest import Bundle  # noqa: E402
 

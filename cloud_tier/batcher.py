@@ -230,6 +230,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._next(None)
+            assert first is not None  # without a timeout, _next waits for a request
             self._collecting = batch = [first]
             rows = first.rows
             window_end = loop.time() + self.max_wait

@@ -60,7 +60,8 @@ class EmbeddedBroker:
         try:
             self._runner.start(boot, self._timeout)
         except TimeoutError as exc:
-            raise BrokerStartError(f"embedded MQTT broker on {self.host} did not start within {self._timeout} s") from exc
+            raise BrokerStartError(f"embedded MQTT broker on {self.host} did not start within "
+                                   f"{self._timeout} s") from exc
         except BrokerStartError:
             raise
         except Exception as exc:  # noqa: BLE001 - amqtt's own errors, one clear line

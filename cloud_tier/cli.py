@@ -10,8 +10,7 @@ import sqlite3
 import sys
 import threading
 
-from cloud_tier.config import ServerConfig
-from cloud_tier.fleet import STATE_DIR_ENV, FleetOptions
+from cloud_tier.config import STATE_DIR_ENV, NodeOptions, ServerConfig
 from models.manifest import BundleError
 
 DEFAULTS = ServerConfig()
@@ -24,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve every bundle (subdirectory with plan.json) of --bundles")
     serve.add_argument("--bundles", required=True, help="directory of bundles made by split-profile")
     serve.add_argument("--host", default=DEFAULTS.host, help="address to bind (default %(default)s)")
-    serve.add_argument("--port", type=int, default=DEFAULTS.port, help="port; 0 lets the OS pick (default %(default)s)")
-    serve.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, help="rows per tail run (default %(default)s)")
+    serve.add_argument("--port", type=int, default=DEFAULTS.port,
+                       help="port; 0 lets the OS pick (default %(default)s)")
+    serve.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch,
+                       help="rows per tail run (default %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=DEFAULTS.max_wait_ms,
                        help="how long a batch's first request waits for company before it asks for a worker; "
                             "0 is continuous batching: a free worker takes whatever is queued (default %(default)s)")
@@ -48,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--db", metavar="PATH", default=None,
                        help=f"SQLite fleet store file (default ${STATE_DIR_ENV}/fleet.db, else "
                             "$XDG_STATE_HOME/splitinfer/fleet.db, else ~/.local/state/splitinfer/fleet.db)")
-    fleet.add_argument("--dashboard-host", default=FleetOptions.dashboard_host,
+    fleet.add_argument("--dashboard-host", default=NodeOptions.dashboard_host,
                        help="dashboard bind address (default %(default)s)")
-    fleet.add_argument("--dashboard-port", type=int, default=FleetOptions.dashboard_port,
+    fleet.add_argument("--dashboard-port", type=int, default=NodeOptions.dashboard_port,
                        help="dashboard port; 0 lets the OS pick (default %(default)s)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace) -> int:
     """Run the node until SIGTERM or SIGINT, then drain and stop every part; returns the exit status."""
     from cloud_tier.broker import BrokerStartError
-    from cloud_tier.fleet import CloudStack
+    from cloud_tier.node import CloudNode
     from cloud_tier.server import ServerStartError
 
     config = ServerConfig(
@@ -68,26 +69,26 @@ def serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, workers=args.workers, intra_op_threads=args.intra_op_threads,
         max_tensor_bytes=args.max_tensor_mib << 20, max_message_bytes=args.max_message_mib << 20,
         prefer_gpu=not args.cpu_only,
-    ).validate()
-    fleet = None if args.no_fleet else FleetOptions(
+    )
+    options = None if args.no_fleet else NodeOptions(
         broker=args.broker, db_path=args.db, dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port,
-    ).validate()
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stack = CloudStack(args.bundles, config, fleet)
+    node = CloudNode(args.bundles, config, options)
     try:
-        stack.start()
+        node.start()
     except (BundleError, ServerStartError, BrokerStartError, TimeoutError, OSError, RuntimeError,
             sqlite3.Error) as exc:
         print(f"split-cloud: {exc}", file=sys.stderr)
         return 2
-    for line in stack.banner():
+    for line in node.banner():
         print(line, flush=True)
-    while not stop.wait(1.0) and not stack.wait(0):
+    while not stop.wait(1.0) and not node.wait(0):
         pass  # wake every second so signals are handled promptly on every platform
     print("shutting down: draining", flush=True)
-    stack.stop(grace=args.grace)
+    node.stop(grace=args.grace)
     print("stopped", flush=True)
     return 0
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return serve(args)
-    except ValueError as exc:  # ServerConfig.validate names the bad setting
+    except ValueError as exc:  # ConfigError (a ValueError) names the bad setting
         print(f"split-cloud: {exc}", file=sys.stderr)
         return 2
 

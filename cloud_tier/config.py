@@ -1,14 +1,26 @@
-"""The cloud tier's typed, validated server configuration and its gRPC channel options."""
+"""The cloud node's typed settings, validated where they are made, and its gRPC channel options.
+
+`ServerConfig` (the gRPC tier) and `NodeOptions` (the control plane beside it: broker, fleet store, dashboard)
+are frozen dataclasses that check themselves in `__post_init__`; a bad value raises `ConfigError`, which names
+the key and what was expected. `parse_address` is the node's one HOST:PORT parser. `STATE_DIR_ENV` is the one
+environment override (where the fleet database lives by default).
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from protos.codec import DEFAULT_MAX_TENSOR_BYTES
 
+__all__ = ["ConfigError", "NodeOptions", "ServerConfig", "STATE_DIR_ENV", "default_db_path", "parse_address"]
+
 MIB = 1024 * 1024
 HEALTH_SERVICE = "splitinfer.v1.SplitInference"
+STATE_DIR_ENV = "SPLITINFER_STATE_DIR"  # overrides where the fleet database lives by default
+DB_FILE = "fleet.db"
 
 # Keepalive pairing with the edge agent: agents ping every 20 s (keepalive_time_ms=20000, also without an
 # active call); the server accepts pings as often as every 10 s, so they never earn a GOAWAY too_many_pings.
@@ -18,9 +30,39 @@ SERVER_KEEPALIVE_TIME_MS = 60_000
 SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
 
 
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the key, the value and what was expected."""
+
+    def __init__(self, key: str, value: Any, expected: str, verdict: str = "is invalid"):
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"{key} {value!r} {verdict}: expected {expected}")
+
+
+def _int(key: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        raise ConfigError(key, value, f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}")
+
+
+def parse_address(text: str, key: str = "address") -> tuple[str, int]:
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); ConfigError naming `key` otherwise."""
+    host, sep, port = str(text).rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(key, text, "HOST:PORT with a port in 1..65535")
+    return host, int(port)
+
+
+def default_db_path() -> Path:
+    """$SPLITINFER_STATE_DIR/fleet.db, else $XDG_STATE_HOME/splitinfer/fleet.db, else ~/.local/state/..."""
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV]) / DB_FILE
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "splitinfer" / DB_FILE
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """Settings of one cloud node; `validate()` names the bad field."""
+    """Settings of the gRPC tier; an invalid one raises ConfigError when the object is made."""
 
     host: str = "127.0.0.1"
     port: int = 0  # 0: the OS picks; the server reports the port it got
@@ -34,19 +76,19 @@ class ServerConfig:
     max_inflight_per_stream: int = 64  # requests of one stream being worked on; beyond: stop reading it
     prefer_gpu: bool = True  # CUDA execution provider first when onnxruntime has it
 
-    def validate(self) -> "ServerConfig":
-        """Return self, or raise ValueError naming the field and what was expected."""
-        positive = ("max_batch", "max_queue", "workers", "intra_op_threads", "max_tensor_bytes",
-                    "max_message_bytes", "max_inflight_per_stream")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ServerConfig.{name} must be an integer >= 1, got {value!r}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"ServerConfig.port must be in 0..65535, got {self.port}")
-        if not self.max_wait_ms >= 0:
-            raise ValueError(f"ServerConfig.max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        return self
+    def __post_init__(self) -> None:
+        """Check every field; ConfigError names the first bad one."""
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError("ServerConfig.host", self.host, "a host name or address")
+        _int("ServerConfig.port", self.port, 0, 65535)
+        for name in ("max_batch", "max_queue", "workers", "intra_op_threads", "max_tensor_bytes",
+                     "max_message_bytes", "max_inflight_per_stream"):
+            _int(f"ServerConfig.{name}", getattr(self, name), 1)
+        wait = self.max_wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+            raise ConfigError("ServerConfig.max_wait_ms", wait, "a number of milliseconds >= 0")
+        if not isinstance(self.prefer_gpu, bool):
+            raise ConfigError("ServerConfig.prefer_gpu", self.prefer_gpu, "True or False")
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """gRPC server options, each set deliberately (see the keepalive note above)."""
@@ -60,3 +102,37 @@ class ServerConfig:
             ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ]
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """The node's control plane: MQTT broker, fleet store, controller and dashboard beside the gRPC tier.
+
+    `broker=None` starts the embedded broker on `embedded_broker_host`. Keys in errors are the CLI flags
+    where there is one.
+    """
+
+    broker: str | None = None  # HOST:PORT of an external broker (Mosquitto in production)
+    db_path: str | Path | None = None  # None: default_db_path()
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 0
+    embedded_broker_host: str = "127.0.0.1"  # amqtt allows anonymous clients: keep it on loopback by default
+    embedded_broker_port: int = 0
+    connect_timeout_s: float = 10.0  # how long the controller waits for the broker at start
+
+    def __post_init__(self) -> None:
+        """Check every field; ConfigError names the first bad one."""
+        if self.broker is not None:
+            parse_address(self.broker, "--broker")
+        for name in ("dashboard_port", "embedded_broker_port"):
+            _int(f"NodeOptions.{name}", getattr(self, name), 0, 65535)
+        if str(self.db_path) == ":memory:":
+            raise ConfigError("--db", self.db_path, "a SQLite file path (the fleet store needs a file: the "
+                              "dashboard reads with its own connections)", verdict="is not supported")
+        timeout = self.connect_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError("NodeOptions.connect_timeout_s", timeout, "a number of seconds > 0")
+
+    def resolved_db_path(self) -> Path:
+        """`db_path`, or default_db_path() when unset."""
+        return Path(self.db_path) if self.db_path is not None else default_db_path()

@@ -20,6 +20,7 @@ import uuid
 from collections import OrderedDict
 from typing import IO, Any
 
+from cloud_tier.fleet_store import FleetStore
 from models.extras import require
 from protos.mqtt import (
     ACK,
@@ -36,8 +37,6 @@ from protos.mqtt import (
     fleet_filter,
     parse_topic,
 )
-
-from cloud_tier.fleet_store import FleetStore
 
 __all__ = ["FleetController"]
 

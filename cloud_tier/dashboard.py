@@ -1,4 +1,5 @@
-"""Fleet dashboard: an aiohttp app serving the page, a JSON API and Prometheus metrics from the fleet store.
+"""Fleet dashboard: an aiohttp app serving the page and a JSON API from the fleet store, and Prometheus /metrics
+(the fleet store's devices plus the collectors it is given: the gRPC tier and the controller, see metrics.py).
 
 Routes: `/` (page), `/static/*` (app.js, app.css: shipped in the package, no CDN), `/api/fleet`,
 `/api/devices/{id}/series`, `/metrics`, `/healthz`. Every response carries a Content-Security-Policy that
@@ -12,30 +13,27 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence
-
-from models.extras import require
-from protos.mqtt import STAGES, MqttSchemaError, check_device_id
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 from cloud_tier.fleet_store import FleetStore
 from cloud_tier.loopthread import LoopThread
-from cloud_tier.metrics import CONTENT_TYPE, Exposition, fleet_metrics
+from cloud_tier.metrics import CONTENT_TYPE, FleetCollector, MetricsRegistry
+from models.extras import require
+from protos.mqtt import MqttSchemaError, check_device_id
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 # Per-device cloud-side view: device id -> {requests, errors, mean_ms, last_ts} (see server.RequestCounters).
 CloudView = Callable[[], dict[str, dict[str, Any]]]
 
-__all__ = ["Dashboard", "build_app", "prometheus_text"]
+__all__ = ["Dashboard", "build_app"]
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
-
-def prometheus_text(fleet: list[dict[str, Any]]) -> str:
-    """Render fleet rows in the Prometheus text exposition format (version 0.0.4)."""
-    return fleet_metrics(fleet).render()
 
 
 def _secure(headers: Any, path: str) -> None:
@@ -64,14 +62,16 @@ def _fleet_rows(fleet: list[dict[str, Any]], cloud: dict[str, dict[str, Any]] | 
 
 
 def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: float = 10.0,
-              series_s: float = 120.0, extra_metrics: Sequence[Callable[[], Exposition]] = (),
+              series_s: float = 120.0, extra_metrics: Sequence[Collector] = (),
               cloud_view: CloudView | None = None) -> Any:
     """The aiohttp Application serving the dashboard for `store`.
 
-    `extra_metrics` add families to /metrics (the gRPC tier, the controller); `cloud_view` adds each
-    device's cloud-side counts to /api/fleet rows.
+    `extra_metrics` are more Prometheus collectors for /metrics (the gRPC tier, the controller); `cloud_view`
+    adds each device's cloud-side counts to /api/fleet rows.
     """
     web = require("aiohttp.web", "cloud")
+    registry = MetricsRegistry([FleetCollector(lambda: store.fleet(window_s=window_s, rate_window_s=rate_window_s)),
+                                *extra_metrics])
 
     async def in_thread(fn: Callable[[], Any]) -> Any:
         # SQLite reads block: keep them off the event loop.
@@ -116,11 +116,8 @@ def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: floa
         return web.json_response(data)
 
     async def metrics(_request: Any) -> Any:
-        rows = await in_thread(lambda: store.fleet(window_s=window_s, rate_window_s=rate_window_s))
-        out = fleet_metrics(rows)
-        for source in extra_metrics:
-            out.extend(source())
-        return web.Response(body=out.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+        body = await in_thread(registry.render)  # the fleet collector reads SQLite: off the event loop
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(_request: Any) -> Any:
         return web.json_response({"ok": True})

@@ -1,23 +1,24 @@
-"""Fleet store: device state, per-request latency records and commands in SQLite.
+"""Fleet store: device state, per-request latency records, telemetry batch ids and commands in SQLite.
 
 WAL mode so the dashboard's readers never block the controller's writer. One writer connection behind a
 lock (batched inserts: executemany in one transaction); each reading thread gets its own connection.
 Retention: rows older than `max_age_s` and rows beyond `max_rows_per_device` per device are pruned,
 at most every `prune_every_s`, on the write path.
 
-Percentiles use linear interpolation between closest ranks (numpy's default), over the newest
+Percentiles are numpy's (linear interpolation between closest ranks), over the newest
 `max_sample` records of the window, so a dashboard poll stays cheap on a busy device.
 """
 
 from __future__ import annotations
 
-import math
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 from protos.mqtt import STAGES, Ack, Command, DeviceState, TelemetryRecord
 
@@ -70,15 +71,9 @@ CREATE TABLE IF NOT EXISTS meta (
 _STAGE_COLS = ", ".join(STAGES)
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Percentile `q` (0-100) of already sorted values, linear interpolation; None when empty."""
-    n = len(sorted_values)
-    if n == 0:
-        return None
-    pos = (n - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+def percentile(values: Sequence[float] | np.ndarray, q: float) -> float | None:
+    """Percentile `q` (0-100) of `values` (np.percentile, linear interpolation); None when empty."""
+    return float(np.percentile(values, q)) if len(values) else None
 
 
 @dataclass(frozen=True)
@@ -317,7 +312,7 @@ class FleetStore:
         span = min(rate_window_s, max(1.0, now - first[0])) if first else rate_window_s
         stages: dict[str, dict[str, float | None]] = {}
         for i, stage in enumerate(STAGES):
-            values = sorted(r[i] for r in rows)
+            values = np.fromiter((r[i] for r in rows), dtype=float, count=len(rows))
             stages[stage] = {f"p{q}": percentile(values, q) for q in (50, 95, 99)}
         edge = sum(1 for r in rows if r[-1] == "edge")
         return {
@@ -357,7 +352,7 @@ class FleetStore:
         series: dict[str, list[float | None]] = {s: [] for s in STAGES}
         for k in keys:
             for i, stage in enumerate(STAGES):
-                series[stage].append(percentile(sorted(v[i] for v in buckets[k]), 50))
+                series[stage].append(percentile([v[i] for v in buckets[k]], 50))
         return {
             "device_id": device_id,
             "bucket_s": bucket_s,

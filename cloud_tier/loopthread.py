@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class LoopThread:
             self._thread = None
             raise failure[0]
 
-    def stop(self, shutdown: Callable[[], Awaitable[Any]] | None, timeout_s: float) -> None:
+    def stop(self, shutdown: Callable[[], Coroutine[Any, Any, Any]] | None, timeout_s: float) -> None:
         """Await `shutdown()` on the loop (a failure is logged, the loop still stops), stop the loop, join."""
         if self._thread is None or self.loop is None:
             return

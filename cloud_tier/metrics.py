@@ -1,169 +1,203 @@
-"""Prometheus text exposition (format 0.0.4) of the cloud tier: gRPC server, fleet controller, fleet store.
+"""Prometheus metrics of the cloud node: the gRPC tier, the fleet controller and the fleet store's devices.
 
-One small writer (`Exposition`) emits each family once with its HELP and TYPE lines and escapes label values
-(backslash, double quote, newline) and HELP text (backslash, newline): model names come from bundle folder
-names and device-supplied text must never be able to forge a sample line.
+Each part has a custom collector (`prometheus_client`'s Collector) that reads the existing stats objects at
+scrape time and yields metric families; the dashboard's `/metrics` renders them with `generate_latest` from a
+private `CollectorRegistry` (`MetricsRegistry`), in the text format 0.0.4. prometheus_client checks metric and
+label names and escapes label values and HELP text, so device-supplied text cannot forge a sample line.
+Counter families are declared without `_total`; the exposition appends it. No `_created` samples are emitted.
+Names, types, labels and values are those of the hand-written exposition this replaced; the text differs only
+in form (label names sorted, integers written as floats), which Prometheus reads the same.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from cloud_tier.stats import BATCH_SIZE_BUCKETS
+from models.extras import require
 from protos.mqtt import STAGES
 
-__all__ = ["Exposition", "escape_label", "fleet_metrics", "server_metrics", "controller_metrics"]
+try:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+    from prometheus_client.registry import Collector
+except ImportError:  # pragma: no cover - the [cloud] extra is missing: name the pip line that fixes it
+    require("prometheus_client", "cloud")
+    raise
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+if TYPE_CHECKING:
+    from cloud_tier.controller import FleetController
 
+__all__ = ["CONTENT_TYPE", "ControllerCollector", "FleetCollector", "MetricsRegistry", "ServerCollector", "render"]
 
-def escape_label(value: Any) -> str:
-    """A label value escaped for the text format (\\ -> \\\\, \" -> \\\", newline -> \\n)."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 
-
-def _help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _num(value: Any) -> str:
-    if value is None:
-        return "NaN"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
+FleetRows = Callable[[], list[dict[str, Any]]]  # FleetStore.fleet() rows
+Snapshot = Callable[[], Mapping[str, Any]]  # ServerStats.snapshot()
+PerCut = Callable[[], Mapping[tuple[str, str, str], int]]  # RequestCounters.by_cut()
 
 
-def _labels(labels: Mapping[str, Any]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items()) + "}"
+def _value(value: Any) -> float:
+    """A sample value; None (no data) is NaN."""
+    return math.nan if value is None else float(value)
 
 
-class Exposition:
-    """Collects metric families and renders them; a family name may be declared only once."""
+class FleetCollector(Collector):
+    """Per-device gauges and counters from the fleet store's rows (FleetStore.fleet())."""
 
-    def __init__(self) -> None:
-        self._lines: list[str] = []
-        self._names: set[str] = set()
+    def __init__(self, rows: FleetRows):
+        self._rows = rows
 
-    def family(self, name: str, kind: str, help_: str,
-               samples: Iterable[tuple[Mapping[str, Any], Any]]) -> None:
-        """Add family `name` (counter|gauge) with (labels, value) samples."""
-        self._declare(name, kind, help_)
-        self._lines.extend(f"{name}{_labels(labels)} {_num(value)}" for labels, value in samples)
+    def collect(self) -> Iterator[Metric]:
+        """The device families of the fleet's rows now."""
+        return self.families(self._rows())
 
-    def histogram(self, name: str, help_: str, buckets: Mapping[float, int], total: float, count: int,
-                  labels: Mapping[str, Any] | None = None) -> None:
-        """Add a histogram from non-cumulative per-bucket counts (upper bound -> count; inf allowed)."""
-        self._declare(name, "histogram", help_)
-        base = dict(labels or {})
-        running = 0
-        for upper in sorted(b for b in buckets if not math.isinf(b)):
-            running += buckets[upper]
-            le = str(int(upper)) if float(upper).is_integer() else repr(float(upper))
-            self._lines.append(f"{name}_bucket{_labels({**base, 'le': le})} {running}")
-        self._lines.append(f"{name}_bucket{_labels({**base, 'le': '+Inf'})} {count}")
-        self._lines.append(f"{name}_sum{_labels(base)} {_num(total)}")
-        self._lines.append(f"{name}_count{_labels(base)} {count}")
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples, so a registry refuses a name declared twice."""
+        return self.families([])
 
-    def extend(self, other: "Exposition") -> None:
-        """Append every family of `other` (names must not clash)."""
-        clash = self._names & other._names
-        if clash:
-            raise ValueError(f"metric families declared twice: {sorted(clash)}")
-        self._names |= other._names
-        self._lines.extend(other._lines)
+    @staticmethod
+    def families(fleet: list[dict[str, Any]]) -> Iterator[Metric]:
+        """The device families of `fleet` rows."""
+        def per_device(kind: Any, name: str, help_: str, value: Callable[[dict[str, Any]], Any],
+                       skip_none: bool = False) -> Metric:
+            out = kind(name, help_, labels=["device"])
+            for d in fleet:
+                if value(d) is not None or not skip_none:
+                    out.add_metric([d["device_id"]], _value(value(d)))
+            return out
 
-    def render(self) -> str:
-        """The exposition text, newline-terminated."""
-        return "\n".join(self._lines) + "\n"
-
-    def _declare(self, name: str, kind: str, help_: str) -> None:
-        if name in self._names:
-            raise ValueError(f"metric family {name!r} declared twice")
-        if kind not in ("counter", "gauge", "histogram"):
-            raise ValueError(f"metric kind {kind!r} is unknown: expected counter, gauge or histogram")
-        self._names.add(name)
-        self._lines.append(f"# HELP {name} {_help(help_)}")
-        self._lines.append(f"# TYPE {name} {kind}")
+        yield per_device(GaugeMetricFamily, "splitinfer_device_up", "1 if the device is online, else 0.",
+                         lambda d: 1 if d["status"] == "online" else 0)
+        yield per_device(GaugeMetricFamily, "splitinfer_device_requests_per_second",
+                         "Requests per second over the rate window.", lambda d: d["req_per_s"])
+        yield per_device(GaugeMetricFamily, "splitinfer_device_edge_share", "Share of requests finished on the device.",
+                         lambda d: d["edge_share"], skip_none=True)
+        yield per_device(CounterMetricFamily, "splitinfer_device_dropped_records",
+                         "Telemetry records the agent dropped.", lambda d: d["dropped_total"])
+        yield per_device(GaugeMetricFamily, "splitinfer_device_last_seen_seconds",
+                         "Unix time of the last message from the device.", lambda d: d["last_seen"])
+        latency = GaugeMetricFamily("splitinfer_device_latency_ms",
+                                    "Latency percentiles per stage over the stats window (ms).",
+                                    labels=["device", "stage", "quantile"])
+        for d in fleet:
+            for stage in STAGES:
+                for q in (50, 95, 99):
+                    v = d["stages"][stage][f"p{q}"]
+                    if v is not None:
+                        latency.add_metric([d["device_id"], stage[:-3], f"0.{q}"], v)
+        yield latency
 
 
-def fleet_metrics(fleet: list[dict[str, Any]]) -> Exposition:
-    """Per-device gauges from FleetStore.fleet() rows."""
-    out = Exposition()
-
-    def dev(d: dict[str, Any], **more: Any) -> dict[str, Any]:
-        return {"device": d["device_id"], **more}
-
-    out.family("splitinfer_device_up", "gauge", "1 if the device is online, else 0.",
-               [(dev(d), 1 if d["status"] == "online" else 0) for d in fleet])
-    out.family("splitinfer_device_requests_per_second", "gauge", "Requests per second over the rate window.",
-               [(dev(d), d["req_per_s"]) for d in fleet])
-    out.family("splitinfer_device_edge_share", "gauge", "Share of requests finished on the device.",
-               [(dev(d), d["edge_share"]) for d in fleet if d["edge_share"] is not None])
-    out.family("splitinfer_device_dropped_records_total", "counter", "Telemetry records the agent dropped.",
-               [(dev(d), d["dropped_total"]) for d in fleet])
-    out.family("splitinfer_device_last_seen_seconds", "gauge", "Unix time of the last message from the device.",
-               [(dev(d), d["last_seen"]) for d in fleet])
-    samples = []
-    for d in fleet:
-        for stage in STAGES:
-            for q in (50, 95, 99):
-                v = d["stages"][stage][f"p{q}"]
-                if v is not None:
-                    samples.append((dev(d, stage=stage[:-3], quantile=f"0.{q}"), v))
-    out.family("splitinfer_device_latency_ms", "gauge", "Latency percentiles per stage over the stats window (ms).",
-               samples)
-    return out
-
-
-def server_metrics(snapshot: Mapping[str, Any], per_cut: Mapping[tuple[str, str, str], int]) -> Exposition:
+class ServerCollector(Collector):
     """The gRPC tier: ServerStats.snapshot() plus responses counted by (model, cut, status code name)."""
-    out = Exposition()
-    out.family("splitinfer_cloud_requests_total", "counter", "Infer requests received (probes excluded).",
-               [({}, snapshot.get("requests", 0))])
-    out.family("splitinfer_cloud_probes_total", "counter", "Probe requests received (liveness and link probes).",
-               [({}, snapshot.get("probes", 0))])
-    out.family("splitinfer_cloud_errors_total", "counter", "Requests answered with a non-OK status, by code.",
-               [({"code": code}, n) for code, n in sorted(snapshot.get("errors", {}).items())])
-    out.family("splitinfer_cloud_responses_total", "counter",
-               "Infer responses by model, cut and gRPC status code (unknown model/cut pairs as _unknown).",
-               [({"model": m, "cut": c, "code": code}, n) for (m, c, code), n in sorted(per_cut.items())])
-    out.family("splitinfer_cloud_batches_total", "counter", "Tail runs (batches) executed.",
-               [({}, snapshot.get("batches", 0))])
-    hist = {float(b): 0 for b in BATCH_SIZE_BUCKETS}  # every bucket, always: a stable series set
-    hist.update({float(k): v for k, v in snapshot.get("batch_size_histogram", {}).items()})
-    out.histogram("splitinfer_cloud_batch_size_rows", "Rows per tail run.", hist,
-                  snapshot.get("batched_rows", 0), snapshot.get("batches", 0))
-    out.family("splitinfer_cloud_queue_depth", "gauge", "Requests waiting in the batchers now.",
-               [({}, snapshot.get("queued", 0))])
-    out.family("splitinfer_cloud_in_flight", "gauge", "Accepted requests not yet answered.",
-               [({}, snapshot.get("in_flight", 0))])
-    return out
+
+    def __init__(self, snapshot: Snapshot, per_cut: PerCut):
+        self._snapshot, self._per_cut = snapshot, per_cut
+
+    def collect(self) -> Iterator[Metric]:
+        """The gRPC tier's families now."""
+        return self.families(self._snapshot(), self._per_cut())
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples, so a registry refuses a name declared twice."""
+        return self.families({}, {})
+
+    @staticmethod
+    def families(snapshot: Mapping[str, Any], per_cut: Mapping[tuple[str, str, str], int]) -> Iterator[Metric]:
+        """The gRPC tier's families of one snapshot."""
+        yield CounterMetricFamily("splitinfer_cloud_requests", "Infer requests received (probes excluded).",
+                                  value=snapshot.get("requests", 0))
+        yield CounterMetricFamily("splitinfer_cloud_probes", "Probe requests received (liveness and link probes).",
+                                  value=snapshot.get("probes", 0))
+        errors = CounterMetricFamily("splitinfer_cloud_errors", "Requests answered with a non-OK status, by code.",
+                                     labels=["code"])
+        for code, n in sorted(snapshot.get("errors", {}).items()):
+            errors.add_metric([code], n)
+        yield errors
+        responses = CounterMetricFamily(
+            "splitinfer_cloud_responses",
+            "Infer responses by model, cut and gRPC status code (unknown model/cut pairs as _unknown).",
+            labels=["model", "cut", "code"])
+        for (model, cut, code), n in sorted(per_cut.items()):
+            responses.add_metric([model, cut, code], n)
+        yield responses
+        yield CounterMetricFamily("splitinfer_cloud_batches", "Tail runs (batches) executed.",
+                                  value=snapshot.get("batches", 0))
+        yield _batch_sizes(snapshot)
+        yield GaugeMetricFamily("splitinfer_cloud_queue_depth", "Requests waiting in the batchers now.",
+                                value=snapshot.get("queued", 0))
+        yield GaugeMetricFamily("splitinfer_cloud_in_flight", "Accepted requests not yet answered.",
+                                value=snapshot.get("in_flight", 0))
 
 
-def controller_metrics(connected: bool, counters: Mapping[str, int], pending: int) -> Exposition:
+def _batch_sizes(snapshot: Mapping[str, Any]) -> HistogramMetricFamily:
+    """Rows per tail run, from ServerStats' non-cumulative per-bucket counts; every bucket always."""
+    counts = {float(b): 0 for b in BATCH_SIZE_BUCKETS}  # a stable series set from the first scrape
+    counts.update({float(k): v for k, v in snapshot.get("batch_size_histogram", {}).items()})
+    buckets, running = [], 0
+    for upper in sorted(b for b in counts if not math.isinf(b)):
+        running += counts[upper]
+        buckets.append((str(int(upper)) if upper.is_integer() else repr(upper), running))
+    buckets.append(("+Inf", snapshot.get("batches", 0)))
+    return HistogramMetricFamily("splitinfer_cloud_batch_size_rows", "Rows per tail run.", buckets=buckets,
+                                 sum_value=snapshot.get("batched_rows", 0))
+
+
+CONTROLLER_COUNTERS = {
+    "telemetry_messages": "Valid telemetry batches received.",
+    "stored_records": "Request records written to the fleet store.",
+    "stored_states": "Device state messages written to the fleet store.",
+    "bad_payloads": "Messages ignored because topic or payload broke the schema.",
+    "dropped_messages": "Messages dropped because the store queue was full.",
+    "duplicate_batches": "Telemetry batches skipped as a second delivery of a batch already stored.",
+}
+
+
+class ControllerCollector(Collector):
     """The fleet controller: MQTT session, messages stored, refused and dropped."""
-    out = Exposition()
-    out.family("splitinfer_fleet_mqtt_connected", "gauge", "1 while the controller's MQTT session is up.",
-               [({}, 1 if connected else 0)])
-    helps = {
-        "telemetry_messages": "Valid telemetry batches received.",
-        "stored_records": "Request records written to the fleet store.",
-        "stored_states": "Device state messages written to the fleet store.",
-        "bad_payloads": "Messages ignored because topic or payload broke the schema.",
-        "dropped_messages": "Messages dropped because the store queue was full.",
-        "duplicate_batches": "Telemetry batches skipped as a second delivery of a batch already stored.",
-    }
-    for key, help_ in helps.items():
-        out.family(f"splitinfer_fleet_{key}_total", "counter", help_, [({}, counters.get(key, 0))])
-    out.family("splitinfer_fleet_pending_messages", "gauge", "Messages received but not yet stored.",
-               [({}, pending)])
-    return out
+
+    def __init__(self, controller: FleetController):
+        self._controller = controller
+
+    def collect(self) -> Iterator[Metric]:
+        """The controller's families now."""
+        ctl = self._controller
+        return self.families(ctl.connected, {key: getattr(ctl, key) for key in CONTROLLER_COUNTERS}, ctl.pending)
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples, so a registry refuses a name declared twice."""
+        return self.families(False, {}, 0)
+
+    @staticmethod
+    def families(connected: bool, counters: Mapping[str, int], pending: int) -> Iterator[Metric]:
+        """The controller's families of one reading."""
+        yield GaugeMetricFamily("splitinfer_fleet_mqtt_connected", "1 while the controller's MQTT session is up.",
+                                value=1 if connected else 0)
+        for key, help_ in CONTROLLER_COUNTERS.items():
+            yield CounterMetricFamily(f"splitinfer_fleet_{key}", help_, value=counters.get(key, 0))
+        yield GaugeMetricFamily("splitinfer_fleet_pending_messages", "Messages received but not yet stored.",
+                                value=pending)
+
+
+class MetricsRegistry:
+    """A private CollectorRegistry: the collectors of one node; `render()` is the /metrics body."""
+
+    def __init__(self, collectors: Iterable[Collector] = ()):
+        self._registry = CollectorRegistry()
+        for collector in collectors:
+            self.register(collector)
+
+    def register(self, collector: Collector) -> None:
+        """Add a collector; ValueError when one of its family names is taken."""
+        self._registry.register(collector)
+
+    def render(self) -> bytes:
+        """Every collector's families now, in the text format 0.0.4 (CONTENT_TYPE)."""
+        return generate_latest(self._registry)
+
+
+def render(*collectors: Collector) -> str:
+    """The exposition text of `collectors` alone (for tests and tools)."""
+    return MetricsRegistry(collectors).render().decode()

@@ -1,4 +1,8 @@
-"""CloudServer: the grpc.aio server (SplitInference + standard health) on its own thread and event loop."""
+"""CloudServer: the grpc.aio server (SplitInference + standard health) on its own thread and event loop.
+
+It keeps ServerStats and RequestCounters (answered requests by model, cut and status, and a bounded per-device
+view), which the node's /metrics and /api/fleet read.
+"""
 
 from __future__ import annotations
 
@@ -128,7 +132,7 @@ class CloudServer:
             host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, workers=workers,
             intra_op_threads=intra_op_threads, max_tensor_bytes=max_tensor_bytes, max_message_bytes=max_message_bytes,
             max_inflight_per_stream=max_inflight_per_stream, prefer_gpu=prefer_gpu,
-        ).validate()
+        )
         self.stats = ServerStats()
         self.counters: RequestCounters | None = None  # set once the bundles are loaded
         self.port: int | None = None

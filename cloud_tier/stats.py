@@ -1,4 +1,7 @@
-"""Counters of the cloud tier (requests, batches, batch sizes, errors by code); Prometheus comes later."""
+"""Counters of the gRPC tier (requests, probes, batches, batch sizes, errors by code, queue and in-flight gauges).
+
+Read at scrape time by cloud_tier.metrics.ServerCollector for the dashboard's /metrics.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ class ServerStats:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
-        self._batch_sizes: Counter[int] = Counter()
+        self._batch_sizes: Counter[float] = Counter()  # bucket upper bound (inf: beyond the last) -> runs
         self.queued = 0  # requests waiting in batchers right now (gauge)
         self.in_flight = 0  # accepted requests not yet answered (gauge)
 

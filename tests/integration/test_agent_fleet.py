@@ -21,7 +21,7 @@ import pytest
 
 from cloud_tier.dashboard import Dashboard
 from cloud_tier.fleet_store import FleetStore
-from cloud_tier.linkproxy import LinkProxy
+from cloud_tier.lab.linkproxy import LinkProxy
 from cloud_tier.server import CloudServer
 from edge_agent import CLOUD, EDGE, LOCAL, SPLIT, EdgeAgent
 from edge_agent.control import AUTO_CUT, ControlLink

@@ -18,8 +18,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from cloud_tier import CloudProcess
-from cloud_tier.metrics import server_metrics
+from cloud_tier.lab.process import CloudProcess
+from cloud_tier.metrics import ServerCollector, render
 from protos import codec
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
@@ -113,7 +113,7 @@ def sample(metrics: dict[str, Any], family: str, **labels: str) -> float | None:
 
 
 def test_exposition_escapes_hostile_label_values() -> None:
-    text = server_metrics({"errors": {}}, {('m"x\\', "c\n1", "OK"): 2}).render()
+    text = render(ServerCollector(lambda: {"errors": {}}, lambda: {('m"x\\', "c\n1", "OK"): 2}))
     parsed = parse_prometheus(text)
     assert sample(parsed, "splitinfer_cloud_responses_total", model='m"x\\', cut="c\n1", code="OK") == 2
 

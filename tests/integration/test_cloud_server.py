@@ -16,7 +16,8 @@ import zstandard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import polling
-from cloud_tier import CloudProcess, CloudServer
+from cloud_tier import CloudServer
+from cloud_tier.lab.process import CloudProcess
 from protos import codec
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_demo_runs_agents_that_report_to_the_dashboard_and_stops_cleanly(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud_tier.demo", "--workdir", str(tmp_path), "--duration", "25", "--period", "8",
+        [sys.executable, "-m", "cloud_tier.lab.demo", "--workdir", str(tmp_path), "--duration", "25", "--period", "8",
          "--devices", "pi-porch,pi-yard"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -15,12 +15,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests import polling
 from cloud_tier import CloudServer
-from cloud_tier.linkproxy import LinkProxy
+from cloud_tier.lab.linkproxy import LinkProxy
 from protos import codec
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from tests import polling
 from tests.bundle_factory import CUT_TENSOR, MID_CUT, make_tiny_bundle, sample_input
 
 DEADLINE_S = 20.0

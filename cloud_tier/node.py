@@ -1,5 +1,5 @@
-"""CloudStack: the whole cloud node in one object: gRPC tier, MQTT broker (embedded or external), fleet store,
-fleet controller and dashboard, started in dependency order and stopped in reverse.
+"""CloudNode: the whole cloud node in one object: gRPC tier, MQTT broker (embedded or external), fleet store,
+fleet controller and dashboard (with /metrics), started in dependency order and stopped in reverse.
 
 Stop order: health NOT_SERVING and drain the gRPC tier first (agents move elsewhere or run locally while
 telemetry still flows), then the controller (it stores what it has queued), the dashboard, the embedded
@@ -9,74 +9,29 @@ broker, and last the database.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cloud_tier.config import ServerConfig
-from cloud_tier.metrics import Exposition, controller_metrics, server_metrics
+from cloud_tier.config import NodeOptions, ServerConfig, parse_address
 from cloud_tier.server import CloudServer
 
-__all__ = ["CloudStack", "FleetOptions", "default_db_path", "parse_address", "STATE_DIR_ENV"]
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
+__all__ = ["CloudNode"]
 
 log = logging.getLogger(__name__)
 
-STATE_DIR_ENV = "SPLITINFER_STATE_DIR"  # overrides where the fleet database lives by default
-DB_FILE = "fleet.db"
 
-
-def default_db_path() -> Path:
-    """$SPLITINFER_STATE_DIR/fleet.db, else $XDG_STATE_HOME/splitinfer/fleet.db, else ~/.local/state/..."""
-    if os.environ.get(STATE_DIR_ENV):
-        return Path(os.environ[STATE_DIR_ENV]) / DB_FILE
-    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    return base / "splitinfer" / DB_FILE
-
-
-def parse_address(text: str, what: str = "address") -> tuple[str, int]:
-    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); ValueError naming `what` otherwise."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"{what} {text!r} is invalid: expected HOST:PORT with a port in 1..65535")
-    return host, int(port)
-
-
-@dataclass(frozen=True)
-class FleetOptions:
-    """The control plane's settings; `broker=None` starts the embedded broker on `embedded_broker_host`."""
-
-    broker: str | None = None  # HOST:PORT of an external broker (Mosquitto in production)
-    db_path: str | Path | None = None  # None: default_db_path()
-    dashboard_host: str = "127.0.0.1"
-    dashboard_port: int = 0
-    embedded_broker_host: str = "127.0.0.1"  # amqtt allows anonymous clients: keep it on loopback by default
-    embedded_broker_port: int = 0
-    connect_timeout_s: float = 10.0  # how long the controller waits for the broker at start
-
-    def validate(self) -> "FleetOptions":
-        """Return self, or raise ValueError naming the bad field."""
-        if self.broker is not None:
-            parse_address(self.broker, "--broker")
-        for name in ("dashboard_port", "embedded_broker_port"):
-            if not 0 <= getattr(self, name) <= 65535:
-                raise ValueError(f"FleetOptions.{name} must be in 0..65535, got {getattr(self, name)}")
-        if str(self.db_path) == ":memory:":
-            raise ValueError("--db ':memory:' is not supported: the fleet store needs a file "
-                             "(the dashboard reads with its own connections)")
-        return self
-
-
-class CloudStack:
+class CloudNode:
     """A cloud node: `start()` brings every part up (or none), `stop()` takes them down in order."""
 
     def __init__(self, bundles_dir: str | Path, config: ServerConfig = ServerConfig(),
-                 fleet: FleetOptions | None = FleetOptions()):
-        """`fleet=None` runs only the gRPC tier."""
+                 options: NodeOptions | None = NodeOptions()):
+        """`options=None` runs only the gRPC tier (no broker, fleet store, controller or dashboard)."""
         self.server = CloudServer.from_config(bundles_dir, config)
-        self.fleet_options = fleet.validate() if fleet is not None else None
+        self.options = options
         self.broker: Any = None  # EmbeddedBroker when embedded
         self.broker_host: str | None = None
         self.broker_port: int | None = None
@@ -93,8 +48,15 @@ class CloudStack:
         return self.server.address
 
     @property
+    def grpc_port(self) -> int:
+        """The gRPC tier's bound port (after start())."""
+        if self.server.port is None:
+            raise RuntimeError("CloudNode.grpc_port: the node has not started")
+        return self.server.port
+
+    @property
     def broker_address(self) -> str | None:
-        """host:port of the MQTT broker in use (None without the fleet)."""
+        """host:port of the MQTT broker in use (None with the gRPC tier alone)."""
         return None if self.broker_port is None else f"{self.broker_host}:{self.broker_port}"
 
     @property
@@ -104,7 +66,7 @@ class CloudStack:
 
     @property
     def dashboard_url(self) -> str | None:
-        """Base URL of the dashboard, with a trailing slash (None without the fleet)."""
+        """Base URL of the dashboard, with a trailing slash (None with the gRPC tier alone)."""
         return None if self.dashboard is None else self.dashboard.url + "/"
 
     def banner(self) -> list[str]:
@@ -119,17 +81,16 @@ class CloudStack:
 
     # -- metrics -----------------------------------------------------------------------------------
 
-    def server_metrics(self) -> Exposition:
-        """The gRPC tier's Prometheus families."""
-        counters = self.server.counters
-        return server_metrics(self.server.stats.snapshot(), counters.by_cut() if counters else {})
+    def metrics_collectors(self) -> list[Collector]:
+        """Prometheus collectors of the gRPC tier and (once started) the fleet controller, read at scrape time."""
+        from cloud_tier.metrics import ControllerCollector, ServerCollector
 
-    def controller_metrics(self) -> Exposition:
-        """The fleet controller's Prometheus families."""
-        ctl = self.controller
-        names = ("telemetry_messages", "stored_records", "stored_states", "bad_payloads", "dropped_messages",
-                 "duplicate_batches")
-        return controller_metrics(ctl.connected, {n: getattr(ctl, n) for n in names}, ctl.pending)
+        server = self.server
+        out: list[Collector] = [ServerCollector(server.stats.snapshot,
+                                                lambda: server.counters.by_cut() if server.counters else {})]
+        if self.controller is not None:
+            out.append(ControllerCollector(self.controller))
+        return out
 
     def cloud_view(self) -> dict[str, dict[str, Any]]:
         """Per device id: what the gRPC tier saw (requests, errors, mean cloud ms, last request time)."""
@@ -138,21 +99,21 @@ class CloudStack:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    def start(self) -> "CloudStack":
+    def start(self) -> "CloudNode":
         """Start the gRPC tier, then broker, store, controller and dashboard; on failure stop what started."""
         if self._started:
-            raise RuntimeError("CloudStack.start() called twice")
+            raise RuntimeError("CloudNode.start() called twice")
         self._started = True
         try:
             self.server.start()
-            if self.fleet_options is not None:
-                self._start_fleet(self.fleet_options)
+            if self.options is not None:
+                self._start_control_plane(self.options)
         except BaseException:
             self.stop(grace=1.0)
             raise
         return self
 
-    def _start_fleet(self, opts: FleetOptions) -> None:
+    def _start_control_plane(self, opts: NodeOptions) -> None:
         from cloud_tier.broker import EmbeddedBroker
         from cloud_tier.controller import FleetController
         from cloud_tier.dashboard import Dashboard
@@ -163,7 +124,7 @@ class CloudStack:
             self.broker_host, self.broker_port = opts.embedded_broker_host, self.broker.start()
         else:
             self.broker_host, self.broker_port = parse_address(opts.broker, "--broker")
-        db_path = Path(opts.db_path) if opts.db_path is not None else default_db_path()
+        db_path = opts.resolved_db_path()
         db_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.store = FleetStore(db_path)
@@ -173,7 +134,7 @@ class CloudStack:
         self.controller = FleetController(self.store, self.broker_host, self.broker_port)
         self.controller.start(wait_s=opts.connect_timeout_s)
         self.dashboard = Dashboard(self.store, opts.dashboard_host, opts.dashboard_port,
-                                   extra_metrics=(self.server_metrics, self.controller_metrics),
+                                   extra_metrics=self.metrics_collectors(),
                                    cloud_view=self.cloud_view)
         self.dashboard.start()
 
@@ -196,7 +157,7 @@ class CloudStack:
         """Block until the gRPC tier has stopped; False on timeout."""
         return self.server.wait(timeout)
 
-    def __enter__(self) -> "CloudStack":
+    def __enter__(self) -> "CloudNode":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -1,11 +1,11 @@
 """`split-demo`: the whole system on one machine, on loopback.
 
-It makes (or reuses) split bundles for two zoo models, starts the cloud stack (gRPC tier, embedded MQTT broker,
+It makes (or reuses) split bundles for two zoo models, starts the cloud node (gRPC tier, embedded MQTT broker,
 fleet store, controller, dashboard), puts a link-emulating proxy in front of the cloud for each simulated device
 (its own uplink rate and delay), and runs one `split-agent run` process per device. One device's uplink swings
 between fast and slow so that it switches cuts; one loses the cloud for a while and comes back. Ctrl-C (or
-`--duration`) stops everything in order. Agents are separate processes because the cloud tier never imports
-the edge agent, as on a real fleet.
+`--duration`) stops everything in order. Bundles are made by `split-profile` and agents run as separate
+processes, because the cloud tier never imports the partitioner or the edge agent, as on a real fleet.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
+from cloud_tier.lab.linkproxy import LinkProxy
+from cloud_tier.lab.process import child_env
 from models.manifest import Bundle, BundleError
 
 
@@ -68,9 +69,7 @@ DEVICES = (
 
 
 def make_bundles(root: Path, say: Callable[[str], None], models: Sequence[DemoBundle] = BUNDLES) -> dict[str, Path]:
-    """Profile each demo model into root/<name>, reusing a bundle that is already there and intact."""
-    from partitioning import profile
-
+    """Profile each demo model into root/<name> with `split-profile`, reusing a bundle already there and intact."""
     paths = {}
     for spec in models:
         out = root / spec.name
@@ -80,20 +79,28 @@ def make_bundles(root: Path, say: Callable[[str], None], models: Sequence[DemoBu
         except BundleError:
             say(f"bundle {spec.name}: split-profile {spec.model} --device {spec.device} "
                 f"--uplink-mbps {spec.uplink_mbps:g} --rtt-ms {spec.rtt_ms:g} (first run only)")
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # synthetic calibration: fine for a demo
-                profile(spec.model, device=spec.device, network=None, uplink_mbps=spec.uplink_mbps,
-                        rtt_ms=spec.rtt_ms, out=out, repeats=10)
+            _split_profile(spec, out)
         paths[spec.name] = out
     return paths
+
+
+def _split_profile(spec: DemoBundle, out: Path) -> None:
+    """Run split-profile for one demo bundle; RuntimeError with its last lines when it fails."""
+    # Its warnings (synthetic calibration) go to stderr, which is kept only to explain a failure.
+    cmd = [sys.executable, "-m", "partitioning.cli", spec.model, "--device", spec.device,
+           "--uplink-mbps", f"{spec.uplink_mbps:g}", "--rtt-ms", f"{spec.rtt_ms:g}", "--out", str(out),
+           "--repeats", "10", "--quiet"]
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False,
+                          env=child_env())
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"split-profile {spec.model} exited with {done.returncode}: {tail}")
 
 
 class _Scenario(threading.Thread):
     """Drives the proxies: bandwidth swings and outages, every `period_s`, until stopped."""
 
-    def __init__(self, proxies: dict[str, object], devices: Sequence[DemoDevice], period_s: float,
+    def __init__(self, proxies: Mapping[str, LinkProxy], devices: Sequence[DemoDevice], period_s: float,
                  say: Callable[[str], None]):
         super().__init__(name="demo-scenario", daemon=True)
         self.proxies, self.devices, self.period_s, self.say = proxies, devices, period_s, say
@@ -126,45 +133,46 @@ class _Scenario(threading.Thread):
 def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, devices: Sequence[DemoDevice] = DEVICES,
              say: Callable[[str], None] = print) -> int:
     """Start everything, wait for Ctrl-C or `duration_s`, stop everything; returns the exit status."""
-    from cloud_tier.fleet import CloudStack, FleetOptions
-    from cloud_tier.linkproxy import LinkProxy
+    from cloud_tier.config import NodeOptions
+    from cloud_tier.node import CloudNode
 
     workdir.mkdir(parents=True, exist_ok=True)
     bundles_dir = workdir / "bundles"
     wanted = {d.bundle for d in devices}
     make_bundles(bundles_dir, say, [b for b in BUNDLES if b.name in wanted])
-    stack = CloudStack(bundles_dir, fleet=FleetOptions(db_path=workdir / "fleet.db")).start()
+    node = CloudNode(bundles_dir, options=NodeOptions(db_path=workdir / "fleet.db")).start()
     proxies: dict[str, LinkProxy] = {}
     agents: dict[str, subprocess.Popen] = {}
     scenario = None
     try:
-        for line in stack.banner():
+        for line in node.banner():
             say(line)
-        host, port = stack.grpc_address.rsplit(":", 1)
+        assert node.broker_address is not None  # the control plane is on
         for dev in devices:
-            proxy = LinkProxy(host, int(port), uplink_mbps=dev.uplink_mbps, downlink_mbps=dev.downlink_mbps,
-                              delay_ms=dev.one_way_ms)
+            proxy = LinkProxy(node.server.config.host, node.grpc_port, uplink_mbps=dev.uplink_mbps,
+                              downlink_mbps=dev.downlink_mbps, delay_ms=dev.one_way_ms)
             proxy.start()
             proxies[dev.device_id] = proxy
             count = int(dev.rate * duration_s) if duration_s else 10**9
             cmd = [sys.executable, "-m", "edge_agent.cli", "run", "--bundle", str(bundles_dir / dev.bundle),
                    "--cloud", proxy.address, "--device-id", dev.device_id, "--label", dev.label,
-                   "--mqtt", stack.broker_address, "--adaptive", "--rate", str(dev.rate), "--count", str(count),
+                   "--mqtt", node.broker_address, "--adaptive", "--rate", str(dev.rate), "--count", str(count),
                    "--quiet", "--log-level", "ERROR"]
             agents[dev.device_id] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                     text=True, start_new_session=True)
+                                                     text=True, start_new_session=True, env=child_env())
             say(f"agent {dev.device_id}: {dev.bundle}, uplink {dev.uplink_mbps:g} Mbps, one-way delay "
                 f"{dev.one_way_ms:g} ms" + (f", swings to {dev.swing_mbps:g} Mbps" if dev.swing_mbps else "")
                 + (", loses the cloud periodically" if dev.outage else ""))
         scenario = _Scenario(proxies, devices, period_s, say)
         scenario.start()
         say("")
-        say(f"dashboard: {stack.dashboard_url}   (Ctrl-C stops the demo)")
+        say(f"dashboard: {node.dashboard_url}   (Ctrl-C stops the demo)")
         deadline = time.monotonic() + duration_s if duration_s else None
         while deadline is None or time.monotonic() < deadline:
             dead = [d for d, p in agents.items() if p.poll() is not None]
             if dead and duration_s is None:
-                say(f"agent {dead[0]} exited with {agents[dead[0]].returncode}:\n{agents[dead[0]].stdout.read()}")
+                proc = agents[dead[0]]
+                say(f"agent {dead[0]} exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
                 return 1
             if deadline is not None and all(p.poll() is not None for p in agents.values()):
                 break
@@ -177,7 +185,7 @@ def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, device
         status = _stop_agents(agents, say)
         for proxy in proxies.values():
             proxy.stop()
-        stack.stop(grace=5.0)
+        node.stop(grace=5.0)
         say("stopped: agents, link proxies, cloud tier, broker, dashboard")
     return status
 
@@ -214,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--duration must be positive")
     if args.period <= 0:
         ap.error("--period must be positive")
-    devices = DEVICES
+    devices: Sequence[DemoDevice] = DEVICES
     if args.devices:
         names = [n.strip() for n in args.devices.split(",")]
         unknown = sorted(set(names) - {d.device_id for d in DEVICES})

@@ -1,4 +1,9 @@
-"""CloudProcess: `split-cloud serve` in a child process, for kill tests and benchmarks."""
+"""CloudProcess: `split-cloud serve` in a child process, for kill tests and benchmarks.
+
+The child runs `python -m cloud_tier.cli` with this interpreter, so it works from an installed package; from a
+source checkout (a pyproject.toml beside the package) the child runs in the checkout with it first on
+PYTHONPATH, so it runs the same code as the parent.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,21 @@ import sys
 import threading
 from pathlib import Path
 
+from cloud_tier.config import parse_address
+
 LISTENING = "listening on "
 BROKER_LINE = re.compile(r"^mqtt broker (\S+):(\d+) \((embedded|external)\)$")
 DASHBOARD_LINE = re.compile(r"^dashboard (http://\S+/)$")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout, or site-packages when installed
+CHECKOUT: Path | None = _ROOT if (_ROOT / "pyproject.toml").is_file() else None
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment, with the source checkout first on PYTHONPATH when running from one."""
+    if CHECKOUT is None:
+        return dict(os.environ)  # installed: the child imports the same package from site-packages
+    path = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
 
 
 class CloudProcess:
@@ -25,7 +41,7 @@ class CloudProcess:
     """
 
     def __init__(self, bundles_dir: str | Path, *extra_args: str, host: str = "127.0.0.1", start_timeout: float = 60.0):
-        self.args = [sys.executable, "-m", "cloud_tier.cli", "serve", "--bundles", str(bundles_dir),
+        self.args = [sys.executable, "-m", "cloud_tier.cli", "serve", "--bundles", str(Path(bundles_dir).resolve()),
                      "--host", host, "--port", "0", *extra_args]
         self.host = host
         self.start_timeout = start_timeout
@@ -36,13 +52,12 @@ class CloudProcess:
         self.broker_embedded: bool | None = None
         self.dashboard_url: str | None = None
         self.proc: subprocess.Popen | None = None
-        self.lines: queue.Queue[str] = queue.Queue(maxsize=10_000)  # stdout lines after the port line
+        self.lines: queue.Queue[str | None] = queue.Queue(maxsize=10_000)  # stdout lines; None: it exited
 
     def start(self) -> int:
         """Spawn the server and wait (bounded) for its `listening on` (and fleet) lines; return the gRPC port."""
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, cwd=REPO_ROOT)
+                                     env=child_env(), cwd=CHECKOUT)  # -m puts the cwd first on sys.path
         threading.Thread(target=self._pump, daemon=True, name="cloud-process-stdout").start()
         seen: list[str] = []
         while True:
@@ -50,7 +65,8 @@ class CloudProcess:
                 line = self.lines.get(timeout=self.start_timeout)
             except queue.Empty:
                 self.kill()
-                raise RuntimeError(f"split-cloud printed no '{LISTENING}' line in {self.start_timeout} s: {seen}") from None
+                raise RuntimeError(f"split-cloud printed no '{LISTENING}' line in {self.start_timeout} s: "
+                                   f"{seen}") from None
             if line is None:
                 raise RuntimeError(f"split-cloud exited with {self.proc.wait()} before listening: {''.join(seen)}")
             seen.append(line)
@@ -60,7 +76,7 @@ class CloudProcess:
 
     def _parse(self, line: str) -> None:
         if line.startswith(LISTENING):
-            self.port = int(line.rsplit(":", 1)[1])
+            self.port = parse_address(line[len(LISTENING):], "split-cloud's listening line")[1]
         elif m := BROKER_LINE.match(line):
             self.broker_host, self.broker_port = m.group(1), int(m.group(2))
             self.broker_embedded = m.group(3) == "embedded"

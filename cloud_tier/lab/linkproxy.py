@@ -1,4 +1,4 @@
-"""LinkProxy: a TCP proxy that emulates a network link (rate, delay, jitter, outages) on loopback.
+"""LinkProxy: a TCP proxy that emulates a network link (rate, delay, jitter, loss, outages) on loopback.
 
 `tc netem` needs privileges we do not have, so benchmarks, tests and `split-demo` put this proxy between an
 agent and the cloud. It runs an asyncio loop on its own thread; `start()` returns the port it listens on.
