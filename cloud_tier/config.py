@@ -2,7 +2,7 @@
 
 `ServerConfig` (the gRPC tier) and `NodeOptions` (the control plane beside it: broker, fleet store, dashboard)
 are frozen dataclasses that check themselves in `__post_init__`; a bad value raises `ConfigError`, which names
-the key and what was expected. `parse_address` is the node's one HOST:PORT parser. `STATE_DIR_ENV` is the one
+the key and what was expected. `parse_address` wraps `protos.address` with that error. `STATE_DIR_ENV` is the one
 environment override (where the fleet database lives by default).
 """
 
@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from protos import address
+from protos.validate import FieldError, check_bool, check_int, check_number, check_text
 from protos.codec import DEFAULT_MAX_TENSOR_BYTES
 
 __all__ = ["ConfigError", "NodeOptions", "ServerConfig", "STATE_DIR_ENV", "default_db_path", "parse_address"]
@@ -30,26 +31,20 @@ SERVER_KEEPALIVE_TIME_MS = 60_000
 SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
 
 
-class ConfigError(ValueError):
-    """A setting has a bad value; the message names the key, the value and what was expected."""
+class ConfigError(FieldError):
+    """A setting has a bad value; the message names the key (the CLI flag where there is one) and what was expected."""
 
-    def __init__(self, key: str, value: Any, expected: str, verdict: str = "is invalid"):
-        self.key, self.value, self.expected = key, value, expected
-        super().__init__(f"{key} {value!r} {verdict}: expected {expected}")
-
-
-def _int(key: str, value: Any, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        raise ConfigError(key, value, f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}")
+    def __init__(self, key: str, detail: str):
+        super().__init__(key, detail)
+        self.args = (f"{key} {detail}",)
 
 
 def parse_address(text: str, key: str = "address") -> tuple[str, int]:
-    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); ConfigError naming `key` otherwise."""
-    host, sep, port = str(text).rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ConfigError(key, text, "HOST:PORT with a port in 1..65535")
-    return host, int(port)
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port) by `protos.address`; ConfigError naming `key` otherwise."""
+    try:
+        return address.parse_address(text, key)
+    except address.AddressError:
+        raise ConfigError(key, f"{text!r} is invalid: expected HOST:PORT with a port in 1..65535") from None
 
 
 def default_db_path() -> Path:
@@ -78,17 +73,13 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         """Check every field; ConfigError names the first bad one."""
-        if not isinstance(self.host, str) or not self.host:
-            raise ConfigError("ServerConfig.host", self.host, "a host name or address")
-        _int("ServerConfig.port", self.port, 0, 65535)
+        check_text("ServerConfig.host", self.host, allow_empty=False, error=ConfigError)
+        check_int("ServerConfig.port", self.port, 0, 65535, error=ConfigError)
         for name in ("max_batch", "max_queue", "workers", "intra_op_threads", "max_tensor_bytes",
                      "max_message_bytes", "max_inflight_per_stream"):
-            _int(f"ServerConfig.{name}", getattr(self, name), 1)
-        wait = self.max_wait_ms
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
-            raise ConfigError("ServerConfig.max_wait_ms", wait, "a number of milliseconds >= 0")
-        if not isinstance(self.prefer_gpu, bool):
-            raise ConfigError("ServerConfig.prefer_gpu", self.prefer_gpu, "True or False")
+            check_int(f"ServerConfig.{name}", getattr(self, name), 1, error=ConfigError)
+        check_number("ServerConfig.max_wait_ms", self.max_wait_ms, 0, error=ConfigError)
+        check_bool("ServerConfig.prefer_gpu", self.prefer_gpu, error=ConfigError)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """gRPC server options, each set deliberately (see the keepalive note above)."""
@@ -125,13 +116,11 @@ class NodeOptions:
         if self.broker is not None:
             parse_address(self.broker, "--broker")
         for name in ("dashboard_port", "embedded_broker_port"):
-            _int(f"NodeOptions.{name}", getattr(self, name), 0, 65535)
+            check_int(f"NodeOptions.{name}", getattr(self, name), 0, 65535, error=ConfigError)
         if str(self.db_path) == ":memory:":
-            raise ConfigError("--db", self.db_path, "a SQLite file path (the fleet store needs a file: the "
-                              "dashboard reads with its own connections)", verdict="is not supported")
-        timeout = self.connect_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ConfigError("NodeOptions.connect_timeout_s", timeout, "a number of seconds > 0")
+            raise ConfigError("--db", f"{str(self.db_path)!r} is not supported: expected a SQLite file path (the "
+                              "fleet store needs a file: the dashboard reads with its own connections)")
+        check_number("NodeOptions.connect_timeout_s", self.connect_timeout_s, 0, lo_open=True, error=ConfigError)
 
     def resolved_db_path(self) -> Path:
         """`db_path`, or default_db_path() when unset."""
