@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -89,6 +91,35 @@ def _reader(samples: Sequence[Sample]):
     return _SampleReader()
 
 
+# onnxruntime's quantizer chats on its package's loggers and, through module-level `logging.warning(...)`
+# calls, on the root logger. Its package logger is quieted; on the root logger only the records its own modules
+# log there are dropped (a filter), since raising root's level would mute the whole application.
+_QUANT_LOGGER = "onnxruntime.quantization"
+_QUANT_PATH = os.path.join("onnxruntime", "quantization")
+
+
+class _FromQuantizer(logging.Filter):
+    """Drops records below ERROR that onnxruntime's quantization modules log on the root logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or _QUANT_PATH not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """Silence onnxruntime's quantizer below ERROR while it runs; the loggers are as they were after."""
+    quant_log, root = logging.getLogger(_QUANT_LOGGER), logging.getLogger()
+    level = quant_log.level
+    quant_log.setLevel(max(level, logging.ERROR))
+    quiet = _FromQuantizer()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        quant_log.setLevel(level)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How heads are quantized: QDQ, per-channel int8 weights, uint8 activations, min-max calibration."""
@@ -101,9 +132,7 @@ class QuantConfig:
 def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], config: QuantConfig = QuantConfig()) -> Path:
     """Write the static int8 (QDQ) version of `fp32_path`, calibrated on `samples` (inputs of that model)."""
     quant = require("onnxruntime.quantization", "edge")
-    for name in ("onnxruntime.quantization", "root"):
-        logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.ERROR))
-    with warnings.catch_warnings():
+    with _quiet_quantizer(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quant.quantize_static(
             str(fp32_path),
