@@ -48,7 +48,8 @@ def load_calibration(directory: Path, inputs: Sequence[TensorSpec], limit: int =
             if arr.shape == want:
                 arr = arr[None]
             if arr.shape[1:] != want:
-                raise CalibrationError(f"{path}: {spec.name} has shape {arr.shape}, expected (N, {', '.join(map(str, want))})")
+                raise CalibrationError(f"{path}: {spec.name} has shape {arr.shape}, "
+                                       f"expected (N, {', '.join(map(str, want))})")
             arrays[spec.name] = arr
         count = min(len(arrays[s.name]) for s in inputs)
         samples += [{s.name: arrays[s.name][i : i + 1] for s in inputs} for i in range(count)]
@@ -57,26 +58,10 @@ def load_calibration(directory: Path, inputs: Sequence[TensorSpec], limit: int =
     return samples[:limit]
 
 
-def synthetic_samples(inputs: Sequence[TensorSpec], count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Seeded standard-normal samples: a stand-in when the user gives no calibration data."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        sample = {}
-        for spec in inputs:
-            shape = spec.concrete_shape(1)
-            if np.dtype(spec.dtype).kind == "f":
-                sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-            else:
-                sample[spec.name] = rng.integers(0, 10, shape).astype(spec.dtype)
-        out.append(sample)
-    return out
-
-
 def _reader(samples: Sequence[Sample]):
     quant = require("onnxruntime.quantization", "edge")
 
-    class _SampleReader(quant.CalibrationDataReader):
+    class _SampleReader(quant.CalibrationDataReader):  # type: ignore[name-defined]  # a module found at run time
         """Feeds the calibration samples once each."""
 
         def __init__(self) -> None:
@@ -129,7 +114,8 @@ class QuantConfig:
     max_relative_error: float = 0.1
 
 
-def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], config: QuantConfig = QuantConfig()) -> Path:
+def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample],
+                  config: QuantConfig = QuantConfig()) -> Path:
     """Write the static int8 (QDQ) version of `fp32_path`, calibrated on `samples` (inputs of that model)."""
     quant = require("onnxruntime.quantization", "edge")
     with _quiet_quantizer(), warnings.catch_warnings():
@@ -147,7 +133,8 @@ def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], c
     return int8_path
 
 
-def int8_agreement(reference: Sequence[np.ndarray], quantized: Sequence[np.ndarray], task: str, config: QuantConfig = QuantConfig()) -> dict:
+def int8_agreement(reference: Sequence[Sequence[np.ndarray]], quantized: Sequence[Sequence[np.ndarray]], task: str,
+                   config: QuantConfig = QuantConfig()) -> dict:
     """Top-1 agreement for classifiers, relative L2 error otherwise, with the gate's verdict."""
     ref = np.concatenate([np.asarray(r[0]) for r in reference])
     got = np.concatenate([np.asarray(q[0]) for q in quantized])

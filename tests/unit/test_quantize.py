@@ -9,8 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from models.inputs import synthetic_samples
 from models.manifest import TensorSpec
-from partitioning.quantize import quantize_head, synthetic_samples
+from partitioning.quantize import quantize_head
 
 
 def _conv_model(path) -> None:
