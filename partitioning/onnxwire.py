@@ -1,16 +1,60 @@
-"""Reading and writing the few ONNX fields `partitioning.costs` needs, on the protobuf wire format, without onnx.
+"""The few ONNX messages `partitioning.costs` needs, parsed and written by protobuf without onnx.
 
-The [edge] extra has protobuf but not onnx, and onnx.proto's generated module comes with onnx; a user measures
-on the real Raspberry Pi or Jetson with only onnxruntime and numpy. So the graph's nodes and initializer names
-are read straight off the wire (field numbers from onnx.proto), and the one-op probe models are written the
-same way.
+The [edge] extra has protobuf but not onnx (whose package holds onnx.proto's generated module); a user measures
+on the real Raspberry Pi or Jetson with only onnxruntime and numpy. So the messages are declared here with the
+field numbers of onnx.proto, only the fields used: protobuf skips (and keeps) every other field when it parses
+a model, and writes the one-op probe models from the same declarations.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Sequence
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
+
+_FD = descriptor_pb2.FieldDescriptorProto
+_PACKAGE = "splitinfer.onnxwire"
+# message -> (field name, number, type, repeated, message type): a subset of onnx.proto (proto2)
+_MESSAGES: dict[str, tuple[tuple[str, int, int, bool, str], ...]] = {
+    "ModelProto": (("ir_version", 1, _FD.TYPE_INT64, False, ""), ("graph", 7, _FD.TYPE_MESSAGE, False, "GraphProto"),
+                   ("opset_import", 8, _FD.TYPE_MESSAGE, True, "OperatorSetIdProto")),
+    "OperatorSetIdProto": (("domain", 1, _FD.TYPE_STRING, False, ""), ("version", 2, _FD.TYPE_INT64, False, "")),
+    "GraphProto": (("node", 1, _FD.TYPE_MESSAGE, True, "NodeProto"), ("name", 2, _FD.TYPE_STRING, False, ""),
+                   ("initializer", 5, _FD.TYPE_MESSAGE, True, "TensorProto"),
+                   ("input", 11, _FD.TYPE_MESSAGE, True, "ValueInfoProto"),
+                   ("output", 12, _FD.TYPE_MESSAGE, True, "ValueInfoProto")),
+    "NodeProto": (("input", 1, _FD.TYPE_STRING, True, ""), ("output", 2, _FD.TYPE_STRING, True, ""),
+                  ("name", 3, _FD.TYPE_STRING, False, ""), ("op_type", 4, _FD.TYPE_STRING, False, "")),
+    "TensorProto": (("name", 8, _FD.TYPE_STRING, False, ""),),
+    "ValueInfoProto": (("name", 1, _FD.TYPE_STRING, False, ""), ("type", 2, _FD.TYPE_MESSAGE, False, "TypeProto")),
+    "TypeProto": (("tensor_type", 1, _FD.TYPE_MESSAGE, False, "TensorTypeProto"),),
+    "TensorTypeProto": (("elem_type", 1, _FD.TYPE_INT32, False, ""),
+                        ("shape", 2, _FD.TYPE_MESSAGE, False, "TensorShapeProto")),
+    "TensorShapeProto": (("dim", 1, _FD.TYPE_MESSAGE, True, "DimensionProto"),),
+    "DimensionProto": (("dim_value", 1, _FD.TYPE_INT64, False, ""),),
+}
+
+
+def _classes() -> dict[str, Any]:
+    """The message classes of the declarations above, in a pool of their own."""
+    file = descriptor_pb2.FileDescriptorProto(name="splitinfer/onnxwire.proto", package=_PACKAGE, syntax="proto2")
+    for name, fields in _MESSAGES.items():
+        message = file.message_type.add(name=name)
+        for field_name, number, kind, repeated, type_name in fields:
+            message.field.add(name=field_name, number=number, type=kind,
+                              label=_FD.LABEL_REPEATED if repeated else _FD.LABEL_OPTIONAL,
+                              type_name=f".{_PACKAGE}.{type_name}" if type_name else None)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
+            for name in _MESSAGES}
+
+
+_PROTO = _classes()
+FLOAT = 1  # TensorProto.FLOAT
 
 
 @dataclass(frozen=True)
@@ -23,93 +67,36 @@ class OnnxNode:
     outputs: tuple[str, ...]
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: bytes, start: int, end: int) -> Iterable[tuple[int, int, int]]:
-    """(field number, start, end) of each length-delimited field in buf[start:end]; others are skipped."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            yield number, pos, pos + length
-            pos += length
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire} at byte {pos}")
-    if pos != end:
-        raise ValueError("truncated protobuf message")
-
-
 def read_graph(path: Path) -> tuple[list[OnnxNode], set[str]]:
     """Top-level nodes (names filled in as `<op>_<index>` when empty) and initializer names of an ONNX file."""
-    buf = path.read_bytes()
+    model = _PROTO["ModelProto"]()
     try:
-        graph = next(((s, e) for n, s, e in _fields(buf, 0, len(buf)) if n == 7), None)  # ModelProto.graph
-        if graph is None:
+        model.ParseFromString(Path(path).read_bytes())
+        if not model.HasField("graph"):
             raise ValueError("no graph in the file")
-        nodes: list[OnnxNode] = []
-        initializers: set[str] = set()
-        for number, start, end in _fields(buf, *graph):
-            if number == 1:  # GraphProto.node -> NodeProto: input 1, output 2, name 3, op_type 4
-                parts: dict[int, list[str]] = {1: [], 2: [], 3: [], 4: []}
-                for n, s, e in _fields(buf, start, end):
-                    if n in parts:
-                        parts[n].append(buf[s:e].decode("utf-8"))
-                op = parts[4][0] if parts[4] else ""
-                name = parts[3][0] if parts[3] and parts[3][0] else f"{op}_{len(nodes)}"
-                nodes.append(OnnxNode(name, op, tuple(parts[1]), tuple(parts[2])))
-            elif number == 5:  # GraphProto.initializer -> TensorProto.name is field 8
-                initializers.update(buf[s:e].decode("utf-8") for n, s, e in _fields(buf, start, end) if n == 8)
-    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+    except (DecodeError, ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not a readable ONNX model ({exc})") from exc
-    return nodes, initializers
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _message(*fields: tuple[int, int | bytes | str]) -> bytes:
-    """A protobuf message from (field number, int | bytes | str) pairs: varints and length-delimited fields."""
-    out = bytearray()
-    for number, value in fields:
-        if isinstance(value, int):
-            out += _encode_varint(number << 3) + _encode_varint(value)
-        else:
-            data = value.encode("utf-8") if isinstance(value, str) else value
-            out += _encode_varint(number << 3 | 2) + _encode_varint(len(data)) + data
-    return bytes(out)
+    nodes: list[OnnxNode] = []
+    for node in model.graph.node:
+        name = node.name or f"{node.op_type}_{len(nodes)}"
+        nodes.append(OnnxNode(name, node.op_type, tuple(node.input), tuple(node.output)))
+    return nodes, {t.name for t in model.graph.initializer}
 
 
 def one_op_model(op_type: str, dims: Sequence[int]) -> bytes:
     """An ONNX model of one float op (Identity, Relu, ...) from x to y of shape `dims`, written without onnx."""
-    shape = _message(*((1, _message((1, int(d)))) for d in dims))  # TensorShapeProto { dim { dim_value } ... }
-    tensor_type = _message((1, _message((1, 1), (2, shape))))  # TypeProto { tensor_type { elem_type: FLOAT, shape } }
-    node = _message((1, "x"), (2, "y"), (3, "op"), (4, op_type))  # NodeProto input, output, name, op_type
-    graph = _message((1, node), (2, op_type.lower()), (11, _message((1, "x"), (2, tensor_type))),
-                     (12, _message((1, "y"), (2, tensor_type))))  # GraphProto node, name, input, output
-    return _message((1, 8), (7, graph), (8, _message((1, ""), (2, 17))))  # ir_version 8, graph, opset 17
+    model = _PROTO["ModelProto"](ir_version=8)
+    model.opset_import.add(domain="", version=17)
+    graph = model.graph
+    graph.node.add(input=["x"], output=["y"], name="op", op_type=op_type)
+    graph.name = op_type.lower()
+    for value, name in ((graph.input.add(), "x"), (graph.output.add(), "y")):
+        value.name = name
+        tensor = value.type.tensor_type
+        tensor.elem_type = FLOAT
+        for d in dims:
+            tensor.shape.dim.add(dim_value=int(d))
+    return model.SerializeToString()
 
 
 def identity_model() -> bytes:
