@@ -1,4 +1,5 @@
-"""The onnxruntime session settings every part of splitinfer uses (profiler, agent heads, cloud tails).
+"""The onnxruntime session settings every part of splitinfer uses (profiler, agent heads, cloud tails), and
+`make_session`, the one place an InferenceSession is made.
 
 One place, so that what the planner measures is what the agent and the cloud run:
 - graph optimizations ORT_ENABLE_ALL, sequential execution;

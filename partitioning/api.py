@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import tempfile
@@ -11,8 +12,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from models.extras import require
-from models.manifest import (Calibration, ModelRecord, NetworkRecord, PlanDocument, PlanRow, Power, Refinement,
-                             SideRecord, sha256_file)
+from models.manifest import (
+    BudgetsRecord,
+    Calibration,
+    ModelRecord,
+    NetworkRecord,
+    PlanDocument,
+    PlanRow,
+    Power,
+    Refinement,
+    SideRecord,
+    sha256_file,
+)
 from partitioning.costtypes import NodeCosts
 from partitioning.options import ProfileOptions
 from partitioning.planner import CostInputs, Link, Plan, plan_cuts
@@ -84,8 +95,8 @@ def _edge_costs(device: str, model: Any, sha: str, threads: int | None,
     if device == "local":
         nc = measured.at(threads)
         power = Power(LOCAL_ACTIVE_W, LOCAL_IDLE_W, "assumed for a small x86 host; not measured")
-        return nc, SideRecord("local", nc.kind, nc.source, host=host_facts(threads), power=power), \
-            LOCAL_ACTIVE_W, LOCAL_IDLE_W
+        record = SideRecord("local", nc.kind, nc.source, host=host_facts(threads), power=power)
+        return nc, record, LOCAL_ACTIVE_W, LOCAL_IDLE_W
     profile = resolve_device(device)
     if isinstance(profile, DeviceProfile):
         nc = estimate_node_costs(model, profile, precision="int8")
@@ -220,7 +231,7 @@ def plan_document(plan: Plan, model: ModelRecord, device: SideRecord, cloud: Sid
         cloud=cloud,
         network=NetworkRecord(net.name, net.uplink_mbps, net.downlink_mbps, net.rtt_ms, net.tx_nj_per_byte,
                               net.source),
-        budgets=plan.budgets,
+        budgets=BudgetsRecord(**dataclasses.asdict(plan.budgets)),  # the record, not the planner's checked subclass
         codec=codec,
         candidates=tuple(c.record() for c in plan.candidates),
         chosen=plan.chosen,
