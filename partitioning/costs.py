@@ -1,7 +1,7 @@
 """Per-node cost of a model, measured on this host with onnxruntime's profiler.
 
 `measure_node_costs` needs only onnxruntime and numpy (the [edge] extra): a user runs it on the real
-Raspberry Pi or Jetson. The ONNX graph is read with the protobuf wire reader of `partitioning.onnxwire`, so
+Raspberry Pi or Jetson. The ONNX graph is read by protobuf from the declarations of `partitioning.onnxwire`, so
 neither onnx nor torch is imported here. The profiler's kernels are mapped back to the model's nodes by
 `partitioning.attribution`; estimates for other devices are `partitioning.estimate`, saved profiles
 `partitioning.device_profile`.
