@@ -109,7 +109,7 @@ class ModelRun:
         result = profile(self.name, device="local", cloud="local", network=a.network, repeats=a.repeats,
                          measure_seconds=a.measure_seconds, threads=a.edge_threads, cloud_threads=a.cloud_threads,
                          refine=a.refine)
-        self.nodes = result.document["model"]["nodes"]
+        self.nodes = result.plan_document.model.nodes
         self.candidates = {c.id: c for c in result.plan.candidates}
         if not self.picked:  # a spread over the order, and the near-ties any round's plan is likely to choose
             guess = {c.id: sum(predicted_compute(c)) + c.transfer_ms for c in result.plan.candidates}
@@ -118,7 +118,8 @@ class ModelRun:
             near = [c for i, c in enumerate(by_prediction[:MAX_NEAR_TIES]) if i < 2 * a.refine or guess[c.id] <= band]
             self.picked = list(dict.fromkeys(c.id for c in [*_spread(result.plan.candidates, a.max_cuts), *near]))
         self.chosen.append(result.plan.best.id)
-        self.tie_breaks += (result.document.get("refined") or {}).get("tie_break") is not None
+        refinement = result.plan_document.refined
+        self.tie_breaks += refinement is not None and refinement.tie_break is not None
         refined = [c for c in result.plan.candidates if c.measured]
         # Every round's choice is timed from then on, and this round's refined cuts again (the noise floor).
         ids = list(dict.fromkeys([*self.picked, *self.chosen, *(c.id for c in refined)]))

@@ -1,4 +1,5 @@
-"""Getting a model in: loaders, the built-in zoo, ONNX conversion and the split-bundle manifest.
+"""Getting a model in: loaders, the built-in zoo, ONNX conversion, the split-bundle manifest and the typed plan
+document (`plandoc`), and the facts every package shares: dtypes, synthetic inputs, onnxruntime sessions.
 
 Importing this package needs only numpy; torch and onnx are imported where they are used.
 """

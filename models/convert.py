@@ -21,7 +21,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from models.dtypes import numpy_dtype
 from models.extras import require
+from models.inputs import random_array
+from models.ortopts import make_session
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +127,8 @@ def make_batch_dynamic(path: Path) -> bool:
     del candidate.graph.value_info[:]  # inferred again for the new batch dim
     try:
         candidate = onnx.shape_inference.infer_shapes(candidate)
-        feeds = _random_feeds(inputs, batch=2)
-        outputs = _run_onnx(candidate.SerializeToString(), feeds)
+        feeds = random_feeds(inputs, batch=2)
+        outputs = run_onnx(candidate.SerializeToString(), feeds)
         ok = all(o.ndim > 0 and o.shape[0] == 2 for o in outputs)
     except Exception as exc:  # noqa: BLE001 - any failure means the batch size is baked into the graph
         log.debug("batch 2 run failed: %s", exc)
@@ -236,7 +239,7 @@ def _check_against_reference(path: Path, example_inputs: tuple, reference: list[
     model = onnx.load(str(path))
     names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, example_inputs)}
-    got = _run_onnx(model.SerializeToString(), feeds)
+    got = run_onnx(model.SerializeToString(), feeds)
     if len(got) != len(reference):
         raise ConversionError(f"{path}: ONNX has {len(got)} outputs, torch gave {len(reference)}")
     for i, (a, b) in enumerate(zip(got, reference)):
@@ -248,18 +251,13 @@ def _check_against_reference(path: Path, example_inputs: tuple, reference: list[
             raise ConversionError(f"{path}: output {i} differs from torch by {err:.3g} (max |torch| {scale:.3g})")
 
 
-def _run_onnx(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    ort = require("onnxruntime", "edge")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+def run_onnx(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a serialized model once on one CPU thread; its outputs."""
+    return make_session(model_bytes, threads=1, inter_threads=None).run(None, feeds)
 
 
-def _random_feeds(inputs: Sequence[Any], batch: int | None = None) -> dict[str, np.ndarray]:
-    """Seeded feeds for graph inputs: symbolic dims 1, dim 0 `batch` when given."""
-    onnx = require("onnx", "profile")
+def random_feeds(inputs: Sequence[Any], batch: int | None = None) -> dict[str, np.ndarray]:
+    """Seeded feeds for graph inputs (ValueInfoProtos): symbolic dims 1, dim 0 `batch` when given; integers 0."""
     rng = np.random.default_rng(0)
     feeds = {}
     for vi in inputs:
@@ -267,11 +265,7 @@ def _random_feeds(inputs: Sequence[Any], batch: int | None = None) -> dict[str, 
         dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
         if dims and batch is not None:
             dims[0] = batch
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
-        else:
-            feeds[vi.name] = np.zeros(dims, dtype=dtype)
+        feeds[vi.name] = random_array(rng, dims, numpy_dtype(tt.elem_type), zero_integers=True)
     return feeds
 
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
+from models.dtypes import numpy_dtype
 from models.extras import require
 from models.manifest import TensorSpec, sha256_file
 
@@ -327,13 +326,13 @@ def _examples_from(path: Path, shapes: list[tuple[int, ...] | None], input_shape
 
 def _describe(onnx_path: Path, source: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """Input and output specs of a normalized ONNX file, output shapes taken from one onnxruntime run."""
-    from models.convert import _random_feeds, _run_onnx
+    from models.convert import random_feeds, run_onnx
 
     onnx = require("onnx", "profile")
     model = onnx.load(str(onnx_path))
     initializers = {t.name for t in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializers]
-    outputs = _wrap(lambda: _run_onnx(model.SerializeToString(), _random_feeds(graph_inputs)),
+    outputs = _wrap(lambda: run_onnx(model.SerializeToString(), random_feeds(graph_inputs)),
                     f"{source} (onnxruntime cannot run the converted model)")
 
     def dynamic0(vi: Any) -> bool:
@@ -341,7 +340,7 @@ def _describe(onnx_path: Path, source: Path) -> tuple[tuple[TensorSpec, ...], tu
         return bool(dims) and dims[0].HasField("dim_param")
 
     def dtype(vi: Any) -> str:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).name
+        return numpy_dtype(vi.type.tensor_type.elem_type).name
 
     inputs = tuple(
         TensorSpec(vi.name, tuple(None if (i == 0 and dynamic0(vi)) else d.dim_value

@@ -15,51 +15,54 @@ the cut (`tensors`: name, shape with None for the batch dimension, dtype). The b
 (head = the full model, no tail; its tensors are the model outputs) and `cloud-only` (no head, tail =
 `full.onnx`; its tensors are the model inputs).
 
-Only json, hashlib and pathlib are used here: the edge agent reads bundles without torch or onnx.
+Only the standard library is used here (and `models.plandoc`, the typed plan.json): the edge agent reads
+bundles without torch or onnx. The plan document's names are re-exported from here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PLAN_SCHEMA = "splitinfer.plan/v1"
-PLAN_FILE = "plan.json"
-EDGE_ONLY = "edge-only"
-CLOUD_ONLY = "cloud-only"
+from models.plandoc import (
+    BASELINES,
+    CLOUD_ONLY,
+    CODECS,
+    EDGE_ONLY,
+    OBJECTIVE_FIELDS,
+    OBJECTIVES,
+    PLAN_FILE,
+    PLAN_SCHEMA,
+    ArtifactEntry,
+    Artifacts,
+    BudgetsRecord,
+    BundleError,
+    Calibration,
+    CandidateRecord,
+    CutFiles,
+    CutVerification,
+    ModelRecord,
+    NetworkRecord,
+    PlanDocument,
+    PlanRow,
+    Power,
+    Rankable,
+    Refinement,
+    SideRecord,
+    TensorSpec,
+    TieBreak,
+    Verification,
+    rank_key,
+    sha256_file,
+)
 
-
-class BundleError(ValueError):
-    """A bundle directory or its plan.json is missing, malformed or does not match its files."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, shape (None for a dynamic dimension) and numpy dtype name of one tensor."""
-
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: str
-
-    def to_json(self) -> dict[str, Any]:
-        """The plan.json form."""
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_json(cls, obj: Any, where: str = "tensor") -> "TensorSpec":
-        """Parse the plan.json form, naming `where` in the error."""
-        try:
-            shape = tuple(None if d is None else int(d) for d in obj["shape"])
-            return cls(name=str(obj["name"]), shape=shape, dtype=str(obj["dtype"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{where}: expected {{name, shape, dtype}}, got {obj!r}") from exc
-
-    def concrete_shape(self, batch: int = 1) -> tuple[int, ...]:
-        """The shape with every dynamic dimension set to `batch`."""
-        return tuple(batch if d is None else d for d in self.shape)
+__all__ = ["PLAN_SCHEMA", "PLAN_FILE", "EDGE_ONLY", "CLOUD_ONLY", "BASELINES", "CODECS", "OBJECTIVES",
+           "OBJECTIVE_FIELDS", "Rankable", "rank_key", "BundleError", "TensorSpec", "sha256_file", "ModelRecord",
+           "Power", "SideRecord", "NetworkRecord", "BudgetsRecord", "CandidateRecord", "PlanRow", "TieBreak",
+           "Refinement", "Calibration", "ArtifactEntry", "CutFiles", "Artifacts", "CutVerification", "Verification",
+           "PlanDocument", "CutArtifacts", "artifact_entry", "Bundle"]
 
 
 @dataclass(frozen=True)
@@ -81,18 +84,10 @@ class CutArtifacts:
         return self.head
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def artifact_entry(root: Path, path: Path) -> dict[str, str]:
     """The plan.json entry {file, sha256} for a file inside bundle `root`."""
-    return {"file": path.relative_to(root).as_posix(), "sha256": sha256_file(path)}
+    return ArtifactEntry.of(root, path).to_json()
+
 
 
 class Bundle:
@@ -100,7 +95,13 @@ class Bundle:
 
     def __init__(self, root: Path, plan: dict[str, Any]):
         self.root = root
-        self.plan = plan
+        self.plan = plan  # plan.json as read (bundles made by hand may hold only what the agent needs)
+        self.artifacts = Artifacts.from_json(plan["artifacts"])
+
+    @property
+    def document(self) -> PlanDocument:
+        """plan.json typed, as split-profile writes it (BundleError for a bundle made another way)."""
+        return PlanDocument.from_json(self.plan)
 
     @classmethod
     def load(cls, path: str | Path, verify_hashes: bool = True) -> "Bundle":
@@ -121,10 +122,13 @@ class Bundle:
         for key in ("model", "chosen", "candidates", "artifacts"):
             if key not in plan:
                 raise BundleError(f"{plan_path}: missing key {key!r}")
-        bundle = cls(root, plan)
+        try:
+            bundle = cls(root, plan)
+        except BundleError as exc:
+            raise BundleError(f"{plan_path}: {exc}") from exc
         for entry in bundle._all_entries():
             file = bundle._resolve(entry)
-            if verify_hashes and sha256_file(file) != entry.get("sha256"):
+            if verify_hashes and sha256_file(file) != entry.sha256:
                 raise BundleError(f"{file}: sha256 does not match {PLAN_FILE}; the bundle was modified or truncated")
         if bundle.chosen not in bundle.cut_ids:
             raise BundleError(f"{plan_path}: chosen cut {bundle.chosen!r} has no artifacts")
@@ -155,26 +159,26 @@ class Bundle:
     @property
     def full(self) -> Path:
         """The full fp32 model."""
-        return self._resolve(self.plan["artifacts"]["full"])
+        return self._resolve(self.artifacts.full)
 
     @property
     def cut_ids(self) -> tuple[str, ...]:
         """Ids of every cut that has artifacts in this bundle."""
-        return tuple(self.plan["artifacts"].get("cuts", {}))
+        return tuple(self.artifacts.cuts)
 
     def cut(self, cut_id: str) -> CutArtifacts:
         """The artifacts of cut `cut_id`; BundleError naming the known ids if absent."""
-        cuts = self.plan["artifacts"].get("cuts", {})
+        cuts = self.artifacts.cuts
         if cut_id not in cuts:
             raise BundleError(f"{self.root}: no cut {cut_id!r}; this bundle has {sorted(cuts)}")
-        entry = cuts[cut_id]
+        files = cuts[cut_id]
         gate = self.plan.get("verification", {}).get("cuts", {}).get(cut_id, {}).get("int8", {})
         return CutArtifacts(
             id=cut_id,
-            tensors=tuple(TensorSpec.from_json(t, f"artifacts.cuts.{cut_id}.tensors") for t in entry["tensors"]),
-            head=self._resolve(entry["head"]) if entry.get("head") else None,
-            head_int8=self._resolve(entry["head_int8"]) if entry.get("head_int8") else None,
-            tail=self._resolve(entry["tail"]) if entry.get("tail") else None,
+            tensors=files.tensors,
+            head=self._resolve(files.head) if files.head else None,
+            head_int8=self._resolve(files.head_int8) if files.head_int8 else None,
+            tail=self._resolve(files.tail) if files.tail else None,
             int8_passed=bool(gate.get("passed", False)),
         )
 
@@ -188,8 +192,8 @@ class Bundle:
     @property
     def plan_table(self) -> tuple[tuple[float, str], ...]:
         """(uplink Mbps, best cut id) rows, ascending in bandwidth."""
-        rows = self.plan.get("plan_table") or [{"uplink_mbps": 0.0, "cut": self.chosen}]
-        return tuple(sorted((float(r["uplink_mbps"]), str(r["cut"])) for r in rows))
+        rows = [PlanRow.from_json(r) for r in self.plan.get("plan_table") or ()] or [PlanRow(0.0, self.chosen)]
+        return tuple(sorted((r.uplink_mbps, r.cut) for r in rows))
 
     def best_cut_for(self, uplink_mbps: float) -> str:
         """The plan table's cut for a measured uplink: the row with the largest bandwidth not above it."""
@@ -201,19 +205,16 @@ class Bundle:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _all_entries(self) -> list[dict[str, str]]:
-        arts = self.plan["artifacts"]
-        entries = [arts["full"]]
-        for cut in arts.get("cuts", {}).values():
-            entries.extend(cut[k] for k in ("head", "head_int8", "tail") if cut.get(k))
+    def _all_entries(self) -> list[ArtifactEntry]:
+        entries = [self.artifacts.full]
+        for cut in self.artifacts.cuts.values():
+            entries.extend(e for e in (cut.head, cut.head_int8, cut.tail) if e is not None)
         return entries
 
-    def _resolve(self, entry: Any) -> Path:
-        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-            raise BundleError(f"{self.root}: artifact entry {entry!r} is not {{file, sha256}}")
-        rel = Path(entry["file"])
+    def _resolve(self, entry: ArtifactEntry) -> Path:
+        rel = Path(entry.file)
         if rel.is_absolute() or ".." in rel.parts:
-            raise BundleError(f"{self.root}: artifact path {entry['file']!r} leaves the bundle directory")
+            raise BundleError(f"{self.root}: artifact path {entry.file!r} leaves the bundle directory")
         path = self.root / rel
         if not path.is_file():
             raise BundleError(f"{path}: listed in {PLAN_FILE} but missing")

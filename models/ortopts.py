@@ -1,4 +1,5 @@
-"""The onnxruntime session settings every part of splitinfer uses (profiler, agent heads, cloud tails).
+"""The onnxruntime session settings every part of splitinfer uses (profiler, agent heads, cloud tails), and
+`make_session`, the one place an InferenceSession is made.
 
 One place, so that what the planner measures is what the agent and the cloud run:
 - graph optimizations ORT_ENABLE_ALL, sequential execution;
@@ -12,7 +13,8 @@ One place, so that what the planner measures is what the agent and the cloud run
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from models.extras import require
 
@@ -36,3 +38,21 @@ def session_options(intra_op_threads: int | None = 1, inter_op_threads: int | No
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
+
+
+CPU = ("CPUExecutionProvider",)
+
+
+def make_session(model: str | Path | bytes, *, threads: int | None = 1, inter_threads: int | None = 1,
+                 providers: Sequence[str] | None = None, options: "onnxruntime.SessionOptions | None" = None,
+                 log_severity: int = 3) -> "onnxruntime.InferenceSession":
+    """An onnxruntime session of `model` (a path or the model's bytes): the one place sessions are made.
+
+    `options` (e.g. with profiling on) replaces the project's settings built from `threads`, `inter_threads`
+    and `log_severity`; `providers` defaults to the CPU execution provider.
+    """
+    ort = require("onnxruntime", "edge")
+    if options is None:
+        options = session_options(threads, inter_threads, log_severity=log_severity)
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=list(providers or CPU))

@@ -5,12 +5,24 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from models.manifest import CLOUD_ONLY, EDGE_ONLY, PLAN_FILE, PLAN_SCHEMA, TensorSpec, artifact_entry
+from models.manifest import (
+    CLOUD_ONLY,
+    EDGE_ONLY,
+    PLAN_FILE,
+    ArtifactEntry,
+    Artifacts,
+    CutFiles,
+    CutVerification,
+    PlanDocument,
+    TensorSpec,
+    Verification,
+)
 from partitioning.extract import SplitMismatchError, extract_split, run_split, session, verify_split
 from partitioning.graph import CutGraph
 from partitioning.planner import Plan
@@ -42,14 +54,14 @@ def _write_cut(
     checks: Sequence[dict[str, np.ndarray]],
     task: str,
     qconfig: QuantConfig,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Extract, quantize and verify one cut; return its artifacts entry and its verification entry."""
+) -> tuple[CutFiles, CutVerification]:
+    """Extract, quantize and verify one cut; return its files and its verification."""
     full = session(full_path)
     reference = [full.run(None, dict(x)) for x in checks]
-    entry: dict[str, Any] = {"tensors": [s.to_json() for s in cut_tensor_specs(graph, cut)]}
+    tensors = tuple(cut_tensor_specs(graph, cut))
     if cut_id == CLOUD_ONLY:
-        entry.update(head=None, head_int8=None, tail=artifact_entry(out, full_path))
-        return entry, {"split": {"max_abs_error": 0.0, "passed": True, "note": "no head: the tail is full.onnx"}}
+        files = CutFiles(tensors, None, None, ArtifactEntry.of(out, full_path))
+        return files, CutVerification({"max_abs_error": 0.0, "passed": True, "note": "no head: the tail is full.onnx"})
     (out / prefix).mkdir(parents=True, exist_ok=True)
     head_int8 = out / prefix / "head.int8.onnx"
     if cut_id == EDGE_ONLY:
@@ -67,12 +79,9 @@ def _write_cut(
     quantize_head(head, head_int8, calib, qconfig)
     q_head, tail_sess = session(head_int8), (session(tail) if tail else None)
     quantized = [run_split(q_head, tail_sess, x) for x in checks]
-    entry.update(
-        head=artifact_entry(out, head),
-        head_int8=artifact_entry(out, head_int8),
-        tail=artifact_entry(out, tail) if tail else None,
-    )
-    return entry, {"split": split, "int8": int8_agreement(reference, quantized, task, qconfig)}
+    files = CutFiles(tensors, ArtifactEntry.of(out, head), ArtifactEntry.of(out, head_int8),
+                     ArtifactEntry.of(out, tail) if tail else None)
+    return files, CutVerification(split, int8_agreement(reference, quantized, task, qconfig))
 
 
 def write_bundle(
@@ -81,20 +90,21 @@ def write_bundle(
     source_onnx: Path,
     graph: CutGraph,
     plan: Plan,
-    document: dict[str, Any],
+    document: PlanDocument,
     calib: Sequence[dict[str, np.ndarray]],
     checks: Sequence[dict[str, np.ndarray]],
     task: str,
     qconfig: QuantConfig = QuantConfig(),
     progress: Progress = lambda msg: None,
-) -> dict[str, Any]:
+) -> PlanDocument:
     """Write the bundle for `plan` into `out` and return the finished plan.json document."""
     out.mkdir(parents=True, exist_ok=True)
     full_path = out / "full.onnx"
     shutil.copyfile(source_onnx, full_path)
     wanted = [plan.chosen] + [cid for _, cid in plan.plan_table] + [EDGE_ONLY, CLOUD_ONLY]
     cut_ids = list(dict.fromkeys(wanted))
-    cuts, verification = {}, {}
+    cuts: dict[str, CutFiles] = {}
+    verification: dict[str, CutVerification] = {}
     for i, cut_id in enumerate(cut_ids, 1):
         progress(f"exporting cut {cut_id} ({i}/{len(cut_ids)}): extract, quantize int8, verify")
         prefix = "." if cut_id == plan.chosen else f"cuts/{cut_id}"
@@ -103,20 +113,8 @@ def write_bundle(
             out, model, full_path, graph, cut_id, cut, prefix, calib, checks, task, qconfig
         )
     chosen = cuts[plan.chosen]
-    document = dict(document)
-    document["schema"] = PLAN_SCHEMA
-    document["artifacts"] = {
-        "full": artifact_entry(out, full_path),
-        "head": chosen["head"],
-        "head_int8": chosen["head_int8"],
-        "tail": chosen["tail"],
-        "cuts": cuts,
-    }
-    document["verification"] = {
-        "samples": len(checks),
-        "calibration_samples": len(calib),
-        "cuts": verification,
-        "passed": all(v["split"]["passed"] for v in verification.values()),
-    }
-    (out / PLAN_FILE).write_text(json.dumps(document, indent=2) + "\n")
+    artifacts = Artifacts(ArtifactEntry.of(out, full_path), cuts, chosen.head, chosen.head_int8, chosen.tail)
+    document = replace(document, artifacts=artifacts,
+                       verification=Verification(len(checks), len(calib), verification))
+    (out / PLAN_FILE).write_text(json.dumps(document.to_json(), indent=2) + "\n")
     return document

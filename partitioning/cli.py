@@ -8,7 +8,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from models.manifest import BASELINES, CODECS, OBJECTIVES, PlanDocument, rank_key, sha256_file
+
+if TYPE_CHECKING:
+    from partitioning.options import ProfileOptions
 
 EXIT_ERROR = 2
 EXIT_INFEASIBLE = 3
@@ -52,8 +57,9 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of split-profile."""
-    from partitioning.costs import MIN_SECONDS
+    from partitioning.options import ProfileOptions
 
+    defaults = ProfileOptions()
     p = argparse.ArgumentParser(
         prog="split-profile",
         description="Find where to cut a DNN between an edge device and the cloud, and write a verified split bundle.",
@@ -62,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="local",
                    help="edge device: 'local' (measured here), a name (jetson-nano, jetson-orin-nano, jetson-orin-nx, "
                         "jetson-agx-orin, rpi4, rpi5; aliases jetson, rpi), or a saved profile .json")
-    p.add_argument("--cloud", default="local", help="cloud side: 'local' (measured here) or a GPU class (t4, a10, l4, a100, h100, h200)")
+    p.add_argument("--cloud", default="local",
+                   help="cloud side: 'local' (measured here) or a GPU class (t4, a10, l4, a100, h100, h200)")
     p.add_argument("--network", default=None, help="3g, 4g, 5g, wifi, ethernet (default wifi unless --uplink-mbps)")
     p.add_argument("--uplink-mbps", type=_positive)
     p.add_argument("--downlink-mbps", type=_positive)
@@ -70,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-latency-ms", type=_positive)
     p.add_argument("--edge-memory-mb", type=_positive, help="head weights plus peak activations")
     p.add_argument("--max-energy-mj", type=_positive, help="device power model plus radio energy per byte")
-    p.add_argument("--objective", choices=("latency", "energy", "bytes"), default="latency")
-    p.add_argument("--codec", choices=("int8", "int8c", "fp16", "fp32"), default="int8",
+    p.add_argument("--objective", choices=OBJECTIVES, default="latency")
+    p.add_argument("--codec", choices=CODECS, default="int8",
                    help="how cut activations travel (default int8)")
     p.add_argument("--out", type=Path, help="write the bundle here (plan.json, head/int8 head/tail/full .onnx)")
     p.add_argument("--calibration", type=Path, help="folder of .npy (or .npz) inputs to calibrate the int8 heads")
@@ -79,17 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a pickled nn.Module (unpickling runs code: only for files you trust)")
     p.add_argument("--save-device-profile", type=Path, help="with --device local: save the measurement as JSON")
-    p.add_argument("--repeats", type=int, default=20, help="measured runs per node (median)")
-    p.add_argument("--measure-seconds", type=_non_negative, default=MIN_SECONDS, metavar="S",
+    p.add_argument("--repeats", type=int, default=defaults.repeats, help="measured runs per node (median)")
+    p.add_argument("--measure-seconds", type=_non_negative, default=defaults.measure_seconds, metavar="S",
                    help="each measurement here (a side's profile, each refinement timing) goes on in turns until "
                         f"it spans at least S seconds, so one busy moment of the host does not decide it "
-                        f"(default {MIN_SECONDS:g})")
+                        f"(default {defaults.measure_seconds:g})")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads when measuring the edge here")
-    p.add_argument("--cloud-threads", type=int, help="with --cloud local: threads when measuring the cloud (default --threads)")
-    p.add_argument("--refine", type=_count, default=3, metavar="K",
+    p.add_argument("--cloud-threads", type=int,
+                   help="with --cloud local: threads when measuring the cloud (default --threads)")
+    p.add_argument("--refine", type=_count, default=defaults.refine, metavar="K",
                    help="with --device local and --cloud local: time the K best cuts as real extracted head and "
                         "tail (fp32, --repeats runs each), and both baselines, then choose again with those times, "
-                        "timing more while the choice moves to an untimed cut (at most 3K); 0 disables (default 3)")
+                        "timing more while the choice moves to an untimed cut (at most 3K); 0 disables "
+                        f"(default {defaults.refine})")
     p.add_argument("--top", type=int, default=5, help="candidates shown besides the baselines")
     p.add_argument("--json", action="store_true", help="print plan.json to stdout instead of the table")
     p.add_argument("--plot", type=Path, help="write a stacked-bar PNG of latency per candidate")
@@ -124,82 +133,82 @@ def _fmt_cut(cut: Sequence[str], width: int = 34) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def format_table(doc: dict[str, Any], top: int = 5) -> str:
+def _as_document(doc: PlanDocument | Mapping[str, Any]) -> PlanDocument:
+    return doc if isinstance(doc, PlanDocument) else PlanDocument.from_json(dict(doc))
+
+
+def format_table(doc: PlanDocument | Mapping[str, Any], top: int = 5) -> str:
     """The best candidates and both baselines with their latency breakdown."""
-    objective = doc["budgets"]["objective"]
-    key = {"latency": "total_ms", "energy": "energy_mj", "bytes": "transfer_bytes"}[objective]
-    cands = doc["candidates"]
-    ranked = sorted((c for c in cands if c["feasible"]), key=lambda c: (c[key], c["total_ms"]))
-    shown = {c["id"]: c for c in ranked[:top]}
-    for c in cands:
-        if c["id"] in ("edge-only", "cloud-only", doc["chosen"]):
-            shown[c["id"]] = c
-    rows = sorted(shown.values(), key=lambda c: (c[key], c["total_ms"]))
-    timed = any(c.get("measured") for c in rows)  # a column only when --refine timed some of these rows
-    head = f"{'':1} {'cut':<11} {'tensors':<34} {'edge ms':>8} {'xfer KB':>8} {'xfer ms':>8} {'cloud ms':>8} {'total ms':>9} {'mem MB':>7} {'mJ':>7}  ok"
+    doc = _as_document(doc)
+    shown = {c.id: c for c in doc.ranked() if c.feasible}
+    shown = {cid: shown[cid] for cid in list(shown)[:top]}
+    shown.update((c.id, c) for c in doc.candidates if c.id in (*BASELINES, doc.chosen))
+    rows = sorted(shown.values(), key=lambda c: rank_key(c, doc.budgets.objective))
+    timed = any(c.measured for c in rows)  # a column only when --refine timed some of these rows
+    head = (f"{'':1} {'cut':<11} {'tensors':<34} {'edge ms':>8} {'xfer KB':>8} {'xfer ms':>8} {'cloud ms':>8} "
+            f"{'total ms':>9} {'mem MB':>7} {'mJ':>7}  ok")
     head += "   timed" if timed else ""
     lines = [head, "-" * len(head)]
     for c in rows:
-        mark = "*" if c["id"] == doc["chosen"] else " "
+        mark = "*" if c.id == doc.chosen else " "
         lines.append(
-            f"{mark} {c['id']:<11} {_fmt_cut(c['cut']):<34} {c['edge_ms']:8.2f} {c['transfer_bytes'] / 1024:8.1f} "
-            f"{c['transfer_ms']:8.2f} {c['cloud_ms']:8.2f} {c['total_ms']:9.2f} {c['edge_memory_bytes'] / 2**20:7.2f} "
-            f"{c['energy_mj']:7.1f}  {'yes' if c['feasible'] else 'NO':<3}"
-            + (f"  {'yes' if c.get('measured') else '':>5}" if timed else "")
+            f"{mark} {c.id:<11} {_fmt_cut(c.cut):<34} {c.edge_ms:8.2f} {c.transfer_bytes / 1024:8.1f} "
+            f"{c.transfer_ms:8.2f} {c.cloud_ms:8.2f} {c.total_ms:9.2f} {c.edge_memory_bytes / 2**20:7.2f} "
+            f"{c.energy_mj:7.1f}  {'yes' if c.feasible else 'NO':<3}"
+            + (f"  {'yes' if c.measured else '':>5}" if timed else "")
         )
     lines = [line.rstrip() for line in lines]
     return "\n".join(lines)
 
 
-def _refine_note(doc: dict[str, Any]) -> str:
+def _refine_note(doc: PlanDocument | Mapping[str, Any]) -> str:
     """Which rows' edge and cloud ms were timed as a real head and tail, and which are the per-node model."""
-    refined = doc.get("refined") or {}
-    ids = refined.get("candidates") or []
-    if not ids:
-        reason = refined.get("reason")
+    doc = _as_document(doc)
+    refined = doc.refined
+    if refined is None or not refined.candidates:
+        reason = refined.reason if refined is not None else None
         return f"compute: per-node model for every cut (not timed: {reason})" if reason else ""
-    text = (f"compute: timed as extracted fp32 head + tail for {', '.join(ids)} (timed = yes, median of at least "
-            f"{refined.get('runs')} runs); per-node model for the other cuts")
-    tie = refined.get("tie_break")
+    text = (f"compute: timed as extracted fp32 head + tail for {', '.join(refined.candidates)} (timed = yes, median "
+            f"of at least {refined.runs} runs); per-node model for the other cuts")
+    tie = refined.tie_break
     if tie:
-        why = tie.get("reason", "close")
-        text += (f"; {' and '.join(tie['candidates'])} were timed again head to head ({why}; at least "
-                 f"{tie['runs']} runs each)")
-    for earlier in refined.get("earlier_tie_breaks") or []:
-        text += (f"; before that, {' and '.join(earlier['candidates'])} were timed head to head and handed the choice "
+        text += (f"; {' and '.join(tie.candidates)} were timed again head to head ({tie.reason or 'close'}; at least "
+                 f"{tie.runs} runs each)")
+    for earlier in refined.earlier_tie_breaks:
+        text += (f"; before that, {' and '.join(earlier.candidates)} were timed head to head and handed the choice "
                  f"to a cut not yet timed, which was timed next")
-    if not refined.get("chosen_timed", True):
-        text += f"; the chosen cut {doc['chosen']} was not timed"
+    if not refined.chosen_timed:
+        text += f"; the chosen cut {doc.chosen} was not timed"
     return text
 
 
-def _summary(doc: dict[str, Any], bundle: Path | None) -> str:
-    net = doc["network"]
+def _summary(doc: PlanDocument, bundle: Path | None) -> str:
+    net, model = doc.network, doc.model
     out = [
-        f"model    {doc['model']['name']} ({doc['model']['format']}, {doc['model']['nodes']} nodes)",
-        f"device   {doc['device']['name']}: {doc['device']['kind']} — {doc['device']['source']}",
-        f"cloud    {doc['cloud']['name']}: {doc['cloud']['kind']} — {doc['cloud']['source']}",
-        f"network  {net['name']}: up {net['uplink_mbps']:g} Mbps, down {net['downlink_mbps']:g} Mbps, rtt {net['rtt_ms']:g} ms",
-        f"objective {doc['budgets']['objective']}; {len(doc['candidates'])} candidate cuts; codec {doc['codec']}",
+        f"model    {model.name} ({model.format}, {model.nodes} nodes)",
+        f"device   {doc.device.name}: {doc.device.kind} — {doc.device.source}",
+        f"cloud    {doc.cloud.name}: {doc.cloud.kind} — {doc.cloud.source}",
+        f"network  {net.name}: up {net.uplink_mbps:g} Mbps, down {net.downlink_mbps:g} Mbps, rtt {net.rtt_ms:g} ms",
+        f"objective {doc.budgets.objective}; {len(doc.candidates)} candidate cuts; codec {doc.codec}",
         "",
         format_table(doc),
         "",
-        f"chosen: {doc['chosen']}  (* above)",
+        f"chosen: {doc.chosen}  (* above)",
         *filter(None, [_refine_note(doc)]),
-        "plan table (uplink Mbps -> cut): "
-        + ", ".join(f"{r['uplink_mbps']:g}->{r['cut']}" for r in doc["plan_table"]),
+        "plan table (uplink Mbps -> cut): " + ", ".join(f"{r.uplink_mbps:g}->{r.cut}" for r in doc.plan_table),
     ]
-    ver = doc.get("verification")
+    ver = doc.verification
     if ver:
-        for cid, v in ver["cuts"].items():
-            split, q = v["split"], v.get("int8")
-            qtext = f"int8 {q['metric']} {q['value']:.3f} ({'pass' if q['passed'] else 'FAIL'} at {q['threshold']})" if q else ""
+        for cid, v in ver.cuts.items():
+            split, q = v.split, v.int8
+            verdict = "pass" if q and q["passed"] else "FAIL"
+            qtext = f"int8 {q['metric']} {q['value']:.3f} ({verdict} at {q['threshold']})" if q else ""
             out.append(f"verified {cid:<11} split max|err| {split['max_abs_error']:.2e} {qtext}")
     out.append(f"bundle written to {bundle}" if bundle else "no --out given: plan only, no bundle written")
     return "\n".join(out)
 
 
-def plot_candidates(doc: dict[str, Any], path: Path) -> None:
+def plot_candidates(doc: PlanDocument, path: Path) -> None:
     """A stacked bar (edge / transfer / cloud ms) per candidate, in topological order of the cut."""
     from models.extras import require
 
@@ -209,22 +218,22 @@ def plot_candidates(doc: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cands = sorted(doc["candidates"], key=lambda c: c["edge_nodes"])
-    ids = [c["id"] for c in cands]
-    edge = [c["edge_ms"] for c in cands]
-    xfer = [c["transfer_ms"] for c in cands]
-    cloud = [c["cloud_ms"] for c in cands]
+    cands = sorted(doc.candidates, key=lambda c: c.edge_nodes)
+    ids = [c.id for c in cands]
+    edge = [c.edge_ms for c in cands]
+    xfer = [c.transfer_ms for c in cands]
+    cloud = [c.cloud_ms for c in cands]
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(ids) + 2), 4.5))
     x = range(len(ids))
     ax.bar(x, edge, label="edge", color="#4C72B0")
     ax.bar(x, xfer, bottom=edge, label="transfer", color="#DD8452")
     ax.bar(x, cloud, bottom=[e + t for e, t in zip(edge, xfer)], label="cloud", color="#55A868")
-    chosen = ids.index(doc["chosen"])
-    ax.annotate("chosen", (chosen, cands[chosen]["total_ms"]), ha="center", va="bottom", fontsize=8)
+    chosen = ids.index(doc.chosen)
+    ax.annotate("chosen", (chosen, cands[chosen].total_ms), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x))
     ax.set_xticklabels(ids, rotation=90, fontsize=6)
     ax.set_ylabel("latency per request (ms)")
-    ax.set_title(f"{doc['model']['name']} on {doc['device']['name']} over {doc['network']['name']}")
+    ax.set_title(f"{doc.model.name} on {doc.device.name} over {doc.network.name}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -233,9 +242,8 @@ def plot_candidates(doc: dict[str, Any], path: Path) -> None:
 
 def _measure_only(args: argparse.Namespace, progress: _Progress) -> int:
     """`--device local --save-device-profile` on an ONNX file with only the [edge] extra (no onnx, no torch)."""
-    import hashlib
-
-    from partitioning.costs import host_facts, measure_node_costs, save_device_profile
+    from partitioning.costs import host_facts, measure_node_costs
+    from partitioning.device_profile import save_device_profile
 
     path = Path(args.model)
     if not path.is_file():
@@ -245,7 +253,7 @@ def _measure_only(args: argparse.Namespace, progress: _Progress) -> int:
              f"{args.measure_seconds:g} s)")
     costs = measure_node_costs(path, repeats=args.repeats, threads=args.threads, min_seconds=args.measure_seconds,
                                progress=lambda d, t: progress(f"  run {d}/{t}"))
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = sha256_file(path)
     save_device_profile(args.save_device_profile, costs, model_sha256=sha, host=host_facts(args.threads))
     print(f"measured {len(costs.per_node_ms)} nodes, {costs.total_ms():.2f} ms per run; "
           f"saved the device profile to {args.save_device_profile}")
@@ -267,25 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"split-profile: error: {sys.exc_info()[1]}")
     from partitioning.api import NoFeasiblePlanError, profile
 
-    network = args.network or (None if args.uplink_mbps else "wifi")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # profile() returns its warnings; they are printed once below
-            result = profile(
-                args.model, device=args.device, cloud=args.cloud, network=network,
-                uplink_mbps=args.uplink_mbps, downlink_mbps=args.downlink_mbps, rtt_ms=args.rtt_ms,
-                max_latency_ms=args.max_latency_ms, edge_memory_mb=args.edge_memory_mb,
-                max_energy_mj=args.max_energy_mj, objective=args.objective, codec=args.codec, out=args.out,
-                calibration=args.calibration, input_shape=args.input_shape, allow_pickle=args.allow_pickle,
-                save_device_profile=args.save_device_profile, repeats=args.repeats,
-                measure_seconds=args.measure_seconds, threads=args.threads, cloud_threads=args.cloud_threads,
-                refine=args.refine, progress=progress,
-            )
+            result = profile(args.model, options_from_args(args), progress=progress)
         for note in result.warnings:
             print(f"split-profile: warning: {note}", file=sys.stderr)
     except NoFeasiblePlanError as exc:
-        doc = exc.result.document
-        print(format_table(doc), file=sys.stderr)
+        print(format_table(exc.result.plan_document), file=sys.stderr)
         print(f"split-profile: error: {exc}", file=sys.stderr)
         return EXIT_INFEASIBLE
     except Exception as exc:  # noqa: BLE001 - every error becomes one clear line and a non-zero exit
@@ -295,15 +292,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = "error" if known else f"internal error ({type(exc).__name__}; --debug shows the traceback)"
         print(f"split-profile: {prefix}: {exc}", file=sys.stderr)
         return EXIT_ERROR if known else 1
-    doc = dict(result.document)
     if args.plot:
-        plot_candidates(doc, args.plot)
+        plot_candidates(result.plan_document, args.plot)
         progress(f"wrote {args.plot}")
     if args.json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(result.document, indent=2))
     else:
-        print(_summary(doc, result.bundle_dir))
+        print(_summary(result.plan_document, result.bundle_dir))
     return 0
+
+
+def options_from_args(args: argparse.Namespace) -> "ProfileOptions":
+    """The ProfileOptions that split-profile's arguments say."""
+    from partitioning.options import ProfileOptions
+
+    return ProfileOptions(
+        device=args.device, cloud=args.cloud, network=args.network or (None if args.uplink_mbps else "wifi"),
+        uplink_mbps=args.uplink_mbps, downlink_mbps=args.downlink_mbps, rtt_ms=args.rtt_ms,
+        max_latency_ms=args.max_latency_ms, edge_memory_mb=args.edge_memory_mb, max_energy_mj=args.max_energy_mj,
+        objective=args.objective, codec=args.codec, out=args.out, calibration=args.calibration,
+        input_shape=args.input_shape, allow_pickle=args.allow_pickle, save_device_profile=args.save_device_profile,
+        repeats=args.repeats, measure_seconds=args.measure_seconds, threads=args.threads,
+        cloud_threads=args.cloud_threads, refine=args.refine,
+    )
 
 
 def _is_user_error(exc: BaseException) -> bool:

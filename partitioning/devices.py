@@ -3,24 +3,18 @@
 Every number has a stated source; "approximate" marks figures derived or remembered rather than read off a
 datasheet. Efficiency factors are the achieved fraction of peak for small-batch CNNs in onnxruntime or
 TensorRT (typically 10-40% of compute peak, 50-70% of memory bandwidth). Only the standard library is
-imported here: a Raspberry Pi with just the [edge] extra can load these.
+imported here (and `partitioning.costtypes`, which imports nothing of ours): a Raspberry Pi with just the
+[edge] extra can load these.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from partitioning.costs import MeasuredDeviceProfile
+from partitioning.costtypes import PRECISIONS, check_precision
 
-PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+__all__ = ["PRECISIONS", "DeviceProfile", "GpuProfile", "NetworkProfile", "DEVICES", "GPUS", "NETWORKS",
+           "device_names", "device_from_table", "resolve_gpu", "resolve_network", "network_from_args"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +38,7 @@ class DeviceProfile:
 
     def peak_gflops(self, precision: str = "fp32") -> float:
         """Peak GFLOP/s (GOP/s for int8) at `precision`."""
-        _check_precision(precision)
+        check_precision(precision)
         return {"fp32": self.peak_fp32_gflops, "fp16": self.peak_fp16_gflops, "int8": self.peak_int8_gops}[
             precision
         ]
@@ -67,7 +61,7 @@ class GpuProfile:
 
     def peak_gflops(self, precision: str = "fp32") -> float:
         """Peak GFLOP/s (GOP/s for int8) at `precision`."""
-        _check_precision(precision)
+        check_precision(precision)
         tflops = {"fp32": self.peak_fp32_tflops, "fp16": self.peak_fp16_tflops, "int8": self.peak_int8_tops}
         return tflops[precision] * 1000.0
 
@@ -240,18 +234,14 @@ def device_names() -> list[str]:
     return sorted([*DEVICES, *_aliases()])
 
 
-def resolve_device(name_or_path: str) -> "DeviceProfile | MeasuredDeviceProfile":
-    """The edge profile named `name_or_path`, or a measured profile loaded from a `.json` path."""
-    key = str(name_or_path)
-    if key.lower().endswith(".json"):
-        from partitioning.costs import load_device_profile
-
-        return load_device_profile(Path(key))
-    key = key.strip().lower()
+def device_from_table(name: str) -> DeviceProfile:
+    """The edge device named `name` (aliases and case allowed); `partitioning.device_profile.resolve_device`
+    also takes the path of a measured profile."""
+    key = str(name).strip().lower()
     key = _aliases().get(key, key)
     if key not in DEVICES:
         raise ValueError(
-            f"unknown edge device {name_or_path!r}: expected one of {', '.join(device_names())} "
+            f"unknown edge device {name!r}: expected one of {', '.join(device_names())} "
             "or the path of a measured device profile (.json)"
         )
     return DEVICES[key]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from models.dtypes import onnx_type
 from models.extras import require
-from models.ortopts import session_options
+from models.ortopts import make_session
 
 
 class SplitMismatchError(RuntimeError):
@@ -20,15 +21,16 @@ def _with_value_info(model, names: Sequence[str]):
     """Shape-inferred copy of `model` where every name has at least an element type (Extractor needs it)."""
     onnx = require("onnx", "profile")
     inferred = onnx.shape_inference.infer_shapes(model)
-    known = {vi.name for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    graph = inferred.graph
+    known = {vi.name for vi in (*graph.value_info, *graph.input, *graph.output)}
     missing = [n for n in names if n not in known]
     if missing:
         # Types the static inference could not reach: take them from one run (graph.py's probe does the same).
-        from partitioning.graph import _shapes_at_batch_one
+        from partitioning.graph import shapes_at_batch_one
 
-        shapes = _shapes_at_batch_one(model, missing)
+        shapes = shapes_at_batch_one(model, missing)
         for name in missing:
-            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(shapes[name][1]))
+            elem = onnx_type(shapes[name][1])
             inferred.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return inferred
 
@@ -52,12 +54,9 @@ def extract_split(model, cut: Sequence[str], head_path: Path, tail_path: Path) -
     return extract_part(model, inputs, cut, head_path), extract_part(model, cut, outputs, tail_path)
 
 
-def session(path: Path | bytes, threads: int | None = None):
+def session(path: Path | bytes, threads: int | None = None) -> Any:
     """An onnxruntime CPU session with the project's default options."""
-    ort = require("onnxruntime", "edge")
-    opts = session_options(threads or None, None)
-    src = str(path) if isinstance(path, Path) else path
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    return make_session(path, threads=threads or None, inter_threads=None)
 
 
 def run_split(head, tail, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from models.dtypes import itemsize
+
 if TYPE_CHECKING:  # onnx is imported only where a ModelProto is analysed
     import onnx
 
@@ -63,10 +65,6 @@ DATA_MOVEMENT = frozenset(
 # Ops that alias their input in onnxruntime (no copy); the estimator charges them launch overhead only.
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Constant",
                       "Dropout"})
-
-# onnx TensorProto.DataType -> bytes per element (int4/uint4 rounded up to 1).
-ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16,
-              16: 2, 17: 1, 18: 1, 19: 1, 20: 1, 21: 1, 22: 1, 23: 1}
 
 
 def base_op(op_type: str) -> str:
@@ -215,7 +213,7 @@ def node_stats(model: "onnx.ModelProto") -> dict[str, NodeStats]:
 
     def nbytes(name: str) -> int:
         elem, shape = types.get(name, (1, None))
-        return numel(shape) * ELEM_BYTES.get(elem, 4)
+        return numel(shape) * itemsize(elem)
 
     stats: dict[str, NodeStats] = {}
     for index, node in enumerate(graph.node):

@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models.dtypes import NUMERIC_ORT_NAMES, itemsize, ort_numpy_dtype, ort_type_name
 from models.extras import require
+from models.inputs import random_array
+from models.ortopts import make_session
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -105,22 +108,13 @@ class CutGraph:
         return (-1 if producer is None else self.position(producer), name)
 
 
-def _numpy_dtype(elem_type: int) -> str:
-    onnx = require("onnx", "profile")
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
-
-
 def build_cut_graph(model: "onnx.ModelProto", work_dir: Path | None = None) -> CutGraph:
     """Analyse a (normalized, named-node) ONNX model into a CutGraph with exact sizes at batch 1."""
-    onnx = require("onnx", "profile")
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     inputs = tuple(i.name for i in graph.input if i.name not in initializers)
     outputs = tuple(o.name for o in graph.output)
-    init_bytes = {
-        i.name: int(np.prod(i.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.data_type)).itemsize
-        for i in graph.initializer
-    }
+    init_bytes = {i.name: int(np.prod(i.dims, dtype=np.int64)) * itemsize(i.data_type) for i in graph.initializer}
 
     dynamic: set[str] = set(inputs)
     nodes: list[str] = []
@@ -146,7 +140,7 @@ def build_cut_graph(model: "onnx.ModelProto", work_dir: Path | None = None) -> C
                 dynamic.add(t)
                 producer[t] = node.name
 
-    shapes = _shapes_at_batch_one(model, [t for t in producer if t not in inputs])
+    shapes = shapes_at_batch_one(model, [t for t in producer if t not in inputs])
     tensors = {}
     for name, prod in producer.items():
         if name not in shapes:
@@ -156,7 +150,7 @@ def build_cut_graph(model: "onnx.ModelProto", work_dir: Path | None = None) -> C
     return CutGraph(tuple(nodes), node_inputs, node_weights, tensors, inputs, outputs, node_ops)
 
 
-def _shapes_at_batch_one(model: "onnx.ModelProto", names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+def shapes_at_batch_one(model: "onnx.ModelProto", names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Run the model once at batch 1 with every intermediate exposed; return {tensor: (shape, dtype)}."""
     onnx = require("onnx", "profile")
     ort = require("onnxruntime", "edge")
@@ -171,7 +165,7 @@ def _shapes_at_batch_one(model: "onnx.ModelProto", names: list[str]) -> dict[str
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_types[name], None))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = make_session(probe.SerializeToString(), options=opts)
     feeds = {i.name: sample_input(i.shape, i.type) for i in sess.get_inputs()}
     result = {name: (tuple(int(d) for d in arr.shape), np.asarray(arr).dtype.name) for name, arr in feeds.items()}
     out_names = [o.name for o in sess.get_outputs()]
@@ -181,27 +175,10 @@ def _shapes_at_batch_one(model: "onnx.ModelProto", names: list[str]) -> dict[str
     return result
 
 
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
-
 def sample_input(shape: list, ort_type: str, batch: int = 1, seed: int = 0) -> np.ndarray:
     """A deterministic random input for an onnxruntime input description (dynamic dims -> `batch`)."""
     dims = [d if isinstance(d, int) and d > 0 else batch for d in shape]
-    dtype = _ORT_TYPES.get(ort_type)
-    if dtype is None:
-        raise ValueError(f"model input of type {ort_type} is not supported; expected one of {sorted(_ORT_TYPES)}")
-    rng = np.random.default_rng(seed)
-    if np.dtype(dtype).kind == "f":
-        return rng.standard_normal(dims).astype(dtype)
-    if dtype is np.bool_:
-        return rng.integers(0, 2, dims).astype(np.bool_)
-    return rng.integers(0, 10, dims).astype(dtype)
+    if ort_type_name(ort_type) not in NUMERIC_ORT_NAMES:
+        raise ValueError(f"model input of type {ort_type} is not supported; expected one of "
+                         f"{sorted(f'tensor({n})' for n in NUMERIC_ORT_NAMES)}")
+    return random_array(np.random.default_rng(seed), dims, ort_numpy_dtype(ort_type))

@@ -57,21 +57,23 @@ the latency/energy trade-off otherwise).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from models.manifest import CLOUD_ONLY, CODECS, EDGE_ONLY, OBJECTIVES, BudgetsRecord, CandidateRecord, rank_key
+from partitioning.costtypes import BoundaryRates
 from partitioning.flops import VIEW_OPS
 from partitioning.graph import CutGraph
 
-OBJECTIVES = ("latency", "energy", "bytes")
+__all__ = ["OBJECTIVES", "EDGE_ONLY", "CLOUD_ONLY", "BoundaryRates", "Link", "Budgets", "CostInputs", "Candidate",
+           "Plan", "plan_cuts", "apply_measured", "evaluate_cut", "rank", "choose", "search_edge_sets",
+           "min_cut_edge_set", "wire_bytes", "transfer_ms", "peak_activation_bytes", "boundary_ms"]
 # Ops that onnxruntime runs in the blocked layout even when their input arrives plain (it reorders it first);
 # any other op fed a plain cut tensor runs plain.
 BLOCKED_LAYOUT_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool"})
-CODEC_ITEMSIZE = {"fp32": 4, "fp16": 2, "int8": 1, "int8c": 1}
+CODEC_ITEMSIZE = dict(zip(CODECS, (4, 2, 1, 1)))  # bytes per float element on the wire under each codec
 MSG_OVERHEAD_BYTES = 64  # request framing: ids, model, cut, timestamps
 TENSOR_OVERHEAD_BYTES = 32  # per tensor: name, dtype, shape, quantization parameters
 PLAN_TABLE_MBPS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
-EDGE_ONLY = "edge-only"
-CLOUD_ONLY = "cloud-only"
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,8 @@ class Link:
 
 
 @dataclass(frozen=True)
-class Budgets:
-    """The user's limits and what to minimise."""
-
-    max_latency_ms: float | None = None
-    edge_memory_mb: float | None = None
-    max_energy_mj: float | None = None
-    objective: str = "latency"
+class Budgets(BudgetsRecord):
+    """The user's limits and what to minimise (plan.json's budgets record, checked)."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -104,23 +101,6 @@ class Budgets:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-
-
-@dataclass(frozen=True)
-class BoundaryRates:
-    """What one side pays per cut tensor and per fused node a cut leaves on its own (module docstring)."""
-
-    launch_ms: float  # fixed cost of one more kernel
-    gbps: float  # achieved memory rate of memory-bound kernels
-    reorders: bool = False  # whether the runtime keeps 4-D activations in a blocked layout (NCHWc)
-
-    def __post_init__(self) -> None:
-        if self.launch_ms < 0 or self.gbps <= 0:
-            raise ValueError(f"boundary rates need launch_ms >= 0 and gbps > 0, got {self}")
-
-    def kernel_ms(self, nbytes: float) -> float:
-        """One more kernel writing `nbytes` (1 GB/s = 1e6 bytes per ms)."""
-        return self.launch_ms + nbytes / (self.gbps * 1e6)
 
 
 @dataclass(frozen=True)
@@ -167,29 +147,23 @@ class Candidate:
 
     def objective_value(self, objective: str) -> float:
         """The value the planner minimises."""
-        return {"latency": self.total_ms, "energy": self.energy_mj, "bytes": float(self.transfer_bytes)}[objective]
+        return rank_key(self, objective)[0]
+
+    def record(self) -> CandidateRecord:
+        """The plan.json record (times rounded to 4 decimals)."""
+        predicted = None
+        if self.measured:
+            predicted = {"edge_ms": round(self.predicted_edge_ms or 0.0, 4),
+                         "cloud_ms": round(self.predicted_cloud_ms or 0.0, 4)}
+        return CandidateRecord(
+            self.id, tuple(self.cut), len(self.edge_nodes), round(self.edge_ms, 4), self.transfer_bytes,
+            round(self.transfer_ms, 4), round(self.cloud_ms, 4), round(self.total_ms, 4), self.edge_memory_bytes,
+            round(self.energy_mj, 4), self.feasible, tuple(self.violations), self.measured, predicted,
+        )
 
     def to_json(self) -> dict:
         """The plan.json form."""
-        doc = {
-            "id": self.id,
-            "cut": list(self.cut),
-            "edge_nodes": len(self.edge_nodes),
-            "edge_ms": round(self.edge_ms, 4),
-            "transfer_bytes": self.transfer_bytes,
-            "transfer_ms": round(self.transfer_ms, 4),
-            "cloud_ms": round(self.cloud_ms, 4),
-            "total_ms": round(self.total_ms, 4),
-            "edge_memory_bytes": self.edge_memory_bytes,
-            "energy_mj": round(self.energy_mj, 4),
-            "feasible": self.feasible,
-            "violations": list(self.violations),
-            "measured": self.measured,
-        }
-        if self.measured:
-            doc["predicted"] = {"edge_ms": round(self.predicted_edge_ms or 0.0, 4),
-                                "cloud_ms": round(self.predicted_cloud_ms or 0.0, 4)}
-        return doc
+        return self.record().to_json()
 
 
 @dataclass(frozen=True)
@@ -357,7 +331,7 @@ def evaluate_cut(
         if edge_nodes:
             b_edge, b_cloud = boundary_ms(graph, edge_nodes, cut, costs)
             edge_ms, cloud_ms = edge_ms + b_edge, cloud_ms + b_cloud
-    predicted = {}
+    predicted: dict[str, Any] = {}
     if measured is not None:
         predicted = {"measured": True, "predicted_edge_ms": edge_ms, "predicted_cloud_ms": cloud_ms}
         edge_ms, cloud_ms = (float(ms) for ms in measured)
@@ -454,7 +428,8 @@ def search_edge_sets(graph: CutGraph, costs: CostInputs, links: Iterable[Link]) 
         sets.append(min_cut_edge_set(graph, tiny, {v: 1e-6 * costs.cloud_ms.get(v, 0.0) for v in graph.nodes}, bytes_t))
         for lam in (0.1, 1.0, 10.0):  # latency + lambda * energy: points along the trade-off
             mix = lambda a, b: {k: a.get(k, 0.0) + lam * b.get(k, 0.0) for k in set(a) | set(b)}  # noqa: E731
-            sets.append(min_cut_edge_set(graph, mix(costs.edge_ms, edge_e), mix(costs.cloud_ms, cloud_e), mix(latency_t, energy_t)))
+            sets.append(min_cut_edge_set(graph, mix(costs.edge_ms, edge_e), mix(costs.cloud_ms, cloud_e),
+                                         mix(latency_t, energy_t)))
     unique: dict[frozenset[str], None] = {}
     for s in sets:
         if _usable(graph, s):
@@ -487,7 +462,9 @@ def _candidate_id(graph: CutGraph, edge_nodes: frozenset[str], taken: set[str]) 
 
 def rank(candidates: Iterable[Candidate], budgets: Budgets) -> list[Candidate]:
     """Best first: feasible ones by the objective (ties: lower latency, fewer bytes), then the rest by closeness."""
-    key = lambda c: (c.objective_value(budgets.objective), c.total_ms, c.transfer_bytes, c.id)  # noqa: E731
+    def key(c: Candidate) -> tuple[float, float, int, str]:
+        return rank_key(c, budgets.objective)
+
     cands = list(candidates)
     feasible = sorted((c for c in cands if c.feasible), key=key)
     return feasible + sorted((c for c in cands if not c.feasible), key=lambda c: (_overshoot(c, budgets),) + key(c))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -46,7 +48,8 @@ def load_calibration(directory: Path, inputs: Sequence[TensorSpec], limit: int =
             if arr.shape == want:
                 arr = arr[None]
             if arr.shape[1:] != want:
-                raise CalibrationError(f"{path}: {spec.name} has shape {arr.shape}, expected (N, {', '.join(map(str, want))})")
+                raise CalibrationError(f"{path}: {spec.name} has shape {arr.shape}, "
+                                       f"expected (N, {', '.join(map(str, want))})")
             arrays[spec.name] = arr
         count = min(len(arrays[s.name]) for s in inputs)
         samples += [{s.name: arrays[s.name][i : i + 1] for s in inputs} for i in range(count)]
@@ -55,26 +58,10 @@ def load_calibration(directory: Path, inputs: Sequence[TensorSpec], limit: int =
     return samples[:limit]
 
 
-def synthetic_samples(inputs: Sequence[TensorSpec], count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Seeded standard-normal samples: a stand-in when the user gives no calibration data."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        sample = {}
-        for spec in inputs:
-            shape = spec.concrete_shape(1)
-            if np.dtype(spec.dtype).kind == "f":
-                sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-            else:
-                sample[spec.name] = rng.integers(0, 10, shape).astype(spec.dtype)
-        out.append(sample)
-    return out
-
-
 def _reader(samples: Sequence[Sample]):
     quant = require("onnxruntime.quantization", "edge")
 
-    class _SampleReader(quant.CalibrationDataReader):
+    class _SampleReader(quant.CalibrationDataReader):  # type: ignore[name-defined]  # a module found at run time
         """Feeds the calibration samples once each."""
 
         def __init__(self) -> None:
@@ -89,6 +76,35 @@ def _reader(samples: Sequence[Sample]):
     return _SampleReader()
 
 
+# onnxruntime's quantizer chats on its package's loggers and, through module-level `logging.warning(...)`
+# calls, on the root logger. Its package logger is quieted; on the root logger only the records its own modules
+# log there are dropped (a filter), since raising root's level would mute the whole application.
+_QUANT_LOGGER = "onnxruntime.quantization"
+_QUANT_PATH = os.path.join("onnxruntime", "quantization")
+
+
+class _FromQuantizer(logging.Filter):
+    """Drops records below ERROR that onnxruntime's quantization modules log on the root logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or _QUANT_PATH not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """Silence onnxruntime's quantizer below ERROR while it runs; the loggers are as they were after."""
+    quant_log, root = logging.getLogger(_QUANT_LOGGER), logging.getLogger()
+    level = quant_log.level
+    quant_log.setLevel(max(level, logging.ERROR))
+    quiet = _FromQuantizer()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        quant_log.setLevel(level)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How heads are quantized: QDQ, per-channel int8 weights, uint8 activations, min-max calibration."""
@@ -98,12 +114,11 @@ class QuantConfig:
     max_relative_error: float = 0.1
 
 
-def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], config: QuantConfig = QuantConfig()) -> Path:
+def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample],
+                  config: QuantConfig = QuantConfig()) -> Path:
     """Write the static int8 (QDQ) version of `fp32_path`, calibrated on `samples` (inputs of that model)."""
     quant = require("onnxruntime.quantization", "edge")
-    for name in ("onnxruntime.quantization", "root"):
-        logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.ERROR))
-    with warnings.catch_warnings():
+    with _quiet_quantizer(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quant.quantize_static(
             str(fp32_path),
@@ -118,7 +133,8 @@ def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], c
     return int8_path
 
 
-def int8_agreement(reference: Sequence[np.ndarray], quantized: Sequence[np.ndarray], task: str, config: QuantConfig = QuantConfig()) -> dict:
+def int8_agreement(reference: Sequence[Sequence[np.ndarray]], quantized: Sequence[Sequence[np.ndarray]], task: str,
+                   config: QuantConfig = QuantConfig()) -> dict:
     """Top-1 agreement for classifiers, relative L2 error otherwise, with the gate's verdict."""
     ref = np.concatenate([np.asarray(r[0]) for r in reference])
     got = np.concatenate([np.asarray(q[0]) for q in quantized])

@@ -35,7 +35,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_costs_and_devices_import_without_torch_or_onnx() -> None:
     result = _run(
         """
-        import partitioning.costs, partitioning.devices, sys
+        import partitioning.costs, partitioning.devices, partitioning.device_profile, sys
         assert "torch" not in sys.modules and "onnx" not in sys.modules, sorted(sys.modules)
         """
     )
@@ -55,7 +55,8 @@ def test_measure_node_costs_runs_without_onnx(tmp_path) -> None:
     result = _run(
         f"""
         import json, sys
-        from partitioning.costs import measure_node_costs, save_device_profile, host_facts, load_device_profile
+        from partitioning.costs import measure_node_costs, host_facts
+        from partitioning.device_profile import save_device_profile, load_device_profile
         costs = measure_node_costs({str(path)!r}, warmup=1, repeats=3, threads=1)
         assert set(costs.per_node_ms) == {{"conv", "relu"}}, costs.per_node_ms
         save_device_profile({str(tmp_path / "p.json")!r}, costs, model_sha256="a" * 64, host=host_facts(1))

@@ -15,25 +15,20 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from partitioning.costs import (
+from partitioning.attribution import Attribution
+from partitioning.costs import host_facts, measure_node_costs, session_options
+from partitioning.costtypes import DeviceProfileError, NodeCosts, Throughput
+from partitioning.device_profile import (
     DEVICE_SCHEMA,
-    DeviceProfileError,
     MeasuredDeviceProfile,
-    NodeCosts,
-    Throughput,
-    _Attribution,
-    _Node,
-    _read_graph,
-    estimate_node_costs,
-    host_facts,
-    identity_model,
     load_device_profile,
-    measure_node_costs,
+    resolve_device,
     save_device_profile,
-    session_options,
 )
-from partitioning.devices import DEVICES, GPUS, resolve_device
+from partitioning.devices import DEVICES, GPUS
+from partitioning.estimate import estimate_node_costs
 from partitioning.flops import node_stats, runtime_free_nodes
+from partitioning.onnxwire import OnnxNode, identity_model, read_graph
 
 
 def _weight(name: str, shape: tuple[int, ...], seed: int = 0) -> TensorProto:
@@ -174,7 +169,7 @@ def test_total_ms_sums_overhead_and_chosen_nodes() -> None:
 
 
 def test_wire_reader_matches_onnx(cnn, cnn_path) -> None:
-    nodes, initializers = _read_graph(cnn_path)
+    nodes, initializers = read_graph(cnn_path)
     assert [(n.name, n.op_type, n.inputs, n.outputs) for n in nodes] == [
         (n.name, n.op_type, tuple(n.input), tuple(n.output)) for n in cnn.graph.node
     ]
@@ -185,7 +180,7 @@ def test_wire_reader_rejects_garbage(tmp_path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\xff\xff\xff")
     with pytest.raises(ValueError, match="not a readable ONNX model"):
-        _read_graph(bad)
+        read_graph(bad)
 
 
 def test_measured_costs_cover_every_node_and_match_a_direct_timing(cnn, cnn_path, measured) -> None:
@@ -234,21 +229,21 @@ def test_the_wall_time_is_sampled_until_the_turns_span_min_seconds(cnn_path) -> 
 
 def test_attribution_maps_fused_and_renamed_nodes() -> None:
     orig = [
-        _Node("conv", "Conv", ("x", "w"), ("c",)),
-        _Node("bn", "BatchNormalization", ("c", "s"), ("n",)),
-        _Node("relu", "Relu", ("n",), ("r",)),
-        _Node("mm", "MatMul", ("r", "k"), ("m",)),
-        _Node("div", "Div", ("m", "d"), ("q",)),
-        _Node("erf", "Erf", ("q",), ("e",)),
-        _Node("mul", "Mul", ("e", "q"), ("out",)),
+        OnnxNode("conv", "Conv", ("x", "w"), ("c",)),
+        OnnxNode("bn", "BatchNormalization", ("c", "s"), ("n",)),
+        OnnxNode("relu", "Relu", ("n",), ("r",)),
+        OnnxNode("mm", "MatMul", ("r", "k"), ("m",)),
+        OnnxNode("div", "Div", ("m", "d"), ("q",)),
+        OnnxNode("erf", "Erf", ("q",), ("e",)),
+        OnnxNode("mul", "Mul", ("e", "q"), ("out",)),
     ]
     optimized = [
-        _Node("r_nchwc", "Conv", ("x_re", "w_re"), ("t0",)),
-        _Node("ReorderOutput", "ReorderOutput", ("t0",), ("r",)),
-        _Node("mm/MatMulScaleFusion/", "FusedMatMul", ("r", "k"), ("q",)),
-        _Node("Gelu_7", "Gelu", ("q",), ("out",)),
+        OnnxNode("r_nchwc", "Conv", ("x_re", "w_re"), ("t0",)),
+        OnnxNode("ReorderOutput", "ReorderOutput", ("t0",), ("r",)),
+        OnnxNode("mm/MatMulScaleFusion/", "FusedMatMul", ("r", "k"), ("q",)),
+        OnnxNode("Gelu_7", "Gelu", ("q",), ("out",)),
     ]
-    mapper = _Attribution(orig, {"w", "s", "k", "d"}, optimized)
+    mapper = Attribution(orig, {"w", "s", "k", "d"}, optimized)
     mapper.pair_unnamed([("Gelu_12", "Gelu", 1.0, {})])  # profile and saved graph number unnamed nodes apart
     assert mapper.owner("conv", "Conv") == "conv"
     assert mapper.owner("conv_token_3", "QLinearConv") == "conv"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from partitioning.device_profile import resolve_device
 from partitioning.devices import (
     DEVICES,
     GPUS,
@@ -12,7 +13,6 @@ from partitioning.devices import (
     NetworkProfile,
     device_names,
     network_from_args,
-    resolve_device,
     resolve_gpu,
 )
 

@@ -8,8 +8,10 @@ import time
 import pytest
 
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
-from partitioning import api, profile
+from partitioning import profile
 from partitioning.cli import _refine_note, main
+from partitioning.costs import MIN_SECONDS
+from partitioning.refine import Refiner, time_cuts, timed_runs
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +57,10 @@ def test_a_refined_bundle_loads_and_records_the_timings(refined):
 
 
 @pytest.mark.parametrize("tie", [float("inf"), -1.0])
-def test_the_two_best_timed_cuts_are_timed_again_head_to_head_when_close(monkeypatch, tie):
+def test_the_two_best_timed_cuts_are_timed_again_head_to_head_when_close(tie):
     # inf: any two timed cuts count as close; -1: none do
-    monkeypatch.setattr(api, "REFINE_TIE", tie)
     result = profile("tiny_cnn", device="local", cloud="local", network="ethernet", threads=1, cloud_threads=2,
-                     repeats=3, refine=2)
+                     repeats=3, refine=2, refiner=Refiner(tie=tie))
     record, plan = result.document["refined"], result.plan
     if tie < 0:  # none is close; a pair is timed again only when the timing overturned the per-node model's order
         if record["tie_break"] is not None:
@@ -72,7 +73,7 @@ def test_the_two_best_timed_cuts_are_timed_again_head_to_head_when_close(monkeyp
     pair = record["tie_break"]["candidates"]
     assert len(set(pair)) == 2 and set(pair) <= set(record["candidates"])
     assert record["tie_break"]["runs"] == 6 and record["tie_break"]["rounds"] == 2
-    assert record["tie_break"]["min_seconds"] == 2 * record["min_seconds"] == 2 * api.MIN_SECONDS
+    assert record["tie_break"]["min_seconds"] == 2 * record["min_seconds"] == 2 * MIN_SECONDS
     assert all(plan.candidate(cid).measured for cid in pair)
     assert record["chosen_timed"] is plan.best.measured
 
@@ -102,23 +103,25 @@ def test_cli_marks_the_timed_rows(capsys):
     assert "per-node model for every cut (not timed:" in out
 
 
-def test_timing_goes_on_in_rounds_until_they_span_min_seconds(monkeypatch, tmp_path):
+def test_timing_goes_on_in_rounds_until_they_span_min_seconds(tmp_path):
     import onnx
 
     from models.loaders import load_model
-    from partitioning import refine
 
     loaded = load_model("tiny_cnn", tmp_path)
     proto = onnx.load(str(loaded.onnx_path))
     plan = profile("tiny_cnn", device="rpi4", repeats=3, refine=0).plan
     baselines = [plan.candidate(EDGE_ONLY), plan.candidate(CLOUD_ONLY)]
     calls = []
-    timed = refine._timed
-    monkeypatch.setattr(refine, "_timed", lambda part, runs: calls.append(runs) or timed(part, runs))
+
+    def counted(part, runs):
+        calls.append(runs)
+        return timed_runs(part, runs)
 
     def count(seconds: float) -> int:
         calls.clear()
-        refine.time_cuts(proto, loaded.onnx_path, loaded.inputs, baselines, repeats=3, rounds=1, min_seconds=seconds)
+        time_cuts(proto, loaded.onnx_path, loaded.inputs, baselines, repeats=3, rounds=1, min_seconds=seconds,
+                  run=counted)
         return len(calls)
 
     assert count(0) == 2 + 2  # warm-up and one round, for each baseline's one session
@@ -128,12 +131,9 @@ def test_timing_goes_on_in_rounds_until_they_span_min_seconds(monkeypatch, tmp_p
         count(-1)
 
 
-def test_a_timing_that_overturns_the_per_node_model_is_checked_head_to_head(monkeypatch):
+def test_a_timing_that_overturns_the_per_node_model_is_checked_head_to_head():
     # The refinement's timing (a stand-in here, so that the case is certain) puts the model's best cut between
     # its second and third; the head-to-head times both as the model predicts them and restores the order.
-    from partitioning import refine
-
-    monkeypatch.setattr(api, "REFINE_TIE", -1.0)  # only an overturn can call for a head-to-head
     calls = []
 
     def stand_in(model, path, inputs, cands, **kw):
@@ -147,9 +147,9 @@ def test_a_timing_that_overturns_the_per_node_model_is_checked_head_to_head(monk
                     for c in cands}
         return {cid: (edge * factor[cid], cloud * factor[cid]) for cid, (edge, cloud) in modelled.items()}
 
-    monkeypatch.setattr(refine, "time_cuts", stand_in)
+    refiner = Refiner(stand_in, tie=-1.0)  # only an overturn can call for a head-to-head
     result = profile("tiny_cnn", device="local", cloud="local", network="ethernet", threads=1, cloud_threads=2,
-                     repeats=3, refine=3, measure_seconds=0)
+                     repeats=3, refine=3, measure_seconds=0, refiner=refiner)
     tie = result.document["refined"]["tie_break"]
     assert len(calls) == 2 and tie is not None and tie["reason"] == "timing overturned the prediction"
     first, second = tie["candidates"]
@@ -158,13 +158,10 @@ def test_a_timing_that_overturns_the_per_node_model_is_checked_head_to_head(monk
     assert result.plan.chosen == second == min(tie["predicted"], key=tie["predicted"].get)
 
 
-def test_a_head_to_head_that_hands_the_choice_to_an_untimed_cut_has_that_cut_timed(monkeypatch):
+def test_a_head_to_head_that_hands_the_choice_to_an_untimed_cut_has_that_cut_timed():
     # Stand-in timings make the case certain: the first pass times the model's two best cuts as predicted (the
     # rest of what it times, 1000x slower); the head-to-head then finds that pair 1000x slower too, so an untimed
     # cut's prediction comes out best. That cut is timed, and the best pair settled by a second head-to-head.
-    from partitioning import refine
-
-    monkeypatch.setattr(api, "REFINE_TIE", float("inf"))  # every pair counts as close
     calls = []
 
     def stand_in(model, path, inputs, cands, **kw):
@@ -179,9 +176,9 @@ def test_a_head_to_head_that_hands_the_choice_to_an_untimed_cut_has_that_cut_tim
         return {cid: (edge * (1000 if cid in slow else 1), cloud * (1000 if cid in slow else 1))
                 for cid, (edge, cloud) in modelled.items()}
 
-    monkeypatch.setattr(refine, "time_cuts", stand_in)
+    refiner = Refiner(stand_in, tie=float("inf"))  # every pair counts as close
     result = profile("tiny_cnn", device="local", cloud="local", network="ethernet", threads=1, cloud_threads=2,
-                     repeats=3, refine=2, measure_seconds=0)
+                     repeats=3, refine=2, measure_seconds=0, refiner=refiner)
     record, plan = result.document["refined"], result.plan
     assert len(calls) == 4, calls
     first_pass, handed_over = set(calls[0]), calls[2]

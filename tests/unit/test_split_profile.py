@@ -174,3 +174,11 @@ def test_calibration_folder_is_used(tmp_path):
     np.save(calib / "bad.npy", np.zeros((2, 3, 8, 8), np.float32))
     with pytest.raises(ValueError, match="expected"):
         profile("tiny_cnn", device="jetson-orin-nano", out=tmp_path / "b2", calibration=calib, repeats=3)
+
+
+def test_the_written_plan_reads_back_as_the_typed_document(tiny_bundle):
+    result, out = tiny_bundle
+    written = json.loads((out / "plan.json").read_text())
+    typed = Bundle.load(out).document
+    assert typed == result.plan_document and typed.to_json() == written
+    assert [c.id for c in typed.ranked()][0] == result.plan.chosen

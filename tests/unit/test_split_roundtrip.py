@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from models.convert import to_onnx
+from models.inputs import synthetic_samples
+from models.manifest import TensorSpec
 from partitioning.extract import extract_split, session, verify_split
 from partitioning.graph import build_cut_graph
 from partitioning.planner import CostInputs, Link, search_edge_sets
-from partitioning.quantize import synthetic_samples
-from models.manifest import TensorSpec
 
 
 class Residual(nn.Module):

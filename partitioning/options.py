@@ -1,0 +1,64 @@
+"""`ProfileOptions`: every setting of `partitioning.profile` (and `split-profile`) in one typed, frozen value.
+
+The CLI builds one from its arguments; tests and scripts build one, or pass the fields as keywords to
+`profile(model, **overrides)`. Defaults are the CLI's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from partitioning.costs import MIN_SECONDS
+from partitioning.planner import PLAN_TABLE_MBPS, Budgets
+
+DEFAULT_REFINE = 3  # candidates timed as real head and tail when edge and cloud are both this host
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """Where the model runs, over what link, under which budgets, and how it is measured and exported."""
+
+    device: str = "local"  # "local" (measured here), a device-table name, or a saved profile .json
+    cloud: str = "local"  # "local" (measured here) or a GPU class
+    network: str | None = "wifi"  # a named network; None: a custom link from uplink_mbps
+    uplink_mbps: float | None = None
+    downlink_mbps: float | None = None
+    rtt_ms: float | None = None
+    max_latency_ms: float | None = None
+    edge_memory_mb: float | None = None
+    max_energy_mj: float | None = None
+    objective: str = "latency"
+    codec: str = "int8"
+    out: str | Path | None = None  # write the bundle here; None: plan only
+    calibration: str | Path | None = None  # folder of .npy/.npz inputs for the int8 heads
+    input_shape: tuple[int, ...] | None = None
+    allow_pickle: bool = False
+    save_device_profile: str | Path | None = None
+    repeats: int = 20
+    measure_seconds: float = MIN_SECONDS  # every measurement here spans at least this long
+    threads: int | None = None  # edge intra-op threads when measured here
+    cloud_threads: int | None = None  # cloud threads when measured here (None: threads)
+    plan_table_mbps: tuple[float, ...] = PLAN_TABLE_MBPS
+    refine: int = DEFAULT_REFINE  # best candidates timed as real head and tail; 0 disables
+
+    def __post_init__(self) -> None:
+        if self.refine < 0:
+            raise ValueError(f"refine must be >= 0 (candidates to time; 0 disables), got {self.refine}")
+        if not self.measure_seconds >= 0:
+            raise ValueError(f"measure_seconds must be >= 0, got {self.measure_seconds}")
+
+    @property
+    def budgets(self) -> Budgets:
+        """The planner's budgets and objective."""
+        return Budgets(self.max_latency_ms, self.edge_memory_mb, self.max_energy_mj, self.objective)
+
+    @property
+    def cloud_measure_threads(self) -> int | None:
+        """Threads when the cloud is measured here: cloud_threads, else threads."""
+        return self.threads if self.cloud_threads is None else self.cloud_threads
+
+    @property
+    def both_local(self) -> bool:
+        """Edge and cloud are both this host (refinement times real heads and tails only then)."""
+        return self.device == "local" and self.cloud == "local"
