@@ -11,7 +11,7 @@ import numpy as np
 
 from models.extras import require
 from models.manifest import CLOUD_ONLY, PLAN_FILE, Bundle, BundleError, TensorSpec
-from models.ortopts import session_options
+from models.ortopts import make_session
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,8 @@ class TailExecutor:
     """Runs one tail model; thread-safe (onnxruntime sessions allow concurrent `run`)."""
 
     def __init__(self, path: Path, *, intra_op_threads: int = 1, prefer_gpu: bool = True):
-        ort = require("onnxruntime", "edge")
-        options = session_options(intra_op_threads, 1)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=select_providers(prefer_gpu))
+            self.session = make_session(path, threads=intra_op_threads, providers=select_providers(prefer_gpu))
         except Exception as exc:  # onnxruntime raises its own exception types for bad model files
             raise BundleError(f"{path}: onnxruntime cannot load this tail ({exc})") from exc
         self.path = path

@@ -16,7 +16,7 @@ import numpy as np
 
 from models.extras import require
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle, TensorSpec
-from models.ortopts import session_options
+from models.ortopts import make_session
 
 
 class ModelLoadError(RuntimeError):
@@ -49,9 +49,9 @@ class OrtRunner:
                 f"none of the execution providers {list(options.providers)} is available in this onnxruntime "
                 f"build (it has {sorted(available)})"
             )
-        so = session_options(options.intra_op_threads, options.inter_op_threads)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+            self.session = make_session(self.path, threads=options.intra_op_threads,
+                                        inter_threads=options.inter_op_threads, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
             raise ModelLoadError(f"{self.path}: onnxruntime cannot load it ({exc})") from exc
         self.input_names = tuple(i.name for i in self.session.get_inputs())
