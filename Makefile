@@ -1,9 +1,16 @@
 # Two entry points (see README): `make demo` and `make test`. Both set up .venv first.
+# `make test` runs `make check` (lint, types, import contracts, protos, the Python 3.10 [edge] job), then pytest.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The [edge] job: a second venv from a Python 3.10 interpreter (JetPack 6 ships 3.10) with only the [edge] extra.
+VENV310 := .venv310
+# The unit tests that need only the [edge] extra (no torch, no onnx): they run on Python 3.10 in that venv.
+# tests/unit/test_agent_runtime.py and test_agent_state.py join this list once their fixture bundle needs no onnx.
+EDGE_TESTS := tests/unit/test_agent_bandwidth.py tests/unit/test_agent_cli.py tests/unit/test_agent_config.py \
+	tests/unit/test_agent_retry.py tests/unit/test_codec.py tests/unit/test_mqtt_schema.py
 
-.PHONY: setup system-packages demo test bench clean
+.PHONY: setup system-packages demo check lint typecheck imports protos edge310 test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,11 +31,35 @@ system-packages:
 demo: setup
 	$(BIN)/split-demo
 
-test: setup system-packages
+# The gates CI runs before the tests; each one fails the build on its own.
+check: setup
+	$(MAKE) --no-print-directory lint typecheck imports protos edge310
+
+lint:
+	$(BIN)/ruff check .
+
+typecheck:
+	$(BIN)/mypy
+
+imports:
+	$(BIN)/lint-imports
+
+protos:
+	$(BIN)/python -m protos.generate --check
+
+# SKIP_PY310=1 skips the job with a warning (for a machine without Python 3.10; CI must not set it).
+edge310:
+	@if [ -n "$(SKIP_PY310)" ]; then \
+		echo "WARNING: SKIP_PY310 is set: the edge agent is NOT checked on Python 3.10 with only the [edge] extra" >&2; \
+	else \
+		.ci/edge310 $(VENV310) $(EDGE_TESTS); \
+	fi
+
+test: setup system-packages check
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python benchmarks/planner_accuracy.py
+	$(BIN)/python -m benchmarks.planner_accuracy
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV310) build *.egg-info

@@ -32,7 +32,7 @@ def make_bundle(model: str, root: Path, network: str = "wifi") -> Path:
     if (out / "plan.json").is_file():
         return out
     if model == "tiny":
-        from tests.bundle_factory import make_tiny_bundle
+        from models.tiny_bundle import make_tiny_bundle
 
         return make_tiny_bundle(out)
     from partitioning import profile

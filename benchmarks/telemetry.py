@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.broker == "mosquitto":
-            from tests.mosquitto import Mosquitto
+            from cloud_tier.lab.mosquitto import Mosquitto
 
             broker: Mosquitto | EmbeddedBroker = Mosquitto(work / "mosquitto")
             port = broker.start()

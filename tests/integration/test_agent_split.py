@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
@@ -21,11 +20,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests import polling
 from cloud_tier.server import CloudServer
 from edge_agent import CLOUD, EDGE, LOCAL, SPLIT, EdgeAgent
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
-from tests.bundle_factory import make_tiny_bundle, sample_input
+from models.tiny_bundle import make_tiny_bundle, sample_input
+from tests import polling
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,21 +7,21 @@ import socket
 import socketserver
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests import polling
 from cloud_tier import CloudServer
 from cloud_tier.linkproxy import LinkProxy
+from models.tiny_bundle import CUT_TENSOR, MID_CUT, make_tiny_bundle, sample_input
 from protos import codec
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from tests.bundle_factory import CUT_TENSOR, MID_CUT, make_tiny_bundle, sample_input
+from tests import polling
 
 DEADLINE_S = 20.0
 

@@ -6,9 +6,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge_agent.runtime import CutRuntime, InputError, ModelLoadError, OrtRunner, RunnerCache, RuntimeOptions, prepare_inputs
+from edge_agent.runtime import (
+    CutRuntime,
+    InputError,
+    ModelLoadError,
+    OrtRunner,
+    RunnerCache,
+    RuntimeOptions,
+    prepare_inputs,
+)
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
-from tests.bundle_factory import make_tiny_bundle, sample_input
+from models.tiny_bundle import make_tiny_bundle, sample_input
 
 INT8_HEAD_ATOL = 0.03  # c1's int8 head: worst 0.006 on the logits over 64 inputs (see test_agent_split)
 INT8_FULL_ATOL = 0.3  # edge-only int8 = the whole model quantized, logits included: worst 0.14

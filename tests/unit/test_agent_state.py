@@ -28,8 +28,8 @@ from edge_agent import (
 )
 from edge_agent.transport import CloudReply, LinkDown
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
+from models.tiny_bundle import make_tiny_bundle, sample_input
 from protos import codec
-from tests.bundle_factory import make_tiny_bundle, sample_input
 
 INT8_ATOL = 0.05  # the int8 head's error on this model's logits (|logits| ~ 1) is ~0.02; see test_agent_runtime
 

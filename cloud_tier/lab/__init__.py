@@ -1,0 +1,1 @@
+"""Lab tools for tests, benchmarks and demos; nothing in the serving node imports them (an import contract holds it)."""
