@@ -30,17 +30,14 @@ from edge_agent.transport import CloudReply, LinkDown
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
 from models.tiny_bundle import make_tiny_bundle, sample_input
 from protos import codec
+from tests import polling
 
 INT8_ATOL = 0.05  # the int8 head's error on this model's logits (|logits| ~ 1) is ~0.02; see test_agent_runtime
 
 
 def poll(cond, timeout: float = 5.0, what: str = "condition") -> None:
     """Wait for `cond()` to hold, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+    polling.wait_for(cond, what, timeout, interval_s=0.005)
 
 
 class FakeLink:
