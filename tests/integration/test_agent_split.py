@@ -142,7 +142,7 @@ def test_split_results_match_the_full_model(bundles_dir, server, full_model, cut
         results = [f.result(timeout=10) for f in [agent.submit(x) for x in xs]]
         want = EDGE if cut == EDGE_ONLY else CLOUD
         assert [r.served_by for r in results] == [want] * len(xs), [r.fallback_reason for r in results]
-        for x, r in zip(xs, results):
+        for x, r in zip(xs, results, strict=True):
             assert r.cut == cut
             np.testing.assert_allclose(r.output, full_model(x), atol=atol)
         st = agent.stats()
@@ -226,7 +226,7 @@ def test_cloud_sigstopped_deadlines_fire_and_the_edge_finishes(bundles_dir, clou
         results = [f.result(timeout=10) for f in [agent.submit(x) for x in xs]]
         assert all(r.served_by == EDGE for r in results)
         assert "deadline of 300 ms exceeded" in results[0].fallback_reason
-        for x, r in zip(xs, results):
+        for x, r in zip(xs, results, strict=True):
             np.testing.assert_allclose(r.output, full_model(x), atol=SPLIT_ATOL)
         assert agent.mode == LOCAL and agent.stats().deadline_misses >= 1
         os.kill(cloud.proc.pid, signal.SIGCONT)  # the cloud wakes up: the agent goes back to split
