@@ -1,9 +1,16 @@
 # Two entry points (see README): `make demo` and `make test`. Both set up .venv first.
+# `make test` runs `make check` (lint, types, import contracts, protos, the Python 3.10 [edge] job), then pytest.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The [edge] job: a second venv from a Python 3.10 interpreter (JetPack 6 ships 3.10) with only the [edge] extra.
+VENV310 := .venv310
+# The agent's unit tests and those of the wire contract it uses: they run on Python 3.10 in that venv with only the
+# [edge] extra, so they may not import torch or onnx (a test that needs them skips: pytest.importorskip("onnx")).
+EDGE_TESTS := $(sort $(wildcard tests/unit/test_agent_*.py)) tests/unit/test_codec.py tests/unit/test_mqtt_schema.py \
+              tests/unit/test_serde.py
 
-.PHONY: setup system-packages demo test bench clean
+.PHONY: setup system-packages demo check lint typecheck imports protos edge310 test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,11 +31,35 @@ system-packages:
 demo: setup
 	$(BIN)/split-demo
 
-test: setup system-packages
+# The gates CI runs before the tests: all of them run (--keep-going), and any one failing fails the build.
+check: setup
+	$(MAKE) --no-print-directory --keep-going lint typecheck imports protos edge310
+
+lint:
+	$(BIN)/ruff check .
+
+typecheck:
+	$(BIN)/mypy
+
+imports:
+	$(BIN)/lint-imports
+
+protos:
+	$(BIN)/python -m protos.generate --check
+
+# SKIP_PY310=1 skips the job with a warning (for a machine without Python 3.10; CI must not set it).
+edge310:
+	@if [ -n "$(SKIP_PY310)" ]; then \
+		echo "WARNING: SKIP_PY310 is set: the edge agent is NOT checked on Python 3.10 with only the [edge] extra" >&2; \
+	else \
+		.ci/edge310 $(VENV310) $(EDGE_TESTS); \
+	fi
+
+test: setup system-packages check
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python benchmarks/planner_accuracy.py
+	$(BIN)/python -m benchmarks.planner_accuracy
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV310) build *.egg-info

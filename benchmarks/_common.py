@@ -8,14 +8,12 @@ import platform
 import statistics
 import sys
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run from anywhere in the checkout
+import numpy as np
 
-from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle  # noqa: E402
+from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
 
 # A Raspberry Pi 4 with a T4 in the cloud, and room for only part of the model on the device, so the planner
 # must cut in the middle (on this host's numbers alone it keeps everything on one side). Objective "bytes":
@@ -32,7 +30,7 @@ def make_bundle(model: str, root: Path, network: str = "wifi") -> Path:
     if (out / "plan.json").is_file():
         return out
     if model == "tiny":
-        from tests.bundle_factory import make_tiny_bundle
+        from models.tiny_bundle import make_tiny_bundle
 
         return make_tiny_bundle(out)
     from partitioning import profile
@@ -66,12 +64,8 @@ def median(xs: Sequence[float]) -> float:
 
 
 def percentile(xs: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile, q in [0, 100] (nan for no data)."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = max(0, min(len(s) - 1, int(round(q / 100.0 * len(s) + 0.5)) - 1))
-    return s[k]
+    """numpy's percentile (linear interpolation), q in [0, 100]; nan for no data."""
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

@@ -8,7 +8,7 @@ bytes, the fastest mode per link and what the bundle's plan table would pick at 
 is this x86 host, not a Raspberry Pi: on a Pi the head (and edge-only) would be several times slower, which
 moves the balance towards the cloud; the link times are what the proxy enforces.
 
-    python benchmarks/bandwidth.py [--models mobilenet_v2,resnet18] [--networks 3g,4g,wifi] [--requests 12]
+    python -m benchmarks.bandwidth [--models mobilenet_v2,resnet18] [--networks 3g,4g,wifi] [--requests 12]
                                    [--bundles DIR]
 """
 
@@ -22,15 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import bundles_dir, host_line, make_bundle, median, mid_cut, table  # noqa: E402
-
-from cloud_tier.lab.linkproxy import LinkProxy  # noqa: E402
-from cloud_tier.lab.process import CloudProcess  # noqa: E402
-from edge_agent import EdgeAgent  # noqa: E402
-from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle  # noqa: E402
-from partitioning.devices import resolve_network  # noqa: E402
+from benchmarks._common import bundles_dir, host_line, make_bundle, median, mid_cut, table
+from cloud_tier.lab.linkproxy import LinkProxy
+from cloud_tier.lab.process import CloudProcess
+from edge_agent import EdgeAgent
+from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
+from partitioning.devices import resolve_network
 
 
 def run_mode(path: Path, address: str, cut: str, codec_spec: str, x: np.ndarray, requests: int,

@@ -13,7 +13,7 @@ and p95 latency, mean batch size seen in the replies; and the on/off throughput 
 It also times the tail alone at batch 1, 4 and 16 (1 thread): on a CPU the tail's cost per row barely drops
 with the batch, which bounds what batching can win; on a GPU it drops by an order of magnitude.
 
-    python benchmarks/batching.py [--models tiny,mobilenet_v2] [--agents 1,4,16] [--seconds 3] [--rounds 2]
+    python -m benchmarks.batching [--models tiny,mobilenet_v2] [--agents 1,4,16] [--seconds 3] [--rounds 2]
                                   [--bundles DIR]
 """
 
@@ -31,16 +31,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import bundles_dir, host_line, make_bundle, median, mid_cut, percentile, table  # noqa: E402
-
-from cloud_tier.lab.process import CloudProcess  # noqa: E402
-from edge_agent.runtime import CutRuntime, OrtRunner, RunnerCache, RuntimeOptions  # noqa: E402
-from models.manifest import Bundle  # noqa: E402
-from protos import codec  # noqa: E402
-from protos import inference_pb2 as pb  # noqa: E402
-from protos import inference_pb2_grpc as pb_grpc  # noqa: E402
+from benchmarks._common import bundles_dir, host_line, make_bundle, median, mid_cut, percentile, table
+from cloud_tier.lab.process import CloudProcess
+from edge_agent.runtime import CutRuntime, OrtRunner, RunnerCache, RuntimeOptions
+from models.manifest import Bundle
+from protos import codec
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
 
 CONFIGS = {"on": ["--max-batch", "16"], "window": ["--max-batch", "16", "--max-wait-ms", "2"],
            "off": ["--max-batch", "1"]}

@@ -7,7 +7,7 @@ abs / max |reference|), and top-1 agreement for classifiers. Times are medians o
 `4G ms` is the upload time of those bytes at 5.85 Mbit/s, for scale. Inputs are random normal, not real
 images: int8 error on real data differs (usually smaller, activations of real images are less spread).
 
-    python benchmarks/codecs.py [--models tiny,mobilenet_v2,resnet18] [--samples 8] [--repeats 5] [--bundles DIR]
+    python -m benchmarks.codecs [--models tiny,mobilenet_v2,resnet18] [--samples 8] [--repeats 5] [--bundles DIR]
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import bundles_dir, host_line, make_bundle, median, mid_cut, table  # noqa: E402
-
-from edge_agent.runtime import CutRuntime, OrtRunner, RunnerCache, RuntimeOptions  # noqa: E402
-from models.manifest import CLOUD_ONLY, Bundle  # noqa: E402
-from protos import codec  # noqa: E402
+from benchmarks._common import bundles_dir, host_line, make_bundle, median, mid_cut, table
+from edge_agent.runtime import CutRuntime, OrtRunner, RunnerCache, RuntimeOptions
+from models.manifest import CLOUD_ONLY, Bundle
+from protos import codec
 
 FOUR_G_MBPS = 5.85
 
@@ -61,10 +58,10 @@ def measure_model(bundle_path: Path, samples: int, repeats: int) -> tuple[str, l
     for spec_name in codec.VALID_SPECS:
         enc_t, dec_t, sizes, errs, agree = [], [], [], [], []
         scale = max(float(np.abs(r).max()) for r in refs)
-        for act, ref in zip(acts, refs):
-            tensors, t = _timed(lambda: codec.encode_all(act, spec_name), repeats)
+        for act, ref in zip(acts, refs, strict=True):
+            tensors, t = _timed(lambda a=act, c=spec_name: codec.encode_all(a, c), repeats)
             enc_t += t
-            feeds, t = _timed(lambda: codec.decode_all(tensors), repeats)
+            feeds, t = _timed(lambda enc=tensors: codec.decode_all(enc), repeats)
             dec_t += t
             sizes.append(codec.wire_bytes(tensors))
             out = next(iter(tail.run(feeds).values()))

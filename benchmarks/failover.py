@@ -12,7 +12,7 @@ keep going. Measured per cycle and pooled:
   again (0 when the agent got there first), and to the first request served by the cloud again (includes the
   reconnect backoff; its settings are printed); the cloud's own start time is shown apart.
 
-    python benchmarks/failover.py [--model mobilenet_v2] [--cycles 4] [--rate 80] [--outage 2] [--bundles DIR]
+    python -m benchmarks.failover [--model mobilenet_v2] [--cycles 4] [--rate 80] [--outage 2] [--bundles DIR]
 """
 
 from __future__ import annotations
@@ -23,18 +23,14 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import bundles_dir, host_line, make_bundle, median, mid_cut, percentile, table  # noqa: E402
-
-from cloud_tier.lab.linkproxy import LinkProxy  # noqa: E402
-from cloud_tier.lab.process import CloudProcess  # noqa: E402
-from edge_agent import EdgeAgent  # noqa: E402
-from models.manifest import Bundle  # noqa: E402
+from benchmarks._common import bundles_dir, host_line, make_bundle, median, mid_cut, percentile, table
+from cloud_tier.lab.linkproxy import LinkProxy
+from cloud_tier.lab.process import CloudProcess
+from edge_agent import EdgeAgent
+from models.manifest import Bundle
 
 RESULT_TIMEOUT_S = 60.0
 
@@ -65,7 +61,7 @@ class Feeder:
         with self._lock:
             self.done_at[idx] = time.perf_counter()
 
-    def start(self) -> "Feeder":
+    def start(self) -> Feeder:
         self._thread.start()
         return self
 
@@ -123,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     cloud.kill()
                     victims = [i for i, (t, f) in enumerate(list(feeder.sent)) if t < t_kill
                                and (i not in feeder.done_at or feeder.done_at[i] > t_kill)]
-                    _wait(lambda: all(i in feeder.done_at for i in victims), RESULT_TIMEOUT_S)
+                    _wait(lambda v=victims: all(i in feeder.done_at for i in v), RESULT_TIMEOUT_S)
                     local = [i for i in victims if feeder.sent[i][1].done() and not feeder.sent[i][1].exception()
                              and feeder.sent[i][1].result().served_by == "edge"]
                     times = [(feeder.done_at[i] - t_kill) * 1000 for i in local]
@@ -137,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                     n_before = len(feeder.sent)
                     agent.wait_for_mode("split", 60)
                     t_split = time.perf_counter()
-                    _wait(lambda: any(f.done() and not f.exception() and f.result().served_by == "cloud"
-                                      for _, f in feeder.sent[n_before:]), 60)
+                    _wait(lambda n=n_before: any(f.done() and not f.exception() and f.result().served_by == "cloud"
+                                             for _, f in feeder.sent[n:]), 60)
                     first_cloud = next((feeder.done_at.get(i, float("nan")) for i, (_, f) in
                                         enumerate(feeder.sent[n_before:], n_before)
                                         if f.done() and not f.exception() and f.result().served_by == "cloud"),

@@ -12,7 +12,7 @@ Target: overhead <= max(1 ms, 5% of the median e2e). Batching off (max_batch 1) 
 configuration; batching on (max_batch 16, continuous: a free worker takes whatever is queued) should cost a
 lone request nothing extra, and this row checks that.
 
-    python benchmarks/overhead.py [--models tiny,mobilenet_v2] [--requests 200] [--codec int8] [--bundles DIR]
+    python -m benchmarks.overhead [--models tiny,mobilenet_v2] [--requests 200] [--codec int8] [--bundles DIR]
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import bundles_dir, host_line, make_bundle, median, mid_cut, table  # noqa: E402
-
-from cloud_tier.lab.process import CloudProcess  # noqa: E402
-from edge_agent import EdgeAgent  # noqa: E402
-from edge_agent.runtime import CutRuntime, OrtRunner, RunnerCache, RuntimeOptions, prepare_inputs  # noqa: E402
-from models.manifest import Bundle  # noqa: E402
-from protos import codec  # noqa: E402
+from benchmarks._common import bundles_dir, host_line, make_bundle, median, mid_cut, table
+from cloud_tier.lab.process import CloudProcess
+from edge_agent import EdgeAgent
+from edge_agent.runtime import CutRuntime, OrtRunner, RunnerCache, RuntimeOptions, prepare_inputs
+from models.manifest import Bundle
+from protos import codec
 
 CONFIGS = (("off (max_batch 1)", ["--max-batch", "1"]), ("on (max_batch 16)", ["--max-batch", "16"]))
 

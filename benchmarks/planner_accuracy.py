@@ -29,7 +29,7 @@ overturns the model's order: regret judges that refined choice. MAPE stays a tes
 refined candidate is compared by its recorded per-node prediction, and every measurement here is the
 benchmark's own, taken after the plan is made (the same timing code, not the plan's timings).
 
-    python benchmarks/planner_accuracy.py [--models resnet18,...] [--repeats 30] [--network ethernet] [--refine 3]
+    python -m benchmarks.planner_accuracy [--models resnet18,...] [--repeats 30] [--network ethernet] [--refine 3]
                                         [--plan-rounds 5] [--verbose]
 """
 
@@ -43,12 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from partitioning import profile  # noqa: E402
-from partitioning.planner import Candidate  # noqa: E402
-from partitioning.refine import time_cuts  # noqa: E402
+from partitioning import profile
+from partitioning.planner import Candidate
+from partitioning.refine import time_cuts
 
 # Timed in every round besides the spread: the 2 x refine best-predicted candidates and any other predicted
 # within 10% of the best (up to 40), since any of them may be a round's choice.

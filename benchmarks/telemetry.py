@@ -1,6 +1,6 @@
 """Fleet control-plane benchmark: telemetry ingestion into SQLite and command latency, through a real broker.
 
-    python benchmarks/telemetry.py [--broker mosquitto|amqtt] [--devices 100] [--records 200] [--commands 200]
+    python -m benchmarks.telemetry [--broker mosquitto|amqtt] [--devices 100] [--records 200] [--commands 200]
 
 Ingestion: N simulated devices (AgentControl each) buffer R records, then flush them in batches of B records;
 measured from the first record to the last row committed by the FleetController. Commands: the controller
@@ -19,13 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
-
-from cloud_tier.broker import EmbeddedBroker  # noqa: E402
-from cloud_tier.controller import FleetController  # noqa: E402
-from cloud_tier.fleet_store import FleetStore, percentile  # noqa: E402
-from edge_agent.mqtt_control import AgentControl  # noqa: E402
-from protos.mqtt import Ack, Command, TelemetryRecord  # noqa: E402
+from benchmarks._common import percentile
+from cloud_tier.broker import EmbeddedBroker
+from cloud_tier.controller import FleetController
+from cloud_tier.fleet_store import FleetStore
+from edge_agent.mqtt_control import AgentControl
+from protos.mqtt import Ack, Command, TelemetryRecord
 
 
 class Fleet:
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.broker == "mosquitto":
-            from tests.mosquitto import Mosquitto
+            from cloud_tier.lab.mosquitto import Mosquitto
 
             broker: Mosquitto | EmbeddedBroker = Mosquitto(work / "mosquitto")
             port = broker.start()

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import numpy as np
 

@@ -84,7 +84,7 @@ class EmbeddedBroker:
         broker = self._broker
         self._runner.stop(broker.shutdown if broker is not None else None, timeout_s)
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         self.start()
         return self
 

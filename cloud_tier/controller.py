@@ -137,7 +137,7 @@ class FleetController:
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self, wait_s: float | None = 10.0) -> "FleetController":
+    def start(self, wait_s: float | None = 10.0) -> FleetController:
         """Start the writer thread and connect (reconnecting with bounded backoff)."""
         self._writer = threading.Thread(target=self._write_loop, name="fleet-writer", daemon=True)
         self._writer.start()
@@ -166,7 +166,7 @@ class FleetController:
                 log.warning("fleet controller: writer queue still full after %s s; stopping anyway", timeout_s)
             self._writer.join(timeout_s)
 
-    def __enter__(self) -> "FleetController":
+    def __enter__(self) -> FleetController:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

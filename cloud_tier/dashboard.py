@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from cloud_tier.fleet_store import FleetStore
 from cloud_tier.loopthread import LoopThread
@@ -174,7 +175,7 @@ class Dashboard:
         runner = self._runner
         self._runner_thread.stop(runner.cleanup if runner is not None else None, timeout_s)
 
-    def __enter__(self) -> "Dashboard":
+    def __enter__(self) -> Dashboard:
         self.start()
         return self
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class ModelRegistry:
         self._tails = dict(tails)
 
     @classmethod
-    def load(cls, bundles_dir: str | Path, *, intra_op_threads: int = 1, prefer_gpu: bool = True) -> "ModelRegistry":
+    def load(cls, bundles_dir: str | Path, *, intra_op_threads: int = 1, prefer_gpu: bool = True) -> ModelRegistry:
         """Load each subdirectory of `bundles_dir` holding a plan.json; BundleError on any bad bundle."""
         root = Path(bundles_dir)
         if not root.is_dir():

@@ -12,7 +12,8 @@ in form (label names sorted, integers written as floats), which Prometheus reads
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from cloud_tier.stats import BATCH_SIZE_BUCKETS
 from models.extras import require

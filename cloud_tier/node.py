@@ -99,7 +99,7 @@ class CloudNode:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    def start(self) -> "CloudNode":
+    def start(self) -> CloudNode:
         """Start the gRPC tier, then broker, store, controller and dashboard; on failure stop what started."""
         if self._started:
             raise RuntimeError("CloudNode.start() called twice")
@@ -157,7 +157,7 @@ class CloudNode:
         """Block until the gRPC tier has stopped; False on timeout."""
         return self.server.wait(timeout)
 
-    def __enter__(self) -> "CloudNode":
+    def __enter__(self) -> CloudNode:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -146,7 +146,7 @@ class CloudServer:
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
-    def from_config(cls, bundles_dir: str | Path, config: ServerConfig) -> "CloudServer":
+    def from_config(cls, bundles_dir: str | Path, config: ServerConfig) -> CloudServer:
         """A server with every setting taken from `config`."""
         return cls(bundles_dir, **{f.name: getattr(config, f.name) for f in fields(config)})
 
@@ -192,7 +192,7 @@ class CloudServer:
         """Block until the server has stopped; False on timeout."""
         return self._stopped.wait(timeout)
 
-    def __enter__(self) -> "CloudServer":
+    def __enter__(self) -> CloudServer:
         if self._thread is None:
             self.start()
         return self

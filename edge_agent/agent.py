@@ -34,9 +34,10 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -164,7 +165,7 @@ class EdgeAgent:
         on_result: Callable[[InferenceResult], None] | None = None,
         connect: bool = True,
         **fields: Any,
-    ) -> "EdgeAgent":
+    ) -> EdgeAgent:
         """An agent for the bundle at `path` talking to `cloud` ("host:port"); `fields` are AgentConfig keys."""
         cfg = AgentConfig.from_dict({"bundle": path, "cloud": cloud, **fields}, source="EdgeAgent.from_bundle")
         return cls(cfg, on_result=on_result, connect=connect)
@@ -247,7 +248,7 @@ class EdgeAgent:
         self._pool.submit(self._run, req)
         return req.future
 
-    def _admit(self, x: Any, *, block: bool, timeout: float | None) -> "_Request":
+    def _admit(self, x: Any, *, block: bool, timeout: float | None) -> _Request:
         """Check the input, take an in-flight slot and count the request; the caller then runs it."""
         rt = self._rt
         inputs = prepare_inputs(x, rt.inputs)
@@ -333,7 +334,7 @@ class EdgeAgent:
         self._deadlines.join(5.0)
         self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> "EdgeAgent":
+    def __enter__(self) -> EdgeAgent:
         return self
 
     def __exit__(self, *exc: object) -> None:

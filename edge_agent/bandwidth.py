@@ -36,8 +36,9 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from edge_agent.config import AdaptiveConfig
 
@@ -230,7 +231,7 @@ class AdaptiveCut:
         """Whether a cloud override holds the cut (switching suspended)."""
         return self._pinned
 
-    def start(self) -> "AdaptiveCut":
+    def start(self) -> AdaptiveCut:
         """Start the decision thread."""
         self._thread.start()
         return self

@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from edge_agent import constants as C
 from protos import address
@@ -69,7 +70,7 @@ class ConfigError(FieldError):
         if source:
             self.args = (f"{source}: {self.args[0]}",)
 
-    def within(self, prefix: str, source: str = "") -> "ConfigError":
+    def within(self, prefix: str, source: str = "") -> ConfigError:
         """The same error with the key prefixed by its table name (and the source named)."""
         return ConfigError(f"{prefix}.{self.key}", self.detail, source or self.source)
 
@@ -277,7 +278,7 @@ class AgentConfig:
     # -- building -------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "AgentConfig":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> AgentConfig:
         """Build from a TOML-shaped mapping; unknown or bad keys raise ConfigError naming them and `source`."""
         if not isinstance(data, Mapping):
             raise ConfigError(None, f"expected a table of keys, got {type(data).__name__}", source)
@@ -305,7 +306,7 @@ class AgentConfig:
             raise ConfigError(exc.key, exc.detail, source) from None
 
     @classmethod
-    def from_toml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "AgentConfig":
+    def from_toml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> AgentConfig:
         """Read a TOML file; `overrides` (dotted keys like "input.rate" allowed) win over its values."""
         path = Path(path)
         try:
@@ -320,7 +321,7 @@ class AgentConfig:
             data["bundle"] = str(path.parent / data["bundle"])  # relative to the file, not the cwd
         return cls.from_dict(merge_overrides(data, overrides or {}), source=str(path))
 
-    def replace(self, **changes: Any) -> "AgentConfig":
+    def replace(self, **changes: Any) -> AgentConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

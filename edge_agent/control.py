@@ -55,7 +55,7 @@ def telemetry_record(result: InferenceResult, ts: float | None = None) -> Teleme
 class ControlLink:
     """Attach an AgentControl to an EdgeAgent: publish its telemetry and state, apply the cloud's commands."""
 
-    def __init__(self, agent: "EdgeAgent", mqtt: MqttConfig, *, keepalive_s: int = 30) -> None:
+    def __init__(self, agent: EdgeAgent, mqtt: MqttConfig, *, keepalive_s: int = 30) -> None:
         """Configure the MQTT session of `agent` (nothing connects until start())."""
         self.agent = agent
         self.config = mqtt
@@ -73,7 +73,7 @@ class ControlLink:
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self, wait_s: float | None = 10.0) -> "ControlLink":
+    def start(self, wait_s: float | None = 10.0) -> ControlLink:
         """Publish the current state, hook into the agent, connect; optionally wait until commands can arrive."""
         self._publish_state()
         self.agent.add_result_listener(self._on_result)
@@ -86,7 +86,7 @@ class ControlLink:
         self._closed = True
         self.control.close(timeout_s)
 
-    def __enter__(self) -> "ControlLink":
+    def __enter__(self) -> ControlLink:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

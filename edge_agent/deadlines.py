@@ -13,7 +13,7 @@ import heapq
 import itertools
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["DeadlineWatcher"]
 
@@ -32,7 +32,7 @@ class DeadlineWatcher:
         self._stopped = False
         self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
 
-    def start(self) -> "DeadlineWatcher":
+    def start(self) -> DeadlineWatcher:
         """Start the watcher thread."""
         self._thread.start()
         return self

@@ -15,7 +15,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from models.extras import require
 from protos.mqtt import (
@@ -116,7 +117,7 @@ class AgentControl:
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self, wait_s: float | None = 10.0) -> "AgentControl":
+    def start(self, wait_s: float | None = 10.0) -> AgentControl:
         """Connect in the background (bounded reconnect backoff); optionally wait until commands can arrive."""
         self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
         self._client.loop_start()
@@ -156,7 +157,7 @@ class AgentControl:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def __enter__(self) -> "AgentControl":
+    def __enter__(self) -> AgentControl:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

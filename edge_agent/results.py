@@ -102,7 +102,7 @@ class AgentStats:
     in_flight: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def snapshot(self) -> "AgentStats":
+    def snapshot(self) -> AgentStats:
         """A copy safe to read while the agent goes on."""
         return AgentStats(**{**asdict(self), "extra": dict(self.extra)})
 

@@ -8,9 +8,10 @@ fallback; `cloud-only` has no head (the cut tensors are the model inputs) and it
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -16,8 +16,9 @@ import io
 import logging
 import re
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,9 +82,7 @@ def normalize_onnx(path: Path) -> None:
     path = Path(path)
     try:
         header = onnx.load(str(path), load_external_data=False)
-        external = {
-            _external_location(t) for t in _all_initializers(header.graph) if _external_location(t) is not None
-        }
+        external = {loc for t in _all_initializers(header.graph) if (loc := _external_location(t)) is not None}
         model = onnx.load(str(path))  # with external data, resolved next to the file
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, OSError, ValueError...
         raise ConversionError(f"{path}: cannot be read as ONNX ({type(exc).__name__}: {exc})") from exc
@@ -317,8 +316,7 @@ def _name_nodes(graph: Any) -> None:
 
 
 def _walk_nodes(graph: Any) -> Iterator[Any]:
-    for node in graph.node:
-        yield node
+    yield from graph.node
     for sub in _subgraphs(graph):
         yield from _walk_nodes(sub)
 

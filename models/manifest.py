@@ -104,7 +104,7 @@ class Bundle:
         return PlanDocument.from_json(self.plan)
 
     @classmethod
-    def load(cls, path: str | Path, verify_hashes: bool = True) -> "Bundle":
+    def load(cls, path: str | Path, verify_hashes: bool = True) -> Bundle:
         """Read `path/plan.json`, check its schema, and (by default) every artifact's sha256."""
         root = Path(path)
         plan_path = root / PLAN_FILE

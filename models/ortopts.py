@@ -13,8 +13,9 @@ One place, so that what the planner measures is what the agent and the cloud run
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from models.extras import require
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def session_options(intra_op_threads: int | None = 1, inter_op_threads: int | None = 1,
-                    *, log_severity: int = 3) -> "onnxruntime.SessionOptions":
+                    *, log_severity: int = 3) -> onnxruntime.SessionOptions:
     """SessionOptions with the project's settings (see the module docstring)."""
     ort = require("onnxruntime", "edge")
     options = ort.SessionOptions()
@@ -44,8 +45,8 @@ CPU = ("CPUExecutionProvider",)
 
 
 def make_session(model: str | Path | bytes, *, threads: int | None = 1, inter_threads: int | None = 1,
-                 providers: Sequence[str] | None = None, options: "onnxruntime.SessionOptions | None" = None,
-                 log_severity: int = 3) -> "onnxruntime.InferenceSession":
+                 providers: Sequence[str] | None = None, options: onnxruntime.SessionOptions | None = None,
+                 log_severity: int = 3) -> onnxruntime.InferenceSession:
     """An onnxruntime session of `model` (a path or the model's bytes): the one place sessions are made.
 
     `options` (e.g. with profiling on) replaces the project's settings built from `threads`, `inter_threads`

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 PLAN_SCHEMA = "splitinfer.plan/v1"
 PLAN_FILE = "plan.json"
@@ -60,7 +61,7 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_json(cls, obj: Any, where: str = "tensor") -> "TensorSpec":
+    def from_json(cls, obj: Any, where: str = "tensor") -> TensorSpec:
         """Parse the plan.json form, naming `where` in the error."""
         try:
             shape = tuple(None if d is None else int(d) for d in obj["shape"])
@@ -120,7 +121,7 @@ class ModelRecord:
         return doc
 
     @classmethod
-    def from_json(cls, obj: Any) -> "ModelRecord":
+    def from_json(cls, obj: Any) -> ModelRecord:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, "model", tuple(f.name for f in dataclasses.fields(cls)))
         kw["inputs"] = tuple(TensorSpec.from_json(t, "model.inputs") for t in kw["inputs"])
@@ -161,7 +162,7 @@ class SideRecord:
                          ("device_table", self.device_table), ("gpu_table", self.gpu_table), ("power", power)])
 
     @classmethod
-    def from_json(cls, obj: Any, where: str) -> "SideRecord":
+    def from_json(cls, obj: Any, where: str) -> SideRecord:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, where, ("name", "kind", "source"))
         if kw.get("power") is not None:
@@ -227,7 +228,7 @@ class CandidateRecord:
         return doc
 
     @classmethod
-    def from_json(cls, obj: Any) -> "CandidateRecord":
+    def from_json(cls, obj: Any) -> CandidateRecord:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, "candidates", ("id", "cut", "edge_ms", "transfer_bytes", "transfer_ms", "cloud_ms",
                                                "total_ms", "edge_memory_bytes", "energy_mj", "feasible"))
@@ -248,7 +249,7 @@ class PlanRow:
         return {"uplink_mbps": self.uplink_mbps, "cut": self.cut}
 
     @classmethod
-    def from_json(cls, obj: Any) -> "PlanRow":
+    def from_json(cls, obj: Any) -> PlanRow:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, "plan_table", ("uplink_mbps", "cut"))
         return cls(float(kw["uplink_mbps"]), str(kw["cut"]))
@@ -272,7 +273,7 @@ class TieBreak:
                 "min_seconds": self.min_seconds, "before": dict(self.before), "predicted": dict(self.predicted)}
 
     @classmethod
-    def from_json(cls, obj: Any) -> "TieBreak":
+    def from_json(cls, obj: Any) -> TieBreak:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, "refined.tie_break", ("candidates", "reason", "runs"))
         kw["candidates"] = tuple(kw["candidates"])
@@ -295,7 +296,7 @@ class Refinement:
     earlier_tie_breaks: tuple[TieBreak, ...] = ()  # head-to-heads that handed the choice to an untimed cut
 
     @classmethod
-    def skipped(cls, reason: str) -> "Refinement":
+    def skipped(cls, reason: str) -> Refinement:
         """Nothing timed, for `reason`."""
         return cls(reason=reason)
 
@@ -312,7 +313,7 @@ class Refinement:
         return doc
 
     @classmethod
-    def from_json(cls, obj: Any) -> "Refinement":
+    def from_json(cls, obj: Any) -> Refinement:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, "refined", ("candidates",))
         kw["candidates"] = tuple(kw["candidates"])
@@ -342,7 +343,7 @@ class ArtifactEntry:
     sha256: str
 
     @classmethod
-    def of(cls, root: Path, path: Path) -> "ArtifactEntry":
+    def of(cls, root: Path, path: Path) -> ArtifactEntry:
         """The entry of `path`, a file inside bundle `root`."""
         return cls(path.relative_to(root).as_posix(), sha256_file(path))
 
@@ -351,7 +352,7 @@ class ArtifactEntry:
         return {"file": self.file, "sha256": self.sha256}
 
     @classmethod
-    def from_json(cls, obj: Any, where: str) -> "ArtifactEntry":
+    def from_json(cls, obj: Any, where: str) -> ArtifactEntry:
         """Parse the plan.json form."""
         if not isinstance(obj, dict) or not isinstance(obj.get("file"), str):
             raise BundleError(f"{where}: artifact entry {obj!r} is not {{file, sha256}}")
@@ -381,7 +382,7 @@ class CutFiles:
                 "head_int8": _entry(self.head_int8), "tail": _entry(self.tail)}
 
     @classmethod
-    def from_json(cls, obj: Any, where: str) -> "CutFiles":
+    def from_json(cls, obj: Any, where: str) -> CutFiles:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, where, ("tensors",))
         return cls(tuple(TensorSpec.from_json(t, f"{where}.tensors") for t in kw["tensors"]),
@@ -404,7 +405,7 @@ class Artifacts:
                 "tail": _entry(self.tail), "cuts": {cid: c.to_json() for cid, c in self.cuts.items()}}
 
     @classmethod
-    def from_json(cls, obj: Any) -> "Artifacts":
+    def from_json(cls, obj: Any) -> Artifacts:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, "artifacts", ("full",))
         cuts = kw.get("cuts") or {}
@@ -446,7 +447,7 @@ class Verification:
                 "cuts": {cid: v.to_json() for cid, v in self.cuts.items()}, "passed": self.passed}
 
     @classmethod
-    def from_json(cls, obj: Any) -> "Verification":
+    def from_json(cls, obj: Any) -> Verification:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, "verification", ("cuts",))
         cuts = {cid: CutVerification(**_fields(CutVerification, v, f"verification.cuts.{cid}", ("split",)))
@@ -501,7 +502,7 @@ class PlanDocument:
         return doc
 
     @classmethod
-    def from_json(cls, obj: Any) -> "PlanDocument":
+    def from_json(cls, obj: Any) -> PlanDocument:
         """Parse plan.json as split-profile writes it; BundleError naming the first key that does not fit."""
         kw = _fields(cls, obj, PLAN_FILE, ("model", "device", "cloud", "network", "budgets", "candidates", "chosen",
                                            "plan_table"))

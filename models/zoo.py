@@ -15,8 +15,9 @@ tiny_cnn 3x32x32, resnet18 / mobilenet_v2 3x224x224 (ImageNet, 1000 classes), vg
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Literal, cast
 
 from models.extras import require
 
@@ -72,7 +73,7 @@ def zoo_entry(name: str) -> ZooEntry:
         raise KeyError(f"no zoo model {name!r}; the zoo has: {', '.join(_ENTRIES)}") from None
 
 
-def build_zoo_model(name: str) -> "torch.nn.Module":
+def build_zoo_model(name: str) -> torch.nn.Module:
     """Build zoo model `name` in eval mode with deterministic weights (the same every call and process)."""
     entry = zoo_entry(name)
     torch = require("torch", "profile")
@@ -83,7 +84,7 @@ def build_zoo_model(name: str) -> "torch.nn.Module":
     return model.eval()
 
 
-def _calibrate_batchnorm(model: "torch.nn.Module", input_shape: tuple[int, ...], seed: int) -> None:
+def _calibrate_batchnorm(model: torch.nn.Module, input_shape: tuple[int, ...], seed: int) -> None:
     torch = require("torch", "profile")
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
@@ -130,7 +131,7 @@ if torch is not None:
             layers.append(act(inplace=True))
         return nn.Sequential(*layers)
 
-    def _init_cnn(model: nn.Module, conv_mode: str = "fan_out") -> None:
+    def _init_cnn(model: nn.Module, conv_mode: Literal["fan_in", "fan_out"] = "fan_out") -> None:
         # torchvision's inits; Kaiming keeps ReLU activations at unit scale before BN calibration
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -157,7 +158,7 @@ if torch is not None:
             self.head = nn.Linear(32, num_classes)
             _init_cnn(self)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = self.stem(x)
             x = self.pool(self.relu(x + self.body(x)))
             x = self.down(x).mean((2, 3))
@@ -173,7 +174,7 @@ if torch is not None:
             self.conv = nn.Sequential(*layers)
             self.use_res = stride == 1 and cin == cout
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x + self.conv(x) if self.use_res else self.conv(x)
 
     class MobileNetV2(nn.Module):
@@ -194,9 +195,9 @@ if torch is not None:
             self.features = nn.Sequential(*layers)
             self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
             _init_cnn(self)
-            nn.init.normal_(self.classifier[1].weight, 0, 0.01)
+            nn.init.normal_(cast(nn.Linear, self.classifier[1]).weight, 0, 0.01)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
             return self.classifier(torch.flatten(x, 1))
 
@@ -208,7 +209,7 @@ if torch is not None:
             self.down = _conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else None
             self.relu = nn.ReLU(inplace=True)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             identity = x if self.down is None else self.down(x)
             return self.relu(self.conv2(self.conv1(x)) + identity)
 
@@ -228,7 +229,7 @@ if torch is not None:
             _init_cnn(self)
             nn.init.normal_(self.fc.weight, 0, 0.01)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1)
             return self.fc(torch.flatten(x, 1))
 
@@ -254,9 +255,9 @@ if torch is not None:
                 nn.Linear(256, num_classes),
             )
             _init_cnn(self, conv_mode="fan_in")  # no BatchNorm: fan_in keeps the forward scale
-            nn.init.normal_(self.classifier[-1].weight, 0, 0.01)
+            nn.init.normal_(cast(nn.Linear, self.classifier[-1]).weight, 0, 0.01)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.classifier(torch.flatten(self.features(x), 1))
 
     class _Attention(nn.Module):
@@ -267,7 +268,7 @@ if torch is not None:
             self.qkv = nn.Linear(dim, dim * 3)
             self.proj = nn.Linear(dim, dim)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             _, n, c = x.shape
             qkv = self.qkv(x).reshape(-1, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]
@@ -282,7 +283,7 @@ if torch is not None:
             self.norm2 = nn.LayerNorm(dim)
             self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
 
@@ -306,7 +307,7 @@ if torch is not None:
                     nn.init.trunc_normal_(m.weight, std=0.02)
                     nn.init.zeros_(m.bias)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = self.patch_embed(x).flatten(2).transpose(1, 2)
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
             return self.head(self.norm(self.blocks(x))[:, 0])
@@ -329,7 +330,7 @@ if torch is not None:
             self.head = nn.Conv2d(w[0], num_classes, 1)
             _init_cnn(self)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             skips = []
             for enc in self.enc:
                 x = enc(x)

@@ -7,9 +7,10 @@ import datetime as _dt
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from models.extras import require
 from models.manifest import (
@@ -44,7 +45,7 @@ GENERATOR = "splitinfer 0.1.0"
 class NoFeasiblePlanError(RuntimeError):
     """No cut meets the budgets; `result` holds the plan with the closest candidate chosen."""
 
-    def __init__(self, message: str, result: "ProfileResult"):
+    def __init__(self, message: str, result: ProfileResult):
         super().__init__(message)
         self.result = result
 

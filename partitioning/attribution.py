@@ -11,7 +11,8 @@ from __future__ import annotations
 import bisect
 import re
 import statistics
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from models.dtypes import BY_ORT_NAME, FLOAT, itemsize
 from partitioning.costtypes import Throughput

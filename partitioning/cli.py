@@ -7,8 +7,9 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from models.manifest import BASELINES, CODECS, OBJECTIVES, PlanDocument, rank_key, sha256_file
 
@@ -272,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingExtraError:
         if args.device == "local" and args.save_device_profile and str(args.model).endswith(".onnx"):
             return _measure_only(args, progress)
-        raise SystemExit(f"split-profile: error: {sys.exc_info()[1]}")
+        raise SystemExit(f"split-profile: error: {sys.exc_info()[1]}") from None
     from partitioning.api import NoFeasiblePlanError, profile
 
     try:
@@ -302,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def options_from_args(args: argparse.Namespace) -> "ProfileOptions":
+def options_from_args(args: argparse.Namespace) -> ProfileOptions:
     """The ProfileOptions that split-profile's arguments say."""
     from partitioning.options import ProfileOptions
 

@@ -15,8 +15,9 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from models.dtypes import NUMERIC_ORT_NAMES, ort_numpy_dtype, ort_type_name
 from models.inputs import random_array
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     import onnxruntime
 
 
-def session_options(threads: int | None = None) -> "onnxruntime.SessionOptions":
+def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
     """The SessionOptions the head/tail runners use (models.ortopts), with `threads` intra-op threads."""
     from models.ortopts import session_options as project_options
 

@@ -6,8 +6,8 @@ Nothing of ours is imported here, so measuring (`costs`), estimating (`estimate`
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

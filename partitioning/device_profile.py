@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from partitioning.costtypes import BoundaryRates, DeviceProfileError, NodeCosts, Throughput
 from partitioning.devices import DeviceProfile, device_from_table
@@ -37,7 +38,7 @@ class MeasuredDeviceProfile:
     active_w: float | None = None  # the device's power when the user gave it at save time
     idle_w: float | None = None
 
-    def costs_for(self, model: "onnx.ModelProto", model_sha256: str) -> NodeCosts:
+    def costs_for(self, model: onnx.ModelProto, model_sha256: str) -> NodeCosts:
         """The measured costs when `model` is the measured model, else an estimate from the fitted rates.
 
         The model is the measured one when its sha256 matches, or when its node names are exactly the
@@ -56,7 +57,7 @@ class MeasuredDeviceProfile:
             return replace(self.costs, source=f"{self.costs.source} (profile {self.name}, matched by node names)")
         return self.estimate(model)
 
-    def estimate(self, model: "onnx.ModelProto") -> NodeCosts:
+    def estimate(self, model: onnx.ModelProto) -> NodeCosts:
         """Roofline costs of another model from the throughput this device achieved on the measured one."""
         if self.fitted is None:
             raise DeviceProfileError(
@@ -178,7 +179,7 @@ def load_device_profile(path: Path | str) -> MeasuredDeviceProfile:
     return MeasuredDeviceProfile(name, sha, host, costs, fitted, path, watts["active_w"], watts["idle_w"])
 
 
-def resolve_device(name_or_path: str) -> "DeviceProfile | MeasuredDeviceProfile":
+def resolve_device(name_or_path: str) -> DeviceProfile | MeasuredDeviceProfile:
     """The edge profile named `name_or_path` (partitioning.devices), or a measured profile from a `.json` path."""
     key = str(name_or_path)
     if key.lower().endswith(".json"):

@@ -22,13 +22,13 @@ PRECISION_BYTES = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}  # bytes moved relati
 class FittedProfile(Protocol):
     """A measured device profile: estimates another model from the rates it achieved."""
 
-    def estimate(self, model: "onnx.ModelProto") -> NodeCosts:
+    def estimate(self, model: onnx.ModelProto) -> NodeCosts:
         """Roofline costs of `model` from the fitted rates."""
         ...
 
 
 def roofline(
-    model: "onnx.ModelProto", gflops: float, gbps: float, launch_ms: float, byte_scale: float = 1.0
+    model: onnx.ModelProto, gflops: float, gbps: float, launch_ms: float, byte_scale: float = 1.0
 ) -> tuple[dict[str, float], int]:
     """Per-node ms by the roofline below; nodes the runtime folds or fuses away cost 0. Also their count."""
     stats = node_stats(model)
@@ -46,8 +46,8 @@ def roofline(
 
 
 def estimate_node_costs(
-    model: "onnx.ModelProto",
-    device: "DeviceProfile | GpuProfile | FittedProfile",
+    model: onnx.ModelProto,
+    device: DeviceProfile | GpuProfile | FittedProfile,
     *,
     precision: str = "fp32",
 ) -> NodeCosts:

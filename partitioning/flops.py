@@ -28,8 +28,9 @@ QGemm, QLinearAdd, ...) use the formula of their base op: see `base_op`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, cast
 
 from models.dtypes import itemsize
 
@@ -130,7 +131,7 @@ def op_flops(
     if op in WINDOW_POOLS:
         kernel = (attrs or {}).get("kernel_shape")
         if kernel:
-            return float(out) * math.prod(int(k) for k in kernel)  # type: ignore[union-attr]
+            return float(out) * math.prod(int(k) for k in cast(Sequence[int], kernel))
         return float(max(first_in, out))
     if op in REDUCTIONS:
         return float(first_in)
@@ -157,7 +158,7 @@ class NodeStats:
         return self.bytes_in + self.bytes_out
 
 
-def _with_batch_one(model: "onnx.ModelProto") -> "onnx.ModelProto":
+def _with_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose dynamic (or non-positive) leading input dimension is fixed to 1."""
     import onnx
 
@@ -174,7 +175,7 @@ def _with_batch_one(model: "onnx.ModelProto") -> "onnx.ModelProto":
     return fixed
 
 
-def _infer(model: "onnx.ModelProto") -> "onnx.ModelProto":
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference with data propagation; the un-inferred model when inference fails."""
     import onnx
 
@@ -184,7 +185,7 @@ def _infer(model: "onnx.ModelProto") -> "onnx.ModelProto":
         return model
 
 
-def node_stats(model: "onnx.ModelProto") -> dict[str, NodeStats]:
+def node_stats(model: onnx.ModelProto) -> dict[str, NodeStats]:
     """Per-node FLOPs, bytes and op class of `model` at batch 1, keyed by node name in graph order."""
     from onnx import helper
 
@@ -192,7 +193,7 @@ def node_stats(model: "onnx.ModelProto") -> dict[str, NodeStats]:
     graph = inferred.graph
     types: dict[str, tuple[int, Shape]] = {}
 
-    def record(value: "onnx.ValueInfoProto") -> None:
+    def record(value: onnx.ValueInfoProto) -> None:
         if not value.type.HasField("tensor_type"):
             return
         tensor_type = value.type.tensor_type
@@ -240,7 +241,7 @@ FUSABLE_EPILOGUE = frozenset({"Relu", "Clip", "LeakyRelu", "BatchNormalization",
                               "HardSwish", "Tanh"})
 
 
-def runtime_free_nodes(model: "onnx.ModelProto") -> dict[str, str]:
+def runtime_free_nodes(model: onnx.ModelProto) -> dict[str, str]:
     """Nodes an optimizing runtime removes, with why: constant-folded, or fused into their producer."""
     graph = model.graph
     constants = {t.name for t in graph.initializer}

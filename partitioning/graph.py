@@ -108,7 +108,7 @@ class CutGraph:
         return (-1 if producer is None else self.position(producer), name)
 
 
-def build_cut_graph(model: "onnx.ModelProto", work_dir: Path | None = None) -> CutGraph:
+def build_cut_graph(model: onnx.ModelProto, work_dir: Path | None = None) -> CutGraph:
     """Analyse a (normalized, named-node) ONNX model into a CutGraph with exact sizes at batch 1."""
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
@@ -150,7 +150,7 @@ def build_cut_graph(model: "onnx.ModelProto", work_dir: Path | None = None) -> C
     return CutGraph(tuple(nodes), node_inputs, node_weights, tensors, inputs, outputs, node_ops)
 
 
-def shapes_at_batch_one(model: "onnx.ModelProto", names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+def shapes_at_batch_one(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Run the model once at batch 1 with every intermediate exposed; return {tensor: (shape, dtype)}."""
     onnx = require("onnx", "profile")
     ort = require("onnxruntime", "edge")

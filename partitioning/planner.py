@@ -56,8 +56,9 @@ the latency/energy trade-off otherwise).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from models.manifest import CLOUD_ONLY, CODECS, EDGE_ONLY, OBJECTIVES, BudgetsRecord, CandidateRecord, rank_key
 from partitioning.costtypes import BoundaryRates
@@ -427,7 +428,9 @@ def search_edge_sets(graph: CutGraph, costs: CostInputs, links: Iterable[Link]) 
         tiny = {v: 1e-6 * costs.edge_ms.get(v, 0.0) for v in graph.nodes}
         sets.append(min_cut_edge_set(graph, tiny, {v: 1e-6 * costs.cloud_ms.get(v, 0.0) for v in graph.nodes}, bytes_t))
         for lam in (0.1, 1.0, 10.0):  # latency + lambda * energy: points along the trade-off
-            mix = lambda a, b: {k: a.get(k, 0.0) + lam * b.get(k, 0.0) for k in set(a) | set(b)}  # noqa: E731
+            def mix(a: Mapping[str, float], b: Mapping[str, float], lam: float = lam) -> dict[str, float]:
+                return {k: a.get(k, 0.0) + lam * b.get(k, 0.0) for k in set(a) | set(b)}
+
             sets.append(min_cut_edge_set(graph, mix(costs.edge_ms, edge_e), mix(costs.cloud_ms, cloud_e),
                                          mix(latency_t, energy_t)))
     unique: dict[frozenset[str], None] = {}

@@ -20,9 +20,10 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from models.inputs import synthetic_samples
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Refinement, TensorSpec, TieBreak

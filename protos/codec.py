@@ -19,8 +19,8 @@ grpc.StatusCode name the server answers with (INVALID_ARGUMENT, or RESOURCE_EXHA
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ INVALID_ARGUMENT = "INVALID_ARGUMENT"
 RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 
 # Wire dtype -> little-endian numpy dtype.
-_NP_DTYPES: dict[int, np.dtype] = {
+_NP_DTYPES: dict[pb.DType, np.dtype] = {
     pb.FLOAT32: np.dtype("<f4"),
     pb.FLOAT16: np.dtype("<f2"),
     pb.INT8: np.dtype("i1"),
@@ -50,7 +50,7 @@ _NP_DTYPES: dict[int, np.dtype] = {
     pb.INT32: np.dtype("<i4"),
     pb.INT64: np.dtype("<i8"),
 }
-_DTYPE_BY_NAME: dict[str, int] = {np.dtype(d).name: code for code, d in _NP_DTYPES.items()}
+_DTYPE_BY_NAME: dict[str, pb.DType] = {np.dtype(d).name: code for code, d in _NP_DTYPES.items()}
 _QUANT_RANGE = {pb.INT8: (-128, 127), pb.UINT8: (0, 255)}
 _COMPRESSION_BY_NAME = {"none": pb.COMPRESSION_NONE, "lz4": pb.LZ4, "zstd": pb.ZSTD}
 
@@ -160,7 +160,7 @@ def encode(name: str, array: np.ndarray, codec: str | Codec = "fp32") -> pb.Tens
     else:
         code = _DTYPE_BY_NAME[arr.dtype.name]
         arr, t.dtype, t.logical_dtype = arr.astype(_NP_DTYPES[code], copy=False), code, code
-    raw = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    raw = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy 2 stubs
     t.raw_size = raw.nbytes
     t.compression = _COMPRESSION_BY_NAME[c.compression]
     t.data = _compress(raw, c.compression)

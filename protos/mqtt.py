@@ -193,7 +193,7 @@ class DeviceState:
         )
 
     @classmethod
-    def from_json(cls, data: str | bytes | dict[str, Any]) -> "DeviceState":
+    def from_json(cls, data: str | bytes | dict[str, Any]) -> DeviceState:
         """Parse and validate a `state` payload."""
         o = _obj(data, "state")
         if "status" not in o:
@@ -233,7 +233,7 @@ class TelemetryRecord:
                 "tail_ms": self.tail_ms, "total_ms": self.total_ms, "served_by": self.served_by, "cut": self.cut}
 
     @classmethod
-    def from_dict(cls, o: Any, where: str = "record") -> "TelemetryRecord":
+    def from_dict(cls, o: Any, where: str = "record") -> TelemetryRecord:
         """Validate one record object; errors name `where` and the field."""
         if not isinstance(o, dict):
             raise MqttSchemaError(f"{where} must be a JSON object, got {type(o).__name__}")
@@ -279,7 +279,7 @@ class TelemetryBatch:
         return _dumps(obj)
 
     @classmethod
-    def from_json(cls, data: str | bytes | dict[str, Any]) -> "TelemetryBatch":
+    def from_json(cls, data: str | bytes | dict[str, Any]) -> TelemetryBatch:
         """Parse and validate a `telemetry` payload."""
         o = _obj(data, "telemetry")
         recs = o.get("records")
@@ -318,17 +318,17 @@ class Command:
             raise MqttSchemaError("mode", f"expected only with kind 'switch_mode', not {self.kind!r}")
 
     @classmethod
-    def switch_cut(cls, cut: str, command_id: str | None = None) -> "Command":
+    def switch_cut(cls, cut: str, command_id: str | None = None) -> Command:
         """Command the agent to run with cut `cut`."""
         return cls("switch_cut", command_id or new_command_id(), cut=cut)
 
     @classmethod
-    def switch_mode(cls, mode: str, command_id: str | None = None) -> "Command":
+    def switch_mode(cls, mode: str, command_id: str | None = None) -> Command:
         """Command the agent into mode 'split' or 'local'."""
         return cls("switch_mode", command_id or new_command_id(), mode=mode)
 
     @classmethod
-    def ping(cls, command_id: str | None = None) -> "Command":
+    def ping(cls, command_id: str | None = None) -> Command:
         """A no-op command the agent acknowledges (liveness / round-trip measurement)."""
         return cls("ping", command_id or new_command_id())
 
@@ -342,7 +342,7 @@ class Command:
         return _dumps(o)
 
     @classmethod
-    def from_json(cls, data: str | bytes | dict[str, Any]) -> "Command":
+    def from_json(cls, data: str | bytes | dict[str, Any]) -> Command:
         """Parse and validate a `cmd` payload."""
         o = _obj(data, "cmd")
         for name in ("command_id", "kind"):
@@ -369,7 +369,7 @@ class Ack:
         return _dumps({"command_id": self.command_id, "ok": self.ok, "message": self.message[:MAX_TEXT]})
 
     @classmethod
-    def from_json(cls, data: str | bytes | dict[str, Any]) -> "Ack":
+    def from_json(cls, data: str | bytes | dict[str, Any]) -> Ack:
         """Parse and validate a `cmd/ack` payload."""
         o = _obj(data, "cmd/ack")
         for name in ("command_id", "ok"):

@@ -13,8 +13,8 @@ once, with validation before allocation, where the tail's input specs are known.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np

@@ -17,7 +17,8 @@ The tensor codec keeps `TensorError`: it carries the gRPC status the server answ
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["FieldError", "check_bool", "check_choice", "check_int", "check_number", "check_text"]
 

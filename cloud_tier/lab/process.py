@@ -116,7 +116,7 @@ class CloudProcess:
                 pass  # nobody is reading the log: drop rather than block the child on a full pipe
         self.lines.put(None)
 
-    def __enter__(self) -> "CloudProcess":
+    def __enter__(self) -> CloudProcess:
         self.start()
         return self
 

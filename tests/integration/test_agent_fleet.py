@@ -14,23 +14,23 @@ import subprocess
 import sys
 import urllib.request
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
 from cloud_tier.dashboard import Dashboard
 from cloud_tier.fleet_store import FleetStore
 from cloud_tier.lab.linkproxy import LinkProxy
+from cloud_tier.lab.mosquitto import Mosquitto
 from cloud_tier.server import CloudServer
 from edge_agent import CLOUD, EDGE, LOCAL, SPLIT, EdgeAgent
 from edge_agent.control import AUTO_CUT, ControlLink
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, PLAN_FILE, Bundle
+from models.tiny_bundle import MID_CUT, copy_bundle, make_tiny_bundle, sample_input
 from protos.mqtt import Command
 from tests import polling
-from tests.bundle_factory import MID_CUT, copy_bundle, make_tiny_bundle, sample_input
-from tests.integration.conftest_mqtt import fleet, mosquitto  # noqa: F401  (fixtures)
-from tests.mosquitto import Mosquitto
 
 REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 10.0

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.bundle_factory import make_tiny_bundle
+from models.tiny_bundle import make_tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 

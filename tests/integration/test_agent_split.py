@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
@@ -21,11 +20,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests import polling
 from cloud_tier.server import CloudServer
 from edge_agent import CLOUD, EDGE, LOCAL, SPLIT, EdgeAgent
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
-from tests.bundle_factory import make_tiny_bundle, sample_input
+from models.tiny_bundle import make_tiny_bundle, sample_input
+from tests import polling
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,7 +142,7 @@ def test_split_results_match_the_full_model(bundles_dir, server, full_model, cut
         results = [f.result(timeout=10) for f in [agent.submit(x) for x in xs]]
         want = EDGE if cut == EDGE_ONLY else CLOUD
         assert [r.served_by for r in results] == [want] * len(xs), [r.fallback_reason for r in results]
-        for x, r in zip(xs, results):
+        for x, r in zip(xs, results, strict=True):
             assert r.cut == cut
             np.testing.assert_allclose(r.output, full_model(x), atol=atol)
         st = agent.stats()
@@ -227,7 +226,7 @@ def test_cloud_sigstopped_deadlines_fire_and_the_edge_finishes(bundles_dir, clou
         results = [f.result(timeout=10) for f in [agent.submit(x) for x in xs]]
         assert all(r.served_by == EDGE for r in results)
         assert "deadline of 300 ms exceeded" in results[0].fallback_reason
-        for x, r in zip(xs, results):
+        for x, r in zip(xs, results, strict=True):
             np.testing.assert_allclose(r.output, full_model(x), atol=SPLIT_ATOL)
         assert agent.mode == LOCAL and agent.stats().deadline_misses >= 1
         os.kill(cloud.proc.pid, signal.SIGCONT)  # the cloud wakes up: the agent goes back to split

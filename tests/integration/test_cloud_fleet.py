@@ -10,24 +10,24 @@ import socket
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
+from cloud_tier.lab.mosquitto import Mosquitto
 from cloud_tier.lab.process import CloudProcess
 from cloud_tier.metrics import ServerCollector, render
+from models.tiny_bundle import CUT_SHAPE, CUT_TENSOR, MID_CUT, make_tiny_bundle
 from protos import codec
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from protos.mqtt import STATE, TELEMETRY, DeviceState, TelemetryBatch, TelemetryRecord, device_topic
 from tests import polling
-from tests.bundle_factory import CUT_SHAPE, CUT_TENSOR, MID_CUT, make_tiny_bundle
-from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
-from tests.mosquitto import Mosquitto
 
 DEADLINE_S = 10.0
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import numpy as np
@@ -15,13 +14,13 @@ import pytest
 import zstandard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests import polling
 from cloud_tier import CloudServer
 from cloud_tier.lab.process import CloudProcess
+from models.tiny_bundle import CUT_TENSOR, MID_CUT, make_tiny_bundle, sample_input
 from protos import codec
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from tests.bundle_factory import CUT_TENSOR, MID_CUT, make_tiny_bundle, sample_input
+from tests import polling
 
 DEADLINE_S = 30.0
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -220,7 +219,9 @@ def test_drain_and_stop(bundles_dir: Path, reference) -> None:
     try:
         with grpc.insecure_channel(srv.address, options=OPTIONS) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            check = lambda: health.Check(health_pb2.HealthCheckRequest(service=""), timeout=DEADLINE_S).status
+            def check() -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=DEADLINE_S).status
+
             assert check() == health_pb2.HealthCheckResponse.SERVING
             outbox: queue.Queue = queue.Queue()
 

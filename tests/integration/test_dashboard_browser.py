@@ -9,8 +9,8 @@ import random
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import aiohttp
 import pytest
@@ -18,13 +18,12 @@ import pytest
 from cloud_tier.controller import FleetController
 from cloud_tier.dashboard import Dashboard
 from cloud_tier.fleet_store import FleetStore
+from cloud_tier.lab.mosquitto import Mosquitto
 from cloud_tier.server import RequestCounters
 from edge_agent.mqtt_control import AgentControl
 from protos.mqtt import Ack, TelemetryRecord
 from protos.serde import CloudReply, CloudRequest
 from tests.integration.cdp import Chromium, Page, chromium_path
-from tests.integration.conftest_mqtt import mosquitto  # noqa: F401  (fixture)
-from tests.mosquitto import Mosquitto
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 # The page's picture goes to the test's temp dir; SPLITINFER_SCREENSHOT=docs/dashboard.png refreshes the docs' copy.
@@ -53,7 +52,7 @@ class Feeder:
                                              "edge" if edge else "cloud", "c3"))
             i += 1
 
-    def __enter__(self) -> "Feeder":
+    def __enter__(self) -> Feeder:
         self._thread.start()
         return self
 

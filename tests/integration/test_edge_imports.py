@@ -69,10 +69,10 @@ def test_measure_node_costs_runs_without_onnx(tmp_path) -> None:
 
 def test_split_profile_measures_and_saves_a_device_profile_without_onnx(tmp_path) -> None:
     """On a Pi with only [edge]: `split-profile full.onnx --device local --save-device-profile` works."""
+    import torch
+
     from models.convert import to_onnx
     from models.zoo import build_zoo_model, zoo_entry
-
-    import torch
 
     model = to_onnx(build_zoo_model("tiny_cnn"), (torch.randn(*zoo_entry("tiny_cnn").input_shape),),
                     tmp_path / "full.onnx")

@@ -7,8 +7,8 @@ import socket
 import socketserver
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import numpy as np
@@ -17,11 +17,11 @@ import pytest
 
 from cloud_tier import CloudServer
 from cloud_tier.lab.linkproxy import LinkProxy
+from models.tiny_bundle import CUT_TENSOR, MID_CUT, make_tiny_bundle, sample_input
 from protos import codec
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from tests import polling
-from tests.bundle_factory import CUT_TENSOR, MID_CUT, make_tiny_bundle, sample_input
 
 DEADLINE_S = 20.0
 

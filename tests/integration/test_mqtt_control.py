@@ -13,8 +13,9 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -23,11 +24,10 @@ from cloud_tier.broker import EmbeddedBroker
 from cloud_tier.controller import FleetController
 from cloud_tier.dashboard import Dashboard
 from cloud_tier.fleet_store import FleetStore
+from cloud_tier.lab.mosquitto import Mosquitto
 from edge_agent.mqtt_control import AgentControl
 from protos.mqtt import STATE, TELEMETRY, Ack, Command, TelemetryBatch, TelemetryRecord, device_topic
 from tests import polling
-from tests.integration.conftest_mqtt import fleet, mosquitto  # noqa: F401  (fixtures)
-from tests.mosquitto import Mosquitto
 
 AGENT_PROC = Path(__file__).with_name("mqtt_agent_proc.py")
 DEADLINE_S = 20.0

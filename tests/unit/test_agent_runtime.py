@@ -17,11 +17,11 @@ from edge_agent.runtime import (
 )
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
 
-# tests/bundle_factory.py builds its bundle with onnx (the [profile] extra): the [edge]-only job skips this file.
+# models/tiny_bundle.py builds its bundle with onnx (the [profile] extra): the [edge]-only job skips this file.
 pytest.importorskip("onnx", reason="needs the [profile] extra (onnx) to build the test bundle")
 pytestmark = pytest.mark.needs_profile
 
-from tests.bundle_factory import make_tiny_bundle, sample_input  # noqa: E402
+from models.tiny_bundle import make_tiny_bundle, sample_input  # noqa: E402
 
 INT8_HEAD_ATOL = 0.03  # c1's int8 head: worst 0.006 on the logits over 64 inputs (see test_agent_split)
 INT8_FULL_ATOL = 0.3  # edge-only int8 = the whole model quantized, logits included: worst 0.14

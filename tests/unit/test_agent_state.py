@@ -29,23 +29,20 @@ from edge_agent import (
 from edge_agent.transport import LinkDown
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
 from protos.serde import CloudReply
+from tests import polling
 
-# tests/bundle_factory.py builds its bundle with onnx (the [profile] extra): the [edge]-only job skips this file.
+# models/tiny_bundle.py builds its bundle with onnx (the [profile] extra): the [edge]-only job skips this file.
 pytest.importorskip("onnx", reason="needs the [profile] extra (onnx) to build the test bundle")
 pytestmark = pytest.mark.needs_profile
 
-from tests.bundle_factory import make_tiny_bundle, sample_input  # noqa: E402
+from models.tiny_bundle import make_tiny_bundle, sample_input  # noqa: E402
 
 INT8_ATOL = 0.05  # the int8 head's error on this model's logits (|logits| ~ 1) is ~0.02; see test_agent_runtime
 
 
 def poll(cond, timeout: float = 5.0, what: str = "condition") -> None:
     """Wait for `cond()` to hold, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+    polling.wait_for(cond, what, timeout, interval_s=0.005)
 
 
 class FakeLink:

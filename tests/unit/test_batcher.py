@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping
 
 import numpy as np
 import pytest
 
-from cloud_tier.batcher import (BatcherClosedError, BatchRunError, DeadlineExceededError, DynamicBatcher,
-                                QueueFullError, WorkerSlots)
+from cloud_tier.batcher import (
+    BatcherClosedError,
+    BatchRunError,
+    DeadlineExceededError,
+    DynamicBatcher,
+    QueueFullError,
+    WorkerSlots,
+)
 from cloud_tier.stats import ServerStats
 
 

@@ -109,7 +109,7 @@ def test_nan_and_garbage_are_refused() -> None:
         TelemetryBatch.from_json('{"records": [], "dropped": -1}')
     for bad in ('"a/b"', '7', '"' + "x" * 65 + '"'):
         with pytest.raises(MqttSchemaError, match="batch_id"):
-            TelemetryBatch.from_json('{"records": [], "batch_id": %s}' % bad)
+            TelemetryBatch.from_json(f'{{"records": [], "batch_id": {bad}}}')
 
 
 def test_command_fields_follow_the_kind() -> None:

@@ -79,7 +79,8 @@ def test_tampered_bundle_is_refused(tiny_bundle, tmp_path):
 
 def test_cli_json_and_plot(tmp_path, capsys):
     plot = tmp_path / "plan.png"
-    assert main(["tiny_cnn", "--device", "rpi4", "--network", "4g", "--json", "--plot", str(plot), "--repeats", "3"]) == 0
+    args = ["tiny_cnn", "--device", "rpi4", "--network", "4g", "--json", "--plot", str(plot), "--repeats", "3"]
+    assert main(args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["schema"] == PLAN_SCHEMA and doc["network"]["uplink_mbps"] == 5.85
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

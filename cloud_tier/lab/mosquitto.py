@@ -1,4 +1,4 @@
-"""Test helper: a real Mosquitto broker as a subprocess on 127.0.0.1 with a port the OS chose."""
+"""Lab tool: a real Mosquitto broker as a subprocess on 127.0.0.1 with a port the OS chose (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ class Mosquitto:
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self._timeout
+        assert self._proc is not None and self.port is not None
         while time.monotonic() < deadline:
-            assert self._proc is not None
             if self._proc.poll() is not None:
                 return False
             try:
@@ -102,7 +102,7 @@ class Mosquitto:
         if proc.stderr is not None:
             proc.stderr.close()
 
-    def __enter__(self) -> "Mosquitto":
+    def __enter__(self) -> Mosquitto:
         self.start()
         return self
 

@@ -1,18 +1,17 @@
-"""MQTT fixtures (a real Mosquitto per test module). Import them into a test module:
-
-    from tests.integration.conftest_mqtt import fleet, mosquitto  # noqa: F401
+"""Integration fixtures: a real Mosquitto per test module (`mosquitto`) and a fleet store plus controller on it
+(`fleet`). pytest finds them here; test modules name them as arguments and import nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from cloud_tier.controller import FleetController
 from cloud_tier.fleet_store import FleetStore
-from tests.mosquitto import Mosquitto, mosquitto_path
+from cloud_tier.lab.mosquitto import Mosquitto, mosquitto_path
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Measurements, not tests: run each from the checkout's root as `python -m benchmarks.<name>` (see README.md)."""
