@@ -365,11 +365,11 @@ class EdgeAgent:
                 self._finish_local(req, f"local mode: {st.reason}")
                 return
             cfg = self.config
-            msg = CloudRequest(
+            msg = serde.prepare(CloudRequest(
                 req.id, cfg.device_id, req.rt.model_name, req.rt.cut_id,
                 serde.encode_tensors(req.activation, cfg.codec), deadline_ms=cfg.deadline_ms,
                 sent_unix_ns=time.time_ns(),
-            )
+            ))
             req.sent_bytes = msg.tensors.wire_bytes
             req.t_sent = time.perf_counter()
             req.encode_ms = _ms(t1, req.t_sent)

@@ -192,10 +192,10 @@ class Supervisor:
         if payload is None:
             payload = self._probe_payloads[rt.cut_id] = rt.run_head(rt.zeros_input())
         pid = f"{PROBE_PREFIX}{cfg.device_id}-{self._next_id()}"
-        request = CloudRequest(
+        request = serde.prepare(CloudRequest(
             pid, cfg.device_id, rt.model_name, rt.cut_id, serde.encode_tensors(payload, cfg.codec),
-            deadline_ms=cfg.deadline_ms, probe=True,
-        )
+            deadline_ms=cfg.deadline_ms, probe=True, sent_unix_ns=time.time_ns(),
+        ))
         probe = _Probe(self._link.generation)
         with self._lock:
             self._probes[pid] = probe

@@ -32,6 +32,7 @@ __all__ = [
     "reply_from_proto",
     "reply_to_proto",
     "request_from_proto",
+    "prepare",
     "request_to_proto",
     "status_code",
     "status_name",
@@ -116,10 +117,23 @@ class CloudRequest:
     deadline_ms: int = 0
     probe: bool = False
     sent_unix_ns: int = 0  # 0: stamped when converted to proto
+    # The message, once `prepare` built it (so the agent times the copy into it as encoding, not as sending).
+    _message: pb.InferRequest | None = field(default=None, init=False, repr=False, compare=False)
+
+
+def prepare(request: CloudRequest) -> CloudRequest:
+    """Build `request`'s message now, before the sender starts its clock; `request_to_proto` then reuses it."""
+    object.__setattr__(request, "_message", _build(request))
+    return request
 
 
 def request_to_proto(request: CloudRequest) -> pb.InferRequest:
-    """The InferRequest message of `request` (sent_unix_ns stamped now when unset)."""
+    """The InferRequest message of `request`: the one `prepare` built, else built now (sent_unix_ns stamped
+    now when unset)."""
+    return request._message if request._message is not None else _build(request)
+
+
+def _build(request: CloudRequest) -> pb.InferRequest:
     return pb.InferRequest(
         request_id=request.request_id,
         device_id=request.device_id,

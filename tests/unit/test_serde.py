@@ -35,6 +35,15 @@ def test_request_round_trip_keeps_fields_and_tensors():
     assert serde.request_to_proto(CloudRequest("r2", "d", "m", "c")).sent_unix_ns > 0  # stamped when unset
 
 
+def test_prepare_builds_the_message_once_before_sending():
+    x = np.arange(12, dtype=np.float32).reshape(1, 12)
+    req = CloudRequest("r1", "cam1", "m", "c1", serde.encode_tensors({"act": x}, "fp32"), sent_unix_ns=5)
+    assert serde.request_to_proto(req) is not serde.request_to_proto(req)  # unprepared: built on each call
+    prepared = serde.prepare(req)
+    message = serde.request_to_proto(prepared)
+    assert message is serde.request_to_proto(prepared) and message.sent_unix_ns == 5
+
+
 def test_reply_round_trip_ok_and_error():
     y = np.ones((1, 2), np.float32)
     ok = CloudReply("r1", serde.OK, "", {"y": y}, queue_ms=1.0, compute_ms=2.0, decode_ms=0.5, batch_size=3,
