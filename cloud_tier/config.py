@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.validate import FieldError, check_bool, check_int, check_number, check_text
 from protos import address
 from protos.codec import DEFAULT_MAX_TENSOR_BYTES
-from protos.validate import FieldError, check_bool, check_int, check_number, check_text
 
 __all__ = ["ConfigError", "NodeOptions", "ServerConfig", "STATE_DIR_ENV", "default_db_path", "parse_address"]
 

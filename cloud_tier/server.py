@@ -26,6 +26,7 @@ from cloud_tier.servicer import SplitInferenceServicer
 from cloud_tier.stats import ServerStats
 from protos import inference_pb2_grpc as pb_grpc
 from protos import serde
+from protos.address import format_address
 from protos.mqtt import DEVICE_ID_RE
 from protos.serde import CloudReply, CloudRequest
 
@@ -167,8 +168,8 @@ class CloudServer:
 
     @property
     def address(self) -> str:
-        """host:port clients dial."""
-        return f"{self.config.host}:{self.port}"
+        """host:port clients dial ("[v6]:port" for an IPv6 host, which `parse_address` reads back)."""
+        return format_address(self.config.host, self.port)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Health NOT_SERVING, refuse new requests (UNAVAILABLE), wait until accepted work is answered."""

@@ -48,10 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import constants as C
+from models.validate import FieldError, check_bool, check_choice, check_int, check_number, check_text
 from protos import address
 from protos.codec import SPEC_SYNTAX, VALID_SPECS, TensorError, parse_codec
 from protos.mqtt import DEVICE_ID_RE
-from protos.validate import FieldError, check_bool, check_choice, check_int, check_number, check_text
 
 try:
     import tomllib

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.validate import check_int, check_number
 from partitioning.costs import MIN_SECONDS
 from partitioning.planner import PLAN_TABLE_MBPS, Budgets
 
@@ -43,10 +44,9 @@ class ProfileOptions:
     refine: int = DEFAULT_REFINE  # best candidates timed as real head and tail; 0 disables
 
     def __post_init__(self) -> None:
-        if self.refine < 0:
-            raise ValueError(f"refine must be >= 0 (candidates to time; 0 disables), got {self.refine}")
-        if not self.measure_seconds >= 0:
-            raise ValueError(f"measure_seconds must be >= 0, got {self.measure_seconds}")
+        """Check the numeric options; FieldError (a ValueError) names the first bad one."""
+        check_int("refine", self.refine, 0)  # candidates to time; 0 disables
+        check_number("measure_seconds", self.measure_seconds, 0)
 
     @property
     def budgets(self) -> Budgets:

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from protos.validate import FieldError, check_bool, check_choice, check_int, check_number, check_text
+from models.validate import FieldError, check_bool, check_choice, check_int, check_number, check_text
 
 __all__ = [
     "TOPIC_PREFIX",

@@ -6,11 +6,11 @@ import grpc
 import numpy as np
 import pytest
 
+from models.validate import FieldError, check_int, check_number
 from protos import inference_pb2 as pb
 from protos import serde
 from protos.address import AddressError, format_address, parse_address
 from protos.serde import CloudReply, CloudRequest
-from protos.validate import FieldError, check_int, check_number
 
 
 def test_status_table_round_trips_every_code():

@@ -1,6 +1,6 @@
-"""One way to validate config and payloads: a frozen dataclass checks its fields in `__post_init__` with these
-checkers, each of which returns the normalised value or raises one error type that names the key and says what
-was expected (and what came).
+"""One way to validate config, options and payloads (here in `models`, the bottom layer, so every package can
+use it): a frozen dataclass checks its fields in `__post_init__` with these checkers, each of which returns the
+normalised value or raises one error type that names the key and says what was expected (and what came).
 
     @dataclass(frozen=True)
     class Thing:
@@ -22,6 +22,13 @@ from typing import Any
 
 __all__ = ["FieldError", "check_bool", "check_choice", "check_int", "check_number", "check_text"]
 
+_SHOWN = 80  # characters of a rejected value quoted in a message (a 4 MB field is not echoed back)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}... ({len(text)} characters)"
+
 
 class FieldError(ValueError):
     """A value that does not fit its field: `key` names the field (None: the whole input), `detail` what was wrong."""
@@ -39,7 +46,7 @@ def check_int(
 ) -> int:
     """An integer (not a bool) in [lo, hi]."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise error(key, f"expected an integer, got {value!r}")
+        raise error(key, f"expected an integer, got {_show(value)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise error(key, f"expected an integer {f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'}, got {value}")
     return value
@@ -56,7 +63,7 @@ def check_number(
 ) -> float:
     """A number (not a bool, not NaN) >= lo (> lo with `lo_open`) and <= hi, as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise error(key, f"expected a number, got {value!r}")
+        raise error(key, f"expected a number, got {_show(value)}")
     value = float(value)
     op = ">" if lo_open else ">="
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
@@ -75,7 +82,7 @@ def check_text(
 ) -> str:
     """A string, non-empty unless `allow_empty`, of at most `max_len` characters."""
     if not isinstance(value, str):
-        raise error(key, f"expected a string, got {value!r}")
+        raise error(key, f"expected a string, got {_show(value)}")
     if not value and not allow_empty:
         raise error(key, "expected a non-empty string")
     if max_len is not None and len(value) > max_len:
@@ -86,12 +93,12 @@ def check_text(
 def check_choice(key: str, value: Any, choices: Sequence[str], *, error: type[FieldError] = FieldError) -> str:
     """One of `choices`."""
     if value not in choices:
-        raise error(key, f"expected one of {list(choices)}, got {value!r}")
+        raise error(key, f"expected one of {list(choices)}, got {_show(value)}")
     return value
 
 
 def check_bool(key: str, value: Any, *, error: type[FieldError] = FieldError) -> bool:
     """true or false (not 0 or 1)."""
     if not isinstance(value, bool):
-        raise error(key, f"expected true or false, got {value!r}")
+        raise error(key, f"expected true or false, got {_show(value)}")
     return value
