@@ -2,7 +2,7 @@
 
 A bad request gets its own RequestStatus and the stream goes on. Responses may leave out of order.
 Messages become `CloudRequest` / `CloudReply` (protos.serde) as they arrive and leave; pb2 types appear here only
-as the stream's items and in ListModels.
+as the RPCs' signatures.
 """
 
 from __future__ import annotations
@@ -83,9 +83,7 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         """Every served (model, cut) and the tensor names it takes."""
-        return pb.ListModelsResponse(cuts=[
-            pb.ServedCut(model=t.model, cut=t.cut, inputs=[s.name for s in t.inputs]) for t in self.registry.served()
-        ])
+        return serde.served_cuts_to_proto((t.model, t.cut, [s.name for s in t.inputs]) for t in self.registry.served())
 
     async def Infer(
         self, request_iterator: AsyncIterator[pb.InferRequest], context: grpc.aio.ServicerContext

@@ -89,7 +89,6 @@ def artifact_entry(root: Path, path: Path) -> dict[str, str]:
     return ArtifactEntry.of(root, path).to_json()
 
 
-
 class Bundle:
     """A split bundle on disk, checked against its plan.json when loaded."""
 

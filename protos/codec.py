@@ -32,7 +32,7 @@ DEFAULT_MAX_TENSOR_BYTES = 64 * 1024 * 1024
 ZSTD_LEVEL = 1  # ~1.7x on post-ReLU int8 for <1 ms (DESIGN field notes); higher levels rarely pay on a link
 MAX_RANK = 16
 
-QUANTIZERS = CODECS  # the codec names are the plan's (models.plandoc.CODECS); compression is the wire's
+QUANTIZERS = CODECS  # the codec names are the plan's (models.manifest.CODECS); compression is the wire's
 COMPRESSIONS = ("none", "lz4", "zstd")
 VALID_SPECS = tuple(q if c == "none" else f"{q}+{c}" for q in QUANTIZERS for c in COMPRESSIONS)
 # The spec grammar in one line, for help texts: "fp32|fp16|int8|int8c[+lz4|+zstd]".

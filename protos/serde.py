@@ -34,6 +34,7 @@ __all__ = [
     "request_from_proto",
     "prepare",
     "request_to_proto",
+    "served_cuts_to_proto",
     "status_code",
     "status_name",
     "status_number",
@@ -189,6 +190,11 @@ class CloudReply:
     def cloud_ms(self) -> float:
         """Time the request spent in the cloud: queue + compute + decode."""
         return self.queue_ms + self.compute_ms + self.decode_ms
+
+
+def served_cuts_to_proto(cuts: Iterable[tuple[str, str, Sequence[str]]]) -> pb.ListModelsResponse:
+    """The ListModels answer for (model, cut, input tensor names) triples."""
+    return pb.ListModelsResponse(cuts=[pb.ServedCut(model=m, cut=c, inputs=list(names)) for m, c, names in cuts])
 
 
 def reply_to_proto(reply: CloudReply) -> pb.InferResponse:

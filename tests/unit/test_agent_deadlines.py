@@ -24,4 +24,5 @@ def test_deadline_watcher_reports_each_expired_id_once():
     assert done.wait(5.0)
     watcher.stop()
     watcher.join(5.0)
+    assert not watcher._thread.is_alive()  # stop() ends the thread
     assert seen == ["early", "late"]
