@@ -8,6 +8,7 @@ dequantization to float32) <= max_tensor_bytes (RESOURCE_EXHAUSTED), all checked
 Decoding and encoding larger than INLINE_CODEC_BYTES run in the servicer's own codec threads, never on the
 event loop, so one large request does not stall other streams or the health check. Any failure while
 answering (a MemoryError: RESOURCE_EXHAUSTED; anything else: INTERNAL) becomes that request's status.
+
 Messages become `CloudRequest` / `CloudReply` (protos.serde) as they arrive and leave; pb2 types appear here only
 as the stream's items and in ListModels.
 """
