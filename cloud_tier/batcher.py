@@ -43,6 +43,16 @@ class BatchRunError(RuntimeError):
     """The tail failed on this request (run alone, so the failure is its own)."""
 
 
+class BatchMemoryError(BatchRunError):
+    """The tail (or assembling its batch) ran out of memory on this request."""
+
+
+def _run_error(name: str, exc: BaseException) -> BatchRunError:
+    if isinstance(exc, MemoryError):
+        return BatchMemoryError(f"{name}: out of memory running the tail; retry later or run locally")
+    return BatchRunError(f"{name}: tail run failed: {type(exc).__name__}: {exc}")
+
+
 @dataclass
 class BatchResult:
     """One request's outputs and how its batch went."""
@@ -278,7 +288,10 @@ class DynamicBatcher:
             if not live:
                 return
             loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._pool, self._run_batch, live)
+            try:
+                results = await loop.run_in_executor(self._pool, self._run_batch, live)
+            except Exception as exc:  # noqa: BLE001 - the pool or the batch failed: every request still gets its answer
+                results = [_run_error(self.name, exc)] * len(live)
             for item, result in zip(live, results):
                 if item.future.cancelled():
                     continue
@@ -293,16 +306,16 @@ class DynamicBatcher:
         """In a worker thread: one tail run for the batch, split back per request."""
         start = time.perf_counter()
         rows = sum(i.rows for i in live)
-        if len(live) == 1:
-            feeds = live[0].feeds
-        else:
-            feeds = {k: np.concatenate([i.feeds[k] for i in live], axis=0) for k in live[0].feeds}
         try:
+            if len(live) == 1:
+                feeds = live[0].feeds
+            else:
+                feeds = {k: np.concatenate([i.feeds[k] for i in live], axis=0) for k in live[0].feeds}
             outs = self._run(feeds)
-        except Exception as exc:  # onnxruntime's own error types; re-run alone so each gets its own answer
+        except Exception as exc:  # onnxruntime's own error types, MemoryError; re-run alone: each its own answer
             if len(live) > 1:
                 return [r for item in live for r in self._run_batch([item])]
-            return [BatchRunError(f"{self.name}: tail run failed: {exc}")]
+            return [_run_error(self.name, exc)]
         compute_ms = 1000 * (time.perf_counter() - start)
         self._stats.batch(rows)
         if len(live) > 1 and any(v.ndim == 0 or v.shape[0] != rows for v in outs.values()):

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dashboard bind address (default %(default)s)")
     fleet.add_argument("--dashboard-port", type=int, default=NodeOptions.dashboard_port,
                        help="dashboard port; 0 lets the OS pick (default %(default)s)")
+    fleet.add_argument("--dashboard-token-file", metavar="FILE", default=None,
+                       help="file holding the token the dashboard and /metrics require (split-cloud ca init writes "
+                            "STATE/pki/dashboard.token); required when --dashboard-host is not loopback")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -72,6 +75,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     options = None if args.no_fleet else NodeOptions(
         broker=args.broker, db_path=args.db, dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port,
+        dashboard_token_file=args.dashboard_token_file,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -107,6 +107,7 @@ class NodeOptions:
     db_path: str | Path | None = None  # None: default_db_path()
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 0
+    dashboard_token_file: str | Path | None = None  # required when dashboard_host is not loopback
     embedded_broker_host: str = "127.0.0.1"  # amqtt allows anonymous clients: keep it on loopback by default
     embedded_broker_port: int = 0
     connect_timeout_s: float = 10.0  # how long the controller waits for the broker at start

@@ -5,11 +5,20 @@ Routes: `/` (page), `/static/*` (app.js, app.css: shipped in the package, no CDN
 `/api/devices/{id}/series`, `/metrics`, `/healthz`. Every response carries a Content-Security-Policy that
 allows scripts only from this origin (no inline scripts); the page writes device-supplied text with
 textContent, never innerHTML.
+
+Access: bound to loopback (127.0.0.1) by default. A dashboard bound to any other address requires a token
+(`token_file`, e.g. the `dashboard.token` that `split-cloud ca init` writes; refused to start without one), and
+one on loopback may require it too (`require_token`). With a token, every route but `/healthz` (which says only
+ok / not ok) needs it: as `Authorization: Bearer <token>` (scrapers of /metrics, scripts), a `token` query
+parameter, or the cookie the page gets when first opened as `/?token=<token>` (it is then redirected to `/`,
+and its own fetches carry the cookie). Tokens are compared in constant time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,13 +37,59 @@ if TYPE_CHECKING:
 # Per-device cloud-side view: device id -> {requests, errors, mean_ms, last_ts} (see server.RequestCounters).
 CloudView = Callable[[], dict[str, dict[str, Any]]]
 
-__all__ = ["Dashboard", "build_app"]
+__all__ = ["COOKIE", "Dashboard", "DashboardTokenError", "build_app", "is_loopback", "load_token"]
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+COOKIE = "splitinfer_dashboard"
+OPEN_PATHS = frozenset({"/healthz"})
+MIN_TOKEN_CHARS = 16
+
+
+class DashboardTokenError(RuntimeError):
+    """The dashboard's token setting cannot work (missing or empty token file where a token is required)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` serves only this machine: localhost or a loopback IP (any other name: False)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere: treat it as reachable
+
+
+def load_token(host: str, token_file: str | Path | None, require_token: bool = False) -> str | None:
+    """The token the dashboard on `host` requires, or None when it needs none.
+
+    Required when `host` is not loopback (always) or when `require_token`; then `token_file` must name a file
+    holding it (DashboardTokenError otherwise). A token file given for loopback is used too.
+    """
+    required = require_token or not is_loopback(host)
+    if token_file is None:
+        if required:
+            why = f"bound to {host}, which is not loopback," if not is_loopback(host) else "set to require a token"
+            raise DashboardTokenError(f"the dashboard is {why} and needs --dashboard-token-file FILE (split-cloud "
+                                      "ca init writes STATE/pki/dashboard.token); or bind it to 127.0.0.1")
+        return None
+    try:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DashboardTokenError(f"dashboard token file {token_file}: cannot be read ({exc})") from exc
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() or not c.isprintable() for c in token):
+        raise DashboardTokenError(f"dashboard token file {token_file}: expected one token of at least "
+                                  f"{MIN_TOKEN_CHARS} printable characters without spaces")
+    return token
+
+
+def _same(given: str | None, token: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
 
 
 def _secure(headers: Any, path: str) -> None:
@@ -64,11 +119,11 @@ def _fleet_rows(fleet: list[dict[str, Any]], cloud: dict[str, dict[str, Any]] | 
 
 def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: float = 10.0,
               series_s: float = 120.0, extra_metrics: Sequence[Collector] = (),
-              cloud_view: CloudView | None = None) -> Any:
+              cloud_view: CloudView | None = None, token: str | None = None) -> Any:
     """The aiohttp Application serving the dashboard for `store`.
 
     `extra_metrics` are more Prometheus collectors for /metrics (the gRPC tier, the controller); `cloud_view`
-    adds each device's cloud-side counts to /api/fleet rows.
+    adds each device's cloud-side counts to /api/fleet rows; with `token`, every route but /healthz needs it.
     """
     web = require("aiohttp.web", "cloud")
     registry = MetricsRegistry([FleetCollector(lambda: store.fleet(window_s=window_s, rate_window_s=rate_window_s)),
@@ -87,6 +142,26 @@ def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: floa
             raise
         _secure(resp.headers, request.path)
         return resp
+
+    @web.middleware
+    async def require_token(request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
+        if token is None or request.path in OPEN_PATHS:
+            return await handler(request)
+        auth = request.headers.get("Authorization", "")
+        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        query = request.query.get("token")
+        if _same(bearer, token) or _same(request.cookies.get(COOKIE), token):
+            return await handler(request)
+        if _same(query, token):
+            if request.path != "/":
+                return await handler(request)
+            # The page opened with its token: keep it in a cookie its fetches carry, and drop it from the URL.
+            resp = web.Response(status=303, headers={"Location": "/"})
+            resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+            return resp
+        return web.json_response(
+            {"error": "this dashboard needs its token: open /?token=TOKEN, or send Authorization: Bearer TOKEN"},
+            status=401, headers={"WWW-Authenticate": 'Bearer realm="splitinfer"'})
 
     async def index(_request: Any) -> Any:
         return web.FileResponse(STATIC_DIR / "index.html")
@@ -121,9 +196,9 @@ def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: floa
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(_request: Any) -> Any:
-        return web.json_response({"ok": True})
+        return web.json_response({"ok": True})  # ok / not ok only: open to anyone, it tells nothing more
 
-    app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[security_headers, require_token], client_max_size=64 * 1024)
     app.router.add_get("/", index)
     app.router.add_get("/api/fleet", fleet)
     app.router.add_get("/api/devices/{device_id}/series", series)
@@ -136,10 +211,16 @@ def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: floa
 class Dashboard:
     """The dashboard web server on its own event loop in a daemon thread."""
 
-    def __init__(self, store: FleetStore, host: str = "127.0.0.1", port: int = 0, **app_options: Any) -> None:
-        """Configure; port 0 lets the OS choose (returned by start())."""
+    def __init__(self, store: FleetStore, host: str = "127.0.0.1", port: int = 0, *,
+                 token_file: str | Path | None = None, require_token: bool = False, **app_options: Any) -> None:
+        """Configure; port 0 lets the OS choose (returned by start()).
+
+        A token is required off loopback (DashboardTokenError here without `token_file`), or with
+        `require_token` on loopback too.
+        """
         self.store, self.host, self._requested_port = store, host, port
-        self._options = app_options
+        self.token = load_token(host, token_file, require_token)
+        self._options = {**app_options, "token": self.token}
         self.port: int | None = None
         self._runner_thread = LoopThread("dashboard")
         self._runner: Any = None

@@ -104,6 +104,10 @@ class CloudNode:
         if self._started:
             raise RuntimeError("CloudNode.start() called twice")
         self._started = True
+        if self.options is not None:  # off loopback without a token: refuse before anything starts
+            from cloud_tier.dashboard import load_token
+
+            load_token(self.options.dashboard_host, self.options.dashboard_token_file)
         try:
             self.server.start()
             if self.options is not None:
@@ -134,6 +138,7 @@ class CloudNode:
         self.controller = FleetController(self.store, self.broker_host, self.broker_port)
         self.controller.start(wait_s=opts.connect_timeout_s)
         self.dashboard = Dashboard(self.store, opts.dashboard_host, opts.dashboard_port,
+                                   token_file=opts.dashboard_token_file,
                                    extra_metrics=self.metrics_collectors(),
                                    cloud_view=self.cloud_view)
         self.dashboard.start()

@@ -1,6 +1,14 @@
 """The SplitInference servicer (grpc.aio): decode and validate each request, batch it, answer it.
 
 A bad request gets its own RequestStatus and the stream goes on. Responses may leave out of order.
+
+What a request can cost is bounded before anything is allocated: ids and names of at most serde.MAX_ID_CHARS
+characters (INVALID_ARGUMENT), rows <= max_batch (INVALID_ARGUMENT), and every tensor's decoded size (after
+dequantization to float32) <= max_tensor_bytes (RESOURCE_EXHAUSTED), all checked from the declared metadata.
+Decoding and encoding larger than INLINE_CODEC_BYTES run in the servicer's own codec threads, never on the
+event loop, so one large request does not stall other streams or the health check. Any failure while
+answering (a MemoryError: RESOURCE_EXHAUSTED; anything else: INTERNAL) becomes that request's status.
+
 Messages become `CloudRequest` / `CloudReply` (protos.serde) as they arrive and leave; pb2 types appear here only
 as the RPCs' signatures.
 """
@@ -10,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import Executor
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 
 from cloud_tier.batcher import (
     BatcherClosedError,
+    BatchMemoryError,
     BatchRunError,
     DeadlineExceededError,
     DynamicBatcher,
@@ -34,6 +44,8 @@ from protos.serde import CloudReply, CloudRequest
 log = logging.getLogger(__name__)
 
 _WAKE = object()  # wakes a stream's response loop to re-check whether it is done
+INLINE_CODEC_BYTES = 64 * 1024  # smaller decodes and encodes run on the loop: a thread hop costs more than they do
+_T = TypeVar("_T")
 
 
 class RequestRejected(Exception):
@@ -69,6 +81,8 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         self._streams: set[_Stream] = set()
         self._tasks: set[asyncio.Task] = set()
         slots = WorkerSlots(config.workers)
+        # Decoding and encoding of large tensors: off the event loop, and apart from the tail runs' pool.
+        self._codec_pool = ThreadPoolExecutor(max(2, config.workers), thread_name_prefix="codec")
         self._batchers = {
             (t.model, t.cut): DynamicBatcher(
                 f"{t.model}/{t.cut}", t.executor.run, pool, slots, stats,
@@ -127,8 +141,9 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
             stream.wake()
 
     async def close(self) -> None:
-        """Stop the batchers."""
+        """Stop the batchers and the codec threads."""
         await asyncio.gather(*(b.close() for b in self._batchers.values()))
+        self._codec_pool.shutdown(wait=False)
 
     # -- internals -----------------------------------------------------------------------------------
 
@@ -153,40 +168,57 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         self.stats.gauge("in_flight", 1)
         try:
             reply = await self._infer(serde.request_from_proto(message), received_ns)
+        except Exception as exc:  # noqa: BLE001 - never leave a request unanswered: the stream could not end
+            log.exception("answering a request failed")
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, MemoryError) else grpc.StatusCode.INTERNAL
+            reply = CloudReply(message.request_id[: serde.MAX_ID_CHARS], serde.status_number(code),
+                               f"the cloud failed to answer: {type(exc).__name__}", received_unix_ns=received_ns)
         finally:
             self.stats.gauge("in_flight", -1)
         if reply.code != serde.OK:
             self.stats.error(serde.status_name(reply.code))
         stream.responses.put_nowait(serde.reply_to_proto(reply))
 
+    async def _off_loop(self, nbytes: int, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """fn(*args, **kwargs): inline when it handles at most INLINE_CODEC_BYTES, else in a codec thread."""
+        if nbytes <= INLINE_CODEC_BYTES:
+            return fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._codec_pool, lambda: fn(*args, **kwargs))
+
     async def _infer(self, request: CloudRequest, received_ns: int) -> CloudReply:
         """Run one request to its reply; every failure becomes that request's status."""
         decode_ms = 0.0  # kept in a failed reply once decoding succeeded
+        request_id = request.request_id[: serde.MAX_ID_CHARS]  # an over-long id is refused, never echoed whole
         self.stats.incr("probes" if request.probe else "requests")
         try:
             if self.draining:
                 raise RequestRejected(
                     grpc.StatusCode.UNAVAILABLE, "server is shutting down; send to another node or run locally"
                 )
+            problem = serde.field_error(request)
+            if problem is not None:
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, problem)
             if request.probe and not request.tensors:
-                return CloudReply(request.request_id, serde.OK, "", received_unix_ns=received_ns)  # liveness: OK
+                return CloudReply(request_id, serde.OK, "", received_unix_ns=received_ns)  # liveness: OK
             tail = self.registry.get(request.model, request.cut)
             if tail is None:
                 raise RequestRejected(
                     grpc.StatusCode.NOT_FOUND, self.registry.describe_missing(request.model, request.cut)
                 )
             start = time.perf_counter()
-            feeds = request.tensors.decode(tail.inputs, max_bytes=self.config.max_tensor_bytes)
-            rows = {v.shape[0] for v in feeds.values()}
-            if len(rows) != 1:
-                raise codec.TensorError(f"tensors disagree on the batch dimension: {sorted(rows)}")
+            limits = {"max_bytes": self.config.max_tensor_bytes, "max_rows": self.config.max_batch}
+            size = request.tensors.check(tail.inputs, **limits)  # metadata only: nothing allocated yet
+            feeds = await self._off_loop(size, request.tensors.decode, tail.inputs, **limits)
+            rows = next(iter(feeds.values())).shape[0] if feeds else 1
             decode_ms = 1000 * (time.perf_counter() - start)
             deadline = request.deadline_ms / 1000 if request.deadline_ms else None
-            result = await self._batchers[(tail.model, tail.cut)].submit(feeds, rows.pop(), deadline)
+            result = await self._batchers[(tail.model, tail.cut)].submit(feeds, rows, deadline)
+            out_bytes = sum(v.nbytes for v in result.outputs.values())
+            wire = await self._off_loop(out_bytes, serde.encode_tensors, result.outputs, "fp32")
             return CloudReply(
-                request.request_id, serde.OK, "", queue_ms=result.queue_ms, compute_ms=result.compute_ms,
+                request_id, serde.OK, "", queue_ms=result.queue_ms, compute_ms=result.compute_ms,
                 batch_size=result.batch_size, received_unix_ns=received_ns,
-                decode_ms=decode_ms, wire_outputs=serde.encode_tensors(result.outputs, "fp32"),
+                decode_ms=decode_ms, wire_outputs=wire,
             )
         except codec.TensorError as exc:
             code, message = grpc.StatusCode[exc.status], str(exc)
@@ -196,10 +228,17 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         except DeadlineExceededError as exc:
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+        except BatchMemoryError as exc:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         except BatchRunError as exc:
             code, message = grpc.StatusCode.INTERNAL, str(exc)
         except BatcherClosedError as exc:
             code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        except MemoryError:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, "the cloud ran out of memory for this request"
+        except Exception as exc:  # noqa: BLE001 - any other failure is this request's, and the stream goes on
+            log.exception("request %s failed", request_id)
+            code, message = grpc.StatusCode.INTERNAL, f"the cloud failed on this request: {type(exc).__name__}"
         return CloudReply(
-            request.request_id, serde.status_number(code), message, decode_ms=decode_ms, received_unix_ns=received_ns
+            request_id, serde.status_number(code), message, decode_ms=decode_ms, received_unix_ns=received_ns
         )

@@ -13,6 +13,12 @@ to SPLIT only after the health check says SERVING and `probe_count` probe reques
 The mode is one frozen `AgentMode` (mode, reason, forced_local, closing), replaced as a whole under the agent's
 lock; readers take the current value without the lock and see a consistent one.
 
+What comes back is checked: an OK reply whose outputs are not the model's (names, dtypes, shapes with the
+request's batch) is a failure of that request, finished on the device like a deadline miss and counted in
+`cloud_errors` and `extra["bad_replies"]`, never as served by the cloud; the agent goes LOCAL. A request
+whose message would exceed the gRPC message limit is not sent: it is finished on the device (counted in
+`extra["oversize_requests"]`), and the stream, with the other requests on it, goes on.
+
 Per-request cloud errors: the request is finished on the device with `fallback_reason` "cloud error CODE: msg".
 INVALID_ARGUMENT, FAILED_PRECONDITION and OUT_OF_RANGE are about that request's data, so the agent stays in
 SPLIT; any other code (NOT_FOUND: the cloud does not serve this cut, RESOURCE_EXHAUSTED, UNAVAILABLE,
@@ -370,6 +376,12 @@ class EdgeAgent:
                 serde.encode_tensors(req.activation, cfg.codec), deadline_ms=cfg.deadline_ms,
                 sent_unix_ns=time.time_ns(),
             ))
+            size = serde.message_bytes(msg)
+            if size > C.MAX_MESSAGE_BYTES:  # gRPC would end the whole stream over it: finish it here instead
+                self._count_extra("oversize_requests")
+                self._finish_local(req, f"request of about {size} bytes exceeds the {C.MAX_MESSAGE_BYTES}-byte "
+                                        "message limit; finished on the device")
+                return
             req.sent_bytes = msg.tensors.wire_bytes
             req.t_sent = time.perf_counter()
             req.encode_ms = _ms(t1, req.t_sent)
@@ -492,7 +504,16 @@ class EdgeAgent:
                 self._stats.late_replies_dropped += 1
             return
         if reply.ok:
-            self._finish_cloud(req, reply)
+            first = next(iter(req.activation.values()), None)
+            batch = int(first.shape[0]) if first is not None and first.ndim else None
+            problem = req.rt.check_outputs(reply.outputs, batch)
+            if problem is None:
+                self._finish_cloud(req, reply)
+                return
+            self._count_extra("bad_replies")
+            with self._lock:
+                self._stats.cloud_errors += 1
+            self._fallback(req, f"cloud reply rejected: {problem}")
             return
         with self._lock:
             self._stats.cloud_errors += 1
@@ -537,6 +558,11 @@ class EdgeAgent:
         """Add one to an AgentStats counter."""
         with self._lock:
             setattr(self._stats, counter, getattr(self._stats, counter) + 1)
+
+    def _count_extra(self, counter: str) -> None:
+        """Add one to a counter kept in AgentStats.extra."""
+        with self._lock:
+            self._stats.extra[counter] = self._stats.extra.get(counter, 0) + 1
 
     def _switch(self, mode: str, reason: str) -> None:
         with self._changed:

@@ -123,6 +123,29 @@ class CutRuntime:
         out = self.tail.run(tensors)
         return {o.name: out[o.name] for o in self.outputs}
 
+    def check_outputs(self, outputs: Mapping[str, np.ndarray], batch: int | None) -> str | None:
+        """Why `outputs` (a cloud reply's) are not this model's outputs for `batch` rows, or None when they are.
+
+        Names must be exactly the model's outputs, dtypes theirs, shapes of their rank with every fixed
+        dimension as recorded and a dynamic first (batch) dimension equal to `batch` (unchecked when None).
+        """
+        want = {o.name: o for o in self.outputs}
+        if set(outputs) != set(want):
+            return f"outputs {sorted(outputs)[:8]}, expected {sorted(want)}"
+        for name, spec in want.items():
+            arr = outputs[name]
+            if arr.dtype != np.dtype(spec.dtype):
+                return f"output {name!r} has dtype {arr.dtype}, expected {spec.dtype}"
+            shape = tuple(arr.shape)
+            if len(shape) != len(spec.shape):
+                return f"output {name!r} has shape {shape}, expected rank {len(spec.shape)}"
+            for i, (d, got) in enumerate(zip(spec.shape, shape)):
+                expect = batch if d is None and i == 0 else d
+                if expect is not None and got != expect:
+                    shown = tuple("N" if x is None else x for x in spec.shape)
+                    return f"output {name!r} has shape {shape}, expected {shown} with N = {batch}"
+        return None
+
     def zeros_input(self, batch: int = 1) -> dict[str, np.ndarray]:
         """A zero input of batch `batch` (the probes' payload)."""
         return {s.name: np.zeros(s.concrete_shape(batch), dtype=np.dtype(s.dtype)) for s in self.inputs}

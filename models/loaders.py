@@ -2,12 +2,16 @@
 
 Sources: a zoo name (when no file of that name exists), ONNX, TorchScript (`torch.jit.save`), torch.export
 (`torch.export.save`, `.pt2`) and, only with `allow_pickle`, a pickled nn.Module (`torch.save(model)`).
+Without `allow_pickle` nothing runs the unrestricted unpickler: a `.pt2` whose archive needs it (pickled
+weights or constants, sample inputs beyond plain tensors, compiled code) is refused before loading.
 The format is detected from the content (zip member names, protobuf parse), not the extension. torch and
 onnx are imported only when a model is loaded, so importing this module needs neither.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import zipfile
 from collections.abc import Callable
@@ -22,6 +26,9 @@ from models.manifest import TensorSpec, sha256_file
 FORMATS = ("zoo", "torchscript", "torch.export", "onnx", "pickle")
 _EXPECTED = "expected ONNX, TorchScript (torch.jit.save), torch.export (.pt2) or a zoo model name"
 _SHAPE_HINT = "pass --input-shape 1x3x224x224 (with your model's shape)"
+# The one wording for every refusal to unpickle (pickled modules, .pt2 archives whose contents need pickle).
+_PICKLE_RISK = ("unpickling runs arbitrary code from the file. Pass --allow-pickle only for files you trust, or "
+                "re-save it with torch.jit.save (TorchScript) or torch.export.save (.pt2)")
 
 
 class ModelLoadError(ValueError):
@@ -84,7 +91,7 @@ def load_model(source: str | Path, workdir: Path, *, input_shape: tuple[int, ...
     elif fmt == "torchscript":
         _convert_torchscript(path, out, input_shape, say)
     elif fmt == "torch.export":
-        _convert_exported(path, out, input_shape, say)
+        _convert_exported(path, out, input_shape, allow_pickle, say)
     else:
         _convert_pickle(path, out, input_shape, allow_pickle, say)
     inputs, outputs = _describe(out, path)
@@ -253,11 +260,16 @@ def _convert_torchscript(path: Path, out: Path, input_shape: tuple[int, ...] | N
     _wrap(lambda: to_onnx(module, examples, out), str(path))
 
 
-def _convert_exported(path: Path, out: Path, input_shape: tuple[int, ...] | None,
+def _convert_exported(path: Path, out: Path, input_shape: tuple[int, ...] | None, allow_pickle: bool,
                       say: Callable[[str], None]) -> None:
     from models.convert import to_onnx
 
     torch = require("torch", "profile")
+    if not allow_pickle:
+        why = pt2_pickle_use(path, torch)
+        if why is not None:
+            raise ModelLoadError(f"{path}: is a torch.export archive whose {why} (torch.export.load would unpickle "
+                                 f"it); {_PICKLE_RISK}")
     program = _wrap(lambda: torch.export.load(str(path)), str(path))
     recorded = getattr(program, "example_inputs", None)
     if recorded is not None and recorded[0] and not recorded[1]:
@@ -285,11 +297,7 @@ def _convert_pickle(path: Path, out: Path, input_shape: tuple[int, ...] | None, 
     from models.convert import to_onnx
 
     if not allow_pickle:
-        raise ModelLoadError(
-            f"{path}: is a pickled torch model (torch.save(model)); unpickling runs arbitrary code from the file. "
-            "Pass --allow-pickle only for files you trust, or re-save it with torch.jit.save (TorchScript) "
-            "or torch.export.save (.pt2)"
-        )
+        raise ModelLoadError(f"{path}: is a pickled torch model (torch.save(model)); {_PICKLE_RISK}")
     torch = require("torch", "profile")
     obj = _wrap(lambda: torch.load(str(path), map_location="cpu", weights_only=False), str(path))
     if not isinstance(obj, torch.nn.Module):
@@ -300,6 +308,55 @@ def _convert_pickle(path: Path, out: Path, input_shape: tuple[int, ...] | None, 
     examples = _examples_from(path, [None], input_shape, torch)
     say(f"{path.name}: converting the unpickled nn.Module to ONNX")
     _wrap(lambda: to_onnx(obj, examples, out), str(path))
+
+
+# -- .pt2 archives without pickle ------------------------------------------------------------------
+
+# torch.export.load unpickles, with no restriction: weights and constants marked use_pickle, custom and opaque
+# objects, and (after a failed restricted load) sample inputs and the older formats' .pt members; it loads
+# AOTInductor's compiled code. The restricted `weights_only` unpickler is torch's safe path.
+_RESTRICTED_PT = ("data/sample_inputs/", "data/weights/", "data/constants/")
+_LEGACY_PT = ("serialized_state_dict.pt", "serialized_constants.pt", "serialized_example_inputs.pt")
+
+
+def pt2_pickle_use(path: Path, torch: Any) -> str | None:
+    """Why loading the .pt2 archive at `path` with torch.export.load would run the unrestricted unpickler (or
+    native code), e.g. "weight 'l.weight' is stored pickled (use_pickle)"; None when it would not.
+
+    Looks at the zip's members and configs only; the members torch first tries with the restricted
+    `weights_only` unpickler are loaded here the same way, so one that would fall back to full pickle is named.
+    """
+    with zipfile.ZipFile(path) as zf:
+        members = {n.split("/", 1)[1] if "/" in n else n: n for n in zf.namelist() if not n.endswith("/")}
+        for rel in members:
+            if rel.startswith(("data/aotinductor/", "data/executorch/", "data/mtia")):
+                return f"member {rel} is compiled native code (AOTInductor), which loading would run"
+        for rel, name in members.items():
+            if not rel.endswith("_config.json") or not rel.startswith(("data/weights/", "data/constants/")):
+                continue
+            try:
+                config = json.loads(zf.read(name)).get("config", {})
+                entries = [(str(k), v.get("path_name", ""), bool(v.get("use_pickle"))) for k, v in config.items()]
+            except (ValueError, AttributeError) as exc:
+                return f"member {rel} is not a valid payload config ({exc})"
+            kind = "weight" if rel.startswith("data/weights/") else "constant"
+            for fqn, file, use_pickle in entries:
+                if use_pickle:
+                    return f"{kind} {fqn!r} is stored pickled (use_pickle)"
+                if str(file).startswith(("custom_obj_", "opaque_obj_")):
+                    return f"{kind} {fqn!r} is a pickled object ({file})"
+        for rel, name in members.items():
+            restricted = rel.endswith(".pt") and (rel.startswith(_RESTRICTED_PT) or rel in _LEGACY_PT)
+            if not restricted:
+                continue
+            data = zf.read(name)
+            if not data:
+                continue  # an empty member is read as "nothing" without unpickling (no sample inputs)
+            try:
+                torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            except Exception as exc:  # noqa: BLE001 - the restricted unpickler refuses: torch would retry unrestricted
+                return f"member {rel} needs pickle beyond plain tensors ({type(exc).__name__})"
+    return None
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ __all__ = ["PLAN_SCHEMA", "PLAN_FILE", "EDGE_ONLY", "CLOUD_ONLY", "BASELINES", "
            "OBJECTIVE_FIELDS", "Rankable", "rank_key", "BundleError", "TensorSpec", "sha256_file", "ModelRecord",
            "Power", "SideRecord", "NetworkRecord", "BudgetsRecord", "CandidateRecord", "PlanRow", "TieBreak",
            "Refinement", "Calibration", "ArtifactEntry", "CutFiles", "Artifacts", "CutVerification", "Verification",
-           "PlanDocument", "CutArtifacts", "artifact_entry", "Bundle"]
+           "PlanDocument", "CutArtifacts", "artifact_entry", "inside_bundle", "Bundle"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,8 @@ class Bundle:
             raise BundleError(f"{root}: not a bundle directory (expected a directory with {PLAN_FILE})")
         if not plan_path.is_file():
             raise BundleError(f"{root}: no {PLAN_FILE}; make a bundle with `split-profile MODEL --out {root}`")
+        if plan_path.is_symlink():
+            raise BundleError(f"{plan_path}: is a symbolic link; {PLAN_FILE} must be a regular file in the bundle")
         try:
             plan = json.loads(plan_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -211,10 +213,31 @@ class Bundle:
         return entries
 
     def _resolve(self, entry: ArtifactEntry) -> Path:
-        rel = Path(entry.file)
-        if rel.is_absolute() or ".." in rel.parts:
-            raise BundleError(f"{self.root}: artifact path {entry.file!r} leaves the bundle directory")
-        path = self.root / rel
-        if not path.is_file():
-            raise BundleError(f"{path}: listed in {PLAN_FILE} but missing")
-        return path
+        return inside_bundle(self.root, entry.file)
+
+
+def inside_bundle(root: Path, file: str) -> Path:
+    """The regular file `file` (relative) inside bundle `root`; BundleError if it is absolute, climbs out with
+    `..`, is or passes through a symlink, resolves outside the bundle directory, or is missing.
+
+    Edge and cloud both load bundles through here, so neither follows a link to a file the bundle's hashes do
+    not describe the place of (the bundle directory itself may be reached through a link).
+    """
+    rel = Path(file)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise BundleError(f"{root}: artifact path {file!r} leaves the bundle directory")
+    path = root
+    for part in rel.parts:
+        path = path / part
+        if path.is_symlink():
+            raise BundleError(f"{path}: is a symbolic link; bundle files must be regular files inside the bundle "
+                              "(copy the file in instead of linking it)")
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise BundleError(f"{path}: listed in {PLAN_FILE} but missing") from None
+    if not real.is_relative_to(root.resolve()):
+        raise BundleError(f"{path}: resolves to {real}, outside the bundle directory {root.resolve()}")
+    if not real.is_file():
+        raise BundleError(f"{path}: listed in {PLAN_FILE} but missing (not a regular file)")
+    return path

@@ -11,6 +11,10 @@ Wire rules (what `decode` accepts):
 - A quantized tensor has `dtype` INT8 (or UINT8), `quantization` set and `logical_dtype` FLOAT32:
   real = scale * (q - zero_point); `axis` -1 with one scale, or `axis` k with shape[k] scales.
 - `logical_dtype` is the dtype handed to the model: FLOAT32 for FLOAT16 or quantized data, else `dtype`.
+- The size limit (`max_bytes`) applies to the decoded tensor (after dequantization to float32: numel x 4 for
+  quantized or FLOAT16 data), checked from the declared shape before anything is decompressed or allocated,
+  so a small compressed or int8 request cannot expand past it. With `max_rows`, `decode_all` also bounds
+  the batch dimension (shape[0]) of every tensor, and checks every tensor before it decodes any.
 
 `decode` validates everything before it allocates anything and raises `TensorError`, whose `status` is the
 grpc.StatusCode name the server answers with (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED for oversize tensors).
@@ -204,18 +208,24 @@ def validate(t: pb.Tensor, *, max_bytes: int, expected: TensorSpec | None = None
     if any(d < 0 for d in shape):
         raise TensorError(f"{where}: shape {shape} has a negative dimension")
     itemsize = _NP_DTYPES[t.dtype].itemsize
-    nbytes = math.prod(shape) * itemsize  # Python ints: no overflow however large the dims
+    numel = math.prod(shape)  # Python ints: no overflow however large the dims
+    nbytes = numel * itemsize
     if nbytes != t.raw_size:
         raise TensorError(
             f"{where}: shape {shape} of {_dtype_name(t.dtype)} is {nbytes} bytes but raw_size says {t.raw_size}"
         )
-    if nbytes > max_bytes:
-        raise TensorError(f"{where}: {nbytes} bytes exceeds the limit of {max_bytes} bytes", RESOURCE_EXHAUSTED)
+    logical = _logical_dtype(t)
+    logical_np = _NP_DTYPES.get(logical)  # type: ignore[call-overload]  # a wire int, maybe unknown (refused below)
+    decoded = numel * max(itemsize, logical_np.itemsize if logical_np is not None else itemsize)
+    if decoded > max_bytes:
+        raise TensorError(
+            f"{where}: shape {shape} decodes to {decoded} bytes, which exceeds the limit of {max_bytes} bytes",
+            RESOURCE_EXHAUSTED,
+        )
     if t.compression == pb.COMPRESSION_NONE and len(t.data) != nbytes:
         raise TensorError(f"{where}: data is {len(t.data)} bytes, expected raw_size {nbytes}")
     if t.compression != pb.COMPRESSION_NONE and len(t.data) > max_bytes:
         raise TensorError(f"{where}: compressed data of {len(t.data)} bytes exceeds {max_bytes}", RESOURCE_EXHAUSTED)
-    logical = _logical_dtype(t)
     if t.HasField("quantization"):
         _validate_quantization(t, shape, logical)
     elif not (logical == t.dtype or (t.dtype == pb.FLOAT16 and logical == pb.FLOAT32)):
@@ -318,6 +328,11 @@ def decode(
 ) -> np.ndarray:
     """Validate then decode a proto Tensor to numpy: float32 for float and quantized data, else its own dtype."""
     validate(t, max_bytes=max_bytes, expected=expected)
+    return _decode_checked(t)
+
+
+def _decode_checked(t: pb.Tensor) -> np.ndarray:
+    """Decode a tensor `validate` has passed."""
     raw = t.data if t.compression == pb.COMPRESSION_NONE else _decompress(t)
     arr = np.frombuffer(raw, dtype=_NP_DTYPES[t.dtype]).reshape(tuple(t.shape))  # zero-copy view
     if t.HasField("quantization"):
@@ -337,23 +352,52 @@ def decode(
     return arr
 
 
+def check_all(
+    tensors: Iterable[pb.Tensor],
+    expected: Sequence[TensorSpec] | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    max_rows: int | None = None,
+) -> int:
+    """Validate a request's tensors without decoding any; returns the decoded bytes they will take.
+
+    With `expected`: exactly those names, each checked against its spec. With `max_rows`: every tensor has a
+    batch dimension (rank >= 1), they agree on it, and it is at most `max_rows` (INVALID_ARGUMENT otherwise).
+    """
+    tensors = list(tensors)
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise TensorError(f"duplicate tensor names in {names}")
+    specs = None if expected is None else {s.name: s for s in expected}
+    if specs is not None and set(names) != set(specs):
+        raise TensorError(f"got tensors {sorted(names)}, expected {sorted(specs)}")
+    total = 0
+    for t in tensors:
+        validate(t, max_bytes=max_bytes, expected=None if specs is None else specs[t.name])
+        total += math.prod(t.shape) * 4
+    if max_rows is not None:
+        if any(len(t.shape) == 0 for t in tensors):
+            raise TensorError(f"tensors {sorted(names)}: every tensor needs a batch dimension (rank >= 1)")
+        rows = sorted({t.shape[0] for t in tensors})
+        if len(rows) > 1:
+            raise TensorError(f"tensors disagree on the batch dimension: {rows}")
+        if rows and rows[0] > max_rows:
+            raise TensorError(f"batch of {rows[0]} rows exceeds this server's max_batch of {max_rows}; "
+                              "send at most that many rows per request")
+    return total
+
+
 def decode_all(
     tensors: Iterable[pb.Tensor],
     expected: Sequence[TensorSpec] | None = None,
     *,
     max_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    max_rows: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decode a request's tensors by name; with `expected`, exactly those names, each checked against its spec."""
+    """Decode a request's tensors by name, after `check_all` has checked every one of them (see there)."""
     tensors = list(tensors)
-    names = [t.name for t in tensors]
-    if len(set(names)) != len(names):
-        raise TensorError(f"duplicate tensor names in {names}")
-    if expected is not None:
-        specs = {s.name: s for s in expected}
-        if set(names) != set(specs):
-            raise TensorError(f"got tensors {sorted(names)}, expected {sorted(specs)}")
-        return {t.name: decode(t, max_bytes=max_bytes, expected=specs[t.name]) for t in tensors}
-    return {t.name: decode(t, max_bytes=max_bytes) for t in tensors}
+    check_all(tensors, expected, max_bytes=max_bytes, max_rows=max_rows)
+    return {t.name: _decode_checked(t) for t in tensors}
 
 
 def wire_bytes(tensors: Iterable[pb.Tensor]) -> int:
@@ -367,6 +411,7 @@ __all__ = [
     "VALID_SPECS",
     "Codec",
     "TensorError",
+    "check_all",
     "decode",
     "decode_all",
     "encode",

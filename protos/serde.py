@@ -24,11 +24,14 @@ from protos import codec
 from protos import inference_pb2 as pb
 
 __all__ = [
+    "MAX_ID_CHARS",
     "OK",
     "CloudReply",
     "CloudRequest",
     "WireTensors",
     "encode_tensors",
+    "field_error",
+    "message_bytes",
     "reply_from_proto",
     "reply_to_proto",
     "request_from_proto",
@@ -91,11 +94,25 @@ class WireTensors(Sequence["pb.Tensor"]):
         """Tensor payload bytes (what the link carries, after compression)."""
         return codec.wire_bytes(self._tensors)
 
+    @property
+    def message_bytes(self) -> int:
+        """An upper estimate of what these tensors add to a message (payload, names, shapes, fields)."""
+        return sum(len(t.data) + len(t.name) + 11 * len(t.shape) + 16 * len(t.quantization.scale) + 64
+                   for t in self._tensors)
+
+    def check(
+        self, specs: Sequence[TensorSpec] | None = None, *, max_bytes: int = codec.DEFAULT_MAX_TENSOR_BYTES,
+        max_rows: int | None = None,
+    ) -> int:
+        """Validate every tensor without decoding (codec.check_all); the bytes decoding will allocate."""
+        return codec.check_all(self._tensors, specs, max_bytes=max_bytes, max_rows=max_rows)
+
     def decode(
-        self, specs: Sequence[TensorSpec] | None = None, *, max_bytes: int = codec.DEFAULT_MAX_TENSOR_BYTES
+        self, specs: Sequence[TensorSpec] | None = None, *, max_bytes: int = codec.DEFAULT_MAX_TENSOR_BYTES,
+        max_rows: int | None = None,
     ) -> dict[str, np.ndarray]:
-        """Validate (against `specs` when given) and decode every tensor; TensorError otherwise."""
-        return codec.decode_all(self._tensors, specs, max_bytes=max_bytes)
+        """Validate (against `specs` when given, rows against `max_rows`) and decode every tensor; TensorError."""
+        return codec.decode_all(self._tensors, specs, max_bytes=max_bytes, max_rows=max_rows)
 
 
 def encode_tensors(arrays: Mapping[str, np.ndarray], codec_spec: str) -> WireTensors:
@@ -104,6 +121,9 @@ def encode_tensors(arrays: Mapping[str, np.ndarray], codec_spec: str) -> WireTen
 
 
 # -- requests ----------------------------------------------------------------------------------------
+
+MAX_ID_CHARS = 256  # request id, device id, model and cut names: longer ones are refused, never echoed
+MESSAGE_OVERHEAD_BYTES = 4096  # a request's fields beyond its tensors, rounded up generously
 
 
 @dataclass(frozen=True)
@@ -126,6 +146,21 @@ def prepare(request: CloudRequest) -> CloudRequest:
     """Build `request`'s message now, before the sender starts its clock; `request_to_proto` then reuses it."""
     object.__setattr__(request, "_message", _build(request))
     return request
+
+
+def field_error(request: CloudRequest) -> str | None:
+    """Why `request`'s id, device id, model or cut cannot be used (too long), or None."""
+    for name in ("request_id", "device_id", "model", "cut"):
+        value = getattr(request, name)
+        if len(value) > MAX_ID_CHARS:
+            return f"{name} is {len(value)} characters; at most {MAX_ID_CHARS} are accepted"
+    return None
+
+
+def message_bytes(request: CloudRequest) -> int:
+    """An upper estimate of `request`'s serialized InferRequest size (to keep it under the message limit)."""
+    ids = len(request.request_id) + len(request.device_id) + len(request.model) + len(request.cut)
+    return request.tensors.message_bytes + 4 * ids + MESSAGE_OVERHEAD_BYTES
 
 
 def request_to_proto(request: CloudRequest) -> pb.InferRequest:

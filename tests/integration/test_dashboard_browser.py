@@ -179,3 +179,106 @@ async def drive(browser: Chromium, url: str, screenshot: Path) -> None:
             assert errors == []
         finally:
             await page.close()
+
+
+TOKEN = "t0ken-for-the-dashboard-test"
+
+
+@pytest.fixture()
+def secured(tmp_path: Path) -> Iterator[Dashboard]:
+    """A dashboard on 127.0.0.1 that requires a token (as one bound off loopback must)."""
+    token_file = tmp_path / "dashboard.token"
+    token_file.write_text(TOKEN + "\n")
+    store = FleetStore(tmp_path / "fleet.sqlite")
+    dash = Dashboard(store, token_file=token_file, require_token=True)
+    dash.start()
+    yield dash
+    dash.stop()
+    store.close()
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=10) as resp:
+            return resp.status, resp.read().decode(), dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(), dict(err.headers)
+
+
+def test_a_dashboard_requiring_a_token_refuses_requests_without_it(secured: Dashboard) -> None:
+    url = secured.url
+    for path in ("/", "/api/fleet", "/metrics", "/static/app.js", "/api/devices/cam-1/series"):
+        status, body, headers = _get(url + path)
+        assert status == 401 and "token" in body, (path, status)
+        assert headers.get("WWW-Authenticate", "").startswith("Bearer")
+        assert _get(url + path, {"Authorization": "Bearer wrong-token-of-some-length"})[0] == 401
+        assert _get(url + path, {"Cookie": "splitinfer_dashboard=wrong"})[0] == 401
+        assert _get(url + path + "?token=wrong")[0] == 401
+    assert _get(url + "/healthz") == (200, '{"ok": true}', _get(url + "/healthz")[2])
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    assert _get(url + "/api/fleet", bearer)[0] == 200
+    status, body, _ = _get(url + "/metrics", bearer)  # what a Prometheus scrape with the token does
+    assert status == 200 and "# TYPE" in body
+    assert _get(url + f"/metrics?token={TOKEN}")[0] == 200
+    assert _get(url + "/api/fleet", {"Cookie": f"splitinfer_dashboard={TOKEN}"})[0] == 200
+    # the page opened with its token: a cookie for its fetches, and the token dropped from the address
+    status, _, headers = _get(url + f"/?token={TOKEN}")
+    assert status == 303 and headers["Location"] == "/"
+    cookie = headers["Set-Cookie"]
+    assert cookie.startswith(f"splitinfer_dashboard={TOKEN};") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed")
+def test_the_page_opened_with_its_token_keeps_working_in_chromium(
+    live_fleet: tuple[Dashboard, list[AgentControl]], tmp_path: Path
+) -> None:
+    open_dash, _ = live_fleet
+    token_file = tmp_path / "dashboard.token"
+    token_file.write_text(TOKEN)
+    dash = Dashboard(open_dash.store, token_file=token_file, require_token=True)
+    dash.start()
+    browser = Chromium(tmp_path / "profile")
+    try:
+        asyncio.run(_drive_with_token(browser, dash.url))
+    finally:
+        browser.close()
+        dash.stop()
+
+
+async def _drive_with_token(browser: Chromium, url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(browser.page_ws_url(), max_msg_size=64 * 1024 * 1024,
+                                      timeout=aiohttp.ClientWSTimeout(ws_close=5))
+        page = Page(ws)
+        try:
+            await page.send("Page.enable")
+            await page.send("Runtime.enable")
+            await page.send("Page.navigate", url=f"{url}/?token={TOKEN}")
+            # the page's own fetches (/api/fleet, series) carry the cookie: the rows appear
+            await page.wait_for("document.querySelectorAll('#fleet-rows tr').length === 3", "three device rows")
+            assert await page.eval("location.search") == ""  # the token left the address bar
+            assert await page.eval("document.cookie") == ""  # HttpOnly: no script can read it
+            errors = [e for e in page.events if e["method"] == "Runtime.exceptionThrown"]
+            assert errors == []
+        finally:
+            await page.close()
+
+
+def test_split_cloud_refuses_a_dashboard_off_loopback_without_a_token(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from models.tiny_bundle import make_tiny_bundle
+
+    make_tiny_bundle(tmp_path / "bundles" / "tiny")
+    proc = subprocess.run([sys.executable, "-m", "cloud_tier.cli", "serve", "--bundles", str(tmp_path / "bundles"),
+                           "--dashboard-host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--dashboard-token-file" in lines[0] and "0.0.0.0" in lines[0]
+    assert "listening" not in proc.stdout

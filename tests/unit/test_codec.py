@@ -242,3 +242,45 @@ def test_decode_all_names() -> None:
         decode_all([encode("x", ACT)], [SPEC])
     with pytest.raises(TensorError, match="duplicate"):
         decode_all(ts * 2)
+
+
+# -- what a request can cost: decoded size and rows, from the metadata alone ---------------------------
+
+
+@pytest.mark.parametrize("spec", ["int8+zstd", "int8c+lz4", "fp16+zstd", "int8"])
+def test_the_limit_is_on_the_decoded_float32_size(spec: str) -> None:
+    t = encode("act", ACT, spec)  # 1 or 2 bytes per element on the wire, 4 once decoded
+    assert t.raw_size < ACT.nbytes
+    err = _err(t, max_bytes=ACT.nbytes - 1)
+    assert err.status == "RESOURCE_EXHAUSTED" and f"decodes to {ACT.nbytes} bytes" in str(err)
+    assert decode(t, max_bytes=ACT.nbytes).shape == ACT.shape
+
+
+def test_a_tiny_int8_zstd_bomb_is_refused_before_decompressing() -> None:
+    # 64 MiB of int8 (within the limit) declared, 256 MiB once dequantized; the data is not even zstd:
+    # the refusal comes from the declared shape alone, before any decompression
+    t = pb.Tensor(name="act", dtype=pb.INT8, logical_dtype=pb.FLOAT32, shape=[1 << 20, 8, 8], raw_size=64 << 20,
+                  compression=pb.ZSTD, data=b"not zstd")
+    t.quantization.scale.append(1.0)
+    t.quantization.zero_point.append(0)
+    t.quantization.axis = -1
+    err = _err(t, max_bytes=64 << 20)
+    assert err.status == "RESOURCE_EXHAUSTED" and str(256 << 20) in str(err)
+
+
+def test_rows_are_bounded_and_every_tensor_checked_before_any_decodes() -> None:
+    ts = [encode("act", ACT)]  # 2 rows
+    assert decode_all(ts, [SPEC], max_rows=2)["act"].shape[0] == 2
+    err = pytest.raises(TensorError, decode_all, ts, [SPEC], max_rows=1).value
+    assert err.status == "INVALID_ARGUMENT" and "max_batch of 1" in str(err)
+    two = [encode("a", ACT), encode("b", ACT[:1])]
+    assert "disagree" in str(pytest.raises(TensorError, decode_all, two, max_rows=8).value)
+    scalar = [encode("s", np.float32(1.0))]
+    assert "batch dimension" in str(pytest.raises(TensorError, decode_all, scalar, max_rows=8).value)
+    # the second tensor is refused before the first (whose data is corrupt) is decompressed
+    corrupt = encode("a", ACT, "fp32+zstd")
+    corrupt.data = b"corrupt"
+    big = encode("b", np.zeros((2, 1024), np.float32))
+    err = pytest.raises(TensorError, decode_all, [corrupt, big], max_bytes=ACT.nbytes).value
+    assert err.status == "RESOURCE_EXHAUSTED" and "'b'" in str(err)
+    assert codec.check_all([encode("a", ACT, "int8")], max_rows=2) == ACT.nbytes
