@@ -169,6 +169,8 @@ class CloudServer:
     @property
     def address(self) -> str:
         """host:port clients dial ("[v6]:port" for an IPv6 host, which `parse_address` reads back)."""
+        if self.port is None:
+            raise RuntimeError("the server has no address before start()")
         return format_address(self.config.host, self.port)
 
     def drain(self, timeout: float = 30.0) -> None:
