@@ -18,6 +18,7 @@ Imported by amqtt itself, by dotted path, when the embedded broker starts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import threading
@@ -89,6 +90,10 @@ class CheckedBroker(Broker):  # type: ignore[misc]
     amqtt 0.12 deletes (clean session) or adopts (persistent session) the stored session of a client id as soon
     as it reads the CONNECT, and only then asks the auth plugins: a stranger could wipe or kick a device's session
     by borrowing its id. `_initialize_client_session` is amqtt's, with the peer check put before that step.
+
+    amqtt 0.12 also sends a connecting client the retained messages matching *every* client's subscription
+    filters, without asking the topic plugins: `_publish_retained_messages_for_subscription` here sends a
+    retained message only when the ACL lets the session read its topic.
     """
 
     peer_check: PeerCheck | None = None  # set by cloud_tier.broker before start()
@@ -141,6 +146,23 @@ class CheckedBroker(Broker):  # type: ignore[misc]
         if client_session.keep_alive > 0 and isinstance(timeout_disconnect_delay, int):
             client_session.keep_alive += timeout_disconnect_delay
         return handler, client_session
+
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            # acl_allows directly (cloud_tier.amqtt_acl's rule), not the awaited plugin call: amqtt iterates over
+            # its subscriptions around this call, and yielding here lets another client change them meanwhile.
+            if self._matches(topic, topic_filter) and acl_allows(session.username, "read", topic):
+                tasks.append(asyncio.ensure_future(
+                    handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
+        if tasks:
+            await asyncio.wait(tasks)
 
 
 class CertificateAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
