@@ -311,3 +311,25 @@ def test_mosquitto_config_command_writes_the_tls_config_and_the_acl(pki: Certifi
     assert "pattern write splitinfer/v1/devices/%u/telemetry" in acl
     assert "mosquitto -c" in capsys.readouterr().out
     assert cloud_main(["mosquitto-config", "--out", str(tmp_path / "x"), "--pki", str(tmp_path / "nope")]) == 2
+
+
+# --- the insecure mode is explicit and loopback only -----------------------------------------------------
+
+
+def test_plaintext_is_refused_off_loopback_unless_asked_for(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="i-know-insecure"):
+        AgentControl("sec-plain", "10.0.0.5", 1883, on_command=lambda c: Ack(c.command_id, True))
+    store = FleetStore(tmp_path / "fleet.sqlite")
+    try:
+        with pytest.raises(ValueError, match="plaintext MQTT to '10.0.0.5' is refused"):
+            FleetController(store, "10.0.0.5", 1883)
+    finally:
+        store.close()
+    with pytest.raises(Exception, match="plaintext MQTT to '0.0.0.0' is refused"):
+        EmbeddedBroker("0.0.0.0", 0, insecure=True)
+    with pytest.raises(Exception, match="needs the CA folder"):
+        EmbeddedBroker("127.0.0.1", 0)
+    with caplog.at_level("WARNING"):
+        EmbeddedBroker("0.0.0.0", 0, insecure=True, i_know_insecure=True)  # allowed, never started
+        AgentControl("sec-plain", "127.0.0.1", 1883, on_command=lambda c: Ack(c.command_id, True))
+    assert caplog.text.count("INSECURE") == 2
