@@ -76,3 +76,14 @@ def mosquitto_tls(tmp_path_factory: pytest.TempPathFactory, pki: CertificateAuth
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture()
+def fleet_tls(mosquitto_tls: Mosquitto, controller_tls: MqttTls,
+              tmp_path: Path) -> Iterator[tuple[FleetStore, FleetController]]:
+    """A fleet store and a controller (with its certificate) subscribed to the module's TLS Mosquitto."""
+    store = FleetStore(tmp_path / "fleet.sqlite")
+    ctl = FleetController(store, mosquitto_tls.host, mosquitto_tls.port, tls=controller_tls).start()
+    yield store, ctl
+    ctl.stop()
+    store.close()

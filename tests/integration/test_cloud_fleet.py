@@ -276,7 +276,8 @@ def test_serve_with_embedded_broker_in_insecure_mode(bundles_dir: Path, tmp_path
 def test_serve_with_mosquitto(bundles_dir: Path, tmp_path: Path, mosquitto_tls: Mosquitto,  # noqa: F811
                               pki: CertificateAuthority, device_tls: Callable[[str], MqttTls]) -> None:
     mosquitto = mosquitto_tls
-    proc = start_node(bundles_dir, tmp_path, "--broker", f"{mosquitto.host}:{mosquitto.port}", "--mqtt-pki", str(pki.dir))
+    proc = start_node(bundles_dir, tmp_path, "--broker", f"{mosquitto.host}:{mosquitto.port}",
+                      "--mqtt-pki", str(pki.dir))
     try:
         assert proc.broker_embedded is False and proc.broker_address == f"{mosquitto.host}:{mosquitto.port}"
         assert plaintext_refused(mosquitto.host, mosquitto.port), "the generated Mosquitto config took plaintext"

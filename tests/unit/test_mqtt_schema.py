@@ -9,10 +9,10 @@ import pytest
 from protos.mqtt import (
     ACK,
     CMD,
+    CONTROLLER,
     STATE,
     TELEMETRY,
     Ack,
-    CONTROLLER,
     Command,
     DeviceState,
     MqttSchemaError,
