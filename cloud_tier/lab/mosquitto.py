@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -100,6 +101,12 @@ class Mosquitto:
             return self.log_path.read_text()[-2000:]
         except OSError:
             return "(no log)"
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its config, the ACL file and the CRL (connected clients stay connected)."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError("mosquitto is not running")
+        self._proc.send_signal(signal.SIGHUP)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Terminate mosquitto (kill it if it does not exit within `timeout_s`)."""
