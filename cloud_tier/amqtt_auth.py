@@ -37,7 +37,9 @@ from amqtt.utils import gen_client_id
 from cloud_tier.pki import identity_of, load_crl_serials, serial_of
 from protos.mqtt import CONTROLLER, acl_allows
 
-__all__ = ["AcceptAllAuthPlugin", "CertificateAuthPlugin", "CheckedBroker", "PeerCheck"]
+__all__ = ["AMQTT_TESTED", "AcceptAllAuthPlugin", "CertificateAuthPlugin", "CheckedBroker", "PeerCheck"]
+
+AMQTT_TESTED = "0.12."  # CheckedBroker overrides amqtt internals of this release line (cloud_tier.broker checks it)
 
 log = logging.getLogger(__name__)
 
@@ -168,19 +170,19 @@ class CheckedBroker(Broker):  # type: ignore[misc]
 class CertificateAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
     """Admit a client only with a valid, unrevoked certificate of ours whose identity is its client id."""
 
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._check = PeerCheck(self.config.ca, self.config.crl)
+
     async def authenticate(self, *, session: Session) -> bool:
         """Check the peer certificate again (the CRL may have changed) and mark the session named."""
-        check = PeerCheck(self.config.ca, self.config.crl) if self._check is None else self._check
-        self._check = check
-        identity, why = check.refusal(session.ssl_object, session.client_id)
+        identity, why = self._check.refusal(session.ssl_object, session.client_id)
         if identity is None:
             log.warning("embedded broker refused client %r: %s", session.client_id, why)
             return False
         session.username = identity
         session.is_anonymous = False
         return True
-
-    _check: PeerCheck | None = None
 
     @dataclass
     class Config:

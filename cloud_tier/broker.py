@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,14 @@ class EmbeddedBroker:
             if self.pki is None:
                 self._broker = broker_mod.Broker(self._config(port))
             else:
-                from cloud_tier.amqtt_auth import CheckedBroker, PeerCheck
+                from cloud_tier.amqtt_auth import AMQTT_TESTED, CheckedBroker, PeerCheck
+
+                found = metadata.version("amqtt")
+                if not found.startswith(AMQTT_TESTED):
+                    # CheckedBroker replaces amqtt internals that decide who gets a session: refuse to run
+                    # them on a version they were not checked against rather than admit clients unchecked.
+                    raise BrokerStartError(f"the embedded broker's certificate checks are written for amqtt "
+                                           f"{AMQTT_TESTED}x, found {found}: pip install 'amqtt=={AMQTT_TESTED}*'")
 
                 for name in ("ca.pem", "server.pem", "server.key", "crl.pem"):
                     if not (self.pki / name).is_file():
