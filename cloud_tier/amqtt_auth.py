@@ -73,6 +73,8 @@ class PeerCheck:
         who = identity_of(pem)
         if who is None or who.kind not in ("device", CONTROLLER):
             return None, "the certificate carries no device or controller identity"
+        if who.kind == "device" and who.name == CONTROLLER:
+            return None, f"device id {CONTROLLER!r} is reserved for the controller"
         try:
             revoked = serial_of(pem) in self.revoked()
         except Exception as exc:  # noqa: BLE001 - an unreadable CRL refuses everyone, with its cause

@@ -107,7 +107,7 @@ class NodeOptions:
     db_path: str | Path | None = None  # None: default_db_path()
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 0
-    embedded_broker_host: str = "127.0.0.1"  # amqtt allows anonymous clients: keep it on loopback by default
+    embedded_broker_host: str = "127.0.0.1"  # loopback by default; insecure elsewhere: mqtt_i_know_insecure
     embedded_broker_port: int = 0
     connect_timeout_s: float = 10.0  # how long the controller waits for the broker at start
     # MQTT security: the CA folder (cloud_tier.pki) whose server certificate the embedded broker serves and whose

@@ -144,7 +144,8 @@ class CloudNode:
     @staticmethod
     def _mqtt_tls(opts: NodeOptions) -> tuple[Path | None, Any]:
         """(CA folder, the controller's MqttTls), or (None, None) in the insecure mode. Without a CA folder
-        given, the one beside the fleet store is used, and made (`split-cloud ca init`) on first start."""
+        given, the one beside the fleet store is used, and made (`split-cloud ca init`) on first start when the
+        broker is the embedded one."""
         from cloud_tier.pki import CertificateAuthority
         from protos.mqtt import MqttTls
 
@@ -152,6 +153,9 @@ class CloudNode:
             return None, None
         pki = opts.resolved_mqtt_pki()
         if opts.mqtt_pki is None and not (pki / "ca.key").exists():
+            if opts.broker is not None:
+                raise RuntimeError(f"no CA folder at {pki}: an external broker needs the CA it trusts (--mqtt-pki "
+                                   "DIR, made by `split-cloud ca init`), or --mqtt-insecure")
             log.warning("no CA folder at %s: making one (split-cloud ca init) for the MQTT plane's certificates",
                         pki)
             CertificateAuthority.init(pki)

@@ -218,6 +218,13 @@ def test_the_client_id_must_be_the_certificates_identity_on_the_embedded_broker(
     assert admitted(broker.port, "sec-id", device_tls("sec-id"))
 
 
+def test_a_device_enrolled_as_controller_is_not_the_controller_on_the_embedded_broker(
+        broker: Broker, device_tls: Callable[[str], MqttTls]) -> None:
+    if broker.kind != "embedded":
+        pytest.skip("Mosquitto knows identities by CN only: the CA must not issue a device id 'controller'")
+    assert not admitted(broker.port, "controller", device_tls("controller"))
+
+
 # --- what a connected device may do ----------------------------------------------------------------------
 
 
