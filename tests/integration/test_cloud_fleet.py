@@ -233,6 +233,7 @@ def check_node(proc: CloudProcess, device_id: str, tls: MqttTls | None) -> None:
     assert p95 is not None and math.isfinite(p95)
     assert sample(m, "splitinfer_fleet_mqtt_connected") == 1
     assert sample(m, "splitinfer_fleet_stored_records_total") == 5
+    assert sample(m, "splitinfer_fleet_future_timestamps_total") == 0
 
     row = fleet_device(proc.dashboard_url, device_id, 5)
     assert row is not None and row["cloud"]["requests"] == 5 and row["cloud"]["errors"] == 1

@@ -154,7 +154,11 @@ def test_a_device_with_its_certificate_works_end_to_end(broker: Broker, controll
     agent.start(wait_s=DEADLINE_S)
     try:
         agent.record(record("ok-1"))
-        wait_for(lambda: controller.store.record_count("sec-ok") == 1, "the device's telemetry in the store")
+        agent.record(record("from-the-future", ts=time.time() + 115 * 86400))  # a wrong clock, or a forgery
+        wait_for(lambda: controller.store.record_count("sec-ok") == 2, "the device's telemetry in the store")
+        assert controller.future_timestamps == 1
+        latest = controller.store._reader().execute("SELECT MAX(ts) FROM requests WHERE device_id = 'sec-ok'")
+        assert latest.fetchone()[0] <= time.time()  # stored at its receipt time
         cid = controller.send_command("sec-ok", Command.switch_mode("local"))
         assert controller.wait_ack(cid, DEADLINE_S) == Ack(cid, True, "done")
         assert got == [cid]
