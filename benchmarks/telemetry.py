@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             broker: Mosquitto | EmbeddedBroker = Mosquitto(work / "mosquitto")
             port = broker.start()
         else:
-            broker = EmbeddedBroker()
+            broker = EmbeddedBroker(insecure=True)  # plaintext on loopback: the broker's own cost, as before
             port = broker.start()
         try:
             print(f"broker: {args.broker} on 127.0.0.1:{port}; {args.devices} devices, "

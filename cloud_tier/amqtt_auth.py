@@ -1,24 +1,205 @@
-"""The embedded broker's authentication: every client is accepted and none is treated as anonymous.
+"""The embedded broker's admission: who may connect, under which client id (amqtt 0.12).
 
-amqtt's AnonymousAuthPlugin marks every client it lets in as anonymous, and amqtt keeps neither the session
-nor the QoS 1 messages of an anonymous client while it is away, whatever its clean_session flag says. So an
-agent's persistent session lost the commands sent while it was offline, and the controller's lost the fleet's
-telemetry. With this plugin, clean_session decides, as MQTT 3.1.1 and Mosquitto have it. The broker listens
-on loopback unless told otherwise (cloud_tier.broker), and it checks no credentials.
+Secure mode (the default, `CertificateAuthPlugin` and `CheckedBroker`):
+- TLS with a client certificate required (`CERT_REQUIRED`, TLS 1.2+): a client without a certificate, or with
+  one not signed by our CA, fails the handshake and never sends a CONNECT.
+- At CONNECT, before amqtt looks up or deletes any session (`CheckedBroker._initialize_client_session`), the
+  certificate's identity (its SAN URI, cloud_tier.pki.identity_of: a device id or "controller") must equal the
+  client id, and its serial must not be on the CRL (re-read when crl.pem changes: a revoke takes effect at the
+  next connect). Otherwise the CONNACK says "not authorised" and the connection is closed, so a client without
+  a device's key can neither take over nor wipe that device's session.
+- The session's username is set to the identity; the topic plugin (cloud_tier.amqtt_acl) decides by it.
+- Sessions are never anonymous: clean_session decides whether one is kept while the client is away.
+
+Insecure mode (`AcceptAllAuthPlugin`, loopback only unless told otherwise): every client is accepted.
 
 Imported by amqtt itself, by dotted path, when the embedded broker starts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import ssl
+import threading
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from amqtt.broker import Broker
+from amqtt.errors import MQTTError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
+
+from cloud_tier.pki import identity_of, load_crl_serials, serial_of
+from protos.mqtt import CONTROLLER, acl_allows
+
+__all__ = ["AMQTT_TESTED", "AcceptAllAuthPlugin", "CertificateAuthPlugin", "CheckedBroker", "PeerCheck"]
+
+AMQTT_TESTED = "0.12."  # CheckedBroker overrides amqtt internals of this release line (cloud_tier.broker checks it)
+
+log = logging.getLogger(__name__)
 
 
-class AcceptAllAuthPlugin(BaseAuthPlugin):
-    """Accept every client; persistent sessions (clean_session=False) are kept while the client is away."""
+class PeerCheck:
+    """Decides from a TLS connection's peer certificate who the client is, and whether it may use a client id."""
+
+    def __init__(self, ca: str | Path, crl: str | Path) -> None:
+        """`ca`: the CA certificate (its signature is checked on the CRL); `crl`: the revocation list, PEM."""
+        self.ca, self.crl = Path(ca), Path(crl)
+        self._lock = threading.Lock()
+        self._crl_stamp: tuple[int, int] | None = None
+        self._revoked: frozenset[int] = frozenset()
+
+    def revoked(self) -> frozenset[int]:
+        """The revoked serials, re-read whenever crl.pem changes (a revoke counts from the next connect)."""
+        st = self.crl.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if stamp != self._crl_stamp:
+                self._revoked = load_crl_serials(self.crl, self.ca)
+                self._crl_stamp = stamp
+            return self._revoked
+
+    def refusal(self, ssl_object: Any, client_id: str | None, will_topic: str | None = None) -> tuple[str | None, str]:
+        """(identity, "") when the client may connect as `client_id`, else (None, why not)."""
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return None, "no client certificate"
+        pem = ssl.DER_cert_to_PEM_cert(der).encode()
+        who = identity_of(pem)
+        if who is None or who.kind not in ("device", CONTROLLER):
+            return None, "the certificate carries no device or controller identity"
+        if who.kind == "device" and who.name == CONTROLLER:
+            return None, f"device id {CONTROLLER!r} is reserved for the controller"
+        try:
+            revoked = serial_of(pem) in self.revoked()
+        except Exception as exc:  # noqa: BLE001 - an unreadable CRL refuses everyone, with its cause
+            return None, f"the revocation list {self.crl} cannot be read: {exc}"
+        if revoked:
+            return None, f"the certificate of {who.name!r} is revoked"
+        if client_id != who.name:
+            return None, f"client id {client_id!r} is not the certificate's identity {who.name!r}"
+        if will_topic is not None and not acl_allows(who.name, "write", will_topic):
+            return None, f"{who.name!r} may not publish its last will on {will_topic!r}"
+        return who.name, ""
+
+
+class CheckedBroker(Broker):  # type: ignore[misc]
+    """amqtt's Broker with client certificates required and the identity checked before any session is touched.
+
+    amqtt 0.12 deletes (clean session) or adopts (persistent session) the stored session of a client id as soon
+    as it reads the CONNECT, and only then asks the auth plugins: a stranger could wipe or kick a device's session
+    by borrowing its id. `_initialize_client_session` is amqtt's, with the peer check put before that step.
+
+    amqtt 0.12 also sends a connecting client the retained messages matching *every* client's subscription
+    filters, without asking the topic plugins: `_publish_retained_messages_for_subscription` here sends a
+    retained message only when the ACL lets the session read its topic.
+    """
+
+    peer_check: PeerCheck | None = None  # set by cloud_tier.broker before start()
+
+    @staticmethod
+    def _create_ssl_context(listener: Any) -> ssl.SSLContext:
+        ctx = Broker._create_ssl_context(listener)
+        ctx.verify_mode = ssl.CERT_REQUIRED  # amqtt sets CERT_OPTIONAL
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        handler, client_session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        check = self.peer_check
+        if check is None:
+            raise MQTTError("CheckedBroker.peer_check is not set")
+        will = client_session.will_topic if client_session.will_flag else None
+        identity, why = check.refusal(client_session.ssl_object, client_session.client_id, will)
+        if identity is None:
+            log.warning("embedded broker refused %s:%s (client id %r): %s", remote_address, remote_port,
+                        client_session.client_id, why)
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            await writer.close()
+            raise MQTTError(f"refused: {why}")
+        client_session.username = identity
+        # From here on: amqtt 0.12's Broker._initialize_client_session, unchanged.
+        if client_session.clean_session:
+            if client_session.client_id is not None and client_session.client_id != "":
+                await self._delete_session(client_session.client_id)
+            else:
+                client_session.client_id = gen_client_id()
+            client_session.parent = 0
+        elif client_session.client_id in self._sessions:
+            existing, _ = self._sessions[client_session.client_id]
+            existing.will_flag = client_session.will_flag
+            existing.will_message = client_session.will_message
+            existing.will_topic = client_session.will_topic
+            existing.will_qos = client_session.will_qos
+            existing.keep_alive = client_session.keep_alive
+            existing.username = client_session.username
+            existing.password = client_session.password
+            existing.ssl_object = client_session.ssl_object
+            client_session = existing
+            client_session.parent = 1
+        else:
+            client_session.parent = 0
+        timeout_disconnect_delay = self.config.get("timeout-disconnect-delay", 0)
+        if client_session.keep_alive > 0 and isinstance(timeout_disconnect_delay, int):
+            client_session.keep_alive += timeout_disconnect_delay
+        return handler, client_session
+
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            # acl_allows directly (cloud_tier.amqtt_acl's rule), not the awaited plugin call: amqtt iterates over
+            # its subscriptions around this call, and yielding here lets another client change them meanwhile.
+            if self._matches(topic, topic_filter) and acl_allows(session.username, "read", topic):
+                tasks.append(asyncio.ensure_future(
+                    handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+class CertificateAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
+    """Admit a client only with a valid, unrevoked certificate of ours whose identity is its client id."""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._check = PeerCheck(self.config.ca, self.config.crl)
+
+    async def authenticate(self, *, session: Session) -> bool:
+        """Check the peer certificate again (the CRL may have changed) and mark the session named."""
+        identity, why = self._check.refusal(session.ssl_object, session.client_id)
+        if identity is None:
+            log.warning("embedded broker refused client %r: %s", session.client_id, why)
+            return False
+        session.username = identity
+        session.is_anonymous = False
+        return True
+
+    @dataclass
+    class Config:
+        """The CA certificate and the revocation list (PEM paths)."""
+
+        ca: str = ""
+        crl: str = ""
+
+
+class AcceptAllAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
+    """Insecure mode: accept every client; persistent sessions (clean_session=False) are kept while it is away.
+
+    amqtt's AnonymousAuthPlugin marks every client anonymous, and amqtt keeps neither the session nor the QoS 1
+    messages of an anonymous client while it is away, whatever its clean_session flag says.
+    """
 
     async def authenticate(self, *, session: Session) -> bool:
         """Let the client in, as a named (not anonymous) session."""

@@ -1,20 +1,27 @@
-"""Embedded MQTT broker (amqtt) for zero-setup deployments and tests.
+"""MQTT brokers: the embedded amqtt broker (zero setup) and the Mosquitto configuration for production.
 
-amqtt binds 0.0.0.0 and allows anonymous clients by default, so it is bound to 127.0.0.1 here unless the
-caller asks otherwise. Clients are not authenticated; a client with clean_session=False keeps its session and
-its QoS 1 messages while it is away (cloud_tier.amqtt_auth). It is 2-3x slower than Mosquitto and MQTT
-3.1.1 only: use Mosquitto in production.
+The embedded broker is secure by default: a TLS listener that requires a client certificate from the
+deployment's CA (`pki`, made by `split-cloud ca init`), admits a client only when the certificate is not revoked
+and its identity is the client id (cloud_tier.amqtt_auth), and applies the topic ACL of protos.mqtt
+(cloud_tier.amqtt_acl). `insecure=True` is plaintext with every client accepted, for loopback experiments
+only (elsewhere only with `i_know_insecure`), and says so in a warning line. A client with clean_session=False
+keeps its session and its QoS 1 messages while it is away. amqtt is 2-3x slower than Mosquitto and MQTT 3.1.1
+only: use Mosquitto in production, configured by `write_mosquitto_config` (`split-cloud mosquitto-config`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from cloud_tier.loopthread import LoopThread
 from models.extras import require
+from protos.mqtt import insecure_mqtt, mosquitto_acl
 
-__all__ = ["EmbeddedBroker", "BrokerStartError"]
+__all__ = ["EmbeddedBroker", "BrokerStartError", "write_mosquitto_config"]
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +33,21 @@ class BrokerStartError(RuntimeError):
 class EmbeddedBroker:
     """An amqtt broker running on its own event loop in a daemon thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, start_timeout_s: float = 10.0) -> None:
-        """Configure; port 0 lets the OS choose (the chosen port is returned by start())."""
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, pki: str | Path | None = None,
+                 insecure: bool = False, i_know_insecure: bool = False, start_timeout_s: float = 10.0) -> None:
+        """Configure; port 0 lets the OS choose (the chosen port is returned by start()).
+
+        `pki`: the CA folder (cloud_tier.pki: ca.pem, server.pem/.key, crl.pem), required unless `insecure`.
+        """
+        if pki is None and not insecure:
+            raise BrokerStartError("the embedded MQTT broker needs the CA folder (pki; `split-cloud ca init`) "
+                                   "for its TLS listener, or the explicit insecure mode")
+        if insecure:
+            try:
+                insecure_mqtt(host, "the embedded MQTT broker", i_know_insecure=i_know_insecure, log=log)
+            except ValueError as exc:
+                raise BrokerStartError(str(exc)) from exc
+        self.pki = None if insecure or pki is None else Path(pki)
         self.host, self._requested_port = host, port
         self.port: int | None = None
         self._timeout = start_timeout_s
@@ -35,11 +55,22 @@ class EmbeddedBroker:
         self._broker: Any = None
 
     def _config(self, port: int) -> dict[str, Any]:
+        # Only our plugins: no $SYS publisher and no per-packet logging (both cost throughput).
+        if self.pki is None:
+            return {
+                "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{port}"}},
+                "plugins": {"cloud_tier.amqtt_auth.AcceptAllAuthPlugin": {}},
+            }
+        pki = self.pki
         return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{port}"}},
-            # Only our auth plugin (anyone in; persistent sessions kept, see cloud_tier.amqtt_auth): no $SYS
-            # publisher and no per-packet logging (both cost throughput).
-            "plugins": {"cloud_tier.amqtt_auth.AcceptAllAuthPlugin": {}},
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{port}", "ssl": True,
+                                      "cafile": str(pki / "ca.pem"), "certfile": str(pki / "server.pem"),
+                                      "keyfile": str(pki / "server.key")}},
+            "plugins": {
+                "cloud_tier.amqtt_auth.CertificateAuthPlugin": {"ca": str(pki / "ca.pem"),
+                                                                "crl": str(pki / "crl.pem")},
+                "cloud_tier.amqtt_acl.TopicAclPlugin": {},
+            },
         }
 
     def start(self) -> int:
@@ -50,7 +81,24 @@ class EmbeddedBroker:
 
         async def boot() -> None:
             port = self._requested_port
-            self._broker = broker_mod.Broker(self._config(port))
+            if self.pki is None:
+                self._broker = broker_mod.Broker(self._config(port))
+            else:
+                from cloud_tier.amqtt_auth import AMQTT_TESTED, CheckedBroker, PeerCheck
+
+                found = metadata.version("amqtt")
+                if not found.startswith(AMQTT_TESTED):
+                    # CheckedBroker replaces amqtt internals that decide who gets a session: refuse to run
+                    # them on a version they were not checked against rather than admit clients unchecked.
+                    raise BrokerStartError(f"the embedded broker's certificate checks are written for amqtt "
+                                           f"{AMQTT_TESTED}x, found {found}: pip install 'amqtt=={AMQTT_TESTED}*'")
+
+                for name in ("ca.pem", "server.pem", "server.key", "crl.pem"):
+                    if not (self.pki / name).is_file():
+                        raise BrokerStartError(f"{self.pki} has no {name}: expected a CA folder made by "
+                                               "`split-cloud ca init`")
+                self._broker = CheckedBroker(self._config(port))
+                self._broker.peer_check = PeerCheck(self.pki / "ca.pem", self.pki / "crl.pem")
             await self._broker.start()
             self.port = self._bound_port() or port
             if not self.port:
@@ -90,3 +138,44 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def write_mosquitto_config(out: str | Path, pki: str | Path, *, port: int = 8883, host: str = "127.0.0.1",
+                           extra: str = "") -> Path:
+    """Write `out`/mosquitto.conf (a TLS listener with client certificates required) and `out`/acl (made from
+    protos.mqtt.ACL); return the config's path. `pki` is the CA folder (`split-cloud ca init`).
+
+    Mosquitto reads the CRL when it starts (and on SIGHUP, which also re-reads the ACL): after
+    `split-cloud revoke`, send it SIGHUP (`systemctl reload mosquitto`) for the revocation to take effect.
+    `use_identity_as_username` makes the username the certificate's CN (the device id, or "controller");
+    `use_username_as_clientid` then makes it the client id too, so nobody can take over a session under
+    another identity's client id.
+    """
+    out, pki = Path(out).resolve(), Path(pki).resolve()
+    for name in ("ca.pem", "server.pem", "server.key", "crl.pem"):
+        if not (pki / name).is_file():
+            raise FileNotFoundError(f"{pki / name} is missing: expected a CA folder made by `split-cloud ca init`")
+    out.mkdir(parents=True, exist_ok=True)
+    acl = out / "acl"
+    acl.write_text(mosquitto_acl())
+    os.chmod(acl, 0o640)
+    conf = out / "mosquitto.conf"
+    conf.write_text(
+        "# splitinfer MQTT broker: made by `split-cloud mosquitto-config`. Run: mosquitto -c " + str(conf) + "\n"
+        "per_listener_settings false\n"
+        "allow_anonymous false\n"
+        f"acl_file {acl}\n"
+        "set_tcp_nodelay true\n"
+        f"listener {port} {host}\n"
+        "protocol mqtt\n"
+        f"cafile {pki / 'ca.pem'}\n"
+        f"certfile {pki / 'server.pem'}\n"
+        f"keyfile {pki / 'server.key'}\n"
+        f"crlfile {pki / 'crl.pem'}\n"
+        "tls_version tlsv1.2\n"
+        "require_certificate true\n"
+        "use_identity_as_username true\n"
+        "use_username_as_clientid true\n"
+        + extra
+    )
+    return conf

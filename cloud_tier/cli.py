@@ -49,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--db", metavar="PATH", default=None,
                        help=f"SQLite fleet store file (default ${STATE_DIR_ENV}/fleet.db, else "
                             "$XDG_STATE_HOME/splitinfer/fleet.db, else ~/.local/state/splitinfer/fleet.db)")
+    fleet.add_argument("--mqtt-pki", metavar="DIR", default=None,
+                       help="CA folder (split-cloud ca init) for MQTT: the embedded broker's TLS certificate and the "
+                            "controller's client certificate (default: pki beside the fleet store, made on first "
+                            "start)")
+    fleet.add_argument("--mqtt-insecure", action="store_true",
+                       help="plaintext MQTT without certificates, ACL or authentication (loopback only unless "
+                            "--i-know-insecure)")
+    fleet.add_argument("--i-know-insecure", action="store_true",
+                       help="allow --mqtt-insecure on a non-loopback broker address")
     fleet.add_argument("--dashboard-host", default=NodeOptions.dashboard_host,
                        help="dashboard bind address (default %(default)s)")
     fleet.add_argument("--dashboard-port", type=int, default=NodeOptions.dashboard_port,
@@ -58,13 +67,42 @@ def build_parser() -> argparse.ArgumentParser:
                             "STATE/pki/dashboard.token); required when --dashboard-host is not loopback")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    mosq = sub.add_parser("mosquitto-config", help="write a Mosquitto config (TLS, client certificates, ACL, CRL)",
+                          description="Write mosquitto.conf and its ACL file for the fleet's broker: a TLS listener "
+                                      "that requires a certificate from the CA, identities as usernames and client "
+                                      "ids, no anonymous clients, the revocation list. Run: mosquitto -c "
+                                      "DIR/mosquitto.conf (send it SIGHUP after split-cloud revoke).")
+    mosq.add_argument("--out", required=True, metavar="DIR", help="folder for mosquitto.conf and acl")
+    mosq.add_argument("--pki", metavar="DIR", default=None,
+                      help=f"CA folder made by split-cloud ca init (default ${STATE_DIR_ENV}/pki or the state folder's "
+                           "pki)")
+    mosq.add_argument("--port", type=int, default=8883, help="listener port (default %(default)s)")
+    mosq.add_argument("--host", default="127.0.0.1", help="listener address (default %(default)s)")
+    mosq.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
+
+
+def mosquitto_config(args: argparse.Namespace) -> int:
+    """Write the Mosquitto config and ACL; print where, and how to run it."""
+    from cloud_tier.broker import write_mosquitto_config
+    from cloud_tier.config import default_db_path
+
+    pki = args.pki if args.pki is not None else default_db_path().parent / "pki"
+    try:
+        conf = write_mosquitto_config(args.out, pki, port=args.port, host=args.host)
+    except (FileNotFoundError, OSError) as exc:
+        print(f"split-cloud: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {conf} and {conf.parent / 'acl'}")
+    print(f"run: mosquitto -c {conf}    (after split-cloud revoke: kill -HUP <mosquitto pid> to reload the CRL)")
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
     """Run the node until SIGTERM or SIGINT, then drain and stop every part; returns the exit status."""
     from cloud_tier.broker import BrokerStartError
     from cloud_tier.node import CloudNode
+    from cloud_tier.pki import PkiError
     from cloud_tier.server import ServerStartError
 
     config = ServerConfig(
@@ -76,6 +114,7 @@ def serve(args: argparse.Namespace) -> int:
     options = None if args.no_fleet else NodeOptions(
         broker=args.broker, db_path=args.db, dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port,
         dashboard_token_file=args.dashboard_token_file,
+        mqtt_pki=args.mqtt_pki, mqtt_insecure=args.mqtt_insecure, mqtt_i_know_insecure=args.i_know_insecure,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -83,7 +122,7 @@ def serve(args: argparse.Namespace) -> int:
     node = CloudNode(args.bundles, config, options)
     try:
         node.start()
-    except (BundleError, ServerStartError, BrokerStartError, TimeoutError, OSError, RuntimeError,
+    except (BundleError, ServerStartError, BrokerStartError, PkiError, TimeoutError, OSError, RuntimeError,
             sqlite3.Error) as exc:
         print(f"split-cloud: {exc}", file=sys.stderr)
         return 2
@@ -102,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "mosquitto-config":
+            return mosquitto_config(args)
         return serve(args)
     except ValueError as exc:  # ConfigError (a ValueError) names the bad setting
         print(f"split-cloud: {exc}", file=sys.stderr)

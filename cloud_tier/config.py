@@ -108,9 +108,14 @@ class NodeOptions:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 0
     dashboard_token_file: str | Path | None = None  # required when dashboard_host is not loopback
-    embedded_broker_host: str = "127.0.0.1"  # amqtt allows anonymous clients: keep it on loopback by default
+    embedded_broker_host: str = "127.0.0.1"  # loopback by default; insecure elsewhere: mqtt_i_know_insecure
     embedded_broker_port: int = 0
     connect_timeout_s: float = 10.0  # how long the controller waits for the broker at start
+    # MQTT security: the CA folder (cloud_tier.pki) whose server certificate the embedded broker serves and whose
+    # controller certificate the controller presents; None: `pki` beside the fleet store, made on first start.
+    mqtt_pki: str | Path | None = None
+    mqtt_insecure: bool = False  # plaintext MQTT, no certificates (loopback only unless mqtt_i_know_insecure)
+    mqtt_i_know_insecure: bool = False
 
     def __post_init__(self) -> None:
         """Check every field; ConfigError names the first bad one."""
@@ -126,3 +131,7 @@ class NodeOptions:
     def resolved_db_path(self) -> Path:
         """`db_path`, or default_db_path() when unset."""
         return Path(self.db_path) if self.db_path is not None else default_db_path()
+
+    def resolved_mqtt_pki(self) -> Path:
+        """`mqtt_pki`, or the `pki` folder beside the fleet store when unset."""
+        return Path(self.mqtt_pki) if self.mqtt_pki is not None else self.resolved_db_path().parent / "pki"

@@ -6,6 +6,11 @@ handed through a bounded queue to one writer thread that stores them in batches.
 counted and logged with its reason; it never stops the controller. The MQTT session is persistent, under a
 client id kept in the fleet store, so telemetry and acks sent while the controller is down reach it when it
 comes back (within the broker's per-client queue: Mosquitto's max_queued_messages, 1000 by default).
+
+With `tls` (the controller's certificate from the deployment's CA) the connection is mutual TLS, the broker's
+name is checked, and the client id is the certificate's identity, "controller" (the broker refuses any other:
+the embedded one checks it, Mosquitto's `use_username_as_clientid` forces it). Without `tls` the connection is
+plaintext: loopback only unless `i_know_insecure`, with a warning line.
 """
 
 from __future__ import annotations
@@ -25,16 +30,19 @@ from models.extras import require
 from protos.mqtt import (
     ACK,
     CMD,
+    CONTROLLER,
     STATE,
     TELEMETRY,
     Ack,
     Command,
     DeviceState,
     MqttSchemaError,
+    MqttTls,
     TelemetryBatch,
     check_device_id,
     device_topic,
     fleet_filter,
+    insecure_mqtt,
     parse_topic,
 )
 
@@ -84,9 +92,20 @@ class FleetController:
         reconnect_min_s: int = 1,
         reconnect_max_s: int = 30,
         client_id: str | None = None,
+        tls: MqttTls | None = None,
+        i_know_insecure: bool = False,
     ) -> None:
-        """Configure (nothing is connected until start()); client_id defaults to the one kept in `store`."""
+        """Configure (nothing is connected until start()).
+
+        With `tls` the client id is "controller" (the certificate's identity); without, it defaults to the one
+        kept in `store`, and the broker must be on loopback unless `i_know_insecure`.
+        """
         mqtt = require("paho.mqtt.client", "edge")
+        if tls is None:
+            insecure_mqtt(broker_host, "the fleet controller", i_know_insecure=i_know_insecure, log=log)
+        elif client_id is not None and client_id != CONTROLLER:
+            raise ValueError(f"with TLS the controller's client id is its certificate's identity {CONTROLLER!r}, "
+                             f"not {client_id!r}")
         self.store = store
         self.host, self.port = broker_host, broker_port
         self._keepalive = keepalive_s
@@ -111,7 +130,13 @@ class FleetController:
         self._lock_file = _claim(store) if client_id is None else None
         persistent = client_id is not None or self._lock_file is not None
         fresh = f"splitinfer-controller-{uuid.uuid4().hex[:12]}"
-        if client_id is not None:
+        if tls is not None and client_id is None and self._lock_file is None:
+            raise RuntimeError(f"fleet controller: another controller already runs on the fleet store {store.path}; "
+                               f"with certificates there is one controller identity ({CONTROLLER!r}), and a second "
+                               "session under it would take the first one's over")
+        if tls is not None:
+            self.client_id = CONTROLLER
+        elif client_id is not None:
             self.client_id = client_id
         elif persistent:
             self.client_id = store.setting("controller_client_id", fresh)
@@ -126,6 +151,8 @@ class FleetController:
             clean_session=not persistent,
             protocol=mqtt.MQTTv311,
         )
+        if tls is not None:
+            tls.apply(self._client)
         self._client.reconnect_delay_set(min_delay=reconnect_min_s, max_delay=reconnect_max_s)
         self._client.max_queued_messages_set(queue_bound)
         self._client.max_inflight_messages_set(100)
@@ -200,6 +227,11 @@ class FleetController:
     def duplicate_batches(self) -> int:
         """Telemetry batches the store skipped as second deliveries (protos.mqtt.TelemetryBatch.batch_id)."""
         return self.store.duplicate_batches
+
+    @property
+    def future_timestamps(self) -> int:
+        """Record and state times more than fleet_store.MAX_FUTURE_S ahead of receipt, stored as the receipt time."""
+        return self.store.future_timestamps
 
     def wait_ack(self, command_id: str, timeout_s: float) -> Ack | None:
         """Block until the ack of `command_id` arrives or `timeout_s` passes (then None)."""

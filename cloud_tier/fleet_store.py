@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 _STAGE_COLS = ", ".join(STAGES)
+MAX_FUTURE_S = 300.0  # a device time further ahead of receipt than this is clamped to the receipt time
 
 
 def percentile(values: Sequence[float] | np.ndarray, q: float) -> float | None:
@@ -111,6 +112,7 @@ class FleetStore:
         self._last_prune = time.monotonic()
         self._closed = False
         self.duplicate_batches = 0  # telemetry batches skipped as second deliveries (insert_records)
+        self.future_timestamps = 0  # record and state times more than MAX_FUTURE_S ahead, clamped to receipt
 
     # --- connections -------------------------------------------------------------------------------
 
@@ -145,9 +147,13 @@ class FleetStore:
             return self._writer.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
 
     def upsert_state(self, device_id: str, state: DeviceState, received: float | None = None) -> None:
-        """Record a device's latest state (status, mode, cut, bandwidth, model, label)."""
+        """Record a device's latest state (status, mode, cut, bandwidth, model, label); a state time more than
+        MAX_FUTURE_S ahead of `received` is clamped to it and counted in `future_timestamps`."""
         now = time.time() if received is None else received
+        future = state.ts > now + MAX_FUTURE_S
+        state_ts = now if future else state.ts
         with self._wlock:
+            self.future_timestamps += future
             self._writer.execute(
                 "INSERT INTO devices (device_id, status, mode, cut, bandwidth_mbps, model, label, state_ts,"
                 " first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -160,7 +166,7 @@ class FleetStore:
                 " label=COALESCE(NULLIF(excluded.label, ''), devices.label),"
                 " state_ts=excluded.state_ts, last_seen=excluded.last_seen",
                 (device_id, state.status, state.mode, state.cut, state.bandwidth_mbps, state.model, state.label,
-                 state.ts, now, now),
+                 state_ts, now, now),
             )
 
     def insert_records(
@@ -171,7 +177,9 @@ class FleetStore:
         """Insert (device_id, records, dropped[, batch_id]) batches in one transaction; return the rows inserted.
 
         A batch whose non-empty batch_id this store saw from the same device within Retention.batch_ids_s is a
-        second delivery of it: its records and its dropped count are skipped.
+        second delivery of it: its records and its dropped count are skipped. A record time more than MAX_FUTURE_S
+        ahead of `received` (a wrong clock, or a forgery meant to stay on the dashboard) is stored as `received`
+        and counted in `future_timestamps`.
         """
         now = time.time() if received is None else received
         batches = list(batches)
@@ -183,7 +191,8 @@ class FleetStore:
             try:
                 rows: list[tuple[Any, ...]] = []
                 touched: dict[str, int] = {}
-                dupes = 0
+                dupes = future = 0
+                horizon = now + MAX_FUTURE_S
                 for device_id, records, dropped, *rest in batches:
                     batch_id = rest[0] if rest else ""
                     if batch_id and cur.execute(
@@ -192,11 +201,12 @@ class FleetStore:
                         dupes += 1
                         continue
                     touched[device_id] = touched.get(device_id, 0) + dropped
-                    rows.extend(
-                        (device_id, r.request_id, r.ts, now, r.head_ms, r.encode_ms, r.network_ms, r.queue_ms,
-                         r.tail_ms, r.total_ms, r.served_by, r.cut)
-                        for r in records
-                    )
+                    for r in records:
+                        ts = r.ts
+                        if ts > horizon:
+                            ts, future = now, future + 1
+                        rows.append((device_id, r.request_id, ts, now, r.head_ms, r.encode_ms, r.network_ms,
+                                     r.queue_ms, r.tail_ms, r.total_ms, r.served_by, r.cut))
                 cur.executemany(
                     f"INSERT INTO requests (device_id, request_id, ts, received, {_STAGE_COLS}, served_by, cut)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -214,6 +224,7 @@ class FleetStore:
                 cur.execute("ROLLBACK")
                 raise
             self.duplicate_batches += dupes
+            self.future_timestamps += future
             if time.monotonic() - self._last_prune >= self.retention.prune_every_s:
                 self._prune_locked()
         return len(rows)

@@ -153,6 +153,7 @@ CONTROLLER_COUNTERS = {
     "bad_payloads": "Messages ignored because topic or payload broke the schema.",
     "dropped_messages": "Messages dropped because the store queue was full.",
     "duplicate_batches": "Telemetry batches skipped as a second delivery of a batch already stored.",
+    "future_timestamps": "Record and state times more than 5 minutes ahead of receipt, stored as the receipt time.",
 }
 
 

@@ -123,8 +123,10 @@ class CloudNode:
         from cloud_tier.dashboard import Dashboard
         from cloud_tier.fleet_store import FleetStore
 
+        pki, tls = self._mqtt_tls(opts)
         if opts.broker is None:
-            self.broker = EmbeddedBroker(opts.embedded_broker_host, opts.embedded_broker_port)
+            self.broker = EmbeddedBroker(opts.embedded_broker_host, opts.embedded_broker_port, pki=pki,
+                                         insecure=opts.mqtt_insecure, i_know_insecure=opts.mqtt_i_know_insecure)
             self.broker_host, self.broker_port = opts.embedded_broker_host, self.broker.start()
         else:
             self.broker_host, self.broker_port = parse_address(opts.broker, "--broker")
@@ -135,13 +137,36 @@ class CloudNode:
         except sqlite3.Error as exc:
             raise RuntimeError(f"fleet store {db_path}: {exc} (expected a writable SQLite file path; see --db)"
                                ) from exc
-        self.controller = FleetController(self.store, self.broker_host, self.broker_port)
+        self.controller = FleetController(self.store, self.broker_host, self.broker_port, tls=tls,
+                                          i_know_insecure=opts.mqtt_i_know_insecure)
         self.controller.start(wait_s=opts.connect_timeout_s)
         self.dashboard = Dashboard(self.store, opts.dashboard_host, opts.dashboard_port,
                                    token_file=opts.dashboard_token_file,
                                    extra_metrics=self.metrics_collectors(),
                                    cloud_view=self.cloud_view)
         self.dashboard.start()
+
+    @staticmethod
+    def _mqtt_tls(opts: NodeOptions) -> tuple[Path | None, Any]:
+        """(CA folder, the controller's MqttTls), or (None, None) in the insecure mode. Without a CA folder
+        given, the one beside the fleet store is used, and made (`split-cloud ca init`) on first start when the
+        broker is the embedded one."""
+        from cloud_tier.pki import CertificateAuthority
+        from protos.mqtt import MqttTls
+
+        if opts.mqtt_insecure:
+            return None, None
+        pki = opts.resolved_mqtt_pki()
+        if opts.mqtt_pki is None and not (pki / "ca.key").exists():
+            if opts.broker is not None:
+                raise RuntimeError(f"no CA folder at {pki}: an external broker needs the CA it trusts (--mqtt-pki "
+                                   "DIR, made by `split-cloud ca init`), or --mqtt-insecure")
+            log.warning("no CA folder at %s: making one (split-cloud ca init) for the MQTT plane's certificates",
+                        pki)
+            CertificateAuthority.init(pki)
+        ca = CertificateAuthority(pki)
+        cert, key = ca.client_files("controller")
+        return pki, MqttTls(str(ca.ca_cert), str(cert), str(key))
 
     def stop(self, grace: float = 10.0) -> None:
         """Drain and stop the gRPC tier (health NOT_SERVING first), then controller, dashboard, broker, DB."""

@@ -29,6 +29,10 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     telemetry_bound = 10000     # records buffered while the broker is away; beyond it they are counted, dropped
     reconnect_min_s = 1
     reconnect_max_s = 30
+    tls_ca = "ca.pem"           # mutual TLS: the CA, this device's certificate and key (from `split-cloud enroll`;
+    tls_cert = "device.pem"     #   relative to this file). Without them: plaintext, loopback brokers only,
+    tls_key = "device.key"      #   unless i_know_insecure = true
+    i_know_insecure = false
 
     [adaptive]                  # optional: pick the cut from the measured uplink (needs the plan table)
     enabled = true
@@ -144,8 +148,23 @@ class MqttConfig:
     )
     reconnect_min_s: int = field(default=1, metadata={"doc": "first MQTT reconnect delay, seconds"})
     reconnect_max_s: int = field(default=30, metadata={"doc": "largest MQTT reconnect delay, seconds"})
+    tls_ca: str | None = field(default=None, metadata={"doc": "CA certificate (PEM) the broker's certificate is "
+                                                              "checked against ([tls] ca when present)"})
+    tls_cert: str | None = field(default=None, metadata={"doc": "this device's certificate ([tls] cert)"})
+    tls_key: str | None = field(default=None, metadata={"doc": "this device's private key ([tls] key)"})
+    i_know_insecure: bool = field(default=False, metadata={
+        "doc": "allow plaintext MQTT to a broker that is not on loopback (without the TLS files)"})
 
     def __post_init__(self) -> None:
+        tls = {name: getattr(self, name) for name in ("tls_ca", "tls_cert", "tls_key")}
+        for name, value in tls.items():
+            if value is not None:
+                _str(name, value, max_len=4096)
+        if any(v is not None for v in tls.values()) and not all(v is not None for v in tls.values()):
+            missing = [n for n, v in tls.items() if v is None]
+            raise ConfigError(missing[0], "is required with the other TLS files: MQTT over TLS needs the CA, "
+                                          "the device's certificate and its key")
+        check_bool("i_know_insecure", self.i_know_insecure, error=ConfigError)
         if self.broker == "":
             raise ConfigError("broker", 'is required: the MQTT broker "host:port"')
         parse_address(self.broker, "broker")
@@ -163,6 +182,13 @@ class MqttConfig:
     def address(self) -> tuple[str, int]:
         """(host, port) of the broker."""
         return parse_address(self.broker, "broker")
+
+    @property
+    def tls(self) -> tuple[str, str, str] | None:
+        """(ca, cert, key) for mutual TLS, or None (plaintext)."""
+        if self.tls_ca is None or self.tls_cert is None or self.tls_key is None:
+            return None
+        return self.tls_ca, self.tls_cert, self.tls_key
 
 
 @dataclass(frozen=True)
@@ -319,6 +345,11 @@ class AgentConfig:
             raise ConfigError(None, f"not valid TOML ({exc})", str(path)) from None
         if "bundle" in data and isinstance(data["bundle"], str) and not Path(data["bundle"]).is_absolute():
             data["bundle"] = str(path.parent / data["bundle"])  # relative to the file, not the cwd
+        mqtt = data.get("mqtt")
+        if isinstance(mqtt, dict):
+            for name in ("tls_ca", "tls_cert", "tls_key"):
+                if isinstance(mqtt.get(name), str) and not Path(mqtt[name]).is_absolute():
+                    mqtt[name] = str(path.parent / mqtt[name])
         return cls.from_dict(merge_overrides(data, overrides or {}), source=str(path))
 
     def replace(self, **changes: Any) -> AgentConfig:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from edge_agent.config import MqttConfig
 from edge_agent.mqtt_control import AgentControl
 from edge_agent.results import CLOUD, InferenceResult
-from protos.mqtt import Ack, Command, TelemetryRecord
+from protos.mqtt import Ack, Command, MqttTls, TelemetryRecord
 
 if TYPE_CHECKING:
     from edge_agent.agent import EdgeAgent
@@ -60,10 +60,12 @@ class ControlLink:
         self.agent = agent
         self.config = mqtt
         host, port = mqtt.address
+        tls = None if mqtt.tls is None else MqttTls(*mqtt.tls)
         self.control = AgentControl(
             agent.config.device_id, host, port, on_command=self._on_command, telemetry_bound=mqtt.telemetry_bound,
             flush_interval_ms=mqtt.flush_interval_ms, keepalive_s=keepalive_s,
             reconnect_min_s=mqtt.reconnect_min_s, reconnect_max_s=mqtt.reconnect_max_s, label=mqtt.label,
+            tls=tls, i_know_insecure=mqtt.i_know_insecure,
         )
         self.applied: collections.Counter[str] = collections.Counter()  # commands applied, by kind
         self._lock = threading.Lock()

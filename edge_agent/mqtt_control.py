@@ -4,6 +4,11 @@ paho-mqtt 2.x with the VERSION2 callback API pinned. A persistent session (clean
 client id) makes the broker keep QoS 1 commands sent while the agent is offline and deliver them on
 reconnect; commands are deduplicated by id, so a redelivered command is applied once. A retained last
 will marks the device `offline` when it dies without saying goodbye.
+
+The client id is the device id, which is also its certificate's identity: with `tls` (mutual TLS, the broker's
+name checked) the broker admits the session only for the holder of that device's key, so nobody else can
+take it over. Without `tls` the connection is plaintext: loopback only unless `i_know_insecure`, with a
+warning line.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from protos.mqtt import (
     Command,
     DeviceState,
     MqttSchemaError,
+    MqttTls,
     TelemetryBatch,
     TelemetryRecord,
     check_device_id,
     device_topic,
+    insecure_mqtt,
 )
 
 __all__ = ["AgentControl", "client_id_for"]
@@ -42,8 +49,9 @@ _SEEN_COMMANDS = 1024  # how many command ids are remembered for dedupe
 
 
 def client_id_for(device_id: str) -> str:
-    """The fixed MQTT client id of a device's agent (fixed so the broker keeps its session)."""
-    return f"splitinfer-agent-{check_device_id(device_id)}"
+    """The fixed MQTT client id of a device's agent: the device id, its certificate's identity (the broker keeps
+    its session under it, and with TLS admits only the holder of the device's key under it)."""
+    return check_device_id(device_id)
 
 
 def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
@@ -73,10 +81,14 @@ class AgentControl:
         max_queued_messages: int = 1_000,
         label: str | None = None,
         client_id: str | None = None,
+        tls: MqttTls | None = None,
+        i_know_insecure: bool = False,
     ) -> None:
-        """Configure (nothing is connected until start())."""
+        """Configure (nothing is connected until start()); `tls`: this device's certificate, key and the CA."""
         mqtt = require("paho.mqtt.client", "edge")
         self.device_id = check_device_id(device_id)
+        if tls is None:
+            insecure_mqtt(host, f"device {device_id!r}", i_know_insecure=i_know_insecure, log=log)
         if telemetry_bound < 1 or max_batch < 1 or flush_interval_ms < 1:
             raise ValueError("telemetry_bound, max_batch and flush_interval_ms must be >= 1")
         self.host, self.port = host, port
@@ -105,6 +117,8 @@ class AgentControl:
             clean_session=False,
             protocol=mqtt.MQTTv311,  # the embedded amqtt broker speaks 3.1.1 only
         )
+        if tls is not None:
+            tls.apply(self._client)
         self._client.will_set(device_topic(device_id, STATE), self._offline_json(), qos=1, retain=True)
         self._client.reconnect_delay_set(min_delay=reconnect_min_s, max_delay=reconnect_max_s)
         self._client.max_queued_messages_set(max_queued_messages)

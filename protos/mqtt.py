@@ -9,11 +9,18 @@ Topics, all under `splitinfer/v1/devices/{device_id}/`:
              batch id, so that a batch delivered twice (QoS 1 is at-least-once) is stored once
   cmd        QoS 1; Command (switch_cut, switch_mode, ping), each with a command id
   cmd/ack    Ack (command id, ok, message)
+
+Who may do what (one definition, `ACL`: the embedded broker's topic plugin and the Mosquitto ACL file are both
+made from it): a device, identified by its certificate (identity = device id), may publish only its own state,
+telemetry and ack topics and read only its own command topic; the controller (identity CONTROLLER) may publish
+commands to every device and read every device topic. Nobody else may do anything.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import re
 import time
 import uuid
@@ -41,6 +48,13 @@ __all__ = [
     "Command",
     "Ack",
     "new_command_id",
+    "CONTROLLER",
+    "ACL",
+    "acl_allows",
+    "mosquitto_acl",
+    "MqttTls",
+    "insecure_mqtt",
+    "is_loopback",
 ]
 
 TOPIC_PREFIX = "splitinfer/v1/devices"
@@ -61,6 +75,19 @@ MAX_PAYLOAD_BYTES = 4 * 1024 * 1024  # refuse larger payloads before parsing the
 MAX_RECORDS_PER_BATCH = 10_000
 MAX_TEXT = 256  # cut ids, model names, labels, request ids, messages
 MAX_MS = 86_400_000.0  # a day: anything longer is a unit mistake, not a latency
+
+CONTROLLER = "controller"  # the fleet controller's certificate identity (and MQTT client id / username)
+DEVICE = "%u"  # in ACL entries: the connected device's own id
+# (identity, access, topic pattern): access "write" = publish, "read" = subscribe and receive. DEVICE stands for
+# the connected device's own id (Mosquitto's %u; `use_identity_as_username` makes the username the cert's CN).
+ACL: tuple[tuple[str, str, str], ...] = (
+    (DEVICE, "write", f"{TOPIC_PREFIX}/{DEVICE}/{STATE}"),
+    (DEVICE, "write", f"{TOPIC_PREFIX}/{DEVICE}/{TELEMETRY}"),
+    (DEVICE, "write", f"{TOPIC_PREFIX}/{DEVICE}/{ACK}"),
+    (DEVICE, "read", f"{TOPIC_PREFIX}/{DEVICE}/{CMD}"),
+    (CONTROLLER, "write", f"{TOPIC_PREFIX}/+/{CMD}"),
+    (CONTROLLER, "read", f"{TOPIC_PREFIX}/#"),
+)
 
 
 class MqttSchemaError(FieldError):
@@ -378,3 +405,112 @@ class Ack:
         msg = o.get("message", "")
         _text(msg, "message", allow_empty=True)
         return cls(command_id=o["command_id"], ok=o["ok"], message=msg)
+
+
+# --- access control and transport security ---------------------------------------------------------------
+
+
+def _matches(pattern: str, topic: str, *, is_filter: bool) -> bool:
+    """Whether `topic` (a topic name, or with `is_filter` a subscription filter) lies inside `pattern`.
+
+    `pattern` may use `+` (one level) and a final `#`. A filter is inside the pattern only when every topic it
+    can match is: its `+` needs a `+` or `#` in the pattern, its `#` needs a `#`.
+    """
+    p_levels, t_levels = pattern.split("/"), topic.split("/")
+    for i, p in enumerate(p_levels):
+        if p == "#":
+            return i == len(p_levels) - 1
+        if i >= len(t_levels):
+            return False
+        t = t_levels[i]
+        if t in ("+", "#"):
+            if not is_filter or t == "#" or p != "+":
+                return False
+            continue
+        if p not in ("+", t):
+            return False
+    return len(p_levels) == len(t_levels)
+
+
+def acl_allows(identity: str | None, access: str, topic: str) -> bool:
+    """Whether `identity` (a device id or CONTROLLER; None: unauthenticated) may `access` `topic`.
+
+    `access` is "write" (publish a message to the topic name `topic`), "read" (receive a message on the topic
+    name `topic`) or "subscribe" (subscribe with the filter `topic`, which must lie inside a "read" entry).
+    """
+    if identity is None or access not in ("write", "read", "subscribe"):
+        return False
+    wanted = "read" if access == "subscribe" else access
+    for who, acc, pattern in ACL:
+        if acc != wanted:
+            continue
+        if who == DEVICE:
+            if identity == CONTROLLER or not DEVICE_ID_RE.fullmatch(identity):
+                continue
+            pattern = pattern.replace(DEVICE, identity)
+        elif who != identity:
+            continue
+        if _matches(pattern, topic, is_filter=access == "subscribe"):
+            return True
+    return False
+
+
+def mosquitto_acl() -> str:
+    """The ACL file for Mosquitto (`acl_file`), from ACL: `pattern` lines for devices, `user` lines for the rest."""
+    lines = ["# splitinfer MQTT ACL (made from protos.mqtt.ACL by `split-cloud mosquitto-config`; do not edit).",
+             "# Usernames are certificate identities (use_identity_as_username): a device's CN is its id.", ""]
+    for who in dict.fromkeys(w for w, _, _ in ACL if w != DEVICE):
+        lines.append(f"user {who}")
+        lines += [f"topic {acc} {pattern}" for w, acc, pattern in ACL if w == who]
+        lines.append("")
+    lines.append("# every other client (devices): its own topics only")
+    lines += [f"pattern {acc} {pattern}" for w, acc, pattern in ACL if w == DEVICE]
+    return "\n".join(lines) + "\n"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address or `localhost`."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class MqttTls:
+    """What an MQTT client needs for mutual TLS: the CA to trust, its certificate and key (PEM paths).
+
+    The broker's certificate must name the host the client connects to (`split-cloud ca init --host`).
+    """
+
+    ca: str
+    cert: str
+    key: str
+
+    def apply(self, client: Any) -> None:
+        """Set TLS on a paho client: TLS 1.2+, the broker's certificate checked against `ca` and its name."""
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert, self.key)
+        ctx.check_hostname = True
+        client.tls_set_context(ctx)
+        client.tls_insecure_set(False)
+
+
+def insecure_mqtt(host: str, who: str, *, i_know_insecure: bool = False,
+                  log: logging.Logger | None = None) -> None:
+    """Allow a plaintext MQTT connection to `host` (loopback only unless `i_know_insecure`), with a warning line.
+
+    Raises ValueError for a non-loopback host without `i_know_insecure`.
+    """
+    if not is_loopback(host) and not i_know_insecure:
+        raise ValueError(f"{who}: plaintext MQTT to {host!r} is refused: anyone on the path could read and forge "
+                         "the fleet's messages. Give TLS files (a CA, a certificate and its key), or, on a network "
+                         "you trust, the explicit i-know-insecure setting")
+    (log or logging.getLogger(__name__)).warning(
+        "INSECURE: %s uses plaintext MQTT to %s without certificates (anyone who can reach the broker can read "
+        "and forge this traffic)", who, host)

@@ -1,12 +1,21 @@
-"""Lab tool: a real Mosquitto broker as a subprocess on 127.0.0.1 with a port the OS chose (tests, benchmarks)."""
+"""Lab tool: a real Mosquitto broker as a subprocess on 127.0.0.1 with a port the OS chose (tests, benchmarks).
+
+With `pki` (a CA folder, cloud_tier.pki) it runs the production configuration `split-cloud mosquitto-config`
+writes (TLS, client certificates, identity usernames, the ACL, the CRL); without, a plaintext broker that
+accepts anyone (loopback only: the lab's insecure mode).
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from cloud_tier.broker import write_mosquitto_config
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 
@@ -28,9 +37,10 @@ def _free_port() -> int:
 class Mosquitto:
     """A mosquitto subprocess with a generated config; start() returns the port, stop() ends it."""
 
-    def __init__(self, workdir: Path, *, start_timeout_s: float = 10.0) -> None:
-        """Config and log files go in `workdir`."""
+    def __init__(self, workdir: Path, *, pki: Path | None = None, start_timeout_s: float = 10.0) -> None:
+        """Config and log files go in `workdir`; with `pki` (a CA folder) the broker is TLS-only with the ACL."""
         self.workdir = Path(workdir)
+        self.pki = None if pki is None else Path(pki)
         self.port: int | None = None
         self._timeout = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -50,10 +60,7 @@ class Mosquitto:
         for _attempt in range(3):  # the released port can be taken by someone else before mosquitto binds it
             self.port = _free_port()
             conf = self.workdir / "mosquitto.conf"
-            conf.write_text(
-                f"listener {self.port} 127.0.0.1\n"
-                "allow_anonymous true\n"
-                "set_tcp_nodelay true\n"
+            common = (
                 "persistence false\n"
                 # Bursts from a whole simulated fleet: a subscriber's queue beyond this is dropped by the broker.
                 "max_queued_messages 100000\n"
@@ -61,6 +68,13 @@ class Mosquitto:
                 f"log_dest file {self.log_path}\n"
                 "log_type error\nlog_type warning\nlog_type notice\n"
             )
+            if self.pki is not None:
+                # As root, mosquitto would drop to the `mosquitto` user, who cannot read the 0600 server key.
+                user = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+                write_mosquitto_config(self.workdir, self.pki, port=self.port, host=self.host, extra=common + user)
+            else:
+                conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+                                + common)
             self._proc = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             if self._wait_ready():
@@ -87,6 +101,12 @@ class Mosquitto:
             return self.log_path.read_text()[-2000:]
         except OSError:
             return "(no log)"
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its config, the ACL file and the CRL (connected clients stay connected)."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError("mosquitto is not running")
+        self._proc.send_signal(signal.SIGHUP)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Terminate mosquitto (kill it if it does not exit within `timeout_s`)."""

@@ -231,12 +231,19 @@ def test_requests_in_flight_finish_on_the_cut_they_started_on(bundles, server, f
         proxy.stop()
 
 
-def test_killed_split_agent_shows_offline_by_last_will(bundles, server, fleet, mosquitto):  # noqa: F811
-    store, _ctl = fleet
+def test_killed_split_agent_shows_offline_by_last_will(bundles, server, fleet_tls, mosquitto_tls, pki,
+                                                       tmp_path):  # noqa: F811
+    """A `split-agent` process with its certificate ([mqtt] TLS files relative to its TOML), through Mosquitto
+    with the generated TLS config and ACL: its telemetry arrives, and its last will (own state topic) too."""
+    store, _ctl = fleet_tls
+    folder = pki.enroll("fleet-d", tmp_path / "fleet-d")
+    (folder / "mqtt.toml").write_text(
+        f'bundle = "{bundles["served"]}"\n[mqtt]\nbroker = "{mosquitto_tls.host}:{mosquitto_tls.port}"\n'
+        'tls_ca = "ca.pem"\ntls_cert = "device.pem"\ntls_key = "device.key"\n')
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.cli", "run", "--bundle", str(bundles["served"]), "--cloud",
-         server.address, "--device-id", "fleet-d", "--mqtt", f"{mosquitto.host}:{mosquitto.port}",
+        [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(folder / "mqtt.toml"), "--cloud",
+         server.address, "--device-id", "fleet-d",
          "--label", "doomed", "--count", "100000", "--rate", "50", "--quiet"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, env=env,
     )

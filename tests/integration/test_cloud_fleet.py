@@ -7,6 +7,7 @@ import json
 import math
 import re
 import socket
+import threading
 import time
 import urllib.request
 import uuid
@@ -22,11 +23,12 @@ import pytest
 from cloud_tier.lab.mosquitto import Mosquitto
 from cloud_tier.lab.process import CloudProcess
 from cloud_tier.metrics import ServerCollector, render
+from cloud_tier.pki import CertificateAuthority
 from models.tiny_bundle import CUT_SHAPE, CUT_TENSOR, MID_CUT, make_tiny_bundle
 from protos import codec
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from protos.mqtt import STATE, TELEMETRY, DeviceState, TelemetryBatch, TelemetryRecord, device_topic
+from protos.mqtt import STATE, TELEMETRY, DeviceState, MqttTls, TelemetryBatch, TelemetryRecord, device_topic
 from tests import polling
 
 DEADLINE_S = 10.0
@@ -121,10 +123,35 @@ def test_exposition_escapes_hostile_label_values() -> None:
 # -- helpers talking to the node -------------------------------------------------------------------------
 
 
-def publish_device(host: str, port: int, device_id: str, n_records: int) -> None:
+def node_device_tls(tmp_path: Path, device_id: str) -> MqttTls:
+    """`device_id`'s certificate from the CA the node made beside its fleet store (tmp_path/pki)."""
+    folder = CertificateAuthority(tmp_path / "pki").enroll(device_id, tmp_path / "devices" / device_id)
+    return MqttTls(str(folder / "ca.pem"), str(folder / "device.pem"), str(folder / "device.key"))
+
+
+def plaintext_refused(host: str, port: int) -> bool:
+    """Whether the broker refuses an anonymous plaintext client (it never gets a CONNACK that admits it)."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="anon", protocol=mqtt.MQTTv311,
+                         reconnect_on_failure=False)
+    answered, admitted = threading.Event(), []
+    client.on_connect = lambda _c, _u, _f, rc, _p: (admitted.append(not rc.is_failure), answered.set())
+    client.on_disconnect = lambda *_: answered.set()
+    client.connect(host, port, keepalive=10)
+    client.loop_start()
+    try:
+        assert answered.wait(DEADLINE_S), "the broker neither admitted nor refused a plaintext client"
+        return admitted != [True]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def publish_device(host: str, port: int, device_id: str, n_records: int, tls: MqttTls | None) -> None:
     """Publish a retained online state and one telemetry batch of `n_records` for `device_id` (QoS 1)."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}",
-                         protocol=mqtt.MQTTv311)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=device_id if tls else f"test-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv311)
+    if tls is not None:
+        tls.apply(client)
     client.connect(host, port, keepalive=30)
     client.loop_start()
     try:
@@ -174,11 +201,11 @@ def start_node(bundles_dir: Path, tmp_path: Path, *args: str) -> CloudProcess:
     return proc
 
 
-def check_node(proc: CloudProcess, device_id: str) -> None:
+def check_node(proc: CloudProcess, device_id: str, tls: MqttTls | None) -> None:
     """MQTT state + telemetry reach /api/fleet; Infer requests show in /metrics and in the fleet row."""
     assert proc.port and proc.broker_port and proc.dashboard_url
     assert proc.dashboard_url.startswith("http://127.0.0.1:")
-    publish_device(proc.broker_host, proc.broker_port, device_id, n_records=5)
+    publish_device(proc.broker_host, proc.broker_port, device_id, 5, tls)
     row = wait_for(lambda: fleet_device(proc.dashboard_url, device_id, 5), f"{device_id} in /api/fleet")
     assert (row["status"], row["mode"], row["cut"], row["model"]) == ("online", "split", MID_CUT, "tiny")
     assert row["label"] == "bench <b>1</b>" and row["dropped_total"] == 2
@@ -206,6 +233,7 @@ def check_node(proc: CloudProcess, device_id: str) -> None:
     assert p95 is not None and math.isfinite(p95)
     assert sample(m, "splitinfer_fleet_mqtt_connected") == 1
     assert sample(m, "splitinfer_fleet_stored_records_total") == 5
+    assert sample(m, "splitinfer_fleet_future_timestamps_total") == 0
 
     row = fleet_device(proc.dashboard_url, device_id, 5)
     assert row is not None and row["cloud"]["requests"] == 5 and row["cloud"]["errors"] == 1
@@ -227,18 +255,34 @@ def test_serve_with_embedded_broker(bundles_dir: Path, tmp_path: Path) -> None:
     proc = start_node(bundles_dir, tmp_path)
     try:
         assert proc.broker_embedded is True and proc.broker_host == "127.0.0.1"
-        check_node(proc, "cam-embedded")
+        assert plaintext_refused(proc.broker_host, proc.broker_port), "the default embedded broker took plaintext"
+        check_node(proc, "cam-embedded", node_device_tls(tmp_path, "cam-embedded"))
         stop_node(proc)
         assert not listening(proc.broker_host, proc.broker_port), "the embedded broker outlived split-cloud"
     finally:
         proc.kill()
 
 
-def test_serve_with_mosquitto(bundles_dir: Path, tmp_path: Path, mosquitto: Mosquitto) -> None:  # noqa: F811
-    proc = start_node(bundles_dir, tmp_path, "--broker", f"{mosquitto.host}:{mosquitto.port}")
+def test_serve_with_embedded_broker_in_insecure_mode(bundles_dir: Path, tmp_path: Path) -> None:
+    proc = start_node(bundles_dir, tmp_path, "--mqtt-insecure")
+    try:
+        assert proc.broker_embedded is True
+        check_node(proc, "cam-insecure", None)
+        stop_node(proc)
+        assert not (tmp_path / "pki").exists(), "the insecure mode made a CA"
+    finally:
+        proc.kill()
+
+
+def test_serve_with_mosquitto(bundles_dir: Path, tmp_path: Path, mosquitto_tls: Mosquitto,  # noqa: F811
+                              pki: CertificateAuthority, device_tls: Callable[[str], MqttTls]) -> None:
+    mosquitto = mosquitto_tls
+    proc = start_node(bundles_dir, tmp_path, "--broker", f"{mosquitto.host}:{mosquitto.port}",
+                      "--mqtt-pki", str(pki.dir))
     try:
         assert proc.broker_embedded is False and proc.broker_address == f"{mosquitto.host}:{mosquitto.port}"
-        check_node(proc, "cam-mosquitto")
+        assert plaintext_refused(mosquitto.host, mosquitto.port), "the generated Mosquitto config took plaintext"
+        check_node(proc, "cam-mosquitto", device_tls("cam-mosquitto"))
         stop_node(proc)
         assert listening(mosquitto.host, mosquitto.port), "an external broker must be left running"
     finally:
@@ -249,7 +293,7 @@ def test_fleet_history_survives_a_restart(bundles_dir: Path, tmp_path: Path) -> 
     """The SQLite store is a file: a restarted node (new embedded broker) still lists the device."""
     proc = start_node(bundles_dir, tmp_path)
     try:
-        publish_device(proc.broker_host, proc.broker_port, "cam-persist", n_records=3)
+        publish_device(proc.broker_host, proc.broker_port, "cam-persist", 3, node_device_tls(tmp_path, "cam-persist"))
         wait_for(lambda: fleet_device(proc.dashboard_url, "cam-persist", 3), "cam-persist in /api/fleet")
         assert proc.terminate(timeout=DEADLINE_S) == 0
     finally:
@@ -282,3 +326,12 @@ def test_bad_fleet_options_exit_2(bundles_dir: Path, tmp_path: Path, args: tuple
     with pytest.raises(RuntimeError, match="exited with 2") as err:
         proc.start()
     assert expected in str(err.value)
+
+
+def test_an_external_broker_without_a_ca_folder_exits_2(bundles_dir: Path, tmp_path: Path) -> None:
+    proc = CloudProcess(bundles_dir, "--cpu-only", "--db", str(tmp_path / "fleet.db"), "--broker", "127.0.0.1:1",
+                        start_timeout=30.0)
+    with pytest.raises(RuntimeError, match="exited with 2") as err:
+        proc.start()
+    assert "an external broker needs the CA it trusts" in str(err.value)
+    assert not (tmp_path / "pki").exists()  # no CA is made for a broker that could not know it

@@ -25,8 +25,9 @@ from cloud_tier.controller import FleetController
 from cloud_tier.dashboard import Dashboard
 from cloud_tier.fleet_store import FleetStore
 from cloud_tier.lab.mosquitto import Mosquitto
+from cloud_tier.pki import CertificateAuthority
 from edge_agent.mqtt_control import AgentControl
-from protos.mqtt import STATE, TELEMETRY, Ack, Command, TelemetryBatch, TelemetryRecord, device_topic
+from protos.mqtt import STATE, TELEMETRY, Ack, Command, MqttTls, TelemetryBatch, TelemetryRecord, device_topic
 from tests import polling
 
 AGENT_PROC = Path(__file__).with_name("mqtt_agent_proc.py")
@@ -180,7 +181,7 @@ def test_telemetry_sent_while_the_controller_is_down_is_stored_when_it_returns(
 
 
 def test_controller_outage_with_the_embedded_amqtt_broker(tmp_path: Path) -> None:
-    broker = EmbeddedBroker("127.0.0.1", 0)
+    broker = EmbeddedBroker("127.0.0.1", 0, insecure=True)  # the session mechanics; TLS: test_mqtt_security
     port = broker.start()
     try:
         _controller_outage("127.0.0.1", port, tmp_path)
@@ -188,8 +189,10 @@ def test_controller_outage_with_the_embedded_amqtt_broker(tmp_path: Path) -> Non
         broker.stop()
 
 
-def test_command_sent_while_offline_reaches_the_agent_through_the_embedded_amqtt_broker(tmp_path: Path) -> None:
-    broker = EmbeddedBroker("127.0.0.1", 0)
+def test_command_sent_while_offline_reaches_the_agent_through_the_embedded_amqtt_broker(
+        tmp_path: Path, pki: CertificateAuthority, controller_tls: MqttTls, device_tls: Callable[[str], MqttTls]
+) -> None:
+    broker = EmbeddedBroker("127.0.0.1", 0, pki=pki.dir)  # the default (TLS) mode: persistent sessions work too
     port = broker.start()
     store = FleetStore(tmp_path / "fleet.sqlite")
     got: list[Command] = []
@@ -199,12 +202,12 @@ def test_command_sent_while_offline_reaches_the_agent_through_the_embedded_amqtt
         return Ack(cmd.command_id, True, "applied")
 
     try:
-        with FleetController(store, "127.0.0.1", port) as ctl:
-            AgentControl("away-1", "127.0.0.1", port, on_command=on_command).start().close()
+        with FleetController(store, "127.0.0.1", port, tls=controller_tls) as ctl:
+            AgentControl("away-1", "127.0.0.1", port, on_command=on_command, tls=device_tls("away-1")).start().close()
             wait_for(lambda: (d := store.device("away-1")) and d["status"] == "offline", "offline after close")
             cmd = Command.switch_cut("c3")
             ctl.send_command("away-1", cmd)
-            back = AgentControl("away-1", "127.0.0.1", port, on_command=on_command).start()
+            back = AgentControl("away-1", "127.0.0.1", port, on_command=on_command, tls=device_tls("away-1")).start()
             try:
                 assert ctl.wait_ack(cmd.command_id, DEADLINE_S) == Ack(cmd.command_id, True, "applied")
             finally:
@@ -368,8 +371,9 @@ def test_agent_buffer_bound_counts_drops(fleet: tuple[FleetStore, FleetControlle
         agent.close()
 
 
-def test_embedded_amqtt_broker_round_trip(tmp_path: Path) -> None:
-    broker = EmbeddedBroker()
+def test_embedded_amqtt_broker_round_trip(tmp_path: Path, pki: CertificateAuthority, controller_tls: MqttTls,
+                                          device_tls: Callable[[str], MqttTls]) -> None:
+    broker = EmbeddedBroker(pki=pki.dir)
     port = broker.start()
     try:
         assert port > 0
@@ -378,8 +382,8 @@ def test_embedded_amqtt_broker_round_trip(tmp_path: Path) -> None:
         assert bound == {"127.0.0.1"}
         got: list[Ack] = []
         store = FleetStore(tmp_path / "amqtt.sqlite")
-        ctl = FleetController(store, "127.0.0.1", port).start()
-        agent = AgentControl("amqtt-1", "127.0.0.1", port, flush_interval_ms=20,
+        ctl = FleetController(store, "127.0.0.1", port, tls=controller_tls).start()
+        agent = AgentControl("amqtt-1", "127.0.0.1", port, flush_interval_ms=20, tls=device_tls("amqtt-1"),
                              on_command=lambda c: got.append(Ack(c.command_id, True, "pong")) or got[-1]).start()
         try:
             agent.record(TelemetryRecord("r1", time.time(), 1, 2, 3, 4, 5, 15, "cloud", "c1"))

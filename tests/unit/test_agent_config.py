@@ -116,3 +116,20 @@ def test_loads_without_tomllib_on_python_3_10(tmp_path, monkeypatch):
     path.write_text('bundle = "b"\ndeadline_ms = 250\n')
     assert fresh.AgentConfig.from_toml(path).deadline_ms == 250
     assert fresh.tomllib is real_toml
+
+
+def test_mqtt_tls_files_come_together_and_resolve_against_the_file(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text('bundle = "b"\n[mqtt]\nbroker = "10.0.0.5:8883"\ntls_ca = "pki/ca.pem"\n'
+                    'tls_cert = "pki/device.pem"\ntls_key = "/abs/device.key"\n')
+    mqtt = AgentConfig.from_toml(path).mqtt
+    assert mqtt is not None and mqtt.tls == (str(tmp_path / "pki/ca.pem"), str(tmp_path / "pki/device.pem"),
+                                             "/abs/device.key")
+    assert mqtt.i_know_insecure is False
+    with pytest.raises(ConfigError) as err:
+        AgentConfig.from_dict({"bundle": "b", "mqtt": {"broker": "h:1", "tls_ca": "ca.pem"}}, source="agent.toml")
+    assert err.value.key == "mqtt.tls_cert" and "the CA, the device's certificate and its key" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        AgentConfig.from_dict({"bundle": "b", "mqtt": {"broker": "h:1", "i_know_insecure": "yes"}}, source="a.toml")
+    assert err.value.key == "mqtt.i_know_insecure"
+    assert AgentConfig.from_dict({"bundle": "b", "mqtt": {"broker": "h:1"}}).mqtt.tls is None  # type: ignore[union-attr]

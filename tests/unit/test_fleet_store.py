@@ -84,7 +84,7 @@ def test_stats_match_an_independent_computation(store: FleetStore) -> None:
 def test_series_buckets_per_second(store: FleetStore) -> None:
     recs = [TelemetryRecord(f"r{i}", NOW - 3 + i * 0.25, 1.0 * i, 0, 0, 0, 0, 1.0 * i, "cloud", "c")
             for i in range(12)]  # 4 records in each of 3 seconds
-    store.insert_records([("d1", recs, 0)])
+    store.insert_records([("d1", recs, 0)], received=NOW)  # received "now": times ahead of receipt are clamped
     s = store.series("d1", since_s=10, bucket_s=1.0, now=NOW)
     assert s["t"] == [NOW - 3, NOW - 2, NOW - 1]
     assert s["count"] == [4, 4, 4]
@@ -187,3 +187,18 @@ def test_a_batch_delivered_twice_is_stored_once(store: FleetStore, tmp_path: Pat
         assert short.insert_records([("d1", recs[:5], 0, "old")]) == 5  # pruned: stored again
     finally:
         short.close()
+
+
+def test_times_far_ahead_of_receipt_are_clamped_and_counted(store: FleetStore) -> None:
+    received = NOW
+    forged = TelemetryRecord("forged", received + 115 * 86400, 1.0, 1.0, 1.0, 1.0, 1.0, 86_000_000.0, "cloud", "c1")
+    near = TelemetryRecord("near", received + 299, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0, "cloud", "c1")
+    assert store.insert_records([("d1", [forged, near], 0)], received=received) == 2
+    rows = dict(store._reader().execute("SELECT request_id, ts FROM requests WHERE device_id = 'd1'").fetchall())
+    assert rows == {"forged": received, "near": received + 299}  # 5 minutes of clock skew are tolerated
+    assert store.future_timestamps == 1
+    store.upsert_state("d1", DeviceState("online", ts=received + 86400), received)
+    assert store.device("d1")["state_ts"] == received
+    store.upsert_state("d1", DeviceState("online", ts=received + 10), received)
+    assert store.device("d1")["state_ts"] == received + 10
+    assert store.future_timestamps == 2

@@ -9,6 +9,7 @@ import pytest
 from protos.mqtt import (
     ACK,
     CMD,
+    CONTROLLER,
     STATE,
     TELEMETRY,
     Ack,
@@ -17,8 +18,11 @@ from protos.mqtt import (
     MqttSchemaError,
     TelemetryBatch,
     TelemetryRecord,
+    acl_allows,
     device_topic,
     fleet_filter,
+    is_loopback,
+    mosquitto_acl,
     parse_topic,
 )
 
@@ -134,3 +138,75 @@ def test_device_id_with_a_trailing_newline_is_refused():
             device_topic(bad, "state")
     with pytest.raises(ConfigError, match="device_id"):
         AgentConfig.from_dict({"bundle": "b", "cloud": "127.0.0.1:1", "device_id": "pi-1\n"}, "test")
+
+
+@pytest.mark.parametrize("stage", ["total_ms", "tail_ms", "network_ms"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), 86_400_001.0, 1e12])
+def test_absurd_stage_times_are_refused(stage: str, value: float) -> None:
+    with pytest.raises(MqttSchemaError) as err:
+        rec(**{stage: value})
+    assert err.value.key == stage
+    payload = json.dumps({"records": [{**rec().to_dict(), stage: value}]})
+    with pytest.raises(MqttSchemaError):
+        TelemetryBatch.from_json(payload)
+
+
+def topic(device: str, leaf: str) -> str:
+    return device_topic(device, leaf)
+
+
+@pytest.mark.parametrize("identity,access,target,allowed", [
+    ("cam1", "write", topic("cam1", STATE), True),
+    ("cam1", "write", topic("cam1", TELEMETRY), True),
+    ("cam1", "write", topic("cam1", ACK), True),
+    ("cam1", "write", topic("cam1", CMD), False),  # a device never commands, not even itself
+    ("cam1", "write", topic("cam2", STATE), False),
+    ("cam1", "write", topic("cam2", TELEMETRY), False),
+    ("cam1", "write", topic("cam2", ACK), False),
+    ("cam1", "read", topic("cam1", CMD), True),
+    ("cam1", "subscribe", topic("cam1", CMD), True),
+    ("cam1", "read", topic("cam2", CMD), False),
+    ("cam1", "read", topic("cam1", STATE), False),
+    ("cam1", "subscribe", "#", False),
+    ("cam1", "subscribe", "splitinfer/v1/devices/+/cmd", False),
+    ("cam1", "subscribe", "splitinfer/v1/devices/cam1/#", False),
+    ("cam1", "subscribe", "splitinfer/v1/devices/cam1/+", False),
+    ("+", "write", topic("cam1", STATE).replace("cam1", "+"), False),
+    ("#", "subscribe", "#", False),
+    (CONTROLLER, "write", topic("cam1", CMD), True),
+    (CONTROLLER, "write", topic("cam1", STATE), False),
+    (CONTROLLER, "write", topic("cam1", TELEMETRY), False),
+    (CONTROLLER, "subscribe", fleet_filter(STATE), True),
+    (CONTROLLER, "subscribe", fleet_filter(TELEMETRY), True),
+    (CONTROLLER, "subscribe", fleet_filter(ACK), True),
+    (CONTROLLER, "subscribe", "splitinfer/v1/devices/#", True),
+    (CONTROLLER, "subscribe", "#", False),
+    (CONTROLLER, "read", topic("cam9", TELEMETRY), True),
+    (CONTROLLER, "read", "other/topic", False),
+    (None, "read", topic("cam1", CMD), False),
+    ("dashboard", "read", topic("cam1", STATE), False),  # a device id like any other: its own topics only
+    ("dashboard", "read", topic("cam1", CMD), False),
+    ("cam1", "delete", topic("cam1", STATE), False),
+])
+def test_acl(identity: str | None, access: str, target: str, allowed: bool) -> None:
+    assert acl_allows(identity, access, target) is allowed
+
+
+def test_mosquitto_acl_has_the_same_rules() -> None:
+    lines = [ln for ln in mosquitto_acl().splitlines() if ln and not ln.startswith("#")]
+    assert lines == [
+        "user controller",
+        "topic write splitinfer/v1/devices/+/cmd",
+        "topic read splitinfer/v1/devices/#",
+        "pattern write splitinfer/v1/devices/%u/state",
+        "pattern write splitinfer/v1/devices/%u/telemetry",
+        "pattern write splitinfer/v1/devices/%u/cmd/ack",
+        "pattern read splitinfer/v1/devices/%u/cmd",
+    ]
+
+
+@pytest.mark.parametrize("host,loop", [("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("[::1]", True),
+                                       ("localhost", True), ("0.0.0.0", False), ("10.0.0.5", False),
+                                       ("broker.example", False)])
+def test_is_loopback(host: str, loop: bool) -> None:
+    assert is_loopback(host) is loop
