@@ -99,6 +99,8 @@ def serial_of(cert_pem: bytes) -> int:
 def _check_device_id(device_id: str) -> str:
     if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
         raise PkiError(f"device id {device_id!r} is invalid: expected 1-64 characters from [A-Za-z0-9_-]")
+    if device_id in KINDS[1:]:  # Mosquitto knows identities by CN alone: a device "controller" would be one
+        raise PkiError(f"device id {device_id!r} is reserved for the cloud's own certificate")
     return device_id
 
 
