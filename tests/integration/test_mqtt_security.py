@@ -24,7 +24,7 @@ from cloud_tier.cli import main as cloud_main
 from cloud_tier.controller import FleetController
 from cloud_tier.fleet_store import FleetStore
 from cloud_tier.lab.mosquitto import Mosquitto, mosquitto_path
-from cloud_tier.pki import CertificateAuthority
+from cloud_tier.pki import CertificateAuthority, Identity, PkiError, write_private
 from edge_agent.mqtt_control import AgentControl
 from protos.mqtt import (
     ACK,
@@ -222,11 +222,18 @@ def test_the_client_id_must_be_the_certificates_identity_on_the_embedded_broker(
     assert admitted(broker.port, "sec-id", device_tls("sec-id"))
 
 
-def test_a_device_enrolled_as_controller_is_not_the_controller_on_the_embedded_broker(
-        broker: Broker, device_tls: Callable[[str], MqttTls]) -> None:
+def test_a_device_certificate_named_controller_is_not_the_controller_on_the_embedded_broker(
+        broker: Broker, pki: CertificateAuthority, tmp_path: Path) -> None:
     if broker.kind != "embedded":
         pytest.skip("Mosquitto knows identities by CN only: the CA must not issue a device id 'controller'")
-    assert not admitted(broker.port, "controller", device_tls("controller"))
+    with pytest.raises(PkiError, match="reserved"):
+        pki.enroll("controller", tmp_path / "refused")
+    # `enroll` refuses the id; a certificate made past that check is still not the controller on this broker.
+    cert, key = pki._issue(Identity("device", "controller"), days=1, server_hosts=None)
+    (tmp_path / "device.pem").write_bytes(cert)
+    write_private(tmp_path / "device.key", key)
+    tls = MqttTls(str(pki.ca_cert), str(tmp_path / "device.pem"), str(tmp_path / "device.key"))
+    assert not admitted(broker.port, "controller", tls)
 
 
 # --- what a connected device may do ----------------------------------------------------------------------
