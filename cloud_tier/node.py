@@ -19,7 +19,10 @@ from cloud_tier.server import CloudServer
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
-__all__ = ["CloudNode"]
+__all__ = ["CloudNode", "INSECURE_WARNING"]
+
+INSECURE_WARNING = ("WARNING: the gRPC tier is plaintext and unauthenticated (--insecure): anyone who can reach it "
+                    "can call it as any device")
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +72,22 @@ class CloudNode:
         """Base URL of the dashboard, with a trailing slash (None with the gRPC tier alone)."""
         return None if self.dashboard is None else self.dashboard.url + "/"
 
+    @property
+    def insecure(self) -> bool:
+        """Whether the gRPC tier serves plaintext and takes device ids from requests (--insecure)."""
+        return self.server.insecure
+
+    def reload_certificates(self) -> None:
+        """The gRPC tier serves the certificates on disk to new connections (what SIGHUP asks)."""
+        self.server.reload_certificates()
+
     def banner(self) -> list[str]:
         """The lines `split-cloud serve` prints once everything is up (the first one is parsed by clients)."""
         lines = [f"listening on {self.grpc_address}"]
+        if self.insecure:
+            lines.append(INSECURE_WARNING)
+        elif self.server.tls is not None:
+            lines.append(f"grpc mTLS: clients need a certificate of the CA in {self.server.tls.dir}")
         if self.broker_address is not None:
             kind = "embedded" if self.broker_embedded else "external"
             lines.append(f"mqtt broker {self.broker_address} ({kind})")
