@@ -28,6 +28,7 @@ from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from protos.mqtt import STATE, TELEMETRY, DeviceState, TelemetryBatch, TelemetryRecord, device_topic
 from tests import polling
+from tests.pki import device_channel
 
 DEADLINE_S = 10.0
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -154,7 +155,7 @@ def send_requests(address: str, device_id: str, n_ok: int) -> list[int]:
                                 tensors=[codec.encode(CUT_TENSOR, array, "fp32")]) for i in range(n_ok)]
     requests.append(pb.InferRequest(request_id="bad", device_id=device_id, model="tiny", cut="no-such-cut",
                                     tensors=[codec.encode(CUT_TENSOR, array, "fp32")]))
-    with grpc.insecure_channel(address, options=OPTIONS) as channel:
+    with device_channel(address, device_id, OPTIONS) as channel:  # mTLS as that device (tests/pki.py)
         stub = pb_grpc.SplitInferenceStub(channel)
         return sorted(r.status.code for r in stub.Infer(iter(requests), timeout=DEADLINE_S))
 
