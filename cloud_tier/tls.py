@@ -88,7 +88,13 @@ class Revocations:
     def _refresh(self, force: bool = False) -> None:
         with self._lock:
             self._checked = self._clock()
-            st = self.crl.stat()  # a missing CRL is an error at start, and keeps the old list later
+            try:
+                st = self.crl.stat()
+            except OSError as exc:  # a missing CRL is an error at start, and keeps the last good list later
+                if force:
+                    raise
+                log.error("revocation list %s unreadable (keeping the last good one): %s", self.crl, exc)
+                return
             stamp = (st.st_mtime_ns, st.st_size)
             if stamp == self._stamp and not force:
                 return
