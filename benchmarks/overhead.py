@@ -10,7 +10,13 @@ handing work over, gRPC on both ends, loopback TCP, the batcher, request buildin
 
 Target: overhead <= max(1 ms, 5% of the median e2e). Batching off (max_batch 1) is the latency
 configuration; batching on (max_batch 16, continuous: a free worker takes whatever is queued) should cost a
-lone request nothing extra, and this row checks that.
+lone request nothing extra, and this row checks that. Both rows run mTLS, as deployed (a CA made for the run).
+
+The TLS table: what mTLS costs per request. Three agents, in the same run and on the same inputs, with batching
+off: one over mTLS to a `split-cloud serve`, two in plaintext to an `--insecure` one; each iteration sends one
+request through each, in a rotating order, so drift and background load fall on all three alike. mTLS / plain
+is the ratio of the medians; plain B / plain A (two timings of the same thing) is the noise floor. Target: mTLS
+adds at most 10% at the median.
 
     python -m benchmarks.overhead [--models tiny,mobilenet_v2] [--requests 200] [--codec int8] [--bundles DIR]
 """
@@ -25,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import bundles_dir, host_line, make_bundle, median, mid_cut, table
+from benchmarks._common import bench_pki, bundles_dir, host_line, make_bundle, median, mid_cut, table
 from cloud_tier.lab.process import CloudProcess
 from edge_agent import EdgeAgent
+from edge_agent.config import TlsConfig
 from edge_agent.runtime import CutRuntime, OrtRunner, RunnerCache, RuntimeOptions, prepare_inputs
 from models.manifest import Bundle
 from protos import codec
@@ -39,7 +46,8 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-def measure(bundle_path: Path, root: Path, codec_spec: str, requests: int, warmup: int, server_args: list[str]) -> dict:
+def measure(bundle_path: Path, root: Path, codec_spec: str, requests: int, warmup: int, server_args: list[str],
+            pki: Path, tls: TlsConfig) -> dict:
     """Interleave e2e requests and part timings for one server configuration; per-stage samples in ms."""
     bundle = Bundle.load(bundle_path)
     cut = mid_cut(bundle)
@@ -51,8 +59,9 @@ def measure(bundle_path: Path, root: Path, codec_spec: str, requests: int, warmu
                                        ("e2e", "head", "encode", "decode", "tail", "outputs",
                                         "agent_queue", "network", "cloud_queue", "cloud_tail")}
     wire = 0
-    with CloudProcess(root, *server_args, "--cpu-only", "--log-level", "WARNING") as cloud:
-        agent = EdgeAgent.from_bundle(bundle_path, cloud=cloud.address, cut=cut, codec=codec_spec, deadline_ms=10_000)
+    with CloudProcess(root, *server_args, "--cpu-only", "--log-level", "WARNING", pki=pki) as cloud:
+        agent = EdgeAgent.from_bundle(bundle_path, cloud=cloud.address, cut=cut, codec=codec_spec, deadline_ms=10_000,
+                                      device_id="bench", tls=tls)
         try:
             if not agent.wait_for_mode("split", 30):
                 raise RuntimeError(f"the agent did not reach the cloud: {agent.stats().extra}")
@@ -91,6 +100,44 @@ def measure(bundle_path: Path, root: Path, codec_spec: str, requests: int, warmu
     return {"cut": cut, "wire": wire, "samples": samples}
 
 
+def measure_tls(bundle_path: Path, root: Path, codec_spec: str, requests: int, warmup: int, pki: Path,
+                tls: TlsConfig) -> dict:
+    """e2e samples (ms) of one request at a time over mTLS and twice over plaintext, interleaved; batching off."""
+    bundle = Bundle.load(bundle_path)
+    cut = mid_cut(bundle)
+    spec = bundle.inputs[0]
+    rng = np.random.default_rng(1)
+    names = ("mtls", "plain_a", "plain_b")
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    args = ("--max-batch", "1", "--no-fleet", "--cpu-only", "--log-level", "WARNING")
+    fields = {"cut": cut, "codec": codec_spec, "deadline_ms": 10_000, "device_id": "bench"}
+    with CloudProcess(root, *args, pki=pki) as secure, CloudProcess(root, *args, insecure=True) as plain:
+        agents = {
+            "mtls": EdgeAgent.from_bundle(bundle_path, secure.address, tls=tls, **fields),
+            "plain_a": EdgeAgent.from_bundle(bundle_path, plain.address, insecure=True, **fields),
+            "plain_b": EdgeAgent.from_bundle(bundle_path, plain.address, insecure=True, **fields),
+        }
+        try:
+            for name, agent in agents.items():
+                if not agent.wait_for_mode("split", 30):
+                    raise RuntimeError(f"agent {name} did not reach the cloud: {agent.stats().extra}")
+            for i in range(warmup + requests):
+                x = rng.standard_normal(spec.concrete_shape(1)).astype(np.float32)
+                order = names[i % 3:] + names[:i % 3]  # rotate who goes first
+                for name in order:
+                    t0 = time.perf_counter()
+                    res = agents[name].infer(x, timeout=30)
+                    e2e = _ms(t0)
+                    if res.served_by != "cloud":
+                        raise RuntimeError(f"{name}: request served by {res.served_by}: {res.fallback_reason}")
+                    if i >= warmup:
+                        samples[name].append(e2e)
+        finally:
+            for agent in agents.values():
+                agent.close()
+    return {"cut": cut, "samples": samples}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the overhead benchmark and print its table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -101,13 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundles", help="directory to build bundles in and reuse (default: a temp dir)")
     args = ap.parse_args(argv)
     rows = []
+    tls_rows = []
     missed = False
     with tempfile.TemporaryDirectory(prefix="splitinfer-overhead-") as tmp:
         root = bundles_dir(args.bundles, tmp)
+        pki, tls = bench_pki(Path(tmp))
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             path = make_bundle(model, root)
+            t = measure_tls(path, root, args.codec, args.requests, args.warmup, pki, tls)
+            m = {k: median(v) for k, v in t["samples"].items()}
+            ratio, floor = m["mtls"] / m["plain_a"], m["plain_b"] / m["plain_a"]
+            tls_rows.append([model, t["cut"], m["mtls"], m["plain_a"], m["plain_b"], f"{ratio:.3f}", f"{floor:.3f}",
+                             "PASS" if ratio <= 1.10 else "MISS"])
+            print(f"# {model} mTLS {m['mtls']:.2f} ms vs plaintext {m['plain_a']:.2f} / {m['plain_b']:.2f} ms: "
+                  f"x{ratio:.3f} (noise floor x{floor:.3f})", file=sys.stderr, flush=True)
             for label, server_args in CONFIGS:
-                r = measure(path, root, args.codec, args.requests, args.warmup, server_args)
+                r = measure(path, root, args.codec, args.requests, args.warmup, server_args, pki, tls)
                 s = {k: median(v) for k, v in r["samples"].items()}
                 s["parts"] = sum(s[k] for k in ("head", "encode", "decode", "tail", "outputs"))
                 s["overhead"] = s["e2e"] - s["parts"]
@@ -128,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
           "max(1 ms, 5% of e2e). The last four columns are the agent's own timing of where the overhead sits: "
           "submit -> edge worker, the round trip minus the cloud's reported time (gRPC both ways, loopback, "
           "servicer), the wait in the cloud's batcher, and the tail run time the cloud reports.")
+    print("\nmTLS vs plaintext, batching off, e2e medians in ms, interleaved in the same run (see the docstring):\n")
+    print(table(["model", "cut", "mTLS", "plain A", "plain B", "mTLS / plain A", "noise: B / A", "<= 1.10"],
+                tls_rows))
     return 1 if missed else 0
 
 
