@@ -10,6 +10,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -95,3 +96,14 @@ def host_line() -> str:
         pass
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"{now}; {cpu}; {os.cpu_count()} cores; Python {platform.python_version()}"
+
+
+def bench_pki(folder: Path, device_id: str = "bench") -> tuple[Path, Any]:
+    """A CA for one benchmark run in `folder` (the servers' pki=) and the agent's TlsConfig for `device_id`:
+    the benchmarks run mTLS, as deployed."""
+    from cloud_tier.pki import CertificateAuthority
+    from edge_agent.config import TlsConfig
+
+    pki = Path(folder) / "pki"
+    ca = CertificateAuthority(pki) if (pki / "ca.key").exists() else CertificateAuthority.init(pki)
+    return pki, TlsConfig.from_folder(ca.enroll(device_id, pki / "devices" / device_id))

@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from benchmarks._common import bundles_dir, host_line, make_bundle, median, mid_cut, table
+from benchmarks._common import bench_pki, bundles_dir, host_line, make_bundle, median, mid_cut, table
 from cloud_tier.lab.linkproxy import LinkProxy
 from cloud_tier.lab.process import CloudProcess
 from edge_agent import EdgeAgent
@@ -31,10 +32,10 @@ from partitioning.devices import resolve_network
 
 
 def run_mode(path: Path, address: str, cut: str, codec_spec: str, x: np.ndarray, requests: int,
-             warmup: int) -> tuple[float, float]:
+             warmup: int, tls: Any) -> tuple[float, float]:
     """Median e2e ms and median upload bytes of `requests` sequential requests on `cut`."""
     agent = EdgeAgent.from_bundle(path, cloud=address, cut=cut, codec=codec_spec, deadline_ms=60_000,
-                                  connect_timeout_s=10.0)
+                                  connect_timeout_s=10.0, device_id="bench", tls=tls)
     try:
         if cut != EDGE_ONLY and not agent.wait_for_mode("split", 60):
             raise RuntimeError(f"agent on {cut} never reached the cloud: {agent.stats().extra}")
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         root = bundles_dir(args.bundles, tmp)
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         paths = {m: make_bundle(m, root) for m in models}
-        with CloudProcess(root, "--max-batch", "1", "--cpu-only", "--log-level", "WARNING") as cloud, \
+        pki, tls = bench_pki(Path(tmp))
+        with CloudProcess(root, "--max-batch", "1", "--cpu-only", "--log-level", "WARNING", pki=pki) as cloud, \
                 LinkProxy("127.0.0.1", cloud.port) as proxy:
             for model in models:
                 bundle = Bundle.load(paths[model])
@@ -80,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
                     c["id"] == EDGE_ONLY for c in bundle.plan["candidates"]) else None
                 edge_est = f"{est:.0f} ({device})" if isinstance(est, (int, float)) else "n/a"
                 edge_ms, _ = run_mode(paths[model], proxy.address, EDGE_ONLY, args.codec, x, args.requests,
-                                      args.warmup)
+                                      args.warmup, tls)
                 for net in nets:
                     proxy.set_rates(net.uplink_mbps, net.downlink_mbps)
                     proxy.set_delay(net.rtt_ms / 2)
                     res = {EDGE_ONLY: (edge_ms, 0.0)}
                     for cut in (split, CLOUD_ONLY):
                         res[cut] = run_mode(paths[model], proxy.address, cut, args.codec, x, args.requests,
-                                            args.warmup)
+                                            args.warmup, tls)
                     best = min(res, key=lambda c: res[c][0])
                     print(f"# {model} {net.name}: " + ", ".join(f"{c} {v[0]:.0f} ms" for c, v in res.items()),
                           file=sys.stderr, flush=True)

@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             make_bundle(model, root)
         with contextlib.ExitStack() as stack:
+            # plaintext on loopback: the simulated agents are raw gRPC threads measuring the batcher, not TLS
             addresses = {label: stack.enter_context(CloudProcess(root, *flags, "--cpu-only", "--log-level",
-                                                                 "WARNING")).address
+                                                                 "WARNING", insecure=True)).address
                          for label, flags in CONFIGS.items()}
             for model in models:
                 results[model] = measure_model(model, root, addresses, counts, args)

@@ -23,10 +23,11 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import bundles_dir, host_line, make_bundle, median, mid_cut, percentile, table
+from benchmarks._common import bench_pki, bundles_dir, host_line, make_bundle, median, mid_cut, percentile, table
 from cloud_tier.lab.linkproxy import LinkProxy
 from cloud_tier.lab.process import CloudProcess
 from edge_agent import EdgeAgent
@@ -100,14 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         cut = mid_cut(bundle)
         x = np.random.default_rng(0).standard_normal(bundle.inputs[0].concrete_shape(1)).astype(np.float32)
         server_args = ["--cpu-only", "--log-level", "WARNING"]
-        cloud = CloudProcess(root, *server_args)
+        pki, tls = bench_pki(Path(tmp))
+        cloud = CloudProcess(root, *server_args, pki=pki)
         port = cloud.start()
         backoff = {"initial_s": 0.2, "max_s": args.backoff_max}
         in_flight_ms: list[float] = []
         per_cycle = []
         with LinkProxy("127.0.0.1", port, delay_ms=args.delay_ms) as proxy:
             agent = EdgeAgent.from_bundle(path, cloud=proxy.address, cut=cut, deadline_ms=args.deadline_ms,
-                                          backoff=backoff, max_in_flight=1000)
+                                          backoff=backoff, max_in_flight=1000, device_id="bench", tls=tls)
             feeder = None
             try:
                 if not agent.wait_for_mode("split", 30):
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     edge = len(local)
                     in_flight_ms += times
                     time.sleep(max(0.0, args.outage - (time.perf_counter() - t_kill)))
-                    cloud = CloudProcess(root, *server_args, "--port", str(port))
+                    cloud = CloudProcess(root, *server_args, "--port", str(port), pki=pki)
                     t_spawn = time.perf_counter()
                     cloud.start()
                     t_up = time.perf_counter()

@@ -10,7 +10,14 @@ handing work over, gRPC on both ends, loopback TCP, the batcher, request buildin
 
 Target: overhead <= max(1 ms, 5% of the median e2e). Batching off (max_batch 1) is the latency
 configuration; batching on (max_batch 16, continuous: a free worker takes whatever is queued) should cost a
-lone request nothing extra, and this row checks that.
+lone request nothing extra, and this row checks that. Both rows run mTLS, as deployed (a CA made for the run).
+
+The TLS table: what mTLS costs per request. Four agents, in the same run and on the same inputs, with batching
+off, each to its own `split-cloud serve` process: two over mTLS (A, B), two in plaintext to `--insecure` servers
+(A, B); each iteration sends one request through each, in a rotating order, so drift and background load fall on
+all four alike. mTLS / plaintext is the ratio of the medians (the A and B samples pooled); B / A of the same kind
+(two timings of the same thing, server processes included) is the noise floor. Target: mTLS adds at most 10% at
+the median.
 
     python -m benchmarks.overhead [--models tiny,mobilenet_v2] [--requests 200] [--codec int8] [--bundles DIR]
 """
@@ -18,6 +25,7 @@ lone request nothing extra, and this row checks that.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -25,21 +33,24 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import bundles_dir, host_line, make_bundle, median, mid_cut, table
+from benchmarks._common import bench_pki, bundles_dir, host_line, make_bundle, median, mid_cut, table
 from cloud_tier.lab.process import CloudProcess
 from edge_agent import EdgeAgent
+from edge_agent.config import TlsConfig
 from edge_agent.runtime import CutRuntime, OrtRunner, RunnerCache, RuntimeOptions, prepare_inputs
 from models.manifest import Bundle
 from protos import codec
 
 CONFIGS = (("off (max_batch 1)", ["--max-batch", "1"]), ("on (max_batch 16)", ["--max-batch", "16"]))
+TLS_RUNS = ("mtls_a", "plain_a", "mtls_b", "plain_b")  # each an agent with its own server process
 
 
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-def measure(bundle_path: Path, root: Path, codec_spec: str, requests: int, warmup: int, server_args: list[str]) -> dict:
+def measure(bundle_path: Path, root: Path, codec_spec: str, requests: int, warmup: int, server_args: list[str],
+            pki: Path, tls: TlsConfig) -> dict:
     """Interleave e2e requests and part timings for one server configuration; per-stage samples in ms."""
     bundle = Bundle.load(bundle_path)
     cut = mid_cut(bundle)
@@ -51,8 +62,9 @@ def measure(bundle_path: Path, root: Path, codec_spec: str, requests: int, warmu
                                        ("e2e", "head", "encode", "decode", "tail", "outputs",
                                         "agent_queue", "network", "cloud_queue", "cloud_tail")}
     wire = 0
-    with CloudProcess(root, *server_args, "--cpu-only", "--log-level", "WARNING") as cloud:
-        agent = EdgeAgent.from_bundle(bundle_path, cloud=cloud.address, cut=cut, codec=codec_spec, deadline_ms=10_000)
+    with CloudProcess(root, *server_args, "--cpu-only", "--log-level", "WARNING", pki=pki) as cloud:
+        agent = EdgeAgent.from_bundle(bundle_path, cloud=cloud.address, cut=cut, codec=codec_spec, deadline_ms=10_000,
+                                      device_id="bench", tls=tls)
         try:
             if not agent.wait_for_mode("split", 30):
                 raise RuntimeError(f"the agent did not reach the cloud: {agent.stats().extra}")
@@ -91,6 +103,44 @@ def measure(bundle_path: Path, root: Path, codec_spec: str, requests: int, warmu
     return {"cut": cut, "wire": wire, "samples": samples}
 
 
+def measure_tls(bundle_path: Path, root: Path, codec_spec: str, requests: int, warmup: int, pki: Path,
+                tls: TlsConfig) -> dict:
+    """e2e samples (ms) of one request at a time through four agents, each to its own server, batching off: two
+    over mTLS and two in plaintext, one request each per iteration in rotating order."""
+    bundle = Bundle.load(bundle_path)
+    cut = mid_cut(bundle)
+    spec = bundle.inputs[0]
+    rng = np.random.default_rng(1)
+    names = TLS_RUNS
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    args = ("--max-batch", "1", "--no-fleet", "--cpu-only", "--log-level", "WARNING")
+    fields = {"cut": cut, "codec": codec_spec, "deadline_ms": 10_000, "device_id": "bench"}
+    with contextlib.ExitStack() as stack:
+        agents = {}
+        for name in names:
+            secure = name.startswith("mtls")
+            cloud = stack.enter_context(CloudProcess(root, *args, pki=pki) if secure
+                                        else CloudProcess(root, *args, insecure=True))
+            agents[name] = EdgeAgent.from_bundle(bundle_path, cloud.address, **fields,
+                                                 **({"tls": tls} if secure else {"insecure": True}))
+            stack.callback(agents[name].close)
+        for name, agent in agents.items():
+            if not agent.wait_for_mode("split", 30):
+                raise RuntimeError(f"agent {name} did not reach the cloud: {agent.stats().extra}")
+        for i in range(warmup + requests):
+            x = rng.standard_normal(spec.concrete_shape(1)).astype(np.float32)
+            k = i % len(names)
+            for name in names[k:] + names[:k]:  # rotate who goes first
+                t0 = time.perf_counter()
+                res = agents[name].infer(x, timeout=30)
+                e2e = _ms(t0)
+                if res.served_by != "cloud":
+                    raise RuntimeError(f"{name}: request served by {res.served_by}: {res.fallback_reason}")
+                if i >= warmup:
+                    samples[name].append(e2e)
+    return {"cut": cut, "samples": samples}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the overhead benchmark and print its table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -101,13 +151,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundles", help="directory to build bundles in and reuse (default: a temp dir)")
     args = ap.parse_args(argv)
     rows = []
+    tls_rows = []
     missed = False
     with tempfile.TemporaryDirectory(prefix="splitinfer-overhead-") as tmp:
         root = bundles_dir(args.bundles, tmp)
+        pki, tls = bench_pki(Path(tmp))
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             path = make_bundle(model, root)
+            t = measure_tls(path, root, args.codec, args.requests, args.warmup, pki, tls)
+            m = {k: median(v) for k, v in t["samples"].items()}
+            mtls = median(t["samples"]["mtls_a"] + t["samples"]["mtls_b"])
+            plain = median(t["samples"]["plain_a"] + t["samples"]["plain_b"])
+            ratio = mtls / plain
+            noise = (m["plain_b"] / m["plain_a"], m["mtls_b"] / m["mtls_a"])
+            tls_rows.append([model, t["cut"], mtls, plain, f"{ratio:.3f}", m["mtls_a"], m["mtls_b"], m["plain_a"],
+                             m["plain_b"], f"{noise[0]:.3f}", f"{noise[1]:.3f}", "PASS" if ratio <= 1.10 else "MISS"])
+            print(f"# {model} mTLS {mtls:.2f} ms vs plaintext {plain:.2f} ms: x{ratio:.3f} (same thing twice: "
+                  f"plain x{noise[0]:.3f}, mTLS x{noise[1]:.3f})", file=sys.stderr, flush=True)
             for label, server_args in CONFIGS:
-                r = measure(path, root, args.codec, args.requests, args.warmup, server_args)
+                r = measure(path, root, args.codec, args.requests, args.warmup, server_args, pki, tls)
                 s = {k: median(v) for k, v in r["samples"].items()}
                 s["parts"] = sum(s[k] for k in ("head", "encode", "decode", "tail", "outputs"))
                 s["overhead"] = s["e2e"] - s["parts"]
@@ -128,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
           "max(1 ms, 5% of e2e). The last four columns are the agent's own timing of where the overhead sits: "
           "submit -> edge worker, the round trip minus the cloud's reported time (gRPC both ways, loopback, "
           "servicer), the wait in the cloud's batcher, and the tail run time the cloud reports.")
+    print("\nmTLS vs plaintext, batching off, e2e medians in ms, interleaved in the same run (see the docstring):\n")
+    print(table(["model", "cut", "mTLS", "plaintext", "mTLS / plaintext", "mTLS A", "mTLS B", "plain A",
+                 "plain B", "noise: plain B / A", "noise: mTLS B / A", "<= 1.10"], tls_rows))
     return 1 if missed else 0
 
 

@@ -1,5 +1,11 @@
-"""`split-cloud`: serve the tails of a directory of split bundles over gRPC, with the fleet control plane
-(MQTT broker, fleet store, controller, dashboard) unless --no-fleet."""
+"""`split-cloud`: serve the tails of a directory of split bundles over gRPC (mTLS), with the fleet control plane
+(MQTT broker, fleet store, controller, dashboard) unless --no-fleet; and the deployment's CA.
+
+    split-cloud ca init [--dir STATE/pki] [--host cloud.example --host 10.0.0.5]
+    split-cloud enroll cam-1 --cloud cloud.example:50051 [--broker cloud.example:8883] [--out DIR]
+    split-cloud revoke cam-1
+    split-cloud serve --bundles bundles [--pki STATE/pki]
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,10 @@ import signal
 import sqlite3
 import sys
 import threading
+from pathlib import Path
 
-from cloud_tier.config import STATE_DIR_ENV, NodeOptions, ServerConfig
+from cloud_tier.config import STATE_DIR_ENV, ConfigError, NodeOptions, ServerConfig, default_pki_dir, parse_address
+from models.extras import MissingExtraError
 from models.manifest import BundleError
 
 DEFAULTS = ServerConfig()
@@ -18,8 +26,35 @@ DEFAULTS = ServerConfig()
 
 def build_parser() -> argparse.ArgumentParser:
     """The split-cloud argument parser."""
-    parser = argparse.ArgumentParser(prog="split-cloud", description=__doc__)
+    parser = argparse.ArgumentParser(prog="split-cloud", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    pki_help = f"the CA folder (default ${STATE_DIR_ENV}/pki, else $XDG_STATE_HOME/splitinfer/pki, else " \
+               "~/.local/state/splitinfer/pki)"
+    ca = sub.add_parser("ca", help="the deployment's certificate authority")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    ca_init = ca_sub.add_parser("init", help="make the CA, the cloud's server certificate, the controller's and "
+                                             "dashboard's certificates and the dashboard token")
+    ca_init.add_argument("--dir", type=Path, default=None, help=pki_help)
+    ca_init.add_argument("--host", action="append", default=None, metavar="NAME_OR_IP",
+                         help="a name or address clients dial the cloud by (repeat; default localhost, 127.0.0.1, "
+                              "::1); it goes into the server certificate")
+    ca_init.add_argument("--force", action="store_true",
+                         help="replace an existing CA (every certificate it issued stops being trusted)")
+    enroll = sub.add_parser("enroll", help="issue a device certificate and write its folder (ca.pem, device.pem, "
+                                           "device.key, agent.toml)")
+    enroll.add_argument("device_id", metavar="DEVICE_ID", help="the device id: 1-64 characters of [A-Za-z0-9_-]")
+    enroll.add_argument("--days", type=int, default=365, help="validity in days (default %(default)s)")
+    enroll.add_argument("--out", type=Path, default=None, help="the device folder (default PKI/devices/DEVICE_ID)")
+    enroll.add_argument("--cloud", metavar="HOST:PORT", default=None, help="the gRPC tier address for agent.toml")
+    enroll.add_argument("--broker", metavar="HOST:PORT", default=None, help="the MQTT broker address for agent.toml")
+    enroll.add_argument("--server-name", default=None,
+                        help="the name the agent checks in the server certificate (default: the host of --cloud)")
+    enroll.add_argument("--force", action="store_true", help="replace a device folder that already holds a key")
+    enroll.add_argument("--pki", type=Path, default=None, help=pki_help)
+    revoke = sub.add_parser("revoke", help="revoke every certificate of a device (the tier refuses it at once)")
+    revoke.add_argument("device_id", metavar="DEVICE_ID")
+    revoke.add_argument("--pki", type=Path, default=None, help=pki_help)
     serve = sub.add_parser("serve", help="serve every bundle (subdirectory with plan.json) of --bundles")
     serve.add_argument("--bundles", required=True, help="directory of bundles made by split-profile")
     serve.add_argument("--host", default=DEFAULTS.host, help="address to bind (default %(default)s)")
@@ -40,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-mib", type=int, default=DEFAULTS.max_message_bytes >> 20,
                        help="gRPC message size limit, MiB (default %(default)s)")
     serve.add_argument("--cpu-only", action="store_true", help="do not use the CUDA execution provider")
+    tls = serve.add_argument_group("transport security")
+    tls.add_argument("--pki", type=Path, default=None, help=pki_help + " for both planes: gRPC clients and MQTT "
+                     "clients must present one of its certificates, and a device's id is taken from it; the "
+                     "embedded broker and the controller use its certificates. SIGHUP re-reads server.pem/.key "
+                     "and ca.pem")
+    tls.add_argument("--insecure", action="store_true",
+                     help="plaintext gRPC and MQTT, device ids taken from requests, no ACL: no authentication at all "
+                          "(loopback addresses only, unless --i-know-insecure)")
+    tls.add_argument("--i-know-insecure", action="store_true",
+                     help="allow --insecure on an address other hosts can reach")
     fleet = serve.add_argument_group("fleet control plane")
     fleet.add_argument("--no-fleet", action="store_true",
                        help="run only the gRPC tier (no MQTT broker, fleet store, controller or dashboard)")
@@ -49,15 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--db", metavar="PATH", default=None,
                        help=f"SQLite fleet store file (default ${STATE_DIR_ENV}/fleet.db, else "
                             "$XDG_STATE_HOME/splitinfer/fleet.db, else ~/.local/state/splitinfer/fleet.db)")
-    fleet.add_argument("--mqtt-pki", metavar="DIR", default=None,
-                       help="CA folder (split-cloud ca init) for MQTT: the embedded broker's TLS certificate and the "
-                            "controller's client certificate (default: pki beside the fleet store, made on first "
-                            "start)")
-    fleet.add_argument("--mqtt-insecure", action="store_true",
-                       help="plaintext MQTT without certificates, ACL or authentication (loopback only unless "
-                            "--i-know-insecure)")
-    fleet.add_argument("--i-know-insecure", action="store_true",
-                       help="allow --mqtt-insecure on a non-loopback broker address")
     fleet.add_argument("--dashboard-host", default=NodeOptions.dashboard_host,
                        help="dashboard bind address (default %(default)s)")
     fleet.add_argument("--dashboard-port", type=int, default=NodeOptions.dashboard_port,
@@ -101,7 +137,7 @@ def mosquitto_config(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     """Run the node until SIGTERM or SIGINT, then drain and stop every part; returns the exit status."""
     from cloud_tier.broker import BrokerStartError
-    from cloud_tier.node import CloudNode
+    from cloud_tier.node import INSECURE_WARNING, CloudNode
     from cloud_tier.pki import PkiError
     from cloud_tier.server import ServerStartError
 
@@ -109,17 +145,26 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, workers=args.workers, intra_op_threads=args.intra_op_threads,
         max_tensor_bytes=args.max_tensor_mib << 20, max_message_bytes=args.max_message_mib << 20,
-        prefer_gpu=not args.cpu_only,
+        prefer_gpu=not args.cpu_only, pki_dir=args.pki, insecure=args.insecure,
+        insecure_remote=args.i_know_insecure,
     )
     options = None if args.no_fleet else NodeOptions(
         broker=args.broker, db_path=args.db, dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port,
         dashboard_token_file=args.dashboard_token_file,
-        mqtt_pki=args.mqtt_pki, mqtt_insecure=args.mqtt_insecure, mqtt_i_know_insecure=args.i_know_insecure,
+        # One CA and one insecure switch for both planes: --pki, --insecure, --i-know-insecure.
+        mqtt_pki=args.pki, mqtt_insecure=args.insecure, mqtt_i_know_insecure=args.i_know_insecure,
     )
+    if config.insecure:
+        print(f"split-cloud: {INSECURE_WARNING}", file=sys.stderr, flush=True)
+    elif not (config.resolved_pki_dir() / "ca.pem").is_file():
+        print(f"split-cloud: no CA in {config.resolved_pki_dir()}: run `split-cloud ca init --dir "
+              f"{config.resolved_pki_dir()}` first (or --insecure for plaintext on loopback)", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     node = CloudNode(args.bundles, config, options)
+    signal.signal(signal.SIGHUP, lambda *_: node.reload_certificates())
     try:
         node.start()
     except (BundleError, ServerStartError, BrokerStartError, PkiError, TimeoutError, OSError, RuntimeError,
@@ -136,15 +181,62 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def ca_init(args: argparse.Namespace) -> int:
+    """`split-cloud ca init`: make the CA folder."""
+    from cloud_tier.pki import CertificateAuthority
+
+    folder = args.dir or default_pki_dir()
+    hosts = args.host or ["localhost", "127.0.0.1", "::1"]
+    ca = CertificateAuthority.init(folder, hosts, force=args.force)
+    print(f"CA made in {ca.dir} (server certificate for {', '.join(hosts)}); enroll devices with "
+          f"`split-cloud enroll DEVICE_ID --pki {ca.dir}`")
+    return 0
+
+
+def enroll(args: argparse.Namespace) -> int:
+    """`split-cloud enroll`: issue a device certificate and write the device folder."""
+    from cloud_tier.pki import CertificateAuthority
+
+    for key in ("cloud", "broker"):
+        if getattr(args, key) is not None:
+            parse_address(getattr(args, key), f"--{key}")
+    if args.days < 1:
+        raise ConfigError("--days", f"expected a number of days >= 1, got {args.days}")
+    ca = CertificateAuthority(args.pki or default_pki_dir())
+    out = args.out or ca.dir / "devices" / args.device_id
+    if (out / "device.key").exists() and not args.force:
+        raise ConfigError("--out", f"{out} already holds a device key: refusing to replace it (--force replaces it; "
+                          "`split-cloud revoke` the old certificate if it leaked)")
+    folder = ca.enroll(args.device_id, out, days=args.days, cloud=args.cloud, broker=args.broker,
+                       server_name=args.server_name)
+    print(f"enrolled device {args.device_id}: {folder} (ca.pem, device.pem, device.key, agent.toml); copy it to the "
+          "device and run `split-agent run --config agent.toml`")
+    return 0
+
+
+def revoke(args: argparse.Namespace) -> int:
+    """`split-cloud revoke`: put a device's certificates on the revocation list."""
+    from cloud_tier.pki import CertificateAuthority
+
+    serials = CertificateAuthority(args.pki or default_pki_dir()).revoke(args.device_id)
+    print(f"revoked device {args.device_id}: {len(serials)} certificate(s), serial(s) "
+          f"{', '.join(f'{s:x}' for s in serials)}; the gRPC tier refuses it from now on")
+    return 0
+
+
+COMMANDS = {"serve": serve, "enroll": enroll, "revoke": revoke, "ca": ca_init, "mosquitto-config": mosquitto_config}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
+    from cloud_tier.pki import PkiError
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "mosquitto-config":
-            return mosquitto_config(args)
-        return serve(args)
-    except ValueError as exc:  # ConfigError (a ValueError) names the bad setting
+        return COMMANDS[args.command](args)
+    except (ValueError, PkiError, MissingExtraError, OSError) as exc:  # ConfigError (a ValueError) names the key
         print(f"split-cloud: {exc}", file=sys.stderr)
         return 2
 

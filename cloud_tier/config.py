@@ -8,6 +8,7 @@ environment override (where the fleet database lives by default).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,14 @@ from models.validate import FieldError, check_bool, check_int, check_number, che
 from protos import address
 from protos.codec import DEFAULT_MAX_TENSOR_BYTES
 
-__all__ = ["ConfigError", "NodeOptions", "ServerConfig", "STATE_DIR_ENV", "default_db_path", "parse_address"]
+__all__ = ["ConfigError", "NodeOptions", "ServerConfig", "STATE_DIR_ENV", "default_db_path", "default_pki_dir",
+           "default_state_dir", "is_loopback", "parse_address"]
 
 MIB = 1024 * 1024
 HEALTH_SERVICE = "splitinfer.v1.SplitInference"
 STATE_DIR_ENV = "SPLITINFER_STATE_DIR"  # overrides where the fleet database lives by default
 DB_FILE = "fleet.db"
+PKI_DIR = "pki"
 
 # Keepalive pairing with the edge agent: agents ping every 20 s (keepalive_time_ms=20000, also without an
 # active call); the server accepts pings as often as every 10 s, so they never earn a GOAWAY too_many_pings.
@@ -47,12 +50,32 @@ def parse_address(text: str, key: str = "address") -> tuple[str, int]:
         raise ConfigError(key, f"{text!r} is invalid: expected HOST:PORT with a port in 1..65535") from None
 
 
-def default_db_path() -> Path:
-    """$SPLITINFER_STATE_DIR/fleet.db, else $XDG_STATE_HOME/splitinfer/fleet.db, else ~/.local/state/..."""
+def default_state_dir() -> Path:
+    """$SPLITINFER_STATE_DIR, else $XDG_STATE_HOME/splitinfer, else ~/.local/state/splitinfer."""
     if os.environ.get(STATE_DIR_ENV):
-        return Path(os.environ[STATE_DIR_ENV]) / DB_FILE
-    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    return base / "splitinfer" / DB_FILE
+        return Path(os.environ[STATE_DIR_ENV])
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "splitinfer"
+
+
+def default_db_path() -> Path:
+    """The fleet database in the state dir: default_state_dir() / fleet.db."""
+    return default_state_dir() / DB_FILE
+
+
+def default_pki_dir() -> Path:
+    """The deployment's CA folder in the state dir: default_state_dir() / pki (`split-cloud ca init` makes it)."""
+    return default_state_dir() / PKI_DIR
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 possibly in brackets) is this machine's loopback only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,11 @@ class ServerConfig:
     max_message_bytes: int = 64 * MIB  # gRPC receive/send limit (the default 4 MiB is too small)
     max_inflight_per_stream: int = 64  # requests of one stream being worked on; beyond: stop reading it
     prefer_gpu: bool = True  # CUDA execution provider first when onnxruntime has it
+    # mTLS: the CA folder (`split-cloud ca init`) with ca.pem, server.pem/.key and crl.pem; clients must present a
+    # certificate of this CA, and the device id is taken from it. None: default_pki_dir().
+    pki_dir: str | Path | None = None
+    insecure: bool = False  # plaintext, device ids taken from requests: loopback only unless insecure_remote
+    insecure_remote: bool = False  # --i-know-insecure: allow plaintext on a non-loopback address
 
     def __post_init__(self) -> None:
         """Check every field; ConfigError names the first bad one."""
@@ -80,6 +108,17 @@ class ServerConfig:
             check_int(f"ServerConfig.{name}", getattr(self, name), 1, error=ConfigError)
         check_number("ServerConfig.max_wait_ms", self.max_wait_ms, 0, error=ConfigError)
         check_bool("ServerConfig.prefer_gpu", self.prefer_gpu, error=ConfigError)
+        check_bool("--insecure", self.insecure, error=ConfigError)
+        check_bool("--i-know-insecure", self.insecure_remote, error=ConfigError)
+        if self.insecure:
+            if not is_loopback(self.host) and not self.insecure_remote:
+                raise ConfigError("--insecure", f"refuses to serve plaintext on {self.host!r}, which is not a loopback "
+                                  "address: anyone on the network could call the tier as any device (add "
+                                  "--i-know-insecure to do it anyway, or serve mTLS with --pki)")
+
+    def resolved_pki_dir(self) -> Path:
+        """`pki_dir`, or default_pki_dir() when unset."""
+        return Path(self.pki_dir) if self.pki_dir is not None else default_pki_dir()
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """gRPC server options, each set deliberately (see the keepalive note above)."""
@@ -112,7 +151,7 @@ class NodeOptions:
     embedded_broker_port: int = 0
     connect_timeout_s: float = 10.0  # how long the controller waits for the broker at start
     # MQTT security: the CA folder (cloud_tier.pki) whose server certificate the embedded broker serves and whose
-    # controller certificate the controller presents; None: `pki` beside the fleet store, made on first start.
+    # controller certificate the controller presents; None: the gRPC tier's (ServerConfig.pki_dir).
     mqtt_pki: str | Path | None = None
     mqtt_insecure: bool = False  # plaintext MQTT, no certificates (loopback only unless mqtt_i_know_insecure)
     mqtt_i_know_insecure: bool = False
@@ -132,6 +171,3 @@ class NodeOptions:
         """`db_path`, or default_db_path() when unset."""
         return Path(self.db_path) if self.db_path is not None else default_db_path()
 
-    def resolved_mqtt_pki(self) -> Path:
-        """`mqtt_pki`, or the `pki` folder beside the fleet store when unset."""
-        return Path(self.mqtt_pki) if self.mqtt_pki is not None else self.resolved_db_path().parent / "pki"

@@ -19,7 +19,10 @@ from cloud_tier.server import CloudServer
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
-__all__ = ["CloudNode"]
+__all__ = ["CloudNode", "INSECURE_WARNING"]
+
+INSECURE_WARNING = ("WARNING: the gRPC tier is plaintext and unauthenticated (--insecure): anyone who can reach it "
+                    "can call it as any device")
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +72,22 @@ class CloudNode:
         """Base URL of the dashboard, with a trailing slash (None with the gRPC tier alone)."""
         return None if self.dashboard is None else self.dashboard.url + "/"
 
+    @property
+    def insecure(self) -> bool:
+        """Whether the gRPC tier serves plaintext and takes device ids from requests (--insecure)."""
+        return self.server.insecure
+
+    def reload_certificates(self) -> None:
+        """The gRPC tier serves the certificates on disk to new connections (what SIGHUP asks)."""
+        self.server.reload_certificates()
+
     def banner(self) -> list[str]:
         """The lines `split-cloud serve` prints once everything is up (the first one is parsed by clients)."""
         lines = [f"listening on {self.grpc_address}"]
+        if self.insecure:
+            lines.append(INSECURE_WARNING)
+        elif self.server.tls is not None:
+            lines.append(f"grpc mTLS: clients need a certificate of the CA in {self.server.tls.dir}")
         if self.broker_address is not None:
             kind = "embedded" if self.broker_embedded else "external"
             lines.append(f"mqtt broker {self.broker_address} ({kind})")
@@ -146,25 +162,16 @@ class CloudNode:
                                    cloud_view=self.cloud_view)
         self.dashboard.start()
 
-    @staticmethod
-    def _mqtt_tls(opts: NodeOptions) -> tuple[Path | None, Any]:
-        """(CA folder, the controller's MqttTls), or (None, None) in the insecure mode. Without a CA folder
-        given, the one beside the fleet store is used, and made (`split-cloud ca init`) on first start when the
-        broker is the embedded one."""
+    def _mqtt_tls(self, opts: NodeOptions) -> tuple[Path | None, Any]:
+        """(CA folder, the controller's MqttTls), or (None, None) in the insecure mode. One CA serves both
+        planes: the gRPC tier's (`ServerConfig.pki_dir`) unless `NodeOptions.mqtt_pki` names another."""
         from cloud_tier.pki import CertificateAuthority
         from protos.mqtt import MqttTls
 
         if opts.mqtt_insecure:
             return None, None
-        pki = opts.resolved_mqtt_pki()
-        if opts.mqtt_pki is None and not (pki / "ca.key").exists():
-            if opts.broker is not None:
-                raise RuntimeError(f"no CA folder at {pki}: an external broker needs the CA it trusts (--mqtt-pki "
-                                   "DIR, made by `split-cloud ca init`), or --mqtt-insecure")
-            log.warning("no CA folder at %s: making one (split-cloud ca init) for the MQTT plane's certificates",
-                        pki)
-            CertificateAuthority.init(pki)
-        ca = CertificateAuthority(pki)
+        pki = Path(opts.mqtt_pki) if opts.mqtt_pki is not None else self.server.config.resolved_pki_dir()
+        ca = CertificateAuthority(pki)  # PkiError naming `split-cloud ca init` when there is none
         cert, key = ca.client_files("controller")
         return pki, MqttTls(str(ca.ca_cert), str(cert), str(key))
 

@@ -24,6 +24,7 @@ from cloud_tier.config import HEALTH_SERVICE, ServerConfig
 from cloud_tier.executor import ModelRegistry
 from cloud_tier.servicer import SplitInferenceServicer
 from cloud_tier.stats import ServerStats
+from cloud_tier.tls import PeerGuard, ServerTls
 from protos import inference_pb2_grpc as pb_grpc
 from protos import serde
 from protos.address import format_address
@@ -127,13 +128,18 @@ class CloudServer:
         max_message_bytes: int = _DEFAULTS.max_message_bytes,
         max_inflight_per_stream: int = _DEFAULTS.max_inflight_per_stream,
         prefer_gpu: bool = _DEFAULTS.prefer_gpu,
+        pki_dir: str | Path | None = _DEFAULTS.pki_dir,
+        insecure: bool = _DEFAULTS.insecure,
+        insecure_remote: bool = _DEFAULTS.insecure_remote,
     ):
         self.bundles_dir = Path(bundles_dir)
         self.config = ServerConfig(
             host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, workers=workers,
             intra_op_threads=intra_op_threads, max_tensor_bytes=max_tensor_bytes, max_message_bytes=max_message_bytes,
-            max_inflight_per_stream=max_inflight_per_stream, prefer_gpu=prefer_gpu,
+            max_inflight_per_stream=max_inflight_per_stream, prefer_gpu=prefer_gpu, pki_dir=pki_dir,
+            insecure=insecure, insecure_remote=insecure_remote,
         )
+        self.tls: ServerTls | None = None  # mTLS credentials and revocation list (None when insecure)
         self.stats = ServerStats()
         self.counters: RequestCounters | None = None  # set once the bundles are loaded
         self.port: int | None = None
@@ -172,6 +178,16 @@ class CloudServer:
         if self.port is None:
             raise RuntimeError("the server has no address before start()")
         return format_address(self.config.host, self.port)
+
+    @property
+    def insecure(self) -> bool:
+        """Whether the tier serves plaintext and takes device ids from requests (--insecure)."""
+        return self.config.insecure
+
+    def reload_certificates(self) -> None:
+        """New connections get server.pem/.key and ca.pem as they are now on disk (SIGHUP); safe in a handler."""
+        if self.tls is not None:
+            self.tls.reload()
 
     def drain(self, timeout: float = 30.0) -> None:
         """Health NOT_SERVING, refuse new requests (UNAVAILABLE), wait until accepted work is answered."""
@@ -229,6 +245,11 @@ class CloudServer:
         cfg = self.config
         self._loop = asyncio.get_running_loop()
         self._stop_request = asyncio.Event()
+        if not cfg.insecure:
+            try:
+                self.tls = ServerTls(cfg.resolved_pki_dir())
+            except (OSError, ValueError) as exc:  # missing folder, unreadable or malformed PEM files
+                raise ServerStartError(str(exc)) from exc
         registry = await self._loop.run_in_executor(
             None, lambda: ModelRegistry.load(self.bundles_dir, intra_op_threads=cfg.intra_op_threads,
                                              prefer_gpu=cfg.prefer_gpu)
@@ -236,12 +257,16 @@ class CloudServer:
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")
         self.counters = RequestCounters({(t.model, t.cut) for t in registry.served()})
         self._servicer = _CountingServicer(registry, cfg, self._pool, self.stats, counters=self.counters)
+        if self.tls is not None:
+            self._servicer.guard = PeerGuard(self.tls.revocations, self.stats)
         self._health = health_aio.HealthServicer()
         server = grpc.aio.server(options=cfg.grpc_options())
         pb_grpc.add_SplitInferenceServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
-            port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            bind = f"{cfg.host}:{cfg.port}"
+            port = (server.add_insecure_port(bind) if self.tls is None
+                    else server.add_secure_port(bind, self.tls.credentials()))
         except RuntimeError as exc:
             raise ServerStartError(f"cannot bind {cfg.host}:{cfg.port} ({exc})") from exc
         if port == 0:
@@ -250,7 +275,8 @@ class CloudServer:
         self._server = server
         for service in ("", HEALTH_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %d tails on %s:%d", len(registry.served()), cfg.host, port)
+        log.info("serving %d tails on %s:%d (%s)", len(registry.served()), cfg.host, port,
+                 "INSECURE: plaintext, device ids from requests" if self.tls is None else f"mTLS, CA {self.tls.dir}")
         ready.set_result(port)
         await self._stop_request.wait()
         self._pool.shutdown(wait=True)

@@ -65,6 +65,7 @@ class _Stream:
         self.pending = 0
         self.reader_done = False
         self.closing = False
+        self.peer: Any = None  # mTLS: the device its certificate names (cloud_tier.tls.Peer); None if insecure
 
     def wake(self) -> None:
         self.responses.put_nowait(_WAKE)
@@ -72,6 +73,10 @@ class _Stream:
 
 class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
     """Serves the tails of a ModelRegistry with one DynamicBatcher per (model, cut)."""
+
+    # mTLS (cloud_tier.tls.PeerGuard): the device id comes from the peer certificate, never from the request.
+    # None on an --insecure server: device ids are taken from the requests.
+    guard: Any = None
 
     def __init__(self, registry: ModelRegistry, config: ServerConfig, pool: Executor, stats: ServerStats):
         self.registry = registry
@@ -104,6 +109,8 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
     ) -> AsyncIterator[pb.InferResponse]:
         """One long-lived stream: each request answered on its own, possibly out of order."""
         stream = _Stream(self.config.max_inflight_per_stream)
+        if self.guard is not None:
+            stream.peer = await self.guard.admit(context)  # PERMISSION_DENIED: not a device, or revoked
         self._streams.add(stream)
         if self.draining:
             stream.closing = True
@@ -152,6 +159,9 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
             async for request in requests:
                 await stream.slots.acquire()  # at the bound, stop reading: flow control pushes back
                 stream.pending += 1
+                if stream.peer is not None and (refusal := self.guard.refuse(request, stream.peer)) is not None:
+                    stream.responses.put_nowait(refusal)  # another device's id: this request refused, stream goes on
+                    continue
                 task = asyncio.get_running_loop().create_task(self._answer(request, stream))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)

@@ -1,7 +1,8 @@
 """`split-agent`: run the edge agent on a folder of .npy inputs or synthetic ones, and summarise latency.
 
     split-agent run --config agent.toml [--cloud HOST:PORT --rate 20 --count 500 ...]
-    split-agent run --bundle bundles/tiny --cloud 127.0.0.1:50051
+    split-agent run --bundle bundles/tiny --cloud cloud:50051 --tls-ca ca.pem --tls-cert device.pem --tls-key device.key
+    split-agent run --bundle bundles/tiny --cloud 127.0.0.1:50051 --insecure     # plaintext, loopback only
     split-agent run --config agent.toml --mqtt 127.0.0.1:1883 --label "kitchen" --adaptive
     split-agent keys                       # every config key with its description
 
@@ -42,6 +43,8 @@ OVERRIDES = {
     "head_precision": "head_precision", "codec": "codec", "deadline_ms": "deadline_ms",
     "max_in_flight": "max_in_flight", "input": "input.source", "rate": "input.rate", "count": "input.count",
     "seed": "input.seed", "mqtt": "mqtt.broker", "label": "mqtt.label", "adaptive": "adaptive.enabled",
+    "tls_ca": "tls.ca", "tls_cert": "tls.cert", "tls_key": "tls.key", "tls_server_name": "tls.server_name",
+    "insecure": "insecure", "i_know_insecure": "i_know_insecure",
 }
 
 
@@ -67,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", help="free-text display name on the dashboard ([mqtt] label)")
     run.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                      help="switch cuts by the measured uplink ([adaptive] enabled)")
+    tls = run.add_argument_group("transport security (mTLS by default: [tls] or these flags, or --insecure)")
+    tls.add_argument("--tls-ca", metavar="PEM", help="the deployment's CA certificate ([tls] ca)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="this device's certificate ([tls] cert)")
+    tls.add_argument("--tls-key", metavar="PEM", help="this device's private key ([tls] key)")
+    tls.add_argument("--tls-server-name", metavar="NAME",
+                     help="name checked in the cloud's certificate ([tls] server_name; default: the host of --cloud)")
+    tls.add_argument("--insecure", action="store_true", default=None,
+                     help="plaintext to the cloud, unauthenticated (loopback clouds only, unless --i-know-insecure)")
+    tls.add_argument("--i-know-insecure", action="store_true", default=None,
+                     help="allow --insecure to a cloud that is not on loopback")
     run.add_argument("--wait-split-s", type=float, default=0.0,
                      help="wait up to this long for split mode before feeding (default: do not wait)")
     run.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
@@ -167,6 +180,9 @@ def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, jso
 
     bundle = Bundle.load(cfg.bundle)
     pool = load_inputs(cfg.input.source, bundle.inputs, cfg.input.seed)  # bad inputs fail before connecting
+    if cfg.check_transport() == "insecure":  # neither [tls] nor insecure: ConfigError naming both ways out
+        print(f"split-agent: WARNING: the link to the cloud {cfg.cloud} is plaintext and unauthenticated "
+              "(--insecure)", file=sys.stderr, flush=True)
     results: list[InferenceResult] = []
     failures: list[BaseException] = []
     with EdgeAgent(cfg) as agent, _fleet(agent, cfg):

@@ -11,6 +11,14 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     deadline_ms = 1000          # how long the agent waits for the cloud's reply once a request is sent
     max_in_flight = 32
 
+    [tls]                       # mTLS to the cloud (`split-cloud enroll` writes this); paths relative to the file
+    ca = "ca.pem"               # the deployment's CA: the cloud's certificate must be signed by it
+    cert = "device.pem"         # this device's certificate (its identity: the device id)
+    key = "device.key"
+    server_name = "cloud.example"   # optional: the name checked in the cloud's certificate (default: cloud's host)
+
+    insecure = true             # instead of [tls]: plaintext, loopback clouds only (with i_know_insecure: any)
+
     [backoff]                   # reconnecting to the cloud
     initial_s = 0.2
     max_s = 10.0
@@ -215,10 +223,77 @@ class AdaptiveConfig:
         )
 
 
+@dataclass(frozen=True)
+class TlsConfig:
+    """mTLS to the cloud tier: the CA that signs the cloud's certificate, and this device's certificate and key.
+
+    Paths are read when the agent connects (a file config makes them relative to the file).
+    """
+
+    ca: Path = field(default=Path(), metadata={"doc": "CA certificate (PEM) the cloud's certificate must chain to"})
+    cert: Path = field(default=Path(), metadata={"doc": "this device's certificate (PEM), from split-cloud enroll"})
+    key: Path = field(default=Path(), metadata={"doc": "this device's private key (PEM)"})
+    server_name: str | None = field(
+        default=None, metadata={"doc": "name checked in the cloud's certificate (default: the host of cloud)"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("ca", "cert", "key"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, Path)) or not str(value) or str(value) == ".":
+                raise ConfigError(name, f"is required in [tls]: a PEM file path, got {value!r}")
+            object.__setattr__(self, name, Path(value))
+        if self.server_name is not None:
+            _str("server_name", self.server_name, max_len=253)
+            if not self.server_name:
+                raise ConfigError("server_name", "expected a host name, got \"\"")
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, server_name: str | None = None) -> TlsConfig:
+        """The files of a device folder written by `split-cloud enroll`: ca.pem, device.pem, device.key."""
+        folder = Path(folder)
+        return cls(ca=folder / "ca.pem", cert=folder / "device.pem", key=folder / "device.key",
+                   server_name=server_name)
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(ca, key, cert) PEM bytes; ConfigError naming the tls key of a file that cannot be read."""
+        out = []
+        for name in ("ca", "key", "cert"):
+            path = getattr(self, name)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"tls.{name}", f"cannot read {str(path)!r} ({exc.strerror or exc})") from None
+            if b"-----BEGIN" not in data:
+                raise ConfigError(f"tls.{name}", f"{str(path)!r} is not a PEM file")
+            out.append(data)
+        return out[0], out[1], out[2]
+
+
 # The [table]s of an agent file, by name.
 _TABLES: dict[str, type] = {
-    "backoff": BackoffConfig, "input": InputConfig, "mqtt": MqttConfig, "adaptive": AdaptiveConfig,
+    "backoff": BackoffConfig, "input": InputConfig, "mqtt": MqttConfig, "adaptive": AdaptiveConfig, "tls": TlsConfig,
 }
+
+NO_TRANSPORT_SECURITY = (
+    "no [tls] table and not insecure: the agent talks to the cloud over mTLS by default; give [tls] ca/cert/key "
+    "(the folder `split-cloud enroll DEVICE_ID` writes; flags --tls-ca --tls-cert --tls-key; Python: "
+    "tls=TlsConfig.from_folder(dir)), or set insecure = true (--insecure; Python: insecure=True) for plaintext to a "
+    "loopback cloud"
+)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 possibly in brackets) is this machine's loopback only."""
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -260,6 +335,13 @@ class AgentConfig:
     input: InputConfig = field(default_factory=InputConfig, metadata={"doc": "inputs for split-agent run"})
     mqtt: MqttConfig | None = field(default=None, metadata={"doc": "fleet control plane; none: no MQTT at all"})
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig, metadata={"doc": "adaptive cut selection"})
+    tls: TlsConfig | None = field(default=None, metadata={"doc": "mTLS to the cloud: ca, cert, key (server_name)"})
+    insecure: bool = field(
+        default=False, metadata={"doc": "plaintext to the cloud, unauthenticated: loopback clouds only"}
+    )
+    i_know_insecure: bool = field(
+        default=False, metadata={"doc": "allow insecure to a cloud that is not on loopback"}
+    )
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -300,6 +382,30 @@ class AgentConfig:
             raise ConfigError("mqtt", f"expected an [mqtt] table, got {self.mqtt!r}")
         if not isinstance(self.adaptive, AdaptiveConfig):
             raise ConfigError("adaptive", f"expected an [adaptive] table, got {self.adaptive!r}")
+        if self.tls is not None and not isinstance(self.tls, TlsConfig):
+            raise ConfigError("tls", f"expected a [tls] table, got {self.tls!r}")
+        check_bool("insecure", self.insecure, error=ConfigError)
+        check_bool("i_know_insecure", self.i_know_insecure, error=ConfigError)
+        if self.insecure and self.tls is not None:
+            raise ConfigError("insecure", "cannot be set together with [tls]: choose mTLS or plaintext")
+
+    def check_transport(self) -> str:
+        """"tls" or "insecure": how the agent may talk to the cloud. ConfigError when neither is configured, or
+        when insecure is asked for a cloud that is not on loopback without i_know_insecure.
+
+        Checked by the gRPC link when it is made (and by `split-agent run` at start), not when the config is
+        built, so that configs of agents that never dial a cloud (tests with a fake link) need neither.
+        """
+        if self.tls is not None:
+            return "tls"
+        if not self.insecure:
+            raise ConfigError("tls", NO_TRANSPORT_SECURITY)
+        host = parse_address(self.cloud)[0]
+        if not is_loopback(host) and not self.i_know_insecure:
+            raise ConfigError("insecure", f"refuses plaintext to {self.cloud!r}, which is not a loopback address: "
+                                          "requests and results would cross the network unauthenticated and in "
+                                          "the clear (use [tls], or add i_know_insecure = true / --i-know-insecure)")
+        return "insecure"
 
     # -- building -------------------------------------------------------------------------------
 
@@ -350,6 +456,10 @@ class AgentConfig:
             for name in ("tls_ca", "tls_cert", "tls_key"):
                 if isinstance(mqtt.get(name), str) and not Path(mqtt[name]).is_absolute():
                     mqtt[name] = str(path.parent / mqtt[name])
+        tls = data.get("tls")
+        if isinstance(tls, dict):  # [tls] files are relative to the config file too
+            data["tls"] = {k: (str(path.parent / v) if k in ("ca", "cert", "key") and isinstance(v, str)
+                               and v and not Path(v).is_absolute() else v) for k, v in tls.items()}
         return cls.from_dict(merge_overrides(data, overrides or {}), source=str(path))
 
     def replace(self, **changes: Any) -> AgentConfig:

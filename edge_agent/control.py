@@ -60,7 +60,11 @@ class ControlLink:
         self.agent = agent
         self.config = mqtt
         host, port = mqtt.address
-        tls = None if mqtt.tls is None else MqttTls(*mqtt.tls)
+        # The device has one certificate: [mqtt] tls_* when given, else the agent's [tls] files (the same ones
+        # `split-cloud enroll` wrote for gRPC); an insecure agent (no [tls]) speaks plaintext MQTT as well.
+        files = mqtt.tls or (None if agent.config.tls is None else
+                             (str(agent.config.tls.ca), str(agent.config.tls.cert), str(agent.config.tls.key)))
+        tls = None if files is None else MqttTls(*files)
         self.control = AgentControl(
             agent.config.device_id, host, port, on_command=self._on_command, telemetry_bound=mqtt.telemetry_bound,
             flush_interval_ms=mqtt.flush_interval_ms, keepalive_s=keepalive_s,

@@ -28,16 +28,33 @@ from protos import inference_pb2_grpc as pb_grpc
 from protos import serde
 from protos.serde import CloudReply, CloudRequest
 
-__all__ = ["CloudLink", "LinkDown", "channel_options"]
+__all__ = ["CloudLink", "LinkDown", "channel_credentials", "channel_options"]
 
 
 class LinkDown(ConnectionError):
     """The cloud cannot take a request now: no stream, the stream broke, or the send queue is full."""
 
 
-def channel_options(cfg: AgentConfig) -> list[tuple[str, int]]:
-    """Channel settings the cloud accepts: 20 s keepalive pings, 64 MiB messages, our reconnect pacing."""
-    return [
+def channel_credentials(cfg: AgentConfig) -> grpc.ChannelCredentials | None:
+    """mTLS credentials from cfg.tls (the CA, this device's key and certificate); None when cfg.insecure.
+
+    ConfigError when the config has neither, when insecure is asked for a non-loopback cloud without
+    i_know_insecure, or when a [tls] file cannot be read.
+    """
+    if cfg.check_transport() == "insecure":
+        return None
+    assert cfg.tls is not None
+    ca, key, cert = cfg.tls.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def channel_options(cfg: AgentConfig) -> list[tuple[str, int | str]]:
+    """Channel settings the cloud accepts: 20 s keepalive pings, 64 MiB messages, our reconnect pacing; with
+    [tls] server_name, the name checked in the cloud's certificate (default: the host of `cloud`)."""
+    server_name: list[tuple[str, int | str]] = []
+    if cfg.tls is not None and cfg.tls.server_name:
+        server_name = [("grpc.ssl_target_name_override", cfg.tls.server_name)]
+    return server_name + [
         ("grpc.keepalive_time_ms", int(cfg.keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -100,6 +117,9 @@ class CloudLink:
     ):
         self.cfg = cfg
         self.address = cfg.cloud
+        # mTLS by default: ConfigError here when the config has neither [tls] nor insecure (the files are read now,
+        # so a missing key is an error at start, not a reconnect loop).
+        self._credentials = channel_credentials(cfg)
         self._on_reply = on_reply
         self._on_broken = on_broken
         self._queue_bound = queue_bound or (cfg.max_in_flight + cfg.probe_count + 8)
@@ -120,7 +140,10 @@ class CloudLink:
     def open(self) -> int:
         """Drop any old stream, connect a fresh channel, health-check it and open the stream; LinkDown if not."""
         self.drop("reconnecting")
-        channel = grpc.insecure_channel(self.address, options=channel_options(self.cfg))
+        if self._credentials is None:
+            channel = grpc.insecure_channel(self.address, options=channel_options(self.cfg))
+        else:
+            channel = grpc.secure_channel(self.address, self._credentials, options=channel_options(self.cfg))
         try:
             ok, why = self._health(channel)
             if not ok:

@@ -133,15 +133,16 @@ class _Scenario(threading.Thread):
 def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, devices: Sequence[DemoDevice] = DEVICES,
              say: Callable[[str], None] = print) -> int:
     """Start everything, wait for Ctrl-C or `duration_s`, stop everything; returns the exit status."""
-    from cloud_tier.config import NodeOptions
+    from cloud_tier.config import NodeOptions, ServerConfig
     from cloud_tier.node import CloudNode
 
     workdir.mkdir(parents=True, exist_ok=True)
     bundles_dir = workdir / "bundles"
     wanted = {d.bundle for d in devices}
     make_bundles(bundles_dir, say, [b for b in BUNDLES if b.name in wanted])
-    # TODO(issue 15, merge): enroll the demo's agents and drop mqtt_insecure (MQTT TLS needs their certificates).
-    node = CloudNode(bundles_dir, options=NodeOptions(db_path=workdir / "fleet.db", mqtt_insecure=True)).start()
+    device_tls = _enroll(workdir / "pki", [d.device_id for d in devices], say)
+    node = CloudNode(bundles_dir, ServerConfig(pki_dir=workdir / "pki"),
+                     NodeOptions(db_path=workdir / "fleet.db")).start()
     proxies: dict[str, LinkProxy] = {}
     agents: dict[str, subprocess.Popen] = {}
     scenario = None
@@ -158,7 +159,7 @@ def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, device
             cmd = [sys.executable, "-m", "edge_agent.cli", "run", "--bundle", str(bundles_dir / dev.bundle),
                    "--cloud", proxy.address, "--device-id", dev.device_id, "--label", dev.label,
                    "--mqtt", node.broker_address, "--adaptive", "--rate", str(dev.rate), "--count", str(count),
-                   "--quiet", "--log-level", "ERROR"]
+                   "--quiet", "--log-level", "ERROR", *device_tls[dev.device_id]]
             agents[dev.device_id] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                      text=True, start_new_session=True, env=child_env())
             say(f"agent {dev.device_id}: {dev.bundle}, uplink {dev.uplink_mbps:g} Mbps, one-way delay "
@@ -189,6 +190,25 @@ def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, device
         node.stop(grace=5.0)
         say("stopped: agents, link proxies, cloud tier, broker, dashboard")
     return status
+
+
+def _enroll(pki: Path, device_ids: Sequence[str], say: Callable[[str], None]) -> dict[str, list[str]]:
+    """The demo's CA in `pki` (made on the first run) and a certificate per device: each agent's --tls-* flags."""
+    from cloud_tier.pki import CertificateAuthority
+
+    if (pki / "ca.key").exists():
+        ca = CertificateAuthority(pki)
+    else:
+        say(f"CA: split-cloud ca init --dir {pki} (first run only)")
+        ca = CertificateAuthority.init(pki)
+    flags = {}
+    for device_id in device_ids:
+        folder = pki / "devices" / device_id
+        if not (folder / "device.pem").is_file():
+            ca.enroll(device_id, folder)
+        flags[device_id] = ["--tls-ca", str(folder / "ca.pem"), "--tls-cert", str(folder / "device.pem"),
+                            "--tls-key", str(folder / "device.key")]
+    return flags
 
 
 def _stop_agents(agents: dict[str, subprocess.Popen], say: Callable[[str], None]) -> int:

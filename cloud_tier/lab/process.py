@@ -38,11 +38,18 @@ class CloudProcess:
 
     With the fleet (no `--no-fleet` in `extra_args`), `start()` also waits for the broker and dashboard lines:
     `broker_host`, `broker_port`, `broker_embedded` and `dashboard_url` are then set.
+
+    The gRPC tier serves mTLS, as in production: with the CA folder `pki` (default: the one `split-cloud serve`
+    finds, STATE/pki); clients need a certificate of that CA. `insecure=True` passes `--insecure` (plaintext,
+    device ids from requests) for the runs whose point is to compare with it.
     """
 
-    def __init__(self, bundles_dir: str | Path, *extra_args: str, host: str = "127.0.0.1", start_timeout: float = 60.0):
+    def __init__(self, bundles_dir: str | Path, *extra_args: str, host: str = "127.0.0.1", start_timeout: float = 60.0,
+                 pki: str | Path | None = None, insecure: bool = False):
+        security = ["--insecure"] if insecure else ([] if pki is None else ["--pki", str(Path(pki).resolve())])
         self.args = [sys.executable, "-m", "cloud_tier.cli", "serve", "--bundles", str(Path(bundles_dir).resolve()),
-                     "--host", host, "--port", "0", *extra_args]
+                     "--host", host, "--port", "0", *security, *extra_args]
+        self.insecure = insecure
         self.host = host
         self.start_timeout = start_timeout
         self.port: int | None = None
@@ -92,6 +99,11 @@ class CloudProcess:
     def address(self) -> str:
         """host:port clients dial."""
         return f"{self.host}:{self.port}"
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: the server serves the certificates now on disk to new connections."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM (graceful drain) and wait for the exit status."""

@@ -1,7 +1,7 @@
 """Integration fixtures: a real Mosquitto per test module (`mosquitto`, plaintext: the lab's insecure mode), a
-fleet store plus controller on it (`fleet`), the deployment CA (`pki`) with per-device certificates
-(`device_tls`), and a Mosquitto run with the production TLS configuration (`mosquitto_tls`). pytest finds them
-here; test modules name them as arguments and import nothing.
+fleet store plus controller on it (`fleet`), per-device MQTT TLS files from the session CA (`mqtt_tls`; the CA
+itself is tests/conftest.py's `pki`), and a Mosquitto run with the production TLS configuration
+(`mosquitto_tls`). pytest finds them here; test modules name them as arguments and import nothing.
 """
 
 from __future__ import annotations
@@ -40,14 +40,9 @@ def fleet(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[tuple[FleetStore, Fl
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
-    """The deployment CA of the test session (server certificate for localhost, 127.0.0.1 and ::1)."""
-    return CertificateAuthority.init(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="session")
-def device_tls(pki: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], MqttTls]:
-    """`device_tls(id)`: the MQTT TLS files of device `id`, enrolled with the session CA on first use."""
+def mqtt_tls(pki: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], MqttTls]:
+    """`mqtt_tls(id)`: the MQTT TLS files of device `id`, enrolled with the session CA (tests/conftest.py's
+    `pki`, in the state dir) on first use."""
     root = tmp_path_factory.mktemp("devices")
     made: dict[str, MqttTls] = {}
 

@@ -31,6 +31,7 @@ from models.manifest import CLOUD_ONLY, EDGE_ONLY, PLAN_FILE, Bundle
 from models.tiny_bundle import MID_CUT, copy_bundle, make_tiny_bundle, sample_input
 from protos.mqtt import Command
 from tests import polling
+from tests.pki import device_tls, tls_flags
 
 REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 10.0
@@ -71,6 +72,7 @@ def make_agent(
     fields.setdefault("backoff", {"initial_s": 0.05, "max_s": 0.3})
     fields.setdefault("probe_count", 1)
     mqtt = fields.pop("mqtt", {})
+    fields.setdefault("tls", device_tls(device_id))  # mTLS with the session CA (tests/pki.py)
     agent = EdgeAgent.from_bundle(bundle, cloud, device_id=device_id,
                                   mqtt={"broker": f"{broker.host}:{broker.port}", "flush_interval_ms": 50, **mqtt},
                                   **fields)
@@ -244,7 +246,7 @@ def test_killed_split_agent_shows_offline_by_last_will(bundles, server, fleet_tl
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(folder / "mqtt.toml"), "--cloud",
          server.address, "--device-id", "fleet-d",
-         "--label", "doomed", "--count", "100000", "--rate", "50", "--quiet"],
+         "--label", "doomed", "--count", "100000", "--rate", "50", "--quiet", *tls_flags("fleet-d")],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, env=env,
     )
     try:

@@ -13,12 +13,14 @@ from models.tiny_bundle import make_tiny_bundle
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_sigint_stops_the_feed_and_summarizes_what_was_sent(tmp_path):
+def test_sigint_stops_the_feed_and_summarizes_what_was_sent(tmp_path, device_tls):
     bundle = make_tiny_bundle(tmp_path / "tiny")
+    tls = device_tls("edge-0")
     # No cloud listens on port 1 of loopback: the agent runs everything on the device.
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_agent.cli", "run", "--bundle", str(bundle), "--cloud", "127.0.0.1:1",
-         "--rate", "50", "--count", "1000000", "--quiet", "--log-level", "ERROR"],
+         "--rate", "50", "--count", "1000000", "--quiet", "--log-level", "ERROR", "--device-id", "edge-0",
+         "--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

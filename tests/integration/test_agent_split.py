@@ -22,9 +22,11 @@ import pytest
 
 from cloud_tier.server import CloudServer
 from edge_agent import CLOUD, EDGE, LOCAL, SPLIT, EdgeAgent
+from edge_agent.constants import DEFAULT_DEVICE_ID
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
 from models.tiny_bundle import make_tiny_bundle, sample_input
 from tests import polling
+from tests.pki import device_tls
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,6 +70,7 @@ def agent_for(bundles_dir: Path, address: str, **fields) -> EdgeAgent:
     fields.setdefault("connect_timeout_s", 0.5)
     fields.setdefault("backoff", {"initial_s": 0.05, "max_s": 0.3})
     fields.setdefault("probe_count", 2)
+    fields.setdefault("tls", device_tls(fields.get("device_id", DEFAULT_DEVICE_ID)))  # mTLS, as in production
     return EdgeAgent.from_bundle(bundles_dir / "tiny", address, **fields)
 
 
@@ -270,12 +273,15 @@ def test_agent_returns_to_split_when_the_cloud_comes_back(bundles_dir):
 def test_split_agent_run_prints_a_latency_summary(bundles_dir, server, tmp_path, capsys):
     from edge_agent import cli
 
+    tls = device_tls(DEFAULT_DEVICE_ID)
+
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for s in range(3):
         np.save(inputs / f"{s}.npy", sample_input(seed=s)[0])  # one sample without its batch axis
     config = tmp_path / "agent.toml"
-    config.write_text(f'bundle = "{bundles_dir / "tiny"}"\ncloud = "{server.address}"\n[input]\ncount = 5\n')
+    config.write_text(f'bundle = "{bundles_dir / "tiny"}"\ncloud = "{server.address}"\n[input]\ncount = 5\n'
+                      f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n')
     summary = tmp_path / "summary.json"
     rc = cli.main(["run", "--config", str(config), "--input", str(inputs), "--count", "12", "--rate", "0",
                    "--quiet", "--json", str(summary)])
@@ -302,7 +308,9 @@ sys.meta_path.insert(0, Block())
 from edge_agent import EdgeAgent
 from edge_agent import cli
 import numpy as np
-with EdgeAgent.from_bundle({str(bundles_dir / "tiny")!r}, {server.address!r}) as agent:
+from edge_agent.config import TlsConfig
+tls = TlsConfig.from_folder({str(device_tls(DEFAULT_DEVICE_ID).cert.parent)!r})
+with EdgeAgent.from_bundle({str(bundles_dir / "tiny")!r}, {server.address!r}, tls=tls) as agent:
     r = agent.infer(np.zeros((1, 3, 16, 16), np.float32), timeout=10)
     assert r.served_by == "cloud", r
 print("ok")

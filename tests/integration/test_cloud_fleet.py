@@ -30,6 +30,7 @@ from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from protos.mqtt import STATE, TELEMETRY, DeviceState, MqttTls, TelemetryBatch, TelemetryRecord, device_topic
 from tests import polling
+from tests.pki import device_channel, device_folder
 
 DEADLINE_S = 10.0
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -124,8 +125,8 @@ def test_exposition_escapes_hostile_label_values() -> None:
 
 
 def node_device_tls(tmp_path: Path, device_id: str) -> MqttTls:
-    """`device_id`'s certificate from the CA the node made beside its fleet store (tmp_path/pki)."""
-    folder = CertificateAuthority(tmp_path / "pki").enroll(device_id, tmp_path / "devices" / device_id)
+    """`device_id`'s certificate from the session CA, which the node serves both planes with (STATE/pki)."""
+    folder = device_folder(device_id)
     return MqttTls(str(folder / "ca.pem"), str(folder / "device.pem"), str(folder / "device.key"))
 
 
@@ -174,14 +175,16 @@ def publish_device(host: str, port: int, device_id: str, n_records: int, tls: Mq
         client.loop_stop()
 
 
-def send_requests(address: str, device_id: str, n_ok: int) -> list[int]:
+def send_requests(address: str, device_id: str, n_ok: int, insecure: bool = False) -> list[int]:
     """Send `n_ok` valid Infer requests and one for an unknown cut on one stream; return the status codes."""
     array = np.random.default_rng(0).standard_normal((1, *CUT_SHAPE[1:])).astype(np.float32)
     requests = [pb.InferRequest(request_id=f"q{i}", device_id=device_id, model="tiny", cut=MID_CUT,
                                 tensors=[codec.encode(CUT_TENSOR, array, "fp32")]) for i in range(n_ok)]
     requests.append(pb.InferRequest(request_id="bad", device_id=device_id, model="tiny", cut="no-such-cut",
                                     tensors=[codec.encode(CUT_TENSOR, array, "fp32")]))
-    with grpc.insecure_channel(address, options=OPTIONS) as channel:
+    channel = (grpc.insecure_channel(address, options=OPTIONS) if insecure
+               else device_channel(address, device_id, OPTIONS))  # mTLS as that device (tests/pki.py)
+    with channel:
         stub = pb_grpc.SplitInferenceStub(channel)
         return sorted(r.status.code for r in stub.Infer(iter(requests), timeout=DEADLINE_S))
 
@@ -202,7 +205,8 @@ def start_node(bundles_dir: Path, tmp_path: Path, *args: str) -> CloudProcess:
 
 
 def check_node(proc: CloudProcess, device_id: str, tls: MqttTls | None) -> None:
-    """MQTT state + telemetry reach /api/fleet; Infer requests show in /metrics and in the fleet row."""
+    """MQTT state + telemetry reach /api/fleet; Infer requests show in /metrics and in the fleet row (tls None:
+    the node runs --insecure, both planes plaintext)."""
     assert proc.port and proc.broker_port and proc.dashboard_url
     assert proc.dashboard_url.startswith("http://127.0.0.1:")
     publish_device(proc.broker_host, proc.broker_port, device_id, 5, tls)
@@ -210,7 +214,7 @@ def check_node(proc: CloudProcess, device_id: str, tls: MqttTls | None) -> None:
     assert (row["status"], row["mode"], row["cut"], row["model"]) == ("online", "split", MID_CUT, "tiny")
     assert row["label"] == "bench <b>1</b>" and row["dropped_total"] == 2
 
-    codes = send_requests(proc.address, device_id, n_ok=4)
+    codes = send_requests(proc.address, device_id, n_ok=4, insecure=tls is None)
     assert codes == [0, 0, 0, 0, grpc.StatusCode.NOT_FOUND.value[0]]
 
     content_type, text = get(proc.dashboard_url + "metrics")
@@ -264,25 +268,24 @@ def test_serve_with_embedded_broker(bundles_dir: Path, tmp_path: Path) -> None:
 
 
 def test_serve_with_embedded_broker_in_insecure_mode(bundles_dir: Path, tmp_path: Path) -> None:
-    proc = start_node(bundles_dir, tmp_path, "--mqtt-insecure")
+    proc = start_node(bundles_dir, tmp_path, "--insecure")
     try:
         assert proc.broker_embedded is True
         check_node(proc, "cam-insecure", None)
         stop_node(proc)
-        assert not (tmp_path / "pki").exists(), "the insecure mode made a CA"
     finally:
         proc.kill()
 
 
 def test_serve_with_mosquitto(bundles_dir: Path, tmp_path: Path, mosquitto_tls: Mosquitto,  # noqa: F811
-                              pki: CertificateAuthority, device_tls: Callable[[str], MqttTls]) -> None:
+                              pki: CertificateAuthority, mqtt_tls: Callable[[str], MqttTls]) -> None:
     mosquitto = mosquitto_tls
     proc = start_node(bundles_dir, tmp_path, "--broker", f"{mosquitto.host}:{mosquitto.port}",
-                      "--mqtt-pki", str(pki.dir))
+                      "--pki", str(pki.dir))
     try:
         assert proc.broker_embedded is False and proc.broker_address == f"{mosquitto.host}:{mosquitto.port}"
         assert plaintext_refused(mosquitto.host, mosquitto.port), "the generated Mosquitto config took plaintext"
-        check_node(proc, "cam-mosquitto", device_tls("cam-mosquitto"))
+        check_node(proc, "cam-mosquitto", mqtt_tls("cam-mosquitto"))
         stop_node(proc)
         assert listening(mosquitto.host, mosquitto.port), "an external broker must be left running"
     finally:

@@ -51,8 +51,8 @@ def server(bundles_dir: Path) -> Iterator[CloudServer]:
 
 
 @pytest.fixture(scope="module")
-def stub(server: CloudServer) -> Iterator[pb_grpc.SplitInferenceStub]:
-    with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
+def stub(server: CloudServer, device_channel) -> Iterator[pb_grpc.SplitInferenceStub]:
+    with device_channel(server.address, "test", OPTIONS) as channel:
         yield pb_grpc.SplitInferenceStub(channel)
 
 
@@ -64,8 +64,8 @@ def batching_server(bundles_dir: Path) -> Iterator[CloudServer]:
 
 
 @pytest.fixture(scope="module")
-def batching_stub(batching_server: CloudServer) -> Iterator[pb_grpc.SplitInferenceStub]:
-    with grpc.insecure_channel(batching_server.address, options=OPTIONS) as channel:
+def batching_stub(batching_server: CloudServer, device_channel) -> Iterator[pb_grpc.SplitInferenceStub]:
+    with device_channel(batching_server.address, "test", OPTIONS) as channel:
         yield pb_grpc.SplitInferenceStub(channel)
 
 
@@ -212,12 +212,12 @@ def _poll(condition, what: str, timeout: float = DEADLINE_S) -> None:
     polling.wait_for(condition, what, timeout, interval_s=0.005)
 
 
-def test_drain_and_stop(bundles_dir: Path, reference) -> None:
+def test_drain_and_stop(bundles_dir: Path, reference, device_channel) -> None:
     act = _activation(reference, seed=30)
     srv = CloudServer(bundles_dir, max_wait_ms=60_000)  # a request waits in its batch window until drained
     srv.start()
     try:
-        with grpc.insecure_channel(srv.address, options=OPTIONS) as channel:
+        with device_channel(srv.address, "test", OPTIONS) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             def check() -> int:
                 return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=DEADLINE_S).status
@@ -253,9 +253,9 @@ def test_drain_and_stop(bundles_dir: Path, reference) -> None:
     assert srv.wait(DEADLINE_S)
 
 
-def test_split_cloud_process_serves_and_stops_on_sigterm(bundles_dir: Path) -> None:
+def test_split_cloud_process_serves_and_stops_on_sigterm(bundles_dir: Path, device_channel) -> None:
     with CloudProcess(bundles_dir) as proc:
-        with grpc.insecure_channel(proc.address) as channel:
+        with device_channel(proc.address) as channel:
             served = pb_grpc.SplitInferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=DEADLINE_S)
             assert {c.cut for c in served.cuts} == {MID_CUT, "cloud-only"}
         assert proc.terminate() == 0

@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -212,14 +211,14 @@ def tiny_bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_grpc_infer_through_the_proxy(tiny_bundles: Path) -> None:
+def test_grpc_infer_through_the_proxy(tiny_bundles: Path, device_channel) -> None:
     head = ort.InferenceSession(str(tiny_bundles / "tiny" / "head.onnx"), providers=["CPUExecutionProvider"])
     full = ort.InferenceSession(str(tiny_bundles / "tiny" / "full.onnx"), providers=["CPUExecutionProvider"])
     x = sample_input(1, 3)
     activation = head.run(None, {"input": x})[0]
     with CloudServer(tiny_bundles, max_batch=4, max_wait_ms=1) as server, \
             LinkProxy("127.0.0.1", server.port, uplink_mbps=20, delay_ms=5) as proxy, \
-            grpc.insecure_channel(proxy.address) as channel:
+            device_channel(proxy.address, "test") as channel:  # mTLS end to end through the proxy
         stub = pb_grpc.SplitInferenceStub(channel)
         reqs = [pb.InferRequest(request_id=f"r{i}", device_id="test", model="tiny", cut=MID_CUT,
                                 tensors=[codec.encode(CUT_TENSOR, activation, "fp32")]) for i in range(3)]
@@ -232,13 +231,14 @@ def test_grpc_infer_through_the_proxy(tiny_bundles: Path) -> None:
         assert proxy.stats().uplink_bytes > activation.nbytes * 3
 
 
-def test_agent_through_a_blackholed_link_finishes_on_the_device(tiny_bundles: Path) -> None:
+def test_agent_through_a_blackholed_link_finishes_on_the_device(tiny_bundles: Path, device_tls) -> None:
     from edge_agent import EdgeAgent
 
     with CloudServer(tiny_bundles, max_batch=4, max_wait_ms=1) as server, \
             LinkProxy("127.0.0.1", server.port, delay_ms=2) as proxy:
         agent = EdgeAgent.from_bundle(tiny_bundles / "tiny", cloud=proxy.address, deadline_ms=300,
-                                      backoff={"initial_s": 0.05, "max_s": 0.2})
+                                      backoff={"initial_s": 0.05, "max_s": 0.2}, device_id="proxied",
+                                      tls=device_tls("proxied"))
         try:
             assert agent.infer(sample_input(1, 4), timeout=DEADLINE_S).served_by == "cloud"
             proxy.blackhole(True)

@@ -190,7 +190,7 @@ def test_controller_outage_with_the_embedded_amqtt_broker(tmp_path: Path) -> Non
 
 
 def test_command_sent_while_offline_reaches_the_agent_through_the_embedded_amqtt_broker(
-        tmp_path: Path, pki: CertificateAuthority, controller_tls: MqttTls, device_tls: Callable[[str], MqttTls]
+        tmp_path: Path, pki: CertificateAuthority, controller_tls: MqttTls, mqtt_tls: Callable[[str], MqttTls]
 ) -> None:
     broker = EmbeddedBroker("127.0.0.1", 0, pki=pki.dir)  # the default (TLS) mode: persistent sessions work too
     port = broker.start()
@@ -203,11 +203,11 @@ def test_command_sent_while_offline_reaches_the_agent_through_the_embedded_amqtt
 
     try:
         with FleetController(store, "127.0.0.1", port, tls=controller_tls) as ctl:
-            AgentControl("away-1", "127.0.0.1", port, on_command=on_command, tls=device_tls("away-1")).start().close()
+            AgentControl("away-1", "127.0.0.1", port, on_command=on_command, tls=mqtt_tls("away-1")).start().close()
             wait_for(lambda: (d := store.device("away-1")) and d["status"] == "offline", "offline after close")
             cmd = Command.switch_cut("c3")
             ctl.send_command("away-1", cmd)
-            back = AgentControl("away-1", "127.0.0.1", port, on_command=on_command, tls=device_tls("away-1")).start()
+            back = AgentControl("away-1", "127.0.0.1", port, on_command=on_command, tls=mqtt_tls("away-1")).start()
             try:
                 assert ctl.wait_ack(cmd.command_id, DEADLINE_S) == Ack(cmd.command_id, True, "applied")
             finally:
@@ -372,7 +372,7 @@ def test_agent_buffer_bound_counts_drops(fleet: tuple[FleetStore, FleetControlle
 
 
 def test_embedded_amqtt_broker_round_trip(tmp_path: Path, pki: CertificateAuthority, controller_tls: MqttTls,
-                                          device_tls: Callable[[str], MqttTls]) -> None:
+                                          mqtt_tls: Callable[[str], MqttTls]) -> None:
     broker = EmbeddedBroker(pki=pki.dir)
     port = broker.start()
     try:
@@ -383,7 +383,7 @@ def test_embedded_amqtt_broker_round_trip(tmp_path: Path, pki: CertificateAuthor
         got: list[Ack] = []
         store = FleetStore(tmp_path / "amqtt.sqlite")
         ctl = FleetController(store, "127.0.0.1", port, tls=controller_tls).start()
-        agent = AgentControl("amqtt-1", "127.0.0.1", port, flush_interval_ms=20, tls=device_tls("amqtt-1"),
+        agent = AgentControl("amqtt-1", "127.0.0.1", port, flush_interval_ms=20, tls=mqtt_tls("amqtt-1"),
                              on_command=lambda c: got.append(Ack(c.command_id, True, "pong")) or got[-1]).start()
         try:
             agent.record(TelemetryRecord("r1", time.time(), 1, 2, 3, 4, 5, 15, "cloud", "c1"))

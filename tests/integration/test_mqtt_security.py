@@ -147,9 +147,9 @@ def record(request_id: str, ts: float | None = None) -> TelemetryRecord:
 
 
 def test_a_device_with_its_certificate_works_end_to_end(broker: Broker, controller: FleetController,
-                                                         device_tls: Callable[[str], MqttTls]) -> None:
+                                                         mqtt_tls: Callable[[str], MqttTls]) -> None:
     got: list[str] = []
-    agent = AgentControl("sec-ok", broker.host, broker.port, flush_interval_ms=20, tls=device_tls("sec-ok"),
+    agent = AgentControl("sec-ok", broker.host, broker.port, flush_interval_ms=20, tls=mqtt_tls("sec-ok"),
                          on_command=lambda c: got.append(c.command_id) or Ack(c.command_id, True, "done"))
     agent.start(wait_s=DEADLINE_S)
     try:
@@ -199,9 +199,9 @@ def test_a_certificate_from_another_ca_cannot_connect(broker: Broker, pki: Certi
 
 
 def test_a_revoked_device_cannot_connect(broker: Broker, pki: CertificateAuthority,
-                                         device_tls: Callable[[str], MqttTls]) -> None:
+                                         mqtt_tls: Callable[[str], MqttTls]) -> None:
     device = f"sec-revoked-{broker.kind}"
-    tls = device_tls(device)
+    tls = mqtt_tls(device)
     assert admitted(broker.port, device, tls)
     pki.revoke(device)
     if broker.mosquitto is None:
@@ -211,15 +211,15 @@ def test_a_revoked_device_cannot_connect(broker: Broker, pki: CertificateAuthori
         # Mosquitto reads the CRL when it starts and on SIGHUP (`systemctl reload mosquitto`).
         broker.mosquitto.reload()
         wait_for(lambda: not admitted(broker.port, device, tls), "Mosquitto refusing the revoked device")
-    assert admitted(broker.port, "sec-after-revoke", device_tls("sec-after-revoke"))  # the others still can
+    assert admitted(broker.port, "sec-after-revoke", mqtt_tls("sec-after-revoke"))  # the others still can
 
 
 def test_the_client_id_must_be_the_certificates_identity_on_the_embedded_broker(
-        broker: Broker, device_tls: Callable[[str], MqttTls]) -> None:
+        broker: Broker, mqtt_tls: Callable[[str], MqttTls]) -> None:
     if broker.kind != "embedded":
         pytest.skip("Mosquitto replaces the client id with the identity (use_username_as_clientid)")
-    assert not admitted(broker.port, "someone-else", device_tls("sec-id"))
-    assert admitted(broker.port, "sec-id", device_tls("sec-id"))
+    assert not admitted(broker.port, "someone-else", mqtt_tls("sec-id"))
+    assert admitted(broker.port, "sec-id", mqtt_tls("sec-id"))
 
 
 def test_a_device_certificate_named_controller_is_not_the_controller_on_the_embedded_broker(
@@ -240,14 +240,14 @@ def test_a_device_certificate_named_controller_is_not_the_controller_on_the_embe
 
 
 def test_a_device_cannot_use_another_devices_topics(broker: Broker, controller: FleetController,
-                                                    device_tls: Callable[[str], MqttTls]) -> None:
+                                                    mqtt_tls: Callable[[str], MqttTls]) -> None:
     victim_cmds: list[str] = []
     victim = AgentControl("sec-victim", broker.host, broker.port, flush_interval_ms=20, label="real",
-                          tls=device_tls("sec-victim"),
+                          tls=mqtt_tls("sec-victim"),
                           on_command=lambda c: victim_cmds.append(c.command_id) or Ack(c.command_id, True, "ok"))
     victim.start(wait_s=DEADLINE_S)
     wait_for(lambda: (d := controller.store.device("sec-victim")) and d["label"] == "real", "the victim's state")
-    thief = raw_client(broker.port, "sec-thief", device_tls("sec-thief"))
+    thief = raw_client(broker.port, "sec-thief", mqtt_tls("sec-thief"))
     try:
         assert thief.connects == ["connected"]
         thief.client.subscribe([("splitinfer/v1/#", 1), (device_topic("sec-victim", CMD), 1),
@@ -281,14 +281,14 @@ def test_a_device_cannot_use_another_devices_topics(broker: Broker, controller: 
 
 
 def test_a_second_client_with_a_devices_id_but_not_its_key_cannot_take_over(
-        broker: Broker, controller: FleetController, device_tls: Callable[[str], MqttTls]) -> None:
-    owner = raw_client(broker.port, "sec-owner", device_tls("sec-owner"), clean_session=False)
+        broker: Broker, controller: FleetController, mqtt_tls: Callable[[str], MqttTls]) -> None:
+    owner = raw_client(broker.port, "sec-owner", mqtt_tls("sec-owner"), clean_session=False)
     try:
         assert owner.connects == ["connected"]
         owner.client.subscribe(device_topic("sec-owner", CMD), qos=1)
         wait_for(lambda: owner.subacks, "the owner's SUBACK")
         # Another enrolled device presents its own certificate under the owner's client id.
-        intruder = raw_client(broker.port, "sec-owner", device_tls("sec-intruder"))
+        intruder = raw_client(broker.port, "sec-owner", mqtt_tls("sec-intruder"))
         try:
             if broker.kind == "embedded":
                 assert intruder.connects != ["connected"], "the embedded broker let the intruder in"
