@@ -159,8 +159,11 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
             async for request in requests:
                 await stream.slots.acquire()  # at the bound, stop reading: flow control pushes back
                 stream.pending += 1
-                if stream.peer is not None and (refusal := self.guard.refuse(request, stream.peer)) is not None:
-                    stream.responses.put_nowait(refusal)  # another device's id: this request refused, stream goes on
+                # Another device's id: this request refused, the stream goes on. A malformed request (an over-long
+                # id) is left to _answer, which refuses it INVALID_ARGUMENT without echoing the field.
+                if (stream.peer is not None and serde.field_error(request) is None
+                        and (refusal := self.guard.refuse(request, stream.peer)) is not None):
+                    stream.responses.put_nowait(refusal)
                     continue
                 task = asyncio.get_running_loop().create_task(self._answer(request, stream))
                 self._tasks.add(task)

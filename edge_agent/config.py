@@ -37,9 +37,9 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     telemetry_bound = 10000     # records buffered while the broker is away; beyond it they are counted, dropped
     reconnect_min_s = 1
     reconnect_max_s = 30
-    tls_ca = "ca.pem"           # mutual TLS: the CA, this device's certificate and key (from `split-cloud enroll`;
-    tls_cert = "device.pem"     #   relative to this file). Without them: plaintext, loopback brokers only,
-    tls_key = "device.key"      #   unless i_know_insecure = true
+    tls_ca = "ca.pem"           # mutual TLS: the CA, this device's certificate and key (relative to this file);
+    tls_cert = "device.pem"     #   without them the [tls] files are used; with neither, or insecure = true:
+    tls_key = "device.key"      #   plaintext, loopback brokers only, unless i_know_insecure = true
     i_know_insecure = false
 
     [adaptive]                  # optional: pick the cut from the measured uplink (needs the plan table)
@@ -160,6 +160,8 @@ class MqttConfig:
                                                               "checked against ([tls] ca when present)"})
     tls_cert: str | None = field(default=None, metadata={"doc": "this device's certificate ([tls] cert)"})
     tls_key: str | None = field(default=None, metadata={"doc": "this device's private key ([tls] key)"})
+    insecure: bool = field(default=False, metadata={
+        "doc": "plaintext MQTT although the agent has TLS files (a lab broker on loopback)"})
     i_know_insecure: bool = field(default=False, metadata={
         "doc": "allow plaintext MQTT to a broker that is not on loopback (without the TLS files)"})
 
@@ -173,6 +175,9 @@ class MqttConfig:
             raise ConfigError(missing[0], "is required with the other TLS files: MQTT over TLS needs the CA, "
                                           "the device's certificate and its key")
         check_bool("i_know_insecure", self.i_know_insecure, error=ConfigError)
+        check_bool("insecure", self.insecure, error=ConfigError)
+        if self.insecure and any(v is not None for v in tls.values()):
+            raise ConfigError("insecure", "cannot be set with tls_ca/tls_cert/tls_key: choose TLS or plaintext")
         if self.broker == "":
             raise ConfigError("broker", 'is required: the MQTT broker "host:port"')
         parse_address(self.broker, "broker")

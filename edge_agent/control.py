@@ -61,9 +61,10 @@ class ControlLink:
         self.config = mqtt
         host, port = mqtt.address
         # The device has one certificate: [mqtt] tls_* when given, else the agent's [tls] files (the same ones
-        # `split-cloud enroll` wrote for gRPC); an insecure agent (no [tls]) speaks plaintext MQTT as well.
-        files = mqtt.tls or (None if agent.config.tls is None else
-                             (str(agent.config.tls.ca), str(agent.config.tls.cert), str(agent.config.tls.key)))
+        # `split-cloud enroll` wrote for gRPC), unless [mqtt] insecure; an agent without [tls] speaks plaintext.
+        agent_tls = agent.config.tls
+        files = mqtt.tls or (None if agent_tls is None or mqtt.insecure else
+                             (str(agent_tls.ca), str(agent_tls.cert), str(agent_tls.key)))
         tls = None if files is None else MqttTls(*files)
         self.control = AgentControl(
             agent.config.device_id, host, port, on_command=self._on_command, telemetry_bound=mqtt.telemetry_bound,

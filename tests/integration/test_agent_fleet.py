@@ -74,7 +74,8 @@ def make_agent(
     mqtt = fields.pop("mqtt", {})
     fields.setdefault("tls", device_tls(device_id))  # mTLS with the session CA (tests/pki.py)
     agent = EdgeAgent.from_bundle(bundle, cloud, device_id=device_id,
-                                  mqtt={"broker": f"{broker.host}:{broker.port}", "flush_interval_ms": 50, **mqtt},
+                                  mqtt={"broker": f"{broker.host}:{broker.port}", "flush_interval_ms": 50,
+                                        "insecure": broker.pki is None, **mqtt},
                                   **fields)
     try:
         link = ControlLink(agent, agent.config.mqtt).start(wait_s=DEADLINE_S)

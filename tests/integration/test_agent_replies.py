@@ -87,7 +87,7 @@ def full_model(bundle: Path):
 
 def _agent(bundle: Path, address: str) -> EdgeAgent:
     return EdgeAgent.from_bundle(bundle, address, cut=MID_CUT, head_precision="fp32", codec="fp32",
-                                 deadline_ms=5000, device_id="cam1")
+                                 deadline_ms=5000, device_id="cam1", insecure=True)  # the fake cloud is plaintext
 
 
 @pytest.mark.parametrize("behaviour", ["no_outputs", "wrong_shape", "wrong_name", "wrong_dtype"])

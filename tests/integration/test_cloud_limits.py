@@ -19,6 +19,7 @@ from models.tiny_bundle import CUT_TENSOR, MID_CUT, make_tiny_bundle
 from protos import codec, serde
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from tests.pki import device_channel
 
 DEADLINE_S = 30.0
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -59,7 +60,7 @@ def test_a_small_request_declaring_a_huge_decoded_tensor_is_refused_before_alloc
     bomb = pb.InferRequest(request_id="bomb", device_id="test", model="tiny", cut=MID_CUT, tensors=[_bomb(2048)])
     assert bomb.ByteSize() < 64 * 1024
     with CloudServer(bundles_dir, max_batch=4096, max_tensor_bytes=8 << 20) as server, \
-            grpc.insecure_channel(server.address, options=OPTIONS) as channel:
+            device_channel(server.address, "test", OPTIONS) as channel:
         _infer(channel, [_request("warm", 1)])  # warm the path: first-call allocations do not count
         tracemalloc.start()
         try:
@@ -76,7 +77,7 @@ def test_a_small_request_declaring_a_huge_decoded_tensor_is_refused_before_alloc
 
 def test_more_rows_than_max_batch_is_refused(bundles_dir: Path) -> None:
     with CloudServer(bundles_dir, max_batch=4) as server, \
-            grpc.insecure_channel(server.address, options=OPTIONS) as channel:
+            device_channel(server.address, "test", OPTIONS) as channel:
         replies = {r.request_id: r for r in _infer(channel, [_request("five", 5), _request("four", 4)])}
         # zstd-compressed int8 rows: refused on the declared shape, before decompressing
         (bomb,) = _infer(channel, [pb.InferRequest(request_id="b", model="tiny", cut=MID_CUT, tensors=[_bomb(64)])])
@@ -87,7 +88,7 @@ def test_more_rows_than_max_batch_is_refused(bundles_dir: Path) -> None:
 
 def test_over_long_ids_and_names_are_refused_and_not_echoed(bundles_dir: Path) -> None:
     long = "x" * 4096
-    with CloudServer(bundles_dir) as server, grpc.insecure_channel(server.address, options=OPTIONS) as channel:
+    with CloudServer(bundles_dir) as server, device_channel(server.address, "test", OPTIONS) as channel:
         replies = _infer(channel, [
             _request(long, 1), _request("m", 1, model=long), _request("c", 1, cut=long),
             _request("d", 1, device_id=long), _request("fine", 1),
@@ -112,8 +113,8 @@ def test_other_streams_are_answered_while_a_large_request_decodes(bundles_dir: P
 
     monkeypatch.setattr(codec, "_decode_checked", slow_decode)
     with CloudServer(bundles_dir, max_batch=16) as server, \
-            grpc.insecure_channel(server.address, options=OPTIONS) as first, \
-            grpc.insecure_channel(server.address, options=OPTIONS) as second:
+            device_channel(server.address, "test", OPTIONS) as first, \
+            device_channel(server.address, "test", OPTIONS) as second:
         big: list[pb.InferResponse] = []
         sender = threading.Thread(target=lambda: big.extend(_infer(first, [_request("big", 16)])))
         sender.start()
@@ -136,7 +137,7 @@ def test_a_tail_that_runs_out_of_memory_answers_and_the_stream_goes_on(bundles_d
 
     monkeypatch.setattr(TailExecutor, "run", no_memory)
     with CloudServer(bundles_dir, max_batch=4, max_wait_ms=50) as server, \
-            grpc.insecure_channel(server.address, options=OPTIONS) as channel:
+            device_channel(server.address, "test", OPTIONS) as channel:
         requests = [_request(f"r{i}", 1) for i in range(6)] + [pb.InferRequest(request_id="p", probe=True)]
         replies = {r.request_id: r for r in _infer(channel, requests)}  # the stream ends: every request answered
         again = _infer(channel, [pb.InferRequest(request_id="p2", probe=True), _request("r6", 1)])
