@@ -329,12 +329,3 @@ def test_bad_fleet_options_exit_2(bundles_dir: Path, tmp_path: Path, args: tuple
     with pytest.raises(RuntimeError, match="exited with 2") as err:
         proc.start()
     assert expected in str(err.value)
-
-
-def test_an_external_broker_without_a_ca_folder_exits_2(bundles_dir: Path, tmp_path: Path) -> None:
-    proc = CloudProcess(bundles_dir, "--cpu-only", "--db", str(tmp_path / "fleet.db"), "--broker", "127.0.0.1:1",
-                        start_timeout=30.0)
-    with pytest.raises(RuntimeError, match="exited with 2") as err:
-        proc.start()
-    assert "an external broker needs the CA it trusts" in str(err.value)
-    assert not (tmp_path / "pki").exists()  # no CA is made for a broker that could not know it
