@@ -119,11 +119,13 @@ def _fleet_rows(fleet: list[dict[str, Any]], cloud: dict[str, dict[str, Any]] | 
 
 def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: float = 10.0,
               series_s: float = 120.0, extra_metrics: Sequence[Collector] = (),
-              cloud_view: CloudView | None = None, token: str | None = None) -> Any:
+              cloud_view: CloudView | None = None, token: str | None = None,
+              warnings: Sequence[str] = ()) -> Any:
     """The aiohttp Application serving the dashboard for `store`.
 
     `extra_metrics` are more Prometheus collectors for /metrics (the gRPC tier, the controller); `cloud_view`
-    adds each device's cloud-side counts to /api/fleet rows; with `token`, every route but /healthz needs it.
+    adds each device's cloud-side counts to /api/fleet rows; with `token`, every route but /healthz needs it;
+    `warnings` (e.g. the node runs --insecure) are shown at the top of the page.
     """
     web = require("aiohttp.web", "cloud")
     registry = MetricsRegistry([FleetCollector(lambda: store.fleet(window_s=window_s, rate_window_s=rate_window_s)),
@@ -170,7 +172,7 @@ def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: floa
         rows = await in_thread(lambda: store.fleet(window_s=window_s, rate_window_s=rate_window_s))
         cloud = cloud_view() if cloud_view is not None else None
         return web.json_response({"now": time.time(), "window_s": window_s, "rate_window_s": rate_window_s,
-                                  "devices": _fleet_rows(rows, cloud)})
+                                  "warnings": list(warnings), "devices": _fleet_rows(rows, cloud)})
 
     async def series(request: Any) -> Any:
         device_id = request.match_info["device_id"]

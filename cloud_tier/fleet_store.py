@@ -11,10 +11,11 @@ Percentiles are numpy's (linear interpolation between closest ranks), over the n
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,13 +339,24 @@ class FleetStore:
               ) -> list[dict[str, Any]]:
         """One summary row per device: state, last seen, req/s, p50/p95/p99 of total latency, edge share."""
         out = []
-        for dev in self._devices():
-            stats = self.device_stats(dev["device_id"], window_s=window_s, rate_window_s=rate_window_s, now=now)
-            total = stats["stages"]["total_ms"]
-            out.append({**dev, "count": stats["count"], "req_per_s": stats["req_per_s"],
-                        "edge_share": stats["edge_share"], "p50_ms": total["p50"], "p95_ms": total["p95"],
-                        "p99_ms": total["p99"], "stages": stats["stages"]})
+        with self._snapshot():  # one read transaction: a batch's records and its dropped count are seen together
+            for dev in self._devices():
+                stats = self.device_stats(dev["device_id"], window_s=window_s, rate_window_s=rate_window_s, now=now)
+                total = stats["stages"]["total_ms"]
+                out.append({**dev, "count": stats["count"], "req_per_s": stats["req_per_s"],
+                            "edge_share": stats["edge_share"], "p50_ms": total["p50"], "p95_ms": total["p95"],
+                            "p99_ms": total["p99"], "stages": stats["stages"]})
         return out
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """Run this thread's reads in one transaction (WAL: a consistent view of the writer's commits)."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
 
     def series(
         self, device_id: str, *, since_s: float = 120.0, bucket_s: float = 1.0, now: float | None = None

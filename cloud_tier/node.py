@@ -19,10 +19,12 @@ from cloud_tier.server import CloudServer
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
-__all__ = ["CloudNode", "INSECURE_WARNING"]
+__all__ = ["CloudNode", "INSECURE_WARNING", "MQTT_INSECURE_WARNING"]
 
 INSECURE_WARNING = ("WARNING: the gRPC tier is plaintext and unauthenticated (--insecure): anyone who can reach it "
                     "can call it as any device")
+MQTT_INSECURE_WARNING = ("WARNING: the MQTT plane is plaintext and unauthenticated (--insecure): anyone who can reach "
+                         "the broker can read the fleet's telemetry and command any device")
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,13 @@ class CloudNode:
     def insecure(self) -> bool:
         """Whether the gRPC tier serves plaintext and takes device ids from requests (--insecure)."""
         return self.server.insecure
+
+    def warnings(self) -> list[str]:
+        """What the operator must know about this node's security (shown on the dashboard)."""
+        out = [INSECURE_WARNING] if self.insecure else []
+        if self.options is not None and self.options.mqtt_insecure:
+            out.append(MQTT_INSECURE_WARNING)
+        return out
 
     def reload_certificates(self) -> None:
         """The gRPC tier serves the certificates on disk to new connections (what SIGHUP asks)."""
@@ -159,7 +168,7 @@ class CloudNode:
         self.dashboard = Dashboard(self.store, opts.dashboard_host, opts.dashboard_port,
                                    token_file=opts.dashboard_token_file,
                                    extra_metrics=self.metrics_collectors(),
-                                   cloud_view=self.cloud_view)
+                                   cloud_view=self.cloud_view, warnings=self.warnings())
         self.dashboard.start()
 
     def _mqtt_tls(self, opts: NodeOptions) -> tuple[Path | None, Any]:

@@ -70,6 +70,9 @@ function renderFleet(data) {
     if (!seen.has(device)) { tr.remove(); rowsByDevice.delete(device); }
   }
   document.getElementById("empty").hidden = data.devices.length > 0;
+  const warnings = document.getElementById("warnings");
+  warnings.textContent = (data.warnings || []).join(" · ");  // e.g. the node runs --insecure
+  warnings.hidden = !warnings.textContent;
   if ((selected === null || !rowsByDevice.has(selected)) && data.devices.length > 0) {
     select(data.devices[0].device);
   }

@@ -261,6 +261,7 @@ def test_serve_with_embedded_broker(bundles_dir: Path, tmp_path: Path) -> None:
         assert proc.broker_embedded is True and proc.broker_host == "127.0.0.1"
         assert plaintext_refused(proc.broker_host, proc.broker_port), "the default embedded broker took plaintext"
         check_node(proc, "cam-embedded", node_device_tls(tmp_path, "cam-embedded"))
+        assert json.loads(get(proc.dashboard_url + "api/fleet")[1])["warnings"] == []
         stop_node(proc)
         assert not listening(proc.broker_host, proc.broker_port), "the embedded broker outlived split-cloud"
     finally:
@@ -272,6 +273,9 @@ def test_serve_with_embedded_broker_in_insecure_mode(bundles_dir: Path, tmp_path
     try:
         assert proc.broker_embedded is True
         check_node(proc, "cam-insecure", None)
+        _, body = get(proc.dashboard_url + "api/fleet")
+        assert [w.split(":")[0] for w in json.loads(body)["warnings"]] == ["WARNING", "WARNING"]  # gRPC and MQTT
+        assert "--insecure" in json.loads(body)["warnings"][0]
         stop_node(proc)
     finally:
         proc.kill()

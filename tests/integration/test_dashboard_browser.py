@@ -133,6 +133,8 @@ async def drive(browser: Chromium, url: str, screenshot: Path) -> None:
             await page.wait_for("document.querySelectorAll('#fleet-rows tr').length === 3", "three device rows")
             devices = await page.eval("[...document.querySelectorAll('#fleet-rows tr')].map(r => r.dataset.device)")
             assert devices == ["cam-1", "cam-2", "cam-3"]
+            # a secure node warns of nothing
+            assert await page.eval("document.getElementById('warnings').hidden") is True
             await page.wait_for(
                 "document.querySelector('tr[data-device=\"cam-3\"] .col-status').textContent === 'offline'",
                 "cam-3 offline")
@@ -233,6 +235,9 @@ def test_a_dashboard_requiring_a_token_refuses_requests_without_it(secured: Dash
     assert cookie.startswith(f"splitinfer_dashboard={TOKEN};") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
 
 
+WARNING = "WARNING: a test node that runs --insecure"
+
+
 @pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed")
 def test_the_page_opened_with_its_token_keeps_working_in_chromium(
     live_fleet: tuple[Dashboard, list[AgentControl]], tmp_path: Path
@@ -240,7 +245,7 @@ def test_the_page_opened_with_its_token_keeps_working_in_chromium(
     open_dash, _ = live_fleet
     token_file = tmp_path / "dashboard.token"
     token_file.write_text(TOKEN)
-    dash = Dashboard(open_dash.store, token_file=token_file, require_token=True)
+    dash = Dashboard(open_dash.store, token_file=token_file, require_token=True, warnings=[WARNING])
     dash.start()
     browser = Chromium(tmp_path / "profile")
     try:
@@ -262,6 +267,9 @@ async def _drive_with_token(browser: Chromium, url: str) -> None:
             # the page's own fetches (/api/fleet, series) carry the cookie: the rows appear
             await page.wait_for("document.querySelectorAll('#fleet-rows tr').length === 3", "three device rows")
             assert await page.eval("location.search") == ""  # the token left the address bar
+            # the node's security warnings (e.g. --insecure) stand above the table
+            await page.wait_for("!document.getElementById('warnings').hidden", "the warning banner")
+            assert await page.eval("document.getElementById('warnings').textContent") == WARNING
             assert await page.eval("document.cookie") == ""  # HttpOnly: no script can read it
             errors = [e for e in page.events if e["method"] == "Runtime.exceptionThrown"]
             assert errors == []
