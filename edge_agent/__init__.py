@@ -7,7 +7,15 @@ The MQTT control plane (`edge_agent.control.ControlLink`) is imported only when 
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.bandwidth import AdaptiveCut, BandwidthEstimator, CutPolicy, Estimate
-from edge_agent.config import AdaptiveConfig, AgentConfig, BackoffConfig, ConfigError, InputConfig, MqttConfig
+from edge_agent.config import (
+    AdaptiveConfig,
+    AgentConfig,
+    BackoffConfig,
+    ConfigError,
+    InputConfig,
+    MqttConfig,
+    TlsConfig,
+)
 from edge_agent.results import (
     CLOUD,
     EDGE,
@@ -46,4 +54,5 @@ __all__ = [
     "ModelLoadError",
     "MqttConfig",
     "StageTimes",
+    "TlsConfig",
 ]
