@@ -69,7 +69,7 @@ class EmbeddedBroker:
             "plugins": {
                 "cloud_tier.amqtt_auth.CertificateAuthPlugin": {"ca": str(pki / "ca.pem"),
                                                                 "crl": str(pki / "crl.pem")},
-                "cloud_tier.amqtt_acl.TopicAclPlugin": {},
+                "cloud_tier.amqtt_acl.TopicAclPlugin": {"ca": str(pki / "ca.pem"), "crl": str(pki / "crl.pem")},
             },
         }
 

@@ -236,6 +236,36 @@ def test_a_device_certificate_named_controller_is_not_the_controller_on_the_embe
     assert not admitted(broker.port, "controller", tls)
 
 
+def test_a_device_revoked_while_connected_is_cut_off_on_the_embedded_broker(
+        broker: Broker, controller: FleetController, pki: CertificateAuthority,
+        mqtt_tls: Callable[[str], MqttTls]) -> None:
+    if broker.mosquitto is not None:
+        pytest.skip("Mosquitto applies a new CRL to new connections after SIGHUP (the test above)")
+    device = "sec-cut-off"
+    raw = raw_client(broker.port, device, mqtt_tls(device))
+    try:
+        assert raw.connects == ["connected"]
+        raw.client.subscribe(device_topic(device, CMD), qos=1)
+        wait_for(lambda: raw.subacks, "the device's SUBACK")
+        raw.client.publish(device_topic(device, TELEMETRY), TelemetryBatch((record("before"),)).to_json(), qos=1)
+        wait_for(lambda: controller.store.record_count(device) == 1, "telemetry before the revocation")
+        pki.revoke(device)
+        # Still connected, but neither its telemetry nor the controller's commands pass any more.
+        raw.client.publish(device_topic(device, TELEMETRY), TelemetryBatch((record("after"),)).to_json(), qos=1)
+        controller.send_command(device, Command.ping())
+        marker = raw_client(broker.port, "sec-cut-marker", mqtt_tls("sec-cut-marker"))
+        try:  # a later message of another device is stored: the revoked one's, sent before it, was not
+            marker.client.publish(device_topic("sec-cut-marker", TELEMETRY),
+                                  TelemetryBatch((record("marker"),)).to_json(), qos=1)
+            wait_for(lambda: controller.store.record_count("sec-cut-marker") == 1, "the marker's telemetry")
+        finally:
+            marker.stop()
+        assert controller.store.record_count(device) == 1, "a revoked device's telemetry was stored"
+        assert [t for t, _ in raw.messages] == [], "a command reached a revoked device"
+    finally:
+        raw.stop()
+
+
 # --- what a connected device may do ----------------------------------------------------------------------
 
 
