@@ -51,7 +51,7 @@ class TopicAclPlugin(BaseTopicPlugin):  # type: ignore[misc]
         if not allowed:
             log.info("embedded broker ACL: %r may not %s %r", identity, access or action, topic)
         elif self._revoked(session):
-            log.warning("embedded broker: %r's certificate is revoked: %s %r refused", identity, access, topic)
+            log.warning("embedded broker: the certificate of %r is revoked: %s %r refused", identity, access, topic)
             allowed = False
         return allowed
 

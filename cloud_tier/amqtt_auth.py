@@ -121,8 +121,11 @@ class CheckedBroker(Broker):  # type: ignore[misc]
         if identity is None:
             log.warning("embedded broker refused %s:%s (client id %r): %s", remote_address, remote_port,
                         client_session.client_id, why)
-            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
-            await writer.close()
+            try:
+                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+                await writer.close()
+            except OSError:  # the refused client may already be gone (BrokenPipeError): it is refused either way
+                pass
             raise MQTTError(f"refused: {why}")
         client_session.username = identity
         # From here on: amqtt 0.12's Broker._initialize_client_session, unchanged.

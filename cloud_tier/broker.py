@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_tier.loopthread import LoopThread
+from cloud_tier.pki import write_private
 from models.extras import require
 from protos.mqtt import insecure_mqtt, mosquitto_acl
 
@@ -141,9 +142,14 @@ class EmbeddedBroker:
 
 
 def write_mosquitto_config(out: str | Path, pki: str | Path, *, port: int = 8883, host: str = "127.0.0.1",
-                           extra: str = "") -> Path:
-    """Write `out`/mosquitto.conf (a TLS listener with client certificates required) and `out`/acl (made from
-    protos.mqtt.ACL); return the config's path. `pki` is the CA folder (`split-cloud ca init`).
+                           extra: str = "", user: str | None = "mosquitto") -> Path:
+    """Write `out`/mosquitto.conf (a TLS listener with client certificates required), `out`/acl (made from
+    protos.mqtt.ACL) and `out`/server.key; return the config's path. `pki` is the CA folder (`split-cloud ca init`).
+
+    Mosquitto started as root drops to its own user (`user`, Debian's "mosquitto"), who may read the CA folder's
+    public files by name (ca.pem, server.pem, crl.pem: the CRL stays the one `split-cloud revoke` updates) but
+    not its keys: the server key is copied into `out` (0600) and, when this runs as root and `user` exists,
+    the key and the ACL are given to that user. Re-run this after re-issuing the server certificate.
 
     Mosquitto reads the CRL when it starts (and on SIGHUP, which also re-reads the ACL): after
     `split-cloud revoke`, send it SIGHUP (`systemctl reload mosquitto`) for the revocation to take effect.
@@ -159,6 +165,12 @@ def write_mosquitto_config(out: str | Path, pki: str | Path, *, port: int = 8883
     acl = out / "acl"
     acl.write_text(mosquitto_acl())
     os.chmod(acl, 0o640)
+    key = out / "server.key"
+    write_private(key, (pki / "server.key").read_bytes())
+    owner = _broker_user(user)
+    if owner is not None:
+        for path in (out, acl, key):
+            os.chown(path, owner[0], owner[1])
     conf = out / "mosquitto.conf"
     conf.write_text(
         "# splitinfer MQTT broker: made by `split-cloud mosquitto-config`. Run: mosquitto -c " + str(conf) + "\n"
@@ -170,7 +182,7 @@ def write_mosquitto_config(out: str | Path, pki: str | Path, *, port: int = 8883
         "protocol mqtt\n"
         f"cafile {pki / 'ca.pem'}\n"
         f"certfile {pki / 'server.pem'}\n"
-        f"keyfile {pki / 'server.key'}\n"
+        f"keyfile {key}\n"
         f"crlfile {pki / 'crl.pem'}\n"
         "tls_version tlsv1.2\n"
         "require_certificate true\n"
@@ -179,3 +191,16 @@ def write_mosquitto_config(out: str | Path, pki: str | Path, *, port: int = 8883
         + extra
     )
     return conf
+
+
+def _broker_user(user: str | None) -> tuple[int, int] | None:
+    """(uid, gid) of `user` when this process is root and the user exists, else None (nothing to hand over)."""
+    if user is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid

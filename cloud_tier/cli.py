@@ -121,9 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 def mosquitto_config(args: argparse.Namespace) -> int:
     """Write the Mosquitto config and ACL; print where, and how to run it."""
     from cloud_tier.broker import write_mosquitto_config
-    from cloud_tier.config import default_db_path
 
-    pki = args.pki if args.pki is not None else default_db_path().parent / "pki"
+    pki = args.pki if args.pki is not None else default_pki_dir()
     try:
         conf = write_mosquitto_config(args.out, pki, port=args.port, host=args.host)
     except (FileNotFoundError, OSError) as exc:
@@ -220,7 +219,8 @@ def revoke(args: argparse.Namespace) -> int:
 
     serials = CertificateAuthority(args.pki or default_pki_dir()).revoke(args.device_id)
     print(f"revoked device {args.device_id}: {len(serials)} certificate(s), serial(s) "
-          f"{', '.join(f'{s:x}' for s in serials)}; the gRPC tier refuses it from now on")
+          f"{', '.join(f'{s:x}' for s in serials)}; the gRPC tier and the embedded broker refuse it from now on "
+          "(Mosquitto: kill -HUP its pid to reload the CRL)")
     return 0
 
 

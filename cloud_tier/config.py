@@ -8,13 +8,13 @@ environment override (where the fleet database lives by default).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from models.validate import FieldError, check_bool, check_int, check_number, check_text
 from protos import address
+from protos.address import is_loopback
 from protos.codec import DEFAULT_MAX_TENSOR_BYTES
 
 __all__ = ["ConfigError", "NodeOptions", "ServerConfig", "STATE_DIR_ENV", "default_db_path", "default_pki_dir",
@@ -67,15 +67,6 @@ def default_pki_dir() -> Path:
     return default_state_dir() / PKI_DIR
 
 
-def is_loopback(host: str) -> bool:
-    """Whether `host` (a name or an address, IPv6 possibly in brackets) is this machine's loopback only."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +28,7 @@ from cloud_tier.fleet_store import FleetStore
 from cloud_tier.loopthread import LoopThread
 from cloud_tier.metrics import CONTENT_TYPE, FleetCollector, MetricsRegistry
 from models.extras import require
+from protos.address import is_loopback
 from protos.mqtt import MqttSchemaError, check_device_id
 
 if TYPE_CHECKING:
@@ -55,14 +55,6 @@ class DashboardTokenError(RuntimeError):
     """The dashboard's token setting cannot work (missing or empty token file where a token is required)."""
 
 
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` serves only this machine: localhost or a loopback IP (any other name: False)."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost may resolve anywhere: treat it as reachable
 
 
 def load_token(host: str, token_file: str | Path | None, require_token: bool = False) -> str | None:
@@ -147,6 +139,11 @@ def build_app(store: FleetStore, *, window_s: float = 300.0, rate_window_s: floa
 
     @web.middleware
     async def require_token(request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
+        if token is None and request.path not in OPEN_PATHS and not is_loopback(request.url.host or ""):
+            # No token means loopback only: a page elsewhere that points a name at 127.0.0.1 (DNS rebinding)
+            # reaches us with its own Host, which a browser on this machine would otherwise let it read.
+            return web.json_response({"error": "this dashboard answers only to localhost / a loopback address "
+                                               "(give it a token to serve other names)"}, status=403)
         if token is None or request.path in OPEN_PATHS:
             return await handler(request)
         auth = request.headers.get("Authorization", "")

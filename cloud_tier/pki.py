@@ -8,7 +8,7 @@ reach an MQTT ACL. Keys are EC P-256, written 0600; the CA's key never leaves it
 
 The folder (`split-cloud ca init --dir STATE/pki`):
 
-    ca.pem ca.key            the CA (key 0600)
+    ca.pem ca.key            the CA (key 0600; the folder 0711: files readable by name, not listable)
     server.pem server.key    the cloud's TLS server certificate (gRPC tier and broker), SANs from --host
     controller.pem/.key      the fleet controller's client certificate
     dashboard.pem/.key       the dashboard's certificate
@@ -179,7 +179,9 @@ class CertificateAuthority:
             raise PkiError("the server certificate needs at least one host name or address (--host)")
         x509, ec, hashes, serialization = _crypto()
         folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)
+        # 0711: no one else may list it, but a broker running as its own user (Mosquitto drops root) may read the
+        # public files by name (ca.pem, server.pem, crl.pem); the keys and the token are 0600.
+        os.chmod(folder, 0o711)
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
         now = _now()
@@ -254,9 +256,11 @@ class CertificateAuthority:
         _check_device_id(device_id)
         with self._lock:
             issued = self._issued()
-            hit = [e for e in issued if e["kind"] == "device" and e["name"] == device_id and not e.get("revoked")]
+            mine = [e for e in issued if e["kind"] == "device" and e["name"] == device_id]
+            hit = [e for e in mine if not e.get("revoked")]
             if not hit:
-                raise PkiError(f"no valid certificate was issued to device {device_id!r} by this CA")
+                raise PkiError(f"device {device_id!r} is already revoked" if mine else
+                               f"no certificate was issued to device {device_id!r} by this CA")
             stamp = _now().isoformat()
             for entry in hit:
                 entry["revoked"] = stamp

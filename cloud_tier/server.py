@@ -264,7 +264,7 @@ class CloudServer:
         pb_grpc.add_SplitInferenceServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
-            bind = f"{cfg.host}:{cfg.port}"
+            bind = format_address(cfg.host, cfg.port)
             port = (server.add_insecure_port(bind) if self.tls is None
                     else server.add_secure_port(bind, self.tls.credentials()))
         except RuntimeError as exc:

@@ -62,6 +62,7 @@ from typing import Any
 from edge_agent import constants as C
 from models.validate import FieldError, check_bool, check_choice, check_int, check_number, check_text
 from protos import address
+from protos.address import is_loopback
 from protos.codec import SPEC_SYNTAX, VALID_SPECS, TensorError, parse_codec
 from protos.mqtt import DEVICE_ID_RE
 
@@ -288,17 +289,6 @@ NO_TRANSPORT_SECURITY = (
 )
 
 
-def is_loopback(host: str) -> bool:
-    """Whether `host` (a name or an address, IPv6 possibly in brackets) is this machine's loopback only."""
-    import ipaddress
-
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

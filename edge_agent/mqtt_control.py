@@ -126,6 +126,7 @@ class AgentControl:
         self._client.on_socket_open = _nodelay
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
+        self._client.on_connect_fail = self._handle_connect_fail
         self._client.on_subscribe = self._handle_subscribe
         self._client.message_callback_add(device_topic(device_id, CMD), self._handle_command)
 
@@ -263,6 +264,12 @@ class AgentControl:
         client.publish(device_topic(self.device_id, STATE), state.to_json(), qos=1, retain=True)
         self._connected.set()
         log.info("device %s connected to MQTT %s:%s", self.device_id, self.host, self.port)
+
+    def _handle_connect_fail(self, _client: Any, _userdata: Any) -> None:
+        # No broker there, or the TLS handshake refused (e.g. a revoked certificate): say so, telemetry waits.
+        if not self._closed:
+            log.warning("device %s cannot reach MQTT %s:%s (no broker, or TLS refused); telemetry is buffered "
+                        "and retried", self.device_id, self.host, self.port)
 
     def _handle_subscribe(self, _client: Any, _userdata: Any, _mid: Any, reason_codes: Any, _props: Any) -> None:
         failed = [rc for rc in reason_codes if rc.is_failure]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
-__all__ = ["AddressError", "format_address", "parse_address"]
+__all__ = ["AddressError", "format_address", "is_loopback", "parse_address"]
 
 _ADDRESS_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
@@ -25,3 +26,15 @@ def parse_address(text: str, what: str = "address") -> tuple[str, int]:
 def format_address(host: str, port: int) -> str:
     """"host:port", with an IPv6 host in brackets: the inverse of `parse_address`."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 possibly in brackets) is this machine's loopback only:
+    `localhost` or a loopback IP; any other name may resolve anywhere."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

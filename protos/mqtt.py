@@ -18,7 +18,6 @@ commands to every device and read every device topic. Nobody else may do anythin
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.validate import FieldError, check_bool, check_choice, check_int, check_number, check_text
+from protos.address import is_loopback
 
 __all__ = [
     "TOPIC_PREFIX",
@@ -468,14 +468,6 @@ def mosquitto_acl() -> str:
     return "\n".join(lines) + "\n"
 
 
-def is_loopback(host: str) -> bool:
-    """Whether `host` is a loopback address or `localhost`."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ def mosquitto_path() -> str | None:
     return shutil.which("mosquitto")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     # Bind port 0 then release it: mosquitto cannot report a port it chose itself.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -58,7 +59,7 @@ class Mosquitto:
             raise FileNotFoundError(f"mosquitto not found at {MOSQUITTO} or on PATH (apt-get install mosquitto)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):  # the released port can be taken by someone else before mosquitto binds it
-            self.port = _free_port()
+            self.port = free_port()
             conf = self.workdir / "mosquitto.conf"
             common = (
                 "persistence false\n"

@@ -212,6 +212,18 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, dic
         return err.code, err.read().decode(), dict(err.headers)
 
 
+def test_a_dashboard_without_a_token_answers_only_to_loopback_names(
+        live_fleet: tuple[Dashboard, list[AgentControl]]) -> None:
+    """DNS rebinding: a page on evil.example that resolves to 127.0.0.1 sends its own Host; it must get nothing."""
+    url = live_fleet[0].url
+    for path in ("/", "/api/fleet", "/metrics"):
+        status, body, _ = _get(url + path, {"Host": "evil.example"})
+        assert status == 403 and "loopback" in body, (path, status)
+        assert _get(url + path, {"Host": f"localhost:{live_fleet[0].port}"})[0] == 200
+    assert _get(url + "/api/fleet")[0] == 200  # 127.0.0.1:port, as the page itself asks
+    assert _get(url + "/healthz", {"Host": "evil.example"})[0] == 200  # ok / not ok only
+
+
 def test_a_dashboard_requiring_a_token_refuses_requests_without_it(secured: Dashboard) -> None:
     url = secured.url
     for path in ("/", "/api/fleet", "/metrics", "/static/app.js", "/api/devices/cam-1/series"):

@@ -8,7 +8,12 @@ commands; a client with a device's id but without its key cannot take over its s
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
 import ssl
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +28,7 @@ from cloud_tier.broker import EmbeddedBroker
 from cloud_tier.cli import main as cloud_main
 from cloud_tier.controller import FleetController
 from cloud_tier.fleet_store import FleetStore
-from cloud_tier.lab.mosquitto import Mosquitto, mosquitto_path
+from cloud_tier.lab.mosquitto import Mosquitto, free_port, mosquitto_path
 from cloud_tier.pki import CertificateAuthority, Identity, PkiError, write_private
 from edge_agent.mqtt_control import AgentControl
 from protos.mqtt import (
@@ -137,6 +142,13 @@ def admitted(port: int, client_id: str, tls: MqttTls | None) -> bool:
         return raw.connects == ["connected"] and raw.disconnects == 0
     finally:
         raw.stop()
+
+
+def listening(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on host:port."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
 
 
 def record(request_id: str, ts: float | None = None) -> TelemetryRecord:
@@ -349,13 +361,43 @@ def test_mosquitto_config_command_writes_the_tls_config_and_the_acl(pki: Certifi
     for line in ("listener 8883 0.0.0.0", "require_certificate true", "use_identity_as_username true",
                  "use_username_as_clientid true", "allow_anonymous false", f"crlfile {pki.crl.resolve()}",
                  f"cafile {pki.ca_cert.resolve()}", f"certfile {pki.server_cert.resolve()}",
-                 f"keyfile {pki.server_key.resolve()}", f"acl_file {(tmp_path / 'conf' / 'acl').resolve()}"):
+                 f"keyfile {(tmp_path / 'conf' / 'server.key').resolve()}",
+                 f"acl_file {(tmp_path / 'conf' / 'acl').resolve()}"):
         assert line in conf
+    key = tmp_path / "conf" / "server.key"  # a copy the broker's own user can read; the CA's stays 0600
+    assert key.read_bytes() == pki.server_key.read_bytes() and key.stat().st_mode & 0o077 == 0
     acl = (tmp_path / "conf" / "acl").read_text()
     assert "pattern read splitinfer/v1/devices/%u/cmd" in acl
     assert "pattern write splitinfer/v1/devices/%u/telemetry" in acl
     assert "mosquitto -c" in capsys.readouterr().out
     assert cloud_main(["mosquitto-config", "--out", str(tmp_path / "x"), "--pki", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.skipif(mosquitto_path() is None or os.geteuid() != 0, reason="needs mosquitto, started as root")
+def test_mosquitto_started_as_root_runs_the_generated_config_as_its_own_user(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What the README says to do: `mosquitto -c` as root drops to the mosquitto user, who must still read the
+    ACL, the key copy and the CA folder's public files (a CA folder on a path others may traverse)."""
+    state = Path(tempfile.mkdtemp(prefix="si-state-"))
+    try:
+        os.chmod(state, 0o711)
+        ca = CertificateAuthority.init(state / "pki", ["127.0.0.1"])
+        port = free_port()
+        assert cloud_main(["mosquitto-config", "--out", str(state / "mosq"), "--pki", str(ca.dir),
+                           "--port", str(port), "--host", "127.0.0.1"]) == 0
+        proc = subprocess.Popen([str(mosquitto_path()), "-c", str(state / "mosq" / "mosquitto.conf")],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            folder = ca.enroll("sec-root", state / "dev")
+            tls = MqttTls(str(folder / "ca.pem"), str(folder / "device.pem"), str(folder / "device.key"))
+            wait_for(lambda: proc.poll() is not None or listening("127.0.0.1", port), "mosquitto listening")
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert admitted(port, "sec-root", tls)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 # --- the insecure mode is explicit and loopback only -----------------------------------------------------

@@ -22,7 +22,7 @@ def _mode(path) -> int:
 
 def test_init_writes_the_ca_the_server_and_the_control_certificates_with_private_keys(ca) -> None:
     assert _mode(ca.ca_key) == 0o600 and _mode(ca.server_key) == 0o600 and _mode(ca.token_file) == 0o600
-    assert _mode(ca.dir) == 0o700
+    assert _mode(ca.dir) == 0o711  # not listable; the public files readable by name (a broker's own user)
     for kind in ("controller", "dashboard"):
         cert, key = ca.client_files(kind)
         assert identity_of(cert.read_bytes()) == Identity(kind, kind) and _mode(key) == 0o600
@@ -56,8 +56,10 @@ def test_revoke_puts_the_devices_certificates_on_the_crl(ca, tmp_path) -> None:
     assert serial not in ca.revoked_serials()
     assert ca.revoke("cam-r") == [serial]
     assert serial in ca.revoked_serials() and serial in load_crl_serials(ca.crl)
-    with pytest.raises(PkiError, match="no valid certificate"):
+    with pytest.raises(PkiError, match="already revoked"):
         ca.revoke("cam-r")
+    with pytest.raises(PkiError, match="no certificate was issued"):
+        ca.revoke("never-enrolled")
 
 
 def test_a_folder_that_is_not_a_ca_is_named(tmp_path) -> None:
