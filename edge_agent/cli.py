@@ -174,8 +174,12 @@ def _fleet(agent: Any, cfg: AgentConfig) -> Iterator[Any]:
         link.close()
 
 
-def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, json_path: Path | None = None) -> int:
-    """Feed cfg.input through an agent, print progress and the summary; the exit status."""
+def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, json_path: Path | None = None,
+        stop: threading.Event | None = None) -> int:
+    """Feed cfg.input through an agent, print progress and the summary; the exit status.
+
+    `stop` ends the feed between requests (main() sets it on SIGINT); without it, run() catches SIGINT itself
+    while it feeds."""
     from edge_agent.agent import EdgeAgent  # grpc and onnxruntime load only for `run`
 
     bundle = Bundle.load(cfg.bundle)
@@ -196,9 +200,9 @@ def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, jso
         # Ctrl-C (SIGINT) stops the feed between requests; those already submitted finish and are summarized.
         # A flag, not KeyboardInterrupt, so that no request is left half-submitted. A second Ctrl-C while the
         # last requests finish interrupts at once.
-        stop = threading.Event()
-        previous = (signal.signal(signal.SIGINT, lambda *_: stop.set())
-                    if threading.current_thread() is threading.main_thread() else None)
+        own = stop is None and threading.current_thread() is threading.main_thread()
+        stop = stop if stop is not None else threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if own else None
         try:
             print(f"split-agent: {bundle.model_name} cut {agent.cut} -> {cfg.cloud}, mode {agent.mode}",
                   file=sys.stderr, flush=True)
@@ -252,15 +256,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:<26}{doc}")
         return 0
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGINT (Ctrl-C, or split-demo stopping its agents) ends the feed between requests; those submitted
+    # finish and are summarized; a second one interrupts at once. The handler stays until the process ends, so
+    # a SIGINT that lands after the summary changes nothing (it used to find Python's default handler and kill
+    # the process with -2 while it was exiting).
+    stop = threading.Event()
+
+    def on_sigint(*_: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         cfg = load_config(args)
-        return run(cfg, wait_split_s=args.wait_split_s, quiet=args.quiet, json_path=args.json)
+        return run(cfg, wait_split_s=args.wait_split_s, quiet=args.quiet, json_path=args.json, stop=stop)
     except (ConfigError, BundleError, InputError, ModelLoadError, MissingExtraError, AgentError) as exc:
         print(f"split-agent: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("split-agent: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting now: a late Ctrl-C must not turn 0 into -2
 
 
 if __name__ == "__main__":

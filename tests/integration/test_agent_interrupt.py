@@ -37,3 +37,28 @@ def test_sigint_stops_the_feed_and_summarizes_what_was_sent(tmp_path, device_tls
     assert match, err
     assert f"requests {match.group(1)} " in out and "failed 0" in out, out
     assert "Traceback" not in err
+
+
+def test_a_sigint_that_lands_after_the_summary_changes_nothing(tmp_path, device_tls):
+    """split-demo stops its agents with SIGINT when its time is up; an agent that had just finished its count
+    must still exit 0 (it used to find Python's default handler back and die by the signal: exit -2)."""
+    bundle = make_tiny_bundle(tmp_path / "tiny")
+    tls = device_tls("edge-1")
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent.cli", "run", "--bundle", str(bundle), "--cloud", "127.0.0.1:1",
+             "--count", "3", "--quiet", "--log-level", "ERROR", "--device-id", "edge-1",
+             "--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            first = proc.stdout.readline()  # the summary's first line: the run is over, the process is exiting
+            assert first.strip(), proc.stderr.read()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode in (0, 130), (proc.returncode, err)
+        assert "Traceback" not in err
