@@ -101,7 +101,9 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        """Every served (model, cut) and the tensor names it takes."""
+        """Every served (model, cut) and the tensor names it takes (to devices only, as Infer)."""
+        if self.guard is not None:
+            await self.guard.admit(context)  # PERMISSION_DENIED: not a device, or revoked
         return serde.served_cuts_to_proto((t.model, t.cut, [s.name for s in t.inputs]) for t in self.registry.served())
 
     async def Infer(

@@ -183,6 +183,10 @@ def test_a_device_revoked_while_the_server_runs_is_refused_at_once(
             list(pb_grpc.SplitInferenceStub(channel).Infer(iter([_request("r", "cam-revoked", activation)]),
                                                             timeout=DEADLINE_S))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (err.value.details() or "")
+    with _channel(server.address, tls.ca, tls.cert, tls.key) as channel:  # nor may it list the served models
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.SplitInferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=DEADLINE_S)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (err.value.details() or "")
 
 
 # -- the agent's configuration ----------------------------------------------------------------------------------
