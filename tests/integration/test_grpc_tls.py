@@ -205,7 +205,9 @@ def test_split_agent_without_tls_exits_2_naming_both_ways_out(bundles_dir, capsy
 
 
 def test_split_agent_insecure_is_refused_off_loopback_without_i_know_insecure(bundles_dir, capsys) -> None:
-    args = ["run", "--bundle", str(bundles_dir / "tiny"), "--cloud", "192.0.2.1:50051", "--insecure", "--count", "1"]
+    # A name that resolves nowhere (RFC 2606): refused by the config check before anything is dialled.
+    args = ["run", "--bundle", str(bundles_dir / "tiny"), "--cloud", "cloud.invalid:50051", "--insecure",
+            "--count", "1"]
     assert agent_cli.main(args) == 2
     assert "not a loopback address" in capsys.readouterr().err
 

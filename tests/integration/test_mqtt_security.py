@@ -405,11 +405,11 @@ def test_mosquitto_started_as_root_runs_the_generated_config_as_its_own_user(
 
 def test_plaintext_is_refused_off_loopback_unless_asked_for(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="i-know-insecure"):
-        AgentControl("sec-plain", "10.0.0.5", 1883, on_command=lambda c: Ack(c.command_id, True))
+        AgentControl("sec-plain", "cloud.invalid", 1883, on_command=lambda c: Ack(c.command_id, True))
     store = FleetStore(tmp_path / "fleet.sqlite")
     try:
-        with pytest.raises(ValueError, match="plaintext MQTT to '10.0.0.5' is refused"):
-            FleetController(store, "10.0.0.5", 1883)
+        with pytest.raises(ValueError, match="plaintext MQTT to 'cloud.invalid' is refused"):
+            FleetController(store, "cloud.invalid", 1883)
     finally:
         store.close()
     with pytest.raises(Exception, match="plaintext MQTT to '0.0.0.0' is refused"):
