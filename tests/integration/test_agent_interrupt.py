@@ -7,22 +7,26 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from models.tiny_bundle import make_tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_sigint_stops_the_feed_and_summarizes_what_was_sent(tmp_path, device_tls):
-    bundle = make_tiny_bundle(tmp_path / "tiny")
-    tls = device_tls("edge-0")
-    # No cloud listens on port 1 of loopback: the agent runs everything on the device.
-    proc = subprocess.Popen(
+def _split_agent(bundle: Path, tls: Any, device_id: str, *args: str) -> subprocess.Popen:
+    """`split-agent run` as `device_id`; no cloud listens on port 1 of loopback, so it runs all on the device."""
+    return subprocess.Popen(
         [sys.executable, "-m", "edge_agent.cli", "run", "--bundle", str(bundle), "--cloud", "127.0.0.1:1",
-         "--rate", "50", "--count", "1000000", "--quiet", "--log-level", "ERROR", "--device-id", "edge-0",
-         "--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)],
+         "--quiet", "--log-level", "ERROR", "--device-id", device_id,
+         "--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key), *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def test_sigint_stops_the_feed_and_summarizes_what_was_sent(tmp_path, device_tls):
+    bundle = make_tiny_bundle(tmp_path / "tiny")
+    proc = _split_agent(bundle, device_tls("edge-0"), "edge-0", "--rate", "50", "--count", "1000000")
     try:
         first = proc.stderr.readline()  # "split-agent: tiny cut ... mode ...": the feed is starting
         assert first.startswith("split-agent:"), first
@@ -45,12 +49,7 @@ def test_a_sigint_that_lands_after_the_summary_changes_nothing(tmp_path, device_
     bundle = make_tiny_bundle(tmp_path / "tiny")
     tls = device_tls("edge-1")
     for _ in range(3):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent.cli", "run", "--bundle", str(bundle), "--cloud", "127.0.0.1:1",
-             "--count", "3", "--quiet", "--log-level", "ERROR", "--device-id", "edge-1",
-             "--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        proc = _split_agent(bundle, tls, "edge-1", "--count", "3")
         try:
             first = proc.stdout.readline()  # the summary's first line: the run is over, the process is exiting
             assert first.strip(), proc.stderr.read()

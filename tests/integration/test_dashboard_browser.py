@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import random
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -117,7 +118,9 @@ def test_dashboard_in_headless_chromium(live_fleet: tuple[Dashboard, list[AgentC
         browser.close()
 
 
-async def drive(browser: Chromium, url: str, screenshot: Path) -> None:
+@contextlib.asynccontextmanager
+async def open_page(browser: Chromium) -> AsyncIterator[Page]:
+    """A DevTools page of `browser` with the Page and Runtime domains on; closed on leaving."""
     async with aiohttp.ClientSession() as session:
         ws = await session.ws_connect(browser.page_ws_url(), max_msg_size=64 * 1024 * 1024,
                                       timeout=aiohttp.ClientWSTimeout(ws_close=5))
@@ -125,62 +128,67 @@ async def drive(browser: Chromium, url: str, screenshot: Path) -> None:
         try:
             await page.send("Page.enable")
             await page.send("Runtime.enable")
-            await page.send("Emulation.setDeviceMetricsOverride", width=1400, height=820, deviceScaleFactor=1,
-                            mobile=False)
-            await page.send("Page.navigate", url=url)
-
-            # One row per device, the offline one included.
-            await page.wait_for("document.querySelectorAll('#fleet-rows tr').length === 3", "three device rows")
-            devices = await page.eval("[...document.querySelectorAll('#fleet-rows tr')].map(r => r.dataset.device)")
-            assert devices == ["cam-1", "cam-2", "cam-3"]
-            # a secure node warns of nothing
-            assert await page.eval("document.getElementById('warnings').hidden") is True
-            await page.wait_for(
-                "document.querySelector('tr[data-device=\"cam-3\"] .col-status').textContent === 'offline'",
-                "cam-3 offline")
-
-            # The hostile label is shown as literal text: no element was created, no script ran.
-            label = await page.wait_for(
-                "document.querySelector('tr[data-device=\"cam-1\"] .col-label').textContent", "cam-1 label")
-            assert label == HOSTILE
-            assert await page.eval("document.querySelectorAll('img').length") == 0
-            assert await page.eval(
-                "document.querySelector('tr[data-device=\"cam-1\"] .col-label').childElementCount") == 0
-
-            # The cloud tier's own view: cam-1's 4 answered requests (1 failed), mean 0.75 + 2.5 ms; none for cam-2.
-            cloud = await page.eval("['cloud_requests', 'cloud_mean_ms'].map(k => "
-                                    "document.querySelector('tr[data-device=\"cam-1\"] .col-' + k).textContent)")
-            assert cloud == ["4 (1 failed)", "3.25"]
-            assert await page.eval("document.querySelector('tr[data-device=\"cam-2\"] .col-cloud_mean_ms')"
-                                   ".textContent") == "—"
-
-            # The chart follows the flowing telemetry.
-            await page.wait_for("document.getElementById('chart').dataset.device === 'cam-1' && "
-                                "Number(document.getElementById('chart').dataset.points) >= 2", "cam-1 chart")
-            first = await page.eval("document.getElementById('chart').dataset.lastT")
-            await page.wait_for(f"document.getElementById('chart').dataset.lastT !== '{first}'",
-                                "the chart to move on with new data")
-            rate = await page.eval("document.querySelector('tr[data-device=\"cam-1\"] .col-req_per_s').textContent")
-            assert float(rate) > 0
-
-            # Selecting a row switches the chart.
-            await page.eval("document.querySelector('tr[data-device=\"cam-2\"]').click()")
-            await page.wait_for("document.getElementById('chart').dataset.device === 'cam-2'", "chart of cam-2")
-            await page.eval("document.querySelector('tr[data-device=\"cam-1\"]').click()")
-            await page.wait_for("document.getElementById('chart').dataset.device === 'cam-1' && "
-                                "Number(document.getElementById('chart').dataset.points) >= 6",
-                                "a few seconds of chart", timeout_s=30)
-
-            shot = await page.send("Page.captureScreenshot", format="png")
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            screenshot.write_bytes(base64.b64decode(shot["data"]))
-
-            dialogs = [e for e in page.events if e["method"] == "Page.javascriptDialogOpening"]
-            assert dialogs == []
-            errors = [e for e in page.events if e["method"] == "Runtime.exceptionThrown"]
-            assert errors == []
+            yield page
         finally:
             await page.close()
+
+
+async def drive(browser: Chromium, url: str, screenshot: Path) -> None:
+    async with open_page(browser) as page:
+        await page.send("Emulation.setDeviceMetricsOverride", width=1400, height=820, deviceScaleFactor=1,
+                        mobile=False)
+        await page.send("Page.navigate", url=url)
+
+        # One row per device, the offline one included.
+        await page.wait_for("document.querySelectorAll('#fleet-rows tr').length === 3", "three device rows")
+        devices = await page.eval("[...document.querySelectorAll('#fleet-rows tr')].map(r => r.dataset.device)")
+        assert devices == ["cam-1", "cam-2", "cam-3"]
+        # a secure node warns of nothing
+        assert await page.eval("document.getElementById('warnings').hidden") is True
+        await page.wait_for(
+            "document.querySelector('tr[data-device=\"cam-3\"] .col-status').textContent === 'offline'",
+            "cam-3 offline")
+
+        # The hostile label is shown as literal text: no element was created, no script ran.
+        label = await page.wait_for(
+            "document.querySelector('tr[data-device=\"cam-1\"] .col-label').textContent", "cam-1 label")
+        assert label == HOSTILE
+        assert await page.eval("document.querySelectorAll('img').length") == 0
+        assert await page.eval(
+            "document.querySelector('tr[data-device=\"cam-1\"] .col-label').childElementCount") == 0
+
+        # The cloud tier's own view: cam-1's 4 answered requests (1 failed), mean 0.75 + 2.5 ms; none for cam-2.
+        cloud = await page.eval("['cloud_requests', 'cloud_mean_ms'].map(k => "
+                                "document.querySelector('tr[data-device=\"cam-1\"] .col-' + k).textContent)")
+        assert cloud == ["4 (1 failed)", "3.25"]
+        assert await page.eval("document.querySelector('tr[data-device=\"cam-2\"] .col-cloud_mean_ms')"
+                               ".textContent") == "—"
+
+        # The chart follows the flowing telemetry.
+        await page.wait_for("document.getElementById('chart').dataset.device === 'cam-1' && "
+                            "Number(document.getElementById('chart').dataset.points) >= 2", "cam-1 chart")
+        first = await page.eval("document.getElementById('chart').dataset.lastT")
+        await page.wait_for(f"document.getElementById('chart').dataset.lastT !== '{first}'",
+                            "the chart to move on with new data")
+        rate = await page.eval("document.querySelector('tr[data-device=\"cam-1\"] .col-req_per_s').textContent")
+        assert float(rate) > 0
+
+        # Selecting a row switches the chart.
+        await page.eval("document.querySelector('tr[data-device=\"cam-2\"]').click()")
+        await page.wait_for("document.getElementById('chart').dataset.device === 'cam-2'", "chart of cam-2")
+        await page.eval("document.querySelector('tr[data-device=\"cam-1\"]').click()")
+        await page.wait_for("document.getElementById('chart').dataset.device === 'cam-1' && "
+                            "Number(document.getElementById('chart').dataset.points) >= 6",
+                            "a few seconds of chart", timeout_s=30)
+
+        shot = await page.send("Page.captureScreenshot", format="png")
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+
+        dialogs = [e for e in page.events if e["method"] == "Page.javascriptDialogOpening"]
+        assert dialogs == []
+        errors = [e for e in page.events if e["method"] == "Runtime.exceptionThrown"]
+        assert errors == []
 
 
 TOKEN = "t0ken-for-the-dashboard-test"
@@ -268,25 +276,17 @@ def test_the_page_opened_with_its_token_keeps_working_in_chromium(
 
 
 async def _drive_with_token(browser: Chromium, url: str) -> None:
-    async with aiohttp.ClientSession() as session:
-        ws = await session.ws_connect(browser.page_ws_url(), max_msg_size=64 * 1024 * 1024,
-                                      timeout=aiohttp.ClientWSTimeout(ws_close=5))
-        page = Page(ws)
-        try:
-            await page.send("Page.enable")
-            await page.send("Runtime.enable")
-            await page.send("Page.navigate", url=f"{url}/?token={TOKEN}")
-            # the page's own fetches (/api/fleet, series) carry the cookie: the rows appear
-            await page.wait_for("document.querySelectorAll('#fleet-rows tr').length === 3", "three device rows")
-            assert await page.eval("location.search") == ""  # the token left the address bar
-            # the node's security warnings (e.g. --insecure) stand above the table
-            await page.wait_for("!document.getElementById('warnings').hidden", "the warning banner")
-            assert await page.eval("document.getElementById('warnings').textContent") == WARNING
-            assert await page.eval("document.cookie") == ""  # HttpOnly: no script can read it
-            errors = [e for e in page.events if e["method"] == "Runtime.exceptionThrown"]
-            assert errors == []
-        finally:
-            await page.close()
+    async with open_page(browser) as page:
+        await page.send("Page.navigate", url=f"{url}/?token={TOKEN}")
+        # the page's own fetches (/api/fleet, series) carry the cookie: the rows appear
+        await page.wait_for("document.querySelectorAll('#fleet-rows tr').length === 3", "three device rows")
+        assert await page.eval("location.search") == ""  # the token left the address bar
+        # the node's security warnings (e.g. --insecure) stand above the table
+        await page.wait_for("!document.getElementById('warnings').hidden", "the warning banner")
+        assert await page.eval("document.getElementById('warnings').textContent") == WARNING
+        assert await page.eval("document.cookie") == ""  # HttpOnly: no script can read it
+        errors = [e for e in page.events if e["method"] == "Runtime.exceptionThrown"]
+        assert errors == []
 
 
 def test_split_cloud_refuses_a_dashboard_off_loopback_without_a_token(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests import polling
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -31,14 +33,14 @@ def test_demo_runs_agents_that_report_to_the_dashboard_and_stops_cleanly(tmp_pat
             url = match.group(1) if match else None
         assert url, "".join(lines)
         seen: dict = {}
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+
+        def both_reporting() -> bool:
+            nonlocal seen
             with urllib.request.urlopen(url + "api/fleet", timeout=5) as resp:
-                fleet = json.load(resp)
-            seen = {row["device"]: row for row in fleet["devices"]}
-            if {"pi-porch", "pi-yard"} <= set(seen) and all(r["count"] > 0 for r in seen.values()):
-                break
-            time.sleep(0.5)
+                seen = {row["device"]: row for row in json.load(resp)["devices"]}
+            return {"pi-porch", "pi-yard"} <= set(seen) and all(r["count"] > 0 for r in seen.values())
+
+        polling.wait_for(both_reporting, "both devices' telemetry on /api/fleet", 20, interval_s=0.5)
         assert {"pi-porch", "pi-yard"} <= set(seen), seen
         assert all(row["status"] == "online" and row["count"] > 0 for row in seen.values()), seen
         rest, _ = proc.communicate(timeout=120)
