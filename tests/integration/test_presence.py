@@ -82,3 +82,39 @@ def test_a_stopped_agent_is_shown_offline_within_one_and_a_half_keepalives(
             _end(proc)
         ctl.stop()
         store.close()
+
+
+def test_split_agent_run_with_a_short_mqtt_keepalive_is_shown_offline_when_stopped(
+        broker: tuple[str, int], controller_tls: MqttTls, mqtt_tls: Callable[[str], MqttTls], tmp_path: Path) -> None:
+    """The same with a real `split-agent run` ([mqtt] keepalive_s in its agent.toml; no cloud: it runs locally)."""
+    from cloud_tier.lab.mosquitto import free_port
+    from cloud_tier.lab.process import CHECKOUT, child_env
+    from models.tiny_bundle import make_tiny_bundle
+
+    host, port = broker
+    device = "presence-run"
+    tls = mqtt_tls(device)
+    make_tiny_bundle(tmp_path / "tiny")
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'bundle = "{tmp_path / "tiny"}"\ncloud = "127.0.0.1:{free_port()}"\ndevice_id = "{device}"\n'
+        f'connect_timeout_s = 0.5\n[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
+        "[input]\nrate = 5.0\ncount = 100000\n"
+        f'[mqtt]\nbroker = "{host}:{port}"\nkeepalive_s = {KEEPALIVE_S}\nflush_interval_ms = 100\n')
+    store = FleetStore(tmp_path / "fleet.db")
+    ctl = FleetController(store, host, port, tls=controller_tls).start()
+    agent = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config), "--quiet"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=CHECKOUT, env=child_env())
+    try:
+        wait_for(lambda: (store.device(device) or {}).get("status") == "online" and store.record_count(device) > 0,
+                 f"{device} online and reporting", timeout_s=60.0)
+        os.kill(agent.pid, signal.SIGSTOP)
+        wait_for(lambda: store.device(device)["status"] == "offline", f"{device} offline (its last will)",
+                 timeout_s=1.5 * KEEPALIVE_S + SLACK_S)
+    finally:
+        if agent.poll() is None:
+            os.kill(agent.pid, signal.SIGCONT)
+            agent.kill()
+        agent.wait(timeout=10)
+        ctl.stop()
+        store.close()
