@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--days", type=int, default=365, help="validity in days (default %(default)s)")
     enroll.add_argument("--out", type=Path, default=None, help="the device folder (default PKI/devices/DEVICE_ID)")
     enroll.add_argument("--cloud", metavar="HOST:PORT", default=None,
-                        help=f"the gRPC tier address for agent.toml (default 127.0.0.1:{DEFAULT_GRPC_PORT}, what "
-                             "`split-cloud serve` binds by default)")
+                        help=f"the gRPC tier address for agent.toml (default CLOUD_HOST:{DEFAULT_GRPC_PORT}, the "
+                             "port `split-cloud serve` binds by default; replace CLOUD_HOST in the file)")
     enroll.add_argument("--broker", metavar="HOST:PORT", default=None,
                         help="the MQTT broker address for agent.toml (default: the host of --cloud, port "
                              f"{DEFAULT_MQTTS_PORT}: the embedded broker's default)")

@@ -261,6 +261,7 @@ class CloudServer:
                                              prefer_gpu=cfg.prefer_gpu)
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")
+
         def label(request: CloudRequest) -> tuple[str, str] | None:
             tail = registry.get(request.model, request.cut, request.model_sha256)
             return None if tail is None else (tail.label, tail.cut)
