@@ -13,6 +13,11 @@ Secure mode (the default, `CertificateAuthPlugin` and `CheckedBroker`):
 
 Insecure mode (`AcceptAllAuthPlugin`, loopback only unless told otherwise): every client is accepted.
 
+Presence, in both modes (`KeepaliveBroker`, `KeepaliveHandler`): a client silent for 1.5x its keepalive
+(MQTT 3.1.1, 3.1.2.10) is disconnected and its last will delivered, as Mosquitto does. amqtt 0.12 times the read
+out after 1x keepalive and then does nothing (`handle_read_timeout` is a no-op), so a hung or powered-off device
+stayed "online" forever.
+
 Imported by amqtt itself, by dotted path, when the embedded broker starts.
 """
 
@@ -37,9 +42,11 @@ from amqtt.utils import gen_client_id
 from cloud_tier.pki import identity_of, load_crl_serials, serial_of
 from protos.mqtt import CONTROLLER, acl_allows
 
-__all__ = ["AMQTT_TESTED", "AcceptAllAuthPlugin", "CertificateAuthPlugin", "CheckedBroker", "PeerCheck"]
+__all__ = ["AMQTT_TESTED", "KEEPALIVE_FACTOR", "AcceptAllAuthPlugin", "CertificateAuthPlugin", "CheckedBroker",
+           "KeepaliveBroker", "KeepaliveHandler", "PeerCheck"]
 
-AMQTT_TESTED = "0.12."  # CheckedBroker overrides amqtt internals of this release line (cloud_tier.broker checks it)
+AMQTT_TESTED = "0.12."  # KeepaliveBroker overrides amqtt internals of this release line (cloud_tier.broker checks it)
+KEEPALIVE_FACTOR = 1.5  # a client silent for this many keepalive periods is gone (MQTT 3.1.1, 3.1.2.10)
 
 log = logging.getLogger(__name__)
 
@@ -88,47 +95,45 @@ class PeerCheck:
         return who.name, ""
 
 
-class CheckedBroker(Broker):  # type: ignore[misc]
-    """amqtt's Broker with client certificates required and the identity checked before any session is touched.
+class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
+    """amqtt's broker-side handler, with a read timeout that drops the connection.
 
-    amqtt 0.12 deletes (clean session) or adopts (persistent session) the stored session of a client id as soon
-    as it reads the CONNECT, and only then asks the auth plugins: a stranger could wipe or kick a device's session
-    by borrowing its id. `_initialize_client_session` is amqtt's, with the peer check put before that step.
-
-    amqtt 0.12 also sends a connecting client the retained messages matching *every* client's subscription
-    filters, without asking the topic plugins: `_publish_retained_messages_for_subscription` here sends a
-    retained message only when the ACL lets the session read its topic.
+    amqtt's reader waits `session.keep_alive` seconds for each packet (KeepaliveBroker makes that 1.5x the
+    client's keepalive) and on timeout calls `handle_read_timeout`, a no-op in amqtt 0.12. Here it aborts the
+    transport: the reader sees end of stream, amqtt ends the session as for a dropped connection (no DISCONNECT
+    packet), and so publishes (and retains) the client's last will.
     """
 
-    peer_check: PeerCheck | None = None  # set by cloud_tier.broker before start()
+    def handle_read_timeout(self) -> None:
+        """The client sent nothing for 1.5x its keepalive: close its connection so that its will is delivered."""
+        session = self.session
+        log.warning("embedded broker: client %r sent nothing for %.1f s (1.5x its keepalive): disconnecting it%s",
+                    getattr(session, "client_id", None), getattr(session, "keep_alive", 0),
+                    " and publishing its last will" if getattr(session, "will_flag", False) else "")
+        stream_writer = getattr(self.writer, "_writer", None)  # amqtt's StreamWriterAdapter wraps asyncio's
+        transport = getattr(stream_writer, "transport", None)
+        if transport is not None:
+            transport.abort()  # connection_lost -> the reader gets EOF -> amqtt's abnormal-disconnect path
+        elif self.reader is not None and hasattr(self.reader, "feed_eof"):
+            self.reader.feed_eof()
 
-    @staticmethod
-    def _create_ssl_context(listener: Any) -> ssl.SSLContext:
-        ctx = Broker._create_ssl_context(listener)
-        ctx.verify_mode = ssl.CERT_REQUIRED  # amqtt sets CERT_OPTIONAL
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
+
+class KeepaliveBroker(Broker):  # type: ignore[misc]
+    """amqtt's Broker whose sessions time out after 1.5x the client's keepalive (KeepaliveHandler).
+
+    `_initialize_client_session` is amqtt 0.12's, with our handler class, an admission hook (`_admit`, which
+    CheckedBroker uses to check certificates before any session is touched) and the 1.5x read timeout.
+    """
+
+    async def _admit(self, client_session: Session, writer: Any, remote_address: str, remote_port: int) -> None:
+        """Refuse the client (raise MQTTError after answering its CONNECT) or let it through; here: everyone."""
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
-        handler, client_session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
-        check = self.peer_check
-        if check is None:
-            raise MQTTError("CheckedBroker.peer_check is not set")
-        will = client_session.will_topic if client_session.will_flag else None
-        identity, why = check.refusal(client_session.ssl_object, client_session.client_id, will)
-        if identity is None:
-            log.warning("embedded broker refused %s:%s (client id %r): %s", remote_address, remote_port,
-                        client_session.client_id, why)
-            try:
-                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
-                await writer.close()
-            except OSError:  # the refused client may already be gone (BrokenPipeError): it is refused either way
-                pass
-            raise MQTTError(f"refused: {why}")
-        client_session.username = identity
-        # From here on: amqtt 0.12's Broker._initialize_client_session, unchanged.
+        handler, client_session = await KeepaliveHandler.init_from_connect(reader, writer, self.plugins_manager)
+        await self._admit(client_session, writer, remote_address, remote_port)
+        # From here on: amqtt 0.12's Broker._initialize_client_session, unchanged but for the last step.
         if client_session.clean_session:
             if client_session.client_id is not None and client_session.client_id != "":
                 await self._delete_session(client_session.client_id)
@@ -149,11 +154,53 @@ class CheckedBroker(Broker):  # type: ignore[misc]
             client_session.parent = 1
         else:
             client_session.parent = 0
-        timeout_disconnect_delay = self.config.get("timeout-disconnect-delay", 0)
-        if client_session.keep_alive > 0 and isinstance(timeout_disconnect_delay, int):
-            client_session.keep_alive += timeout_disconnect_delay
+        # amqtt reads with a timeout of `keep_alive` seconds: make it the 1.5x of MQTT 3.1.1 (0 stays "none").
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if client_session.keep_alive > 0:
+            client_session.keep_alive = KEEPALIVE_FACTOR * client_session.keep_alive + (
+                delay if isinstance(delay, int) else 0)
         return handler, client_session
 
+
+class CheckedBroker(KeepaliveBroker):
+    """amqtt's Broker with client certificates required and the identity checked before any session is touched.
+
+    amqtt 0.12 deletes (clean session) or adopts (persistent session) the stored session of a client id as soon
+    as it reads the CONNECT, and only then asks the auth plugins: a stranger could wipe or kick a device's session
+    by borrowing its id. `_admit` runs the peer check before that step (KeepaliveBroker._initialize_client_session).
+
+    amqtt 0.12 also sends a connecting client the retained messages matching *every* client's subscription
+    filters, without asking the topic plugins: `_publish_retained_messages_for_subscription` here sends a
+    retained message only when the ACL lets the session read its topic.
+    """
+
+    peer_check: PeerCheck | None = None  # set by cloud_tier.broker before start()
+
+    @staticmethod
+    def _create_ssl_context(listener: Any) -> ssl.SSLContext:
+        ctx = Broker._create_ssl_context(listener)
+        ctx.verify_mode = ssl.CERT_REQUIRED  # amqtt sets CERT_OPTIONAL
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    async def _admit(self, client_session: Session, writer: Any, remote_address: str, remote_port: int) -> None:
+        """The peer check, before amqtt looks up or deletes any session: refuse with "not authorised", or name
+        the session after the certificate's identity."""
+        check = self.peer_check
+        if check is None:
+            raise MQTTError("CheckedBroker.peer_check is not set")
+        will = client_session.will_topic if client_session.will_flag else None
+        identity, why = check.refusal(client_session.ssl_object, client_session.client_id, will)
+        if identity is None:
+            log.warning("embedded broker refused %s:%s (client id %r): %s", remote_address, remote_port,
+                        client_session.client_id, why)
+            try:
+                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+                await writer.close()
+            except OSError:  # the refused client may already be gone (BrokenPipeError): it is refused either way
+                pass
+            raise MQTTError(f"refused: {why}")
+        client_session.username = identity
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Session) -> None:

@@ -5,8 +5,10 @@ deployment's CA (`pki`, made by `split-cloud ca init`), admits a client only whe
 and its identity is the client id (cloud_tier.amqtt_auth), and applies the topic ACL of protos.mqtt
 (cloud_tier.amqtt_acl). `insecure=True` is plaintext with every client accepted, for loopback experiments
 only (elsewhere only with `i_know_insecure`), and says so in a warning line. A client with clean_session=False
-keeps its session and its QoS 1 messages while it is away. amqtt is 2-3x slower than Mosquitto and MQTT 3.1.1
-only: use Mosquitto in production, configured by `write_mosquitto_config` (`split-cloud mosquitto-config`).
+keeps its session and its QoS 1 messages while it is away. A client silent for 1.5x its keepalive is
+disconnected and its last will delivered (cloud_tier.amqtt_auth.KeepaliveBroker), as Mosquitto does. amqtt is
+2-3x slower than Mosquitto and MQTT 3.1.1 only: use Mosquitto in production, configured by
+`write_mosquitto_config` (`split-cloud mosquitto-config`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from cloud_tier.config import address_in_use, bind_refused
 from cloud_tier.loopthread import LoopThread
 from cloud_tier.pki import write_private
 from models.extras import require
@@ -78,22 +81,19 @@ class EmbeddedBroker:
         """Start the broker thread and return the TCP port it listens on."""
         if self._runner.running:
             raise BrokerStartError("embedded broker already started")
-        broker_mod = require("amqtt.broker", "cloud")
-
         async def boot() -> None:
+            from cloud_tier.amqtt_auth import AMQTT_TESTED, CheckedBroker, KeepaliveBroker, PeerCheck
+
+            found = metadata.version("amqtt")
+            if not found.startswith(AMQTT_TESTED):
+                # KeepaliveBroker and CheckedBroker replace amqtt internals that decide who gets a session and when
+                # a silent one ends: refuse to run them on a version they were not checked against.
+                raise BrokerStartError(f"the embedded broker's session checks are written for amqtt "
+                                       f"{AMQTT_TESTED}x, found {found}: pip install 'amqtt=={AMQTT_TESTED}*'")
             port = self._requested_port
             if self.pki is None:
-                self._broker = broker_mod.Broker(self._config(port))
+                self._broker = KeepaliveBroker(self._config(port))
             else:
-                from cloud_tier.amqtt_auth import AMQTT_TESTED, CheckedBroker, PeerCheck
-
-                found = metadata.version("amqtt")
-                if not found.startswith(AMQTT_TESTED):
-                    # CheckedBroker replaces amqtt internals that decide who gets a session: refuse to run
-                    # them on a version they were not checked against rather than admit clients unchecked.
-                    raise BrokerStartError(f"the embedded broker's certificate checks are written for amqtt "
-                                           f"{AMQTT_TESTED}x, found {found}: pip install 'amqtt=={AMQTT_TESTED}*'")
-
                 for name in ("ca.pem", "server.pem", "server.key", "crl.pem"):
                     if not (self.pki / name).is_file():
                         raise BrokerStartError(f"{self.pki} has no {name}: expected a CA folder made by "
@@ -106,6 +106,7 @@ class EmbeddedBroker:
                 raise BrokerStartError("amqtt did not report the port it bound (its internals changed?); "
                                        "pass an explicit port")
 
+        require("amqtt.broker", "cloud")
         try:
             self._runner.start(boot, self._timeout)
         except TimeoutError as exc:
@@ -114,6 +115,9 @@ class EmbeddedBroker:
         except BrokerStartError:
             raise
         except Exception as exc:  # noqa: BLE001 - amqtt's own errors, one clear line
+            if address_in_use(exc):
+                raise BrokerStartError(bind_refused("the embedded MQTT broker", self.host, self._requested_port,
+                                                    "--broker-port")) from exc
             raise BrokerStartError(f"embedded MQTT broker on {self.host}:{self._requested_port} failed: {exc}") from exc
         assert self.port is not None
         log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)

@@ -4,7 +4,8 @@
     split-cloud ca init [--dir STATE/pki] [--host cloud.example --host 10.0.0.5]
     split-cloud enroll cam-1 --cloud cloud.example:50051 [--broker cloud.example:8883] [--out DIR]
     split-cloud revoke cam-1
-    split-cloud serve --bundles bundles [--pki STATE/pki]
+    split-cloud serve --bundles bundles [--pki STATE/pki]     # gRPC :50051, MQTT :8883, dashboard :8080 on 127.0.0.1
+    split-cloud install --bundles /srv/splitinfer/bundles [--print]   # a hardened systemd service
 """
 
 from __future__ import annotations
@@ -15,11 +16,25 @@ import signal
 import sqlite3
 import sys
 import threading
+import time
 from pathlib import Path
 
-from cloud_tier.config import STATE_DIR_ENV, ConfigError, NodeOptions, ServerConfig, default_pki_dir, parse_address
+from cloud_tier.config import (
+    DEFAULT_DASHBOARD_PORT,
+    DEFAULT_GRPC_PORT,
+    DEFAULT_MQTT_PORT,
+    DEFAULT_MQTTS_PORT,
+    STATE_DIR_ENV,
+    ConfigError,
+    NodeOptions,
+    ServerConfig,
+    default_pki_dir,
+    parse_address,
+)
+from models import systemd
 from models.extras import MissingExtraError
 from models.manifest import BundleError
+from protos.address import format_address
 
 DEFAULTS = ServerConfig()
 
@@ -46,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("device_id", metavar="DEVICE_ID", help="the device id: 1-64 characters of [A-Za-z0-9_-]")
     enroll.add_argument("--days", type=int, default=365, help="validity in days (default %(default)s)")
     enroll.add_argument("--out", type=Path, default=None, help="the device folder (default PKI/devices/DEVICE_ID)")
-    enroll.add_argument("--cloud", metavar="HOST:PORT", default=None, help="the gRPC tier address for agent.toml")
-    enroll.add_argument("--broker", metavar="HOST:PORT", default=None, help="the MQTT broker address for agent.toml")
+    enroll.add_argument("--cloud", metavar="HOST:PORT", default=None,
+                        help=f"the gRPC tier address for agent.toml (default CLOUD_HOST:{DEFAULT_GRPC_PORT}, the "
+                             "port `split-cloud serve` binds by default; replace CLOUD_HOST in the file)")
+    enroll.add_argument("--broker", metavar="HOST:PORT", default=None,
+                        help="the MQTT broker address for agent.toml (default: the host of --cloud, port "
+                             f"{DEFAULT_MQTTS_PORT}: the embedded broker's default)")
     enroll.add_argument("--server-name", default=None,
                         help="the name the agent checks in the server certificate (default: the host of --cloud)")
     enroll.add_argument("--force", action="store_true", help="replace a device folder that already holds a key")
@@ -58,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve every bundle (subdirectory with plan.json) of --bundles")
     serve.add_argument("--bundles", required=True, help="directory of bundles made by split-profile")
     serve.add_argument("--host", default=DEFAULTS.host, help="address to bind (default %(default)s)")
-    serve.add_argument("--port", type=int, default=DEFAULTS.port,
-                       help="port; 0 lets the OS pick (default %(default)s)")
+    serve.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT,
+                       help="gRPC port; 0 lets the OS pick (default %(default)s)")
     serve.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch,
                        help="rows per tail run (default %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=DEFAULTS.max_wait_ms,
@@ -90,19 +109,41 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only the gRPC tier (no MQTT broker, fleet store, controller or dashboard)")
     fleet.add_argument("--broker", metavar="HOST:PORT", default=None,
                        help="MQTT broker to use (Mosquitto in production); default: start the embedded amqtt "
-                            "broker on 127.0.0.1 with a port the OS picks")
+                            "broker on --broker-host:--broker-port")
+    fleet.add_argument("--broker-host", default=None,
+                       help=f"the embedded broker's bind address (default {NodeOptions.embedded_broker_host})")
+    fleet.add_argument("--broker-port", type=int, default=None,
+                       help=f"the embedded broker's port; 0 lets the OS pick (default {DEFAULT_MQTTS_PORT} with TLS, "
+                            f"{DEFAULT_MQTT_PORT} with --insecure)")
     fleet.add_argument("--db", metavar="PATH", default=None,
                        help=f"SQLite fleet store file (default ${STATE_DIR_ENV}/fleet.db, else "
                             "$XDG_STATE_HOME/splitinfer/fleet.db, else ~/.local/state/splitinfer/fleet.db)")
     fleet.add_argument("--dashboard-host", default=NodeOptions.dashboard_host,
                        help="dashboard bind address (default %(default)s)")
-    fleet.add_argument("--dashboard-port", type=int, default=NodeOptions.dashboard_port,
+    fleet.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
                        help="dashboard port; 0 lets the OS pick (default %(default)s)")
     fleet.add_argument("--dashboard-token-file", metavar="FILE", default=None,
                        help="file holding the token the dashboard and /metrics require (split-cloud ca init writes "
                             "STATE/pki/dashboard.token); required when --dashboard-host is not loopback")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    inst = sub.add_parser("install", help="install the cloud node as a hardened systemd service (Type=notify)",
+                          description="Write /etc/systemd/system/splitinfer-cloud.service (split-cloud serve as a "
+                                      "dedicated user, hardened, with a watchdog) and copy the CA folder into the "
+                                      "service's state directory /var/lib/splitinfer-cloud (with fleet.db); print "
+                                      "the systemctl lines. Arguments after -- are passed to `serve`.")
+    inst.add_argument("--bundles", type=Path, required=True, help="directory of bundles the service serves")
+    inst.add_argument("--pki", type=Path, default=None, help=pki_help + ", copied into the service's state directory")
+    inst.add_argument("--user", default="splitinfer-cloud", help="the service's user (default %(default)s; created "
+                                                                 "when missing)")
+    inst.add_argument("--gpu", action="store_true", help="the tails run on a GPU: let the service see /dev "
+                                                         "(PrivateDevices=no)")
+    inst.add_argument("--print", dest="print_only", action="store_true", help="only print the unit")
+    inst.add_argument("--root", type=Path, default=None, help="stage the files under this folder instead of / "
+                                                              "(image builds, tests): no user is created, nothing "
+                                                              "chowned")
+    inst.add_argument("serve_args", nargs="*", metavar="-- SERVE_ARGS",
+                      help="extra `split-cloud serve` arguments, e.g. -- --host 0.0.0.0")
     mosq = sub.add_parser("mosquitto-config", help="write a Mosquitto config (TLS, client certificates, ACL, CRL)",
                           description="Write mosquitto.conf and its ACL file for the fleet's broker: a TLS listener "
                                       "that requires a certificate from the CA, identities as usernames and client "
@@ -147,9 +188,16 @@ def serve(args: argparse.Namespace) -> int:
         prefer_gpu=not args.cpu_only, pki_dir=args.pki, insecure=args.insecure,
         insecure_remote=args.i_know_insecure,
     )
+    if args.broker is not None and (args.broker_host is not None or args.broker_port is not None):
+        flag = "--broker-port" if args.broker_port is not None else "--broker-host"
+        raise ConfigError(flag, "sets the embedded broker, which --broker replaces by an external one: give one of "
+                                "the two")
+    broker_port = args.broker_port if args.broker_port is not None else (
+        DEFAULT_MQTT_PORT if args.insecure else DEFAULT_MQTTS_PORT)
     options = None if args.no_fleet else NodeOptions(
         broker=args.broker, db_path=args.db, dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port,
         dashboard_token_file=args.dashboard_token_file,
+        embedded_broker_host=args.broker_host or NodeOptions.embedded_broker_host, embedded_broker_port=broker_port,
         # One CA and one insecure switch for both planes: --pki, --insecure, --i-know-insecure.
         mqtt_pki=args.pki, mqtt_insecure=args.insecure, mqtt_i_know_insecure=args.i_know_insecure,
     )
@@ -172,8 +220,17 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     for line in node.banner():
         print(line, flush=True)
-    while not stop.wait(1.0) and not node.wait(0):
-        pass  # wake every second so signals are handled promptly on every platform
+    systemd.notify("READY=1", f"STATUS=serving on {node.grpc_address}")
+    watchdog_s = systemd.watchdog_period_s()
+    tick = min(1.0, watchdog_s) if watchdog_s else 1.0
+    last_ping = 0.0
+    while not stop.wait(tick) and not node.wait(0):
+        # Wake every second so signals are handled promptly on every platform; the gRPC tier's thread is alive
+        # (the loop's condition), so tell the watchdog.
+        if watchdog_s and time.monotonic() - last_ping >= watchdog_s:
+            systemd.notify("WATCHDOG=1")
+            last_ping = time.monotonic()
+    systemd.notify("STOPPING=1", "STATUS=draining")
     print("shutting down: draining", flush=True)
     node.stop(grace=args.grace)
     print("stopped", flush=True)
@@ -206,7 +263,10 @@ def enroll(args: argparse.Namespace) -> int:
     if (out / "device.key").exists() and not args.force:
         raise ConfigError("--out", f"{out} already holds a device key: refusing to replace it (--force replaces it; "
                           "`split-cloud revoke` the old certificate if it leaked)")
-    folder = ca.enroll(args.device_id, out, days=args.days, cloud=args.cloud, broker=args.broker,
+    # Without --cloud/--broker: the service's stable ports (CLOUD_HOST is left for the operator to fill in).
+    cloud = args.cloud or f"CLOUD_HOST:{DEFAULT_GRPC_PORT}"
+    broker = args.broker or f"{format_address(parse_address(cloud, '--cloud')[0], DEFAULT_MQTTS_PORT)}"
+    folder = ca.enroll(args.device_id, out, days=args.days, cloud=cloud, broker=broker,
                        server_name=args.server_name)
     print(f"enrolled device {args.device_id}: {folder} (ca.pem, device.pem, device.key, agent.toml); copy it to the "
           "device and run `split-agent run --config agent.toml`")
@@ -224,7 +284,35 @@ def revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def install(args: argparse.Namespace) -> int:
+    """`split-cloud install`: the systemd unit and the state directory; print what to run next."""
+    from cloud_tier.install import InstallError
+    from cloud_tier.install import install as install_service
+
+    try:
+        done = install_service(args.bundles, args.pki or default_pki_dir(), user=args.user,
+                               serve_args=tuple(args.serve_args), root=args.root, dry_run=args.print_only,
+                               gpu=args.gpu)
+    except InstallError as exc:
+        print(f"split-cloud: {exc}", file=sys.stderr)
+        return 2
+    for warning in done.warnings:
+        print(f"split-cloud: WARNING: {warning}", file=sys.stderr)
+    if args.print_only:
+        print(done.unit_text, end="")
+        return 0
+    for path, mode in done.files:
+        print(f"placed {path} ({mode:04o})")
+    if done.created_user:
+        print(f"created the system user {args.user}")
+    print("next:")
+    for line in done.next_steps:
+        print(f"  {line}")
+    return 0
+
+
 COMMANDS = {"serve": serve, "enroll": enroll, "revoke": revoke, "ca": ca_init, "mosquitto-config": mosquitto_config}
+COMMANDS["install"] = install
 
 
 def main(argv: list[str] | None = None) -> int:

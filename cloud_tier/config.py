@@ -8,6 +8,7 @@ environment override (where the fleet database lives by default).
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +18,22 @@ from protos import address
 from protos.address import is_loopback
 from protos.codec import DEFAULT_MAX_TENSOR_BYTES
 
-__all__ = ["ConfigError", "NodeOptions", "ServerConfig", "STATE_DIR_ENV", "default_db_path", "default_pki_dir",
-           "default_state_dir", "is_loopback", "parse_address"]
+__all__ = ["ConfigError", "DEFAULT_DASHBOARD_PORT", "DEFAULT_GRPC_PORT", "DEFAULT_MQTT_PORT", "DEFAULT_MQTTS_PORT",
+           "NodeOptions", "ServerConfig", "STATE_DIR_ENV", "address_in_use", "bind_refused", "default_db_path",
+           "default_pki_dir", "default_state_dir", "is_loopback", "parse_address"]
 
 MIB = 1024 * 1024
 HEALTH_SERVICE = "splitinfer.v1.SplitInference"
 STATE_DIR_ENV = "SPLITINFER_STATE_DIR"  # overrides where the fleet database lives by default
 DB_FILE = "fleet.db"
 PKI_DIR = "pki"
+
+# The service's stable ports (`split-cloud serve` and `split-cloud enroll` defaults; the library API and the lab
+# tools bind port 0 unless told otherwise). Each is on 127.0.0.1 unless its host flag says otherwise.
+DEFAULT_GRPC_PORT = 50051  # --port
+DEFAULT_MQTTS_PORT = 8883  # --broker-port, the embedded broker with TLS (the default)
+DEFAULT_MQTT_PORT = 1883  # --broker-port with --insecure (plaintext)
+DEFAULT_DASHBOARD_PORT = 8080  # --dashboard-port
 
 # Keepalive pairing with the edge agent: agents ping every 20 s (keepalive_time_ms=20000, also without an
 # active call); the server accepts pings as often as every 10 s, so they never earn a GOAWAY too_many_pings.
@@ -67,6 +76,22 @@ def default_pki_dir() -> Path:
     return default_state_dir() / PKI_DIR
 
 
+def address_in_use(exc: BaseException | None) -> bool:
+    """Whether `exc` (or an exception it was raised from) says the address is already in use (EADDRINUSE)."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            return True
+        if "address already in use" in str(exc).lower():
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def bind_refused(what: str, host: str, port: int, flag: str, detail: str = "address already in use") -> str:
+    """The one-line error for a port that cannot be bound, naming the flag that changes it."""
+    return (f"{what} cannot listen on {address.format_address(host, port)} ({detail}): another process (or another "
+            f"split-cloud) holds that port; stop it, or choose another port with {flag}")
 
 
 @dataclass(frozen=True)

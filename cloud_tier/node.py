@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cloud_tier.config import NodeOptions, ServerConfig, parse_address
+from cloud_tier.config import NodeOptions, ServerConfig, address_in_use, bind_refused, parse_address
 from cloud_tier.server import CloudServer
 
 if TYPE_CHECKING:
@@ -169,7 +169,13 @@ class CloudNode:
                                    token_file=opts.dashboard_token_file,
                                    extra_metrics=self.metrics_collectors(),
                                    cloud_view=self.cloud_view, warnings=self.warnings())
-        self.dashboard.start()
+        try:
+            self.dashboard.start()
+        except RuntimeError as exc:
+            if address_in_use(exc):
+                raise RuntimeError(bind_refused("the dashboard", opts.dashboard_host, opts.dashboard_port,
+                                                "--dashboard-port")) from exc
+            raise
 
     def _mqtt_tls(self, opts: NodeOptions) -> tuple[Path | None, Any]:
         """(CA folder, the controller's MqttTls), or (None, None) in the insecure mode. One CA serves both

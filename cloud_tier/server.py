@@ -10,6 +10,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import fields
@@ -20,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from cloud_tier.config import HEALTH_SERVICE, ServerConfig
+from cloud_tier.config import HEALTH_SERVICE, ServerConfig, bind_refused
 from cloud_tier.executor import ModelRegistry
 from cloud_tier.servicer import SplitInferenceServicer
 from cloud_tier.stats import ServerStats
@@ -50,10 +51,14 @@ class RequestCounters:
 
     Label values are bounded: a (model, cut) the server does not serve counts as `_unknown`, and at most
     MAX_DEVICES_TRACKED valid device ids are tracked (later ones are only counted in `untracked_devices`).
+    The model label is the served tail's (ServedTail.label: the name, with a short hash where two models share
+    it); `resolve` maps a request to its (label, cut), None when nothing serves it (default: its model and cut).
     """
 
-    def __init__(self, served: set[tuple[str, str]], max_devices: int = MAX_DEVICES_TRACKED):
+    def __init__(self, served: set[tuple[str, str]], max_devices: int = MAX_DEVICES_TRACKED,
+                 resolve: Callable[[CloudRequest], tuple[str, str] | None] | None = None):
         self._served = frozenset(served)
+        self._resolve = resolve or (lambda r: (r.model, r.cut))
         self._max_devices = max_devices
         self._lock = threading.Lock()
         # Every served (model, cut) has an OK series from the start, so rates work before the first request.
@@ -63,7 +68,8 @@ class RequestCounters:
 
     def record(self, request: CloudRequest, reply: CloudReply) -> None:
         """Count one answered (non-probe) request."""
-        key = (request.model, request.cut) if (request.model, request.cut) in self._served else (UNKNOWN, UNKNOWN)
+        found = self._resolve(request)
+        key = found if found is not None and found in self._served else (UNKNOWN, UNKNOWN)
         code = serde.status_name(reply.code)
         cloud_ms = reply.decode_ms + reply.queue_ms + reply.compute_ms
         with self._lock:
@@ -255,7 +261,12 @@ class CloudServer:
                                              prefer_gpu=cfg.prefer_gpu)
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")
-        self.counters = RequestCounters({(t.model, t.cut) for t in registry.served()})
+
+        def label(request: CloudRequest) -> tuple[str, str] | None:
+            tail = registry.get(request.model, request.cut, request.model_sha256)
+            return None if tail is None else (tail.label, tail.cut)
+
+        self.counters = RequestCounters({(t.label, t.cut) for t in registry.served()}, resolve=label)
         self._servicer = _CountingServicer(registry, cfg, self._pool, self.stats, counters=self.counters)
         if self.tls is not None:
             self._servicer.guard = PeerGuard(self.tls.revocations, self.stats)
@@ -268,9 +279,10 @@ class CloudServer:
             port = (server.add_insecure_port(bind) if self.tls is None
                     else server.add_secure_port(bind, self.tls.credentials()))
         except RuntimeError as exc:
-            raise ServerStartError(f"cannot bind {cfg.host}:{cfg.port} ({exc})") from exc
+            raise ServerStartError(bind_refused("the gRPC tier", cfg.host, cfg.port, "--port",
+                                                f"cannot bind: {exc}")) from exc
         if port == 0:
-            raise ServerStartError(f"cannot bind {cfg.host}:{cfg.port}")
+            raise ServerStartError(bind_refused("the gRPC tier", cfg.host, cfg.port, "--port", "cannot bind"))
         await server.start()
         self._server = server
         for service in ("", HEALTH_SERVICE):

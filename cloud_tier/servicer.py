@@ -34,7 +34,7 @@ from cloud_tier.batcher import (
     WorkerSlots,
 )
 from cloud_tier.config import ServerConfig
-from cloud_tier.executor import ModelRegistry
+from cloud_tier.executor import ModelRegistry, TailLookupError
 from cloud_tier.stats import ServerStats
 from protos import codec, serde
 from protos import inference_pb2 as pb
@@ -72,7 +72,7 @@ class _Stream:
 
 
 class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
-    """Serves the tails of a ModelRegistry with one DynamicBatcher per (model, cut)."""
+    """Serves the tails of a ModelRegistry with one DynamicBatcher per (model hash, cut)."""
 
     # mTLS (cloud_tier.tls.PeerGuard): the device id comes from the peer certificate, never from the request.
     # None on an --insecure server: device ids are taken from the requests.
@@ -89,8 +89,8 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         # Decoding and encoding of large tensors: off the event loop, and apart from the tail runs' pool.
         self._codec_pool = ThreadPoolExecutor(max(2, config.workers), thread_name_prefix="codec")
         self._batchers = {
-            (t.model, t.cut): DynamicBatcher(
-                f"{t.model}/{t.cut}", t.executor.run, pool, slots, stats,
+            t.key: DynamicBatcher(
+                f"{t.label}/{t.cut}", t.executor.run, pool, slots, stats,
                 max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
             )
             for t in registry.served()
@@ -104,7 +104,8 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         """Every served (model, cut) and the tensor names it takes (to devices only, as Infer)."""
         if self.guard is not None:
             await self.guard.admit(context)  # PERMISSION_DENIED: not a device, or revoked
-        return serde.served_cuts_to_proto((t.model, t.cut, [s.name for s in t.inputs]) for t in self.registry.served())
+        return serde.served_cuts_to_proto((t.model, t.cut, [s.name for s in t.inputs], t.model_sha256)
+                                          for t in self.registry.served())
 
     async def Infer(
         self, request_iterator: AsyncIterator[pb.InferRequest], context: grpc.aio.ServicerContext
@@ -215,11 +216,10 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, problem)
             if request.probe and not request.tensors:
                 return CloudReply(request_id, serde.OK, "", received_unix_ns=received_ns)  # liveness: OK
-            tail = self.registry.get(request.model, request.cut)
-            if tail is None:
-                raise RequestRejected(
-                    grpc.StatusCode.NOT_FOUND, self.registry.describe_missing(request.model, request.cut)
-                )
+            try:
+                tail = self.registry.lookup(request.model, request.cut, request.model_sha256)
+            except TailLookupError as exc:
+                raise RequestRejected(grpc.StatusCode[exc.status], str(exc)) from None
             start = time.perf_counter()
             limits = {"max_bytes": self.config.max_tensor_bytes, "max_rows": self.config.max_batch}
             size = request.tensors.check(tail.inputs, **limits)  # metadata only: nothing allocated yet
@@ -227,7 +227,7 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
             rows = next(iter(feeds.values())).shape[0] if feeds else 1
             decode_ms = 1000 * (time.perf_counter() - start)
             deadline = request.deadline_ms / 1000 if request.deadline_ms else None
-            result = await self._batchers[(tail.model, tail.cut)].submit(feeds, rows, deadline)
+            result = await self._batchers[tail.key].submit(feeds, rows, deadline)
             out_bytes = sum(v.nbytes for v in result.outputs.values())
             wire = await self._off_loop(out_bytes, serde.encode_tensors, result.outputs, "fp32")
             return CloudReply(

@@ -122,6 +122,7 @@ class EdgeAgent:
     ):
         self.config = config
         self.bundle = Bundle.load(config.bundle)
+        self._model_sha256 = self.bundle.model_sha256  # with the cut, names the tail the cloud runs
         self._cache = RunnerCache(
             RuntimeOptions(config.intra_op_threads, config.inter_op_threads, tuple(config.providers))
         )
@@ -148,6 +149,7 @@ class EdgeAgent:
         self._supervisor = Supervisor(
             config, self._link, self.bandwidth, state=lambda: self._state, runtime=lambda: self._rt,
             switch=self._switch, still_local=self._still_local, count=self._count, next_id=lambda: next(self._ids),
+            model_sha256=self._model_sha256,
         )
         failed_at_start = False
         if connect and self._rt.remote:
@@ -374,7 +376,7 @@ class EdgeAgent:
             msg = serde.prepare(CloudRequest(
                 req.id, cfg.device_id, req.rt.model_name, req.rt.cut_id,
                 serde.encode_tensors(req.activation, cfg.codec), deadline_ms=cfg.deadline_ms,
-                sent_unix_ns=time.time_ns(),
+                sent_unix_ns=time.time_ns(), model_sha256=self._model_sha256,
             ))
             size = serde.message_bytes(msg)
             if size > C.MAX_MESSAGE_BYTES:  # gRPC would end the whole stream over it: finish it here instead

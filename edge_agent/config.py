@@ -37,6 +37,7 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     telemetry_bound = 10000     # records buffered while the broker is away; beyond it they are counted, dropped
     reconnect_min_s = 1
     reconnect_max_s = 30
+    keepalive_s = 30            # MQTT keepalive: the broker marks the device offline after 1.5x this of silence
     tls_ca = "ca.pem"           # mutual TLS: the CA, this device's certificate and key (relative to this file);
     tls_cert = "device.pem"     #   without them the [tls] files are used; with neither, or insecure = true:
     tls_key = "device.key"      #   plaintext, loopback brokers only, unless i_know_insecure = true
@@ -157,6 +158,8 @@ class MqttConfig:
     )
     reconnect_min_s: int = field(default=1, metadata={"doc": "first MQTT reconnect delay, seconds"})
     reconnect_max_s: int = field(default=30, metadata={"doc": "largest MQTT reconnect delay, seconds"})
+    keepalive_s: int = field(default=30, metadata={
+        "doc": "MQTT keepalive, seconds: the broker shows the device offline after 1.5x this without a packet"})
     tls_ca: str | None = field(default=None, metadata={"doc": "CA certificate (PEM) the broker's certificate is "
                                                               "checked against ([tls] ca when present)"})
     tls_cert: str | None = field(default=None, metadata={"doc": "this device's certificate ([tls] cert)"})
@@ -188,6 +191,7 @@ class MqttConfig:
         object.__setattr__(self, "telemetry_bound", _int("telemetry_bound", self.telemetry_bound, 1, 10_000_000))
         object.__setattr__(self, "reconnect_min_s", _int("reconnect_min_s", self.reconnect_min_s, 1, 3600))
         object.__setattr__(self, "reconnect_max_s", _int("reconnect_max_s", self.reconnect_max_s, 1, 3600))
+        object.__setattr__(self, "keepalive_s", _int("keepalive_s", self.keepalive_s, 1, 65535))
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ConfigError("reconnect_max_s", f"expected an integer >= reconnect_min_s ({self.reconnect_min_s}), "
                                                  f"got {self.reconnect_max_s}")

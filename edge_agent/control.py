@@ -55,8 +55,9 @@ def telemetry_record(result: InferenceResult, ts: float | None = None) -> Teleme
 class ControlLink:
     """Attach an AgentControl to an EdgeAgent: publish its telemetry and state, apply the cloud's commands."""
 
-    def __init__(self, agent: EdgeAgent, mqtt: MqttConfig, *, keepalive_s: int = 30) -> None:
-        """Configure the MQTT session of `agent` (nothing connects until start())."""
+    def __init__(self, agent: EdgeAgent, mqtt: MqttConfig, *, keepalive_s: int | None = None) -> None:
+        """Configure the MQTT session of `agent` (nothing connects until start()); `keepalive_s` overrides
+        [mqtt] keepalive_s."""
         self.agent = agent
         self.config = mqtt
         host, port = mqtt.address
@@ -68,7 +69,7 @@ class ControlLink:
         tls = None if files is None else MqttTls(*files)
         self.control = AgentControl(
             agent.config.device_id, host, port, on_command=self._on_command, telemetry_bound=mqtt.telemetry_bound,
-            flush_interval_ms=mqtt.flush_interval_ms, keepalive_s=keepalive_s,
+            flush_interval_ms=mqtt.flush_interval_ms, keepalive_s=keepalive_s or mqtt.keepalive_s,
             reconnect_min_s=mqtt.reconnect_min_s, reconnect_max_s=mqtt.reconnect_max_s, label=mqtt.label,
             tls=tls, i_know_insecure=mqtt.i_know_insecure,
         )

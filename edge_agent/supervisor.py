@@ -62,9 +62,11 @@ class Supervisor:
         still_local: Callable[[str], None],
         count: Callable[[str], None],
         next_id: Callable[[], int],
+        model_sha256: str = "",
     ):
         """`state`/`runtime`: the agent's mode and current cut; `switch(mode, reason)`; `still_local(why)`
-        records why a reconnect failed; `count(name)` bumps an AgentStats counter; `next_id` numbers probes."""
+        records why a reconnect failed; `count(name)` bumps an AgentStats counter; `next_id` numbers probes;
+        `model_sha256`: the bundle's model hash, sent with each probe as with each request."""
         self.config = config
         self._link = link
         self._bandwidth = bandwidth
@@ -74,6 +76,7 @@ class Supervisor:
         self._still_local = still_local
         self._count = count
         self._next_id = next_id
+        self._model_sha256 = model_sha256
         self.open_lock = threading.Lock()  # the supervisor and measurement probes both may open the link
         self._lock = threading.Lock()
         self._probes: dict[str, _Probe] = {}
@@ -194,7 +197,7 @@ class Supervisor:
         pid = f"{PROBE_PREFIX}{cfg.device_id}-{self._next_id()}"
         request = serde.prepare(CloudRequest(
             pid, cfg.device_id, rt.model_name, rt.cut_id, serde.encode_tensors(payload, cfg.codec),
-            deadline_ms=cfg.deadline_ms, probe=True, sent_unix_ns=time.time_ns(),
+            deadline_ms=cfg.deadline_ms, probe=True, sent_unix_ns=time.time_ns(), model_sha256=self._model_sha256,
         ))
         probe = _Probe(self._link.generation)
         with self._lock:

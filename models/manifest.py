@@ -143,6 +143,13 @@ class Bundle:
         return str(self.plan["model"]["name"])
 
     @property
+    def model_sha256(self) -> str:
+        """The model's identity on the wire: plan.json model.onnx_sha256 (the converted graph's hash), else the
+        source's sha256, else full.onnx's. With a cut id it names one tail, whatever the model is called."""
+        model = self.plan["model"]
+        return str(model.get("onnx_sha256") or model.get("sha256") or self.artifacts.full.sha256)
+
+    @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         """The model's inputs."""
         return tuple(TensorSpec.from_json(t, "model.inputs") for t in self.plan["model"]["inputs"])

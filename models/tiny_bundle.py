@@ -121,11 +121,12 @@ def _spec(name: str, shape: tuple[int | None, ...]) -> dict[str, Any]:
     return {"name": name, "shape": list(shape), "dtype": "float32"}
 
 
-def make_tiny_bundle(root: Path, *, model_name: str = "tiny") -> Path:
-    """Write a complete tiny split bundle (full, edge-only, cloud-only, c1 chosen) into `root`; return `root`."""
+def make_tiny_bundle(root: Path, *, model_name: str = "tiny", seed: int = 0) -> Path:
+    """Write a complete tiny split bundle (full, edge-only, cloud-only, c1 chosen) into `root`; return `root`.
+    Another `seed` makes another model (other weights, so another model hash) of the same shape."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    models = tiny_models()
+    models = tiny_models(seed)
     full, head, tail = root / "full.onnx", root / "head.onnx", root / "tail.onnx"
     onnx.save(models["full"], full)
     onnx.save(models["head"], head)

@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\rsplitinfer.v1\"?\n\x0cQuantization\x12\r\n\x05scale\x18\x01 \x03(\x02\x12\x12\n\nzero_point\x18\x02 \x03(\x05\x12\x0c\n\x04\x61xis\x18\x03 \x01(\x05\"\xfb\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.splitinfer.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12/\n\x0b\x63ompression\x18\x05 \x01(\x0e\x32\x1a.splitinfer.v1.Compression\x12\x10\n\x08raw_size\x18\x06 \x01(\x04\x12\x31\n\x0cquantization\x18\x07 \x01(\x0b\x32\x1b.splitinfer.v1.Quantization\x12+\n\rlogical_dtype\x18\x08 \x01(\x0e\x32\x14.splitinfer.v1.DType\"\xb3\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0b\n\x03\x63ut\x18\x04 \x01(\t\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.splitinfer.v1.Tensor\x12\x14\n\x0csent_unix_ns\x18\x06 \x01(\x03\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x07 \x01(\r\x12\r\n\x05probe\x18\x08 \x01(\x08\"o\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x18\n\x10received_unix_ns\x18\x05 \x01(\x03\".\n\rRequestStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa0\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x07outputs\x18\x02 \x03(\x0b\x32\x15.splitinfer.v1.Tensor\x12%\n\x06timing\x18\x03 \x01(\x0b\x32\x15.splitinfer.v1.Timing\x12,\n\x06status\x18\x04 \x01(\x0b\x32\x1c.splitinfer.v1.RequestStatus\"\x13\n\x11ListModelsRequest\"7\n\tServedCut\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\"<\n\x12ListModelsResponse\x12&\n\x04\x63uts\x18\x01 \x03(\x0b\x32\x18.splitinfer.v1.ServedCut*c\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05INT64\x10\x06*6\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x07\n\x03LZ4\x10\x01\x12\x08\n\x04ZSTD\x10\x02\x32\xab\x01\n\x0eSplitInference\x12\x46\n\x05Infer\x12\x1b.splitinfer.v1.InferRequest\x1a\x1c.splitinfer.v1.InferResponse(\x01\x30\x01\x12Q\n\nListModels\x12 .splitinfer.v1.ListModelsRequest\x1a!.splitinfer.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\rsplitinfer.v1\"?\n\x0cQuantization\x12\r\n\x05scale\x18\x01 \x03(\x02\x12\x12\n\nzero_point\x18\x02 \x03(\x05\x12\x0c\n\x04\x61xis\x18\x03 \x01(\x05\"\xfb\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.splitinfer.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12/\n\x0b\x63ompression\x18\x05 \x01(\x0e\x32\x1a.splitinfer.v1.Compression\x12\x10\n\x08raw_size\x18\x06 \x01(\x04\x12\x31\n\x0cquantization\x18\x07 \x01(\x0b\x32\x1b.splitinfer.v1.Quantization\x12+\n\rlogical_dtype\x18\x08 \x01(\x0e\x32\x14.splitinfer.v1.DType\"\xc9\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0b\n\x03\x63ut\x18\x04 \x01(\t\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.splitinfer.v1.Tensor\x12\x14\n\x0csent_unix_ns\x18\x06 \x01(\x03\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x07 \x01(\r\x12\r\n\x05probe\x18\x08 \x01(\x08\x12\x14\n\x0cmodel_sha256\x18\t \x01(\t\"o\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x18\n\x10received_unix_ns\x18\x05 \x01(\x03\".\n\rRequestStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa0\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x07outputs\x18\x02 \x03(\x0b\x32\x15.splitinfer.v1.Tensor\x12%\n\x06timing\x18\x03 \x01(\x0b\x32\x15.splitinfer.v1.Timing\x12,\n\x06status\x18\x04 \x01(\x0b\x32\x1c.splitinfer.v1.RequestStatus\"\x13\n\x11ListModelsRequest\"M\n\tServedCut\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x04\x63uts\x18\x01 \x03(\x0b\x32\x18.splitinfer.v1.ServedCut*c\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05INT64\x10\x06*6\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x07\n\x03LZ4\x10\x01\x12\x08\n\x04ZSTD\x10\x02\x32\xab\x01\n\x0eSplitInference\x12\x46\n\x05Infer\x12\x1b.splitinfer.v1.InferRequest\x1a\x1c.splitinfer.v1.InferResponse(\x01\x30\x01\x12Q\n\nListModels\x12 .splitinfer.v1.ListModelsRequest\x1a!.splitinfer.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1006
-  _globals['_DTYPE']._serialized_end=1105
-  _globals['_COMPRESSION']._serialized_start=1107
-  _globals['_COMPRESSION']._serialized_end=1161
+  _globals['_DTYPE']._serialized_start=1050
+  _globals['_DTYPE']._serialized_end=1149
+  _globals['_COMPRESSION']._serialized_start=1151
+  _globals['_COMPRESSION']._serialized_end=1205
   _globals['_QUANTIZATION']._serialized_start=41
   _globals['_QUANTIZATION']._serialized_end=104
   _globals['_TENSOR']._serialized_start=107
   _globals['_TENSOR']._serialized_end=358
   _globals['_INFERREQUEST']._serialized_start=361
-  _globals['_INFERREQUEST']._serialized_end=540
-  _globals['_TIMING']._serialized_start=542
-  _globals['_TIMING']._serialized_end=653
-  _globals['_REQUESTSTATUS']._serialized_start=655
-  _globals['_REQUESTSTATUS']._serialized_end=701
-  _globals['_INFERRESPONSE']._serialized_start=704
-  _globals['_INFERRESPONSE']._serialized_end=864
-  _globals['_LISTMODELSREQUEST']._serialized_start=866
-  _globals['_LISTMODELSREQUEST']._serialized_end=885
-  _globals['_SERVEDCUT']._serialized_start=887
-  _globals['_SERVEDCUT']._serialized_end=942
-  _globals['_LISTMODELSRESPONSE']._serialized_start=944
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1004
-  _globals['_SPLITINFERENCE']._serialized_start=1164
-  _globals['_SPLITINFERENCE']._serialized_end=1335
+  _globals['_INFERREQUEST']._serialized_end=562
+  _globals['_TIMING']._serialized_start=564
+  _globals['_TIMING']._serialized_end=675
+  _globals['_REQUESTSTATUS']._serialized_start=677
+  _globals['_REQUESTSTATUS']._serialized_end=723
+  _globals['_INFERRESPONSE']._serialized_start=726
+  _globals['_INFERRESPONSE']._serialized_end=886
+  _globals['_LISTMODELSREQUEST']._serialized_start=888
+  _globals['_LISTMODELSREQUEST']._serialized_end=907
+  _globals['_SERVEDCUT']._serialized_start=909
+  _globals['_SERVEDCUT']._serialized_end=986
+  _globals['_LISTMODELSRESPONSE']._serialized_start=988
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1048
+  _globals['_SPLITINFERENCE']._serialized_start=1208
+  _globals['_SPLITINFERENCE']._serialized_end=1379
 # @@protoc_insertion_point(module_scope)

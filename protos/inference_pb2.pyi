@@ -64,7 +64,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., raw_size: _Optional[int] = ..., quantization: _Optional[_Union[Quantization, _Mapping]] = ..., logical_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "device_id", "model", "cut", "tensors", "sent_unix_ns", "deadline_ms", "probe")
+    __slots__ = ("request_id", "device_id", "model", "cut", "tensors", "sent_unix_ns", "deadline_ms", "probe", "model_sha256")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class InferRequest(_message.Message):
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     device_id: str
     model: str
@@ -81,7 +82,8 @@ class InferRequest(_message.Message):
     sent_unix_ns: int
     deadline_ms: int
     probe: bool
-    def __init__(self, request_id: _Optional[str] = ..., device_id: _Optional[str] = ..., model: _Optional[str] = ..., cut: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., sent_unix_ns: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., probe: _Optional[bool] = ...) -> None: ...
+    model_sha256: str
+    def __init__(self, request_id: _Optional[str] = ..., device_id: _Optional[str] = ..., model: _Optional[str] = ..., cut: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., sent_unix_ns: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., probe: _Optional[bool] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "compute_ms", "decode_ms", "batch_size", "received_unix_ns")
@@ -122,14 +124,16 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServedCut(_message.Message):
-    __slots__ = ("model", "cut", "inputs")
+    __slots__ = ("model", "cut", "inputs", "model_sha256")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     model: str
     cut: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., cut: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    model_sha256: str
+    def __init__(self, model: _Optional[str] = ..., cut: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("cuts",)

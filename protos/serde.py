@@ -128,7 +128,11 @@ MESSAGE_OVERHEAD_BYTES = 4096  # a request's fields beyond its tensors, rounded 
 
 @dataclass(frozen=True)
 class CloudRequest:
-    """One InferRequest: the cut tensors of request `request_id` of `device_id`, for tail (`model`, `cut`)."""
+    """One InferRequest: the cut tensors of request `request_id` of `device_id`, for tail (`model`, `cut`).
+
+    `model_sha256` (the bundle's model hash) with `cut` names the tail; `model` stays for messages and metrics.
+    Empty: the cloud finds the tail by `model`, when it serves one bundle of that name.
+    """
 
     request_id: str
     device_id: str
@@ -138,6 +142,7 @@ class CloudRequest:
     deadline_ms: int = 0
     probe: bool = False
     sent_unix_ns: int = 0  # 0: stamped when converted to proto
+    model_sha256: str = ""
     # The message, once `prepare` built it (so the agent times the copy into it as encoding, not as sending).
     _message: pb.InferRequest | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -149,8 +154,8 @@ def prepare(request: CloudRequest) -> CloudRequest:
 
 
 def field_error(request: CloudRequest) -> str | None:
-    """Why `request`'s id, device id, model or cut cannot be used (too long), or None."""
-    for name in ("request_id", "device_id", "model", "cut"):
+    """Why `request`'s id, device id, model, model hash or cut cannot be used (too long), or None."""
+    for name in ("request_id", "device_id", "model", "cut", "model_sha256"):
         value = getattr(request, name)
         if len(value) > MAX_ID_CHARS:
             return f"{name} is {len(value)} characters; at most {MAX_ID_CHARS} are accepted"
@@ -159,7 +164,8 @@ def field_error(request: CloudRequest) -> str | None:
 
 def message_bytes(request: CloudRequest) -> int:
     """An upper estimate of `request`'s serialized InferRequest size (to keep it under the message limit)."""
-    ids = len(request.request_id) + len(request.device_id) + len(request.model) + len(request.cut)
+    ids = (len(request.request_id) + len(request.device_id) + len(request.model) + len(request.cut)
+           + len(request.model_sha256))
     return request.tensors.message_bytes + 4 * ids + MESSAGE_OVERHEAD_BYTES
 
 
@@ -179,6 +185,7 @@ def _build(request: CloudRequest) -> pb.InferRequest:
         sent_unix_ns=request.sent_unix_ns or time.time_ns(),
         deadline_ms=request.deadline_ms,
         probe=request.probe,
+        model_sha256=request.model_sha256,
     )
 
 
@@ -193,6 +200,7 @@ def request_from_proto(message: pb.InferRequest) -> CloudRequest:
         deadline_ms=message.deadline_ms,
         probe=message.probe,
         sent_unix_ns=message.sent_unix_ns,
+        model_sha256=message.model_sha256,
     )
 
 
@@ -227,9 +235,10 @@ class CloudReply:
         return self.queue_ms + self.compute_ms + self.decode_ms
 
 
-def served_cuts_to_proto(cuts: Iterable[tuple[str, str, Sequence[str]]]) -> pb.ListModelsResponse:
-    """The ListModels answer for (model, cut, input tensor names) triples."""
-    return pb.ListModelsResponse(cuts=[pb.ServedCut(model=m, cut=c, inputs=list(names)) for m, c, names in cuts])
+def served_cuts_to_proto(cuts: Iterable[tuple[str, str, Sequence[str], str]]) -> pb.ListModelsResponse:
+    """The ListModels answer for (model, cut, input tensor names, model hash) tuples."""
+    return pb.ListModelsResponse(cuts=[pb.ServedCut(model=m, cut=c, inputs=list(names), model_sha256=sha)
+                                       for m, c, names, sha in cuts])
 
 
 def reply_to_proto(reply: CloudReply) -> pb.InferResponse:

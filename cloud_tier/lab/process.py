@@ -47,8 +47,15 @@ class CloudProcess:
     def __init__(self, bundles_dir: str | Path, *extra_args: str, host: str = "127.0.0.1", start_timeout: float = 60.0,
                  pki: str | Path | None = None, insecure: bool = False):
         security = ["--insecure"] if insecure else ([] if pki is None else ["--pki", str(Path(pki).resolve())])
+        # Port 0 for every listener the caller does not pin (`split-cloud serve` defaults to the stable ports).
+        ports = [] if "--port" in extra_args else ["--port", "0"]
+        if "--no-fleet" not in extra_args:
+            if "--dashboard-port" not in extra_args:
+                ports += ["--dashboard-port", "0"]
+            if "--broker" not in extra_args and "--broker-port" not in extra_args:
+                ports += ["--broker-port", "0"]
         self.args = [sys.executable, "-m", "cloud_tier.cli", "serve", "--bundles", str(Path(bundles_dir).resolve()),
-                     "--host", host, "--port", "0", *security, *extra_args]
+                     "--host", host, *ports, *security, *extra_args]
         self.insecure = insecure
         self.host = host
         self.start_timeout = start_timeout

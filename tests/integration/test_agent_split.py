@@ -81,7 +81,8 @@ class CloudProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cloud_tier.cli", "serve", "--bundles", str(bundles_dir), "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "WARNING", "--cpu-only"],
+             "--port", str(port), "--dashboard-port", "0", "--broker-port", "0", "--log-level", "WARNING",
+             "--cpu-only"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
         )
         self.port = self._read_port(timeout=30.0)

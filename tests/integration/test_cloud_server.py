@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import queue
+import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +19,7 @@ import zstandard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud_tier import CloudServer
-from cloud_tier.lab.process import CloudProcess
+from cloud_tier.lab.process import CHECKOUT, CloudProcess, child_env
 from models.tiny_bundle import CUT_TENSOR, MID_CUT, make_tiny_bundle, sample_input
 from protos import codec
 from protos import inference_pb2 as pb
@@ -259,3 +263,104 @@ def test_split_cloud_process_serves_and_stops_on_sigterm(bundles_dir: Path, devi
             served = pb_grpc.SplitInferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=DEADLINE_S)
             assert {c.cut for c in served.cuts} == {MID_CUT, "cloud-only"}
         assert proc.terminate() == 0
+
+
+# -- the node as a service: stable ports, port conflicts, systemd ----------------------------------------------
+
+
+def test_split_cloud_serve_defaults_to_the_stable_ports_on_loopback() -> None:
+    from cloud_tier.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--bundles", "b"])
+    assert (args.host, args.port, args.dashboard_host, args.dashboard_port) == ("127.0.0.1", 50051, "127.0.0.1", 8080)
+    assert args.broker_port is None and args.broker_host is None  # 8883 with TLS, 1883 with --insecure: see below
+
+
+def _serve(bundles_dir: Path, *args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "cloud_tier.cli", "serve", "--bundles", str(bundles_dir),
+                             "--cpu-only", "--log-level", "WARNING", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=CHECKOUT, env={**child_env(), **(env or {})}, **kw)
+
+
+@pytest.mark.parametrize("flag", ["--port", "--broker-port", "--dashboard-port"])
+def test_a_port_in_use_is_one_clear_error_naming_the_flag(bundles_dir: Path, tmp_path: Path, flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        ports = {"--port": "0", "--broker-port": "0", "--dashboard-port": "0", flag: busy}
+        args = [a for kv in ports.items() for a in kv]
+        proc = _serve(bundles_dir, *args, "--db", str(tmp_path / "fleet.db"))
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    lines = [line for line in err.splitlines() if line.startswith("split-cloud:")]
+    assert len(lines) == 1 and f"127.0.0.1:{busy}" in lines[0] and flag in lines[0], err
+    assert "listening on" not in out
+
+
+def test_serve_tells_systemd_ready_watchdog_and_stopping(bundles_dir: Path, tmp_path: Path) -> None:
+    """Type=notify: READY=1 once serving, WATCHDOG=1 at half of WatchdogSec while serving, STOPPING=1 on SIGTERM."""
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_sock:
+        notify_sock.bind(str(sock_path))
+        notify_sock.settimeout(DEADLINE_S)
+        env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}  # ping every 0.2 s
+        proc = _serve(bundles_dir, "--port", "0", "--broker-port", "0", "--dashboard-port", "0", "--db",
+                      str(tmp_path / "fleet.db"), env=env)
+        try:
+            seen: list[str] = []
+
+            def until(state: str) -> None:
+                while state not in seen:
+                    seen.extend(notify_sock.recv(4096).decode().splitlines())
+
+            until("READY=1")
+            assert proc.poll() is None
+            until("WATCHDOG=1")
+            proc.send_signal(signal.SIGTERM)
+            until("STOPPING=1")
+            assert proc.wait(timeout=DEADLINE_S) == 0
+            assert seen.index("READY=1") < seen.index("WATCHDOG=1") < seen.index("STOPPING=1")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=DEADLINE_S)
+
+
+def test_install_stages_a_hardened_unit_and_the_ca_with_private_modes(bundles_dir: Path, pki, tmp_path: Path) -> None:
+    from cloud_tier import cli
+    from cloud_tier.install import SERVICE_NAME, STATE_DIR
+    from models import systemd
+
+    root = tmp_path / "image"
+    assert cli.main(["install", "--bundles", str(bundles_dir), "--pki", str(pki.dir), "--root", str(root), "--",
+                     "--host", "0.0.0.0"]) == 0
+    unit_file = root / "etc" / "systemd" / "system" / f"{SERVICE_NAME}.service"
+    unit = unit_file.read_text()
+    for line in ("Type=notify", "Restart=on-failure", "User=splitinfer-cloud", "ProtectSystem=strict",
+                 f"StateDirectory={SERVICE_NAME}", "WatchdogSec=30", f"ReadOnlyPaths={bundles_dir.resolve()}"):
+        assert line in unit.splitlines(), line
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert f" serve --bundles {bundles_dir.resolve()} --pki {STATE_DIR}/pki --db {STATE_DIR}/fleet.db --host " \
+           "0.0.0.0" in exec_start
+    state = root / STATE_DIR.relative_to("/")
+    assert _mode(state) == 0o750 and _mode(state / "pki") == 0o700
+    for name, mode in (("ca.key", 0o600), ("server.key", 0o600), ("dashboard.token", 0o600), ("ca.pem", 0o640),
+                       ("crl.pem", 0o640)):
+        assert _mode(state / "pki" / name) == mode, name
+        assert (state / "pki" / name).read_bytes() == (pki.dir / name).read_bytes()
+    complaints = systemd.verify_unit(unit, SERVICE_NAME)
+    if complaints is not None:  # systemd-analyze is installed here
+        assert complaints == "", complaints
+
+    printed = subprocess.run([sys.executable, "-m", "cloud_tier.cli", "install", "--bundles", str(bundles_dir),
+                              "--print", "--root", str(tmp_path / "untouched")], capture_output=True, text=True,
+                             cwd=CHECKOUT, env=child_env(), timeout=60)
+    assert printed.returncode == 0 and printed.stdout.startswith("[Unit]") and "Type=notify" in printed.stdout
+    assert not (tmp_path / "untouched").exists()  # --print only prints
+    assert cli.main(["install", "--bundles", str(bundles_dir), "--pki", str(tmp_path / "no-ca"), "--root",
+                     str(root)]) == 2
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777

@@ -325,3 +325,15 @@ def test_ca_enroll_and_revoke_commands_end_to_end(tmp_path, capsys) -> None:
     assert cloud_cli.main(["revoke", "cam-9", "--pki", str(pki)]) == 0
     assert serial in load_crl_serials(pki / "crl.pem", pki / "ca.pem")
     assert f"{serial:x}" in capsys.readouterr().out
+
+
+def test_enroll_without_addresses_points_agent_toml_at_the_stable_ports(pki, tmp_path) -> None:
+    out = tmp_path / "cam-s"
+    assert cloud_cli.main(["enroll", "cam-s", "--pki", str(pki.dir), "--out", str(out)]) == 0
+    cfg = AgentConfig.from_toml(out / "agent.toml")
+    assert cfg.cloud == "CLOUD_HOST:50051" and cfg.mqtt is not None and cfg.mqtt.broker == "CLOUD_HOST:8883"
+    out = tmp_path / "cam-t"
+    assert cloud_cli.main(["enroll", "cam-t", "--pki", str(pki.dir), "--out", str(out), "--cloud",
+                           "cloud.example:6000"]) == 0
+    cfg = AgentConfig.from_toml(out / "agent.toml")  # the broker on the cloud's host, at the embedded broker's port
+    assert cfg.cloud == "cloud.example:6000" and cfg.mqtt is not None and cfg.mqtt.broker == "cloud.example:8883"

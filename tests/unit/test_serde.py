@@ -24,12 +24,14 @@ def test_status_table_round_trips_every_code():
 def test_request_round_trip_keeps_fields_and_tensors():
     x = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
     req = CloudRequest("r1", "dev-1", "tiny", "c1", serde.encode_tensors({"act": x}, "fp32"), deadline_ms=250,
-                       probe=True, sent_unix_ns=7)
+                       probe=True, sent_unix_ns=7, model_sha256="ab" * 32)
     msg = serde.request_to_proto(req)
     assert isinstance(msg, pb.InferRequest) and msg.sent_unix_ns == 7
     back = serde.request_from_proto(pb.InferRequest.FromString(msg.SerializeToString()))
     assert (back.request_id, back.device_id, back.model, back.cut, back.deadline_ms, back.probe) == \
         ("r1", "dev-1", "tiny", "c1", 250, True)
+    assert back.model_sha256 == "ab" * 32  # with the cut, the hash names the tail
+    assert serde.request_from_proto(serde.request_to_proto(CloudRequest("r2", "d", "m", "c"))).model_sha256 == ""
     assert back.tensors.wire_bytes == req.tensors.wire_bytes == x.nbytes
     np.testing.assert_array_equal(back.tensors.decode()["act"], x)
     assert serde.request_to_proto(CloudRequest("r2", "d", "m", "c")).sent_unix_ns > 0  # stamped when unset
@@ -75,3 +77,10 @@ def test_checkers_name_the_key():
         check_number("x", 0, 0.0, lo_open=True)
     with pytest.raises(FieldError, match="expected a number"):
         check_number("x", float("nan"))
+
+
+def test_served_cuts_carry_the_model_hash_and_long_hashes_are_refused():
+    answer = serde.served_cuts_to_proto([("m", "c1", ["act"], "ab" * 32)])
+    assert [(c.model, c.cut, list(c.inputs), c.model_sha256) for c in answer.cuts] == [("m", "c1", ["act"], "ab" * 32)]
+    problem = serde.field_error(CloudRequest("r", "d", "m", "c", model_sha256="x" * (serde.MAX_ID_CHARS + 1)))
+    assert problem is not None and problem.startswith("model_sha256 is")
