@@ -264,10 +264,11 @@ class LocalApi:
         fut.add_done_callback(self._finished)
         return fut
 
-    def _finished(self, _fut: object) -> None:
+    def _finished(self, fut: object) -> None:
         with self._idle:
             self._in_flight -= 1
-            self.answered += 1
+            if fut is not None:
+                self.answered += 1
             if self._in_flight == 0:
                 self._idle.notify_all()
 
@@ -294,11 +295,11 @@ class LocalApi:
         seq = itertools.count(1)
 
         def put(resp: lpb.LocalInferResponse) -> None:
-            with lock:
+            with lock:  # out.put under the lock: "nothing pending and nothing queued" is then one fact
                 if resp.request_id not in pending:
                     return  # already answered (its deadline passed)
                 del pending[resp.request_id]
-            out.put(resp)
+                out.put(resp)
 
         def reader() -> None:
             try:
@@ -309,7 +310,6 @@ class LocalApi:
                             return
                     with lock:
                         if rid in pending:
-                            window.release()
                             out.put(_status(rid, grpc.StatusCode.INVALID_ARGUMENT,
                                             f"request_id {rid!r} is already in flight on this stream"))
                             continue
@@ -331,8 +331,8 @@ class LocalApi:
         reading = True
         while True:
             with lock:
-                if not reading and not pending:
-                    return
+                if (not reading or self._draining) and not pending and out.empty():
+                    return  # all answered; while draining the stream ends here, new requests are refused anyway
                 nearest = min(pending.values(), default=None)
             wait = 0.5 if nearest is None else max(0.0, min(0.5, nearest - time.monotonic()))
             try:
