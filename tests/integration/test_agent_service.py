@@ -307,3 +307,25 @@ def test_split_agent_infer_prints_the_result(bundles_dir, device_tls, sockdir, s
                            str(sock)], cwd=ROOT, capture_output=True, text=True, timeout=START_S)
     assert done.returncode == 1 and "INVALID_ARGUMENT" in done.stderr and SPEC in done.stderr
     assert svc.stop() == 0, svc.log
+
+
+def test_split_agent_run_drains_on_sigterm_and_exits_0_after_its_summary(bundles_dir, device_tls):
+    tls = device_tls("svc-5")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli", "run", "--bundle", str(bundles_dir / "tiny"), "--cloud",
+         "127.0.0.1:1", "--quiet", "--log-level", "ERROR", "--device-id", "svc-5", "--tls-ca", str(tls.ca),
+         "--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--rate", "50", "--count", "1000000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        first = proc.stderr.readline()  # type: ignore[union-attr]  # the feed is starting
+        assert first.startswith("split-agent:"), first
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    m = re.search(r"interrupted after (\d+) of 1000000 requests", err)
+    assert m and f"requests {m.group(1)} " in out and "failed 0" in out, (out, err)
