@@ -248,6 +248,13 @@ class EdgeAgent:
         self._run(req)
         return req.future.result(timeout)
 
+    def start_here(self, x: Any, *, block: bool = True, timeout: float | None = None) -> Future[InferenceResult]:
+        """`submit`, but the head runs on the calling thread (as in `infer`), which then gets the future: for a
+        caller that waits anyway but must not lose track of the request when it stops waiting (the local API)."""
+        req = self._admit(x, block=block, timeout=timeout)
+        self._run(req)
+        return req.future
+
     def submit(self, x: Any, *, block: bool = True, timeout: float | None = None) -> Future[InferenceResult]:
         """Start a request; waits (up to `timeout`) for one of max_in_flight slots, else InFlightLimitError."""
         req = self._admit(x, block=block, timeout=timeout)

@@ -89,7 +89,7 @@ class _Servicer(lpb_grpc.LocalInferenceServicer):
     def Infer(self, request: lpb.LocalInferRequest, context: grpc.ServicerContext) -> lpb.LocalInferResponse:
         api = self.api
         try:
-            fut = api.start_request(request)
+            fut = api.start_request(request, here=True)
         except _Refused as exc:
             context.abort(exc.code, exc.message)
         try:
@@ -232,8 +232,9 @@ class LocalApi:
     def _refuse_spec(self, exc: Exception, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> _Refused:
         return _Refused(code, f"{exc}; the model expects: {describe_specs(self.specs)}")
 
-    def start_request(self, request: lpb.LocalInferRequest) -> Future[InferenceResult]:
-        """Check the request, take a slot and hand it to the agent; _Refused with the status otherwise."""
+    def start_request(self, request: lpb.LocalInferRequest, *, here: bool = False) -> Future[InferenceResult]:
+        """Check the request, take a slot and hand it to the agent (`here`: its head runs on this thread, for a
+        unary call that waits anyway); _Refused with the status otherwise."""
         if self._draining:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, DRAINING)
         try:  # metadata only: nothing is decoded or allocated before every tensor passed
@@ -251,7 +252,7 @@ class LocalApi:
                                f"is {self.max_requests}; retry later")
             self._in_flight += 1
         try:
-            fut = self.agent.submit(inputs, block=False)
+            fut = (self.agent.start_here if here else self.agent.submit)(inputs, block=False)
         except BaseException as exc:
             self._finished(None)
             if isinstance(exc, InputError):
