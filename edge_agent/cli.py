@@ -414,6 +414,8 @@ def install_main(args: argparse.Namespace) -> int:
     except InstallError as exc:
         print(f"split-agent: error: {exc}", file=sys.stderr)
         return 2
+    for warning in plan.warnings:
+        print(f"split-agent: WARNING: {warning}", file=sys.stderr)
     if args.print_only:
         print(plan.unit_text, end="")
         return 0

@@ -59,12 +59,14 @@ def split_agent_binary() -> str:
 
 
 def agent_unit(config_path: Path, user: str, *, binary: str | None = None, watchdog_s: int = 30,
-               stop_timeout_s: int = 30, read_only: tuple[str, ...] = ()) -> ServiceUnit:
-    """The agent's ServiceUnit: `split-agent serve --config config_path` as `user`."""
+               stop_timeout_s: int = 30, read_only: tuple[str, ...] = (), devices: bool = False) -> ServiceUnit:
+    """The agent's ServiceUnit: `split-agent serve --config config_path` as `user` (`devices`: the onnxruntime
+    providers need /dev, e.g. CUDA/TensorRT on a Jetson: PrivateDevices=no)."""
     return ServiceUnit(
         name=SERVICE_NAME, description="splitinfer edge agent (split inference service)",
         exec_start=(binary or split_agent_binary(), "serve", "--config", str(config_path)),
         user=user, watchdog_s=watchdog_s, stop_timeout_s=stop_timeout_s, read_only_paths=read_only,
+        private_devices=not devices,
     )
 
 
@@ -98,6 +100,7 @@ class InstallPlan:
     config_path: Path
     files: list[tuple[Path, int]] = field(default_factory=list)  # (path, mode)
     created_user: bool = False
+    warnings: list[str] = field(default_factory=list)
     next_steps: tuple[str, ...] = (
         "systemctl daemon-reload && systemctl enable --now splitinfer-agent",
         "systemctl status splitinfer-agent; journalctl -u splitinfer-agent -f",
@@ -200,8 +203,14 @@ def install(config: Path, *, bundle: Path | None = None, user: str = "splitinfer
         raise InstallError(str(exc)) from None
     installed_cfg = prefix / "agent.toml"
     under_etc = prefix.parent == Path("/etc")
-    unit = agent_unit(installed_cfg, user, binary=binary, read_only=() if under_etc else (str(prefix),))
+    devices = any(p != "CPUExecutionProvider" for p in cfg.providers)
+    unit = agent_unit(installed_cfg, user, binary=binary, read_only=() if under_etc else (str(prefix),),
+                      devices=devices)
     plan = InstallPlan(UNIT_DIR / f"{SERVICE_NAME}.service", unit.render(), installed_cfg)
+    exe = unit.exec_start[0]
+    if exe.startswith(("/home/", "/root/")):
+        plan.warnings.append(f"{exe} is under a home folder, which the unit hides (ProtectHome=yes): install "
+                             "splitinfer[edge] into a venv outside /home and /root (e.g. /opt/splitinfer)")
     if dry_run:
         return plan
     staging = root is not None

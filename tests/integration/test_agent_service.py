@@ -329,3 +329,17 @@ def test_split_agent_run_drains_on_sigterm_and_exits_0_after_its_summary(bundles
     assert proc.returncode == 0, err
     m = re.search(r"interrupted after (\d+) of 1000000 requests", err)
     assert m and f"requests {m.group(1)} " in out and "failed 0" in out, (out, err)
+
+
+def test_the_client_imports_without_onnxruntime():
+    """An application's environment needs grpcio, numpy and the protos only."""
+    block = ("import importlib.abc, sys\n"
+             "class B(importlib.abc.MetaPathFinder):\n"
+             "    def find_spec(self, name, path, target=None):\n"
+             "        if name.split('.')[0] in ('onnxruntime', 'onnx', 'torch', 'paho'):\n"
+             "            raise ImportError(name + ' is blocked')\n"
+             "sys.meta_path.insert(0, B())\n"
+             "from edge_agent.local_client import LocalClient, LocalError\n"
+             "assert 'onnxruntime' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", block], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
