@@ -31,6 +31,7 @@ from models.tiny_bundle import INPUT_SHAPE, make_tiny_bundle, sample_input
 from protos import inference_pb2 as pb
 from protos import local_pb2 as lpb
 from protos import local_pb2_grpc as lpb_grpc
+from tests.integration.test_agent_interrupt import _split_agent  # `split-agent run` with no cloud, as edge-0
 from tests.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -310,13 +311,7 @@ def test_split_agent_infer_prints_the_result(bundles_dir, device_tls, sockdir, s
 
 
 def test_split_agent_run_drains_on_sigterm_and_exits_0_after_its_summary(bundles_dir, device_tls):
-    tls = device_tls("svc-5")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.cli", "run", "--bundle", str(bundles_dir / "tiny"), "--cloud",
-         "127.0.0.1:1", "--quiet", "--log-level", "ERROR", "--device-id", "svc-5", "--tls-ca", str(tls.ca),
-         "--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--rate", "50", "--count", "1000000"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = _split_agent(bundles_dir / "tiny", device_tls("svc-5"), "svc-5", "--rate", "50", "--count", "1000000")
     try:
         first = proc.stderr.readline()  # type: ignore[union-attr]  # the feed is starting
         assert first.startswith("split-agent:"), first
