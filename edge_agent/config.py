@@ -52,7 +52,7 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     [service]                   # `split-agent serve`: the local inference API and the service's own behaviour
     socket = "/run/splitinfer-agent/agent.sock"  # Unix socket of the local API (access: its mode and group)
     socket_mode = "0660"        # the socket file's permissions (octal string)
-    listen = ""                 # instead of the socket: loopback TCP "127.0.0.1:PORT" (see allow_remote)
+    listen = ""                 # instead of the socket: loopback TCP "127.0.0.1:PORT" (port 0: a free one)
     allow_remote = false        # allow a listen address that is not loopback (plaintext, unauthenticated!)
     max_requests = 0            # local requests in flight at once (0: max_in_flight); beyond: RESOURCE_EXHAUSTED
     request_timeout_s = 30.0    # deadline of a local request whose caller set none (a caller's shorter one wins)
@@ -327,8 +327,9 @@ class ServiceConfig:
                                              f"got {self.socket_mode!r}")
         check_bool("allow_remote", self.allow_remote, error=ConfigError)
         _str("listen", self.listen, max_len=300)
-        if self.listen:
-            host, _port = parse_address(self.listen, "listen")
+        if self.listen:  # port 0: a free port, named in the "serving on" line (tests, one-off runs)
+            host, _port = parse_address(self.listen[:-1] + "1" if self.listen.endswith(":0") else self.listen,
+                                        "listen")
             if not is_loopback(host.strip("[]")) and not self.allow_remote:
                 raise ConfigError("listen", f"{self.listen!r} is not a loopback address: the local API is "
                                             "plaintext and unauthenticated (use the Unix socket, a loopback "

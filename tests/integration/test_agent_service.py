@@ -338,3 +338,18 @@ def test_the_client_imports_without_onnxruntime():
              "assert 'onnxruntime' not in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", block], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_serve_on_loopback_tcp(bundles_dir, device_tls, sockdir, serve, tmp_path):
+    cfg = write_config(tmp_path, bundles_dir / "tiny", device_tls("svc-6"), "127.0.0.1:1", sockdir / "unused.sock",
+                       device_id="svc-6")
+    cfg.write_text(cfg.read_text() + 'listen = "127.0.0.1:0"\n')  # appended to [service]
+    svc = serve(cfg)
+    m = re.search(r"serving tiny cut c1 on (127\.0\.0\.1:\d+)", svc.log)
+    assert m, svc.log
+    assert not (sockdir / "unused.sock").exists()
+    with LocalClient(address=m.group(1)) as client:
+        r = client.infer(sample_input(2), timeout=10.0)  # a batch of two
+        assert r.output.shape == (2, 10) and r.served_by == "edge"
+        assert client.health()["input_specs"] == [SPEC]
+    assert svc.stop(signal.SIGINT) == 0, svc.log  # SIGINT drains as SIGTERM does
