@@ -242,7 +242,7 @@ class AgentService:
         answered = api.answered if api is not None else 0
         self._close_links(max(0.1, deadline - time.monotonic()))
         if left:
-            print(f"split-agent: drain timed out after {timeout:.0f} s: {'; '.join(left)}", file=sys.stderr,
+            print(f"split-agent: drain timed out after {timeout:g} s: {'; '.join(left)}", file=sys.stderr,
                   flush=True)
             return 1
         print(f"split-agent: drained ({why or 'stop'}): {answered} requests answered, exiting", file=sys.stderr,

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from edge_agent.local_client import LocalClient, LocalError
 from models.manifest import Bundle
 from models.tiny_bundle import INPUT_SHAPE, make_tiny_bundle, sample_input
 from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
 from protos import local_pb2 as lpb
 from protos import local_pb2_grpc as lpb_grpc
 from tests.integration.test_agent_interrupt import _split_agent  # `split-agent run` with no cloud, as edge-0
@@ -353,3 +355,49 @@ def test_serve_on_loopback_tcp(bundles_dir, device_tls, sockdir, serve, tmp_path
         assert r.output.shape == (2, 10) and r.served_by == "edge"
         assert client.health()["input_specs"] == [SPEC]
     assert svc.stop(signal.SIGINT) == 0, svc.log  # SIGINT drains as SIGTERM does
+
+
+class _SilentCloud(pb_grpc.SplitInferenceServicer):
+    """A cloud that is healthy and answers the agent's probes, but never a request (a hung tail)."""
+
+    def Infer(self, request_iterator, context):  # noqa: N802
+        for req in request_iterator:
+            if req.probe:
+                yield pb.InferResponse(request_id=req.request_id, status=pb.RequestStatus(code=0))
+
+
+def test_a_drain_that_times_out_exits_1_naming_what_was_left(bundles_dir, sockdir, tmp_path, capsys):
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from edge_agent.service import AgentService
+
+    silent = grpc.server(ThreadPoolExecutor(4))
+    pb_grpc.add_SplitInferenceServicer_to_server(_SilentCloud(), silent)
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), silent)  # "" and any service: SERVING
+    port = silent.add_insecure_port("127.0.0.1:0")
+    silent.start()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'bundle = "{bundles_dir / "tiny"}"\ncloud = "127.0.0.1:{port}"\ninsecure = true\n'
+                   f'health_service = ""\ndeadline_ms = 60000\nprobe_count = 1\n'
+                   f'[service]\nsocket = "{sockdir / "agent.sock"}"\ndrain_timeout_s = 0.5\n')
+    service = AgentService(cfg).start()
+    try:
+        wait_for(lambda: service.agent.mode == "split", "split mode with the silent cloud", START_S)
+        errors: list[LocalError] = []
+
+        def call() -> None:
+            with LocalClient(socket=str(sockdir / "agent.sock")) as client:
+                try:
+                    client.infer(sample_input(1), timeout=30.0)
+                except LocalError as exc:
+                    errors.append(exc)
+
+        t = threading.Thread(target=call)
+        t.start()
+        wait_for(lambda: service.api is not None and service.api.in_flight == 1, "one request in flight")
+        assert service.drain("test") == 1
+        t.join(30.0)
+    finally:
+        silent.stop(None)
+    assert "drain timed out after 0.5 s: 1 local requests unfinished" in capsys.readouterr().err
+    assert service.api is not None and service.api.in_flight == 0  # the agent finished it on the device at close
