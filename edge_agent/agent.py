@@ -250,6 +250,13 @@ class EdgeAgent:
         self._run(req)
         return req.future.result(timeout)
 
+    def start_here(self, x: Any, *, block: bool = True, timeout: float | None = None) -> Future[InferenceResult]:
+        """`submit`, but the head runs on the calling thread (as in `infer`), which then gets the future: for a
+        caller that waits anyway but must not lose track of the request when it stops waiting (the local API)."""
+        req = self._admit(x, block=block, timeout=timeout)
+        self._run(req)
+        return req.future
+
     def submit(self, x: Any, *, block: bool = True, timeout: float | None = None) -> Future[InferenceResult]:
         """Start a request; waits (up to `timeout`) for one of max_in_flight slots, else InFlightLimitError."""
         req = self._admit(x, block=block, timeout=timeout)
@@ -310,6 +317,15 @@ class EdgeAgent:
             self._supervisor.resume()
         else:
             raise ValueError(f"mode: expected {SPLIT!r} or {LOCAL!r}, got {mode!r}")
+
+    def reload_tls(self, config: AgentConfig) -> None:
+        """Read `config`'s [tls] files now (ConfigError if one cannot be read) and use them from the next
+        connection to the cloud on; the open stream keeps its channel (`split-agent serve` on SIGHUP)."""
+        from edge_agent.transport import channel_credentials
+
+        creds = channel_credentials(config)
+        if hasattr(self._link, "_credentials"):  # a CloudLink (test links have no credentials)
+            self._link._credentials = creds
 
     def wait_for_mode(self, mode: str, timeout: float) -> bool:
         """Block until the agent is in `mode` (True) or `timeout` seconds pass (False)."""

@@ -1,13 +1,20 @@
-"""`split-agent`: run the edge agent on a folder of .npy inputs or synthetic ones, and summarise latency.
+"""`split-agent`: the edge agent. `serve` is the device service; `run` is a load driver; `infer` and `install`.
 
+    split-agent serve [--config /etc/splitinfer/agent.toml]   # the service: local inference API, systemd notify
+    split-agent infer input.npy [--json] [--socket PATH | --address HOST:PORT] [--out out.npz]
+    split-agent install --config agent.toml [--bundle DIR] [--user splitinfer] [--print] [--root DIR]
     split-agent run --config agent.toml [--cloud HOST:PORT --rate 20 --count 500 ...]
     split-agent run --bundle bundles/tiny --cloud cloud:50051 --tls-ca ca.pem --tls-cert device.pem --tls-key device.key
     split-agent run --bundle bundles/tiny --cloud 127.0.0.1:50051 --insecure     # plaintext, loopback only
     split-agent run --config agent.toml --mqtt 127.0.0.1:1883 --label "kitchen" --adaptive
     split-agent keys                       # every config key with its description
 
-Exit status: 0 when every request got a result, 1 when some failed on the device, 2 on a bad config,
-bundle, input folder or address (one line on stderr naming it).
+`run` feeds .npy or synthetic inputs through an agent, prints a latency summary and exits (a load driver, not a
+service). Exit status of `run`: 0 when every request got a result (also after SIGTERM: the feed stops, what was
+sent finishes, the summary prints), 1 when some failed on the device, 130 after Ctrl-C, 2 on a bad config,
+bundle, input folder or address (one line on stderr naming it). `serve`: 0 after a clean drain, 1 when the drain
+timed out, 2 on a bad config or bundle or when it cannot listen. `infer`: 0, 1 when the service refused or
+failed the request (its status named), 2 on a bad input file.
 """
 
 from __future__ import annotations
@@ -27,7 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.config import HEAD_PRECISIONS, AgentConfig, ConfigError, describe, merge_overrides
+from edge_agent.config import (
+    DEFAULT_CONFIG,
+    DEFAULT_SOCKET,
+    HEAD_PRECISIONS,
+    AgentConfig,
+    ConfigError,
+    describe,
+    merge_overrides,
+)
 from edge_agent.results import CLOUD, EDGE, AgentError, InferenceResult
 from edge_agent.runtime import InputError, ModelLoadError
 from models.extras import MissingExtraError
@@ -52,7 +67,42 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of split-agent."""
     parser = argparse.ArgumentParser(prog="split-agent", description="Edge agent of splitinfer.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="feed inputs through the agent and print a latency summary")
+    serve = sub.add_parser("serve", help="the device service: serve the local inference API until SIGTERM",
+                           description="Run the agent as a service: connect to the cloud and the control plane, serve "
+                                       "the local inference API (Unix socket, or loopback TCP with --listen), notify "
+                                       "systemd. SIGTERM/SIGINT drain and exit 0; SIGHUP reloads certificates and "
+                                       "the run-time keys (cut, service.log_level, service.max_requests, "
+                                       "service.request_timeout_s, service.max_message_mb, service.drain_timeout_s).")
+    serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                       help=f"agent TOML file (default {DEFAULT_CONFIG}; `split-cloud enroll` writes one)")
+    serve.add_argument("--socket", help="Unix socket of the local API ([service] socket)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="serve on loopback TCP instead ([service] listen)")
+    serve.add_argument("--allow-remote", action="store_true", default=None,
+                       help="allow a --listen address that is not loopback (plaintext, unauthenticated)")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="([service] log_level, default INFO)")
+    infer = sub.add_parser("infer", help="send one .npy input to `split-agent serve` and print the result")
+    infer.add_argument("input", type=Path, help=".npy file (one sample or a batch) of a one-input model")
+    where = infer.add_mutually_exclusive_group()
+    where.add_argument("--socket", help=f"the service's Unix socket (default {DEFAULT_SOCKET})")
+    where.add_argument("--address", metavar="HOST:PORT", help="the service's loopback TCP address")
+    infer.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    infer.add_argument("--json", action="store_true", help="print the result summary as JSON")
+    infer.add_argument("--out", type=Path, help="also save the outputs to this .npz file")
+    inst = sub.add_parser("install", help="install `split-agent serve` as a systemd service (unit, config, "
+                                          "certificates, bundle)")
+    inst.add_argument("--config", type=Path, required=True, help="the agent TOML to install")
+    inst.add_argument("--bundle", type=Path, help="bundle folder to install (default: the config's bundle)")
+    inst.add_argument("--user", default="splitinfer", help="service user, created if missing (default splitinfer)")
+    inst.add_argument("--prefix", type=Path, default=Path("/etc/splitinfer"),
+                      help="where config, certificates and bundle go (default /etc/splitinfer)")
+    inst.add_argument("--print", action="store_true", dest="print_only", help="only print the unit")
+    inst.add_argument("--root", type=Path, help="install into this staging root (no useradd, no chown)")
+    run = sub.add_parser("run", help="load driver: feed inputs through the agent, print a latency summary, exit "
+                                     "(the service is `serve`)",
+                         description="A load driver, not a service: feeds synthetic or .npy inputs through an agent "
+                                     "and prints a latency summary. SIGTERM and Ctrl-C stop the feed; what was sent "
+                                     "finishes and is summarized. The device service is `split-agent serve`.")
     run.add_argument("--config", type=Path, help="agent TOML file (flags below override its keys)")
     run.add_argument("--bundle", help="split bundle directory")
     run.add_argument("--cloud", help='cloud tier address "host:port"')
@@ -255,22 +305,36 @@ def main(argv: list[str] | None = None) -> int:
         for key, doc in describe().items():
             print(f"{key:<26}{doc}")
         return 0
+    if args.command == "serve":
+        return serve_main(args)
+    if args.command == "infer":
+        return infer_main(args)
+    if args.command == "install":
+        return install_main(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGINT (Ctrl-C, or split-demo stopping its agents) ends the feed between requests; those submitted
     # finish and are summarized; a second one interrupts at once. The handler stays until the process ends, so
     # a SIGINT that lands after the summary changes nothing (it used to find Python's default handler and kill
     # the process with -2 while it was exiting).
+    # SIGTERM (systemd, docker, kill) drains the same way, once, and the run exits 0 after its summary.
     stop = threading.Event()
+    terminated = threading.Event()
 
     def on_sigint(*_: object) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
 
+    def on_sigterm(*_: object) -> None:
+        terminated.set()
+        stop.set()
+
     signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cfg = load_config(args)
-        return run(cfg, wait_split_s=args.wait_split_s, quiet=args.quiet, json_path=args.json, stop=stop)
+        status = run(cfg, wait_split_s=args.wait_split_s, quiet=args.quiet, json_path=args.json, stop=stop)
+        return 0 if status == 130 and terminated.is_set() else status
     except (ConfigError, BundleError, InputError, ModelLoadError, MissingExtraError, AgentError) as exc:
         print(f"split-agent: error: {exc}", file=sys.stderr)
         return 2
@@ -279,6 +343,91 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting now: a late Ctrl-C must not turn 0 into -2
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """`split-agent serve`: the exit status (see the module doc)."""
+    from edge_agent.local_api import LocalApiError
+    from edge_agent.service import AgentService
+
+    overrides = {"service.socket": args.socket, "service.listen": args.listen,
+                 "service.allow_remote": args.allow_remote, "service.log_level": args.log_level}
+    if not args.config.exists():
+        print(f"split-agent: error: no config at {args.config}: write one (`split-cloud enroll DEVICE_ID` makes the "
+              "device folder with agent.toml and its certificates) and pass it with --config PATH",
+              file=sys.stderr)
+        return 2
+    try:
+        service = AgentService(args.config, {k: v for k, v in overrides.items() if v is not None})
+        logging.basicConfig(level=service.config.service.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        service.install_signals()  # before start: a SIGTERM while the head loads drains right after
+        service.start()
+        return service.serve()
+    except (ConfigError, BundleError, ModelLoadError, MissingExtraError, AgentError, LocalApiError) as exc:
+        print(f"split-agent: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def infer_main(args: argparse.Namespace) -> int:
+    """`split-agent infer`: one request to the service; prints shapes, served_by, timing (or JSON)."""
+    from edge_agent.local_client import LocalClient, LocalError
+
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        print(f"split-agent: error: {args.input}: not a readable .npy array ({exc})", file=sys.stderr)
+        return 2
+    try:
+        with LocalClient(socket=args.socket, address=args.address) as client:
+            result = client.infer(x, timeout=args.timeout)
+    except LocalError as exc:
+        print(f"split-agent: the service answered {exc}", file=sys.stderr)
+        return 1
+    outputs = {name: {"shape": list(a.shape), "dtype": str(a.dtype),
+                      "top": [int(i) for i in np.argsort(a.reshape(a.shape[0], -1)[0])[::-1][:5]]
+                      if a.ndim >= 1 and a.size else []}
+               for name, a in result.outputs.items()}
+    summary = {"request_id": result.request_id, "served_by": result.served_by, "cut": result.cut,
+               "fallback_reason": result.fallback_reason or None, "outputs": outputs, "timing_ms": result.timing}
+    if args.out is not None:
+        np.savez(args.out, **result.outputs)  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"served by {result.served_by} on cut {result.cut}"
+          + (f" (fallback: {result.fallback_reason})" if result.fallback_reason else ""))
+    for name, o in outputs.items():
+        print(f"  {name}: shape {tuple(o['shape'])} {o['dtype']}  top-5 indices {o['top']}")
+    print("  " + "  ".join(f"{k} {v:.2f}" for k, v in result.timing.items()))
+    return 0
+
+
+def install_main(args: argparse.Namespace) -> int:
+    """`split-agent install`."""
+    from edge_agent.install import InstallError, install
+
+    try:
+        plan = install(args.config, bundle=args.bundle, user=args.user, prefix=args.prefix, root=args.root,
+                       dry_run=args.print_only)
+    except InstallError as exc:
+        print(f"split-agent: error: {exc}", file=sys.stderr)
+        return 2
+    for warning in plan.warnings:
+        print(f"split-agent: WARNING: {warning}", file=sys.stderr)
+    if args.print_only:
+        print(plan.unit_text, end="")
+        return 0
+    base = args.root if args.root is not None else Path("/")
+    for path, mode in plan.files:
+        print(f"  {oct(mode)[2:]:>4}  {base / path.relative_to('/')}")
+    if plan.created_user:
+        print(f"created the system user {args.user}")
+    print(f"installed the unit {base / plan.unit_path.relative_to('/')}; now run:")
+    for line in plan.next_steps:
+        print(f"  {line}")
+    return 0
 
 
 if __name__ == "__main__":

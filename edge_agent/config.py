@@ -49,6 +49,17 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     min_dwell_s = 5.0           # hold a cut at least this long
     min_samples = 5             # bandwidth samples needed before deciding
     probe_interval_s = 2.0      # measurement probes while nothing is sent (edge-only cut)
+
+    [service]                   # `split-agent serve`: the local inference API and the service's own behaviour
+    socket = "/run/splitinfer-agent/agent.sock"  # Unix socket of the local API (access: its mode and group)
+    socket_mode = "0660"        # the socket file's permissions (octal string)
+    listen = ""                 # instead of the socket: loopback TCP "127.0.0.1:PORT" (port 0: a free one)
+    allow_remote = false        # allow a listen address that is not loopback (plaintext, unauthenticated!)
+    max_requests = 0            # local requests in flight at once (0: max_in_flight); beyond: RESOURCE_EXHAUSTED
+    request_timeout_s = 30.0    # deadline of a local request whose caller set none (a caller's shorter one wins)
+    max_message_mb = 64         # largest local request or answer, MiB
+    drain_timeout_s = 20.0      # on SIGTERM/SIGINT: how long requests in flight may take to finish
+    log_level = "INFO"          # DEBUG | INFO | WARNING | ERROR
 """
 
 from __future__ import annotations
@@ -280,9 +291,70 @@ class TlsConfig:
         return out[0], out[1], out[2]
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_CONFIG = Path("/etc/splitinfer/agent.toml")  # what `split-agent serve` reads without --config
+DEFAULT_SOCKET = "/run/splitinfer-agent/agent.sock"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """`split-agent serve`: where the local inference API listens, its bounds, and how the service stops."""
+
+    socket: str = field(default=DEFAULT_SOCKET, metadata={
+        "doc": "Unix socket of the local inference API (access control: the socket's mode and group)"})
+    socket_mode: str = field(default="0660", metadata={"doc": 'permissions of the socket file, octal ("0660")'})
+    listen: str = field(default="", metadata={
+        "doc": 'serve the local API on TCP "127.0.0.1:PORT" instead of the socket (loopback only)'})
+    allow_remote: bool = field(default=False, metadata={
+        "doc": "allow a listen address that is not loopback: plaintext and unauthenticated"})
+    max_requests: int = field(default=0, metadata={
+        "doc": "local requests in flight at once (0: max_in_flight); beyond it: RESOURCE_EXHAUSTED"})
+    request_timeout_s: float = field(default=30.0, metadata={
+        "doc": "deadline of a local request whose caller set none (a shorter caller deadline wins)"})
+    max_message_mb: int = field(default=64, metadata={"doc": "largest local request or answer, MiB"})
+    drain_timeout_s: float = field(default=20.0, metadata={
+        "doc": "on SIGTERM/SIGINT, how long requests in flight may take to finish before exiting non-zero"})
+    log_level: str = field(default="INFO", metadata={"doc": "DEBUG, INFO, WARNING or ERROR"})
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        _str("socket", self.socket, max_len=107)  # sun_path holds 108 bytes with its NUL
+        if not self.socket or not self.socket.startswith("/"):
+            raise ConfigError("socket", f"expected an absolute path, got {self.socket!r}")
+        _str("socket_mode", self.socket_mode, max_len=4)
+        try:
+            mode = int(self.socket_mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+            raise ConfigError("socket_mode", f'expected octal permissions giving the owner rw, like "0660", '
+                                             f"got {self.socket_mode!r}")
+        check_bool("allow_remote", self.allow_remote, error=ConfigError)
+        _str("listen", self.listen, max_len=300)
+        if self.listen:  # port 0: a free port, named in the "serving on" line (tests, one-off runs)
+            host, _port = parse_address(self.listen[:-1] + "1" if self.listen.endswith(":0") else self.listen,
+                                        "listen")
+            if not is_loopback(host.strip("[]")) and not self.allow_remote:
+                raise ConfigError("listen", f"{self.listen!r} is not a loopback address: the local API is "
+                                            "plaintext and unauthenticated (use the Unix socket, a loopback "
+                                            "address, or allow_remote = true / --allow-remote)")
+        s(self, "max_requests", _int("max_requests", self.max_requests, 0, 100_000))
+        s(self, "request_timeout_s", _float("request_timeout_s", self.request_timeout_s, 0.0, 86_400.0,
+                                            lo_open=True))
+        s(self, "max_message_mb", _int("max_message_mb", self.max_message_mb, 1, 2047))
+        s(self, "drain_timeout_s", _float("drain_timeout_s", self.drain_timeout_s, 0.0, 86_400.0, lo_open=True))
+        s(self, "log_level", _choice("log_level", self.log_level, LOG_LEVELS))
+
+    @property
+    def socket_permissions(self) -> int:
+        """socket_mode as an int."""
+        return int(self.socket_mode, 8)
+
+
 # The [table]s of an agent file, by name.
 _TABLES: dict[str, type] = {
     "backoff": BackoffConfig, "input": InputConfig, "mqtt": MqttConfig, "adaptive": AdaptiveConfig, "tls": TlsConfig,
+    "service": ServiceConfig,
 }
 
 NO_TRANSPORT_SECURITY = (
@@ -335,6 +407,7 @@ class AgentConfig:
     mqtt: MqttConfig | None = field(default=None, metadata={"doc": "fleet control plane; none: no MQTT at all"})
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig, metadata={"doc": "adaptive cut selection"})
     tls: TlsConfig | None = field(default=None, metadata={"doc": "mTLS to the cloud: ca, cert, key (server_name)"})
+    service: ServiceConfig = field(default_factory=ServiceConfig, metadata={"doc": "split-agent serve"})
     insecure: bool = field(
         default=False, metadata={"doc": "plaintext to the cloud, unauthenticated: loopback clouds only"}
     )
@@ -381,6 +454,8 @@ class AgentConfig:
             raise ConfigError("mqtt", f"expected an [mqtt] table, got {self.mqtt!r}")
         if not isinstance(self.adaptive, AdaptiveConfig):
             raise ConfigError("adaptive", f"expected an [adaptive] table, got {self.adaptive!r}")
+        if not isinstance(self.service, ServiceConfig):
+            raise ConfigError("service", f"expected a [service] table, got {self.service!r}")
         if self.tls is not None and not isinstance(self.tls, TlsConfig):
             raise ConfigError("tls", f"expected a [tls] table, got {self.tls!r}")
         check_bool("insecure", self.insecure, error=ConfigError)

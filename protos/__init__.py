@@ -13,6 +13,6 @@ only the two stream ends (edge_agent/transport.py, cloud_tier/servicer.py) hold 
 """
 
 PROTO_PACKAGE = "splitinfer.v1"
-PROTO_FILES = ("protos/inference.proto",)
+PROTO_FILES = ("protos/inference.proto", "protos/local.proto")  # protos.generate builds every protos/*.proto
 
 __all__ = ["PROTO_FILES", "PROTO_PACKAGE"]

@@ -1,4 +1,5 @@
-"""Regenerate (or check) the committed `_pb2` / `_pb2_grpc` / `.pyi` modules beside the `.proto` sources.
+"""Regenerate (or check) the committed `_pb2` / `_pb2_grpc` / `.pyi` modules beside the `.proto` sources
+(every `protos/*.proto`: inference.proto, the edge <-> cloud contract, and local.proto, the agent's local API).
 
     python -m protos.generate           # rewrite the generated files
     python -m protos.generate --check   # exit 1 and name the stale files if they differ
@@ -17,8 +18,6 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from protos import PROTO_FILES
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
@@ -33,6 +32,11 @@ def generated_paths(proto: str) -> list[str]:
     return [stem + suffix for suffix in GENERATED_SUFFIXES]
 
 
+def proto_files(root: Path = REPO_ROOT) -> list[str]:
+    """Every `.proto` under `root`/protos (repository-relative, sorted): each one is generated and checked."""
+    return sorted(p.relative_to(root).as_posix() for p in (root / "protos").glob("*.proto"))
+
+
 def generate(out_dir: Path, root: Path = REPO_ROOT) -> list[Path]:
     """Run protoc on every proto under `root`, writing the generated modules under `out_dir`; return them."""
     try:
@@ -41,7 +45,8 @@ def generate(out_dir: Path, root: Path = REPO_ROOT) -> list[Path]:
         raise ProtocError('grpcio-tools is needed to generate protos: pip install "splitinfer[dev]"') from exc
     well_known = str(resources.files("grpc_tools") / "_proto")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for proto in PROTO_FILES:
+    protos = proto_files(root)
+    for proto in protos:
         args = [
             "grpc_tools.protoc",
             f"-I{root}",
@@ -53,7 +58,7 @@ def generate(out_dir: Path, root: Path = REPO_ROOT) -> list[Path]:
         ]
         if protoc.main(args) != 0:
             raise ProtocError(f"protoc failed on {proto} (see its messages above)")
-    return [out_dir / p for proto in PROTO_FILES for p in generated_paths(proto)]
+    return [out_dir / p for proto in protos for p in generated_paths(proto)]
 
 
 def stale_files(root: Path = REPO_ROOT) -> list[str]:
@@ -61,7 +66,7 @@ def stale_files(root: Path = REPO_ROOT) -> list[str]:
     stale: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp), root)
-        for proto in PROTO_FILES:
+        for proto in proto_files(root):
             for rel in generated_paths(proto):
                 fresh, committed = Path(tmp) / rel, root / rel
                 if not committed.is_file() or committed.read_bytes() != fresh.read_bytes():

@@ -63,3 +63,37 @@ def test_summary_counts_and_percentiles():
     assert s["stages_ms"]["total_ms"]["p99"] == pytest.approx(99.01)
     text = cli.format_summary(s)
     assert "cloud 75" in text and "fallbacks 25" in text and "total_ms" in text
+
+
+def test_serve_without_a_config_names_the_path_and_enroll(tmp_path, capsys):
+    missing = tmp_path / "agent.toml"
+    assert cli.main(["serve", "--config", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "split-cloud enroll" in err
+    assert cli.build_parser().parse_args(["serve"]).config == cli.DEFAULT_CONFIG
+
+
+def test_serve_with_a_bad_service_key_exits_2_naming_it(tmp_path, capsys):
+    path = tmp_path / "agent.toml"
+    path.write_text('bundle = "b"\n[service]\nlisten = "0.0.0.0:9"\n')
+    assert cli.main(["serve", "--config", str(path)]) == 2
+    assert "'service.listen'" in capsys.readouterr().err
+
+
+def test_run_help_says_it_is_the_load_driver_and_serve_is_the_service(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "load driver" in out and "split-agent serve" in out and "SIGTERM" in out
+
+
+def test_infer_flags_and_install_print(tmp_path, capsys):
+    args = cli.build_parser().parse_args(["infer", "x.npy", "--json", "--socket", "/tmp/a.sock"])
+    assert args.json and args.socket == "/tmp/a.sock" and args.address is None
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["infer", "x.npy", "--socket", "/a", "--address", "127.0.0.1:1"])
+    path = tmp_path / "agent.toml"
+    path.write_text('bundle = "b"\ninsecure = true\n')
+    assert cli.main(["install", "--config", str(path), "--print", "--user", "edge"]) == 0
+    unit = capsys.readouterr().out
+    assert "Type=notify" in unit and "User=edge" in unit and "serve --config /etc/splitinfer/agent.toml" in unit

@@ -133,3 +133,42 @@ def test_mqtt_tls_files_come_together_and_resolve_against_the_file(tmp_path):
         AgentConfig.from_dict({"bundle": "b", "mqtt": {"broker": "h:1", "i_know_insecure": "yes"}}, source="a.toml")
     assert err.value.key == "mqtt.i_know_insecure"
     assert AgentConfig.from_dict({"bundle": "b", "mqtt": {"broker": "h:1"}}).mqtt.tls is None  # type: ignore[union-attr]
+
+
+def test_service_table_defaults_and_keys(tmp_path):
+    cfg = AgentConfig(bundle="b")
+    assert cfg.service.socket == "/run/splitinfer-agent/agent.sock" and cfg.service.socket_permissions == 0o660
+    assert cfg.service.listen == "" and cfg.service.max_requests == 0 and cfg.service.log_level == "INFO"
+    path = tmp_path / "agent.toml"
+    path.write_text('bundle = "b"\n[service]\nlisten = "127.0.0.1:7000"\nmax_requests = 4\n'
+                    'request_timeout_s = 2.5\ndrain_timeout_s = 9\nsocket_mode = "0600"\nlog_level = "DEBUG"\n')
+    svc = AgentConfig.from_toml(path).service
+    assert (svc.listen, svc.max_requests, svc.request_timeout_s, svc.drain_timeout_s, svc.socket_permissions,
+            svc.log_level) == ("127.0.0.1:7000", 4, 2.5, 9.0, 0o600, "DEBUG")
+    assert "service.socket" in describe() and "service.drain_timeout_s" in describe()
+
+
+@pytest.mark.parametrize(
+    "service,key,expected",
+    [
+        ({"listen": "0.0.0.0:7000"}, "service.listen", "not a loopback address"),
+        ({"listen": "nohost"}, "service.listen", "host:port"),
+        ({"socket": "relative.sock"}, "service.socket", "absolute path"),
+        ({"socket": "/" + "x" * 200}, "service.socket", "at most 107 characters"),
+        ({"socket_mode": "07x7"}, "service.socket_mode", "octal permissions"),
+        ({"socket_mode": "0066"}, "service.socket_mode", "owner rw"),
+        ({"max_requests": -1}, "service.max_requests", "in [0, 100000]"),
+        ({"request_timeout_s": 0}, "service.request_timeout_s", "> 0.0"),
+        ({"log_level": "LOUD"}, "service.log_level", "expected one of"),
+        ({"sockett": "/x"}, "service.sockett", "unknown key"),
+    ],
+)
+def test_bad_service_keys_name_the_key(service, key, expected):
+    with pytest.raises(ConfigError) as err:
+        AgentConfig.from_dict({"bundle": "b", "service": service})
+    assert err.value.key == key and expected in str(err.value), str(err.value)
+
+
+def test_a_remote_listen_address_needs_allow_remote():
+    cfg = AgentConfig.from_dict({"bundle": "b", "service": {"listen": "10.0.0.5:7000", "allow_remote": True}})
+    assert cfg.service.listen == "10.0.0.5:7000"
