@@ -321,11 +321,9 @@ class EdgeAgent:
     def reload_tls(self, config: AgentConfig) -> None:
         """Read `config`'s [tls] files now (ConfigError if one cannot be read) and use them from the next
         connection to the cloud on; the open stream keeps its channel (`split-agent serve` on SIGHUP)."""
-        from edge_agent.transport import channel_credentials
-
-        creds = channel_credentials(config)
-        if hasattr(self._link, "_credentials"):  # a CloudLink (test links have no credentials)
-            self._link._credentials = creds
+        reload = getattr(self._link, "reload_credentials", None)  # a CloudLink (test links have no credentials)
+        if reload is not None:
+            reload(config)
 
     def wait_for_mode(self, mode: str, timeout: float) -> bool:
         """Block until the agent is in `mode` (True) or `timeout` seconds pass (False)."""

@@ -128,6 +128,11 @@ class CloudLink:
         self._generations = itertools.count(1)
         self._closed = False
 
+    def reload_credentials(self, cfg: AgentConfig) -> None:
+        """Read `cfg`'s [tls] files now (ConfigError if one cannot be read); the next connection uses them, the
+        open stream keeps its channel."""
+        self._credentials = channel_credentials(cfg)
+
     # -- connecting -----------------------------------------------------------------------------
 
     @property
