@@ -5,6 +5,7 @@
     split-cloud enroll cam-1 --cloud cloud.example:50051 [--broker cloud.example:8883] [--out DIR]
     split-cloud revoke cam-1
     split-cloud serve --bundles bundles [--pki STATE/pki]
+    split-cloud fleet ls | fleet send DEVICE switch-cut c021 | switch-mode local | ping
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+from cloud_tier import fleet_cli
 from cloud_tier.config import STATE_DIR_ENV, ConfigError, NodeOptions, ServerConfig, default_pki_dir, parse_address
 from models.extras import MissingExtraError
 from models.manifest import BundleError
@@ -101,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--dashboard-token-file", metavar="FILE", default=None,
                        help="file holding the token the dashboard and /metrics require (split-cloud ca init writes "
                             "STATE/pki/dashboard.token); required when --dashboard-host is not loopback")
+    fleet.add_argument("--stale-after", type=float, default=NodeOptions.stale_after_s, metavar="SECONDS",
+                       help="show an online device that sent nothing for this long as stale (default %(default)s)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     mosq = sub.add_parser("mosquitto-config", help="write a Mosquitto config (TLS, client certificates, ACL, CRL)",
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     mosq.add_argument("--port", type=int, default=8883, help="listener port (default %(default)s)")
     mosq.add_argument("--host", default="127.0.0.1", help="listener address (default %(default)s)")
     mosq.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    fleet_cli.add_parser(sub)
     return parser
 
 
@@ -149,7 +154,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     options = None if args.no_fleet else NodeOptions(
         broker=args.broker, db_path=args.db, dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port,
-        dashboard_token_file=args.dashboard_token_file,
+        dashboard_token_file=args.dashboard_token_file, stale_after_s=args.stale_after,
         # One CA and one insecure switch for both planes: --pki, --insecure, --i-know-insecure.
         mqtt_pki=args.pki, mqtt_insecure=args.insecure, mqtt_i_know_insecure=args.i_know_insecure,
     )
@@ -224,7 +229,8 @@ def revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve, "enroll": enroll, "revoke": revoke, "ca": ca_init, "mosquitto-config": mosquitto_config}
+COMMANDS = {"serve": serve, "enroll": enroll, "revoke": revoke, "ca": ca_init, "mosquitto-config": mosquitto_config,
+            "fleet": fleet_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

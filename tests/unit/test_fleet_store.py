@@ -53,9 +53,9 @@ def test_stats_match_an_independent_computation(store: FleetStore) -> None:
     rng = random.Random(7)
     recs = make_records(400, t0=NOW - 4.0, rng=rng)
     assert store.insert_records([("d1", recs[:150], 0), ("d1", recs[150:], 2), ("d2", recs[:10], 0)],
-                                received=NOW - 100) == 410
+                                received=NOW - 10) == 410
     store.upsert_state("d1", DeviceState(status="online", mode="split", cut="c1", bandwidth_mbps=18.9,
-                                         model="resnet18", label="bench"))
+                                         model="resnet18", label="bench"), received=NOW - 1)
     stats = store.device_stats("d1", window_s=60, rate_window_s=10, now=NOW)
     assert stats["count"] == 400
     for stage in STAGES:
