@@ -421,7 +421,7 @@ class FleetController:
                 if attempt == 0 or attempt % 20 == 0:
                     log.error("fleet controller: storing %d messages (%d records) failed: %s; retrying with "
                               "backoff, nothing is acknowledged until it is stored", len(items), records,
-                              describe_error(exc))
+                              self.store.explain(exc))
             attempt += 1
             with self._stats_lock:
                 self.store_retries += 1

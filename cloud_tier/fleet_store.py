@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import sqlite3
 import threading
 import time
@@ -216,9 +217,34 @@ class FleetStore:
         """ok, or the last write failure (until a write succeeds again)."""
         return self._failure or StoreHealth(True)
 
+    def explain(self, exc: BaseException) -> str:
+        """`exc` as an operator reads it, with what the system says of a failed write: SQLite reports a file over
+        the size limit as a mere "disk I/O error", and a full disk without saying which."""
+        text = describe_error(exc)
+        if error_kind(exc) not in ("disk_full", "io_error"):
+            return text
+        hints = []
+        files = [p for p in (Path(self.path), Path(self.path + "-wal")) if p.exists()]
+        try:
+            import resource
+
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if limit != resource.RLIM_INFINITY and any(p.stat().st_size >= limit for p in files):
+                hints.append(f"file too large: this process may not write files over {limit} bytes (RLIMIT_FSIZE, "
+                             "ulimit -f)")
+        except (ImportError, OSError, ValueError):
+            pass
+        try:
+            usage = shutil.disk_usage(Path(self.path).parent)
+            if usage.free < 64 * 1024 * 1024:
+                hints.append(f"the disk holding {self.path} has {usage.free // 1024} KiB free")
+        except OSError:
+            pass
+        return f"{text}: {'; '.join(hints)}" if hints else text
+
     def _failed(self, exc: BaseException) -> None:
         since = self._failure.since if self._failure is not None else time.time()
-        self._failure = StoreHealth(False, f"{error_kind(exc)}: {describe_error(exc)}", since)
+        self._failure = StoreHealth(False, f"{error_kind(exc)}: {self.explain(exc)}", since)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:
