@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,37 @@ def test_a_corrupt_fleet_db_leaves_inference_serving_and_the_fleet_plane_degrade
         node.stop(grace=1.0)
 
 
+def metric(url: str, line_start: str) -> float | None:
+    """The value of the /metrics sample whose line starts with `line_start` (None: absent)."""
+    with urllib.request.urlopen(url + "metrics", timeout=DEADLINE_S) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(line_start + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def publish_telemetry(node: CloudNode, device_id: str, n: int) -> None:
+    """One telemetry batch of `n` records from `device_id` (its certificate), acknowledged by the broker."""
+    import paho.mqtt.client as mqtt
+
+    from protos.mqtt import TELEMETRY, MqttTls, TelemetryBatch, device_topic
+    from tests.pki import device_folder
+
+    folder = device_folder(device_id)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311)
+    MqttTls(str(folder / "ca.pem"), str(folder / "device.pem"), str(folder / "device.key")).apply(client)
+    client.connect(node.broker_host, node.broker_port, keepalive=30)
+    client.loop_start()
+    try:
+        info = client.publish(device_topic(device_id, TELEMETRY),
+                              TelemetryBatch(tuple(_records(n)), batch_id=uuid.uuid4().hex).to_json(), qos=1)
+        info.wait_for_publish(DEADLINE_S)
+        assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def test_healthz_reports_each_component_and_a_store_that_starts_failing(bundles: Path, tmp_path: Path) -> None:
     node = start_node(bundles, tmp_path / "fleet.db")
     try:
@@ -99,30 +132,33 @@ def test_healthz_reports_each_component_and_a_store_that_starts_failing(bundles:
         assert status == 200 and health["status"] == "ok"
         assert {k: v["status"] for k, v in health["components"].items()} == {
             "grpc": "ok", "broker": "ok", "controller": "ok", "store": "ok"}
+        assert metric(url, "splitinfer_fleet_store_up") == 1
         # A real SQLite fault: the file may not grow any more (as on a full disk).
-        pages = node.store._writer.execute("PRAGMA page_count").fetchone()[0]
-        node.store._writer.execute(f"PRAGMA max_page_count = {pages}")
-        with pytest.raises(Exception, match="database or disk is full"):
-            node.store.write([("state", "filler", _state())] * 1 + [
-                ("telemetry", "filler", (_records(3000), 0, "b1"))])
+        with node.store._wlock:  # between the controller's transactions
+            pages = node.store._writer.execute("PRAGMA page_count").fetchone()[0]
+            node.store._writer.execute(f"PRAGMA max_page_count = {pages}")
+        publish_telemetry(node, "ops-full", 3000)
+        polling.wait_for(lambda: (metric(url, 'splitinfer_fleet_store_errors_total{kind="disk_full"}') or 0) >= 1,
+                         "the failed write counted by kind", DEADLINE_S)
+        assert metric(url, "splitinfer_fleet_store_up") == 0
         status, health = http(url + "healthz")
         assert status == 503 and health["status"] == "degraded"
         assert health["components"]["store"]["status"] == "degraded"
         assert "database or disk is full" in health["components"]["store"]["reason"]
+        assert node.store.record_count("ops-full") == 0
+        with node.store._wlock:  # space again: the retry stores it
+            node.store._writer.execute("PRAGMA max_page_count = 1073741823")
+        polling.wait_for(lambda: node.store.record_count("ops-full") == 3000, "the batch stored on retry", DEADLINE_S)
+        polling.wait_for(lambda: http(url + "healthz")[0] == 200, "healthz ok again", DEADLINE_S)
+        assert metric(url, 'splitinfer_fleet_records_dropped_total{reason="store_refused"}') is None
     finally:
         node.stop(grace=1.0)
-
-
-def _state() -> Any:
-    from protos.mqtt import DeviceState
-
-    return DeviceState(status="online")
 
 
 def _records(n: int) -> list[Any]:
     from protos.mqtt import TelemetryRecord
 
-    return [TelemetryRecord(f"f{i}", 1.0, 1, 1, 1, 1, 1, 5, "cloud", "c1") for i in range(n)]
+    return [TelemetryRecord(f"f{i}", time.time(), 1, 1, 1, 1, 1, 5, "cloud", "c1") for i in range(n)]
 
 
 @pytest.fixture()
