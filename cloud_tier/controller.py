@@ -377,6 +377,10 @@ class FleetController:
         except queue.Full:
             with self._stats_lock:
                 self.dropped_messages += 1
+            if not self.persistent:  # a clean session: the broker forgets it with the connection
+                self._drop([item], f"store queue full ({self._queue.maxsize}) for {self._put_timeout_s} s",
+                           "queue_full")
+                return
             log.warning("fleet controller: store queue full (%d) for %s s; a %s message from %s is left "
                         "unacknowledged (the broker delivers it again when the session resumes)",
                         self._queue.maxsize, self._put_timeout_s, kind or "ignored", device_id or "?")
