@@ -127,7 +127,9 @@ def _fleet_rows(fleet: list[dict[str, Any]], cloud: dict[str, dict[str, Any]] | 
     cloud = cloud or {}
     return [
         {
-            "device": d["device_id"], "label": d["label"], "status": d["status"], "mode": d["mode"],
+            "device": d["device_id"], "label": d["label"], "status": d["status"],
+            # what the device (or its last will) said; status is "stale" instead when it has gone silent
+            "reported_status": d.get("reported_status", d["status"]), "mode": d["mode"],
             "cut": d["cut"], "model": d["model"], "bandwidth_mbps": d["bandwidth_mbps"],
             "req_per_s": d["req_per_s"], "p50_ms": d["p50_ms"], "p95_ms": d["p95_ms"], "p99_ms": d["p99_ms"],
             "edge_share": d["edge_share"], "count": d["count"], "last_seen": d["last_seen"],
