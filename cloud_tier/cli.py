@@ -6,6 +6,7 @@
     split-cloud revoke cam-1
     split-cloud serve --bundles bundles [--pki STATE/pki]     # gRPC :50051, MQTT :8883, dashboard :8080 on 127.0.0.1
     split-cloud install --bundles /srv/splitinfer/bundles [--print]   # a hardened systemd service
+    split-cloud fleet ls | fleet send DEVICE switch-cut c021 | switch-mode local | ping
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from cloud_tier import fleet_cli
 from cloud_tier.config import (
     DEFAULT_DASHBOARD_PORT,
     DEFAULT_GRPC_PORT,
@@ -125,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--dashboard-token-file", metavar="FILE", default=None,
                        help="file holding the token the dashboard and /metrics require (split-cloud ca init writes "
                             "STATE/pki/dashboard.token); required when --dashboard-host is not loopback")
+    fleet.add_argument("--stale-after", type=float, default=NodeOptions.stale_after_s, metavar="SECONDS",
+                       help="show an online device that sent nothing for this long as stale (default %(default)s)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     inst = sub.add_parser("install", help="install the cloud node as a hardened systemd service (Type=notify)",
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     mosq.add_argument("--port", type=int, default=8883, help="listener port (default %(default)s)")
     mosq.add_argument("--host", default="127.0.0.1", help="listener address (default %(default)s)")
     mosq.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    fleet_cli.add_parser(sub)
     return parser
 
 
@@ -196,7 +201,7 @@ def serve(args: argparse.Namespace) -> int:
         DEFAULT_MQTT_PORT if args.insecure else DEFAULT_MQTTS_PORT)
     options = None if args.no_fleet else NodeOptions(
         broker=args.broker, db_path=args.db, dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port,
-        dashboard_token_file=args.dashboard_token_file,
+        dashboard_token_file=args.dashboard_token_file, stale_after_s=args.stale_after,
         embedded_broker_host=args.broker_host or NodeOptions.embedded_broker_host, embedded_broker_port=broker_port,
         # One CA and one insecure switch for both planes: --pki, --insecure, --i-know-insecure.
         mqtt_pki=args.pki, mqtt_insecure=args.insecure, mqtt_i_know_insecure=args.i_know_insecure,
@@ -311,8 +316,8 @@ def install(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve, "enroll": enroll, "revoke": revoke, "ca": ca_init, "mosquitto-config": mosquitto_config}
-COMMANDS["install"] = install
+COMMANDS = {"serve": serve, "enroll": enroll, "revoke": revoke, "ca": ca_init, "mosquitto-config": mosquitto_config,
+            "install": install, "fleet": fleet_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

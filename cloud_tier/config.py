@@ -166,6 +166,9 @@ class NodeOptions:
     embedded_broker_host: str = "127.0.0.1"  # loopback by default; insecure elsewhere: mqtt_i_know_insecure
     embedded_broker_port: int = 0
     connect_timeout_s: float = 10.0  # how long the controller waits for the broker at start
+    # An "online" device silent (no state, no telemetry) for longer is shown "stale" (--stale-after): three of the
+    # agent's 5 s telemetry intervals at most.
+    stale_after_s: float = 15.0
     # MQTT security: the CA folder (cloud_tier.pki) whose server certificate the embedded broker serves and whose
     # controller certificate the controller presents; None: the gRPC tier's (ServerConfig.pki_dir).
     mqtt_pki: str | Path | None = None
@@ -182,6 +185,7 @@ class NodeOptions:
             raise ConfigError("--db", f"{str(self.db_path)!r} is not supported: expected a SQLite file path (the "
                               "fleet store needs a file: the dashboard reads with its own connections)")
         check_number("NodeOptions.connect_timeout_s", self.connect_timeout_s, 0, lo_open=True, error=ConfigError)
+        check_number("--stale-after", self.stale_after_s, 0, lo_open=True, error=ConfigError)
 
     def resolved_db_path(self) -> Path:
         """`db_path`, or default_db_path() when unset."""

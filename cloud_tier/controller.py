@@ -2,10 +2,25 @@
 and sends commands.
 
 Messages are validated (device id from the topic, payload against protos.mqtt) in the network thread and
-handed through a bounded queue to one writer thread that stores them in batches. A bad payload is
-counted and logged with its reason; it never stops the controller. The MQTT session is persistent, under a
-client id kept in the fleet store, so telemetry and acks sent while the controller is down reach it when it
-comes back (within the broker's per-client queue: Mosquitto's max_queued_messages, 1000 by default).
+handed through a bounded queue to one writer thread that stores them in batches, each batch in one transaction.
+A bad payload is counted and logged with its reason; it never stops the controller. The MQTT session is
+persistent, under a client id kept in the fleet store, so telemetry and acks sent while the controller is down
+reach it when it comes back (within the broker's per-client queue: Mosquitto's max_queued_messages, 1000 by
+default).
+
+Nothing is acknowledged before it is stored: the client runs with paho's `manual_ack`, and the writer sends a
+message's PUBACK only once the transaction holding it has committed. A controller that crashes, or a store that
+cannot write (full disk, file size limit), leaves those messages unacknowledged in its broker session, and the
+broker delivers them again; batch ids make the second delivery harmless (FleetStore drops duplicates).
+
+A failed write is retried with exponential backoff and jitter (`retry_min_s` doubling up to `retry_max_s`) for
+as long as the failure lasts, each failure counted by kind (`store_errors`) and logged with its real cause.
+Meanwhile nothing is acknowledged, so the broker stops sending once its in-flight window is full (Mosquitto:
+max_inflight_messages) and keeps the rest queued; the local queue is bounded too, and a message that still finds
+it full after `put_timeout_s` is left unacknowledged for the broker to deliver again (`dropped_messages`).
+Records are dropped for good (`records_dropped`, by reason, with a log line) only when they cannot be stored at
+all: a batch the store refuses for a reason other than a failing file (e.g. a constraint error), or, on a
+clean session (a second controller on one store), messages the store could not take before stop().
 
 With `tls` (the controller's certificate from the deployment's CA) the connection is mutual TLS, the broker's
 name is checked, and the client id is the certificate's identity, "controller" (the broker refuses any other:
@@ -18,14 +33,17 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import socket
+import sqlite3
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from typing import IO, Any
 
-from cloud_tier.fleet_store import FleetStore
+from cloud_tier.fleet_store import ACK_OP, STATE_OP, TELEMETRY_OP, FleetStore, describe_error, error_kind
 from models.extras import require
 from protos.mqtt import (
     ACK,
@@ -52,6 +70,21 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 _ACKS_KEPT = 4096
+# Failures a retry can outlast: the file, the disk or a lock, not the data. Anything else is the batch's fault.
+RETRIABLE_KINDS = frozenset({"disk_full", "io_error", "busy", "read_only", "cannot_open", "corrupt"})
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One received message on its way to the store: what to write (kind None: nothing, only the PUBACK)."""
+
+    kind: str | None
+    device_id: str
+    payload: Any
+    received: float
+    mid: int
+    qos: int
+    session: int  # the connection it arrived on: a PUBACK belongs to that connection only
 
 
 def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
@@ -94,12 +127,21 @@ class FleetController:
         client_id: str | None = None,
         tls: MqttTls | None = None,
         i_know_insecure: bool = False,
+        retry_min_s: float = 0.05,
+        retry_max_s: float = 5.0,
+        put_timeout_s: float = 2.0,
     ) -> None:
         """Configure (nothing is connected until start()).
 
         With `tls` the client id is "controller" (the certificate's identity); without, it defaults to the one
-        kept in `store`, and the broker must be on loopback unless `i_know_insecure`.
+        kept in `store`, and the broker must be on loopback unless `i_know_insecure`. A failed store write is
+        retried after `retry_min_s`, doubling up to `retry_max_s` (full jitter); a message finding the queue full
+        waits up to `put_timeout_s` (less than the keepalive: the network thread waits meanwhile).
         """
+        if not 0 < retry_min_s <= retry_max_s:
+            raise ValueError(f"expected 0 < retry_min_s <= retry_max_s, got {retry_min_s} and {retry_max_s}")
+        if not 0 <= put_timeout_s < keepalive_s:
+            raise ValueError(f"put_timeout_s must be in [0, keepalive_s={keepalive_s}), got {put_timeout_s}")
         mqtt = require("paho.mqtt.client", "edge")
         if tls is None:
             insecure_mqtt(broker_host, "the fleet controller", i_know_insecure=i_know_insecure, log=log)
@@ -117,6 +159,15 @@ class FleetController:
         self.stored_records = 0
         self.stored_states = 0
         self.telemetry_messages = 0  # valid telemetry batches received
+        self.store_errors: Counter[str] = Counter()  # failed store writes (each attempt), by error_kind
+        self.records_dropped: Counter[str] = Counter()  # records given up for good, by reason
+        self.store_retries = 0
+        self.unacked_at_stop = 0  # messages received but not stored when stop() gave up (the broker keeps them)
+        self._retry = (retry_min_s, retry_max_s)
+        self._put_timeout_s = put_timeout_s
+        self._stopping = threading.Event()
+        self._session = 0  # bumped on every CONNACK: PUBACKs of an older connection are not sent on a newer one
+        self._session_lock = threading.Lock()
         self._acks: OrderedDict[str, Ack] = OrderedDict()
         self._acks_cond = threading.Condition()
         self._connected = threading.Event()
@@ -129,6 +180,7 @@ class FleetController:
         # turn): a second one gets a fresh id and a clean session.
         self._lock_file = _claim(store) if client_id is None else None
         persistent = client_id is not None or self._lock_file is not None
+        self.persistent = persistent
         fresh = f"splitinfer-controller-{uuid.uuid4().hex[:12]}"
         if tls is not None and client_id is None and self._lock_file is None:
             raise RuntimeError(f"fleet controller: another controller already runs on the fleet store {store.path}; "
@@ -150,6 +202,7 @@ class FleetController:
             client_id=self.client_id,
             clean_session=not persistent,
             protocol=mqtt.MQTTv311,
+            manual_ack=True,  # PUBACK after the store's commit (see the module docstring)
         )
         if tls is not None:
             tls.apply(self._client)
@@ -177,21 +230,29 @@ class FleetController:
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Disconnect, store what is queued, and stop the writer thread."""
+        """Store and acknowledge what is queued (for up to `timeout_s`), then disconnect and stop the writer.
+
+        What arrives after the stop began, or what a failing store could not take in time, stays unacknowledged:
+        the broker keeps it in this controller's session for the next controller on the store.
+        """
         if self._closed:
             return
         self._closed = True
-        if self._lock_file is not None:
-            self._lock_file.close()  # closing the file drops the lock
-            self._lock_file = None
-        self._client.disconnect()
-        self._client.loop_stop()
-        if self._writer is not None:
+        if self._writer is not None and self._writer.is_alive():
             try:
                 self._queue.put(_STOP, timeout=timeout_s)
             except queue.Full:
                 log.warning("fleet controller: writer queue still full after %s s; stopping anyway", timeout_s)
             self._writer.join(timeout_s)
+            if self._writer.is_alive():  # still retrying a failing store: give up now
+                self._stopping.set()
+                self._writer.join(timeout_s)
+        self._stopping.set()
+        self._client.disconnect()
+        self._client.loop_stop()
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the file drops the lock
+            self._lock_file = None
 
     def __enter__(self) -> FleetController:
         return self.start()
@@ -233,6 +294,14 @@ class FleetController:
         """Record and state times more than fleet_store.MAX_FUTURE_S ahead of receipt, stored as the receipt time."""
         return self.store.future_timestamps
 
+    def command(self, device_id: str, cmd: Command, timeout_s: float) -> Ack | None:
+        """Send `cmd` to the device and wait up to `timeout_s` for its ack (None: no ack in time).
+
+        ConnectionError when the controller has no MQTT session (nothing would reach the device)."""
+        if not self.connected:
+            raise ConnectionError(f"the fleet controller is not connected to the MQTT broker {self.host}:{self.port}")
+        return self.wait_ack(self.send_command(device_id, cmd), timeout_s)
+
     def wait_ack(self, command_id: str, timeout_s: float) -> Ack | None:
         """Block until the ack of `command_id` arrives or `timeout_s` passes (then None)."""
         deadline = time.monotonic() + timeout_s
@@ -251,6 +320,8 @@ class FleetController:
             log.warning("fleet controller: broker %s:%s refused the connection: %s", self.host, self.port,
                         reason_code)
             return
+        with self._session_lock:
+            self._session += 1
         # Connected counts from the broker's SUBACK, not from CONNACK: a message published in between would
         # find no subscription and be lost to the controller.
         client.subscribe([(fleet_filter(STATE), 1), (fleet_filter(TELEMETRY), 1), (fleet_filter(ACK), 1)])
@@ -276,14 +347,15 @@ class FleetController:
 
     def _handle_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
         received = time.time()
+        kind: str | None = None
+        device_id, payload = "", None  # type: tuple[str, Any]
         try:
             device_id, leaf = parse_topic(msg.topic)
             if leaf == STATE:
-                if not msg.payload:
-                    return  # a cleared retained state (device removed): nothing to record
-                item: Any = (STATE, device_id, DeviceState.from_json(msg.payload), received)
+                if msg.payload:  # empty: a cleared retained state (device removed), nothing to record
+                    kind, payload = STATE_OP, DeviceState.from_json(msg.payload)
             elif leaf == TELEMETRY:
-                item = (TELEMETRY, device_id, TelemetryBatch.from_json(msg.payload), received)
+                kind, payload = TELEMETRY_OP, TelemetryBatch.from_json(msg.payload)
                 with self._stats_lock:
                     self.telemetry_messages += 1
             elif leaf == ACK:
@@ -293,19 +365,25 @@ class FleetController:
                     while len(self._acks) > _ACKS_KEPT:
                         self._acks.popitem(last=False)
                     self._acks_cond.notify_all()
-                item = (ACK, device_id, ack, received)
-            else:
-                return  # cmd: our own publishes are not subscribed to
+                kind, payload = ACK_OP, ack
+            # cmd: our own publishes are not subscribed to
         except MqttSchemaError as exc:
             self._bad(msg.topic, str(exc))
-            return
+            kind = None  # still acknowledged (in order, by the writer): sending it again would not make it valid
+        item = _Item(kind, device_id, payload, received, msg.mid, msg.qos, self._session)
         try:
-            self._queue.put_nowait(item)
+            # Waits while the writer retries a failing store: the broker meanwhile holds what it has not sent.
+            self._queue.put(item, timeout=self._put_timeout_s)
         except queue.Full:
             with self._stats_lock:
                 self.dropped_messages += 1
-            log.warning("fleet controller: store queue full (%d); dropped a %s message from %s",
-                        self._queue.maxsize, item[0], item[1])
+            if not self.persistent:  # a clean session: the broker forgets it with the connection
+                self._drop([item], f"store queue full ({self._queue.maxsize}) for {self._put_timeout_s} s",
+                           "queue_full")
+                return
+            log.warning("fleet controller: store queue full (%d) for %s s; a %s message from %s is left "
+                        "unacknowledged (the broker delivers it again when the session resumes)",
+                        self._queue.maxsize, self._put_timeout_s, kind or "ignored", device_id or "?")
 
     # --- writer thread -----------------------------------------------------------------------------
 
@@ -319,34 +397,94 @@ class FleetController:
                 except queue.Empty:
                     break
             stop = any(i is _STOP for i in items)
-            try:
-                self._store([i for i in items if i is not _STOP])
-            except Exception:  # noqa: BLE001 - a store failure is logged with its cause; the loop goes on
-                log.exception("fleet controller: storing %d messages failed", len(items))
-            if stop:
+            batch = [i for i in items if i is not _STOP]
+            if batch and self._store_with_retry(batch):
+                self._ack(batch)
+            if stop or self._stopping.is_set():
                 return
 
-    def _store(self, items: list[Any]) -> None:
-        batches = []
-        for kind, device_id, payload, received in items:
-            if kind == TELEMETRY:
-                batches.append((device_id, payload.records, payload.dropped, payload.batch_id))
-                continue
-            # Keep order: telemetry gathered so far goes in before a state change of the same device.
-            if batches:
-                self._insert(batches, received)
-                batches = []
-            if kind == STATE:
-                self.store.upsert_state(device_id, payload, received)
+    def _store_with_retry(self, items: list[_Item]) -> bool:
+        """Store `items` in one transaction, retrying while the store fails for a reason retrying can outlast;
+        True once stored (or given up for good and dropped), False when stop() ended the retries."""
+        delay_min, delay_max = self._retry
+        attempt = 0
+        while True:
+            try:
+                self._store(items)
+                if attempt:
+                    log.warning("fleet controller: the fleet store accepts writes again after %d failed attempts",
+                                attempt)
+                return True
+            except sqlite3.Error as exc:
+                kind = error_kind(exc)
                 with self._stats_lock:
-                    self.stored_states += 1
-            elif kind == ACK and not self.store.record_ack(device_id, payload, received):
-                log.info("fleet controller: ack %s from %s matches no command sent by this store",
-                         payload.command_id, device_id)
-        if batches:
-            self._insert(batches, items[-1][3])
+                    self.store_errors[kind] += 1
+                records = sum(len(i.payload.records) for i in items if i.kind == TELEMETRY_OP)
+                if kind not in RETRIABLE_KINDS:
+                    return self._store_one_by_one(items, exc)
+                if attempt == 0 or attempt % 20 == 0:
+                    log.error("fleet controller: storing %d messages (%d records) failed: %s; retrying with "
+                              "backoff, nothing is acknowledged until it is stored", len(items), records,
+                              self.store.explain(exc))
+            attempt += 1
+            with self._stats_lock:
+                self.store_retries += 1
+            delay = random.uniform(0, min(delay_max, delay_min * 2 ** min(attempt, 30)))  # full jitter
+            if self._stopping.wait(delay):
+                self._given_up(items, "stopped while the fleet store was failing")
+                return False
 
-    def _insert(self, batches: list[Any], received: float) -> None:
-        n = self.store.insert_records(batches, received)
+    def _store_one_by_one(self, items: list[_Item], exc: BaseException) -> bool:
+        """A batch refused for its data, not the file: store each message alone and drop only those refused."""
+        log.error("fleet controller: the fleet store refused a batch of %d messages (%s); storing them one by one",
+                  len(items), describe_error(exc))
+        for item in items:
+            try:
+                self._store([item])
+            except sqlite3.Error as one:
+                with self._stats_lock:
+                    self.store_errors[error_kind(one)] += 1
+                self._drop([item], f"refused by the fleet store: {describe_error(one)}", "store_refused")
+        return True
+
+    def _given_up(self, items: list[_Item], why: str) -> None:
         with self._stats_lock:
-            self.stored_records += n
+            self.unacked_at_stop += len(items)
+        if self.persistent:
+            log.warning("fleet controller: %s: %d messages left unacknowledged; the broker keeps them in this "
+                        "store's session for the next controller", why, len(items))
+        else:
+            self._drop(items, f"{why} (clean session: the broker keeps nothing for this controller)", "stopped")
+
+    def _drop(self, items: list[_Item], why: str, reason: str) -> None:
+        records = sum(len(i.payload.records) for i in items if i.kind == TELEMETRY_OP)
+        with self._stats_lock:
+            self.records_dropped[reason] += records
+        log.error("fleet controller: dropped %d messages (%d telemetry records) for good: %s", len(items), records,
+                  why)
+
+    def _ack(self, items: list[_Item]) -> None:
+        """PUBACK every QoS 1 message of `items`, in order, on the connection it arrived on."""
+        with self._session_lock:
+            for item in items:
+                if item.qos > 0 and item.session == self._session:
+                    self._client.ack(item.mid, item.qos)
+                # else: an older connection's message; the broker delivers it again on this one
+
+    def _store(self, items: list[_Item]) -> None:
+        ops = [(i.kind, i.device_id, self._op_payload(i), i.received) for i in items if i.kind is not None]
+        if not ops:
+            return
+        out = self.store.write(ops, items[-1].received)
+        with self._stats_lock:
+            self.stored_records += out["records"]
+            self.stored_states += out["states"]
+        unmatched = sum(1 for i in items if i.kind == ACK_OP) - out["acks_matched"]
+        if unmatched > 0:
+            log.info("fleet controller: %d acks matched no command sent by this store", unmatched)
+
+    @staticmethod
+    def _op_payload(item: _Item) -> Any:
+        if item.kind == TELEMETRY_OP:
+            return item.payload.records, item.payload.dropped, item.payload.batch_id
+        return item.payload

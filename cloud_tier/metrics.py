@@ -154,6 +154,14 @@ CONTROLLER_COUNTERS = {
     "dropped_messages": "Messages dropped because the store queue was full.",
     "duplicate_batches": "Telemetry batches skipped as a second delivery of a batch already stored.",
     "future_timestamps": "Record and state times more than 5 minutes ahead of receipt, stored as the receipt time.",
+    "store_retries": "Store writes retried after a failure (with backoff; nothing is acknowledged meanwhile).",
+}
+# Labelled controller counters: attribute (a collections.Counter) -> (family, label, help).
+CONTROLLER_LABELLED = {
+    "store_errors": ("splitinfer_fleet_store_errors", "kind",
+                     "Failed fleet store writes, by kind of error (disk_full, io_error, corrupt, busy, ...)."),
+    "records_dropped": ("splitinfer_fleet_records_dropped", "reason",
+                        "Telemetry records given up for good, by reason (each is logged with its cause)."),
 }
 
 
@@ -166,19 +174,29 @@ class ControllerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """The controller's families now."""
         ctl = self._controller
-        return self.families(ctl.connected, {key: getattr(ctl, key) for key in CONTROLLER_COUNTERS}, ctl.pending)
+        counters = {key: getattr(ctl, key) for key in CONTROLLER_COUNTERS}
+        labelled = {key: dict(getattr(ctl, key)) for key in CONTROLLER_LABELLED}
+        return self.families(ctl.connected, counters, ctl.pending, labelled, ctl.store.health().ok)
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples, so a registry refuses a name declared twice."""
         return self.families(False, {}, 0)
 
     @staticmethod
-    def families(connected: bool, counters: Mapping[str, int], pending: int) -> Iterator[Metric]:
+    def families(connected: bool, counters: Mapping[str, int], pending: int,
+                 labelled: Mapping[str, Mapping[str, int]] | None = None, store_ok: bool = True) -> Iterator[Metric]:
         """The controller's families of one reading."""
         yield GaugeMetricFamily("splitinfer_fleet_mqtt_connected", "1 while the controller's MQTT session is up.",
                                 value=1 if connected else 0)
+        yield GaugeMetricFamily("splitinfer_fleet_store_up", "1 while the fleet store's last write succeeded.",
+                                value=1 if store_ok else 0)
         for key, help_ in CONTROLLER_COUNTERS.items():
             yield CounterMetricFamily(f"splitinfer_fleet_{key}", help_, value=counters.get(key, 0))
+        for key, (family, label, help_) in CONTROLLER_LABELLED.items():
+            out = CounterMetricFamily(family, help_, labels=[label])
+            for value, n in sorted((labelled or {}).get(key, {}).items()):
+                out.add_metric([value], n)
+            yield out
         yield GaugeMetricFamily("splitinfer_fleet_pending_messages", "Messages received but not yet stored.",
                                 value=pending)
 

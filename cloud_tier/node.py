@@ -1,6 +1,10 @@
 """CloudNode: the whole cloud node in one object: gRPC tier, MQTT broker (embedded or external), fleet store,
 fleet controller and dashboard (with /metrics), started in dependency order and stopped in reverse.
 
+A fleet store that cannot be opened (a corrupt or unreadable `fleet.db`) does not stop the node: inference
+serves, the broker runs, and the fleet plane reports "degraded" with the reason (log, banner, /healthz, the
+dashboard's banner). `health()` reports every component.
+
 Stop order: health NOT_SERVING and drain the gRPC tier first (agents move elsewhere or run locally while
 telemetry still flows), then the controller (it stores what it has queued), the dashboard, the embedded
 broker, and last the database.
@@ -43,6 +47,7 @@ class CloudNode:
         self.store: Any = None  # FleetStore
         self.controller: Any = None  # FleetController
         self.dashboard: Any = None  # Dashboard
+        self.store_error: str | None = None  # why the fleet store could not be opened (the fleet plane is degraded)
         self._started = False
 
     # -- addresses -----------------------------------------------------------------------------------
@@ -102,7 +107,30 @@ class CloudNode:
             lines.append(f"mqtt broker {self.broker_address} ({kind})")
         if self.dashboard_url is not None:
             lines.append(f"dashboard {self.dashboard_url}")
+        if self.store_error is not None:
+            lines.append(f"WARNING: fleet plane degraded: {self.store_error}")
         return lines
+
+    def health(self) -> dict[str, Any]:
+        """{"status": ok|degraded|down, "components": {grpc, broker, controller, store: {"status", "reason"}}}:
+        down when the gRPC tier is, degraded when another part is not ok."""
+        from cloud_tier.dashboard import overall, store_health
+
+        serving = self.server.port is not None and not self.server.wait(0)
+        components = {"grpc": {"status": "ok"} if serving else {"status": "down", "reason": "not serving"}}
+        if self.options is not None:
+            ctl = self.controller
+            where = f"MQTT broker {self.broker_address}"
+            if ctl is None:
+                components["broker"] = {"status": "unknown", "reason": "not checked: no fleet controller"}
+                components["controller"] = {"status": "down", "reason": "not started: no fleet store"}
+            elif ctl.connected:
+                components["broker"] = components["controller"] = {"status": "ok"}
+            else:
+                components["broker"] = {"status": "down", "reason": f"the controller has no session with the {where}"}
+                components["controller"] = {"status": "down", "reason": f"reconnecting to the {where}"}
+            components["store"] = store_health(self.store, self.store_error or "")
+        return {"status": overall(components), "components": components}
 
     # -- metrics -----------------------------------------------------------------------------------
 
@@ -146,7 +174,7 @@ class CloudNode:
         from cloud_tier.broker import EmbeddedBroker
         from cloud_tier.controller import FleetController
         from cloud_tier.dashboard import Dashboard
-        from cloud_tier.fleet_store import FleetStore
+        from cloud_tier.fleet_store import FleetStore, describe_error
 
         pki, tls = self._mqtt_tls(opts)
         if opts.broker is None:
@@ -156,19 +184,23 @@ class CloudNode:
         else:
             self.broker_host, self.broker_port = parse_address(opts.broker, "--broker")
         db_path = opts.resolved_db_path()
-        db_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.store = FleetStore(db_path)
-        except sqlite3.Error as exc:
-            raise RuntimeError(f"fleet store {db_path}: {exc} (expected a writable SQLite file path; see --db)"
-                               ) from exc
-        self.controller = FleetController(self.store, self.broker_host, self.broker_port, tls=tls,
-                                          i_know_insecure=opts.mqtt_i_know_insecure)
-        self.controller.start(wait_s=opts.connect_timeout_s)
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            self.store = FleetStore(db_path, stale_after_s=opts.stale_after_s)
+        except (sqlite3.Error, OSError) as exc:
+            # Inference does not need the store: serve on, and say loudly what is wrong with the fleet plane.
+            self.store_error = (f"fleet store {db_path} cannot be used ({describe_error(exc)}): device state and "
+                                "telemetry are not recorded; move the file aside (or fix --db) and restart")
+            log.error("%s", self.store_error)
+        if self.store is not None:
+            self.controller = FleetController(self.store, self.broker_host, self.broker_port, tls=tls,
+                                              i_know_insecure=opts.mqtt_i_know_insecure)
+            self.controller.start(wait_s=opts.connect_timeout_s)
         self.dashboard = Dashboard(self.store, opts.dashboard_host, opts.dashboard_port,
                                    token_file=opts.dashboard_token_file,
                                    extra_metrics=self.metrics_collectors(),
-                                   cloud_view=self.cloud_view, warnings=self.warnings())
+                                   cloud_view=self.cloud_view, warnings=self.warnings(), health=self.health,
+                                   send_command=self.controller.command if self.controller is not None else None)
         try:
             self.dashboard.start()
         except RuntimeError as exc:

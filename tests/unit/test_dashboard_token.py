@@ -47,3 +47,31 @@ def test_a_bad_token_file_is_refused(tmp_path: Path) -> None:
         (tmp_path / "t").write_text(bad)
         with pytest.raises(DashboardTokenError, match="at least 16"):
             load_token("0.0.0.0", tmp_path / "t")
+
+
+def test_split_cloud_fleet_takes_the_ca_folders_token_by_default(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloud_tier import fleet_cli
+
+    monkeypatch.setenv("SPLITINFER_STATE_DIR", str(tmp_path))
+    assert fleet_cli._token(None) is None  # no CA folder token: none sent (a loopback dashboard needs none)
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pki" / "dashboard.token").write_text(TOKEN + "\n")
+    assert fleet_cli._token(None) == TOKEN
+    with pytest.raises(FileNotFoundError):  # a token file named on the command line must exist
+        fleet_cli._token(tmp_path / "missing")
+
+
+def test_fleet_ls_table_and_health_summary() -> None:
+    from cloud_tier import fleet_cli
+    from cloud_tier.dashboard import overall
+
+    text = fleet_cli.format_fleet({"now": 100.0, "warnings": ["store degraded: disk_full"], "devices": [
+        {"device": "cam-1", "status": "stale", "mode": "split", "cut": "c021", "p50_ms": 12.345, "req_per_s": 3.0,
+         "last_seen": 80.0}]})
+    lines = text.splitlines()
+    assert lines[1].split() == ["cam-1", "stale", "split", "c021", "12.35", "3.0", "20", "s", "ago"]
+    assert lines[-1] == "warning: store degraded: disk_full"
+    assert overall({"grpc": {"status": "ok"}, "store": {"status": "ok"}}) == "ok"
+    assert overall({"grpc": {"status": "ok"}, "store": {"status": "degraded"}}) == "degraded"
+    assert overall({"grpc": {"status": "down"}, "store": {"status": "ok"}}) == "down"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 import statistics
 import threading
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_tier.fleet_store import FleetStore, Retention, percentile
+from cloud_tier.fleet_store import ACK_OP, STATE_OP, TELEMETRY_OP, FleetStore, Retention, error_kind, percentile
 from protos.mqtt import STAGES, Ack, Command, DeviceState, TelemetryRecord
 
 NOW = 1_800_000_000.0
@@ -53,9 +54,9 @@ def test_stats_match_an_independent_computation(store: FleetStore) -> None:
     rng = random.Random(7)
     recs = make_records(400, t0=NOW - 4.0, rng=rng)
     assert store.insert_records([("d1", recs[:150], 0), ("d1", recs[150:], 2), ("d2", recs[:10], 0)],
-                                received=NOW - 100) == 410
+                                received=NOW - 10) == 410
     store.upsert_state("d1", DeviceState(status="online", mode="split", cut="c1", bandwidth_mbps=18.9,
-                                         model="resnet18", label="bench"))
+                                         model="resnet18", label="bench"), received=NOW - 1)
     stats = store.device_stats("d1", window_s=60, rate_window_s=10, now=NOW)
     assert stats["count"] == 400
     for stage in STAGES:
@@ -202,3 +203,92 @@ def test_times_far_ahead_of_receipt_are_clamped_and_counted(store: FleetStore) -
     store.upsert_state("d1", DeviceState("online", ts=received + 10), received)
     assert store.device("d1")["state_ts"] == received + 10
     assert store.future_timestamps == 2
+
+
+def _fill(store: FleetStore) -> None:
+    """Cap the file at its current size: the next growing write fails with SQLITE_FULL (a real SQLite fault)."""
+    pages = store._writer.execute("PRAGMA page_count").fetchone()[0]
+    store._writer.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_database_raises_its_own_error_not_the_rollbacks(store: FleetStore) -> None:
+    rng = random.Random(5)
+    assert store.health().ok
+    _fill(store)
+    with pytest.raises(sqlite3.OperationalError) as err:
+        store.insert_records([("d1", make_records(2000, t0=NOW, rng=rng), 0, "batch-1")], received=NOW)
+    assert "database or disk is full" in str(err.value)  # the cause, not "cannot rollback"
+    assert error_kind(err.value) == "disk_full"
+    health = store.health()
+    assert not health.ok and health.reason.startswith("disk_full: database or disk is full")
+    assert store.record_count() == 0  # nothing of the failed transaction is kept, its batch id neither
+    store._writer.execute("PRAGMA max_page_count = 1073741823")
+    assert store.insert_records([("d1", make_records(2000, t0=NOW, rng=rng), 0, "batch-1")], received=NOW) == 2000
+    assert store.health().ok and store.duplicate_batches == 0
+
+
+def test_write_applies_states_telemetry_and_acks_in_one_transaction(store: FleetStore) -> None:
+    rng = random.Random(6)
+    cmd = Command.ping()
+    store.record_command("d1", cmd, sent_ts=NOW)
+    ops = [(STATE_OP, "d1", DeviceState(status="online", cut="c1", ts=NOW)),
+           (TELEMETRY_OP, "d1", (make_records(3, t0=NOW, rng=rng), 1, "b1"), NOW + 1),
+           (ACK_OP, "d1", Ack(cmd.command_id, True, "pong"))]
+    out = store.write(ops, received=NOW)
+    assert out == {"records": 3, "states": 1, "acks_matched": 1, "duplicates": 0}
+    assert store.device("d1")["last_seen"] == NOW + 1 and store.command(cmd.command_id)["ok"] is True
+    assert store.write(ops[1:2])["duplicates"] == 1  # the same batch id again: skipped
+    _fill(store)
+    with pytest.raises(sqlite3.OperationalError):
+        store.write([(STATE_OP, "d2", DeviceState(status="online", ts=NOW)),
+                     (TELEMETRY_OP, "d2", (make_records(2000, t0=NOW, rng=rng), 0, "b2"))], received=NOW)
+    assert store.device("d2") is None  # all or nothing
+
+
+@pytest.mark.parametrize("message,kind", [
+    ("database or disk is full", "disk_full"), ("disk I/O error", "io_error"),
+    ("database disk image is malformed", "corrupt"), ("file is not a database", "corrupt"),
+    ("attempt to write a readonly database", "read_only"), ("database is locked", "busy"),
+    ("UNIQUE constraint failed: x.y", "other"),
+])
+def test_error_kinds(message: str, kind: str) -> None:
+    assert error_kind(sqlite3.OperationalError(message)) == kind
+
+
+def test_an_online_device_silent_for_stale_after_s_is_stale(tmp_path: Path) -> None:
+    store = FleetStore(tmp_path / "s.sqlite", stale_after_s=15.0)
+    try:
+        store.upsert_state("hung", DeviceState(status="online", mode="split", cut="c1", ts=NOW), received=NOW)
+        store.insert_records([("busy", make_records(1, t0=NOW, rng=random.Random(1)), 0)], received=NOW + 10)
+        store.upsert_state("gone", DeviceState(status="offline", ts=NOW), received=NOW)
+
+        def status(now: float) -> dict[str, tuple[str, str]]:
+            return {r["device_id"]: (r["status"], r["reported_status"]) for r in store.fleet(now=now)}
+
+        assert status(NOW + 15) == {"hung": ("online", "online"), "busy": ("online", "online"),
+                                    "gone": ("offline", "offline")}
+        # the broker never said offline (no last will came): the store says stale, and keeps what was reported
+        assert status(NOW + 15.5) == {"hung": ("stale", "online"), "busy": ("online", "online"),
+                                      "gone": ("offline", "offline")}
+        assert status(NOW + 26)["busy"] == ("stale", "online")
+        store.insert_records([("hung", [], 0, "heartbeat-1")], received=NOW + 30)  # anything it sends counts
+        assert status(NOW + 31)["hung"] == ("online", "online")
+        assert store.device("hung")["status"] == "online"  # the stored row is what the device said
+    finally:
+        store.close()
+    never = FleetStore(tmp_path / "n.sqlite", stale_after_s=None)
+    try:
+        never.upsert_state("d", DeviceState(status="online", ts=NOW), received=NOW)
+        assert never.fleet(now=NOW + 1e6)[0]["status"] == "online"
+    finally:
+        never.close()
+    with pytest.raises(ValueError, match="stale_after_s"):
+        FleetStore(tmp_path / "x.sqlite", stale_after_s=0)
+
+
+def test_a_corrupt_file_is_refused_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    path.write_bytes(b"this is not SQLite at all, " * 400)
+    with pytest.raises(sqlite3.DatabaseError) as err:
+        FleetStore(path)
+    assert error_kind(err.value) == "corrupt"
