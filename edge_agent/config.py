@@ -171,6 +171,9 @@ class MqttConfig:
     reconnect_max_s: int = field(default=30, metadata={"doc": "largest MQTT reconnect delay, seconds"})
     keepalive_s: int = field(default=30, metadata={
         "doc": "MQTT keepalive, seconds: the broker shows the device offline after 1.5x this without a packet"})
+    heartbeat_s: float = field(default=5.0, metadata={
+        "doc": "an idle agent republishes its state this often, so the fleet store does not show it stale "
+               "(split-cloud serve --stale-after, default 15 s)"})
     tls_ca: str | None = field(default=None, metadata={"doc": "CA certificate (PEM) the broker's certificate is "
                                                               "checked against ([tls] ca when present)"})
     tls_cert: str | None = field(default=None, metadata={"doc": "this device's certificate ([tls] cert)"})
@@ -203,6 +206,7 @@ class MqttConfig:
         object.__setattr__(self, "reconnect_min_s", _int("reconnect_min_s", self.reconnect_min_s, 1, 3600))
         object.__setattr__(self, "reconnect_max_s", _int("reconnect_max_s", self.reconnect_max_s, 1, 3600))
         object.__setattr__(self, "keepalive_s", _int("keepalive_s", self.keepalive_s, 1, 65535))
+        object.__setattr__(self, "heartbeat_s", _float("heartbeat_s", self.heartbeat_s, 0.0, 86_400.0, lo_open=True))
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ConfigError("reconnect_max_s", f"expected an integer >= reconnect_min_s ({self.reconnect_min_s}), "
                                                  f"got {self.reconnect_max_s}")

@@ -71,7 +71,7 @@ class ControlLink:
             agent.config.device_id, host, port, on_command=self._on_command, telemetry_bound=mqtt.telemetry_bound,
             flush_interval_ms=mqtt.flush_interval_ms, keepalive_s=keepalive_s or mqtt.keepalive_s,
             reconnect_min_s=mqtt.reconnect_min_s, reconnect_max_s=mqtt.reconnect_max_s, label=mqtt.label,
-            tls=tls, i_know_insecure=mqtt.i_know_insecure,
+            heartbeat_s=mqtt.heartbeat_s, tls=tls, i_know_insecure=mqtt.i_know_insecure,
         )
         self.applied: collections.Counter[str] = collections.Counter()  # commands applied, by kind
         self._lock = threading.Lock()

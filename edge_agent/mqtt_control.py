@@ -14,6 +14,7 @@ warning line.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import socket
@@ -80,6 +81,7 @@ class AgentControl:
         reconnect_max_s: int = 30,
         max_queued_messages: int = 1_000,
         label: str | None = None,
+        heartbeat_s: float = 5.0,
         client_id: str | None = None,
         tls: MqttTls | None = None,
         i_know_insecure: bool = False,
@@ -95,6 +97,8 @@ class AgentControl:
         self._on_command = on_command
         self._bound, self._max_batch = telemetry_bound, max_batch
         self._flush_s = flush_interval_ms / 1000.0
+        self._heartbeat_s = heartbeat_s
+        self._last_sent = time.monotonic()  # the last state or telemetry handed to paho
         self._keepalive = keepalive_s
         self._label = label
         self._lock = threading.Lock()
@@ -194,6 +198,7 @@ class AgentControl:
         with self._lock:
             self._state = state
         if self._connected.is_set():
+            self._last_sent = time.monotonic()
             self._client.publish(device_topic(self.device_id, STATE), state.to_json(), qos=1, retain=True)
         # else: on_connect publishes the latest state
 
@@ -223,6 +228,15 @@ class AgentControl:
     def _flush_loop(self) -> None:
         while not self._stop.wait(self._flush_s):
             self._flush_once()
+            if self._connected.is_set() and time.monotonic() - self._last_sent >= self._heartbeat_s:
+                self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        """Republish the current state (retained): an idle device is seen, and the dashboard shows the truth."""
+        with self._lock:
+            state = dataclasses.replace(self._state, ts=time.time())
+        self._last_sent = time.monotonic()
+        self._client.publish(device_topic(self.device_id, STATE), state.to_json(), qos=1, retain=True)
 
     def _flush_once(self) -> None:
         """Publish everything buffered (in batches of max_batch) while connected."""
@@ -235,6 +249,7 @@ class AgentControl:
                                        batch_id=uuid.uuid4().hex)
                 self._dropped = 0
             info = self._client.publish(device_topic(self.device_id, TELEMETRY), batch.to_json(), qos=1)
+            self._last_sent = time.monotonic()
             if info.rc == self._queue_full:
                 # paho's queue is full and it refused the batch: put it back (front) and try on the next tick.
                 # Any other code (no connection: the link dropped since the check above) means paho kept the

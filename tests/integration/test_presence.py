@@ -118,3 +118,37 @@ def test_split_agent_run_with_a_short_mqtt_keepalive_is_shown_offline_when_stopp
         agent.wait(timeout=10)
         ctl.stop()
         store.close()
+
+
+def test_an_idle_agent_heartbeats_and_is_not_shown_stale(
+        controller_tls: MqttTls, mqtt_tls: Callable[[str], MqttTls], pki: CertificateAuthority,
+        tmp_path: Path) -> None:
+    """An agent with nothing to report republishes its state every heartbeat_s, so the store's stale rule
+    (nothing seen for stale_after_s) catches only a device that really went quiet."""
+    from edge_agent.mqtt_control import AgentControl
+    from protos.mqtt import Ack
+
+    store = FleetStore(tmp_path / "fleet.db", stale_after_s=1.5)
+
+    def status(device: str) -> str | None:
+        return next((d["status"] for d in store.fleet() if d["device_id"] == device), None)
+
+    with EmbeddedBroker("127.0.0.1", 0, pki=pki.dir) as embedded:
+        assert embedded.port is not None
+        ctl = FleetController(store, "127.0.0.1", embedded.port, tls=controller_tls).start()
+        devices = {"idle-beating": 0.3, "idle-silent": 3600.0}
+        agents = [AgentControl(d, "127.0.0.1", embedded.port, on_command=lambda c: Ack(c.command_id, True, ""),
+                               heartbeat_s=beat, flush_interval_ms=100, tls=mqtt_tls(d)).start()
+                  for d, beat in devices.items()]
+        try:
+            for agent in agents:
+                agent.publish_state(mode="split", cut="c1")
+            for device in devices:
+                wait_for(lambda d=device: status(d) == "online", f"{device} online")
+            wait_for(lambda: status("idle-silent") == "stale", "the silent idle device shown stale", timeout_s=15.0)
+            assert status("idle-beating") == "online"
+        finally:
+            for agent in agents:
+                agent.close()
+            ctl.stop()
+            store.close()
