@@ -515,18 +515,21 @@ def _time_inside(model: Path, limits: Limits, cgroups: Cgroups, runs: int) -> fl
 
 
 def calibrate(device: str, *, cgroups: Cgroups | None = None, cache: Path | None = None,
-              refresh: bool = False, say: Callable[[str], None] = print) -> Calibration:
+              reference: tuple[str, Path] | None = None, refresh: bool = False,
+              say: Callable[[str], None] = print) -> Calibration:
     """The CPU share that makes the reference run on the emulated `device` at the table's predicted latency.
 
     Method: time the reference here at full speed (host_ms) and take the table's roofline prediction for the
     device's CPU (target_ms = prediction / preset speed); start at share host_ms / target_ms, time the reference
     inside a group at that share and correct the share by measured / target, until within 10% (at most 4
-    tries; the closest is kept). Cached per host for a day.
+    tries; the closest is kept). Cached per host for a day. `reference`: (name, ONNX path) of another model to
+    calibrate with (e.g. the model the device will run) instead of the zoo's mobilenet_v2.
     """
     spec = preset(device)
     cgroups = cgroups or Cgroups.detect()
     cache = cache or _state_dir() / "emulate-calibration.json"
-    key = f"{spec.name}|{host_key()}"
+    ref_name = reference[0] if reference else REFERENCE_MODEL
+    key = f"{spec.name}|{ref_name}|{host_key()}"
     entries: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         entries = json.loads(cache.read_text())
@@ -534,11 +537,11 @@ def calibrate(device: str, *, cgroups: Cgroups | None = None, cache: Path | None
     if hit and not refresh and time.time() - float(hit.get("created", 0)) < CACHE_TTL_S:
         with contextlib.suppress(TypeError, ValueError):
             return Calibration(**hit)
-    model = reference_model(cache.parent / "emulate-reference", say)
+    model = reference[1] if reference else reference_model(cache.parent / "emulate-reference", say)
     target = predicted_ms(model, spec.table) / spec.speed
     host = time_reference(model, runs=20)
     share = min(1.0, max(0.005, host / target))
-    say(f"calibrating {spec.name}: reference {REFERENCE_MODEL} host {host:.1f} ms, target {target:.1f} ms, "
+    say(f"calibrating {spec.name}: reference {ref_name} host {host:.1f} ms, target {target:.1f} ms, "
         f"trying share {share:.3f}")
     runs = max(5, min(15, int(3000 / target)))
     best: tuple[float, float] | None = None  # (share, measured) closest to the target so far
@@ -551,7 +554,7 @@ def calibrate(device: str, *, cgroups: Cgroups | None = None, cache: Path | None
         share = min(1.0, max(0.005, share * measured / target))
     assert best is not None
     share, measured = best
-    result = Calibration(spec.name, round(share, 4), host, target, measured, f"{REFERENCE_MODEL} full fp32")
+    result = Calibration(spec.name, round(share, 4), host, target, measured, f"{ref_name} full fp32")
     entries[key] = result.__dict__
     with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True)
