@@ -164,3 +164,21 @@ def test_link_schedule_parses_and_applies_in_order():
     assert proxy.rates == [18.88, 1.1, 2.0]
     with pytest.raises(ValueError, match="repeat"):
         LinkSchedule(proxy, steps, repeat_s=0.1)
+
+
+def test_demo_says_on_its_first_line_why_devices_run_at_host_speed(tmp_path, monkeypatch):
+    from cloud_tier.lab import demo
+
+    monkeypatch.setenv(emulate.ENV_CGROUP_ROOT, str(tmp_path / "missing"))
+    cgroups, line = demo.emulation_status()
+    assert cgroups is None and line.startswith("devices run at host speed") and "as root" in line
+    assert demo.emulation_status(enabled=False)[1].startswith("devices run at host speed (--no-emulation)")
+
+
+def test_demo_swing_crosses_the_plan_tables_boundary():
+    from cloud_tier.lab.demo import swing_range
+
+    table = [(0.5, "edge-only"), (20.0, "edge-only"), (50.0, "c038"), (100.0, "c021")]
+    assert swing_range(table, 20.0, 2.0) == (200.0, "50 Mbps")
+    assert swing_range(table, 300.0, 2.0) == (300.0, "50 Mbps")
+    assert swing_range([(0.5, "edge-only")], 20.0, 2.0) == (20.0, None)
