@@ -742,6 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device is not None:
             preset(args.device)
         cgroups = Cgroups.detect()
+        EmulatedDevice(Limits(), name="probe", cgroups=cgroups).close()  # can we make groups? before saying more
         limits, how = device_limits(args.device, cpu_share=args.cpu_share, slowdown=args.slowdown, cores=args.cores,
                                     memory_bytes=memory, cpus=cpus, cgroups=cgroups, refresh=args.recalibrate, say=say)
     except EmulationError as exc:

@@ -180,3 +180,34 @@ def test_calibration_finds_the_share_that_gives_the_target_latency(cgroups, tmp_
                             say=lambda _m: None)
     assert 0.08 <= cal.share <= 0.6, cal
     assert "matmul full fp32 at 1 thread" in cal.describe() and (tmp_path / "cal.json").is_file()
+
+
+def test_cli_link_proxy_with_a_schedule_in_front_of_a_target(cgroups):
+    import http.server
+    import threading
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            body = b"hello through the link"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    fetch = ("import os, sys, urllib.request; link = sys.argv[1]; assert link == os.environ['SPLITINFER_EMULATED_LINK']; "
+             "print(urllib.request.urlopen(f'http://{link}/', timeout=30).read().decode())")
+    try:
+        done = subprocess.run([sys.executable, "-m", "cloud_tier.lab.emulate", "--cpu-share", "0.5",
+                               "--link-to", f"127.0.0.1:{server.server_port}", "--link-schedule", "0:3g,600:wifi",
+                               "--", sys.executable, "-c", fetch, "{link}"],
+                              capture_output=True, text=True, timeout=120, env=child_env(), cwd=ROOT)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert "hello through the link" in done.stdout
+    assert "link: link now 3g (up 1.1 / down 4 Mbps, one-way 50 ms)" in done.stderr
