@@ -200,7 +200,8 @@ def test_cli_link_proxy_with_a_schedule_in_front_of_a_target(cgroups):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     fetch = ("import os, sys, urllib.request; link = sys.argv[1]; "
-             "assert link == os.environ['SPLITINFER_EMULATED_LINK']; print(urllib.request.urlopen(f'http://{link}/', timeout=30).read().decode())")
+             "assert link == os.environ['SPLITINFER_EMULATED_LINK']; "
+             "print(urllib.request.urlopen(f'http://{link}/', timeout=30).read().decode())")
     try:
         done = subprocess.run([sys.executable, "-m", "cloud_tier.lab.emulate", "--cpu-share", "0.5",
                                "--link-to", f"127.0.0.1:{server.server_port}", "--link-schedule", "0:3g,600:wifi",
