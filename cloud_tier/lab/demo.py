@@ -191,7 +191,7 @@ def emulation_status(enabled: bool = True) -> tuple[emulate.Cgroups | None, str]
         cgroups = emulate.Cgroups.detect()
         emulate.EmulatedDevice(emulate.Limits(), name="probe", cgroups=cgroups).close()
     except emulate.EmulationError as exc:
-        why = str(exc).removeprefix("split-emulate: ")
+        why = str(exc).removeprefix("split-emulate: ").replace("run split-emulate as", "run split-demo as")
         return None, f"devices run at host speed, not as emulated devices (timings are this host's, not a Pi's): {why}"
     return cgroups, (f"devices run as emulated devices (cgroup {'v2' if cgroups.v2 else 'v1'}): each agent in its "
                      "own cgroup at its label's calibrated CPU share, one core and the device's memory; "
