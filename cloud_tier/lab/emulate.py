@@ -754,6 +754,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = preset(args.device).name if args.device else "custom"
     say(f"device {name}: {limits.describe()}; {how}")
     say(NOT_EMULATED)
+    if limits.cores > 1:
+        say(f"{limits.cores} cores: $OMP_NUM_THREADS and ${ENV_CORES} are {limits.cores}; give onnxruntime as many "
+            f"threads: split-agent config intra_op_threads = {limits.cores}, split-profile --threads {limits.cores}")
     return _run(command, limits, name, cgroups, args, steps, say)
 
 
