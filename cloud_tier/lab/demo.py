@@ -2,10 +2,13 @@
 
 It makes (or reuses) split bundles for two zoo models, starts the cloud node (gRPC tier, embedded MQTT broker,
 fleet store, controller, dashboard), puts a link-emulating proxy in front of the cloud for each simulated device
-(its own uplink rate and delay), and runs one `split-agent run` process per device. One device's uplink swings
-between fast and slow so that it switches cuts; one loses the cloud for a while and comes back. Ctrl-C (or
-`--duration`) stops everything in order. Bundles are made by `split-profile` and agents run as separate
-processes, because the cloud tier never imports the partitioner or the edge agent, as on a real fleet.
+(its own uplink rate and delay), and runs one `split-agent run` process per device, as an emulated device of its
+label (`cloud_tier.lab.emulate`: a cgroup at the preset's calibrated CPU share, one core, its memory), so the
+devices compute at a Pi's speed, not this host's. One device's uplink swings between fast and slow so that it
+switches cuts; one loses the cloud for a while and comes back. Ctrl-C (or `--duration`) stops everything in
+order. Where cgroups cannot be made (not root), the devices run at host speed and the first line says so.
+Bundles are made by `split-profile` and agents run as separate processes, because the cloud tier never imports
+the partitioner or the edge agent, as on a real fleet.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from cloud_tier.lab import emulate
 from cloud_tier.lab.linkproxy import LinkProxy
 from cloud_tier.lab.process import child_env
 from models.manifest import Bundle, BundleError
@@ -39,6 +44,7 @@ class DemoDevice:
     rate: float  # requests per second
     swing_mbps: float | None = None  # alternate the uplink between uplink_mbps and this every `period_s`
     outage: bool = False  # lose the cloud (blackhole, then reset) for part of every `period_s`
+    preset: str = "rpi4"  # the emulated device its label names (cloud_tier.lab.emulate.PRESETS)
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ BUNDLES = (
 )
 
 DEVICES = (
-    DemoDevice("pi-kitchen", "Kitchen Pi 4 (fast Wi-Fi)", "mobilenet_v2-rpi4", 60.0, 100.0, 1.0, rate=4.0),
+    DemoDevice("pi-kitchen", "Kitchen Pi 4 (fast Wi-Fi)", "mobilenet_v2-rpi4", 150.0, 200.0, 1.0, rate=4.0),
     DemoDevice("pi-garage", "Garage Pi 4 (flaky uplink)", "mobilenet_v2-rpi4", 20.0, 50.0, 1.0, rate=4.0,
                swing_mbps=2.0),
     DemoDevice("pi-porch", "Porch Pi 4 (4G)", "vit_tiny-rpi4", 5.85, 20.0, 1.0, rate=4.0),
@@ -97,13 +103,45 @@ def _split_profile(spec: DemoBundle, out: Path) -> None:
         raise RuntimeError(f"split-profile {spec.model} exited with {done.returncode}: {tail}")
 
 
+# The agents' adaptive settings in the demo: probe and decide faster than the agent's defaults (2 s probes, 5 s
+# dwell), so that a swing of the uplink shows as a cut switch within seconds, while you watch.
+AGENT_TOML = """\
+[adaptive]
+enabled = true
+min_dwell_s = 3.0
+probe_interval_s = 0.5
+min_samples = 3
+"""
+
+
+def swing_range(plan_table: Sequence[tuple[float, str]], fast: float, slow: float) -> tuple[float, str | None]:
+    """The fast end of a swing that crosses a cut boundary of `plan_table`, and the boundary it crosses.
+
+    When the plan table gives the same cut at `fast` and `slow`, the fast end is raised to four times the first
+    uplink where the cut changes: the agent's hysteresis must be cleared, and its estimate errs low on a fast link
+    (a small payload's transfer is short against the per-request overhead); (fast, None) when the table has one
+    cut only.
+    """
+    rows = sorted(plan_table)
+
+    def cut_at(mbps: float) -> str:
+        return next((c for m, c in reversed(rows) if m <= mbps), rows[0][1])
+
+    low = cut_at(slow)
+    change = next((m for m, c in rows if m > slow and c != low), None)
+    if change is None:
+        return fast, None
+    return (fast if cut_at(fast) != low and fast >= 4 * change else max(fast, 4 * change)), f"{change:g} Mbps"
+
+
 class _Scenario(threading.Thread):
     """Drives the proxies: bandwidth swings and outages, every `period_s`, until stopped."""
 
     def __init__(self, proxies: Mapping[str, LinkProxy], devices: Sequence[DemoDevice], period_s: float,
-                 say: Callable[[str], None]):
+                 say: Callable[[str], None], fast: Mapping[str, float] | None = None):
         super().__init__(name="demo-scenario", daemon=True)
         self.proxies, self.devices, self.period_s, self.say = proxies, devices, period_s, say
+        self.fast = dict(fast or {})  # device id -> the fast end of its swing (default its uplink_mbps)
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -113,7 +151,7 @@ class _Scenario(threading.Thread):
             for dev in self.devices:
                 proxy = self.proxies[dev.device_id]
                 if dev.swing_mbps is not None:
-                    up = dev.swing_mbps if slow else dev.uplink_mbps
+                    up = dev.swing_mbps if slow else self.fast.get(dev.device_id, dev.uplink_mbps)
                     proxy.set_rates(up, dev.downlink_mbps)
                     self.say(f"{dev.device_id}: uplink now {up:g} Mbps")
                 if dev.outage:
@@ -130,42 +168,116 @@ class _Scenario(threading.Thread):
         self.join(timeout=5)
 
 
-def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, devices: Sequence[DemoDevice] = DEVICES,
-             say: Callable[[str], None] = print) -> int:
-    """Start everything, wait for Ctrl-C or `duration_s`, stop everything; returns the exit status."""
-    from cloud_tier.config import NodeOptions, ServerConfig
-    from cloud_tier.node import CloudNode
+class _DemoNode:
+    """Factory of the demo's cloud node: a CloudNode whose dashboard also shows the demo's own warnings."""
 
+    @staticmethod
+    def make(bundles_dir: Path, workdir: Path, notes: Sequence[str]) -> Any:
+        from cloud_tier.config import NodeOptions, ServerConfig
+        from cloud_tier.node import CloudNode
+
+        class DemoNode(CloudNode):
+            def warnings(self) -> list[str]:
+                return [*super().warnings(), *notes]
+
+        return DemoNode(bundles_dir, ServerConfig(pki_dir=workdir / "pki"), NodeOptions(db_path=workdir / "fleet.db"))
+
+
+def emulation_status(enabled: bool = True) -> tuple[emulate.Cgroups | None, str]:
+    """The cgroups the devices will run in (None: host speed) and the line that says which, and why."""
+    if not enabled:
+        return None, "devices run at host speed (--no-emulation): timings are this host's, not a Pi's"
+    try:
+        cgroups = emulate.Cgroups.detect()
+        emulate.EmulatedDevice(emulate.Limits(), name="probe", cgroups=cgroups).close()
+    except emulate.EmulationError as exc:
+        why = str(exc).removeprefix("split-emulate: ").replace("run split-emulate as", "run split-demo as")
+        return None, f"devices run at host speed, not as emulated devices (timings are this host's, not a Pi's): {why}"
+    return cgroups, (f"devices run as emulated devices (cgroup {'v2' if cgroups.v2 else 'v1'}): each agent in its "
+                     "own cgroup at its label's calibrated CPU share, one core and the device's memory; "
+                     + emulate.NOT_EMULATED)
+
+
+def _device_limits(devices: Sequence[DemoDevice], bundles: Mapping[str, Path], cgroups: emulate.Cgroups,
+                   say: Callable[[str], None], cpu_share: float | None = None) -> dict[str, emulate.Limits]:
+    """Each device's limits: its preset's CPU share (`cpu_share`, or calibrated with the model of the first device
+    of that preset, cached per host), on one core (spread over the host's cores), with the preset's memory."""
+    shares: dict[str, float] = {}
+    limits = {}
+    for i, dev in enumerate(devices):
+        spec = emulate.preset(dev.preset)
+        if cpu_share is not None and spec.name not in shares:
+            say(f"{spec.name}: cpu share {cpu_share:g} set by hand (--cpu-share), not calibrated")
+            shares[spec.name] = cpu_share
+        if spec.name not in shares:
+            model = next(b.model for b in BUNDLES if b.name == dev.bundle)
+            cal = emulate.calibrate(spec.name, cgroups=cgroups, reference=(model, bundles[dev.bundle] / "full.onnx"),
+                                    say=say)
+            say(f"{spec.name}: {cal.describe()}")
+            shares[spec.name] = cal.share
+        limits[dev.device_id] = emulate.Limits(cpu_share=shares[spec.name], cores=1,
+                                               memory_bytes=spec.memory_mb << 20,
+                                               cpus=tuple(emulate.pick_cpus(1, offset=i)))
+    return limits
+
+
+def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, devices: Sequence[DemoDevice] = DEVICES,
+             say: Callable[[str], None] = print, emulation: bool = True, cpu_share: float | None = None) -> int:
+    """Start everything, wait for Ctrl-C or `duration_s`, stop everything; returns the exit status."""
+    cgroups, status_line = emulation_status(emulation)
+    say(status_line)  # the first line: whether the devices are emulated, and why not
     workdir.mkdir(parents=True, exist_ok=True)
     bundles_dir = workdir / "bundles"
     wanted = {d.bundle for d in devices}
-    make_bundles(bundles_dir, say, [b for b in BUNDLES if b.name in wanted])
+    bundles = make_bundles(bundles_dir, say, [b for b in BUNDLES if b.name in wanted])
+    limits = _device_limits(devices, bundles, cgroups, say, cpu_share) if cgroups is not None else {}
+    agent_toml = workdir / "agent.toml"
+    agent_toml.write_text(AGENT_TOML)
+    fast = {}
+    for dev in devices:
+        if dev.swing_mbps is not None:
+            table = Bundle.load(bundles[dev.bundle]).plan_table
+            fast[dev.device_id], boundary = swing_range(table, dev.uplink_mbps, dev.swing_mbps)
+            say(f"{dev.device_id}: uplink swings between {fast[dev.device_id]:g} and {dev.swing_mbps:g} Mbps"
+                + (f" (its plan table changes cut at {boundary})" if boundary else
+                   " (its plan table has one cut: it will not switch)"))
     device_tls = _enroll(workdir / "pki", [d.device_id for d in devices], say)
-    node = CloudNode(bundles_dir, ServerConfig(pki_dir=workdir / "pki"),
-                     NodeOptions(db_path=workdir / "fleet.db")).start()
+    node = _DemoNode.make(bundles_dir, workdir, [] if cgroups is not None else [status_line]).start()
     proxies: dict[str, LinkProxy] = {}
     agents: dict[str, subprocess.Popen] = {}
+    emulated: list[emulate.EmulatedDevice] = []
     scenario = None
+    status = 1
     try:
         for line in node.banner():
             say(line)
         assert node.broker_address is not None  # the control plane is on
         for dev in devices:
-            proxy = LinkProxy(node.server.config.host, node.grpc_port, uplink_mbps=dev.uplink_mbps,
+            proxy = LinkProxy(node.server.config.host, node.grpc_port,
+                              uplink_mbps=fast.get(dev.device_id, dev.uplink_mbps),
                               downlink_mbps=dev.downlink_mbps, delay_ms=dev.one_way_ms)
             proxy.start()
             proxies[dev.device_id] = proxy
             count = int(dev.rate * duration_s) if duration_s else 10**9
             cmd = [sys.executable, "-m", "edge_agent.cli", "run", "--bundle", str(bundles_dir / dev.bundle),
-                   "--cloud", proxy.address, "--device-id", dev.device_id, "--label", dev.label,
+                   "--config", str(agent_toml), "--cloud", proxy.address, "--device-id", dev.device_id,
+                   "--label", dev.label,
                    "--mqtt", node.broker_address, "--adaptive", "--rate", str(dev.rate), "--count", str(count),
                    "--quiet", "--log-level", "ERROR", *device_tls[dev.device_id]]
-            agents[dev.device_id] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                     text=True, start_new_session=True, env=child_env())
-            say(f"agent {dev.device_id}: {dev.bundle}, uplink {dev.uplink_mbps:g} Mbps, one-way delay "
+            popen: Callable[..., subprocess.Popen] = subprocess.Popen
+            where = "at host speed"
+            if cgroups is not None:
+                device = emulate.EmulatedDevice(limits[dev.device_id], name=dev.device_id, cgroups=cgroups)
+                emulated.append(device)
+                popen = device.popen
+                where = f"emulated {emulate.preset(dev.preset).name} ({limits[dev.device_id].describe()})"
+            agents[dev.device_id] = popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          start_new_session=True, env=child_env())
+            say(f"agent {dev.device_id}: {dev.bundle}, {where}, uplink {fast.get(dev.device_id, dev.uplink_mbps):g} "
+                f"Mbps, one-way delay "
                 f"{dev.one_way_ms:g} ms" + (f", swings to {dev.swing_mbps:g} Mbps" if dev.swing_mbps else "")
                 + (", loses the cloud periodically" if dev.outage else ""))
-        scenario = _Scenario(proxies, devices, period_s, say)
+        scenario = _Scenario(proxies, devices, period_s, say, fast)
         scenario.start()
         say("")
         say(f"dashboard: {node.dashboard_url}   (Ctrl-C stops the demo)")
@@ -185,10 +297,13 @@ def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, device
         if scenario is not None:
             scenario.stop()
         status = _stop_agents(agents, say)
+        for device in emulated:
+            device.close()
         for proxy in proxies.values():
             proxy.stop()
         node.stop(grace=5.0)
-        say("stopped: agents, link proxies, cloud tier, broker, dashboard")
+        say("stopped: agents" + (" and their cgroups" if emulated else "")
+            + ", link proxies, cloud tier, broker, dashboard")
     return status
 
 
@@ -238,11 +353,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
     ap.add_argument("--period", type=float, default=40.0, help="seconds of one bandwidth-swing/outage cycle")
     ap.add_argument("--devices", help="comma-separated subset of " + ",".join(d.device_id for d in DEVICES))
+    ap.add_argument("--no-emulation", action="store_true",
+                    help="run the devices at host speed instead of as emulated devices (cgroups)")
+    ap.add_argument("--cpu-share", type=float,
+                    help="every emulated device at this share of a core, instead of its label's calibrated share")
     args = ap.parse_args(argv)
     if args.duration is not None and args.duration <= 0:
         ap.error("--duration must be positive")
     if args.period <= 0:
         ap.error("--period must be positive")
+    if args.cpu_share is not None and not 0.001 <= args.cpu_share <= 1.0:
+        ap.error("--cpu-share must be in [0.001, 1]")
     devices: Sequence[DemoDevice] = DEVICES
     if args.devices:
         names = [n.strip() for n in args.devices.split(",")]
@@ -252,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices = tuple(d for d in DEVICES if d.device_id in names)
     try:
         return run_demo(args.workdir, duration_s=args.duration, period_s=args.period, devices=devices,
-                        say=lambda msg: print(msg, flush=True))
+                        say=lambda msg: print(msg, flush=True), emulation=not args.no_emulation,
+                        cpu_share=args.cpu_share)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"split-demo: error: {exc}", file=sys.stderr)
         return 2
