@@ -8,7 +8,9 @@ exact where static shape inference gives up (dynamic reshapes, attention).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,17 +35,17 @@ class TensorInfo:
     shape: tuple[int, ...]  # at batch 1
     dtype: str  # numpy dtype name
 
-    @property
+    @cached_property
     def numel(self) -> int:
-        """Number of elements at batch 1."""
+        """Number of elements at batch 1 (computed once: the planner asks for it for every candidate cut)."""
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Bytes at batch 1 in the tensor's own dtype."""
         return self.numel * np.dtype(self.dtype).itemsize
 
-    @property
+    @cached_property
     def is_float(self) -> bool:
         """Whether the codec may quantize it (float tensors only; shapes and indices go raw)."""
         return np.dtype(self.dtype).kind == "f"
@@ -75,6 +77,10 @@ class CutGraph:
         """Index of `node` in topological order."""
         return self._position[node]
 
+    def last_position(self, nodes: Iterable[str]) -> int:
+        """The largest topological index among `nodes` (-1 when there are none)."""
+        return max(map(self._position.__getitem__, nodes), default=-1)
+
     def cut_tensors(self, edge_nodes: frozenset[str]) -> tuple[str, ...]:
         """The tensors that cross from the edge side (`edge_nodes` plus the inputs) to the cloud side.
 
@@ -92,7 +98,7 @@ class CutGraph:
                 crossing.append(t.name)
         if not edge_nodes:
             return self.inputs
-        return tuple(sorted(crossing, key=self._tensor_order))
+        return tuple(sorted(crossing, key=self.tensor_order))
 
     def is_closed(self, edge_nodes: frozenset[str]) -> bool:
         """Whether every dynamic predecessor of an edge node is on the edge too (data flows edge -> cloud only)."""
@@ -103,7 +109,8 @@ class CutGraph:
                     return False
         return True
 
-    def _tensor_order(self, name: str) -> tuple[int, str]:
+    def tensor_order(self, name: str) -> tuple[int, str]:
+        """How cut tensors are listed: by their producer's position (model inputs first), then by name."""
         producer = self.tensors[name].producer
         return (-1 if producer is None else self.position(producer), name)
 
