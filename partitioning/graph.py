@@ -164,15 +164,25 @@ def shapes_at_batch_one(model: onnx.ModelProto, names: list[str]) -> dict[str, t
     inferred = onnx.shape_inference.infer_shapes(model)
     elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
     elem_types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.output})
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing and elem_types.get(name):
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_types[name], None))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = make_session(probe.SerializeToString(), options=opts)
+    opts.log_severity_level = 4
+    # A tensor whose type static inference could not tell (e.g. made by an op of a domain onnx does not know)
+    # is tried as float, the usual activation; if onnxruntime disagrees, it is left out as before.
+    for guess in (onnx.TensorProto.FLOAT, None):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        existing = {o.name for o in probe.graph.output}
+        for name in names:
+            elem = elem_types.get(name) or guess
+            if name not in existing and elem:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        try:
+            sess = make_session(probe.SerializeToString(), options=opts)
+            break
+        except Exception:  # noqa: BLE001 - a wrong guess: onnxruntime refuses the declared type; retry without it
+            if guess is None:
+                raise
     feeds = {i.name: sample_input(i.shape, i.type) for i in sess.get_inputs()}
     result = {name: (tuple(int(d) for d in arr.shape), np.asarray(arr).dtype.name) for name, arr in feeds.items()}
     out_names = [o.name for o in sess.get_outputs()]

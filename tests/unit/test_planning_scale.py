@@ -9,6 +9,7 @@ about linearly with the graph (counted calls, never wall-clock).
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -414,3 +415,87 @@ def test_work_grows_about_linearly_and_progress_is_reported(monkeypatch):
         assert mine and mine[-1][0] == mine[-1][1]
         assert [d for d, _ in mine] == sorted(d for d, _ in mine)
     assert len(seen) <= 200  # a bounded number of reports, not one per candidate
+
+
+# -- progress and nodes costed blind ------------------------------------------------------------------------------
+
+
+def test_search_progress_is_said_at_most_once_a_second(monkeypatch):
+    from partitioning import api
+
+    clock = [100.0]
+    monkeypatch.setattr("time.monotonic", lambda: clock[0])
+    said: list[str] = []
+    report = api._every_second(said.append)
+    for step in range(1, 31):  # 30 reports, 0.25 s apart: 7.5 s in all
+        clock[0] += 0.25
+        report("min-cuts", step, 30)
+    assert said == [f"  searching cuts: min-cuts {k}/30" for k in (4, 8, 12, 16, 20, 24, 28)]
+
+
+def unknown_shape_model(path, symbolic: bool):
+    """x -> Conv -> Gelu (com.microsoft: onnx cannot infer it) -> Conv -> Relu -> Conv: no value_info, so static
+    shape inference stops at the Gelu; onnxruntime runs it all."""
+    np = pytest.importorskip("numpy")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+               for n, s in (("w1", (8, 3, 3, 3)), ("w2", (8, 8, 3, 3)), ("w3", (4, 8, 1, 1)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Gelu", ["a"], ["b"], name="gelu", domain="com.microsoft"),
+        helper.make_node("Conv", ["b", "w2"], ["c"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["d"], name="relu"),
+        helper.make_node("Conv", ["d", "w3"], ["y"], name="conv3"),
+    ]
+    dims = ["N", 3, "H", "W"] if symbolic else ["N", 3, 16, 16]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "h", "w"])], weights)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.needs_profile
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_nodes_of_unknown_work_are_counted_and_said(tmp_path, capsys, symbolic):
+    from models.manifest import PlanDocument
+    from partitioning.cli import main
+
+    path = unknown_shape_model(tmp_path / "m.onnx", symbolic)
+    shape = ["--input-shape", "1x3x16x16"] if symbolic else []
+    assert main([str(path), "--device", "rpi4", "--cloud", "t4", "--json", *shape]) == 0
+    out, err = capsys.readouterr()
+    # conv1 is known; gelu, conv2 and conv3 are not (relu is fused into conv2 by the runtime: 0 either way)
+    lines = [line for line in err.splitlines() if "could not determine" in line]
+    assert len(lines) == 1 and lines[0].startswith("split-profile: warning: 3 of 5 nodes"), err
+    assert "gelu (Gelu)" in lines[0] and "conv2 (Conv)" in lines[0]
+    doc = json.loads(out)
+    assert doc["model"]["uncosted_nodes"] == {"count": 3, "examples": ["gelu", "conv2", "conv3"]}
+    assert PlanDocument.from_json(doc).model.uncosted_nodes.count == 3
+
+
+@pytest.mark.needs_profile
+def test_a_fully_known_graph_says_nothing_and_measured_costs_record_nothing(capsys):
+    from partitioning.cli import main
+
+    assert main(["tiny_cnn", "--device", "rpi4", "--cloud", "t4", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "could not determine" not in err
+    assert json.loads(out)["model"]["uncosted_nodes"] == {"count": 0, "examples": []}
+
+
+def test_plan_json_without_uncosted_nodes_still_loads():
+    from models.plandoc import ModelRecord, TensorSpec, UncostedNodes
+
+    record = ModelRecord("m", "m.onnx", "onnx", "a" * 64, "b" * 64, "classification",
+                         (TensorSpec("x", (None, 3), "float32"),), (TensorSpec("y", (None, 2), "float32"),), 5)
+    old = record.to_json()
+    assert "uncosted_nodes" not in old  # not checked: not written, as before
+    assert ModelRecord.from_json(old) == record
+    marked = replace(record, uncosted_nodes=UncostedNodes(3, ("a", "b")))
+    assert ModelRecord.from_json(json.loads(json.dumps(marked.to_json()))) == marked
