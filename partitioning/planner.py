@@ -52,6 +52,12 @@ chosen cut is therefore the global optimum (with U or R, the optimum of that per
 better cut found among the prefixes); with budgets it is the best
 feasible cut among these (which include the optimum whenever that is feasible, and the Lagrangian points of
 the latency/energy trade-off otherwise).
+
+Speed (the numbers are those of the formula above, bit for bit; tests/unit/test_planning_scale.py checks it
+against the straightforward computation): tensor sizes are computed once; a candidate's compute and memory,
+which do not depend on the link, are simulated once and only transfer, energy and total are redone at each
+plan-table rate; the prefixes' cut tensors and peak memory come from one sweep along the topological order;
+each distinct min-cut weighting is solved once, starting from the previous one's flow.
 """
 
 from __future__ import annotations
