@@ -101,6 +101,27 @@ def _present(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class UncostedNodes:
+    """plan.json `model.uncosted_nodes`: how many nodes' work could not be determined, and a few of them."""
+
+    count: int
+    examples: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan.json form."""
+        return {"count": self.count, "examples": list(self.examples)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> UncostedNodes:
+        """Parse the plan.json form."""
+        kw = _fields(cls, obj, "model.uncosted_nodes", ("count",))
+        try:
+            return cls(int(kw["count"]), tuple(str(e) for e in kw.get("examples", ())))
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"model.uncosted_nodes: expected {{count, examples}}, got {obj!r}") from exc
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     """plan.json `model`: what was planned, where it came from, its inputs and outputs."""
 
@@ -113,19 +134,26 @@ class ModelRecord:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     nodes: int
+    # nodes costed without knowing their work (estimated costs only); absent from older plan.json files
+    uncosted_nodes: UncostedNodes | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The plan.json form."""
-        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "uncosted_nodes"}
         doc.update(inputs=[s.to_json() for s in self.inputs], outputs=[s.to_json() for s in self.outputs])
+        if self.uncosted_nodes is not None:
+            doc["uncosted_nodes"] = self.uncosted_nodes.to_json()
         return doc
 
     @classmethod
     def from_json(cls, obj: Any) -> ModelRecord:
         """Parse the plan.json form."""
-        kw = _fields(cls, obj, "model", tuple(f.name for f in dataclasses.fields(cls)))
+        required = tuple(f.name for f in dataclasses.fields(cls) if f.name != "uncosted_nodes")
+        kw = _fields(cls, obj, "model", required)
         kw["inputs"] = tuple(TensorSpec.from_json(t, "model.inputs") for t in kw["inputs"])
         kw["outputs"] = tuple(TensorSpec.from_json(t, "model.outputs") for t in kw["outputs"])
+        if kw.get("uncosted_nodes") is not None:
+            kw["uncosted_nodes"] = UncostedNodes.from_json(kw["uncosted_nodes"])
         return cls(**kw)
 
 

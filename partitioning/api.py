@@ -25,9 +25,10 @@ from models.manifest import (
     SideRecord,
     sha256_file,
 )
+from models.plandoc import UncostedNodes
 from partitioning.costtypes import NodeCosts
 from partitioning.options import ProfileOptions
-from partitioning.planner import CostInputs, Link, Plan, plan_cuts
+from partitioning.planner import CostInputs, Link, Plan, SearchProgress, plan_cuts
 from partitioning.refine import Refiner, RefineTarget
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,13 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
             cloud_reorder_out_ms=dict(cloud_nc.reorder_out_ms),
             edge_active_w=active_w, edge_idle_w=idle_w, codec=opts.codec,
         )
+        uncosted = _uncosted(graph, proto, (edge_nc, cloud_nc))
+        if uncosted is not None and uncosted.count:
+            msg = _uncosted_warning(uncosted, graph)
+            warnings.warn(msg, stacklevel=2)
+            notes.append(msg)
         say(f"searching cuts over {len(graph.nodes)} nodes")
-        plan = plan_cuts(graph, costs, link, budgets, opts.plan_table_mbps)
+        plan = plan_cuts(graph, costs, link, budgets, opts.plan_table_mbps, progress=_every_second(say))
         if not opts.both_local:
             refined = Refinement.skipped("edge and cloud are not both measured on this host")
         elif opts.refine == 0:
@@ -177,7 +183,7 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
                                   opts.measure_seconds, opts.threads, opts.cloud_measure_threads, say)
             plan, refined = (refiner or Refiner()).refine(plan, target, opts.refine)
         model_rec = ModelRecord(loaded.name, loaded.source, loaded.format, loaded.sha256, onnx_sha, loaded.task,
-                                loaded.inputs, loaded.outputs, len(graph.nodes))
+                                loaded.inputs, loaded.outputs, len(graph.nodes), uncosted)
         document = plan_document(plan, model_rec, device_rec, cloud_rec, net, opts.codec, refined)
         result = ProfileResult(plan, document, None, tuple(notes))
         if not plan.feasible:
@@ -185,6 +191,50 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
         if opts.out is None:
             return result
         return _export(opts, loaded, proto, graph, plan, document, notes, say)
+
+
+UNCOSTED_EXAMPLES = 5
+
+
+def _uncosted(graph: Any, proto: Any, sides: tuple[NodeCosts, ...]) -> UncostedNodes | None:
+    """The graph's nodes that an estimated side costed without knowing their work; None when no side estimates."""
+    from partitioning.estimate import uncosted_nodes
+    from partitioning.flops import node_stats, runtime_free_nodes
+
+    estimated = [nc for nc in sides if nc.kind == "estimated"]
+    if not estimated:
+        return None
+    names: set[str] = set()
+    for nc in estimated:
+        if nc.uncosted is None:  # e.g. a saved profile's fitted rates: check the shapes here
+            nc = replace(nc, uncosted=uncosted_nodes(node_stats(proto), runtime_free_nodes(proto)))
+        names.update(nc.uncosted or ())
+    found = [v for v in graph.nodes if v in names]
+    return UncostedNodes(len(found), tuple(found[:UNCOSTED_EXAMPLES]))
+
+
+def _uncosted_warning(uncosted: UncostedNodes, graph: Any) -> str:
+    """One line: how many nodes were costed blind, a few of them, and what to do."""
+    examples = ", ".join(f"{v} ({graph.node_ops.get(v, '?')})" for v in uncosted.examples)
+    more = ", ..." if uncosted.count > len(uncosted.examples) else ""
+    return (f"{uncosted.count} of {len(graph.nodes)} nodes have shapes that shape inference could not determine, "
+            f"so their estimated time leaves out their work (e.g. {examples}{more}); the plan underestimates them. "
+            "An ONNX or .pt2 export with static shapes avoids this")
+
+
+def _every_second(say: Progress, interval_s: float = 1.0) -> SearchProgress:
+    """A planner progress callback that says how far the search is at most once per `interval_s`."""
+    import time
+
+    last = [time.monotonic()]
+
+    def report(what: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= interval_s:
+            last[0] = now
+            say(f"  searching cuts: {what} {done}/{total}")
+
+    return report
 
 
 def _save_profile(path: Path, costs: NodeCosts, sha: str, threads: int | None) -> None:

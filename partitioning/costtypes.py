@@ -62,6 +62,9 @@ class NodeCosts:
     # measured only: the part of a node's time that was a layout conversion back from the blocked layout
     # (onnxruntime's ReorderOutput, charged to the node whose output it writes); included in per_node_ms
     reorder_out_ms: Mapping[str, float] = field(default_factory=dict)
+    # estimated only: nodes whose work could not be determined (a shape static inference could not tell), so
+    # their time is a guess (launch overhead, bytes of the known tensors); None when not checked (measured)
+    uncosted: tuple[str, ...] | None = None
 
     def total_ms(self, nodes: Iterable[str] | None = None) -> float:
         """Overhead plus the sum over `nodes` (all nodes when None)."""

@@ -7,11 +7,12 @@ achieved (`partitioning.device_profile.MeasuredDeviceProfile`). Needs onnx (shap
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from partitioning.costtypes import BoundaryRates, NodeCosts, check_precision
 from partitioning.devices import DeviceProfile, GpuProfile
-from partitioning.flops import VIEW_OPS, node_stats, runtime_free_nodes
+from partitioning.flops import VIEW_OPS, NodeStats, node_stats, runtime_free_nodes
 
 if TYPE_CHECKING:
     import onnx
@@ -31,6 +32,21 @@ def roofline(
     model: onnx.ModelProto, gflops: float, gbps: float, launch_ms: float, byte_scale: float = 1.0
 ) -> tuple[dict[str, float], int]:
     """Per-node ms by the roofline below; nodes the runtime folds or fuses away cost 0. Also their count."""
+    per_node, free, _ = _roofline(model, gflops, gbps, launch_ms, byte_scale)
+    return per_node, free
+
+
+def uncosted_nodes(stats: dict[str, NodeStats], free: Iterable[str] = ()) -> tuple[str, ...]:
+    """Nodes whose work the roofline cannot determine: a shape is unknown, and the node is not folded or fused
+    away by the runtime nor a view op (which costs its launch whatever its shapes)."""
+    skip = set(free)
+    return tuple(n for n, s in stats.items() if not s.shapes_known and n not in skip and s.op_type not in VIEW_OPS)
+
+
+def _roofline(
+    model: onnx.ModelProto, gflops: float, gbps: float, launch_ms: float, byte_scale: float = 1.0
+) -> tuple[dict[str, float], int, tuple[str, ...]]:
+    """`roofline` and the nodes it could not cost (`uncosted_nodes`)."""
     stats = node_stats(model)
     free = runtime_free_nodes(model)
     per_node = {}
@@ -42,7 +58,7 @@ def roofline(
         # time_ms = max(FLOPs / (GFLOP/s * 1e6), bytes / (GB/s * 1e6)) + launch_ms
         #   (1 GFLOP/s = 1e6 FLOP per ms; the effective rates already include the efficiency factors)
         per_node[name] = max(s.flops / (gflops * 1e6), moved / (gbps * 1e6)) + launch_ms
-    return per_node, len(free)
+    return per_node, len(free), uncosted_nodes(stats, free)
 
 
 def estimate_node_costs(
@@ -58,7 +74,7 @@ def estimate_node_costs(
     # Effective rates: peak at this precision x achieved fraction (compute for FLOPs, memory for bytes).
     gflops = device.peak_gflops(precision) * device.compute_efficiency
     gbps = device.memory_gbps * device.memory_efficiency
-    per_node, free = roofline(model, gflops, gbps, device.launch_overhead_ms, PRECISION_BYTES[precision])
+    per_node, free, unknown = _roofline(model, gflops, gbps, device.launch_overhead_ms, PRECISION_BYTES[precision])
     overhead = 10.0 * device.launch_overhead_ms
     source = (
         f"estimated for {device.name} from its device table at {precision}: roofline per node, "
@@ -67,4 +83,5 @@ def estimate_node_costs(
         f"{device.memory_gbps:g} GB/s x {device.memory_efficiency}); {free} nodes constant-folded or fused "
         f"(0 ms); session overhead ~10 launches (approximate)"
     )
-    return NodeCosts(per_node, overhead, "estimated", source, boundary=BoundaryRates(device.launch_overhead_ms, gbps))
+    return NodeCosts(per_node, overhead, "estimated", source, boundary=BoundaryRates(device.launch_overhead_ms, gbps),
+                     uncosted=unknown)

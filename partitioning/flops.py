@@ -84,6 +84,11 @@ def op_class(op_type: str) -> str:
     return "compute" if base_op(op_type) in COMPUTE_OPS else "memory"
 
 
+def shape_known(shape: Shape) -> bool:
+    """Whether every dimension of `shape` is known."""
+    return shape is not None and all(d is not None and d >= 0 for d in shape)
+
+
 def numel(shape: Shape) -> int:
     """Element count of a shape; 0 when the shape or any dimension is unknown."""
     if shape is None or any(d is None or d < 0 for d in shape):
@@ -151,6 +156,7 @@ class NodeStats:
     bytes_out: int
     weight_bytes: int
     op_class: str
+    shapes_known: bool = True  # False: an input or output shape could not be inferred, so the work above is a guess
 
     @property
     def bytes_total(self) -> int:
@@ -232,6 +238,7 @@ def node_stats(model: onnx.ModelProto) -> dict[str, NodeStats]:
             bytes_out=sum(nbytes(o) for o in outs),
             weight_bytes=sum(nbytes(i) for i in ins if i in constants),
             op_class=op_class(node.op_type),
+            shapes_known=all(map(shape_known, (*in_shapes, *out_shapes))),
         )
     return stats
 

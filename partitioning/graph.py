@@ -8,7 +8,9 @@ exact where static shape inference gives up (dynamic reshapes, attention).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,17 +35,17 @@ class TensorInfo:
     shape: tuple[int, ...]  # at batch 1
     dtype: str  # numpy dtype name
 
-    @property
+    @cached_property
     def numel(self) -> int:
-        """Number of elements at batch 1."""
+        """Number of elements at batch 1 (computed once: the planner asks for it for every candidate cut)."""
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Bytes at batch 1 in the tensor's own dtype."""
         return self.numel * np.dtype(self.dtype).itemsize
 
-    @property
+    @cached_property
     def is_float(self) -> bool:
         """Whether the codec may quantize it (float tensors only; shapes and indices go raw)."""
         return np.dtype(self.dtype).kind == "f"
@@ -75,6 +77,10 @@ class CutGraph:
         """Index of `node` in topological order."""
         return self._position[node]
 
+    def last_position(self, nodes: Iterable[str]) -> int:
+        """The largest topological index among `nodes` (-1 when there are none)."""
+        return max(map(self._position.__getitem__, nodes), default=-1)
+
     def cut_tensors(self, edge_nodes: frozenset[str]) -> tuple[str, ...]:
         """The tensors that cross from the edge side (`edge_nodes` plus the inputs) to the cloud side.
 
@@ -92,7 +98,7 @@ class CutGraph:
                 crossing.append(t.name)
         if not edge_nodes:
             return self.inputs
-        return tuple(sorted(crossing, key=self._tensor_order))
+        return tuple(sorted(crossing, key=self.tensor_order))
 
     def is_closed(self, edge_nodes: frozenset[str]) -> bool:
         """Whether every dynamic predecessor of an edge node is on the edge too (data flows edge -> cloud only)."""
@@ -103,7 +109,8 @@ class CutGraph:
                     return False
         return True
 
-    def _tensor_order(self, name: str) -> tuple[int, str]:
+    def tensor_order(self, name: str) -> tuple[int, str]:
+        """How cut tensors are listed: by their producer's position (model inputs first), then by name."""
         producer = self.tensors[name].producer
         return (-1 if producer is None else self.position(producer), name)
 
@@ -157,15 +164,25 @@ def shapes_at_batch_one(model: onnx.ModelProto, names: list[str]) -> dict[str, t
     inferred = onnx.shape_inference.infer_shapes(model)
     elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
     elem_types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.output})
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing and elem_types.get(name):
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_types[name], None))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = make_session(probe.SerializeToString(), options=opts)
+    opts.log_severity_level = 4
+    # A tensor whose type static inference could not tell (e.g. made by an op of a domain onnx does not know)
+    # is tried as float, the usual activation; if onnxruntime disagrees, it is left out as before.
+    for guess in (onnx.TensorProto.FLOAT, None):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        existing = {o.name for o in probe.graph.output}
+        for name in names:
+            elem = elem_types.get(name) or guess
+            if name not in existing and elem:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        try:
+            sess = make_session(probe.SerializeToString(), options=opts)
+            break
+        except Exception:  # noqa: BLE001 - a wrong guess: onnxruntime refuses the declared type; retry without it
+            if guess is None:
+                raise
     feeds = {i.name: sample_input(i.shape, i.type) for i in sess.get_inputs()}
     result = {name: (tuple(int(d) for d in arr.shape), np.asarray(arr).dtype.name) for name, arr in feeds.items()}
     out_names = [o.name for o in sess.get_outputs()]

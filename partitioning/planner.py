@@ -52,11 +52,19 @@ chosen cut is therefore the global optimum (with U or R, the optimum of that per
 better cut found among the prefixes); with budgets it is the best
 feasible cut among these (which include the optimum whenever that is feasible, and the Lagrangian points of
 the latency/energy trade-off otherwise).
+
+Speed (the numbers are those of the formula above, bit for bit; tests/unit/test_planning_scale.py checks it
+against the straightforward computation): tensor sizes are computed once; a candidate's compute and memory,
+which do not depend on the link, are simulated once and only transfer, energy and total are redone at each
+plan-table rate; the prefixes' cut tensors and peak memory come from one sweep along the topological order;
+each distinct min-cut weighting is solved once, starting from the previous one's flow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -74,6 +82,8 @@ BLOCKED_LAYOUT_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "GlobalMaxPool
 CODEC_ITEMSIZE = dict(zip(CODECS, (4, 2, 1, 1)))  # bytes per float element on the wire under each codec
 MSG_OVERHEAD_BYTES = 64  # request framing: ids, model, cut, timestamps
 TENSOR_OVERHEAD_BYTES = 32  # per tensor: name, dtype, shape, quantization parameters
+# progress of a long search: (what, done, total), e.g. ("min-cuts", 3, 61) or ("simulating", 500, 1200)
+SearchProgress = Callable[[str, int, int], None]
 PLAN_TABLE_MBPS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 
 
@@ -214,10 +224,6 @@ def wire_bytes(graph: CutGraph, tensor: str, codec: str) -> int:
     return TENSOR_OVERHEAD_BYTES + payload
 
 
-def _upload_bytes(graph: CutGraph, cut: Iterable[str], codec: str) -> int:
-    return MSG_OVERHEAD_BYTES + sum(wire_bytes(graph, t, codec) for t in cut)
-
-
 def _download_bytes(graph: CutGraph) -> int:
     return MSG_OVERHEAD_BYTES + sum(TENSOR_OVERHEAD_BYTES + graph.tensors[t].nbytes for t in graph.outputs)
 
@@ -307,6 +313,186 @@ def boundary_ms(
             _cloud_extra(graph, cut, costs, cloud_side) - _moved_reorders(graph, cut, costs, cloud_side))
 
 
+class _Sums:
+    """Per-node and per-tensor numbers looked up once per planning run.
+
+    The float sums add the same numbers in the same order as the straightforward formula (over the edge set
+    as iterated, and over the cloud nodes in topological order), so every candidate's numbers are bit for
+    bit those of `evaluate_cut` on its own; only integer sums (bytes) use prefix sums.
+    """
+
+    def __init__(self, graph: CutGraph, costs: CostInputs) -> None:
+        self.graph, self.codec = graph, costs.codec
+        self._edge_get = costs.edge_ms.get
+        self._cloud = [costs.cloud_ms.get(v, 0.0) for v in graph.nodes]
+        self._cloud_of = dict(zip(graph.nodes, self._cloud))
+        self._wire: dict[str, int] = {}
+        self._weight_prefix: list[int] | None = None
+        self.down_bytes = _download_bytes(graph)
+
+    def edge(self, edge_nodes: frozenset[str]) -> float:
+        """sum of e(v) over `edge_nodes`, in the set's own iteration order."""
+        get = self._edge_get
+        return sum([get(v, 0.0) for v in edge_nodes])
+
+    def cloud(self, edge_nodes: frozenset[str], prefix: int | None) -> float:
+        """sum of c(v) over the nodes not in `edge_nodes`, in topological order."""
+        if prefix is not None:
+            return sum(self._cloud[prefix:])
+        return sum([c for v, c in self._cloud_of.items() if v not in edge_nodes])
+
+    def weights(self, edge_nodes: frozenset[str], prefix: int | None) -> int:
+        """fp32 weight bytes of `edge_nodes`."""
+        if prefix is None:
+            return sum(self.graph.node_weight_bytes[v] for v in edge_nodes)
+        if self._weight_prefix is None:
+            self._weight_prefix = [0, *itertools.accumulate(self.graph.node_weight_bytes[v] for v in self.graph.nodes)]
+        return self._weight_prefix[prefix]
+
+    def wire(self, tensor: str) -> int:
+        """`wire_bytes` of `tensor` under the plan's codec."""
+        got = self._wire.get(tensor)
+        if got is None:
+            got = self._wire[tensor] = wire_bytes(self.graph, tensor, self.codec)
+        return got
+
+
+class _Prefixes:
+    """Cut tensors and peak activation memory of the topological prefixes, each in one sweep over the graph.
+
+    Prefix k (the first k nodes on the edge) is cut by tensor t for k in [b(t), end(t)]: b(t) = 0 for a model
+    input, else its producer's position + 1; end(t) = the last reader's position, or n for a model output
+    made by a node. While a prefix's head runs, the live tensors after each node are those of the full
+    model's run with the model outputs held (a tensor a later node reads is either still to be read in the
+    head or crosses the cut, held either way), so its peak is the running maximum of that one run.
+    """
+
+    def __init__(self, graph: CutGraph) -> None:
+        self.graph = graph
+        self._peaks: list[int] | None = None
+
+    def cuts(self, sizes: Iterable[int]) -> dict[int, tuple[str, ...]]:
+        """The cut tensors of prefix k for each k in `sizes` (1 <= k <= n), as `CutGraph.cut_tensors` lists them."""
+        graph, n = self.graph, len(self.graph.nodes)
+        wanted = set(sizes)
+        outputs = set(graph.outputs)
+        rank = {t: i for i, t in enumerate(sorted(graph.tensors, key=graph.tensor_order))}
+        born: dict[int, list[str]] = {}
+        dies: dict[int, list[str]] = {}
+        for name, info in graph.tensors.items():
+            start = 0 if info.producer is None else graph.position(info.producer) + 1
+            end = max((graph.position(c) for c in info.consumers), default=-1)
+            if name in outputs and info.producer is not None:
+                end = n
+            if end >= max(start, 1):
+                born.setdefault(start, []).append(name)
+                dies.setdefault(end + 1, []).append(name)
+        live: set[str] = set(born.get(0, ()))
+        found = {}
+        for k in range(1, max(wanted, default=0) + 1):
+            live.update(born.get(k, ()))
+            live.difference_update(dies.get(k, ()))
+            if k in wanted:
+                found[k] = tuple(sorted(live, key=rank.__getitem__))
+        return found
+
+    def peak(self, k: int) -> int:
+        """`peak_activation_bytes` of prefix k (k >= 1), for a graph whose lists agree (`_consistent`)."""
+        if self._peaks is None:
+            self._peaks = self._running_peaks()
+        return self._peaks[k - 1]
+
+    def _running_peaks(self) -> list[int]:
+        graph = self.graph
+        keep = set(graph.inputs) | {t for t in graph.outputs if t in graph.tensors
+                                    and graph.tensors[t].producer is not None}
+        remaining = {t: len(info.consumers) for t, info in graph.tensors.items()}
+        size = {t: info.nbytes for t, info in graph.tensors.items()}
+        live = sum(size[t] for t in graph.inputs)
+        peak, peaks = live, []
+        for node in graph.nodes:
+            made = graph.node_outputs[node]
+            live += sum(size[t] for t in made)
+            peak = max(peak, live)
+            peaks.append(peak)
+            for t in graph.node_inputs[node]:
+                remaining[t] -= 1
+                if remaining[t] == 0 and t not in keep:
+                    live -= size[t]
+            for t in made:
+                if remaining.get(t, 0) == 0 and t not in keep:
+                    live -= size[t]
+        return peaks
+
+
+def _consistent(graph: CutGraph) -> bool:
+    """Whether each tensor's readers are exactly the nodes listing it as an input (once each): `_Prefixes` needs it."""
+    reads = Counter((t, v) for v in graph.nodes for t in graph.node_inputs[v])
+    listed = Counter((t, c) for t, info in graph.tensors.items() for c in info.consumers)
+    return reads == listed
+
+
+@dataclass(frozen=True)
+class _LinkFree:
+    """What a cut costs apart from the link: everything but transfer, energy, total and the budgets."""
+
+    cut: tuple[str, ...]
+    edge_nodes: frozenset[str]
+    all_edge: bool
+    edge_ms: float
+    cloud_ms: float
+    up_bytes: int
+    down_bytes: int
+    memory: int
+    predicted: Mapping[str, Any]
+
+
+def _link_free(
+    graph: CutGraph,
+    edge_nodes: frozenset[str],
+    costs: CostInputs,
+    measured: tuple[float, float] | None,
+    cut: tuple[str, ...],
+    peak: Callable[[], int],
+    sums: _Sums,
+    prefix: int | None = None,
+) -> _LinkFree:
+    """The link-independent part of `evaluate_cut` (`peak` is called only for a non-empty edge set).
+
+    `prefix`: k when `edge_nodes` are the first k nodes in topological order (their sums are looked up).
+    """
+    all_edge = len(edge_nodes) == len(graph.nodes)
+    edge_ms = costs.edge_overhead_ms + sums.edge(edge_nodes) if edge_nodes else 0.0
+    if all_edge:
+        up, cloud_ms = 0, 0.0
+    else:
+        up = MSG_OVERHEAD_BYTES + sum(sums.wire(t) for t in cut)
+        cloud_ms = costs.cloud_overhead_ms + sums.cloud(edge_nodes, prefix)
+        if edge_nodes:
+            b_edge, b_cloud = boundary_ms(graph, edge_nodes, cut, costs)
+            edge_ms, cloud_ms = edge_ms + b_edge, cloud_ms + b_cloud
+    predicted: dict[str, Any] = {}
+    if measured is not None:
+        predicted = {"measured": True, "predicted_edge_ms": edge_ms, "predicted_cloud_ms": cloud_ms}
+        edge_ms, cloud_ms = (float(ms) for ms in measured)
+    weights = sums.weights(edge_nodes, prefix)
+    if costs.head_precision == "int8":
+        weights //= 4
+    memory = weights + peak() if edge_nodes else 0
+    return _LinkFree(cut, edge_nodes, all_edge, edge_ms, cloud_ms, up, sums.down_bytes, memory, predicted)
+
+
+def _at_link(base: _LinkFree, costs: CostInputs, link: Link, budgets: Budgets, cut_id: str) -> Candidate:
+    """The candidate of `base` on `link`: transfer, energy, total, and the budgets checked."""
+    up, edge_ms, cloud_ms = base.up_bytes, base.edge_ms, base.cloud_ms
+    t_ms = 0.0 if base.all_edge else transfer_ms(up, base.down_bytes, link)
+    energy = costs.edge_active_w * edge_ms + costs.edge_idle_w * (t_ms + cloud_ms) + link.tx_nj_per_byte * up * 1e-6
+    total = edge_ms + t_ms + cloud_ms
+    violations = _violations(total, base.memory, energy, budgets)
+    return Candidate(cut_id, base.cut, base.edge_nodes, edge_ms, up, t_ms, cloud_ms, total, base.memory, energy,
+                     not violations, violations, **base.predicted)
+
+
 def evaluate_cut(
     graph: CutGraph,
     edge_nodes: frozenset[str],
@@ -320,43 +506,21 @@ def evaluate_cut(
 
     `measured` (edge_ms, cloud_ms), when given, replaces the two per-node sums (a timed head and tail).
     """
-    all_edge = len(edge_nodes) == len(graph.nodes)
     cut = graph.cut_tensors(edge_nodes)
-    edge_ms = costs.edge_overhead_ms + sum(costs.edge_ms.get(v, 0.0) for v in edge_nodes) if edge_nodes else 0.0
-    if all_edge:
-        up, t_ms, cloud_ms = 0, 0.0, 0.0
-    else:
-        up = _upload_bytes(graph, cut, costs.codec)
-        t_ms = transfer_ms(up, _download_bytes(graph), link)
-        cloud_ms = costs.cloud_overhead_ms + sum(costs.cloud_ms.get(v, 0.0) for v in graph.nodes if v not in edge_nodes)
-        if edge_nodes:
-            b_edge, b_cloud = boundary_ms(graph, edge_nodes, cut, costs)
-            edge_ms, cloud_ms = edge_ms + b_edge, cloud_ms + b_cloud
-    predicted: dict[str, Any] = {}
-    if measured is not None:
-        predicted = {"measured": True, "predicted_edge_ms": edge_ms, "predicted_cloud_ms": cloud_ms}
-        edge_ms, cloud_ms = (float(ms) for ms in measured)
-    weights = sum(graph.node_weight_bytes[v] for v in edge_nodes)
-    if costs.head_precision == "int8":
-        weights //= 4
-    memory = weights + peak_activation_bytes(graph, edge_nodes, cut) if edge_nodes else 0
-    energy = costs.edge_active_w * edge_ms + costs.edge_idle_w * (t_ms + cloud_ms) + link.tx_nj_per_byte * up * 1e-6
-    cand = Candidate(cut_id, cut, edge_nodes, edge_ms, up, t_ms, cloud_ms, edge_ms + t_ms + cloud_ms, memory, energy,
-                     **predicted)
-    return replace(cand, **_check_budgets(cand, budgets))
+    base = _link_free(graph, edge_nodes, costs, measured, cut,
+                      lambda: peak_activation_bytes(graph, edge_nodes, cut), _Sums(graph, costs))
+    return _at_link(base, costs, link, budgets, cut_id)
 
 
-def _check_budgets(cand: Candidate, budgets: Budgets) -> dict:
+def _violations(total_ms: float, memory: int, energy_mj: float, budgets: Budgets) -> tuple[str, ...]:
     violations = []
-    if budgets.max_latency_ms is not None and cand.total_ms > budgets.max_latency_ms:
-        violations.append(f"latency {cand.total_ms:.1f} ms > budget {budgets.max_latency_ms:g} ms")
-    if budgets.edge_memory_mb is not None and cand.edge_memory_bytes > budgets.edge_memory_mb * 2**20:
-        violations.append(
-            f"edge memory {cand.edge_memory_bytes / 2**20:.1f} MB > budget {budgets.edge_memory_mb:g} MB"
-        )
-    if budgets.max_energy_mj is not None and cand.energy_mj > budgets.max_energy_mj:
-        violations.append(f"energy {cand.energy_mj:.1f} mJ > budget {budgets.max_energy_mj:g} mJ")
-    return {"feasible": not violations, "violations": tuple(violations)}
+    if budgets.max_latency_ms is not None and total_ms > budgets.max_latency_ms:
+        violations.append(f"latency {total_ms:.1f} ms > budget {budgets.max_latency_ms:g} ms")
+    if budgets.edge_memory_mb is not None and memory > budgets.edge_memory_mb * 2**20:
+        violations.append(f"edge memory {memory / 2**20:.1f} MB > budget {budgets.edge_memory_mb:g} MB")
+    if budgets.max_energy_mj is not None and energy_mj > budgets.max_energy_mj:
+        violations.append(f"energy {energy_mj:.1f} mJ > budget {budgets.max_energy_mj:g} mJ")
+    return tuple(violations)
 
 
 def _overshoot(cand: Candidate, budgets: Budgets) -> float:
@@ -380,64 +544,224 @@ def min_cut_edge_set(
     Model outputs must be made in the cloud here (the edge-only baseline is evaluated separately), so at
     least the output producers are on the sink side.
     """
-    import networkx as nx  # lazily: only the profile extra needs it
+    net = _MinCut(graph)
+    return net.solve(net.capacities(node_edge_w, node_cloud_w, tensor_w))
 
-    inf = float("inf")
-    scale = 1e6  # integer capacities keep the max-flow exact
-    g = nx.DiGraph()
-    src, sink = "__edge__", "__cloud__"
-    for v in graph.nodes:
-        g.add_edge(src, v, capacity=round(node_cloud_w.get(v, 0.0) * scale))
-        g.add_edge(v, sink, capacity=round(node_edge_w.get(v, 0.0) * scale))
-    for name, info in graph.tensors.items():
-        producer = info.producer or src
-        if info.consumers:
-            aux = ("tensor", name)
-            g.add_edge(producer, aux, capacity=round(tensor_w[name] * scale))
-            for c in info.consumers:
-                g.add_edge(aux, c, capacity=inf)
+
+class _MinCut:
+    """The s-t network of `min_cut_edge_set` for one graph, built once and solved for many weightings.
+
+    Vertices: source 0 (edge), sink 1 (cloud), the nodes, one per tensor with several readers. Arcs: source
+    -> v costs c(v), v -> sink costs e(v), producer -> tensor costs its weight, tensor -> reader and reader ->
+    producer are infinite, and so is a model output's producer -> sink. A tensor with one reader is an arc
+    producer -> reader costing its weight (the same cuts, and the same residual paths between nodes).
+    Capacities are weights x 1e6 rounded to integers, so the max flow is exact. Augmenting paths along a
+    search tree kept across pushes (`_augment`; on these graphs, where many nodes each take a little flow
+    through one deep tree, far faster than Dinic's phases or networkx's push-relabel); a solve starts from
+    the previous flow when that flow fits the new capacities (the search's weightings differ in tensor
+    weights, which only grow as the uplink slows). The edge set is the nodes that cannot reach the sink in
+    the residual network: the source side of the minimum cut nearest the sink, the same for every maximum
+    flow (so the same as networkx's `minimum_cut` returned).
+    """
+
+    SCALE = 1e6  # integer capacities keep the max-flow exact
+
+    def __init__(self, graph: CutGraph) -> None:
+        self.nodes = graph.nodes
+        index = {v: i + 2 for i, v in enumerate(graph.nodes)}
+        arcs: dict[tuple[int, int], tuple[str, str] | None] = {}  # (tail, head) -> what sets its capacity
+        direct: list[tuple[int, int, tuple[str, str]]] = []  # a tensor with one reader: producer -> reader
+        for v in graph.nodes:
+            arcs[(0, index[v])] = ("cloud", v)
+            arcs[(index[v], 1)] = ("edge", v)
+        count = 2 + len(graph.nodes)
+        outputs = set(graph.outputs)
+        for name, info in graph.tensors.items():
+            producer = 0 if info.producer is None else index[info.producer]
+            if len(info.consumers) == 1:  # its vertex would have one arc in and one infinite arc out: leave it out
+                direct.append((producer, index[info.consumers[0]], ("tensor", name)))
                 if info.producer is not None:
-                    g.add_edge(c, info.producer, capacity=inf)  # a cloud producer cannot feed an edge consumer
-        if name in graph.outputs and info.producer is not None:
-            g.add_edge(info.producer, sink, capacity=inf)
-    _, (source_side, _) = nx.minimum_cut(g, src, sink)
-    return frozenset(v for v in graph.nodes if v in source_side)
+                    arcs[(index[info.consumers[0]], producer)] = None
+            elif info.consumers:
+                aux, count = count, count + 1
+                arcs[(producer, aux)] = ("tensor", name)
+                for c in info.consumers:
+                    arcs[(aux, index[c])] = None  # None: infinite
+                    if info.producer is not None:
+                        arcs[(index[c], producer)] = None  # a cloud producer cannot feed an edge consumer
+            if name in outputs and info.producer is not None:
+                arcs[(producer, 1)] = None
+        pairs = [*arcs.items(), *(((tail, head), kind) for tail, head, kind in direct)]
+        self.kinds = [kind for _, kind in pairs]
+        self.head: list[int] = []  # arc 2i runs tail -> head of pair i, arc 2i + 1 back
+        self.adjacent: list[list[int]] = [[] for _ in range(count)]
+        for i, ((tail, head), _) in enumerate(pairs):
+            self.head += [head, tail]
+            self.adjacent[tail].append(2 * i)
+            self.adjacent[head].append(2 * i + 1)
+        self.flow: list[int] | None = None  # the last solve's flow per pair, to start the next one from
+
+    def capacities(self, node_edge_w: Mapping[str, float], node_cloud_w: Mapping[str, float],
+                   tensor_w: Mapping[str, float]) -> tuple[int | None, ...]:
+        """Integer capacity per arc pair (None: infinite) for one weighting."""
+        scale, cloud, edge = self.SCALE, node_cloud_w.get, node_edge_w.get
+        caps = tuple(None if kind is None else round(scale * (
+            cloud(kind[1], 0.0) if kind[0] == "cloud" else edge(kind[1], 0.0) if kind[0] == "edge"
+            else tensor_w[kind[1]])) for kind in self.kinds)
+        low = min((c for c in caps if c is not None), default=0)
+        if low < 0:
+            raise ValueError(f"min-cut weights must be >= 0, got {low / scale}")
+        return caps
+
+    def solve(self, caps: Sequence[int | None]) -> frozenset[str]:
+        """The edge set of the minimum cut under `caps` (from `capacities`)."""
+        infinite = sum(c for c in caps if c is not None) + 1  # more than any cut of finite arcs
+        full = [infinite if c is None else c for c in caps]
+        flow = self.flow
+        if flow is None or any(f > c for f, c in zip(flow, full)):
+            flow = [0] * len(full)
+        residual = [0] * (2 * len(full))
+        residual[0::2] = [c - f for c, f in zip(full, flow)]
+        residual[1::2] = flow
+        while self._augment(residual):
+            pass
+        self.flow = residual[1::2]
+        return self._source_side(residual)
+
+    def _augment(self, residual: list[int]) -> bool:
+        """One pass: grow a breadth-first tree from the source and push along tree path + arc to the sink from each
+        vertex in turn, reusing the tree across pushes. A push that fills a tree arc cuts off the vertices below
+        it until the next pass. False when the pass pushed nothing: then no augmenting path is left.
+        """
+        head, adjacent = self.head, self.adjacent
+        size = len(adjacent)
+        parent = [-1] * size  # the tree arc into each vertex
+        seen = [False] * size
+        seen[0] = seen[1] = True
+        stamp, ok = [-1] * size, [False] * size  # memo of "the tree path to the source has room", per epoch
+        epoch = 0
+
+        def valid(u: int) -> bool:
+            chain = []
+            w = u
+            while w != 0 and stamp[w] != epoch:
+                arc = parent[w]
+                if residual[arc] <= 0:
+                    stamp[w], ok[w] = epoch, False
+                    result = False
+                    break
+                chain.append(w)
+                w = head[arc ^ 1]
+            else:
+                result = w == 0 or ok[w]
+            for x in chain:
+                stamp[x], ok[x] = epoch, result
+            return result
+
+        pushed = False
+        queue = [0]
+        for u in queue:
+            if u and not valid(u):
+                continue  # cut off by an earlier push in this pass
+            for a in adjacent[u]:
+                if residual[a] <= 0:
+                    continue
+                w = head[a]
+                if w == 1:
+                    push, x = residual[a], u
+                    while x:
+                        arc = parent[x]
+                        push = min(push, residual[arc])
+                        x = head[arc ^ 1]
+                    residual[a] -= push
+                    residual[a ^ 1] += push
+                    x, cut_off = u, False
+                    while x:
+                        arc = parent[x]
+                        residual[arc] -= push
+                        residual[arc ^ 1] += push
+                        cut_off = cut_off or residual[arc] == 0
+                        x = head[arc ^ 1]
+                    pushed = True
+                    if cut_off:
+                        epoch += 1
+                        if not valid(u):
+                            break
+                elif not seen[w]:
+                    seen[w] = True
+                    parent[w] = a
+                    queue.append(w)
+        return pushed
+
+    def _source_side(self, residual: list[int]) -> frozenset[str]:
+        head, adjacent = self.head, self.adjacent
+        reaches = [False] * len(adjacent)
+        reaches[1] = True
+        queue = [1]
+        for w in queue:
+            for b in adjacent[w]:  # b runs w -> u; b ^ 1 runs u -> w
+                u = head[b]
+                if not reaches[u] and residual[b ^ 1] > 0:
+                    reaches[u] = True
+                    queue.append(u)
+        return frozenset(v for i, v in enumerate(self.nodes) if not reaches[i + 2])
 
 
-def search_edge_sets(graph: CutGraph, costs: CostInputs, links: Iterable[Link]) -> list[frozenset[str]]:
+def search_edge_sets(
+    graph: CutGraph, costs: CostInputs, links: Iterable[Link], progress: SearchProgress | None = None
+) -> list[frozenset[str]]:
     """Candidate edge sets: baselines, every topological prefix, and exact min-cuts per objective and link."""
+    links = list(links)
     sets: list[frozenset[str]] = [frozenset(), frozenset(graph.nodes)]
     sets += [frozenset(graph.nodes[:k]) for k in range(1, len(graph.nodes))]
     # Boundary terms per crossing tensor (module docstring); model inputs never cross a partial cut.
     made = [t for t, info in graph.tensors.items() if info.producer is not None]
     b_edge = dict.fromkeys(graph.tensors, 0.0) | {t: _reorders(graph, [t], costs.edge_boundary) for t in made}
     b_cloud = dict.fromkeys(graph.tensors, 0.0) | {t: _cloud_extra(graph, [t], costs, None) for t in made}
+    wire = {t: wire_bytes(graph, t, costs.codec) for t in graph.tensors}
+    net = _MinCut(graph)
+    problems: list[tuple[int, float, tuple[int | None, ...]]] = []  # (objective, -uplink, capacities)
     for link in links:
         per_byte_ms = 8.0 / (link.uplink_mbps * 1e3)
-        latency_t = {t: wire_bytes(graph, t, costs.codec) * per_byte_ms + b_edge[t] + b_cloud[t] for t in graph.tensors}
+        latency_t = {t: wire[t] * per_byte_ms + b_edge[t] + b_cloud[t] for t in graph.tensors}
         energy_t = {
-            t: wire_bytes(graph, t, costs.codec) * (per_byte_ms * costs.edge_idle_w + link.tx_nj_per_byte * 1e-6)
+            t: wire[t] * (per_byte_ms * costs.edge_idle_w + link.tx_nj_per_byte * 1e-6)
             + b_edge[t] * costs.edge_active_w + b_cloud[t] * costs.edge_idle_w
             for t in graph.tensors
         }
-        bytes_t = {t: float(wire_bytes(graph, t, costs.codec)) for t in graph.tensors}
+        bytes_t = {t: float(wire[t]) for t in graph.tensors}
         edge_e = {v: costs.edge_ms.get(v, 0.0) * costs.edge_active_w for v in graph.nodes}
         cloud_e = {v: costs.cloud_ms.get(v, 0.0) * costs.edge_idle_w for v in graph.nodes}
-        sets.append(min_cut_edge_set(graph, costs.edge_ms, costs.cloud_ms, latency_t))
-        sets.append(min_cut_edge_set(graph, edge_e, cloud_e, energy_t))
+        weightings = [(costs.edge_ms, costs.cloud_ms, latency_t), (edge_e, cloud_e, energy_t)]
         tiny = {v: 1e-6 * costs.edge_ms.get(v, 0.0) for v in graph.nodes}
-        sets.append(min_cut_edge_set(graph, tiny, {v: 1e-6 * costs.cloud_ms.get(v, 0.0) for v in graph.nodes}, bytes_t))
+        weightings.append((tiny, {v: 1e-6 * costs.cloud_ms.get(v, 0.0) for v in graph.nodes}, bytes_t))
         for lam in (0.1, 1.0, 10.0):  # latency + lambda * energy: points along the trade-off
             def mix(a: Mapping[str, float], b: Mapping[str, float], lam: float = lam) -> dict[str, float]:
                 return {k: a.get(k, 0.0) + lam * b.get(k, 0.0) for k in set(a) | set(b)}
 
-            sets.append(min_cut_edge_set(graph, mix(costs.edge_ms, edge_e), mix(costs.cloud_ms, cloud_e),
-                                         mix(latency_t, energy_t)))
+            weightings.append((mix(costs.edge_ms, edge_e), mix(costs.cloud_ms, cloud_e), mix(latency_t, energy_t)))
+        problems += [(i, -link.uplink_mbps, net.capacities(*w)) for i, w in enumerate(weightings)]
+    # Each distinct weighting once, by objective and slowing uplink, so that each solve starts from the last flow.
+    solved: dict[tuple[int | None, ...], frozenset[str]] = {}
+    order = sorted(range(len(problems)), key=lambda i: problems[i][:2])
+    distinct = len({p[2] for p in problems})
+    for i in order:
+        caps = problems[i][2]
+        if caps not in solved:
+            solved[caps] = net.solve(caps)
+            if progress is not None:
+                progress("min-cuts", len(solved), distinct)
+    sets += [solved[caps] for _, _, caps in problems]
     unique: dict[frozenset[str], None] = {}
-    for s in sets:
-        if _usable(graph, s):
+    for j, s in enumerate(sets):  # sets[j] for 2 <= j <= n is the prefix of j - 1 nodes
+        if _usable_prefix(graph, j - 1) if 2 <= j <= len(graph.nodes) else _usable(graph, s):
             unique.setdefault(s, None)
     return list(unique)
+
+
+def _usable_prefix(graph: CutGraph, size: int) -> bool:
+    """`_usable` for the first `size` (0 < size < n) nodes: closed by construction; no model input may cross."""
+    return all(graph.position(c) < size for t in graph.inputs for c in graph.tensors[t].consumers)
 
 
 def _usable(graph: CutGraph, edge_nodes: frozenset[str]) -> bool:
@@ -454,7 +778,7 @@ def _candidate_id(graph: CutGraph, edge_nodes: frozenset[str], taken: set[str]) 
         return CLOUD_ONLY
     if len(edge_nodes) == len(graph.nodes):
         return EDGE_ONLY
-    base = f"c{max(graph.position(v) for v in edge_nodes) + 1:03d}"
+    base = f"c{graph.last_position(edge_nodes) + 1:03d}"
     cid, n = base, 1
     while cid in taken:
         n += 1
@@ -483,11 +807,37 @@ def _evaluate_all(
     graph: CutGraph,
     edge_sets: Mapping[str, frozenset[str]],
     costs: CostInputs,
-    link: Link,
-    budgets: Budgets,
     measured: Mapping[str, tuple[float, float]],
-) -> tuple[Candidate, ...]:
-    return tuple(evaluate_cut(graph, s, costs, link, budgets, cid, measured.get(cid)) for cid, s in edge_sets.items())
+    progress: SearchProgress | None = None,
+) -> list[tuple[str, _LinkFree]]:
+    """The link-independent costs of every edge set (id -> nodes), as `evaluate_cut` computes them.
+
+    Topological prefixes (most candidates) take their cut tensors and peak memory from `_Prefixes`; the
+    others are simulated one by one.
+    """
+    sums, prefixes = _Sums(graph, costs), _Prefixes(graph)
+    fast_peak = _consistent(graph)
+    sizes = {cid: _prefix_size(graph, s) for cid, s in edge_sets.items()}
+    cuts = prefixes.cuts(k for k in sizes.values() if k)
+    bases = []
+    step = max(1, len(edge_sets) // 20)
+    for done, (cid, s) in enumerate(edge_sets.items(), 1):
+        k = sizes[cid]
+        cut = cuts[k] if k else graph.cut_tensors(s)
+
+        def peak(s: frozenset[str] = s, cut: tuple[str, ...] = cut, k: int | None = k) -> int:
+            return prefixes.peak(k) if k and fast_peak else peak_activation_bytes(graph, s, cut)
+
+        bases.append((cid, _link_free(graph, s, costs, measured.get(cid), cut, peak, sums, k)))
+        if progress is not None and (done % step == 0 or done == len(edge_sets)):
+            progress("simulating", done, len(edge_sets))
+    return bases
+
+
+def _prefix_size(graph: CutGraph, edge_nodes: frozenset[str]) -> int | None:
+    """k when `edge_nodes` are the first k nodes in topological order, else None."""
+    k = len(edge_nodes)
+    return k if graph.last_position(edge_nodes) == k - 1 else None
 
 
 def _decide(
@@ -498,14 +848,20 @@ def _decide(
     budgets: Budgets,
     table_mbps: Iterable[float],
     measured: Mapping[str, tuple[float, float]],
+    progress: SearchProgress | None = None,
 ) -> Plan:
-    """Simulate the edge sets (id -> nodes), choose under the budgets, and tabulate the best cut per uplink."""
-    candidates = _evaluate_all(graph, edge_sets, costs, link, budgets, measured)
+    """Simulate the edge sets (id -> nodes), choose under the budgets, and tabulate the best cut per uplink.
+
+    Compute and memory do not depend on the link: they are simulated once, and only transfer, energy,
+    total and the budgets are worked out again at each plan-table rate.
+    """
+    bases = _evaluate_all(graph, edge_sets, costs, measured, progress)
+    candidates = tuple(_at_link(b, costs, link, budgets, cid) for cid, b in bases)
     best, feasible = choose(candidates, budgets)
     table = []
     for m in table_mbps:
-        at_rate = _evaluate_all(graph, edge_sets, costs, replace(link, uplink_mbps=m), budgets, measured)
-        table.append((m, choose(at_rate, budgets)[0].id))
+        at_rate = replace(link, uplink_mbps=m)
+        table.append((m, choose([_at_link(b, costs, at_rate, budgets, cid) for cid, b in bases], budgets)[0].id))
     return Plan(candidates, best.id, link, budgets, feasible, tuple(table))
 
 
@@ -515,13 +871,30 @@ def plan_cuts(
     link: Link,
     budgets: Budgets = Budgets(),
     table_mbps: Iterable[float] = PLAN_TABLE_MBPS,
+    progress: SearchProgress | None = None,
 ) -> Plan:
-    """Search the cuts, simulate each, choose under the budgets, and tabulate the best cut per uplink."""
+    """Search the cuts, simulate each, choose under the budgets, and tabulate the best cut per uplink.
+
+    `progress(what, done, total)` is called as the search goes (min-cuts solved, candidates simulated).
+    """
     table_mbps = tuple(sorted(set(table_mbps)))
-    edge_sets = search_edge_sets(graph, costs, [link, *(replace(link, uplink_mbps=m) for m in table_mbps)])
+    links = [link, *(replace(link, uplink_mbps=m) for m in table_mbps)]
+    edge_sets = search_edge_sets(graph, costs, links, progress)
     taken: set[str] = set()
-    ids = {_candidate_id(graph, s, taken): s for s in sorted(edge_sets, key=lambda s: (len(s), sorted(s)))}
-    return _decide(graph, ids, costs, link, budgets, table_mbps, {})
+    ids = {_candidate_id(graph, s, taken): s for s in _in_id_order(edge_sets)}
+    return _decide(graph, ids, costs, link, budgets, table_mbps, {}, progress)
+
+
+def _in_id_order(edge_sets: Iterable[frozenset[str]]) -> list[frozenset[str]]:
+    """The sets by size, then by their sorted node names (compared only between sets of the same size)."""
+    by_size: dict[int, list[frozenset[str]]] = {}
+    for s in edge_sets:
+        by_size.setdefault(len(s), []).append(s)
+    ordered: list[frozenset[str]] = []
+    for size in sorted(by_size):
+        group = by_size[size]
+        ordered += group if len(group) == 1 else sorted(group, key=sorted)
+    return ordered
 
 
 def apply_measured(
