@@ -201,6 +201,19 @@ class ControllerCollector(Collector):
                                 value=pending)
 
 
+class FleetDownCollector(Collector):
+    """The fleet plane of a node whose store could not be opened: no controller ran, so the controller's families
+    read 0 (`splitinfer_fleet_store_up 0`: the alert on it fires), instead of vanishing from /metrics."""
+
+    def collect(self) -> Iterator[Metric]:
+        """The controller's families, down."""
+        return ControllerCollector.families(False, {}, 0, None, store_ok=False)
+
+    def describe(self) -> Iterator[Metric]:
+        """The same families without samples."""
+        return ControllerCollector.families(False, {}, 0)
+
+
 class MetricsRegistry:
     """A private CollectorRegistry: the collectors of one node; `render()` is the /metrics body."""
 

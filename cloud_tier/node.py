@@ -136,13 +136,15 @@ class CloudNode:
 
     def metrics_collectors(self) -> list[Collector]:
         """Prometheus collectors of the gRPC tier and (once started) the fleet controller, read at scrape time."""
-        from cloud_tier.metrics import ControllerCollector, ServerCollector
+        from cloud_tier.metrics import ControllerCollector, FleetDownCollector, ServerCollector
 
         server = self.server
         out: list[Collector] = [ServerCollector(server.stats.snapshot,
                                                 lambda: server.counters.by_cut() if server.counters else {})]
         if self.controller is not None:
             out.append(ControllerCollector(self.controller))
+        elif self.store_error is not None:
+            out.append(FleetDownCollector())
         return out
 
     def cloud_view(self) -> dict[str, dict[str, Any]]:

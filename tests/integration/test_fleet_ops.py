@@ -88,6 +88,7 @@ def test_a_corrupt_fleet_db_leaves_inference_serving_and_the_fleet_plane_degrade
         assert any("store degraded" in w and "file is not a database" in w for w in fleet["warnings"])  # banner
         status, answer = http(url + "api/devices/cam-1/commands", body={"kind": "ping"})
         assert status == 503, answer
+        assert metric(url, "splitinfer_fleet_store_up") == 0  # present and down, so an alert on it fires
         assert db.read_bytes() == bytes(range(256)) * 64  # left as it was for the operator to look at
     finally:
         node.stop(grace=1.0)
