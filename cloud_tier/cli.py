@@ -310,8 +310,8 @@ def install(args: argparse.Namespace) -> int:
         print(f"placed {path} ({mode:04o})")
     if done.created_user:
         print(f"created the system user {args.user}")
-    print("next:")
-    for line in done.next_steps:
+    print("next, on the target:" if args.root is not None else "next:")
+    for line in (done.staging_steps if args.root is not None else done.next_steps):
         print(f"  {line}")
     return 0
 

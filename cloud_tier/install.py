@@ -36,6 +36,9 @@ STATE_DIR = Path("/var/lib") / SERVICE_NAME  # systemd's StateDirectory=SERVICE_
 UNIT_DIR = Path("/etc/systemd/system")
 USERADD_DEADLINE_S = 30.0
 PRIVATE_FILES = (".key", ".token")  # files of the CA folder only the service may read
+# What the node never needs: the CA's signing key (a compromised node could mint device certificates) and the
+# device folders `split-cloud enroll` writes by default (each holds a device's private key).
+NOT_SERVED = ("ca.key", "devices")
 
 
 class InstallError(RuntimeError):
@@ -78,12 +81,23 @@ class CloudInstall:
     @property
     def next_steps(self) -> tuple[str, ...]:
         """The commands to run once the files are in place."""
-        pki = STATE_DIR / "pki"
         return (
             f"systemctl daemon-reload && systemctl enable --now {SERVICE_NAME}",
             f"systemctl status {SERVICE_NAME}; journalctl -u {SERVICE_NAME} -f",
-            f"sudo -u {self.user} split-cloud enroll DEVICE_ID --pki {pki} --cloud HOST:50051 --out DIR"
-            "    # and `split-cloud revoke DEVICE_ID` the same way: the service reads this CA folder",
+            "split-cloud enroll / revoke DEVICE_ID --pki YOUR_CA_FOLDER   # the CA key stays there, never on the "
+            "service; after a revoke, run this install again to refresh the service's CRL (it reloads it at once)",
+        )
+
+    @property
+    def staging_steps(self) -> tuple[str, ...]:
+        """What an image build must still do on the target for a --root install: the user, ownership, the binary."""
+        state = STATE_DIR
+        return (
+            f"useradd --system --user-group --no-create-home --home-dir {state} --shell /usr/sbin/nologin "
+            f"{self.user}",
+            f"chown -R {self.user}:{self.user} {state}",
+            "make sure the unit's ExecStart binary exists on the target (install splitinfer[cloud] at that path)",
+            f"systemctl enable {SERVICE_NAME}",
         )
 
 
@@ -159,7 +173,10 @@ def install(bundles: Path, pki: Path, *, user: str = DEFAULT_USER, serve_args: t
     _place(base, STATE_DIR, 0o750, ids)
     _place(base, STATE_DIR / "pki", 0o700, ids)
     for item in sorted(pki.rglob("*")):
-        dest = STATE_DIR / "pki" / item.relative_to(pki)
+        rel = item.relative_to(pki)
+        if rel.parts[0] in NOT_SERVED or item.name in NOT_SERVED:
+            continue  # the CA key and the device folders (with their keys) never go onto the serving node
+        dest = STATE_DIR / "pki" / rel
         if item.is_symlink():
             raise InstallError(f"{item}: the CA folder holds a symbolic link; refusing to copy it")
         if item.is_dir():

@@ -424,6 +424,17 @@ def install_main(args: argparse.Namespace) -> int:
         print(f"  {oct(mode)[2:]:>4}  {base / path.relative_to('/')}")
     if plan.created_user:
         print(f"created the system user {args.user}")
+    if args.root is not None:  # an image build: the target still needs the user, the ownership and the binary
+        exec_start = next((line.split("=", 1)[1].split()[0] for line in plan.unit_text.splitlines()
+                           if line.startswith("ExecStart=")), "split-agent")
+        print(f"staged the unit {base / plan.unit_path.relative_to('/')}; on the target:")
+        for line in (f"useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {args.user}",
+                     f"chown -R root:{args.user} {args.prefix} && chown {args.user} {args.prefix}/tls/device.key",
+                     f"make sure {exec_start} exists there (the unit's ExecStart: install splitinfer[edge] at that "
+                     "path)",
+                     "systemctl enable splitinfer-agent"):
+            print(f"  {line}")
+        return 0
     print(f"installed the unit {base / plan.unit_path.relative_to('/')}; now run:")
     for line in plan.next_steps:
         print(f"  {line}")

@@ -333,6 +333,8 @@ def test_install_stages_a_hardened_unit_and_the_ca_with_private_modes(bundles_di
     from models import systemd
 
     root = tmp_path / "image"
+    if not (pki.dir / "devices" / "install-probe" / "device.key").exists():
+        pki.enroll("install-probe", pki.dir / "devices" / "install-probe")  # where split-cloud enroll puts it
     assert cli.main(["install", "--bundles", str(bundles_dir), "--pki", str(pki.dir), "--root", str(root), "--",
                      "--host", "0.0.0.0"]) == 0
     unit_file = root / "etc" / "systemd" / "system" / f"{SERVICE_NAME}.service"
@@ -345,10 +347,12 @@ def test_install_stages_a_hardened_unit_and_the_ca_with_private_modes(bundles_di
            "0.0.0.0" in exec_start
     state = root / STATE_DIR.relative_to("/")
     assert _mode(state) == 0o750 and _mode(state / "pki") == 0o700
-    for name, mode in (("ca.key", 0o600), ("server.key", 0o600), ("dashboard.token", 0o600), ("ca.pem", 0o640),
-                       ("crl.pem", 0o640)):
+    for name, mode in (("server.key", 0o600), ("dashboard.token", 0o600), ("ca.pem", 0o640), ("crl.pem", 0o640)):
         assert _mode(state / "pki" / name) == mode, name
         assert (state / "pki" / name).read_bytes() == (pki.dir / name).read_bytes()
+    # The CA's signing key and the device folders (their private keys) stay off the serving node.
+    assert (pki.dir / "ca.key").is_file() and not (state / "pki" / "ca.key").exists()
+    assert not list((state / "pki").rglob("device.key"))
     complaints = systemd.verify_unit(unit, SERVICE_NAME)
     if complaints is not None:  # systemd-analyze is installed here
         assert complaints == "", complaints
