@@ -273,8 +273,9 @@ def enroll(args: argparse.Namespace) -> int:
     broker = args.broker or f"{format_address(parse_address(cloud, '--cloud')[0], DEFAULT_MQTTS_PORT)}"
     folder = ca.enroll(args.device_id, out, days=args.days, cloud=cloud, broker=broker,
                        server_name=args.server_name)
-    print(f"enrolled device {args.device_id}: {folder} (ca.pem, device.pem, device.key, agent.toml); copy it to the "
-          "device and run `split-agent run --config agent.toml`")
+    print(f"enrolled device {args.device_id}: {folder} (ca.pem, device.pem, device.key, agent.toml); copy it and "
+          "the device's bundle to the device and run `sudo split-agent install --config agent.toml --bundle BUNDLE` "
+          "(or `split-agent serve --config agent.toml` after setting its bundle path)")
     return 0
 
 
@@ -327,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # amqtt's state machines (transitions) log every transition, and amqtt every connection, at INFO: 35
+        # lines per start. Their warnings still show; --log-level DEBUG shows everything.
+        for noisy in ("transitions", "amqtt"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, PkiError, MissingExtraError, OSError) as exc:  # ConfigError (a ValueError) names the key

@@ -113,7 +113,9 @@ def format_fleet(data: dict[str, Any]) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines += [f"warning: {w}" for w in data.get("warnings", [])]
-    if len(rows) == 1:
+    if len(rows) == 1 and any("store degraded" in w for w in data.get("warnings", [])):
+        lines.append("(no devices shown: the fleet store is down, so nothing is recorded; see the warning above)")
+    elif len(rows) == 1:
         lines.append("(no devices yet: agents appear when they publish state or telemetry)")
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        help="([service] log_level, default INFO)")
     infer = sub.add_parser("infer", help="send one .npy input to `split-agent serve` and print the result")
-    infer.add_argument("input", type=Path, help=".npy file (one sample or a batch) of a one-input model")
+    infer.add_argument("input", type=Path, help=".npy file of a one-input model, with the batch axis: [N, ...] as "
+                                                "the bundle's input (np.save('x.npy', frame[None]) for one sample)")
     where = infer.add_mutually_exclusive_group()
     where.add_argument("--socket", help=f"the service's Unix socket (default {DEFAULT_SOCKET})")
     where.add_argument("--address", metavar="HOST:PORT", help="the service's loopback TCP address")
@@ -308,7 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve_main(args)
     if args.command == "infer":
-        return infer_main(args)
+        try:
+            return infer_main(args)
+        except BrokenPipeError:  # `split-agent infer x.npy | head -1`: the reader left; not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     if args.command == "install":
         return install_main(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -75,3 +75,11 @@ def test_fleet_ls_table_and_health_summary() -> None:
     assert overall({"grpc": {"status": "ok"}, "store": {"status": "ok"}}) == "ok"
     assert overall({"grpc": {"status": "ok"}, "store": {"status": "degraded"}}) == "degraded"
     assert overall({"grpc": {"status": "down"}, "store": {"status": "ok"}}) == "down"
+
+
+def test_fleet_ls_says_the_store_is_down_rather_than_that_there_are_no_devices() -> None:
+    from cloud_tier.fleet_cli import format_fleet
+
+    down = format_fleet({"devices": [], "warnings": ["fleet store degraded: file is not a database"]})
+    assert "the fleet store is down" in down and "no devices yet" not in down
+    assert "no devices yet" in format_fleet({"devices": [], "warnings": []})

@@ -292,3 +292,14 @@ def test_a_corrupt_file_is_refused_at_open(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.DatabaseError) as err:
         FleetStore(path)
     assert error_kind(err.value) == "corrupt"
+
+
+def test_a_new_store_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    store = FleetStore(tmp_path / "fleet.db")
+    try:
+        store.upsert_state("perm-1", DeviceState(status="online"))
+        for name in ("fleet.db", "fleet.db-wal"):
+            if (tmp_path / name).exists():
+                assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    finally:
+        store.close()
