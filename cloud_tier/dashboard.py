@@ -145,14 +145,15 @@ def build_app(store: FleetStore | None, *, window_s: float = 300.0, rate_window_
               series_s: float = 120.0, extra_metrics: Sequence[Collector] = (),
               cloud_view: CloudView | None = None, token: str | None = None,
               warnings: Sequence[str] = (), health: HealthView | None = None,
-              send_command: CommandSender | None = None) -> Any:
+              send_command: CommandSender | None = None, command_token: str | None = None) -> Any:
     """The aiohttp Application serving the dashboard for `store` (None: the store could not be opened).
 
     `extra_metrics` are more Prometheus collectors for /metrics (the gRPC tier, the controller); `cloud_view`
     adds each device's cloud-side counts to /api/fleet rows; with `token`, every route but /healthz needs it;
     `warnings` (e.g. the node runs --insecure) are shown at the top of the page, with every component `health`
     reports not ok (default: the store's own health); `send_command` serves POST /api/devices/{id}/commands
-    (without it that route answers 503).
+    (without it that route answers 503); `command_token` is required by that route even where the page itself
+    is open (a token-free dashboard on loopback: any local user may look, only the token holder may command).
     """
     web = require("aiohttp.web", "cloud")
 
@@ -236,6 +237,13 @@ def build_app(store: FleetStore | None, *, window_s: float = 300.0, rate_window_
 
     async def command(request: Any) -> Any:
         device_id = request.match_info["device_id"]
+        if token is None and command_token is not None:
+            auth = request.headers.get("Authorization", "")
+            if not _same(auth[7:].strip() if auth[:7].lower() == "bearer " else None, command_token):
+                return web.json_response(
+                    {"error": "sending commands needs the dashboard token (split-cloud fleet send reads "
+                              "STATE/pki/dashboard.token; or send Authorization: Bearer TOKEN)"},
+                    status=401, headers={"WWW-Authenticate": 'Bearer realm="splitinfer"'})
         if request.content_type != "application/json":
             return web.json_response({"error": "expected Content-Type: application/json"}, status=415)
         try:

@@ -202,7 +202,8 @@ class CloudNode:
                                    token_file=opts.dashboard_token_file,
                                    extra_metrics=self.metrics_collectors(),
                                    cloud_view=self.cloud_view, warnings=self.warnings(), health=self.health,
-                                   send_command=self.controller.command if self.controller is not None else None)
+                                   send_command=self.controller.command if self.controller is not None else None,
+                                   command_token=self._command_token(opts))
         try:
             self.dashboard.start()
         except RuntimeError as exc:
@@ -210,6 +211,22 @@ class CloudNode:
                 raise RuntimeError(bind_refused("the dashboard", opts.dashboard_host, opts.dashboard_port,
                                                 "--dashboard-port")) from exc
             raise
+
+    def _command_token(self, opts: NodeOptions) -> str | None:
+        """The token the command API requires although the page is open: the CA folder's dashboard.token (what
+        split-cloud fleet sends by default); None for an insecure node without one (loopback only, as the page)."""
+        from cloud_tier.dashboard import load_token
+
+        if opts.dashboard_token_file is not None:
+            return None  # the whole dashboard needs that token already
+        pki = Path(opts.mqtt_pki) if opts.mqtt_pki is not None else self.server.config.resolved_pki_dir()
+        default = pki / "dashboard.token"
+        if not default.is_file():
+            if not self.insecure:
+                log.warning("%s is missing: the command API is open to local users like the page (give "
+                            "--dashboard-token-file, or split-cloud ca init a new CA)", default)
+            return None
+        return load_token(opts.dashboard_host, default, require_token=True)
 
     def _mqtt_tls(self, opts: NodeOptions) -> tuple[Path | None, Any]:
         """(CA folder, the controller's MqttTls), or (None, None) in the insecure mode. One CA serves both

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from cloud_tier import cli, fleet_cli
-from cloud_tier.config import NodeOptions, ServerConfig
+from cloud_tier.config import NodeOptions, ServerConfig, default_pki_dir
 from cloud_tier.node import CloudNode
 from edge_agent import SPLIT, EdgeAgent
 from edge_agent.control import ControlLink
@@ -86,7 +86,12 @@ def test_a_corrupt_fleet_db_leaves_inference_serving_and_the_fleet_plane_degrade
         status, fleet = http(url + "api/fleet")
         assert status == 200 and fleet["devices"] == []
         assert any("store degraded" in w and "file is not a database" in w for w in fleet["warnings"])  # banner
+        # The page is open on loopback (no --dashboard-token-file), the command API is not: it needs the CA
+        # folder's dashboard.token, which split-cloud fleet sends.
         status, answer = http(url + "api/devices/cam-1/commands", body={"kind": "ping"})
+        assert status == 401 and "dashboard token" in answer["error"], answer
+        auth = {"Authorization": f"Bearer {(default_pki_dir() / 'dashboard.token').read_text().strip()}"}
+        status, answer = http(url + "api/devices/cam-1/commands", body={"kind": "ping"}, headers=auth)
         assert status == 503, answer
         assert metric(url, "splitinfer_fleet_store_up") == 0  # present and down, so an alert on it fires
         assert db.read_bytes() == bytes(range(256)) * 64  # left as it was for the operator to look at
