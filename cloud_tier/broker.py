@@ -5,7 +5,9 @@ deployment's CA (`pki`, made by `split-cloud ca init`), admits a client only whe
 and its identity is the client id (cloud_tier.amqtt_auth), and applies the topic ACL of protos.mqtt
 (cloud_tier.amqtt_acl). `insecure=True` is plaintext with every client accepted, for loopback experiments
 only (elsewhere only with `i_know_insecure`), and says so in a warning line. A client with clean_session=False
-keeps its session and its QoS 1 messages while it is away. A client silent for 1.5x its keepalive is
+keeps its session and its QoS 1 messages while it is away, and what it had not acknowledged is delivered again
+(DUP) when it comes back, at most `max_stored_messages` per session (beyond: dropped, counted in `overflow()`
+and logged). A client silent for 1.5x its keepalive is
 disconnected and its last will delivered (cloud_tier.amqtt_auth.KeepaliveBroker), as Mosquitto does. amqtt is
 2-3x slower than Mosquitto and MQTT 3.1.1 only: use Mosquitto in production, configured by
 `write_mosquitto_config` (`split-cloud mosquitto-config`).
@@ -25,9 +27,11 @@ from cloud_tier.pki import write_private
 from models.extras import require
 from protos.mqtt import insecure_mqtt, mosquitto_acl
 
-__all__ = ["EmbeddedBroker", "BrokerStartError", "write_mosquitto_config"]
+__all__ = ["EmbeddedBroker", "BrokerStartError", "MAX_STORED_MESSAGES", "write_mosquitto_config"]
 
 log = logging.getLogger(__name__)
+
+MAX_STORED_MESSAGES = 10_000  # per session: QoS 1 messages unacknowledged, or queued while its client is away
 
 
 class BrokerStartError(RuntimeError):
@@ -38,11 +42,19 @@ class EmbeddedBroker:
     """An amqtt broker running on its own event loop in a daemon thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, pki: str | Path | None = None,
-                 insecure: bool = False, i_know_insecure: bool = False, start_timeout_s: float = 10.0) -> None:
+                 insecure: bool = False, i_know_insecure: bool = False, start_timeout_s: float = 10.0,
+                 max_stored_messages: int = MAX_STORED_MESSAGES) -> None:
         """Configure; port 0 lets the OS choose (the chosen port is returned by start()).
 
         `pki`: the CA folder (cloud_tier.pki: ca.pem, server.pem/.key, crl.pem), required unless `insecure`.
+        `max_stored_messages`: per client session, the QoS 1 messages kept unacknowledged or queued while the
+        client is away (1..60000: packet ids are 16 bits); a message beyond it is dropped, counted and logged.
         """
+        if isinstance(max_stored_messages, bool) or not isinstance(max_stored_messages, int) \
+                or not 1 <= max_stored_messages <= 60_000:
+            raise BrokerStartError(f"max_stored_messages: expected an integer from 1 to 60000, got "
+                                   f"{max_stored_messages!r}")
+        self.max_stored_messages = max_stored_messages
         if pki is None and not insecure:
             raise BrokerStartError("the embedded MQTT broker needs the CA folder (pki; `split-cloud ca init`) "
                                    "for its TLS listener, or the explicit insecure mode")
@@ -93,12 +105,14 @@ class EmbeddedBroker:
             port = self._requested_port
             if self.pki is None:
                 self._broker = KeepaliveBroker(self._config(port))
+                self._broker.max_stored_messages = self.max_stored_messages
             else:
                 for name in ("ca.pem", "server.pem", "server.key", "crl.pem"):
                     if not (self.pki / name).is_file():
                         raise BrokerStartError(f"{self.pki} has no {name}: expected a CA folder made by "
                                                "`split-cloud ca init`")
                 self._broker = CheckedBroker(self._config(port))
+                self._broker.max_stored_messages = self.max_stored_messages
                 self._broker.peer_check = PeerCheck(self.pki / "ca.pem", self.pki / "crl.pem")
             await self._broker.start()
             self.port = self._bound_port() or port
@@ -122,6 +136,11 @@ class EmbeddedBroker:
         assert self.port is not None
         log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
         return self.port
+
+    def overflow(self) -> dict[str, int]:
+        """Messages dropped because their session already held `max_stored_messages`, by client id."""
+        broker = self._broker
+        return dict(broker.overflow) if broker is not None else {}
 
     def _bound_port(self) -> int | None:
         # amqtt keeps its asyncio servers in Broker._servers; read the real port when port 0 was asked for.

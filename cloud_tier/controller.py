@@ -6,18 +6,20 @@ handed through a bounded queue to one writer thread that stores them in batches,
 A bad payload is counted and logged with its reason; it never stops the controller. The MQTT session is
 persistent, under a client id kept in the fleet store, so telemetry and acks sent while the controller is down
 reach it when it comes back (within the broker's per-client queue: Mosquitto's max_queued_messages, 1000 by
-default).
+default; the embedded broker's max_stored_messages, 10000).
 
 Nothing is acknowledged before it is stored: the client runs with paho's `manual_ack`, and the writer sends a
 message's PUBACK only once the transaction holding it has committed. A controller that crashes, or a store that
 cannot write (full disk, file size limit), leaves those messages unacknowledged in its broker session, and the
-broker delivers them again; batch ids make the second delivery harmless (FleetStore drops duplicates).
+broker (Mosquitto or the embedded one) delivers them again when the session resumes; batch ids make the second
+delivery harmless (FleetStore drops duplicates).
 
 A failed write is retried with exponential backoff and jitter (`retry_min_s` doubling up to `retry_max_s`) for
 as long as the failure lasts, each failure counted by kind (`store_errors`) and logged with its real cause.
 Meanwhile nothing is acknowledged, so the broker stops sending once its in-flight window is full (Mosquitto:
-max_inflight_messages) and keeps the rest queued; the local queue is bounded too, and a message that still finds
-it full after `put_timeout_s` is left unacknowledged for the broker to deliver again (`dropped_messages`).
+max_inflight_messages; the embedded broker has no window: it sends everything, up to its max_stored_messages)
+and keeps the rest queued; the local queue is bounded too, and a message that still finds it full after
+`put_timeout_s` is left unacknowledged for the broker to deliver again (`dropped_messages`).
 Records are dropped for good (`records_dropped`, by reason, with a log line) only when they cannot be stored at
 all: a batch the store refuses for a reason other than a failing file (e.g. a constraint error), or, on a
 clean session (a second controller on one store), messages the store could not take before stop().

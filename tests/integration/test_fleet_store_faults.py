@@ -1,9 +1,10 @@
 """A fleet store on a "full disk" (a real file-size limit, RLIMIT_FSIZE, in the controller's own process) behind a
-real Mosquitto: nothing the controller received is acknowledged before it is stored, so every published record
+real broker: nothing the controller received is acknowledged before it is stored, so every published record
 is stored exactly once, whether the limit is lifted in place or the controller is killed and another takes over.
 
-Mosquitto only: amqtt 0.12 is not used here (its redelivery of unacknowledged messages to a resumed session is not
-what this checks; test_mqtt_control covers its persistent sessions).
+Every test runs on both brokers: Mosquitto, and the embedded amqtt broker, which keeps what a persistent session
+has not acknowledged and delivers it again when the session resumes (cloud_tier.amqtt_auth; its protocol-level
+test: test_amqtt_redelivery).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,22 @@ def stored_ids(db: Path) -> list[str]:
         store.close()
 
 
+@pytest.fixture(params=["mosquitto", "embedded"])
+def broker(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
+    """(host, port) of a plaintext broker on loopback: the module's Mosquitto, or an embedded amqtt broker."""
+    if request.param == "mosquitto":
+        mosquitto: Mosquitto = request.getfixturevalue("mosquitto")
+        yield mosquitto.host, mosquitto.port
+        return
+    embedded = EmbeddedBroker("127.0.0.1", 0, insecure=True)
+    port = embedded.start()
+    try:
+        yield "127.0.0.1", port
+        assert embedded.overflow() == {}
+    finally:
+        embedded.stop()
+
+
 @pytest.fixture()
 def db(tmp_path: Path) -> Path:
     path = tmp_path / "fleet.db"
@@ -144,10 +162,11 @@ def db(tmp_path: Path) -> Path:
 
 
 def test_a_full_disk_loses_nothing_and_stores_everything_once_the_space_is_back(
-        db: Path, mosquitto: Mosquitto) -> None:
-    child = LimitedController(db, mosquitto.host, mosquitto.port)
+        db: Path, broker: tuple[str, int]) -> None:
+    host, port = broker
+    child = LimitedController(db, host, port)
     try:
-        sent = publish_batches(mosquitto.host, mosquitto.port)
+        sent = publish_batches(host, port)
         stats = polling.wait_for(lambda: (s := child.stats())["store_errors"].get("io_error", 0) >= 3 and s,
                                  "failed writes counted", DEADLINE_S)
         assert stats["stored_records"] == 0 and stats["records_dropped"] == {}
@@ -168,21 +187,23 @@ def test_a_full_disk_loses_nothing_and_stores_everything_once_the_space_is_back(
 
 
 def test_a_controller_killed_while_the_disk_is_full_loses_no_acknowledged_telemetry(
-        db: Path, mosquitto: Mosquitto) -> None:
-    child = LimitedController(db, mosquitto.host, mosquitto.port)
+        db: Path, broker: tuple[str, int]) -> None:
+    host, port = broker
+    child = LimitedController(db, host, port)
     try:
-        sent = publish_batches(mosquitto.host, mosquitto.port)
+        sent = publish_batches(host, port)
         polling.wait_for(lambda: child.stats()["store_errors"], "failed writes", DEADLINE_S)
     finally:
         child.close()  # SIGKILL: whatever it received is still unacknowledged in its broker session
+    assert stored_ids(db) == []  # all of it was in flight, none stored
     store = FleetStore(db)
     try:
-        ctl = FleetController(store, mosquitto.host, mosquitto.port).start()  # same store: same session id
+        ctl = FleetController(store, host, port).start()  # same store: same session id
         try:
             polling.wait_for(lambda: store.record_count("full-1") == len(sent), "every record after the crash",
                              DEADLINE_S)
             # In order behind any redelivery: once these are in, anything delivered twice would be in too.
-            barrier = publish_batches(mosquitto.host, mosquitto.port, "after")
+            barrier = publish_batches(host, port, "after")
             polling.wait_for(lambda: store.record_count("full-1") == len(sent) + len(barrier), "the barrier",
                              DEADLINE_S)
         finally:
@@ -193,32 +214,3 @@ def test_a_controller_killed_while_the_disk_is_full_loses_no_acknowledged_teleme
     ids = stored_ids(db)
     assert len(ids) == len(set(ids)) == 2 * len(sent)  # nothing twice
 
-
-def test_what_amqtt_does_with_messages_in_flight_when_the_controller_dies(db: Path) -> None:
-    """The embedded broker (amqtt 0.12) is not Mosquitto here, and this pins down how: it waits 5 s for a
-    PUBACK, then, or when the client goes, drops the message from the session (ProtocolHandler's QoS 1 flow pops
-    it from inflight_out) and never delivers it again. So with amqtt a controller crash, or a store failing for
-    more than 5 s, loses what was in flight; messages sent while no controller is connected are kept
-    (test_mqtt_control). Production fleets use Mosquitto. Should amqtt start redelivering, this test fails: then
-    run the Mosquitto test above on both brokers."""
-    broker = EmbeddedBroker("127.0.0.1", 0, insecure=True)
-    port = broker.start()
-    try:
-        child = LimitedController(db, "127.0.0.1", port)
-        try:
-            sent = publish_batches("127.0.0.1", port)
-            polling.wait_for(lambda: child.stats()["store_errors"], "failed writes", DEADLINE_S)
-        finally:
-            child.close()
-        store = FleetStore(db)
-        try:
-            with FleetController(store, "127.0.0.1", port):
-                after = publish_batches("127.0.0.1", port, "after")
-                polling.wait_for(lambda: store.record_count("full-1") >= len(after), "the later batches",
-                                 DEADLINE_S)
-            ids = {r for (r,) in store._reader().execute("SELECT request_id FROM requests")}
-        finally:
-            store.close()
-        assert after <= ids and sent - ids  # what was in flight (at least the batch that failed) is gone
-    finally:
-        broker.stop()
