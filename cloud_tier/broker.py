@@ -38,6 +38,11 @@ class BrokerStartError(RuntimeError):
     """The embedded broker did not start."""
 
 
+def _no_startup_traceback(record: logging.LogRecord) -> bool:
+    """amqtt logs its failed start with a traceback before raising; EmbeddedBroker.start says it in one line."""
+    return record.getMessage() != "Broker startup failed"
+
+
 class EmbeddedBroker:
     """An amqtt broker running on its own event loop in a daemon thread."""
 
@@ -121,6 +126,8 @@ class EmbeddedBroker:
                                        "pass an explicit port")
 
         require("amqtt.broker", "cloud")
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.addFilter(_no_startup_traceback)  # a failed start is reported below, in one line
         try:
             self._runner.start(boot, self._timeout)
         except TimeoutError as exc:
@@ -133,6 +140,8 @@ class EmbeddedBroker:
                 raise BrokerStartError(bind_refused("the embedded MQTT broker", self.host, self._requested_port,
                                                     "--broker-port")) from exc
             raise BrokerStartError(f"embedded MQTT broker on {self.host}:{self._requested_port} failed: {exc}") from exc
+        finally:
+            amqtt_log.removeFilter(_no_startup_traceback)
         assert self.port is not None
         log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
         return self.port
