@@ -160,6 +160,8 @@ class EdgeAgent:
                 self._still_local(why)
                 log.warning("cloud %s unavailable at start (%s); serving on the device", config.cloud, why)
                 failed_at_start = True  # the first background attempt counts as a retry
+        elif not self._rt.remote:
+            self._still_local(f"cut {self._rt.cut_id} runs entirely on the device (nothing to send)")
         self._supervisor.start(failed_at_start)
         if self.adaptive is not None:
             self.adaptive.start()

@@ -255,6 +255,8 @@ def test_edge_only_cut_never_uses_the_cloud(bundle_dir, full_model):
         assert r.served_by == EDGE and r.fallback_reason is None and r.cut == EDGE_ONLY
         np.testing.assert_allclose(r.output, full_model(x), rtol=1e-5, atol=1e-5)
         assert links[0].sent == []
+        # Its health says why it is local (it used to read "not connected yet" for ever).
+        assert "runs entirely on the device" in agent.stats().extra["mode_reason"]
 
 
 def test_set_cut_keeps_in_flight_requests_on_their_cut(bundle_dir):
