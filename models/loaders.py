@@ -400,7 +400,7 @@ def _convert_pickle(path: Path, out: Path, input_shape: tuple[int, ...] | None,
     examples = _examples_from(path, [None] * len(names), input_shape, torch, names=names, dtypes=[None] * len(names),
                               named=named)
     say(f"{path.name}: converting the unpickled nn.Module to ONNX")
-    _wrap(lambda: to_onnx(obj, examples, out), str(path))
+    _wrap(lambda: to_onnx(obj, examples, out, input_names=_onnx_input_names(names)), str(path))
 
 
 # -- .pt2 archives without pickle ------------------------------------------------------------------

@@ -236,3 +236,12 @@ def test_default_names(tmp_path):
     assert default_model_name(tmp_path / "weights" / "model.onnx", sha) == "model-01234567"
     with pytest.raises(ValueError, match="'name'"):
         profile("tiny_cnn", name="bad name!")
+
+
+def test_pickled_module_inputs_take_the_names_given_in_forward_order(tmp_path):
+    path = tmp_path / "bert_pickled.pt"
+    torch.save(build_text_model(dict_output=False), str(path))
+    hints = parse_input_hints("input_ids=1x8:int64,attention_mask=1x8:int64")
+    loaded = load_model(path, tmp_path / "w", allow_pickle=True, input_hints=hints)
+    assert [(s.name, s.shape, s.dtype) for s in loaded.inputs] == [("input_ids", (None, 8), "int64"),
+                                                                   ("attention_mask", (None, 8), "int64")]
