@@ -16,7 +16,8 @@ import io
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,15 @@ def to_onnx(module_or_program: Any, example_inputs: tuple, out_path: Path, *,
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     example_inputs = tuple(example_inputs)
-    reference = _torch_outputs(module_or_program, example_inputs)
+    structure = _torch_outputs(module_or_program, example_inputs)
+    reference = [t.detach().cpu().numpy() for _, t in structure.leaves]
     in_names = list(input_names or _default_names("input", len(example_inputs)))
-    out_names = list(output_names or _default_names("output", len(reference)))
-    args = (module_or_program, example_inputs, out_path, in_names, out_names, verbose)
+    out_names = list(output_names or structure.names)
+    if structure.needs_flattening and not isinstance(module_or_program, torch.export.ExportedProgram):
+        module_or_program = _flattened(module_or_program, example_inputs, structure, torch)
+    # exported under plain names (TorchScript refuses names like "0"), renamed after
+    export_names = _default_names("output", len(out_names))
+    args = (module_or_program, example_inputs, out_path, in_names, export_names, verbose)
     if isinstance(module_or_program, torch.jit.ScriptModule):
         _export_or_raise(_export_legacy, args, "legacy (TorchScript)")
     elif isinstance(module_or_program, torch.export.ExportedProgram):
@@ -68,6 +74,8 @@ def to_onnx(module_or_program: Any, example_inputs: tuple, out_path: Path, *,
             f"cannot export {type(module_or_program).__name__}: "
             "expected torch.nn.Module, ScriptModule or ExportedProgram"
         )
+    if export_names != out_names:
+        _rename_outputs(out_path, export_names, out_names)
     normalize_onnx(out_path)
     _lower_ir_version(out_path)
     if not make_batch_dynamic(out_path):
@@ -166,7 +174,8 @@ def _export_dynamo(program: Any, example_inputs: tuple, out_path: Path, in_names
     kwargs: dict[str, Any] = {}
     if not isinstance(program, torch.export.ExportedProgram):  # a program carries its own dynamic shapes
         batch = torch.export.Dim(BATCH_DIM)
-        kwargs["dynamic_shapes"] = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
+        specs = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
+        kwargs["dynamic_shapes"] = (specs,) if getattr(program, "varargs_forward", False) else specs
     with _quiet(verbose):
         torch.onnx.export(program, example_inputs, str(out_path), dynamo=True, opset_version=OPSET,
                           input_names=in_names, output_names=out_names, verbose=verbose, **kwargs)
@@ -220,17 +229,119 @@ def _summary(exc: BaseException) -> str:
 # -- checks ----------------------------------------------------------------------------------------
 
 
-def _torch_outputs(program: Any, example_inputs: tuple) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class OutputStructure:
+    """A model's output flattened: its tensors in order, each with the ONNX output name it gets.
+
+    Order: dict (and ModelOutput, any Mapping) items in insertion order, namedtuple fields, list and tuple items,
+    depth first, as torch's pytree flattens them. Names: a single tensor is `output`; a flat tuple or list of
+    tensors `output`, `output_1`, ...; anything else the path to the tensor, keys and indices joined by '.'
+    (`out`, `aux`, `logits`, `0`, `1.a`). Non-tensor leaves (None, numbers) are left out.
+    """
+
+    leaves: tuple[tuple[str, Any], ...]
+    needs_flattening: bool  # a dict, namedtuple or nesting: the exporters need a flat tuple
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.leaves]
+
+
+def output_structure(out: Any) -> OutputStructure:
+    """The tensors of a model output `out` (tensor, dict, list, tuple, namedtuple, ModelOutput) and their names."""
+    torch = require("torch", "profile")
+    if isinstance(out, torch.Tensor):
+        return OutputStructure((("output", out),), False)
+    found: list[tuple[str, Any]] = []
+    _walk_output(out, "", found, torch)
+    if not found:
+        raise ConversionError(f"the model returned no tensors (a {type(out).__name__})")
+    flat = type(out) in (tuple, list) and all(isinstance(v, torch.Tensor) for v in out)
+    if flat:
+        return OutputStructure(tuple(zip(_default_names("output", len(found)), (t for _, t in found))), False)
+    names = _unique([name for name, _ in found])
+    return OutputStructure(tuple(zip(names, (t for _, t in found))), True)
+
+
+def _walk_output(value: Any, path: str, found: list[tuple[str, Any]], torch: Any) -> None:
+    def child(key: Any) -> str:
+        return f"{path}.{key}" if path else str(key)
+
+    if isinstance(value, torch.Tensor):
+        found.append((path or "output", value))
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _walk_output(item, child(key), found, torch)
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        for key, item in zip(value._fields, value):
+            _walk_output(item, child(key), found, torch)
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            _walk_output(item, child(i), found, torch)
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        return  # not a tensor: not an ONNX output
+    else:
+        raise ConversionError(f"model output {path or 'output'!r} is a {type(value).__name__}: expected tensors, "
+                              "or dicts, lists, tuples and namedtuples of them")
+
+
+def _unique(names: list[str]) -> list[str]:
+    used: set[str] = set()
+    out = []
+    for name in names:
+        base, k = name, 1
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        out.append(name)
+    return out
+
+
+def _flattened(model: Any, example_inputs: tuple, structure: OutputStructure, torch: Any) -> Any:
+    """`model` behind a wrapper whose output is the flat tuple of `structure`'s tensors (a ScriptModule for one)."""
+    wrapper = _FlatOutputs(model, torch)
+    if not isinstance(model, torch.jit.ScriptModule):
+        return wrapper
+    with torch.no_grad(), _quiet(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings are about the user's model, not ours
+        traced = torch.jit.trace(wrapper, example_inputs, strict=False, check_trace=False)
+    # inline the model's graph: a dict built then indexed by constant keys folds away (peephole)
+    graph = traced.graph
+    torch._C._jit_pass_inline(graph)
+    torch._C._jit_pass_peephole(graph, True)
+    torch._C._jit_pass_dce(graph)
+    return traced
+
+
+def _FlatOutputs(model: Any, torch: Any) -> Any:  # noqa: N802 - builds an nn.Module (torch is imported lazily)
+    class FlatOutputs(torch.nn.Module):
+        """Calls the model and returns its output's tensors as one flat tuple (OutputStructure's order)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        varargs_forward = True  # torch.export sees *args as one input: dynamic_shapes nest one level deeper
+
+        def forward(self, *args: Any) -> tuple:
+            found: list[tuple[str, Any]] = []
+            _walk_output(self.model(*args), "", found, torch)
+            return tuple(t for _, t in found)
+
+    return FlatOutputs()
+
+
+def _torch_outputs(program: Any, example_inputs: tuple) -> OutputStructure:
     torch = require("torch", "profile")
     runnable = program.module() if isinstance(program, torch.export.ExportedProgram) else program
     try:
         with torch.no_grad():
             out = runnable(*example_inputs)
     except Exception as exc:  # noqa: BLE001 - user model code can raise anything
-        shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs)
+        shapes = ", ".join(f"{'x'.join(map(str, t.shape))} {str(t.dtype).replace('torch.', '')}"
+                           for t in example_inputs)
         raise ConversionError(f"the model fails on inputs of shape {shapes}: {type(exc).__name__}: {exc}") from exc
-    leaves = torch.utils._pytree.tree_leaves(out)
-    return [t.detach().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor)]
+    return output_structure(out)
 
 
 def _check_against_reference(path: Path, example_inputs: tuple, reference: list[np.ndarray]) -> None:
@@ -266,6 +377,35 @@ def random_feeds(inputs: Sequence[Any], batch: int | None = None) -> dict[str, n
             dims[0] = batch
         feeds[vi.name] = random_array(rng, dims, numpy_dtype(tt.elem_type), zero_integers=True)
     return feeds
+
+
+def integer_input_highs(model: Any, default: int | None = None) -> dict[str, int]:
+    """An exclusive upper bound for each integer graph input of ONNX `model`, for synthetic values that stay valid.
+
+    An input used as the indices of a Gather on a weight (an embedding table) stays below that table's size on
+    the gathered axis (the vocabulary: the smallest where several); one named like a mask stays in {0, 1};
+    any other gets `default` (None: left out, so the caller's default applies).
+    """
+    initializers = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    highs: dict[str, int] = {}
+    for vi in model.graph.input:
+        if vi.name in initializers or numpy_dtype(vi.type.tensor_type.elem_type).kind not in "iu":
+            continue
+        tables = []
+        for node in model.graph.node:
+            if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == vi.name \
+                    and node.input[0] in initializers:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                dims = initializers[node.input[0]]
+                if dims:
+                    tables.append(int(dims[axis % len(dims)]))
+        if tables:
+            highs[vi.name] = max(min(tables), 1)
+        elif "mask" in vi.name.lower():
+            highs[vi.name] = 2
+        elif default is not None:
+            highs[vi.name] = int(default)
+    return highs
 
 
 # -- graph helpers ---------------------------------------------------------------------------------
@@ -319,6 +459,43 @@ def _walk_nodes(graph: Any) -> Iterator[Any]:
     yield from graph.node
     for sub in _subgraphs(graph):
         yield from _walk_nodes(sub)
+
+
+def _rename_outputs(path: Path, old: list[str], new: list[str]) -> None:
+    """Rename graph outputs `old` to `new` in the file at `path`; a tensor already called a new name is renamed."""
+    onnx = require("onnx", "profile")
+    model = onnx.load(str(path))
+    graph = model.graph
+    taken = {t.name for t in graph.initializer} | {vi.name for vi in graph.input}
+    for node in _walk_nodes(graph):
+        taken.update(node.input)
+        taken.update(node.output)
+    mapping = {o: n for o, n in zip(old, new) if o != n}
+    for target in mapping.values():
+        if target in taken and target not in mapping:
+            k, spare = 1, f"{target}_{1}"
+            while spare in taken or spare in mapping.values():
+                k, spare = k + 1, f"{target}_{k}"
+            _rename_tensor(graph, {target: spare})
+            taken.add(spare)
+    _rename_tensor(graph, mapping)
+    onnx.save_model(model, str(path), save_as_external_data=False)
+
+
+def _rename_tensor(graph: Any, mapping: dict[str, str]) -> None:
+    for node in _walk_nodes(graph):
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+        for i, name in enumerate(node.output):
+            if name in mapping:
+                node.output[i] = mapping[name]
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if vi.name in mapping:
+            vi.name = mapping[vi.name]
+    for t in graph.initializer:
+        if t.name in mapping:
+            t.name = mapping[t.name]
 
 
 def _rename_dim_params(graph: Any, old: set[str], new: str) -> None:

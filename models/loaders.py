@@ -14,10 +14,12 @@ import io
 import json
 import re
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from models.dtypes import numpy_dtype
 from models.extras import require
@@ -49,6 +51,69 @@ class LoadedModel:
     task: str  # "classification" | "segmentation" | "other"
 
 
+@dataclass(frozen=True)
+class InputHint:
+    """What `--input-shape` says about one input: its name (None: the model's only input), shape and dtype."""
+
+    name: str | None
+    shape: tuple[int, ...] | None
+    dtype: str | None = None  # a numpy dtype name ("int64"); None: the model's own, else float32
+
+
+# file stems that say nothing about the model (ultralytics saves best.pt and last.pt)
+GENERIC_STEMS = frozenset({"model", "net", "network", "weights", "checkpoint", "ckpt", "best", "last"})
+
+
+def parse_input_hints(text: str) -> tuple[InputHint, ...]:
+    """Parse `--input-shape`: "1x3x224x224", "1x128:int64" or "input_ids=1x128:int64,attention_mask=1x128:int64"."""
+    text = str(text).strip()
+    if "=" not in text:
+        return (_parse_hint(None, text),)
+    hints: list[InputHint] = []
+    for part in text.split(","):
+        name, sep, spec = part.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise ModelLoadError(f"--input-shape {text!r}: expected name=SHAPE[:DTYPE] entries joined by ',', like "
+                                 "input_ids=1x128:int64,attention_mask=1x128:int64")
+        hints.append(_parse_hint(name.strip(), spec.strip()))
+    names = [h.name for h in hints]
+    if len(set(names)) != len(names):
+        raise ModelLoadError(f"--input-shape {text!r}: an input is named twice")
+    return tuple(hints)
+
+
+def _parse_hint(name: str | None, spec: str) -> InputHint:
+    shape_text, _, dtype_text = spec.partition(":")
+    dtype: str | None = None
+    if dtype_text.strip():
+        try:
+            dtype = np.dtype(dtype_text.strip().lower()).name
+        except TypeError:
+            dtype = None
+        if dtype not in _TORCH_DTYPES:
+            raise ModelLoadError(f"--input-shape {spec!r}: unknown dtype {dtype_text.strip()!r}; expected one of "
+                                 f"{', '.join(_TORCH_DTYPES)}")
+    return InputHint(name, parse_input_shape(shape_text) if shape_text.strip() else None, dtype)
+
+
+_TORCH_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def default_model_name(path: Path, sha256: str) -> str:
+    """A bundle's default model name: the file's stem, or its folder's name when the stem is generic (`model`,
+    `net`, `weights`, `checkpoint` ...), then the first 8 hex digits of the file's sha256 for a generic stem."""
+    stem = path.stem
+    if stem.lower() not in GENERIC_STEMS:
+        return _safe_name(stem)
+    folder = path.resolve().parent.name
+    base = folder if folder and folder.lower() not in GENERIC_STEMS else stem
+    return f"{_safe_name(base)}-{sha256[:8]}"
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-") or "model"
+
+
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """Parse "1x3x224x224" (or "1,3,224,224") into (1, 3, 224, 224); ModelLoadError otherwise."""
     parts = re.split(r"\s*[x,]\s*", str(text).strip().lower())
@@ -60,11 +125,20 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 
 
 def load_model(source: str | Path, workdir: Path, *, input_shape: tuple[int, ...] | None = None,
-               allow_pickle: bool = False, progress: Callable[[str], None] | None = None) -> LoadedModel:
-    """Load `source` (file or zoo name), convert it to normalized ONNX in `workdir` and describe its I/O."""
+               allow_pickle: bool = False, progress: Callable[[str], None] | None = None,
+               input_hints: Sequence[InputHint] = (), name: str | None = None) -> LoadedModel:
+    """Load `source` (file or zoo name), convert it to normalized ONNX in `workdir` and describe its I/O.
+
+    `input_hints` (from `--input-shape name=SHAPE:DTYPE,...`) give shapes and dtypes the file does not record;
+    `name` is the model's name (default: `default_model_name`).
+    """
     say = progress or (lambda _msg: None)
+    hints = tuple(input_hints)
     if input_shape is not None:
         input_shape = _check_shape(input_shape)
+    if len(hints) == 1 and hints[0].name is None:
+        input_shape = hints[0].shape if input_shape is None else input_shape
+    named = {h.name: h for h in hints}
     workdir = Path(workdir)
     text = str(source)
     path = Path(text).expanduser()
@@ -72,7 +146,8 @@ def load_model(source: str | Path, workdir: Path, *, input_shape: tuple[int, ...
         from models import zoo
 
         if text in zoo.zoo_names():
-            return _load_zoo(text, workdir, input_shape, say)
+            loaded = _load_zoo(text, workdir, input_shape, say)
+            return loaded if name is None else replace(loaded, name=name)
         if "/" in text or "\\" in text or path.suffix:
             raise ModelLoadError(f"{text}: no such file; {_EXPECTED}")
         raise ModelLoadError(f"{text}: no such file and no zoo model of that name; the zoo has: "
@@ -82,24 +157,25 @@ def load_model(source: str | Path, workdir: Path, *, input_shape: tuple[int, ...
     fmt = detect_format(path)
     say(f"{path.name}: {fmt} model")
     workdir.mkdir(parents=True, exist_ok=True)
-    name = path.stem
-    out = workdir / f"{name}.onnx"
+    sha = sha256_file(path)
+    name = name or default_model_name(path, sha)
+    out = workdir / f"{path.stem}.onnx"
     if out.resolve() == path.resolve():  # never overwrite the user's file
-        out = workdir / f"{name}.normalized.onnx"
+        out = workdir / f"{path.stem}.normalized.onnx"
     if fmt == "onnx":
-        _convert_onnx(path, out, input_shape, say)
+        _convert_onnx(path, out, input_shape, named, say)
     elif fmt == "torchscript":
-        _convert_torchscript(path, out, input_shape, say)
+        _convert_torchscript(path, out, input_shape, named, say)
     elif fmt == "torch.export":
-        _convert_exported(path, out, input_shape, allow_pickle, say)
+        _convert_exported(path, out, input_shape, named, allow_pickle, say)
     else:
-        _convert_pickle(path, out, input_shape, allow_pickle, say)
+        _convert_pickle(path, out, input_shape, named, allow_pickle, say)
     inputs, outputs = _describe(out, path)
     fixed = [f"{s.name} ({s.shape[0]})" for s in inputs if s.shape and s.shape[0] is not None]
     if fixed:
         say(f"{path.name}: the batch dimension is fixed in the graph for {', '.join(fixed)}; kept as is "
             "(the model runs one fixed-size batch at a time)")
-    return LoadedModel(name=name, source=text, format=fmt, sha256=sha256_file(path), onnx_path=out,
+    return LoadedModel(name=name, source=text, format=fmt, sha256=sha, onnx_path=out,
                        inputs=inputs, outputs=outputs, task=_task(outputs))
 
 
@@ -205,14 +281,21 @@ def _load_zoo(name: str, workdir: Path, input_shape: tuple[int, ...] | None,
                        inputs=inputs, outputs=outputs, task=entry.task)
 
 
-def _convert_onnx(path: Path, out: Path, input_shape: tuple[int, ...] | None, say: Callable[[str], None]) -> None:
+def _convert_onnx(path: Path, out: Path, input_shape: tuple[int, ...] | None, named: Mapping[str | None, InputHint],
+                  say: Callable[[str], None]) -> None:
     from models.convert import make_batch_dynamic, normalize_onnx
 
     onnx = require("onnx", "profile")
     model = _wrap(lambda: onnx.load(str(path)), str(path))  # external data resolved next to the user's file
     initializers = {t.name for t in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializers]
+    _check_hint_names(path, named, [vi.name for vi in graph_inputs])
     for vi in graph_inputs:
+        hint = named.get(vi.name)
+        own = numpy_dtype(vi.type.tensor_type.elem_type).name
+        if hint is not None and hint.dtype is not None and own != hint.dtype:
+            raise ModelLoadError(f"{path}: input {vi.name!r} is {own} in the model, not {hint.dtype} as --input-shape "
+                                 "says; drop the dtype or fix it")
         dims = vi.type.tensor_type.shape.dim
         known = vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims[1:])
         if known and len(dims) > 0:
@@ -221,11 +304,13 @@ def _convert_onnx(path: Path, out: Path, input_shape: tuple[int, ...] | None, sa
                 raise ModelLoadError(f"{path}: records input shape {_fmt(recorded)}, not --input-shape "
                                      f"{_fmt(input_shape)}; drop --input-shape or fix it")
             continue
-        if input_shape is None or len(graph_inputs) != 1:
-            raise ModelLoadError(f"{path}: input {vi.name!r} does not record its full shape; {_SHAPE_HINT}")
-        if dims and len(dims) != len(input_shape):
+        wanted = hint.shape if hint is not None else (input_shape if len(graph_inputs) == 1 else None)
+        if wanted is None:
+            hint_text = _SHAPE_HINT if len(graph_inputs) == 1 else _named_hint([v.name for v in graph_inputs])
+            raise ModelLoadError(f"{path}: input {vi.name!r} does not record its full shape; {hint_text}")
+        if dims and len(dims) != len(wanted):
             raise ModelLoadError(f"{path}: input {vi.name!r} has rank {len(dims)}, --input-shape "
-                                 f"{_fmt(input_shape)} has rank {len(input_shape)}")
+                                 f"{_fmt(wanted)} has rank {len(wanted)}")
         batch = onnx.TensorShapeProto.Dimension()
         if dims:
             batch.CopyFrom(dims[0])  # a fixed batch stays fixed until make_batch_dynamic proves otherwise
@@ -233,7 +318,7 @@ def _convert_onnx(path: Path, out: Path, input_shape: tuple[int, ...] | None, sa
             batch.dim_param = "batch"
         vi.type.tensor_type.shape.Clear()
         vi.type.tensor_type.shape.dim.add().CopyFrom(batch)
-        for d in input_shape[1:]:
+        for d in wanted[1:]:
             vi.type.tensor_type.shape.dim.add().dim_value = d
     _wrap(lambda: onnx.save_model(model, str(out), save_as_external_data=False), str(path))
     _wrap(lambda: normalize_onnx(out), str(path))
@@ -241,7 +326,7 @@ def _convert_onnx(path: Path, out: Path, input_shape: tuple[int, ...] | None, sa
 
 
 def _convert_torchscript(path: Path, out: Path, input_shape: tuple[int, ...] | None,
-                         say: Callable[[str], None]) -> None:
+                         named: Mapping[str | None, InputHint], say: Callable[[str], None]) -> None:
     from models.convert import to_onnx
 
     torch = require("torch", "profile")
@@ -251,17 +336,20 @@ def _convert_torchscript(path: Path, out: Path, input_shape: tuple[int, ...] | N
     module.eval()
     args = list(module.graph.inputs())[1:]  # [0] is self
     shapes: list[tuple[int, ...] | None] = []
+    dtypes: list[Any] = []
     for arg in args:
         t = arg.type()
         sizes = t.sizes() if t.kind() == "TensorType" else None
         shapes.append(tuple(sizes) if sizes is not None and all(s is not None for s in sizes) else None)
-    examples = _examples_from(path, shapes, input_shape, torch)
+        dtypes.append(t.dtype() if t.kind() == "TensorType" else None)
+    names = [re.sub(r"\.\d+$", "", arg.debugName()) for arg in args]
+    examples = _examples_from(path, shapes, input_shape, torch, names=names, dtypes=dtypes, named=named)
     say(f"{path.name}: converting TorchScript to ONNX")
-    _wrap(lambda: to_onnx(module, examples, out), str(path))
+    _wrap(lambda: to_onnx(module, examples, out, input_names=_onnx_input_names(names)), str(path))
 
 
-def _convert_exported(path: Path, out: Path, input_shape: tuple[int, ...] | None, allow_pickle: bool,
-                      say: Callable[[str], None]) -> None:
+def _convert_exported(path: Path, out: Path, input_shape: tuple[int, ...] | None,
+                      named: Mapping[str | None, InputHint], allow_pickle: bool, say: Callable[[str], None]) -> None:
     from models.convert import to_onnx
 
     torch = require("torch", "profile")
@@ -272,28 +360,31 @@ def _convert_exported(path: Path, out: Path, input_shape: tuple[int, ...] | None
                                  f"it); {_PICKLE_RISK}")
     program = _wrap(lambda: torch.export.load(str(path)), str(path))
     recorded = getattr(program, "example_inputs", None)
+    user_inputs = list(program.graph_signature.user_inputs)
     if recorded is not None and recorded[0] and not recorded[1]:
         examples = tuple(recorded[0])
         if input_shape is not None and len(examples) == 1 and tuple(examples[0].shape[1:]) != input_shape[1:]:
             raise ModelLoadError(f"{path}: records input shape {_fmt(tuple(examples[0].shape))}, not --input-shape "
                                  f"{_fmt(input_shape)}; drop --input-shape or fix it")
-    else:  # no stored example inputs: read the shapes off the graph's user-input placeholders
-        user_inputs = set(program.graph_signature.user_inputs)
+    else:  # no stored example inputs: read the shapes and dtypes off the graph's user-input placeholders
         shapes: list[tuple[int, ...] | None] = []
+        dtypes: list[Any] = []
         for node in program.graph.nodes:
-            if node.op == "placeholder" and node.name in user_inputs:
+            if node.op == "placeholder" and node.name in set(user_inputs):
                 val = node.meta.get("val")
                 dims = tuple(val.shape) if val is not None else ()
                 static = all(isinstance(d, int) for d in dims[1:]) and val is not None
                 batch = dims[0] if dims and isinstance(dims[0], int) else 1  # a symbolic batch: run 1
                 shapes.append((batch, *dims[1:]) if static and dims else None)
-        examples = _examples_from(path, shapes, input_shape, torch)
+                dtypes.append(getattr(val, "dtype", None))
+        examples = _examples_from(path, shapes, input_shape, torch, names=user_inputs, dtypes=dtypes, named=named)
     say(f"{path.name}: converting the ExportedProgram to ONNX")
-    _wrap(lambda: to_onnx(program, examples, out), str(path))
+    in_names = _onnx_input_names(user_inputs) if len(user_inputs) == len(examples) else None
+    _wrap(lambda: to_onnx(program, examples, out, input_names=in_names), str(path))
 
 
-def _convert_pickle(path: Path, out: Path, input_shape: tuple[int, ...] | None, allow_pickle: bool,
-                    say: Callable[[str], None]) -> None:
+def _convert_pickle(path: Path, out: Path, input_shape: tuple[int, ...] | None,
+                    named: Mapping[str | None, InputHint], allow_pickle: bool, say: Callable[[str], None]) -> None:
     from models.convert import to_onnx
 
     if not allow_pickle:
@@ -305,9 +396,11 @@ def _convert_pickle(path: Path, out: Path, input_shape: tuple[int, ...] | None, 
         raise ModelLoadError(f"{path}: unpickled a {type(obj).__name__}, expected an nn.Module{hint}; save the "
                              "module itself with torch.jit.save or torch.export.save")
     obj.eval()
-    examples = _examples_from(path, [None], input_shape, torch)
+    names = [n for n in named if n is not None] or ["input"]
+    examples = _examples_from(path, [None] * len(names), input_shape, torch, names=names, dtypes=[None] * len(names),
+                              named=named)
     say(f"{path.name}: converting the unpickled nn.Module to ONNX")
-    _wrap(lambda: to_onnx(obj, examples, out), str(path))
+    _wrap(lambda: to_onnx(obj, examples, out, input_names=_onnx_input_names(names)), str(path))
 
 
 # -- .pt2 archives without pickle ------------------------------------------------------------------
@@ -363,23 +456,71 @@ def pt2_pickle_use(path: Path, torch: Any) -> str | None:
 
 
 def _examples_from(path: Path, shapes: list[tuple[int, ...] | None], input_shape: tuple[int, ...] | None,
-                   torch: Any) -> tuple:
-    """Seeded float32 example inputs: recorded shapes where known, else --input-shape (single input only)."""
+                   torch: Any, *, names: Sequence[str] | None = None, dtypes: Sequence[Any] | None = None,
+                   named: Mapping[str | None, InputHint] | None = None) -> tuple:
+    """Seeded example inputs: shapes and dtypes recorded in the model where known, else --input-shape's.
+
+    Floats are standard normal; integers are 0 (a valid index and token id for any table) except inputs named
+    like a mask, which are 1 (attend everywhere); bools are True.
+    """
     if not shapes:
         raise ModelLoadError(f"{path}: the model takes no tensor inputs; expected at least one")
-    if input_shape is not None and len(shapes) == 1:
-        if shapes[0] is not None and shapes[0][1:] != input_shape[1:]:
-            raise ModelLoadError(f"{path}: records input shape {_fmt(shapes[0])}, not --input-shape "
-                                 f"{_fmt(input_shape)}; drop --input-shape or fix it")
-        shapes = [input_shape]
-    missing = [i for i, s in enumerate(shapes) if s is None]
+    names = list(names) if names is not None else [f"input_{i}" for i in range(len(shapes))]
+    dtypes = list(dtypes) if dtypes is not None else [None] * len(shapes)
+    named = dict(named or {})
+    _check_hint_names(path, named, names)
+    shapes, dtypes = list(shapes), list(dtypes)
+    for i, name in enumerate(names):
+        hint = named.get(name) or (named.get(None) if len(shapes) == 1 else None)
+        given = hint.shape if hint is not None and hint.shape is not None else (
+            input_shape if len(shapes) == 1 else None)
+        if given is not None:
+            if shapes[i] is not None and shapes[i][1:] != given[1:]:  # type: ignore[index]
+                what = "input shape" if len(shapes) == 1 else f"input {name!r} with shape"
+                raise ModelLoadError(f"{path}: records {what} {_fmt(shapes[i])}, not --input-shape "  # type: ignore[arg-type]
+                                     f"{_fmt(given)}; drop --input-shape or fix it")
+            shapes[i] = given
+        if hint is not None and hint.dtype is not None:
+            want = getattr(torch, hint.dtype)
+            if dtypes[i] is not None and dtypes[i] != want:
+                raise ModelLoadError(f"{path}: input {name!r} is {str(dtypes[i]).replace('torch.', '')} in the model, "
+                                     f"not {hint.dtype} as --input-shape says; drop the dtype or fix it")
+            dtypes[i] = want
+    missing = [names[i] for i, s in enumerate(shapes) if s is None]
     if missing and len(shapes) > 1:
-        raise ModelLoadError(f"{path}: has {len(shapes)} inputs and does not record their shapes; "
-                             "re-save it with torch.export.save (which records them)")
+        raise ModelLoadError(f"{path}: has {len(shapes)} inputs and does not record the shapes of "
+                             f"{', '.join(missing)}; {_named_hint(names)}")
     if missing:
         raise ModelLoadError(f"{path}: does not record its input shape; {_SHAPE_HINT}")
     gen = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(s, generator=gen) for s in shapes if s is not None)
+    examples = []
+    for name, shape, dtype in zip(names, shapes, dtypes):
+        dtype = dtype or torch.float32
+        if dtype.is_floating_point:
+            examples.append(torch.randn(shape, generator=gen).to(dtype))
+        elif dtype == torch.bool or "mask" in name.lower():
+            examples.append(torch.ones(shape, dtype=dtype))
+        else:
+            examples.append(torch.zeros(shape, dtype=dtype))
+    return tuple(examples)
+
+
+def _check_hint_names(path: Path, named: Mapping[str | None, InputHint], names: Sequence[str]) -> None:
+    unknown = [n for n in named if n is not None and n not in names]
+    if unknown:
+        raise ModelLoadError(f"{path}: --input-shape names {', '.join(map(repr, unknown))}, but the model's inputs "
+                             f"are {', '.join(map(repr, names))}")
+    if None in named and len(names) > 1:
+        raise ModelLoadError(f"{path}: has {len(names)} inputs; {_named_hint(names)}")
+
+
+def _named_hint(names: Sequence[str]) -> str:
+    return "pass --input-shape " + ",".join(f"{n}=SHAPE[:DTYPE]" for n in names) + " (e.g. 1x128:int64)"
+
+
+def _onnx_input_names(names: Sequence[str]) -> list[str] | None:
+    """The model's own input names for several inputs; None (the default `input`) for one."""
+    return list(names) if len(names) > 1 and len(set(names)) == len(names) else None
 
 
 def _describe(onnx_path: Path, source: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

@@ -149,7 +149,7 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
     with tempfile.TemporaryDirectory(prefix="splitinfer-") as tmp:
         say(f"loading {model}")
         loaded = load_model(str(model), Path(tmp), input_shape=opts.input_shape, allow_pickle=opts.allow_pickle,
-                            progress=say)
+                            progress=say, input_hints=opts.input_hints, name=opts.name)
         proto = onnx.load(str(loaded.onnx_path))
         onnx_sha = sha256_file(loaded.onnx_path)
         say(f"analysing the graph ({len(proto.graph.node)} nodes)")
@@ -249,6 +249,7 @@ def _save_profile(path: Path, costs: NodeCosts, sha: str, threads: int | None) -
 def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Plan, document: PlanDocument,
             notes: list[str], say: Progress) -> ProfileResult:
     """Calibrate, write and verify the bundle in `opts.out`."""
+    from models.convert import integer_input_highs
     from models.inputs import synthetic_samples
     from partitioning.bundle import write_bundle
     from partitioning.quantize import load_calibration
@@ -262,8 +263,9 @@ def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Pla
                "their accuracy on real data may be lower than verification reports")
         warnings.warn(msg, stacklevel=3)
         notes.append(msg)
-        calib = synthetic_samples(loaded.inputs, DEFAULT_CALIBRATION_SAMPLES, seed=1)
-        checks = synthetic_samples(loaded.inputs, DEFAULT_CHECK_SAMPLES, seed=2)
+        highs = integer_input_highs(proto, opts.int_high)  # token ids below the vocabulary, masks 0/1
+        calib = synthetic_samples(loaded.inputs, DEFAULT_CALIBRATION_SAMPLES, seed=1, int_high=highs)
+        checks = synthetic_samples(loaded.inputs, DEFAULT_CHECK_SAMPLES, seed=2, int_high=highs)
     source = str(opts.calibration) if opts.calibration else "synthetic"
     document = replace(document, calibration=Calibration(source, len(calib)))
     final = write_bundle(Path(opts.out), proto, loaded.onnx_path, graph, plan, document, calib, checks, loaded.task,

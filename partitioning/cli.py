@@ -47,13 +47,24 @@ def _count(text: str) -> int:
     return int(value)
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    from models.loaders import ModelLoadError, parse_input_shape
+def _count_positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _shape(text: str) -> tuple[Any, ...]:
+    """`--input-shape`: a plain shape (a tuple of ints) or per-input hints (a tuple of InputHint)."""
+    from models.loaders import ModelLoadError, parse_input_hints
 
     try:
-        return parse_input_shape(text)
+        hints = parse_input_hints(text)
     except ModelLoadError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if len(hints) == 1 and hints[0].name is None and hints[0].dtype is None and hints[0].shape is not None:
+        return hints[0].shape
+    return hints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how cut activations travel (default int8)")
     p.add_argument("--out", type=Path, help="write the bundle here (plan.json, head/int8 head/tail/full .onnx)")
     p.add_argument("--calibration", type=Path, help="folder of .npy (or .npz) inputs to calibrate the int8 heads")
-    p.add_argument("--input-shape", type=_shape, help="e.g. 1x3x224x224, when the model file does not record it")
+    p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
+                   help="when the model file does not record it: 1x3x224x224; with a dtype 1x128:int64; several "
+                        "inputs by name: input_ids=1x128:int64,attention_mask=1x128:int64 (a dtype the model "
+                        "records wins; default float32)")
+    p.add_argument("--int-high", type=_count_positive, metavar="N",
+                   help="synthetic integer inputs (calibration, checks) are drawn from [0, N) where the graph does "
+                        "not bound them (token ids feeding an embedding stay below its vocabulary; masks 0/1); "
+                        "default 10")
+    p.add_argument("--name", help="the bundle's model name (default: the file's stem; for a generic stem like "
+                                  "model.pt, its folder's name and a short hash of the file)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a pickled nn.Module (unpickling runs code: only for files you trust)")
     p.add_argument("--save-device-profile", type=Path, help="with --device local: save the measurement as JSON")
@@ -312,10 +332,16 @@ def options_from_args(args: argparse.Namespace) -> ProfileOptions:
         uplink_mbps=args.uplink_mbps, downlink_mbps=args.downlink_mbps, rtt_ms=args.rtt_ms,
         max_latency_ms=args.max_latency_ms, edge_memory_mb=args.edge_memory_mb, max_energy_mj=args.max_energy_mj,
         objective=args.objective, codec=args.codec, out=args.out, calibration=args.calibration,
-        input_shape=args.input_shape, allow_pickle=args.allow_pickle, save_device_profile=args.save_device_profile,
+        input_shape=args.input_shape if _plain(args.input_shape) else None,
+        input_hints=() if _plain(args.input_shape) else tuple(args.input_shape), int_high=args.int_high,
+        name=args.name, allow_pickle=args.allow_pickle, save_device_profile=args.save_device_profile,
         repeats=args.repeats, measure_seconds=args.measure_seconds, threads=args.threads,
         cloud_threads=args.cloud_threads, refine=args.refine,
     )
+
+
+def _plain(shape: Any) -> bool:
+    return shape is None or all(isinstance(d, int) for d in shape)
 
 
 def _is_user_error(exc: BaseException) -> bool:

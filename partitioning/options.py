@@ -6,13 +6,16 @@ The CLI builds one from its arguments; tests and scripts build one, or pass the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.validate import check_int, check_number
+from models.loaders import InputHint
+from models.validate import FieldError, check_int, check_number
 from partitioning.costs import MIN_SECONDS
 from partitioning.planner import PLAN_TABLE_MBPS, Budgets
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_REFINE = 3  # candidates timed as real head and tail when edge and cloud are both this host
 
 
@@ -34,6 +37,9 @@ class ProfileOptions:
     out: str | Path | None = None  # write the bundle here; None: plan only
     calibration: str | Path | None = None  # folder of .npy/.npz inputs for the int8 heads
     input_shape: tuple[int, ...] | None = None
+    input_hints: tuple[InputHint, ...] = ()  # per-input shapes and dtypes (--input-shape name=1x128:int64,...)
+    int_high: int | None = None  # synthetic integer inputs below this where the graph does not bound them
+    name: str | None = None  # the bundle's model name; None: from the file (default_model_name)
     allow_pickle: bool = False
     save_device_profile: str | Path | None = None
     repeats: int = 20
@@ -47,6 +53,11 @@ class ProfileOptions:
         """Check the numeric options; FieldError (a ValueError) names the first bad one."""
         check_int("refine", self.refine, 0)  # candidates to time; 0 disables
         check_number("measure_seconds", self.measure_seconds, 0)
+        if self.int_high is not None:
+            check_int("int_high", self.int_high, 1)
+        if self.name is not None and not _NAME.fullmatch(self.name):
+            raise FieldError("name", f"{self.name!r}: expected letters, digits, '.', '_' and '-' "
+                             "(at most 64, starting with a letter or digit)")
 
     @property
     def budgets(self) -> Budgets:
