@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from edge_agent.config import ServiceConfig
+from edge_agent.local_client import LOCAL_HTTP2_OPTIONS
 from edge_agent.results import SPLIT, AgentClosedError, InferenceResult, InFlightLimitError
 from edge_agent.runtime import InputError
 from models.manifest import TensorSpec
@@ -93,10 +94,10 @@ class _Servicer(lpb_grpc.LocalInferenceServicer):
         except _Refused as exc:
             context.abort(exc.code, exc.message)
         try:
-            result = fut.result(timeout=api.timeout_for(context))
+            result = fut.result(timeout=api.timeout_for(context, request))
         except futures.TimeoutError:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"no result within the request's deadline ({api.timeout_for(context):.3f} s left)")
+                          f"no result within the request's deadline ({api.timeout_for(context, request):.3f} s)")
         except Exception as exc:  # the model failed on the device
             context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {exc}")
         return api.answer(request.request_id, result)
@@ -129,6 +130,7 @@ class LocalApi:
         self._socket_ino: tuple[int, int] | None = None
         self.address = ""  # "unix:/path" or "host:port", set by start()
         self.answered = 0
+        self._inline_alone = True  # InferStream: a request alone on its stream runs on the reader (see stream())
 
     # -- settings that SIGHUP may change ---------------------------------------------------------
 
@@ -150,7 +152,7 @@ class LocalApi:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitinfer-local"),
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                     ("grpc.so_reuseport", 0)],
+                     ("grpc.so_reuseport", 0), *LOCAL_HTTP2_OPTIONS],
             maximum_concurrent_rpcs=workers,
         )
         lpb_grpc.add_LocalInferenceServicer_to_server(_Servicer(self), server)
@@ -223,9 +225,12 @@ class LocalApi:
 
     # -- requests -----------------------------------------------------------------------------------
 
-    def timeout_for(self, context: grpc.ServicerContext) -> float:
-        """Seconds this call may still wait: the caller's deadline capped by request_timeout_s."""
+    def timeout_for(self, context: grpc.ServicerContext, request: lpb.LocalInferRequest | None = None) -> float:
+        """Seconds this request may still wait: the call's deadline and the request's own timeout_ms, capped by
+        request_timeout_s."""
         cap = self.service.request_timeout_s
+        if request is not None and request.timeout_ms:
+            cap = min(cap, request.timeout_ms / 1000.0)
         left = context.time_remaining()
         return cap if left is None else max(0.0, min(cap, left))
 
@@ -285,9 +290,13 @@ class LocalApi:
                context: grpc.ServicerContext) -> Iterator[lpb.LocalInferResponse]:
         """InferStream: a reader thread takes requests as they come, answers leave as they finish.
 
+        A request alone on its stream (nothing else unanswered: a caller waiting for each answer, as
+        LocalClient.infer does on each of its streams) runs on the reader thread, as a unary call runs on its own;
+        one that comes while others are unanswered goes to an agent worker, so pipelined requests overlap.
+
         A stream holds at most max_requests unanswered requests: past that the reader waits for the caller to
         read answers (flow control), so neither side's memory grows without bound. Each request has its own
-        deadline (request_timeout_s, capped by the call's)."""
+        deadline (request_timeout_s, capped by the call's and by the request's timeout_ms)."""
         out: queue.Queue[Any] = queue.Queue()
         window = threading.BoundedSemaphore(max(1, self.max_requests))
         end = object()
@@ -314,9 +323,10 @@ class LocalApi:
                             out.put(_status(rid, grpc.StatusCode.INVALID_ARGUMENT,
                                             f"request_id {rid!r} is already in flight on this stream"))
                             continue
-                        pending[rid] = time.monotonic() + self.timeout_for(context)
-                    try:
-                        fut = self.start_request(req)
+                        pending[rid] = time.monotonic() + self.timeout_for(context, req)
+                        alone = self._inline_alone and len(pending) == 1
+                    try:  # alone on the stream: its head runs on this thread (one hand-over less), else a worker's
+                        fut = self.start_request(req, here=alone)
                     except _Refused as exc:
                         put(_status(rid, exc.code, exc.message))
                         continue
