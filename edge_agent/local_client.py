@@ -10,8 +10,9 @@
             ...
         print(agent.health())
 
-`infer` sends on one long-lived InferStream that the client opens on first use and shares between threads
-(answers are matched by an id of the client's own); that saves gRPC's per-call setup on every request. Each
+`infer` sends on long-lived InferStreams that the client opens on first use and keeps: one per thread calling at
+the same time, up to MAX_STREAMS, then shared (answers are matched by an id of the client's own); that saves
+gRPC's per-call setup on every request, and the service runs a request alone on its stream without a hand-over. Each
 request carries its deadline (`timeout_ms`) and the caller waits no longer than it. A stream that breaks (the
 service restarted) fails the requests it had in flight with UNAVAILABLE; the next `infer` opens a new one.
 `unary=True` uses a unary Infer call instead. Inputs are serialized straight from the array's buffer (one copy;
@@ -41,6 +42,7 @@ __all__ = ["DEFAULT_SOCKET", "LocalClient", "LocalError", "LocalResult"]
 DEFAULT_SOCKET = "/run/splitinfer-agent/agent.sock"  # edge_agent.config.DEFAULT_SOCKET (not imported: no tomli)
 DEFAULT_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
+MAX_STREAMS = 8  # shared streams per client: one per concurrent caller up to this, then callers share
 STREAM_WINDOW = 256  # unanswered requests on the shared stream; past it infer() waits (within its deadline)
 # Unix sockets and loopback: larger HTTP/2 frames and window than the defaults (16 KB, 64 KB growing) move a
 # camera frame in fewer frames and without waiting for window updates. The service (local_api) sets the same.
@@ -159,6 +161,7 @@ class _SharedStream:
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self.users = 0  # callers using this stream now (kept by LocalClient under its lock)
         self.broken: LocalError | None = None
         self._call = method(iter(self._outbox.get, _CLOSE))
         threading.Thread(target=self._read, name="splitinfer-local-client", daemon=True).start()
@@ -237,8 +240,8 @@ class LocalClient:
                                                 response_deserializer=lpb.LocalInferResponse.FromString)
         self._streaming = self._channel.stream_stream(f"/{_SERVICE}/InferStream",
                                                       response_deserializer=lpb.LocalInferResponse.FromString)
-        self._shared: _SharedStream | None = None
-        self._shared_lock = threading.Lock()
+        self._streams: list[_SharedStream] = []  # open shared streams; each has `users` callers in it now
+        self._streams_lock = threading.Lock()
         self._closed = False
         self._input_name = input_name
         self._ids = itertools.count(1)
@@ -251,10 +254,10 @@ class LocalClient:
 
     def close(self) -> None:
         """Close the shared stream and the channel."""
-        with self._shared_lock:
+        with self._streams_lock:
             self._closed = True
-            shared, self._shared = self._shared, None
-        if shared is not None:
+            streams, self._streams = self._streams, []
+        for shared in streams:
             shared.close()
         self._channel.close()
 
@@ -272,13 +275,31 @@ class LocalClient:
         return x if isinstance(x, Mapping) else {self._input(): x}
 
     def _stream(self) -> _SharedStream:
-        """The shared stream, opened on first use and again after it broke."""
-        with self._shared_lock:
+        """A stream for one request, with its `users` counted: an idle one, else a new one (up to MAX_STREAMS),
+        else the least busy. Callers on separate streams run in parallel in the service (each stream runs the
+        request alone on it on its reader); broken streams are dropped here."""
+        with self._streams_lock:
             if self._closed:
                 raise LocalError("UNAVAILABLE", "the client is closed")
-            if self._shared is None or self._shared.broken is not None:
-                self._shared = _SharedStream(self._streaming, STREAM_WINDOW)
-            return self._shared
+            self._streams = [s for s in self._streams if s.broken is None]
+            idle = [s for s in self._streams if s.users == 0]
+            if idle:
+                chosen = idle[0]
+            elif len(self._streams) < MAX_STREAMS:
+                chosen = _SharedStream(self._streaming, STREAM_WINDOW)
+                self._streams.append(chosen)
+            else:
+                chosen = min(self._streams, key=lambda s: s.users)
+            chosen.users += 1
+            return chosen
+
+    def _on_stream(self, arrays: Mapping[str, Any], wait: float, request_id: str) -> lpb.LocalInferResponse:
+        shared = self._stream()
+        try:
+            return shared.infer(arrays, wait, request_id)
+        finally:
+            with self._streams_lock:
+                shared.users -= 1
 
     def infer(self, x: Any, timeout: float | None = None, request_id: str = "", *,
               unary: bool = False) -> LocalResult:
@@ -288,9 +309,9 @@ class LocalClient:
         arrays = self._named(x)
         if not unary:
             try:
-                resp = self._stream().infer(arrays, wait, request_id)
+                resp = self._on_stream(arrays, wait, request_id)
             except _NotSent:  # it broke just now (the reader saw it first): once more on a new stream
-                resp = self._stream().infer(arrays, wait, request_id)
+                resp = self._on_stream(arrays, wait, request_id)
             resp.request_id = request_id
             return _result(resp)
         try:

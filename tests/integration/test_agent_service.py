@@ -463,14 +463,16 @@ def test_the_shared_stream_answers_threads_right_and_unary_agrees(local_api, soc
 
         with ThreadPoolExecutor(6) as pool:
             assert [w for ws in pool.map(work, range(6)) for w in ws] == []
-        streams = {id(client._shared)}
+        streams = list(client._streams)
+        assert 1 <= len(streams) <= 6 and all(s.users == 0 and s.broken is None for s in streams)
         r = client.infer(inputs[3], timeout=30, unary=True)
         np.testing.assert_allclose(r.output, want[3], atol=1e-5)
-        assert {id(client._shared)} == streams  # every stream request went on one stream
+        client.infer(inputs[3], timeout=30)
+        assert client._streams == streams  # kept open and reused, none added by a caller alone
         with pytest.raises(LocalError, match="INVALID_ARGUMENT") as exc:
             client.infer(np.zeros((1, 5), np.float32), timeout=30)
         assert SPEC in exc.value.message
-    assert apis[0].answered == 6 * 20 + 1 and apis[0].in_flight == 0
+    assert apis[0].answered == 6 * 20 + 2 and apis[0].in_flight == 0
 
 
 def test_a_broken_stream_fails_its_requests_and_the_next_infer_reconnects(local_api, sockdir):
@@ -478,9 +480,8 @@ def test_a_broken_stream_fails_its_requests_and_the_next_infer_reconnects(local_
     x = sample_input(1)
     with LocalClient(socket=str(sockdir / "agent.sock")) as client:
         first = client.infer(x, timeout=30).output
-        old = client._shared
+        [old] = client._streams
         apis[0].stop(grace=0.5)  # the service restarts on the same socket
-        assert old is not None
         wait_for(lambda: old.broken is not None, "the client sees its stream end", 10.0)
         with pytest.raises(LocalError, match="UNAVAILABLE"):
             client.infer(x, timeout=5)  # nobody listens: refused at once, not after the deadline
@@ -497,7 +498,8 @@ def test_a_broken_stream_fails_its_requests_and_the_next_infer_reconnects(local_
 
         wait_for(answered, "the same client answered again after the restart", 20.0)
         np.testing.assert_allclose(got[0], first, atol=1e-6)
-        assert client._shared is not old and client._shared is not None and client._shared.broken is None
+        [new] = client._streams
+        assert new is not old and new.broken is None
     with pytest.raises(LocalError, match="closed"):
         client.infer(x, timeout=30)
 
