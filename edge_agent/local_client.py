@@ -93,6 +93,27 @@ _INPUTS_TAG = b"\x12"  # LocalInferRequest.inputs: field 2, length-delimited
 _DATA_TAG = b"\x22"    # Tensor.data: field 4, length-delimited
 
 
+_HEADERS: dict[tuple[str, str, tuple[int, ...]], tuple[bytes, np.dtype]] = {}  # see _header
+_HEADERS_MAX = 64
+
+
+def _header(name: str, arr: np.ndarray) -> tuple[bytes, np.dtype]:
+    """The serialized Tensor of `arr` without its data, and the wire dtype its data is sent in: codec.encode's
+    checks (dtype, rank) and choices (fp32 for floats) made on no data, once per name, dtype and shape."""
+    key = (name, arr.dtype.str, arr.shape)
+    got = _HEADERS.get(key)
+    if got is None:
+        head = codec.encode(name, arr[:0])
+        wire = codec.decode(head).dtype
+        del head.shape[:]
+        head.shape.extend(arr.shape)
+        head.raw_size = arr.size * wire.itemsize
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        got = _HEADERS[key] = (head.SerializeToString(), wire)
+    return got
+
+
 def request_bytes(arrays: Mapping[str, Any], request_id: str = "", timeout_ms: int = 0) -> bytes:
     """The serialized LocalInferRequest of `arrays` (fp32 for floats, no compression), built around each array's
     own buffer: its bytes are copied once, into the message, where encode + SerializeToString copy them twice.
@@ -104,12 +125,8 @@ def request_bytes(arrays: Mapping[str, Any], request_id: str = "", timeout_ms: i
             tensor = codec.encode(name, np.ascontiguousarray(arr))  # as before: a scalar goes as shape [1]
             parts.append(lpb.LocalInferRequest(inputs=[tensor]).SerializeToString())
             continue
-        head = codec.encode(name, arr[:0])  # dtype and rank checked, and the wire dtype chosen, on no data
-        data = np.ascontiguousarray(arr, dtype=codec.decode(head).dtype)  # no copy when already fp32 C-order
-        del head.shape[:]
-        head.shape.extend(arr.shape)
-        head.raw_size = data.nbytes
-        header = head.SerializeToString()
+        header, wire = _header(name, arr)
+        data = np.ascontiguousarray(arr, dtype=wire)  # no copy when already fp32 C-order
         size = _varint(data.nbytes)
         parts += [_INPUTS_TAG, _varint(len(header) + 1 + len(size) + data.nbytes), header, _DATA_TAG, size,
                   memoryview(data.reshape(-1).view(np.uint8))]  # type: ignore[arg-type]  # numpy 2 stubs

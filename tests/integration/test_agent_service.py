@@ -442,6 +442,8 @@ def test_request_bytes_parses_to_the_codec_s_message():
                                  inputs=[codec.encode(k, np.ascontiguousarray(v)) for k, v in arrays.items()])
     assert got == want
     np.testing.assert_array_equal(codec.decode(got.inputs[0]), x)
+    y = x + 1  # the same name, dtype and shape: the cached header, the new data
+    assert lpb.LocalInferRequest.FromString(request_bytes({"input": y})).inputs[0] == codec.encode("input", y)
     with pytest.raises(codec.TensorError, match="dtype"):
         request_bytes({"s": np.array(["a"])})
 
