@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from edge_agent.config import ServiceConfig
-from edge_agent.local_client import LOCAL_HTTP2_OPTIONS
+from edge_agent.local_client import LOCAL_HTTP2_OPTIONS, SERIAL_METADATA
 from edge_agent.results import SPLIT, AgentClosedError, InferenceResult, InFlightLimitError
 from edge_agent.runtime import InputError
 from models.manifest import TensorSpec
@@ -104,6 +104,8 @@ class _Servicer(lpb_grpc.LocalInferenceServicer):
 
     def InferStream(self, request_iterator: Iterator[lpb.LocalInferRequest],
                     context: grpc.ServicerContext) -> Iterator[lpb.LocalInferResponse]:
+        if (SERIAL_METADATA, "1") in context.invocation_metadata():
+            return self.api.serial(request_iterator, context)
         return self.api.stream(request_iterator, context)
 
     def Health(self, request: lpb.HealthRequest, context: grpc.ServicerContext) -> lpb.HealthResponse:
@@ -286,12 +288,33 @@ class LocalApi:
             fallback_reason=result.fallback_reason or "",
         )
 
+    def serial(self, requests: Iterator[lpb.LocalInferRequest],
+               context: grpc.ServicerContext) -> Iterator[lpb.LocalInferResponse]:
+        """InferStream of a caller that waits for each answer before it sends the next request (metadata
+        SERIAL_METADATA "1": LocalClient.infer's streams): each request runs on the call's own thread, as a unary
+        call does, answered in order, with no other thread woken on the way; the same checks, slots and deadlines
+        as Infer (a deadline passed: a DEADLINE_EXCEEDED status, the stream goes on). Ends when the caller closes
+        it, or after an answer once draining."""
+        for req in requests:
+            rid = req.request_id
+            try:
+                fut = self.start_request(req, here=True)
+            except _Refused as exc:
+                yield _status(rid, exc.code, exc.message)
+            else:
+                wait = self.timeout_for(context, req)
+                if futures.wait([fut], timeout=wait).done:  # a result, or the model's failure as INTERNAL
+                    yield self._outcome(rid, fut)
+                else:
+                    yield _status(rid, grpc.StatusCode.DEADLINE_EXCEEDED, f"no result within {wait:.3f} s")
+            if self._draining:
+                return
+
     def stream(self, requests: Iterator[lpb.LocalInferRequest],
                context: grpc.ServicerContext) -> Iterator[lpb.LocalInferResponse]:
         """InferStream: a reader thread takes requests as they come, answers leave as they finish.
 
-        A request alone on its stream (nothing else unanswered: a caller waiting for each answer, as
-        LocalClient.infer does on each of its streams) runs on the reader thread, as a unary call runs on its own;
+        A request alone on its stream (nothing else unanswered) runs on the reader thread (one hand-over less);
         one that comes while others are unanswered goes to an agent worker, so pipelined requests overlap.
 
         A stream holds at most max_requests unanswered requests: past that the reader waits for the caller to

@@ -12,7 +12,8 @@
 
 `infer` sends on long-lived InferStreams that the client opens on first use and keeps: one per thread calling at
 the same time, up to MAX_STREAMS, then shared (answers are matched by an id of the client's own); that saves
-gRPC's per-call setup on every request, and the service runs a request alone on its stream without a hand-over. Each
+gRPC's per-call setup on every request. The service runs them one at a time per stream, each on the stream's own
+thread as it runs a unary call (metadata SERIAL_METADATA), so no extra thread is woken on its side. Each
 request carries its deadline (`timeout_ms`) and the caller waits no longer than it. A stream that breaks (the
 service restarted) fails the requests it had in flight with UNAVAILABLE; the next `infer` opens a new one.
 `unary=True` uses a unary Infer call instead. Inputs are serialized straight from the array's buffer (one copy;
@@ -42,6 +43,7 @@ __all__ = ["DEFAULT_SOCKET", "LocalClient", "LocalError", "LocalResult"]
 DEFAULT_SOCKET = "/run/splitinfer-agent/agent.sock"  # edge_agent.config.DEFAULT_SOCKET (not imported: no tomli)
 DEFAULT_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
+SERIAL_METADATA = "splitinfer-serial"  # "1" on infer's streams: one request at a time (LocalApi.serial)
 MAX_STREAMS = 8  # shared streams per client: one per concurrent caller up to this, then callers share
 STREAM_WINDOW = 256  # unanswered requests on the shared stream; past it infer() waits (within its deadline)
 # Unix sockets and loopback: larger HTTP/2 frames and window than the defaults (16 KB, 64 KB growing) move a
@@ -180,7 +182,7 @@ class _SharedStream:
         self._ids = itertools.count(1)
         self.users = 0  # callers using this stream now (kept by LocalClient under its lock)
         self.broken: LocalError | None = None
-        self._call = method(iter(self._outbox.get, _CLOSE))
+        self._call = method(iter(self._outbox.get, _CLOSE), metadata=((SERIAL_METADATA, "1"),))
         threading.Thread(target=self._read, name="splitinfer-local-client", daemon=True).start()
 
     def _read(self) -> None:

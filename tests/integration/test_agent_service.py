@@ -529,15 +529,16 @@ def test_deadlines_hold_on_the_stream_for_the_caller_and_on_the_service(local_ap
     # the service keeps a stream request's own timeout_ms (not only the caller's wait): it answers in time
     channel = grpc.insecure_channel(f"unix:{sockdir / 'agent.sock'}")
     try:
-        from edge_agent.local_client import request_bytes
+        from edge_agent.local_client import SERIAL_METADATA, request_bytes
 
         call = channel.stream_stream("/splitinfer.local.v1.LocalInference/InferStream",
                                      response_deserializer=lpb.LocalInferResponse.FromString)
-        t0 = time.monotonic()
-        answers = list(call(iter([request_bytes({"input": x}, "late", 200)]), timeout=20))
         late = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-        assert [(a.request_id, a.status.code) for a in answers] == [("late", late)]
-        assert time.monotonic() - t0 < 10.0
+        for metadata in [(), ((SERIAL_METADATA, "1"),)]:  # pipelined, and one at a time as infer's streams
+            t0 = time.monotonic()
+            answers = list(call(iter([request_bytes({"input": x}, "late", 200)]), timeout=20, metadata=metadata))
+            assert [(a.request_id, a.status.code) for a in answers] == [("late", late)]
+            assert time.monotonic() - t0 < 10.0
     finally:
         channel.close()
     for fut in hung:  # the agent "finishes" them: their slots are freed
