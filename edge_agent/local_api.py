@@ -11,6 +11,9 @@ with the cloud, or on the device) and answers with the outputs, `served_by`, the
 - Every request has a deadline: the caller's, capped by `[service] request_timeout_s` (which applies alone when
   the caller set none); past it the call ends DEADLINE_EXCEEDED (the agent still finishes the request).
 - `drain()`: new requests get UNAVAILABLE "draining"; those accepted finish and are answered.
+- InferStream pipelines (answers as they finish); with the metadata "splitinfer-serial: 1" (LocalClient.infer's
+  long-lived streams) it takes one request at a time on the call's own thread, as Infer does, without its
+  per-call setup. Requests may carry their own `timeout_ms`.
 
 Access control: on the Unix socket, its file mode and group (`[service] socket_mode`, default 0660: the service's
 user and group); on TCP nothing but the loopback restriction, so TCP stays on loopback unless allow_remote.
@@ -132,7 +135,6 @@ class LocalApi:
         self._socket_ino: tuple[int, int] | None = None
         self.address = ""  # "unix:/path" or "host:port", set by start()
         self.answered = 0
-        self._inline_alone = True  # InferStream: a request alone on its stream runs on the reader (see stream())
 
     # -- settings that SIGHUP may change ---------------------------------------------------------
 
@@ -314,8 +316,8 @@ class LocalApi:
                context: grpc.ServicerContext) -> Iterator[lpb.LocalInferResponse]:
         """InferStream: a reader thread takes requests as they come, answers leave as they finish.
 
-        A request alone on its stream (nothing else unanswered) runs on the reader thread (one hand-over less);
-        one that comes while others are unanswered goes to an agent worker, so pipelined requests overlap.
+        Requests go to agent workers, so pipelined requests overlap (a caller that waits for each answer does
+        better on `serial`: no reader or worker thread woken).
 
         A stream holds at most max_requests unanswered requests: past that the reader waits for the caller to
         read answers (flow control), so neither side's memory grows without bound. Each request has its own
@@ -347,9 +349,8 @@ class LocalApi:
                                             f"request_id {rid!r} is already in flight on this stream"))
                             continue
                         pending[rid] = time.monotonic() + self.timeout_for(context, req)
-                        alone = self._inline_alone and len(pending) == 1
-                    try:  # alone on the stream: its head runs on this thread (one hand-over less), else a worker's
-                        fut = self.start_request(req, here=alone)
+                    try:
+                        fut = self.start_request(req)
                     except _Refused as exc:
                         put(_status(rid, exc.code, exc.message))
                         continue
