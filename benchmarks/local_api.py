@@ -1,16 +1,15 @@
 """The local inference API's own cost per request: `LocalClient.infer` over the Unix socket of the service's API
-against `EdgeAgent.infer` called in-process, on the same agent, inputs and cut.
+against `EdgeAgent.infer` called in-process, on the same agent, inputs and cut; the shared stream (infer's
+default) and a unary call per request (`unary=True`) side by side.
 
 In one process: an EdgeAgent on the model's middle cut with no cloud (every request runs head + local tail on
 this host: the API's cost does not depend on who serves), and the service's `LocalApi` over that agent on a Unix
-socket in a temp dir (what `split-agent serve` runs). Each iteration times four calls on the same input in a
-rotating order: in-process A and B, API A and B. Added ms = median(API) - median(in-process), the A and B samples
-pooled; "paired" is the median over iterations of (API - in-process) of the same iteration. B - A of the same
-kind (two timings of the same thing) is the noise floor; a Health call (no inference) on the same channel shows
-what gRPC's round trip alone costs here. Target: at most 0.3 ms added at the median.
-
-What the added time holds: encoding the input into a Tensor, gRPC on both ends over the socket, the server's
-checks and decode, the hand-over to an agent worker thread, encoding the outputs and decoding them.
+socket in a temp dir (what `split-agent serve` runs). Each iteration times every run on the same input, in a
+rotating order: in-process A and B, stream A and B, unary, the two no-op calls and the data work. Added ms =
+median(API) - median(in-process), A and B pooled; "paired" is the median over iterations of (API - in-process)
+of the same iteration. B - A of the same kind (two timings of the same thing in the same run) is the noise floor.
+The no-op of each path is a request with no inputs, refused INVALID_ARGUMENT by the service's first check: the
+round trip of that path with no tensor and no inference (its floor). Target: at most 0.3 ms added at the median.
 
     python -m benchmarks.local_api [--models mobilenet_v2,tiny] [--requests 300] [--bundles DIR]
 """
@@ -29,15 +28,16 @@ from benchmarks._common import bundles_dir, host_line, make_bundle, median, mid_
 from edge_agent import EdgeAgent
 from edge_agent.config import ServiceConfig
 from edge_agent.local_api import LocalApi
-from edge_agent.local_client import LocalClient
+from edge_agent.local_client import LocalClient, LocalError, request_bytes
 from models.manifest import Bundle
 from protos import codec
 from protos import local_pb2 as lpb
 
 TARGET_MS = 0.3
-RUNS = ("direct_a", "api_a", "direct_b", "api_b", "noop", "data")
-# noop: a Health call, gRPC's own round trip; data: the request's and answer's bytes work without gRPC (encode,
-# serialize, parse, check and decode the input; the same for a model-sized output)
+RUNS = ("direct_a", "stream_a", "unary", "direct_b", "stream_b", "noop_stream", "noop_unary", "data")
+INFERENCES = ("direct_a", "direct_b", "stream_a", "stream_b", "unary")
+# data: the request's and answer's bytes work without gRPC (build the request from the array as the client does,
+# parse, check and decode it; encode, serialize, parse and decode a model-sized output)
 
 
 def _ms(t0: float) -> float:
@@ -45,7 +45,7 @@ def _ms(t0: float) -> float:
 
 
 def measure(bundle_path: Path, requests: int, warmup: int, sock_dir: Path) -> dict:
-    """Samples (ms) of the four runs, interleaved; and the cut and input size."""
+    """Samples (ms) of every run, interleaved; and the cut and input size."""
     bundle = Bundle.load(bundle_path)
     cut = mid_cut(bundle)
     spec = bundle.inputs[0]
@@ -60,24 +60,35 @@ def measure(bundle_path: Path, requests: int, warmup: int, sock_dir: Path) -> di
             out_shape = agent.infer(rng.standard_normal(spec.concrete_shape(1)).astype(np.float32)).output.shape
 
             def data(x: np.ndarray) -> None:
-                req = lpb.LocalInferRequest.FromString(
-                    lpb.LocalInferRequest(inputs=[codec.encode(spec.name, x)]).SerializeToString())
+                req = lpb.LocalInferRequest.FromString(request_bytes({spec.name: x}, "1", 30000))
                 codec.decode_all(req.inputs, bundle.inputs)
                 y = np.zeros(out_shape, np.float32)
                 resp = lpb.LocalInferResponse.FromString(
                     lpb.LocalInferResponse(outputs=[codec.encode("y", y)]).SerializeToString())
                 codec.decode_all(resp.outputs)
 
-            calls = {"direct": lambda x: agent.infer(x, timeout=30), "api": lambda x: client.infer(x, timeout=30),
-                     "noop": lambda x: client.health(), "data": data}
+            def noop(unary: bool) -> None:
+                try:
+                    client.infer({}, timeout=30, unary=unary)
+                except LocalError as exc:
+                    if exc.code != "INVALID_ARGUMENT":
+                        raise
+                else:
+                    raise RuntimeError("a request with no inputs was not refused")
+
+            calls = {"direct": lambda x: agent.infer(x, timeout=30),
+                     "stream": lambda x: client.infer(x, timeout=30),
+                     "unary": lambda x: client.infer(x, timeout=30, unary=True),
+                     "noop_stream": lambda x: noop(False), "noop_unary": lambda x: noop(True), "data": data}
             for i in range(warmup + requests):
                 x = rng.standard_normal(spec.concrete_shape(1)).astype(np.float32)
                 k = i % len(RUNS)
                 for name in RUNS[k:] + RUNS[:k]:  # rotate who goes first
+                    fn = calls[name] if name in calls else calls[name.rsplit("_", 1)[0]]
                     t0 = time.perf_counter()
-                    res = calls[name.split("_")[0]](x)
+                    res = fn(x)
                     took = _ms(t0)
-                    if name in ("direct_a", "direct_b", "api_a", "api_b") and res.cut != cut:
+                    if name in INFERENCES and res.cut != cut:
                         raise RuntimeError(f"{name}: ran on cut {res.cut}, expected {cut}")
                     if i >= warmup:
                         samples[name].append(took)
@@ -89,7 +100,7 @@ def measure(bundle_path: Path, requests: int, warmup: int, sock_dir: Path) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print its table; 1 when a model misses the target."""
+    """Run the benchmark and print its table; 1 when a model misses the target on the stream (infer's default)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="mobilenet_v2,tiny", help="comma-separated: tiny or zoo names")
     ap.add_argument("--requests", type=int, default=300, help="measured iterations per model")
@@ -107,26 +118,27 @@ def main(argv: list[str] | None = None) -> int:
             s = r["samples"]
             m = {k: median(v) for k, v in s.items()}
             direct = median(s["direct_a"] + s["direct_b"])
-            api = median(s["api_a"] + s["api_b"])
-            added = api - direct
+            stream = median(s["stream_a"] + s["stream_b"])
+            added_stream, added_unary = stream - direct, m["unary"] - direct
             paired = median([(a + b - c - d) / 2 for a, b, c, d in
-                             zip(s["api_a"], s["api_b"], s["direct_a"], s["direct_b"])])
-            ok = added <= TARGET_MS
+                             zip(s["stream_a"], s["stream_b"], s["direct_a"], s["direct_b"])])
+            ok = added_stream <= TARGET_MS
             missed |= not ok
-            rows.append([model, r["cut"], r["input_bytes"], direct, api, added, paired, m["direct_a"], m["direct_b"],
-                         m["direct_b"] - m["direct_a"], m["api_a"], m["api_b"], m["api_b"] - m["api_a"],
-                         m["noop"], m["data"], "PASS" if ok else "MISS"])
-            print(f"# {model}: in-process {direct:.3f} ms, local API {api:.3f} ms, added {added:.3f} ms",
-                  file=sys.stderr, flush=True)
-    print(f"local_api.py: {args.requests} iterations per model (x4 calls, rotating order); {host_line()}\n")
-    print(table(["model", "cut", "input B", "in-process ms", "local API ms", "added ms", "added, paired",
-                 "in-proc A", "in-proc B", "noise: B - A", "API A", "API B", "noise: B - A",
-                 "gRPC no-op call", "data work", f"<= {TARGET_MS} ms"], rows))
-    print("\nMedians in ms of one request to completion (head + local tail on this host). added = local API - "
-          "in-process (A and B pooled); paired = median of the per-iteration differences; B - A of the same "
-          "call is the noise floor; gRPC no-op call = a Health round trip on the same socket (the floor of any "
-          "call); data work = encoding, serializing, parsing, checking and decoding the input and an output of "
-          "the model's size, without gRPC.")
+            rows.append([model, r["cut"], r["input_bytes"], direct, m["direct_b"] - m["direct_a"], stream,
+                         added_stream, paired, m["stream_b"] - m["stream_a"], m["unary"], added_unary,
+                         m["noop_stream"], m["noop_unary"], m["data"], "PASS" if ok else "MISS"])
+            print(f"# {model}: in-process {direct:.3f} ms, stream {stream:.3f} ms (added {added_stream:.3f}), "
+                  f"unary {m['unary']:.3f} ms (added {added_unary:.3f})", file=sys.stderr, flush=True)
+    print(f"local_api.py: {args.requests} iterations per model (x{len(RUNS)} calls, rotating order); "
+          f"{host_line()}\n")
+    print(table(["model", "cut", "input B", "in-process ms", "noise: B - A", "stream ms", "added ms",
+                 "added, paired", "stream B - A", "unary ms", "unary added", "no-op stream", "no-op unary",
+                 "data work", f"stream <= {TARGET_MS} ms"], rows))
+    print("\nMedians in ms of one request to completion (head + local tail on this host). stream = LocalClient.infer "
+          "(the shared stream), unary = infer(unary=True); added = API - in-process (A and B pooled); paired = "
+          "median of the per-iteration differences; B - A of the same call is the noise floor; no-op = a request "
+          "with no inputs, refused by the service's first check (the round trip of that path alone); data work = "
+          "building, parsing, checking and decoding the input and an output of the model's size, without gRPC.")
     return 1 if missed else 0
 
 

@@ -11,6 +11,9 @@ with the cloud, or on the device) and answers with the outputs, `served_by`, the
 - Every request has a deadline: the caller's, capped by `[service] request_timeout_s` (which applies alone when
   the caller set none); past it the call ends DEADLINE_EXCEEDED (the agent still finishes the request).
 - `drain()`: new requests get UNAVAILABLE "draining"; those accepted finish and are answered.
+- InferStream pipelines (answers as they finish); with the metadata "splitinfer-serial: 1" (LocalClient.infer's
+  long-lived streams) it takes one request at a time on the call's own thread, as Infer does, without its
+  per-call setup. Requests may carry their own `timeout_ms`.
 
 Access control: on the Unix socket, its file mode and group (`[service] socket_mode`, default 0660: the service's
 user and group); on TCP nothing but the loopback restriction, so TCP stays on loopback unless allow_remote.
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from edge_agent.config import ServiceConfig
+from edge_agent.local_client import LOCAL_HTTP2_OPTIONS, SERIAL_METADATA
 from edge_agent.results import SPLIT, AgentClosedError, InferenceResult, InFlightLimitError
 from edge_agent.runtime import InputError
 from models.manifest import TensorSpec
@@ -93,16 +97,18 @@ class _Servicer(lpb_grpc.LocalInferenceServicer):
         except _Refused as exc:
             context.abort(exc.code, exc.message)
         try:
-            result = fut.result(timeout=api.timeout_for(context))
+            result = fut.result(timeout=api.timeout_for(context, request))
         except futures.TimeoutError:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"no result within the request's deadline ({api.timeout_for(context):.3f} s left)")
+                          f"no result within the request's deadline ({api.timeout_for(context, request):.3f} s)")
         except Exception as exc:  # the model failed on the device
             context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {exc}")
         return api.answer(request.request_id, result)
 
     def InferStream(self, request_iterator: Iterator[lpb.LocalInferRequest],
                     context: grpc.ServicerContext) -> Iterator[lpb.LocalInferResponse]:
+        if (SERIAL_METADATA, "1") in context.invocation_metadata():
+            return self.api.serial(request_iterator, context)
         return self.api.stream(request_iterator, context)
 
     def Health(self, request: lpb.HealthRequest, context: grpc.ServicerContext) -> lpb.HealthResponse:
@@ -150,7 +156,7 @@ class LocalApi:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitinfer-local"),
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                     ("grpc.so_reuseport", 0)],
+                     ("grpc.so_reuseport", 0), *LOCAL_HTTP2_OPTIONS],
             maximum_concurrent_rpcs=workers,
         )
         lpb_grpc.add_LocalInferenceServicer_to_server(_Servicer(self), server)
@@ -223,9 +229,12 @@ class LocalApi:
 
     # -- requests -----------------------------------------------------------------------------------
 
-    def timeout_for(self, context: grpc.ServicerContext) -> float:
-        """Seconds this call may still wait: the caller's deadline capped by request_timeout_s."""
+    def timeout_for(self, context: grpc.ServicerContext, request: lpb.LocalInferRequest | None = None) -> float:
+        """Seconds this request may still wait: the call's deadline and the request's own timeout_ms, capped by
+        request_timeout_s."""
         cap = self.service.request_timeout_s
+        if request is not None and request.timeout_ms:
+            cap = min(cap, request.timeout_ms / 1000.0)
         left = context.time_remaining()
         return cap if left is None else max(0.0, min(cap, left))
 
@@ -281,13 +290,38 @@ class LocalApi:
             fallback_reason=result.fallback_reason or "",
         )
 
+    def serial(self, requests: Iterator[lpb.LocalInferRequest],
+               context: grpc.ServicerContext) -> Iterator[lpb.LocalInferResponse]:
+        """InferStream of a caller that waits for each answer before it sends the next request (metadata
+        SERIAL_METADATA "1": LocalClient.infer's streams): each request runs on the call's own thread, as a unary
+        call does, answered in order, with no other thread woken on the way; the same checks, slots and deadlines
+        as Infer (a deadline passed: a DEADLINE_EXCEEDED status, the stream goes on). Ends when the caller closes
+        it, or after an answer once draining."""
+        for req in requests:
+            rid = req.request_id
+            try:
+                fut = self.start_request(req, here=True)
+            except _Refused as exc:
+                yield _status(rid, exc.code, exc.message)
+            else:
+                wait = self.timeout_for(context, req)
+                if futures.wait([fut], timeout=wait).done:  # a result, or the model's failure as INTERNAL
+                    yield self._outcome(rid, fut)
+                else:
+                    yield _status(rid, grpc.StatusCode.DEADLINE_EXCEEDED, f"no result within {wait:.3f} s")
+            if self._draining:
+                return
+
     def stream(self, requests: Iterator[lpb.LocalInferRequest],
                context: grpc.ServicerContext) -> Iterator[lpb.LocalInferResponse]:
         """InferStream: a reader thread takes requests as they come, answers leave as they finish.
 
+        Requests go to agent workers, so pipelined requests overlap (a caller that waits for each answer does
+        better on `serial`: no reader or worker thread woken).
+
         A stream holds at most max_requests unanswered requests: past that the reader waits for the caller to
         read answers (flow control), so neither side's memory grows without bound. Each request has its own
-        deadline (request_timeout_s, capped by the call's)."""
+        deadline (request_timeout_s, capped by the call's and by the request's timeout_ms)."""
         out: queue.Queue[Any] = queue.Queue()
         window = threading.BoundedSemaphore(max(1, self.max_requests))
         end = object()
@@ -314,7 +348,7 @@ class LocalApi:
                             out.put(_status(rid, grpc.StatusCode.INVALID_ARGUMENT,
                                             f"request_id {rid!r} is already in flight on this stream"))
                             continue
-                        pending[rid] = time.monotonic() + self.timeout_for(context)
+                        pending[rid] = time.monotonic() + self.timeout_for(context, req)
                     try:
                         fut = self.start_request(req)
                     except _Refused as exc:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import inference_pb2 as protos_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/local.proto\x12\x13splitinfer.local.v1\x1a\x16protos/inference.proto\"N\n\x11LocalInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.splitinfer.v1.Tensor\"\x92\x01\n\x0bLocalTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07head_ms\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x12\x12\n\nnetwork_ms\x18\x04 \x01(\x01\x12\x16\n\x0e\x63loud_queue_ms\x18\x05 \x01(\x01\x12\x0f\n\x07tail_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\"\xe9\x01\n\x12LocalInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x07outputs\x18\x02 \x03(\x0b\x32\x15.splitinfer.v1.Tensor\x12\x11\n\tserved_by\x18\x03 \x01(\t\x12\x0b\n\x03\x63ut\x18\x04 \x01(\t\x12\x30\n\x06timing\x18\x05 \x01(\x0b\x32 .splitinfer.local.v1.LocalTiming\x12\x17\n\x0f\x66\x61llback_reason\x18\x06 \x01(\t\x12,\n\x06status\x18\x07 \x01(\x0b\x32\x1c.splitinfer.v1.RequestStatus\"\x0f\n\rHealthRequest\"\xbd\x01\n\x0eHealthResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x17\n\x0f\x63loud_connected\x18\x04 \x01(\x08\x12\x19\n\x11\x63ontrol_connected\x18\x05 \x01(\x08\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12\x13\n\x0bmode_reason\x18\x08 \x01(\t\x12\x13\n\x0binput_specs\x18\t \x03(\t2\xa1\x02\n\x0eLocalInference\x12X\n\x05Infer\x12&.splitinfer.local.v1.LocalInferRequest\x1a\'.splitinfer.local.v1.LocalInferResponse\x12\x62\n\x0bInferStream\x12&.splitinfer.local.v1.LocalInferRequest\x1a\'.splitinfer.local.v1.LocalInferResponse(\x01\x30\x01\x12Q\n\x06Health\x12\".splitinfer.local.v1.HealthRequest\x1a#.splitinfer.local.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/local.proto\x12\x13splitinfer.local.v1\x1a\x16protos/inference.proto\"b\n\x11LocalInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.splitinfer.v1.Tensor\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"\x92\x01\n\x0bLocalTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07head_ms\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x12\x12\n\nnetwork_ms\x18\x04 \x01(\x01\x12\x16\n\x0e\x63loud_queue_ms\x18\x05 \x01(\x01\x12\x0f\n\x07tail_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\"\xe9\x01\n\x12LocalInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x07outputs\x18\x02 \x03(\x0b\x32\x15.splitinfer.v1.Tensor\x12\x11\n\tserved_by\x18\x03 \x01(\t\x12\x0b\n\x03\x63ut\x18\x04 \x01(\t\x12\x30\n\x06timing\x18\x05 \x01(\x0b\x32 .splitinfer.local.v1.LocalTiming\x12\x17\n\x0f\x66\x61llback_reason\x18\x06 \x01(\t\x12,\n\x06status\x18\x07 \x01(\x0b\x32\x1c.splitinfer.v1.RequestStatus\"\x0f\n\rHealthRequest\"\xbd\x01\n\x0eHealthResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x17\n\x0f\x63loud_connected\x18\x04 \x01(\x08\x12\x19\n\x11\x63ontrol_connected\x18\x05 \x01(\x08\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12\x13\n\x0bmode_reason\x18\x08 \x01(\t\x12\x13\n\x0binput_specs\x18\t \x03(\t2\xa1\x02\n\x0eLocalInference\x12X\n\x05Infer\x12&.splitinfer.local.v1.LocalInferRequest\x1a\'.splitinfer.local.v1.LocalInferResponse\x12\x62\n\x0bInferStream\x12&.splitinfer.local.v1.LocalInferRequest\x1a\'.splitinfer.local.v1.LocalInferResponse(\x01\x30\x01\x12Q\n\x06Health\x12\".splitinfer.local.v1.HealthRequest\x1a#.splitinfer.local.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.local_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOCALINFERREQUEST']._serialized_start=67
-  _globals['_LOCALINFERREQUEST']._serialized_end=145
-  _globals['_LOCALTIMING']._serialized_start=148
-  _globals['_LOCALTIMING']._serialized_end=294
-  _globals['_LOCALINFERRESPONSE']._serialized_start=297
-  _globals['_LOCALINFERRESPONSE']._serialized_end=530
-  _globals['_HEALTHREQUEST']._serialized_start=532
-  _globals['_HEALTHREQUEST']._serialized_end=547
-  _globals['_HEALTHRESPONSE']._serialized_start=550
-  _globals['_HEALTHRESPONSE']._serialized_end=739
-  _globals['_LOCALINFERENCE']._serialized_start=742
-  _globals['_LOCALINFERENCE']._serialized_end=1031
+  _globals['_LOCALINFERREQUEST']._serialized_end=165
+  _globals['_LOCALTIMING']._serialized_start=168
+  _globals['_LOCALTIMING']._serialized_end=314
+  _globals['_LOCALINFERRESPONSE']._serialized_start=317
+  _globals['_LOCALINFERRESPONSE']._serialized_end=550
+  _globals['_HEALTHREQUEST']._serialized_start=552
+  _globals['_HEALTHREQUEST']._serialized_end=567
+  _globals['_HEALTHRESPONSE']._serialized_start=570
+  _globals['_HEALTHRESPONSE']._serialized_end=759
+  _globals['_LOCALINFERENCE']._serialized_start=762
+  _globals['_LOCALINFERENCE']._serialized_end=1051
 # @@protoc_insertion_point(module_scope)

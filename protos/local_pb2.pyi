@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LocalInferRequest(_message.Message):
-    __slots__ = ("request_id", "inputs")
+    __slots__ = ("request_id", "inputs", "timeout_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     inputs: _containers.RepeatedCompositeFieldContainer[_inference_pb2.Tensor]
-    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_inference_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_inference_pb2.Tensor, _Mapping]]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class LocalTiming(_message.Message):
     __slots__ = ("queue_ms", "head_ms", "encode_ms", "network_ms", "cloud_queue_ms", "tail_ms", "total_ms")

@@ -401,3 +401,146 @@ def test_a_drain_that_times_out_exits_1_naming_what_was_left(bundles_dir, sockdi
         silent.stop(None)
     assert "drain timed out after 0.5 s: 1 local requests unfinished" in capsys.readouterr().err
     assert service.api is not None and service.api.in_flight == 0  # the agent finished it on the device at close
+
+
+# -- the client's fast path: the shared stream, the one-copy request, deadlines, reconnection ------------------
+
+
+@pytest.fixture()
+def local_api(bundles_dir: Path, sockdir: Path) -> Iterator[Any]:
+    """The service's LocalApi over an in-process agent (tiny, no cloud: every request runs on the device)."""
+    from edge_agent import EdgeAgent
+    from edge_agent.config import ServiceConfig
+    from edge_agent.local_api import LocalApi
+
+    agent = EdgeAgent.from_bundle(bundles_dir / "tiny", "127.0.0.1:1", connect=False, insecure=True,
+                                  device_id="fast", max_in_flight=4)
+    agent.set_mode("local")
+    apis: list[LocalApi] = []
+
+    def start() -> LocalApi:
+        apis.append(LocalApi(agent, ServiceConfig(socket=str(sockdir / "agent.sock"))).start())
+        return apis[-1]
+
+    start()
+    yield agent, apis, start
+    for api in apis:
+        api.stop(grace=0.5)
+    agent.close()
+
+
+def test_request_bytes_parses_to_the_codec_s_message():
+    from edge_agent.local_client import request_bytes
+    from protos import codec
+
+    x = np.random.default_rng(1).standard_normal(SHAPE1).astype(np.float32)
+    arrays = {"input": x, "f64": x.astype(np.float64), "ids": np.arange(6, dtype=np.int64).reshape(2, 3),
+              "scalar": np.float32(2.5), "empty": np.zeros((0, 3), np.float32),
+              "strided": x[:, :, ::2]}  # not C-contiguous: copied once into the message
+    got = lpb.LocalInferRequest.FromString(request_bytes(arrays, "r7", 1500))
+    want = lpb.LocalInferRequest(request_id="r7", timeout_ms=1500,
+                                 inputs=[codec.encode(k, np.ascontiguousarray(v)) for k, v in arrays.items()])
+    assert got == want
+    np.testing.assert_array_equal(codec.decode(got.inputs[0]), x)
+    y = x + 1  # the same name, dtype and shape: the cached header, the new data
+    assert lpb.LocalInferRequest.FromString(request_bytes({"input": y})).inputs[0] == codec.encode("input", y)
+    with pytest.raises(codec.TensorError, match="dtype"):
+        request_bytes({"s": np.array(["a"])})
+
+
+def test_the_shared_stream_answers_threads_right_and_unary_agrees(local_api, sockdir):
+    agent, apis, _ = local_api
+    inputs = [np.random.default_rng(i).standard_normal(SHAPE1).astype(np.float32) for i in range(8)]
+    want = [agent.infer(x, timeout=30).output for x in inputs]
+    with LocalClient(socket=str(sockdir / "agent.sock")) as client:
+
+        def work(k: int) -> list[int]:
+            wrong = []
+            for j in range(20):
+                i = (k + j) % len(inputs)
+                r = client.infer(inputs[i], timeout=30, request_id=f"t{k}-{j}")
+                if r.request_id != f"t{k}-{j}" or not np.allclose(r.output, want[i], atol=1e-5):
+                    wrong.append(i)
+            return wrong
+
+        with ThreadPoolExecutor(6) as pool:
+            assert [w for ws in pool.map(work, range(6)) for w in ws] == []
+        streams = list(client._streams)
+        assert 1 <= len(streams) <= 6 and all(s.users == 0 and s.broken is None for s in streams)
+        r = client.infer(inputs[3], timeout=30, unary=True)
+        np.testing.assert_allclose(r.output, want[3], atol=1e-5)
+        client.infer(inputs[3], timeout=30)
+        assert client._streams == streams  # kept open and reused, none added by a caller alone
+        with pytest.raises(LocalError, match="INVALID_ARGUMENT") as exc:
+            client.infer(np.zeros((1, 5), np.float32), timeout=30)
+        assert SPEC in exc.value.message
+    assert apis[0].answered == 6 * 20 + 2 and apis[0].in_flight == 0
+
+
+def test_a_broken_stream_fails_its_requests_and_the_next_infer_reconnects(local_api, sockdir):
+    agent, apis, start = local_api
+    x = sample_input(1)
+    with LocalClient(socket=str(sockdir / "agent.sock")) as client:
+        first = client.infer(x, timeout=30).output
+        [old] = client._streams
+        apis[0].stop(grace=0.5)  # the service restarts on the same socket
+        wait_for(lambda: old.broken is not None, "the client sees its stream end", 10.0)
+        with pytest.raises(LocalError, match="UNAVAILABLE"):
+            client.infer(x, timeout=5)  # nobody listens: refused at once, not after the deadline
+        start()
+        got: list[np.ndarray] = []
+
+        def answered() -> bool:  # UNAVAILABLE until gRPC's reconnect backoff lets the channel try again
+            try:
+                got.append(client.infer(x, timeout=30).output)
+            except LocalError as exc:
+                assert exc.code == "UNAVAILABLE", exc
+                return False
+            return True
+
+        wait_for(answered, "the same client answered again after the restart", 20.0)
+        np.testing.assert_allclose(got[0], first, atol=1e-6)
+        [new] = client._streams
+        assert new is not old and new.broken is None
+    with pytest.raises(LocalError, match="closed"):
+        client.infer(x, timeout=30)
+
+
+def test_deadlines_hold_on_the_stream_for_the_caller_and_on_the_service(local_api, sockdir, monkeypatch):
+    from concurrent.futures import Future
+
+    agent, apis, _ = local_api
+    hung: list[Future] = []
+
+    def never(inputs, block=True, timeout=None):  # the agent takes the request and never finishes it
+        hung.append(Future())
+        return hung[-1]
+
+    monkeypatch.setattr(agent, "start_here", never)
+    monkeypatch.setattr(agent, "submit", never)
+    x = sample_input(1)
+    with LocalClient(socket=str(sockdir / "agent.sock"), input_name="input") as client:
+        t0 = time.monotonic()
+        with pytest.raises(LocalError, match="DEADLINE_EXCEEDED"):
+            client.infer(x, timeout=0.3)
+        assert 0.25 < time.monotonic() - t0 < 5.0
+        with pytest.raises(LocalError, match="DEADLINE_EXCEEDED"):
+            client.infer(x, timeout=0.3, unary=True)
+    # the service keeps a stream request's own timeout_ms (not only the caller's wait): it answers in time
+    channel = grpc.insecure_channel(f"unix:{sockdir / 'agent.sock'}")
+    try:
+        from edge_agent.local_client import SERIAL_METADATA, request_bytes
+
+        call = channel.stream_stream("/splitinfer.local.v1.LocalInference/InferStream",
+                                     response_deserializer=lpb.LocalInferResponse.FromString)
+        late = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        for metadata in [(), ((SERIAL_METADATA, "1"),)]:  # pipelined, and one at a time as infer's streams
+            t0 = time.monotonic()
+            answers = list(call(iter([request_bytes({"input": x}, "late", 200)]), timeout=20, metadata=metadata))
+            assert [(a.request_id, a.status.code) for a in answers] == [("late", late)]
+            assert time.monotonic() - t0 < 10.0
+    finally:
+        channel.close()
+    for fut in hung:  # the agent "finishes" them: their slots are freed
+        fut.set_result(None)  # type: ignore[arg-type]
+    wait_for(lambda: apis[0].in_flight == 0, "every slot freed")
