@@ -149,6 +149,11 @@ def _result(resp: lpb.LocalInferResponse) -> LocalResult:
 def _error(exc: grpc.RpcError) -> LocalError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.CANCELLED:
+        # The client cancels nothing it still waits for, so this is the service closing the call: it stops or
+        # restarts, and it finishes every request it admitted before closing (drain), so this one did not run.
+        return LocalError("UNAVAILABLE", f"the agent service closed the call before running the request (it is "
+                                         f"stopping or restarting; safe to retry): {details or 'cancelled'}")
     return LocalError(code.name if code is not None else "UNKNOWN", details or "")
 
 
@@ -196,9 +201,7 @@ class _SharedStream:
                     slot.done.set()
                     self._window.release()
         except grpc.RpcError as exc:
-            error = _error(exc)
-            if error.code == "CANCELLED":
-                error = LocalError("UNAVAILABLE", "the stream to the agent service was closed")
+            error = _error(exc)  # CANCELLED (the service closed the stream) reads UNAVAILABLE
         except Exception as exc:  # a bug here must fail the callers, not leave them waiting
             error = LocalError("INTERNAL", f"reading the stream failed: {exc!r}")
         self._fail(error)
