@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:<26}{doc}")
         return 0
     if args.command == "serve":
-        return serve_main(args)
+        return serve_main(args, entry_point=argv is None)
     if args.command == "infer":
         try:
             return infer_main(args)
@@ -335,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         terminated.set()
         stop.set()
 
-    signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, on_sigint),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
     try:
         cfg = load_config(args)
         status = run(cfg, wait_split_s=args.wait_split_s, quiet=args.quiet, json_path=args.json, stop=stop)
@@ -348,11 +348,14 @@ def main(argv: list[str] | None = None) -> int:
         print("split-agent: interrupted", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting now: a late Ctrl-C must not turn 0 into -2
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum, handler in previous.items():
+            # As the process's entry point (argv None: the console script) it exits now, so a late Ctrl-C must
+            # not turn 0 into -2: ignore. Called as a library (tests, split-demo's helpers), give the caller its
+            # handlers back: an ignored SIGTERM would be inherited by every process it starts later.
+            signal.signal(signum, signal.SIG_IGN if argv is None else handler)
 
 
-def serve_main(args: argparse.Namespace) -> int:
+def serve_main(args: argparse.Namespace, *, entry_point: bool = False) -> int:
     """`split-agent serve`: the exit status (see the module doc)."""
     from edge_agent.local_api import LocalApiError
     from edge_agent.service import AgentService
@@ -364,16 +367,20 @@ def serve_main(args: argparse.Namespace) -> int:
               "device folder with agent.toml and its certificates) and pass it with --config PATH",
               file=sys.stderr)
         return 2
+    previous: dict[int, Any] = {}
     try:
         service = AgentService(args.config, {k: v for k, v in overrides.items() if v is not None})
         logging.basicConfig(level=service.config.service.log_level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        service.install_signals()  # before start: a SIGTERM while the head loads drains right after
+        previous = service.install_signals()  # before start: a SIGTERM while the head loads drains right after
         service.start()
         return service.serve()
     except (ConfigError, BundleError, ModelLoadError, MissingExtraError, AgentError, LocalApiError) as exc:
         print(f"split-agent: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for signum, handler in previous.items():  # exiting: a late signal changes nothing; in-process: give back
+            signal.signal(signum, signal.SIG_IGN if entry_point else handler)
 
 
 def infer_main(args: argparse.Namespace) -> int:

@@ -109,11 +109,11 @@ class AgentService:
 
     # -- signals --------------------------------------------------------------------------------
 
-    def install_signals(self) -> None:
-        """SIGTERM/SIGINT drain, SIGHUP reloads (main thread only)."""
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
+    def install_signals(self) -> dict[int, Any]:
+        """SIGTERM/SIGINT drain, SIGHUP reloads (main thread only); returns the handlers they replace."""
+        return {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_stop),
+                signal.SIGINT: signal.signal(signal.SIGINT, self._on_stop),
+                signal.SIGHUP: signal.signal(signal.SIGHUP, self._on_hup)}
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name

@@ -773,16 +773,24 @@ def _run(command: list[str], limits: Limits, name: str, cgroups: Cgroups, args: 
             proxy = stack.enter_context(emulated_link(args.link_to, steps, repeat_s=args.link_repeat, say=say))
             env[ENV_LINK] = proxy.address
             command = [a.replace("{link}", proxy.address) for a in command]
-        proc = device.popen(command, env=env)
         forwarded: list[int] = []
+        started: list[subprocess.Popen] = []
 
         def forward(signum: int, _frame: Any) -> None:
             forwarded.append(signum)
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
+            for child in started:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signum)
 
+        # The handlers go in before the command starts: a signal in between is not lost, and the command gets
+        # default dispositions (a signal our parent ignored would otherwise stay ignored in it across exec).
         old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
+            proc = device.popen(command, env=env)
+            started.append(proc)
+            for signum in forwarded:  # arrived while it was starting
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
             code = proc.wait()
         finally:
             for s, handler in old.items():

@@ -284,10 +284,16 @@ def test_split_agent_run_prints_a_latency_summary(bundles_dir, server, tmp_path,
     config.write_text(f'bundle = "{bundles_dir / "tiny"}"\ncloud = "{server.address}"\n[input]\ncount = 5\n'
                       f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n')
     summary = tmp_path / "summary.json"
+    import signal
+
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     rc = cli.main(["run", "--config", str(config), "--input", str(inputs), "--count", "12", "--rate", "0",
                    "--quiet", "--json", str(summary)])
     out = capsys.readouterr().out
     assert rc == 0, out
+    # Called as a library, it gives the caller its signal handlers back (it used to leave SIGTERM ignored, which
+    # every process the caller started afterwards inherited: a forwarded SIGTERM then did nothing).
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert "requests 12  cloud 12  edge 0  failed 0" in out and "network_ms" in out
     import json
 
