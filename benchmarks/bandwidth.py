@@ -4,7 +4,9 @@ The agent reaches `split-cloud serve` (its own process, max_batch 1: no batching
 through a LinkProxy shaped like each network profile of `partitioning.devices` (uplink / downlink Mbit/s,
 one-way delay = RTT / 2). For each link and each cut (the bundle's middle cut, edge-only, cloud-only) one
 agent runs `--requests` sequential requests; the table shows median end-to-end latency, the median upload
-bytes, the fastest mode per link and what the bundle's plan table would pick at that uplink. Edge compute
+bytes, the fastest mode per link, what the bundle's plan table would pick at that uplink, and the agent's own
+uplink estimate (edge_agent/bandwidth.py, with a calibration probe after every other request, untimed) next to
+the proxy's rate: the estimator's accuracy is measured, not assumed. Edge compute
 is this x86 host, not a Raspberry Pi: on a Pi the head (and edge-only) would be several times slower, which
 moves the balance towards the cloud; the link times are what the proxy enforces.
 
@@ -32,8 +34,9 @@ from partitioning.devices import resolve_network
 
 
 def run_mode(path: Path, address: str, cut: str, codec_spec: str, x: np.ndarray, requests: int,
-             warmup: int, tls: Any) -> tuple[float, float]:
-    """Median e2e ms and median upload bytes of `requests` sequential requests on `cut`."""
+             warmup: int, tls: Any) -> tuple[float, float, float | None]:
+    """Median e2e ms, median upload bytes of `requests` sequential requests on `cut`, and the agent's uplink
+    estimate after them (None on edge-only: nothing is sent)."""
     agent = EdgeAgent.from_bundle(path, cloud=address, cut=cut, codec=codec_spec, deadline_ms=60_000,
                                   connect_timeout_s=10.0, device_id="bench", tls=tls)
     try:
@@ -49,7 +52,10 @@ def run_mode(path: Path, address: str, cut: str, codec_spec: str, x: np.ndarray,
             if i >= warmup:
                 lat.append(ms)
                 sent.append(res.sent_bytes)
-        return median(lat), median(sent)
+            if cut != EDGE_ONLY and i % 2:  # untimed, as AdaptiveCut sends them: the fixed-cost fit
+                agent.measure_rtt()
+                agent.probe_link(cut, calibration=True)
+        return median(lat), median(sent), agent.bandwidth.estimate().mbps if cut != EDGE_ONLY else None
     finally:
         agent.close()
 
@@ -82,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
                 est = bundle.candidate(EDGE_ONLY).get("edge_ms") if any(
                     c["id"] == EDGE_ONLY for c in bundle.plan["candidates"]) else None
                 edge_est = f"{est:.0f} ({device})" if isinstance(est, (int, float)) else "n/a"
-                edge_ms, _ = run_mode(paths[model], proxy.address, EDGE_ONLY, args.codec, x, args.requests,
+                edge_ms, _, _ = run_mode(paths[model], proxy.address, EDGE_ONLY, args.codec, x, args.requests,
                                       args.warmup, tls)
                 for net in nets:
                     proxy.set_rates(net.uplink_mbps, net.downlink_mbps)
                     proxy.set_delay(net.rtt_ms / 2)
-                    res = {EDGE_ONLY: (edge_ms, 0.0)}
+                    res: dict[str, tuple[float, float, float | None]] = {EDGE_ONLY: (edge_ms, 0.0, None)}
                     for cut in (split, CLOUD_ONLY):
                         res[cut] = run_mode(paths[model], proxy.address, cut, args.codec, x, args.requests,
                                             args.warmup, tls)
@@ -98,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{res[split][0]:.1f} ({int(res[split][1])} B)", f"{edge_ms:.1f}", edge_est,
                                  f"{res[CLOUD_ONLY][0]:.1f} ({int(res[CLOUD_ONLY][1])} B)",
                                  res[CLOUD_ONLY][0] / res[split][0], edge_ms / res[split][0],
-                                 "split" if best == split else best, bundle.best_cut_for(net.uplink_mbps)])
+                                 "split" if best == split else best, bundle.best_cut_for(net.uplink_mbps),
+                                 " / ".join("—" if res[c][2] is None else f"{res[c][2]:.3g}"
+                                            for c in (split, CLOUD_ONLY))])
     print(f"bandwidth.py: {args.requests} sequential requests per cell, codec {args.codec}, cloud max_batch 1; "
           f"edge = this host; {host_line()}\n")
     print(table(["model", "network", "up/down Mbps", "RTT ms", "split ms (upload)", "edge-only ms",
                  "edge-only planner est. ms",
-                 "cloud-only ms (upload)", "cloud-only / split", "edge-only / split", "fastest", "plan table says"],
+                 "cloud-only ms (upload)", "cloud-only / split", "edge-only / split", "fastest", "plan table says",
+                 "agent est. Mbps (split / cloud-only)"],
                 rows))
     return 0
 

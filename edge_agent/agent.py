@@ -221,9 +221,10 @@ class EdgeAgent:
         self.bandwidth.add_rtt(rtt)
         return rtt
 
-    def probe_link(self, cut_id: str) -> bool:
+    def probe_link(self, cut_id: str, calibration: bool = False) -> bool:
         """Send one measurement probe carrying `cut_id`'s payload (it feeds `bandwidth`); whether it was answered.
 
+        `calibration`: the payload in `calibration_codec` (another size), for the estimator's fixed-cost fit.
         Opens the link first only while the agent runs a cut that sends nothing (edge-only): for remote cuts
         reconnecting is the supervisor's job.
         """
@@ -240,7 +241,7 @@ class EdgeAgent:
                 except LinkDown as exc:
                     log.debug("measurement probe: cloud %s unreachable: %s", self.config.cloud, exc)
                     return False
-        ok, _why = self._supervisor.probe(rt)
+        ok, _why = self._supervisor.probe(rt, calibration=calibration)
         return ok
 
     def infer(self, x: Any, timeout: float | None = None) -> InferenceResult:

@@ -49,6 +49,7 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     min_dwell_s = 5.0           # hold a cut at least this long
     min_samples = 5             # bandwidth samples needed before deciding
     probe_interval_s = 2.0      # measurement probes while nothing is sent (edge-only cut)
+    calibration_interval_s = 5.0  # a probe in another codec: learns the fixed per-request cost (0: off)
 
     [service]                   # `split-agent serve`: the local inference API and the service's own behaviour
     socket = "/run/splitinfer-agent/agent.sock"  # Unix socket of the local API (access: its mode and group)
@@ -237,6 +238,10 @@ class AdaptiveConfig:
     probe_interval_s: float = field(
         default=2.0, metadata={"doc": "measure with a probe this often while nothing is sent (edge-only cut)"}
     )
+    calibration_interval_s: float = field(
+        default=5.0, metadata={"doc": "send a probe in another codec this often to learn the fixed per-request "
+                                      "cost (0: never; the health-check RTT alone is then subtracted)"}
+    )
 
     def __post_init__(self) -> None:
         check_bool("enabled", self.enabled, error=ConfigError)
@@ -245,6 +250,9 @@ class AdaptiveConfig:
         object.__setattr__(self, "min_samples", _int("min_samples", self.min_samples, 1, 10_000))
         object.__setattr__(
             self, "probe_interval_s", _float("probe_interval_s", self.probe_interval_s, 0.0, 86_400.0, lo_open=True)
+        )
+        object.__setattr__(
+            self, "calibration_interval_s", _float("calibration_interval_s", self.calibration_interval_s, 0.0, 86_400.0)
         )
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 
-from edge_agent.bandwidth import BandwidthEstimator
+from edge_agent.bandwidth import BandwidthEstimator, calibration_codec
 from edge_agent.config import AgentConfig
 from edge_agent.results import SPLIT, AgentMode
 from edge_agent.retry import RetryPolicy
@@ -188,15 +188,19 @@ class Supervisor:
 
     # -- probes ---------------------------------------------------------------------------------
 
-    def probe(self, rt: CutRuntime) -> tuple[bool, str]:
-        """Send one probe carrying `rt`'s payload and wait (deadline_ms) for its reply; (ok, why not)."""
+    def probe(self, rt: CutRuntime, calibration: bool = False) -> tuple[bool, str]:
+        """Send one probe carrying `rt`'s payload and wait (deadline_ms) for its reply; (ok, why not).
+
+        `calibration`: encoded in `calibration_codec(codec)` (another size) and fed to the estimator's fit only.
+        """
         cfg = self.config
         payload = self._probe_payloads.get(rt.cut_id)
         if payload is None:
             payload = self._probe_payloads[rt.cut_id] = rt.run_head(rt.zeros_input())
         pid = f"{PROBE_PREFIX}{cfg.device_id}-{self._next_id()}"
+        codec_spec = calibration_codec(cfg.codec) if calibration else cfg.codec
         request = serde.prepare(CloudRequest(
-            pid, cfg.device_id, rt.model_name, rt.cut_id, serde.encode_tensors(payload, cfg.codec),
+            pid, cfg.device_id, rt.model_name, rt.cut_id, serde.encode_tensors(payload, codec_spec),
             deadline_ms=cfg.deadline_ms, probe=True, sent_unix_ns=time.time_ns(), model_sha256=self._model_sha256,
         ))
         probe = _Probe(self._link.generation)
@@ -217,7 +221,7 @@ class Supervisor:
         reply = probe.reply
         if reply is not None and reply.ok:
             self._bandwidth.add(request.tensors.wire_bytes, max(0.0, _ms(t_sent, reply.received_at) - reply.cloud_ms),
-                                reply.received_at)
+                                reply.received_at, calibration=calibration)
             return True, ""
         if reply is not None:
             why = f"probe: cloud error {serde.status_name(reply.code)}: {reply.message}"

@@ -21,6 +21,14 @@ function cellValue(dev, key) {
   return dev[key];
 }
 
+// Split mode on the edge-only cut: not a contradiction, the plan says the device alone is fastest for now.
+const SPLIT_EDGE_NOTE = "split mode with the edge-only cut: the planner finds the device alone fastest at this " +
+  "uplink; it keeps measuring and switches when the link allows";
+
+function cutNote(dev) {
+  return dev.mode === "split" && dev.cut === "edge-only" ? SPLIT_EDGE_NOTE : "";
+}
+
 let selected = null;
 const rowsByDevice = new Map();
 
@@ -63,6 +71,11 @@ function renderFleet(data) {
       td.textContent = fmt(key, cellValue(dev, key), data.now);  // textContent: a hostile label stays text
       if (key === "status") td.classList.toggle("online", dev.status === "online");
       if (key === "status") td.classList.toggle("offline", dev.status !== "online");
+      if (key === "cut") {
+        const note = cutNote(dev);
+        td.classList.toggle("split-edge", note !== "");
+        td.title = note;
+      }
     });
     tr.classList.toggle("selected", dev.device === selected);
   }

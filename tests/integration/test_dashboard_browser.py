@@ -30,6 +30,8 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 # The page's picture goes to the test's temp dir; SPLITINFER_SCREENSHOT=docs/dashboard.png refreshes the docs' copy.
 SCREENSHOT_ENV = "SPLITINFER_SCREENSHOT"
 PROFILES = {"cam-1": (2.0, 1.0, 6.0, 0.5, 3.0), "cam-2": (4.0, 0.6, 14.0, 1.5, 3.5)}
+# (cut, share answered on the device): cam-2 runs split mode on the edge-only cut (its uplink is too slow)
+CUTS = {"cam-1": ("c3", 0.2), "cam-2": ("edge-only", 1.0)}
 
 
 class Feeder:
@@ -48,9 +50,10 @@ class Feeder:
                 base = PROFILES[agent.device_id]
                 wobble = 1.0 + 0.5 * abs(((time.time() / 4) % 2) - 1)  # a slow sawtooth: the chart moves
                 st = [max(0.01, rng.gauss(b * wobble, b * 0.1)) for b in base]
-                edge = rng.random() < 0.2
+                cut, edge_share = CUTS[agent.device_id]
+                edge = rng.random() < edge_share
                 agent.record(TelemetryRecord(f"{agent.device_id}-{i}", time.time(), *st, sum(st),
-                                             "edge" if edge else "cloud", "c3"))
+                                             "edge" if edge else "cloud", cut))
             i += 1
 
     def __enter__(self) -> Feeder:
@@ -81,7 +84,7 @@ def live_fleet(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[tuple[Dashboard
               AgentControl("cam-2", mosquitto.host, mosquitto.port, on_command=ack, label="line 2, wifi",
                            flush_interval_ms=100).start()]
     agents[0].publish_state(mode="split", cut="c3", bandwidth_mbps=18.9, model="resnet18")
-    agents[1].publish_state(mode="split", cut="c3", bandwidth_mbps=5.85, model="resnet18")
+    agents[1].publish_state(mode="split", cut="edge-only", bandwidth_mbps=5.85, model="resnet18")
     gone = AgentControl("cam-3", mosquitto.host, mosquitto.port, on_command=ack, label="spare").start()
     gone.publish_state(mode="local", cut="edge-only", model="resnet18")
     gone.close()
@@ -156,6 +159,21 @@ async def drive(browser: Chromium, url: str, screenshot: Path) -> None:
         assert await page.eval("document.querySelectorAll('img').length") == 0
         assert await page.eval(
             "document.querySelector('tr[data-device=\"cam-1\"] .col-label').childElementCount") == 0
+
+        # The columns are explained on the page, and split mode on the edge-only cut says why.
+        legend = await page.eval("document.getElementById('columns-legend').innerText")
+        for term in ("mode", "cut", "uplink", "edge share", "split + edge-only", "switches when the link allows"):
+            assert term in legend, (term, legend)
+        assert await page.eval("document.getElementById('columns-legend').getBoundingClientRect().height") > 0
+        await page.wait_for("document.querySelector('tr[data-device=\"cam-2\"] .col-cut').textContent === "
+                            "'edge-only'", "cam-2 on the edge-only cut")
+        notes = await page.eval("['cam-1', 'cam-2', 'cam-3'].map(d => { const td = document.querySelector("
+                                "'tr[data-device=\"' + d + '\"] .col-cut'); "
+                                "return [td.classList.contains('split-edge'), td.title]; })")
+        assert notes[0] == [False, ""] and notes[2] == [False, ""]  # a split cut; local mode on the device
+        assert notes[1][0] is True and "device alone fastest" in notes[1][1]
+        assert await page.eval("getComputedStyle(document.querySelector('tr[data-device=\"cam-2\"] .col-cut'), "
+                               "'::after').content") == '" †"'
 
         # The cloud tier's own view: cam-1's 4 answered requests (1 failed), mean 0.75 + 2.5 ms; none for cam-2.
         cloud = await page.eval("['cloud_requests', 'cloud_mean_ms'].map(k => "

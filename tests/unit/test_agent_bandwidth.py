@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
 import pytest
 
-from edge_agent.bandwidth import AdaptiveCut, BandwidthEstimator, CutPolicy, Estimate
+from edge_agent.bandwidth import AdaptiveCut, BandwidthEstimator, CutPolicy, Estimate, calibration_codec
 from edge_agent.config import AdaptiveConfig, AgentConfig, ConfigError, describe
 
 RTT_MS = 2.0
@@ -41,6 +42,63 @@ def test_without_an_rtt_the_estimate_is_a_lower_bound():
     t = isolated(est, 8, 20_000, 5.0)
     e = est.estimate(now=t)
     assert e.rtt_ms is None and 4.0 < e.mbps < 5.0
+
+
+def calibrated(mbps: float, nbytes: int, fixed_ms: float, jitter_ms: float, seed: int = 0) -> BandwidthEstimator:
+    """An estimator fed like the agent: requests of `nbytes` at `mbps` + a fixed cost the health check (0.2 ms)
+    does not see + positive jitter, one calibration probe at 4x the bytes every other request."""
+    rng = random.Random(seed)
+    est = BandwidthEstimator(window=10)
+    est.add_rtt(0.2, 0.0)
+    t = 0.0
+    for i in range(20):
+        t += 0.5
+        est.add(nbytes, fixed_ms + nbytes * 8 / (mbps * 1000.0) + rng.uniform(0, jitter_ms), t)
+        if i % 2:
+            big = 4 * nbytes
+            est.add(big, fixed_ms + big * 8 / (mbps * 1000.0) + rng.uniform(0, jitter_ms), t + 0.1, calibration=True)
+    return est
+
+
+@pytest.mark.parametrize("mbps", [2, 5, 10, 20, 50, 100, 200, 500])
+@pytest.mark.parametrize("nbytes, jitter_ms", [(150_000, 0.3), (37_632, 0.1)])
+def test_the_fixed_per_request_cost_is_learned_and_not_counted_as_link_time(mbps, nbytes, jitter_ms):
+    for seed in range(3):
+        est = calibrated(mbps, nbytes, fixed_ms=1.5, jitter_ms=jitter_ms, seed=seed)
+        e = est.estimate(now=11.0)
+        assert e.samples == 10  # calibration probes feed the fit, not the rate window
+        assert e.mbps == pytest.approx(mbps, rel=0.2), (seed, e)
+        intercept, slope_mbps = est.fit(now=11.0)
+        assert intercept == pytest.approx(1.5, abs=0.3) and slope_mbps == pytest.approx(mbps, rel=0.2)
+
+
+def test_without_calibration_the_fixed_cost_reads_as_a_slow_link():
+    # what the agent measured before the fit: 12 KB at 100 Mbit/s read ~37 Mbit/s
+    est = BandwidthEstimator(window=8)
+    est.add_rtt(0.2, 0.0)
+    t = isolated(est, 8, 12_000, 100.0, t0=0.0)
+    for i in range(8):  # same requests, 1.5 ms fixed cost on top
+        est.add(12_000, 1.5 + 12_000 * 8 / 100_000, t + i + 1)
+    assert est.fit(now=t + 9) is None and est.estimate(now=t + 9).mbps < 60
+
+
+def test_fit_needs_two_sizes_apart_and_handles_sub_jitter_transfers():
+    est = BandwidthEstimator()
+    est.add(10_000, 3.0, 1.0)
+    est.add(15_000, 3.5, 1.0, calibration=True)  # < 2x apart: no fit
+    assert est.fit(now=1.0) is None and est.fixed_ms(now=1.0) is None
+    est.add(40_000, 2.9, 1.0, calibration=True)  # 4x the bytes in no more time: link time below the jitter
+    assert est.fit(now=1.0) == (2.9, float("inf")) and est.fixed_ms(now=1.0) == 2.9
+    est.add_rtt(5.0, 1.0)  # a larger RTT wins (the intercept is at least the round trip)
+    assert est.fixed_ms(now=1.0) == 5.0
+    assert est.fit(now=100.0) is None  # expired
+    est.clear()
+    assert est.fit(now=1.0) is None
+
+
+def test_calibration_codec_changes_the_size_fourfold():
+    assert calibration_codec("int8") == "fp32" and calibration_codec("int8c+zstd") == "fp32"
+    assert calibration_codec("fp32") == "int8" and calibration_codec("fp16+lz4") == "int8"
 
 
 def test_rtt_is_the_minimum_of_recent_round_trips_and_expires():
@@ -181,6 +239,7 @@ class FakeAgent:
         self.bandwidth = BandwidthEstimator(window=4)
         self.cut, self.mode, self.forced_local = cut, "split", False
         self.probed: list[str] = []
+        self.calibrated: list[str] = []
         self.cuts: list[str] = []
 
     def set_cut(self, cut_id: str) -> None:
@@ -190,8 +249,8 @@ class FakeAgent:
     def is_remote(self, cut_id: str) -> bool:
         return cut_id != "edge-only"
 
-    def probe_link(self, cut_id: str) -> bool:
-        self.probed.append(cut_id)
+    def probe_link(self, cut_id: str, calibration: bool = False) -> bool:
+        (self.calibrated if calibration else self.probed).append(cut_id)
         return True
 
     def measure_rtt(self) -> float | None:
@@ -202,6 +261,7 @@ def test_adaptive_cut_probes_on_edge_only_and_respects_pins():
     agent = FakeAgent("edge-only")
     ad = AdaptiveCut(agent, AdaptiveConfig(enabled=True, min_dwell_s=0.0, min_samples=2, probe_interval_s=0.01))
     assert ad.tick() is None and agent.probed == ["c1"]  # the cheapest remote cut of the table
+    assert agent.calibrated == ["c1"]  # and a calibration probe on it
     t0 = time.perf_counter() - 10.0  # samples 1 s apart: each had the link to itself
     for i in range(4):
         agent.bandwidth.add(10_000, 10.0, t0 + i)  # 8 Mbit/s
@@ -217,6 +277,19 @@ def test_adaptive_cut_probes_on_edge_only_and_respects_pins():
     assert ad.tick() is None and agent.cut == "c1"
 
 
+def test_adaptive_cut_calibrates_on_the_current_remote_cut_at_its_own_interval():
+    agent = FakeAgent("cloud-only")
+    ad = AdaptiveCut(agent, AdaptiveConfig(enabled=True, min_dwell_s=86_400, probe_interval_s=0.01,
+                                           calibration_interval_s=86_400))
+    ad.tick()
+    ad.tick()
+    assert agent.probed == [] and agent.calibrated == ["cloud-only"] and ad.calibrations == 1  # not yet due again
+    agent = FakeAgent("cloud-only")
+    ad = AdaptiveCut(agent, AdaptiveConfig(enabled=True, min_dwell_s=86_400, calibration_interval_s=0))
+    ad.tick()
+    assert agent.calibrated == []  # 0: off
+
+
 def test_config_tables_are_optional_and_validated():
     cfg = AgentConfig(bundle="b")
     assert cfg.mqtt is None and cfg.adaptive.enabled is False
@@ -230,7 +303,8 @@ def test_config_tables_are_optional_and_validated():
                       ({"mqtt": {"broker": "h:1", "reconnect_min_s": 9, "reconnect_max_s": 2}}, "mqtt.reconnect_max_s"),
                       ({"adaptive": {"hysteresis": 0.9}}, "adaptive.hysteresis"),
                       ({"adaptive": {"enabled": "yes"}}, "adaptive.enabled"),
-                      ({"adaptive": {"min_samples": 0}}, "adaptive.min_samples")):
+                      ({"adaptive": {"min_samples": 0}}, "adaptive.min_samples"),
+                      ({"adaptive": {"calibration_interval_s": -1}}, "adaptive.calibration_interval_s")):
         with pytest.raises(ConfigError) as info:
             AgentConfig.from_dict({"bundle": "b", **data})
         assert info.value.key == key, (data, str(info.value))
