@@ -231,15 +231,20 @@ class CloudNode:
     def _mqtt_tls(self, opts: NodeOptions) -> tuple[Path | None, Any]:
         """(CA folder, the controller's MqttTls), or (None, None) in the insecure mode. One CA serves both
         planes: the gRPC tier's (`ServerConfig.pki_dir`) unless `NodeOptions.mqtt_pki` names another."""
-        from cloud_tier.pki import CertificateAuthority
+        from cloud_tier.pki import PkiError
         from protos.mqtt import MqttTls
 
         if opts.mqtt_insecure:
             return None, None
         pki = Path(opts.mqtt_pki) if opts.mqtt_pki is not None else self.server.config.resolved_pki_dir()
-        ca = CertificateAuthority(pki)  # PkiError naming `split-cloud ca init` when there is none
-        cert, key = ca.client_files("controller")
-        return pki, MqttTls(str(ca.ca_cert), str(cert), str(key))
+        # Only the public CA certificate and the controller's own pair: the serving node never needs the CA's
+        # signing key (split-cloud install leaves it out of the service's copy).
+        files = (pki / "ca.pem", pki / "controller.pem", pki / "controller.key")
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise PkiError(f"{pki}: no {', '.join(missing)}: expected a CA folder made by `split-cloud ca init` "
+                           f"(or the copy `split-cloud install` places)")
+        return pki, MqttTls(*(str(f) for f in files))
 
     def stop(self, grace: float = 10.0) -> None:
         """Drain and stop the gRPC tier (health NOT_SERVING first), then controller, dashboard, broker, DB."""

@@ -356,6 +356,17 @@ def test_install_stages_a_hardened_unit_and_the_ca_with_private_modes(bundles_di
     complaints = systemd.verify_unit(unit, SERVICE_NAME)
     if complaints is not None:  # systemd-analyze is installed here
         assert complaints == "", complaints
+    # The node starts from the service's copy (no CA key in it), both planes on, as the unit runs it.
+    from cloud_tier.config import NodeOptions, ServerConfig
+    from cloud_tier.node import CloudNode
+
+    node = CloudNode(bundles_dir, ServerConfig(port=0, prefer_gpu=False, pki_dir=state / "pki"),
+                     NodeOptions(db_path=tmp_path / "fleet.db", dashboard_port=0, embedded_broker_port=0))
+    node.start()
+    try:
+        assert node.controller is not None and node.controller.connected
+    finally:
+        node.stop(grace=1.0)
 
     printed = subprocess.run([sys.executable, "-m", "cloud_tier.cli", "install", "--bundles", str(bundles_dir),
                               "--print", "--root", str(tmp_path / "untouched")], capture_output=True, text=True,
