@@ -13,6 +13,7 @@ broker, and last the database.
 from __future__ import annotations
 
 import logging
+import secrets
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -222,10 +223,12 @@ class CloudNode:
         pki = Path(opts.mqtt_pki) if opts.mqtt_pki is not None else self.server.config.resolved_pki_dir()
         default = pki / "dashboard.token"
         if not default.is_file():
-            if not self.insecure:
-                log.warning("%s is missing: the command API is open to local users like the page (give "
-                            "--dashboard-token-file, or split-cloud ca init a new CA)", default)
-            return None
+            if self.insecure:
+                return None  # no CA at all: loopback only, like the page
+            # Secure by default: no token to check, so nobody may command (a token nobody holds).
+            log.warning("%s is missing: the command API refuses every request (give --dashboard-token-file, or "
+                        "make the CA with a current split-cloud ca init)", default)
+            return secrets.token_urlsafe(32)
         return load_token(opts.dashboard_host, default, require_token=True)
 
     def _mqtt_tls(self, opts: NodeOptions) -> tuple[Path | None, Any]:

@@ -256,3 +256,23 @@ def test_the_command_api_answers_with_the_ack_or_a_clear_status(node_and_agent) 
     rc, _, err = fleet("send", "ops-1", "ping", "--url", node.dashboard_url, "--token-file", str(token),
                        "--timeout", "0.3")
     assert rc == 1 and "no ack within 0.3 s" in err
+
+
+def test_a_secure_node_without_a_dashboard_token_refuses_every_command(bundles: Path, tmp_path: Path) -> None:
+    """A CA folder without dashboard.token (made before it existed) must not leave the command API open."""
+    import shutil
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    for f in default_pki_dir().iterdir():
+        if f.is_file() and f.name != "dashboard.token":
+            shutil.copy2(f, pki / f.name)
+    node = CloudNode(bundles, ServerConfig(port=0, prefer_gpu=False, pki_dir=pki),
+                     NodeOptions(db_path=tmp_path / "fleet.db", dashboard_port=0, embedded_broker_port=0)).start()
+    try:
+        url = node.dashboard_url + "api/devices/cam-1/commands"
+        assert http(url, body={"kind": "ping"})[0] == 401
+        session_token = (default_pki_dir() / "dashboard.token").read_text().strip()
+        assert http(url, body={"kind": "ping"}, headers={"Authorization": f"Bearer {session_token}"})[0] == 401
+    finally:
+        node.stop(grace=1.0)
