@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from edge_agent.config import ServiceConfig
-from edge_agent.local_client import LOCAL_HTTP2_OPTIONS, SERIAL_METADATA
+from edge_agent.local_client import LOCAL_HTTP2_OPTIONS, MAX_STREAMS, SERIAL_METADATA
 from edge_agent.results import SPLIT, AgentClosedError, InferenceResult, InFlightLimitError
 from edge_agent.runtime import InputError
 from models.manifest import TensorSpec
@@ -152,7 +152,9 @@ class LocalApi:
         """Bind (the socket, safely; or loopback TCP) and serve; LocalApiError when it cannot listen."""
         svc = self.service
         limit = svc.max_message_mb * 1024 * 1024 + 64 * 1024
-        workers = self.max_requests + 8
+        # Each LocalClient keeps up to MAX_STREAMS long-lived streams, each holding a server thread while open:
+        # room for several clients' streams besides max_requests unary calls (requests stay bounded by the slots).
+        workers = self.max_requests + 8 + 4 * MAX_STREAMS
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitinfer-local"),
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),

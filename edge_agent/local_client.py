@@ -217,12 +217,15 @@ class _SharedStream:
         self._outbox.put(_CLOSE)
 
     def infer(self, arrays: Mapping[str, Any], timeout: float, request_id: str) -> lpb.LocalInferResponse:
+        sid = f"{next(self._ids)}"
+        slot = _Slot(request_id)
+        try:  # before taking a window slot: a bad input must not hold one for ever
+            data = request_bytes(arrays, sid, max(1, int(timeout * 1000)))
+        except (ValueError, TypeError) as exc:  # codec.TensorError (a ValueError) names the input
+            raise LocalError("INVALID_ARGUMENT", str(exc), request_id) from None
         if not self._window.acquire(timeout=timeout):
             raise LocalError("DEADLINE_EXCEEDED", f"{STREAM_WINDOW} requests in flight on the stream for "
                                                   f"{timeout:.3f} s", request_id)
-        sid = f"{next(self._ids)}"
-        slot = _Slot(request_id)
-        data = request_bytes(arrays, sid, max(1, int(timeout * 1000)))
         with self._lock:
             if self.broken is not None:
                 self._window.release()

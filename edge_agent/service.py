@@ -181,7 +181,8 @@ class AgentService:
             with LocalClient(socket=target[5:]) if target.startswith("unix:") else LocalClient(address=target) as c:
                 c.health(timeout=HEALTH_DEADLINE_S)
         except LocalError as exc:
-            return f"the local API does not answer ({exc})"
+            if exc.code != "RESOURCE_EXHAUSTED":  # that is an answer: the API is alive and full (busy, or held
+                return f"the local API does not answer ({exc})"  # by idle client streams), not stuck
         if not done.wait(max(0.0, HEALTH_DEADLINE_S - (time.monotonic() - t0))):
             return f"the agent did not answer within {HEALTH_DEADLINE_S} s (a lock held or its threads stuck)"
         return None

@@ -544,3 +544,17 @@ def test_deadlines_hold_on_the_stream_for_the_caller_and_on_the_service(local_ap
     for fut in hung:  # the agent "finishes" them: their slots are freed
         fut.set_result(None)  # type: ignore[arg-type]
     wait_for(lambda: apis[0].in_flight == 0, "every slot freed")
+
+
+def test_inputs_the_client_cannot_send_do_not_use_up_the_stream(local_api, sockdir, monkeypatch):
+    from edge_agent import local_client
+
+    monkeypatch.setattr(local_client, "STREAM_WINDOW", 2)  # the window, small: 2 leaked slots would block it
+    x = np.random.default_rng(0).standard_normal(SHAPE1).astype(np.float32)
+    with LocalClient(socket=str(sockdir / "agent.sock")) as client:
+        client.infer(x, timeout=30)  # the stream opens
+        for _ in range(5):
+            with pytest.raises(LocalError) as exc:
+                client.infer(np.array(["not", "a", "tensor"]), timeout=2)
+            assert exc.value.code == "INVALID_ARGUMENT" and "dtype" in exc.value.message
+        assert client.infer(x, timeout=5).output.shape[0] == 1  # not DEADLINE_EXCEEDED behind leaked slots
