@@ -16,7 +16,6 @@ import logging
 import signal
 import sqlite3
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -212,11 +211,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"split-cloud: no CA in {config.resolved_pki_dir()}: run `split-cloud ca init --dir "
               f"{config.resolved_pki_dir()}` first (or --insecure for plaintext on loopback)", file=sys.stderr)
         return 2
-    stop = threading.Event()
+    # The handlers only set flags: one runs on the main thread between two bytecodes, possibly while it holds a
+    # lock (an Event's, the node's), so setting an Event or reloading there could deadlock. The loop reads them.
+    flags = {"stop": False, "reload": False}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: flags.__setitem__("stop", True))
+    signal.signal(signal.SIGHUP, lambda *_: flags.__setitem__("reload", True))
     node = CloudNode(args.bundles, config, options)
-    signal.signal(signal.SIGHUP, lambda *_: node.reload_certificates())
     try:
         node.start()
     except (BundleError, ServerStartError, BrokerStartError, PkiError, TimeoutError, OSError, RuntimeError,
@@ -227,11 +228,13 @@ def serve(args: argparse.Namespace) -> int:
         print(line, flush=True)
     systemd.notify("READY=1", f"STATUS=serving on {node.grpc_address}")
     watchdog_s = systemd.watchdog_period_s()
-    tick = min(1.0, watchdog_s) if watchdog_s else 1.0
+    tick = min(0.2, watchdog_s) if watchdog_s else 0.2
     last_ping = 0.0
-    while not stop.wait(tick) and not node.wait(0):
-        # Wake every second so signals are handled promptly on every platform; the gRPC tier's thread is alive
-        # (the loop's condition), so tell the watchdog.
+    while not flags["stop"] and not node.wait(tick):
+        # The gRPC tier's thread is alive (the loop's condition), so tell the watchdog.
+        if flags["reload"]:
+            flags["reload"] = False
+            node.reload_certificates()
         if watchdog_s and time.monotonic() - last_ping >= watchdog_s:
             systemd.notify("WATCHDOG=1")
             last_ping = time.monotonic()

@@ -36,6 +36,7 @@ __all__ = ["DEFAULT_CONFIG", "RELOADABLE", "AgentService", "flatten"]
 
 log = logging.getLogger("splitinfer.edge.service")
 
+SIGNAL_TICK_S = 0.2  # how soon the loop acts on a signal (see _on_hup)
 IDLE_TICK_S = 1.0  # the main loop wakes at least this often (status updates) when there is no watchdog
 HEALTH_DEADLINE_S = 2.0
 RELOADABLE = ("cut", "tls.ca", "tls.cert", "tls.key", "service.log_level", "service.max_requests",
@@ -121,12 +122,14 @@ class AgentService:
             log.warning("%s while draining: still draining (at most [service] drain_timeout_s = %.0f s)", name,
                         self.config.service.drain_timeout_s)
             return
-        self._stop_signal = name
-        self._wake.set()
+        self._stop_signal = name  # only a flag: the loop sees it within SIGNAL_TICK_S
 
     def _on_hup(self, _signum: int, _frame: object) -> None:
         self._reload = True
-        self._wake.set()
+
+    # A signal handler runs on the main thread between two bytecodes, possibly inside Event.clear() or wait()
+    # holding the Event's lock: a handler that called Event.set() could deadlock the loop. The handlers set
+    # flags, and the loop wakes at least this often to read them.
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Drain from another thread (tests, embedding)."""
@@ -139,7 +142,7 @@ class AgentService:
     def serve(self) -> int:
         """Run until SIGTERM/SIGINT; drain; the exit status (0 when everything in flight finished)."""
         period = systemd.watchdog_period_s()
-        tick = min(period, IDLE_TICK_S) if period else IDLE_TICK_S
+        tick = min(period or IDLE_TICK_S, IDLE_TICK_S, SIGNAL_TICK_S)
         next_ping = 0.0
         if period:
             log.info("systemd watchdog: pinging every %.2f s", period)
