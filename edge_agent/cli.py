@@ -442,7 +442,7 @@ def install_main(args: argparse.Namespace) -> int:
                            if line.startswith("ExecStart=")), "split-agent")
         print(f"staged the unit {base / plan.unit_path.relative_to('/')}; on the target:")
         for line in (f"useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {args.user}",
-                     f"chown -R root:{args.user} {args.prefix} && chown {args.user} {args.prefix}/tls/device.key",
+                     f"chown -R root:{args.user} {args.prefix} && chown {args.user} {args.prefix}/tls/*.key",
                      f"make sure {exec_start} exists there (the unit's ExecStart: install splitinfer[edge] at that "
                      "path)",
                      "systemctl enable splitinfer-agent"):
