@@ -19,7 +19,7 @@ as long as the failure lasts, each failure counted by kind (`store_errors`) and 
 Meanwhile nothing is acknowledged, so the broker stops sending once its in-flight window is full (Mosquitto:
 max_inflight_messages; the embedded broker has no window: it sends everything, up to its max_stored_messages)
 and keeps the rest queued; the local queue is bounded too, and a message that still finds it full after
-`put_timeout_s` is left unacknowledged for the broker to deliver again (`dropped_messages`).
+`put_timeout_s` waits on (persistent session; the broker keeps the rest) or is dropped (clean session).
 Records are dropped for good (`records_dropped`, by reason, with a log line) only when they cannot be stored at
 all: a batch the store refuses for a reason other than a failing file (e.g. a constraint error), or, on a
 clean session (a second controller on one store), messages the store could not take before stop().
@@ -158,6 +158,7 @@ class FleetController:
         self._stats_lock = threading.Lock()
         self.bad_payloads = 0
         self.dropped_messages = 0  # refused because the queue was full
+        self.waiting_for_store = 0  # 1 while the network thread waits for room in the queue (a failing store)
         self.stored_records = 0
         self.stored_states = 0
         self.telemetry_messages = 0  # valid telemetry batches received
@@ -377,15 +378,30 @@ class FleetController:
             # Waits while the writer retries a failing store: the broker meanwhile holds what it has not sent.
             self._queue.put(item, timeout=self._put_timeout_s)
         except queue.Full:
-            with self._stats_lock:
-                self.dropped_messages += 1
             if not self.persistent:  # a clean session: the broker forgets it with the connection
+                with self._stats_lock:
+                    self.dropped_messages += 1
                 self._drop([item], f"store queue full ({self._queue.maxsize}) for {self._put_timeout_s} s",
                            "queue_full")
                 return
-            log.warning("fleet controller: store queue full (%d) for %s s; a %s message from %s is left "
-                        "unacknowledged (the broker delivers it again when the session resumes)",
-                        self._queue.maxsize, self._put_timeout_s, kind or "ignored", device_id or "?")
+            # A persistent session: keep waiting. A message left unacknowledged on a live connection would come
+            # back only when the session resumes (and Mosquitto holds back the rest behind 20 of them), so this
+            # thread waits for the store instead; past 1.5x the keepalive the broker drops the connection, paho
+            # reconnects once the store is back, and the broker sends again what was not acknowledged.
+            log.warning("fleet controller: store queue full (%d) for %s s; waiting for the store (the broker keeps "
+                        "what is not acknowledged)", self._queue.maxsize, self._put_timeout_s)
+            self.waiting_for_store += 1
+            try:
+                while not self._stopping.is_set():
+                    try:
+                        self._queue.put(item, timeout=self._put_timeout_s)
+                        return
+                    except queue.Full:
+                        continue
+            finally:
+                self.waiting_for_store -= 1
+            with self._stats_lock:
+                self.dropped_messages += 1  # stopping: left unacknowledged, the broker keeps it
 
     # --- writer thread -----------------------------------------------------------------------------
 

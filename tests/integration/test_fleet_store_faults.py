@@ -47,7 +47,8 @@ from cloud_tier.fleet_store import FleetStore
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 db, host, port = sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = FleetStore(db)
-ctl = FleetController(store, host, port, retry_min_s=0.02, retry_max_s=0.2)  # settles its session id first
+small = {"queue_bound": 1, "put_timeout_s": 0.2, "keepalive_s": 2} if sys.argv[5:] == ["small-queue"] else {}
+ctl = FleetController(store, host, port, retry_min_s=0.02, retry_max_s=0.2, **small)  # settles its session id
 sizes = [p.stat().st_size for p in (Path(db), Path(db + "-wal")) if p.exists()]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (max(sizes) + 1, resource.RLIM_INFINITY))
@@ -57,7 +58,8 @@ for line in sys.stdin:
     cmd = line.strip()
     if cmd == "stats":
         print(json.dumps({"stored_records": ctl.stored_records, "store_errors": dict(ctl.store_errors),
-                          "records_dropped": dict(ctl.records_dropped), "health": store.health().reason}),
+                          "records_dropped": dict(ctl.records_dropped), "health": store.health().reason,
+                          "waiting": ctl.waiting_for_store}),
               flush=True)
     elif cmd == "lift":
         resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
@@ -72,8 +74,8 @@ store.close()
 class LimitedController:
     """The child process above, with a line protocol on stdin/stdout."""
 
-    def __init__(self, db: Path, host: str, port: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(REPO), str(db), host, str(port)],
+    def __init__(self, db: Path, host: str, port: int, *extra: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(REPO), str(db), host, str(port), *extra],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert self.readline() == "ready", self.stderr()
@@ -214,3 +216,30 @@ def test_a_controller_killed_while_the_disk_is_full_loses_no_acknowledged_teleme
     ids = stored_ids(db)
     assert len(ids) == len(set(ids)) == 2 * len(sent)  # nothing twice
 
+
+
+def test_a_store_outage_longer_than_the_queue_stalls_nothing_once_the_store_is_back(
+        db: Path, broker: tuple[str, int]) -> None:
+    """A queue of one and a 2 s keepalive: the controller's network thread waits for the store (nothing is left
+    unacknowledged on the live connection, which the broker would resend only when the session resumes); the
+    broker drops the silent connection, and once the store is back paho reconnects and everything comes in."""
+    host, port = broker
+    child = LimitedController(db, host, port, "small-queue")
+    try:
+        sent = publish_batches(host, port)
+        polling.wait_for(lambda: child.stats()["store_errors"].get("io_error", 0) >= 3, "failed writes", DEADLINE_S)
+        sent |= publish_batches(host, port, "during")  # more than the queue of one holds while the store fails
+        polling.wait_for(lambda: child.stats()["waiting"], "the network thread waiting for the store", DEADLINE_S)
+        assert child.ask("lift") == "lifted"
+        polling.wait_for(lambda: child.stats()["stored_records"] == len(sent), "every record stored", DEADLINE_S)
+        barrier = publish_batches(host, port, "after")  # flows again, in order behind any redelivery
+        polling.wait_for(lambda: child.stats()["stored_records"] == len(sent) + len(barrier), "the barrier",
+                         DEADLINE_S)
+        sent |= barrier
+        assert child.stats()["records_dropped"] == {}
+        child.ask("quit")
+        assert child.proc.wait(DEADLINE_S) == 0
+    finally:
+        child.close()
+    ids = stored_ids(db)
+    assert len(ids) == len(set(ids)) == len(sent)
