@@ -18,6 +18,7 @@ USER): add an application's user to that group to let it call the agent.
 from __future__ import annotations
 
 import grp
+import math
 import os
 import pwd
 import shutil
@@ -204,8 +205,11 @@ def install(config: Path, *, bundle: Path | None = None, user: str = "splitinfer
     installed_cfg = prefix / "agent.toml"
     under_etc = prefix.parent == Path("/etc")
     devices = any(p != "CPUExecutionProvider" for p in cfg.providers)
+    # systemd's stop timeout outlasts the drain (plus the telemetry flush and offline publish), so SIGKILL never
+    # cuts a drain short (raise drain_timeout_s later with SIGHUP and the unit needs installing again).
+    stop_timeout_s = max(30, math.ceil(cfg.service.drain_timeout_s) + 10)
     unit = agent_unit(installed_cfg, user, binary=binary, read_only=() if under_etc else (str(prefix),),
-                      devices=devices)
+                      devices=devices, stop_timeout_s=stop_timeout_s)
     plan = InstallPlan(UNIT_DIR / f"{SERVICE_NAME}.service", unit.render(), installed_cfg)
     exe = unit.exec_start[0]
     if exe.startswith(("/home/", "/root/")):
