@@ -302,6 +302,18 @@ def run(cfg: AgentConfig, *, wait_split_s: float = 0.0, quiet: bool = False, jso
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
+    status = _main(argv)
+    if argv is None:  # the process's entry point: everything is closed and flushed, so leave now
+        # Interpreter shutdown can hang for ever in a gRPC call object's __del__, whose lock a daemon thread
+        # (gRPC's own channel thread) held when shutdown froze it (seen: a 45 s hang after "ok"). Skip it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "keys":
         for key, doc in describe().items():
