@@ -458,7 +458,14 @@ def test_the_shared_stream_answers_threads_right_and_unary_agrees(local_api, soc
             wrong = []
             for j in range(20):
                 i = (k + j) % len(inputs)
-                r = client.infer(inputs[i], timeout=30, request_id=f"t{k}-{j}")
+                while True:  # 6 callers, 4 slots (max_in_flight): RESOURCE_EXHAUSTED is a right answer; retry
+                    try:
+                        r = client.infer(inputs[i], timeout=30, request_id=f"t{k}-{j}")
+                        break
+                    except LocalError as exc:
+                        if exc.code != "RESOURCE_EXHAUSTED":
+                            raise
+                        time.sleep(0.002)
                 if r.request_id != f"t{k}-{j}" or not np.allclose(r.output, want[i], atol=1e-5):
                     wrong.append(i)
             return wrong
