@@ -19,13 +19,12 @@ The service user is created (`useradd --system`) when missing, only when install
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models import systemd
 from models.systemd import ServiceUnit
 
 __all__ = ["DEFAULT_USER", "SERVICE_NAME", "CloudInstall", "InstallError", "cloud_unit", "install"]
@@ -34,7 +33,6 @@ SERVICE_NAME = "splitinfer-cloud"
 DEFAULT_USER = "splitinfer-cloud"
 STATE_DIR = Path("/var/lib") / SERVICE_NAME  # systemd's StateDirectory=SERVICE_NAME
 UNIT_DIR = Path("/etc/systemd/system")
-USERADD_DEADLINE_S = 30.0
 PRIVATE_FILES = (".key", ".token")  # files of the CA folder only the service may read
 # What the node never needs: the CA's signing key (a compromised node could mint device certificates) and the
 # device folders `split-cloud enroll` writes by default (each holds a device's private key).
@@ -101,26 +99,12 @@ class CloudInstall:
         )
 
 
-def _ids(user: str) -> tuple[int, int] | None:
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        return None
-    return pw.pw_uid, pw.pw_gid
-
-
 def _ensure_user(user: str) -> bool:
     """Create the system user (and its group) when missing; whether it was created."""
-    if _ids(user) is not None:
-        return False
-    cmd = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(STATE_DIR),
-           "--shell", "/usr/sbin/nologin", user]
     try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=USERADD_DEADLINE_S)
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        raise InstallError(f"could not create the system user {user!r} ({' '.join(cmd)}): {detail}") from None
-    return True
+        return systemd.ensure_system_user(user, STATE_DIR)
+    except systemd.SystemUserError as exc:
+        raise InstallError(str(exc)) from None
 
 
 def _place(root: Path, path: Path, mode: int, ids: tuple[int, int] | None, data: bytes | None = None) -> Path:
@@ -168,7 +152,7 @@ def install(bundles: Path, pki: Path, *, user: str = DEFAULT_USER, serve_args: t
                            "--print for the unit only")
     if not staging:
         result.created_user = _ensure_user(user)
-    ids = None if staging else _ids(user)
+    ids = None if staging else systemd.user_ids(user)
     base = root if root is not None else Path("/")
     _place(base, STATE_DIR, 0o750, ids)
     _place(base, STATE_DIR / "pki", 0o700, ids)

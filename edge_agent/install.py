@@ -20,9 +20,7 @@ from __future__ import annotations
 import grp
 import math
 import os
-import pwd
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig, ConfigError
+from models import systemd
 from models.systemd import ServiceUnit
 
 try:
@@ -41,7 +40,6 @@ __all__ = ["SERVICE_NAME", "InstallError", "InstallPlan", "agent_unit", "install
 
 SERVICE_NAME = "splitinfer-agent"
 UNIT_DIR = Path("/etc/systemd/system")
-USERADD_DEADLINE_S = 30.0
 
 
 class InstallError(RuntimeError):
@@ -108,26 +106,12 @@ class InstallPlan:
     )
 
 
-def _ids(user: str) -> tuple[int, int] | None:
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        return None
-    return pw.pw_uid, pw.pw_gid
-
-
 def _ensure_user(user: str) -> bool:
     """Create the system user (and its group) when missing; whether it was created."""
-    if _ids(user) is not None:
-        return False
-    cmd = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", f"/var/lib/{SERVICE_NAME}",
-           "--shell", "/usr/sbin/nologin", user]
     try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=USERADD_DEADLINE_S)
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        raise InstallError(f"could not create the system user {user!r} ({' '.join(cmd)}): {detail}") from None
-    return True
+        return systemd.ensure_system_user(user, f"/var/lib/{SERVICE_NAME}")
+    except systemd.SystemUserError as exc:
+        raise InstallError(str(exc)) from None
 
 
 class _Placer:
@@ -223,7 +207,7 @@ def install(config: Path, *, bundle: Path | None = None, user: str = "splitinfer
                            "or --print for the unit only")
     if not staging:
         plan.created_user = _ensure_user(user)
-    ids = _ids(user) if not staging else None
+    ids = systemd.user_ids(user) if not staging else None
     if ids is not None:
         try:
             grp.getgrgid(ids[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -17,12 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ServiceUnit", "notify", "quote_exec", "verify_unit", "watchdog_period_s"]
+__all__ = ["ServiceUnit", "SystemUserError", "ensure_system_user", "notify", "quote_exec", "user_ids", "verify_unit",
+           "watchdog_period_s"]
 
 log = logging.getLogger(__name__)
 
 NOTIFY_DEADLINE_S = 1.0  # a notify that cannot be sent in this long is dropped (systemd is gone or wedged)
 VERIFY_DEADLINE_S = 60.0
+USERADD_DEADLINE_S = 30.0
 
 
 def notify(*states: str) -> bool:
@@ -181,3 +184,31 @@ def verify_unit(text: str, name: str) -> str | None:
         except subprocess.TimeoutExpired:
             return f"systemd-analyze verify did not finish in {VERIFY_DEADLINE_S:.0f} s"
     return (done.stdout + done.stderr).strip()
+
+
+class SystemUserError(RuntimeError):
+    """The service's system user could not be created (the message names the command and its error)."""
+
+
+def user_ids(user: str) -> tuple[int, int] | None:
+    """(uid, gid) of `user`, or None when there is no such user."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    return pw.pw_uid, pw.pw_gid
+
+
+def ensure_system_user(user: str, home: str | Path) -> bool:
+    """Create the system user `user` (with its group, no login, `home` not created) when missing; whether it was
+    created. SystemUserError when useradd fails."""
+    if user_ids(user) is not None:
+        return False
+    cmd = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(home),
+           "--shell", "/usr/sbin/nologin", user]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=USERADD_DEADLINE_S)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        raise SystemUserError(f"could not create the system user {user!r} ({' '.join(cmd)}): {detail}") from None
+    return True
