@@ -258,7 +258,8 @@ class CloudServer:
                 raise ServerStartError(str(exc)) from exc
         registry = await self._loop.run_in_executor(
             None, lambda: ModelRegistry.load(self.bundles_dir, intra_op_threads=cfg.intra_op_threads,
-                                             prefer_gpu=cfg.prefer_gpu)
+                                             prefer_gpu=cfg.prefer_gpu, providers=cfg.providers or None,
+                                             provider_options=cfg.resolved_provider_options())
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")
 
