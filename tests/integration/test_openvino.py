@@ -113,3 +113,24 @@ def test_sessions_get_their_provider_options(bundle):
     session = make_session(bundle.full, providers=PROVIDERS, provider_options={OPENVINO_EP: {"device_type": "CPU"}})
     assert session.get_providers()[0] == OPENVINO_EP
     assert session.get_provider_options()[OPENVINO_EP].get("device_type", "CPU") == "CPU"
+
+
+def test_an_agent_with_an_openvino_head_through_an_openvino_cloud(bundle, tmp_path):
+    """The agent's head on OpenVINO, the cloud's tails on OpenVINO (a CPU-only cloud node), results those of
+    the full model; the same agent finishing on the device (its local tail) when the cut is edge-only."""
+    from cloud_tier.server import CloudServer
+    from edge_agent import CLOUD, EDGE, EdgeAgent
+
+    server = CloudServer(bundle.root, "127.0.0.1", 0, insecure=True, providers=PROVIDERS)
+    server.start()
+    full = ort.InferenceSession(str(bundle.full), providers=[CPU_EP])
+    try:
+        for cut, served_by in (("c1", CLOUD), (EDGE_ONLY, EDGE)):
+            with EdgeAgent.from_bundle(bundle.root, server.address, cut=cut, head_precision="fp32", codec="fp32",
+                                       insecure=True, providers=PROVIDERS, state_dir=tmp_path) as agent:
+                x = sample_input(batch=1, seed=3)
+                result = agent.infer(x, timeout=10)
+                assert result.served_by == served_by, result.fallback_reason
+                np.testing.assert_allclose(result.output, full.run(None, {"input": x})[0], atol=FP32_ATOL)
+    finally:
+        server.stop(grace=1.0)
