@@ -1,6 +1,7 @@
 """Head latency per edge runtime on this host: onnxruntime CPU, OpenVINO (onnxruntime provider), LiteRT.
 
-For each model, the head of its middle cut (the chosen cut when it is one) is loaded on every runtime this
+For each model, the head of its chosen cut (a middle cut, or the whole model when the choice is cloud-only and
+the bundle has no middle cut: edge-only) is loaded on every runtime this
 environment has, through the agent's own `edge_agent.runtime.open_runner`:
 
     onnxruntime CPU fp32 (A and B: two sessions of the same head, the noise floor), onnxruntime CPU int8,
@@ -34,10 +35,20 @@ import numpy as np
 
 from benchmarks._common import bundles_dir, host_line, make_bundle, median, mid_cut, percentile, table
 from edge_agent.runtime import LITERT, ONNXRUNTIME, ModelLoadError, RuntimeOptions, open_runner
-from models.manifest import Bundle
+from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle
 from models.ortopts import CPU_EP, OPENVINO_EP, ProviderError, check_providers
 
 BASE = "onnxruntime CPU fp32 A"
+
+
+def head_cut(bundle: Bundle) -> str:
+    """The chosen cut when the edge runs a head there (not cloud-only), else a middle cut, else edge-only."""
+    if bundle.chosen != CLOUD_ONLY:
+        return bundle.chosen
+    try:
+        return mid_cut(bundle)
+    except ValueError:
+        return EDGE_ONLY
 
 
 def heads(bundle: Bundle, cut_id: str, threads: int) -> tuple[dict[str, Any], dict[str, str]]:
@@ -94,7 +105,7 @@ def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 def run_model(model: str, root: Path, runs: int, warmup: int, threads: int) -> list[list[object]]:
     """The table rows of one model."""
     bundle = Bundle.load(make_bundle(model, root))
-    cut_id = mid_cut(bundle)
+    cut_id = head_cut(bundle)
     runners, missing = heads(bundle, cut_id, threads)
     rng = np.random.default_rng(0)
     spec = bundle.inputs[0]

@@ -110,27 +110,12 @@ def _plugin_devices(ort: Any, name: str, device: str | None) -> list[Any]:
     chosen = [d for d in found if device is None or d.ep_metadata.get(key, "") == device]
     if not chosen:
         have = sorted({d.ep_metadata.get(key, "?") for d in found})
-        cpu = ""
-        if not found and name == OPENVINO_EP:
-            cpu = " (the plugin offers only Intel devices; on other CPUs use the onnxruntime-openvino build in its " \
-                  "own environment)"
-        raise ProviderError(f"{name} ({package}) found no {device or 'usable'} device here (it has {have or 'none'})"
-                            f"{cpu}")
+        if found:
+            raise ProviderError(f"{name} ({package}) has no {device} device here (it has {', '.join(have)})")
+        raise ProviderError(f"{name} ({package}) found no device here: the plugin offers Intel CPUs, GPUs and NPUs "
+                            "only (on another x86-64 CPU use the onnxruntime-openvino build, in an environment of "
+                            "its own: it replaces onnxruntime)")
     return chosen
-
-
-def available_providers() -> list[str]:
-    """The providers this onnxruntime can run: its own, plus plugin providers whose package is installed."""
-    ort = require("onnxruntime", "edge")
-    names = list(ort.get_available_providers())
-    for name in PLUGIN_PACKAGES:
-        if name not in names:
-            try:
-                if _plugin_devices(ort, name, None):
-                    names.insert(names.index(CPU_EP) if CPU_EP in names else len(names), name)
-            except ProviderError:
-                pass
-    return names
 
 
 def check_providers(providers: Sequence[str]) -> None:
