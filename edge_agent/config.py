@@ -12,11 +12,12 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     max_in_flight = 32
     runtime = "onnxruntime"     # the head's runtime: "onnxruntime" or "litert" (head.tflite; the local tail stays
                                 #   on onnxruntime)
-    providers = ["OpenVINOExecutionProvider", "CPUExecutionProvider"]  # onnxruntime providers, preferred first
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]  # onnxruntime's,
+                                #   preferred first (Intel box: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
     state_dir = "/var/lib/splitinfer-agent"  # the agent's state (TensorRT engine cache); default $STATE_DIRECTORY
 
-    [provider_options.TensorrtExecutionProvider]   # per provider, passed to onnxruntime as they are; TensorRT's
-    trt_fp16_enable = true      #   engine cache is on by default in state_dir/trt-cache (private, kept)
+    [provider_options.TensorrtExecutionProvider]   # per provider (one of providers), passed to onnxruntime; the
+    trt_fp16_enable = true      #   TensorRT engine cache is on by default in state_dir/trt-cache (private, kept)
 
     [tls]                       # mTLS to the cloud (`split-cloud enroll` writes this); paths relative to the file
     ca = "ca.pem"               # the deployment's CA: the cloud's certificate must be signed by it
