@@ -2,14 +2,18 @@
 
 Run once on a lent GPU machine (no internet needed) over bundles made beforehand elsewhere:
 
-    python -m benchmarks.gpu_cloud BUNDLE_DIR [BUNDLE_DIR ...] [--threads 16] [--batches 1,8,32] [--runs 50]
-        [--trt-cache DIR] [--json OUT.json]
+    python -m benchmarks.gpu_cloud BUNDLE_DIR|TAIL.onnx [...] [--model ZOO_NAME] [--threads 16]
+        [--batches 1,8,32] [--runs 50] [--trt-cache DIR] [--json OUT.json]
+
+A bundle directory gives its middle cut's tail (the chosen cut when it is one) and its model's name; a bare ONNX
+file (e.g. a bundle's tail.onnx alone, when the whole bundle is too big to carry) is timed as it is, its inputs'
+dynamic first dimension set to the batch, `--model` naming the zoo model for the GPU reference.
 
 What it reports:
 - the machine: onnxruntime's version and available providers, torch's version and the GPU torch sees;
-- per bundle, its tail of the middle cut (the chosen cut when it is one) at each batch size, on every provider
-  of CPU (`--threads` intra-op threads), CUDA, TensorRT fp32, TensorRT fp16 that this onnxruntime has: median and
-  p90 ms of `--runs` runs after warm-up, taken in one interleaved loop (each round runs every provider once, in
+- per bundle (or ONNX file), the tail of its middle cut (the chosen cut when it is one) at each batch size, on
+  every provider of CPU (`--threads` intra-op threads), CUDA, TensorRT fp32, TensorRT fp16 that this
+  onnxruntime has: median and p90 ms of `--runs` runs after warm-up, taken in one interleaved loop (each round runs every provider once, in
   rotating order), the ratio to the CPU median, and the noise floor (a second CPU session timed in the same
   rounds: CPU B / CPU A of the same work). TensorRT's first session builds its engine (minutes); the build time
   is reported apart, the engine cache (`--trt-cache`, default a temp dir) keeps it for the next session;
@@ -26,6 +30,7 @@ benchmarks/_common.py (numpy and `models` only) - nothing else of the project, n
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -40,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._common import mid_cut
-from models.manifest import Bundle, TensorSpec
+from models.manifest import Bundle
 from models.ortopts import (
     CPU_EP,
     CUDA_EP,
@@ -73,16 +78,33 @@ def machine() -> dict[str, Any]:
     return facts
 
 
-def feeds_for(specs: Sequence[TensorSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random tensors of `specs` at batch `batch` (floats N(0,1), integers 0)."""
+def feeds_for(session: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of `session` with its dynamic first dimension at `batch` (floats N(0,1), integers 0)."""
+    from models.dtypes import ort_numpy_dtype, ort_type_name
+
     rng = np.random.default_rng(seed)
     out = {}
-    for spec in specs:
-        dtype = np.dtype(spec.dtype)
-        shape = spec.concrete_shape(batch)
-        out[spec.name] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
-                          else np.zeros(shape, dtype=dtype))
+    for arg in session.get_inputs():
+        dtype = np.dtype(ort_numpy_dtype(ort_type_name(arg.type)))
+        shape: list[int] = []
+        for axis, d in enumerate(arg.shape):
+            if not (isinstance(d, int) and d > 0) and axis > 0:
+                raise SystemExit(f"input {arg.name!r} has a dynamic dimension past the batch: {arg.shape}")
+            shape.append(d if isinstance(d, int) and d > 0 else batch)
+        out[arg.name] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
+                         else np.zeros(shape, dtype=dtype))
     return out
+
+
+def target(path: Path, model: str | None) -> tuple[Path, str, str, Path | None]:
+    """(ONNX file to time, its label, the zoo model name or "", the full model for the reference or None)."""
+    if path.suffix == ".onnx":
+        return path, path.name, model or "", None
+    bundle = Bundle.load(path)
+    cut = mid_cut(bundle)
+    tail = bundle.cut(cut).tail
+    assert tail is not None
+    return tail, f"tail of cut {cut}", model or bundle.model_name, bundle.full
 
 
 def provider_sessions(path: Path, threads: int, trt_cache: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -147,40 +169,39 @@ def summarize(times: dict[str, list[float]], base: str) -> list[dict[str, Any]]:
     return rows
 
 
-def tail_rows(bundle: Bundle, cut: str, batches: Sequence[int], threads: int, runs: int, warmup: int,
+def tail_rows(path: Path, label: str, batches: Sequence[int], threads: int, runs: int, warmup: int,
               trt_cache: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The tail of `cut` on every provider at each batch size."""
-    tail = bundle.cut(cut).tail
-    assert tail is not None
-    sessions, notes = provider_sessions(tail, threads, trt_cache)
+    """The model at `path` on every provider at each batch size."""
+    sessions, notes = provider_sessions(path, threads, trt_cache)
     rows = []
     for batch in batches:
-        feeds = feeds_for(bundle.cut(cut).tensors, batch)
-        runners: dict[str, Runner] = {name: (lambda s=s, f=feeds: s.run(None, f)) for name, s in sessions.items()}
+        feeds = feeds_for(sessions["CPU A"], batch)
+        runners: dict[str, Runner] = {name: functools.partial(s.run, None, feeds) for name, s in sessions.items()}
         for row in summarize(interleaved(runners, runs, warmup), "CPU A"):
-            rows.append({"part": f"tail {cut}", "batch": batch, **row})
+            rows.append({"part": label, "batch": batch, **row})
     return rows, notes
 
 
-def torch_reference(bundle: Bundle, batches: Sequence[int], threads: int, runs: int,
+def torch_reference(model_name: str, full: Path | None, batches: Sequence[int], threads: int, runs: int,
                     warmup: int) -> tuple[list[dict[str, Any]], str]:
-    """The whole zoo model in torch on the GPU (fp32, fp16 autocast) beside full.onnx on onnxruntime CPU."""
+    """The whole zoo model in torch on the GPU (fp32, fp16 autocast) beside full.onnx on onnxruntime CPU (when the
+    bundle is here)."""
     try:
         import torch
     except ImportError:
         return [], "n/a: torch is not installed"
     if not torch.cuda.is_available():
         return [], "n/a: torch sees no CUDA device"
-    from models.zoo import build_zoo_model, zoo_names
+    from models.zoo import build_zoo_model, zoo_entry, zoo_names
 
-    if bundle.model_name not in zoo_names():
-        return [], f"n/a: {bundle.model_name!r} is not a zoo model (its torch module cannot be rebuilt here)"
-    model = build_zoo_model(bundle.model_name).eval().cuda()
-    cpu = make_session(bundle.full, threads=threads, providers=[CPU_EP])
+    if model_name not in zoo_names():
+        return [], f"n/a: {model_name!r} is not a zoo model (give --model NAME)"
+    model = build_zoo_model(model_name).eval().cuda()
+    cpu = make_session(full, threads=threads, providers=[CPU_EP]) if full is not None else None
     rows = []
+    shape = zoo_entry(model_name).input_shape
     for batch in batches:
-        feeds = feeds_for(bundle.inputs, batch)
-        (name, array), = feeds.items()
+        array = np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
         x = torch.from_numpy(array).cuda()
 
         def gpu(fp16: bool, x: Any = x) -> None:
@@ -188,10 +209,12 @@ def torch_reference(bundle: Bundle, batches: Sequence[int], threads: int, runs: 
                 model(x)
             torch.cuda.synchronize()
 
-        runners: dict[str, Runner] = {"onnxruntime CPU (full model)": lambda f=feeds: cpu.run(None, f),
-                                      "torch CUDA fp32 (full model)": lambda: gpu(False),
+        runners: dict[str, Runner] = {"torch CUDA fp32 (full model)": lambda: gpu(False),
                                       "torch CUDA fp16 (full model)": lambda: gpu(True)}
-        for row in summarize(interleaved(runners, runs, warmup), "onnxruntime CPU (full model)"):
+        if cpu is not None:
+            feeds = {cpu.get_inputs()[0].name: array}
+            runners = {"onnxruntime CPU (full model)": functools.partial(cpu.run, None, feeds), **runners}
+        for row in summarize(interleaved(runners, runs, warmup), next(iter(runners))):
             rows.append({"part": "full model", "batch": batch, **row})
     return rows, f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}"
 
@@ -210,7 +233,8 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bundles", nargs="+", type=Path, help="bundle directories (plan.json + ONNX files)")
+    ap.add_argument("bundles", nargs="+", type=Path, help="bundle directories, or ONNX files (e.g. a tail.onnx)")
+    ap.add_argument("--model", help="the zoo model of bare ONNX files, for the torch GPU reference")
     ap.add_argument("--threads", type=int, default=16, help="intra-op threads of the CPU provider (default 16)")
     ap.add_argument("--batches", default="1,8,32", help="batch sizes, comma-separated (default 1,8,32)")
     ap.add_argument("--runs", type=int, default=50, help="timed rounds per batch size (default 50)")
@@ -228,17 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="splitinfer-trt-") as tmp:
         cache = args.trt_cache or Path(tmp)
         for path in args.bundles:
-            bundle = Bundle.load(path)
-            cut = mid_cut(bundle)
-            print(f"\n## {bundle.model_name} ({path}), tail of cut {cut}, CPU provider at {args.threads} threads")
-            rows, notes = tail_rows(bundle, cut, batches, args.threads, args.runs, args.warmup, cache)
-            for label, note in notes.items():
-                print(f"# {label}: {note}")
+            onnx_path, label, model_name, full = target(path, args.model)
+            print(f"\n## {model_name or '?'}: {label} ({onnx_path}), CPU provider at {args.threads} threads")
+            rows, notes = tail_rows(onnx_path, label, batches, args.threads, args.runs, args.warmup, cache)
+            for provider, note in notes.items():
+                print(f"# {provider}: {note}")
             print_rows(rows)
-            ref_rows, ref_note = torch_reference(bundle, batches, args.threads, args.runs, args.warmup)
+            ref_rows, ref_note = torch_reference(model_name, full, batches, args.threads, args.runs, args.warmup)
             print(f"\n# GPU reference (whole model): {ref_note}")
             print_rows(ref_rows)
-            result["bundles"].append({"bundle": str(path), "model": bundle.model_name, "cut": cut, "tail": rows,
+            result["bundles"].append({"path": str(path), "model": model_name, "part": label, "rows": rows,
                                       "notes": notes, "reference": ref_rows, "reference_note": ref_note})
     print("\n# noise floor: CPU B / CPU A (two sessions of the same tail, same rounds); ratios within it are ties")
     if args.json:

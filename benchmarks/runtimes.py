@@ -25,6 +25,7 @@ same files) or in a temp dir.
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -83,7 +84,7 @@ def measure(runners: dict[str, Any], feeds: dict[str, np.ndarray], runs: int,
             warmup: int) -> dict[str, list[float]]:
     """ms per run of each runner, interleaved in rotating order (`warmup` rounds untimed)."""
     names = list(runners)
-    calls: dict[str, Callable[[], Any]] = {n: (lambda r=runners[n]: r.run(feeds)) for n in names}
+    calls: dict[str, Callable[[], Any]] = {n: functools.partial(runners[n].run, feeds) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + runs):
         k = r % len(names)
