@@ -13,10 +13,11 @@ What it reports:
 - the machine: onnxruntime's version and available providers, torch's version and the GPU torch sees;
 - per bundle (or ONNX file), the tail of its middle cut (the chosen cut when it is one) at each batch size, on
   every provider of CPU (`--threads` intra-op threads), CUDA, TensorRT fp32, TensorRT fp16 that this
-  onnxruntime has: median and p90 ms of `--runs` runs after warm-up, taken in one interleaved loop (each round runs every provider once, in
-  rotating order), the ratio to the CPU median, and the noise floor (a second CPU session timed in the same
-  rounds: CPU B / CPU A of the same work). TensorRT's first session builds its engine (minutes); the build time
-  is reported apart, the engine cache (`--trt-cache`, default a temp dir) keeps it for the next session;
+  onnxruntime has: median and p90 ms of `--runs` runs after warm-up, taken in one interleaved loop (each round
+  runs every provider once, in rotating order), the ratio to the CPU median, and the noise floor (a second CPU
+  session timed in the same rounds: CPU B / CPU A of the same work). TensorRT's first session builds its engine
+  (minutes); the build time is reported apart, the engine cache (`--trt-cache`, default a temp dir) keeps it for the
+  next session;
 - a provider this onnxruntime lacks is one line saying so (the CPU build of onnxruntime has no CUDA or TensorRT:
   `pip install onnxruntime-gpu` replaces it and needs TensorRT's libraries for the TensorRT provider);
 - a GPU reference that needs no onnxruntime-gpu: when torch sees CUDA and the bundle's model is a zoo model, the
