@@ -167,3 +167,4 @@ def test_the_device_record_carries_the_runtime():
     assert doc["runtime"] == "onnxruntime" and doc["providers"] == [CPU_EP]
     assert SideRecord.from_json(doc, "device") == record
     assert "runtime" not in SideRecord("x", "estimated", "s").to_json()  # older plans read the same
+
