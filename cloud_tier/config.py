@@ -133,6 +133,8 @@ class ServerConfig:
         if isinstance(self.providers, str) or not all(isinstance(p, str) and p for p in self.providers):
             raise ConfigError("--providers", f"expected provider names, got {self.providers!r}")
         object.__setattr__(self, "providers", tuple(self.providers))
+        if self.provider_options and not self.providers:
+            raise ConfigError("--provider-option", "needs --providers naming the providers it sets options of")
         check_bool("--insecure", self.insecure, error=ConfigError)
         check_bool("--i-know-insecure", self.insecure_remote, error=ConfigError)
         if self.insecure:
@@ -147,8 +149,7 @@ class ServerConfig:
         from models.ortopts import ProviderError, resolve_provider_options
 
         try:
-            return resolve_provider_options(self.providers or list(self.provider_options), self.provider_options,
-                                            default_state_dir())
+            return resolve_provider_options(self.providers, self.provider_options, default_state_dir())
         except (ProviderError, ValueError) as exc:
             raise ConfigError("--provider-option", str(exc)) from None
 

@@ -137,6 +137,8 @@ def test_cloud_serve_takes_providers_and_their_options(tmp_path, monkeypatch):
         ServerConfig(providers=(CPU_EP,), provider_options={TENSORRT_EP: {}}).resolved_provider_options()
     with pytest.raises(CloudConfigError, match="--providers"):
         ServerConfig(providers="CPUExecutionProvider")  # type: ignore[arg-type]
+    with pytest.raises(CloudConfigError, match="needs --providers"):
+        ServerConfig(provider_options={TENSORRT_EP: {"trt_fp16_enable": "True"}})
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="this onnxruntime has TensorRT")
