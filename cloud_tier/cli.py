@@ -35,6 +35,7 @@ from cloud_tier.config import (
 from models import systemd
 from models.extras import MissingExtraError
 from models.manifest import BundleError
+from models.ortopts import parse_provider_option, parse_providers, provider_options_from
 from protos.address import format_address
 
 DEFAULTS = ServerConfig()
@@ -95,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-mib", type=int, default=DEFAULTS.max_message_bytes >> 20,
                        help="gRPC message size limit, MiB (default %(default)s)")
     serve.add_argument("--cpu-only", action="store_true", help="do not use the CUDA execution provider")
+    serve.add_argument("--providers", type=parse_providers, default=(), metavar="P1,P2",
+                       help="onnxruntime execution providers for the tails, preferred first, comma-separated (e.g. "
+                            "OpenVINOExecutionProvider,CPUExecutionProvider on a CPU-only node; "
+                            "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider); default: CUDA "
+                            "when onnxruntime has it (unless --cpu-only), then CPU")
+    serve.add_argument("--provider-option", action="append", type=parse_provider_option, default=[],
+                       metavar="PROVIDER:KEY=VALUE",
+                       help="an option of one provider, repeatable (e.g. TensorrtExecutionProvider:trt_fp16_enable="
+                            "True); TensorRT's engine cache is on by default in the state directory's trt-cache")
     tls = serve.add_argument_group("transport security")
     tls.add_argument("--pki", type=Path, default=None, help=pki_help + " for both planes: gRPC clients and MQTT "
                      "clients must present one of its certificates, and a device's id is taken from it; the "
@@ -190,7 +200,8 @@ def serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, workers=args.workers, intra_op_threads=args.intra_op_threads,
         max_tensor_bytes=args.max_tensor_mib << 20, max_message_bytes=args.max_message_mib << 20,
         prefer_gpu=not args.cpu_only, pki_dir=args.pki, insecure=args.insecure,
-        insecure_remote=args.i_know_insecure,
+        insecure_remote=args.i_know_insecure, providers=args.providers,
+        provider_options=provider_options_from(args.provider_option),
     )
     if args.broker is not None and (args.broker_host is not None or args.broker_port is not None):
         flag = "--broker-port" if args.broker_port is not None else "--broker-host"

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from models.validate import FieldError, check_bool, check_int, check_number, check_text
 from protos import address
@@ -109,6 +111,10 @@ class ServerConfig:
     max_message_bytes: int = 64 * MIB  # gRPC receive/send limit (the default 4 MiB is too small)
     max_inflight_per_stream: int = 64  # requests of one stream being worked on; beyond: stop reading it
     prefer_gpu: bool = True  # CUDA execution provider first when onnxruntime has it
+    # onnxruntime execution providers for the tails, preferred first (empty: CUDA when present and prefer_gpu,
+    # then CPU), and options per provider; TensorRT's engine cache defaults to the state dir's trt-cache.
+    providers: tuple[str, ...] = ()
+    provider_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # mTLS: the CA folder (`split-cloud ca init`) with ca.pem, server.pem/.key and crl.pem; clients must present a
     # certificate of this CA, and the device id is taken from it. None: default_pki_dir().
     pki_dir: str | Path | None = None
@@ -124,6 +130,11 @@ class ServerConfig:
             check_int(f"ServerConfig.{name}", getattr(self, name), 1, error=ConfigError)
         check_number("ServerConfig.max_wait_ms", self.max_wait_ms, 0, error=ConfigError)
         check_bool("ServerConfig.prefer_gpu", self.prefer_gpu, error=ConfigError)
+        if isinstance(self.providers, str) or not all(isinstance(p, str) and p for p in self.providers):
+            raise ConfigError("--providers", f"expected provider names, got {self.providers!r}")
+        object.__setattr__(self, "providers", tuple(self.providers))
+        if self.provider_options and not self.providers:
+            raise ConfigError("--provider-option", "needs --providers naming the providers it sets options of")
         check_bool("--insecure", self.insecure, error=ConfigError)
         check_bool("--i-know-insecure", self.insecure_remote, error=ConfigError)
         if self.insecure:
@@ -131,6 +142,16 @@ class ServerConfig:
                 raise ConfigError("--insecure", f"refuses to serve plaintext on {self.host!r}, which is not a loopback "
                                   "address: anyone on the network could call the tier as any device (add "
                                   "--i-know-insecure to do it anyway, or serve mTLS with --pki)")
+
+    def resolved_provider_options(self) -> dict[str, dict[str, str]]:
+        """provider_options as onnxruntime takes them, TensorRT's engine cache in default_state_dir()/trt-cache
+        unless set (created private); ConfigError naming --provider-option when a value or folder is bad."""
+        from models.ortopts import ProviderError, resolve_provider_options
+
+        try:
+            return resolve_provider_options(self.providers, self.provider_options, default_state_dir())
+        except (ProviderError, ValueError) as exc:
+            raise ConfigError("--provider-option", str(exc)) from None
 
     def resolved_pki_dir(self) -> Path:
         """`pki_dir`, or default_pki_dir() when unset."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from models.extras import require
 from models.manifest import CLOUD_ONLY, PLAN_FILE, Bundle, BundleError, TensorSpec
-from models.ortopts import make_session
+from models.ortopts import ProviderError, make_session
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,21 @@ def select_providers(prefer_gpu: bool = True) -> list[str]:
 
 
 class TailExecutor:
-    """Runs one tail model; thread-safe (onnxruntime sessions allow concurrent `run`)."""
+    """Runs one tail model; thread-safe (onnxruntime sessions allow concurrent `run`).
 
-    def __init__(self, path: Path, *, intra_op_threads: int = 1, prefer_gpu: bool = True):
+    `providers` (in order of preference, with `provider_options` per provider, see models/ortopts.py) replace
+    the automatic choice of `select_providers(prefer_gpu)`; one that is not usable here is a ProviderError.
+    """
+
+    def __init__(self, path: Path, *, intra_op_threads: int = 1, prefer_gpu: bool = True,
+                 providers: Sequence[str] | None = None,
+                 provider_options: Mapping[str, Mapping[str, str]] | None = None):
         try:
-            self.session = make_session(path, threads=intra_op_threads, providers=select_providers(prefer_gpu))
+            self.session = make_session(path, threads=intra_op_threads,
+                                        providers=list(providers or select_providers(prefer_gpu)),
+                                        provider_options=provider_options)
+        except ProviderError:
+            raise
         except Exception as exc:  # onnxruntime raises its own exception types for bad model files
             raise BundleError(f"{path}: onnxruntime cannot load this tail ({exc})") from exc
         self.path = path
@@ -91,8 +101,11 @@ class ModelRegistry:
             self._hashes.setdefault(t.model, set()).add(t.model_sha256)
 
     @classmethod
-    def load(cls, bundles_dir: str | Path, *, intra_op_threads: int = 1, prefer_gpu: bool = True) -> ModelRegistry:
-        """Load each subdirectory of `bundles_dir` holding a plan.json; BundleError on any bad bundle."""
+    def load(cls, bundles_dir: str | Path, *, intra_op_threads: int = 1, prefer_gpu: bool = True,
+             providers: Sequence[str] | None = None,
+             provider_options: Mapping[str, Mapping[str, str]] | None = None) -> ModelRegistry:
+        """Load each subdirectory of `bundles_dir` holding a plan.json; BundleError on any bad bundle, ProviderError
+        when a provider of `providers` is not usable (see TailExecutor)."""
         root = Path(bundles_dir)
         if not root.is_dir():
             raise BundleError(f"{root}: not a directory of bundles")
@@ -128,7 +141,8 @@ class ModelRegistry:
                                           f"{sorted(s.name for s in known.inputs)}")
                     continue
                 if digest not in sessions:
-                    sessions[digest] = TailExecutor(path, intra_op_threads=intra_op_threads, prefer_gpu=prefer_gpu)
+                    sessions[digest] = TailExecutor(path, intra_op_threads=intra_op_threads, prefer_gpu=prefer_gpu,
+                                                    providers=providers, provider_options=provider_options)
                 executor = sessions[digest]
                 if sorted(executor.input_names) != want:
                     raise BundleError(

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import fields
@@ -137,13 +137,16 @@ class CloudServer:
         pki_dir: str | Path | None = _DEFAULTS.pki_dir,
         insecure: bool = _DEFAULTS.insecure,
         insecure_remote: bool = _DEFAULTS.insecure_remote,
+        providers: Sequence[str] = _DEFAULTS.providers,
+        provider_options: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         self.bundles_dir = Path(bundles_dir)
         self.config = ServerConfig(
             host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, workers=workers,
             intra_op_threads=intra_op_threads, max_tensor_bytes=max_tensor_bytes, max_message_bytes=max_message_bytes,
             max_inflight_per_stream=max_inflight_per_stream, prefer_gpu=prefer_gpu, pki_dir=pki_dir,
-            insecure=insecure, insecure_remote=insecure_remote,
+            insecure=insecure, insecure_remote=insecure_remote, providers=tuple(providers),
+            provider_options=dict(provider_options or {}),
         )
         self.tls: ServerTls | None = None  # mTLS credentials and revocation list (None when insecure)
         self.stats = ServerStats()
@@ -258,7 +261,8 @@ class CloudServer:
                 raise ServerStartError(str(exc)) from exc
         registry = await self._loop.run_in_executor(
             None, lambda: ModelRegistry.load(self.bundles_dir, intra_op_threads=cfg.intra_op_threads,
-                                             prefer_gpu=cfg.prefer_gpu)
+                                             prefer_gpu=cfg.prefer_gpu, providers=cfg.providers or None,
+                                             provider_options=cfg.resolved_provider_options())
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")
 

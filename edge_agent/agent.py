@@ -123,9 +123,7 @@ class EdgeAgent:
         self.config = config
         self.bundle = Bundle.load(config.bundle)
         self._model_sha256 = self.bundle.model_sha256  # with the cut, names the tail the cloud runs
-        self._cache = RunnerCache(
-            RuntimeOptions(config.intra_op_threads, config.inter_op_threads, tuple(config.providers))
-        )
+        self._cache = RunnerCache(RuntimeOptions.from_config(config))
         self._runtimes: dict[str, CutRuntime] = {}
         self._rt = self._runtime(config.cut or self.bundle.chosen)
         self._on_result = on_result

@@ -10,6 +10,14 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     codec = "int8"              # activation codec, see protos/codec.py: fp32|fp16|int8|int8c [+lz4|+zstd]
     deadline_ms = 1000          # how long the agent waits for the cloud's reply once a request is sent
     max_in_flight = 32
+    runtime = "onnxruntime"     # the head's runtime: "onnxruntime" or "litert" (head.tflite; the local tail stays
+                                #   on onnxruntime)
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]  # onnxruntime's,
+                                #   preferred first (Intel box: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
+    state_dir = "/var/lib/splitinfer-agent"  # the agent's state (TensorRT engine cache); default $STATE_DIRECTORY
+
+    [provider_options.TensorrtExecutionProvider]   # per provider (one of providers), passed to onnxruntime; the
+    trt_fp16_enable = true      #   TensorRT engine cache is on by default in state_dir/trt-cache (private, kept)
 
     [tls]                       # mTLS to the cloud (`split-cloud enroll` writes this); paths relative to the file
     ca = "ca.pem"               # the deployment's CA: the cloud's certificate must be signed by it
@@ -85,6 +93,7 @@ except ImportError:  # Python 3.10 (JetPack 6): the `tomli` backport, which the 
     import tomli as tomllib  # type: ignore[no-redef]
 
 HEAD_PRECISIONS = ("int8", "fp32")
+RUNTIMES = ("onnxruntime", "litert")
 
 
 class ConfigError(FieldError):
@@ -403,6 +412,14 @@ class AgentConfig:
     providers: tuple[str, ...] = field(
         default=C.DEFAULT_PROVIDERS, metadata={"doc": "onnxruntime execution providers, in order of preference"}
     )
+    runtime: str = field(default=C.DEFAULT_RUNTIME, metadata={
+        "doc": '"onnxruntime" or "litert": what runs the head (the local tail always runs on onnxruntime)'})
+    provider_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, metadata={
+        "doc": "[provider_options.<provider>] tables: options passed to that onnxruntime provider (TensorRT: "
+               "engine cache on in state_dir/trt-cache unless trt_engine_cache_enable = false)"})
+    state_dir: Path = field(default=C.DEFAULT_STATE_DIR, metadata={
+        "doc": "the agent's own state (the TensorRT engine cache); default $STATE_DIRECTORY (systemd) or "
+               "~/.local/state/splitinfer-agent"})
     keepalive_s: float = field(default=C.DEFAULT_KEEPALIVE_S, metadata={"doc": "HTTP/2 keepalive ping interval"})
     keepalive_timeout_s: float = field(
         default=C.DEFAULT_KEEPALIVE_TIMEOUT_S, metadata={"doc": "a ping unanswered this long breaks the stream"}
@@ -453,6 +470,11 @@ class AgentConfig:
         if isinstance(providers, str) or not isinstance(providers, (list, tuple)) or not providers:
             raise ConfigError("providers", f"expected a non-empty list of provider names, got {providers!r}")
         s(self, "providers", tuple(_str("providers", p) for p in providers))
+        s(self, "runtime", _choice("runtime", self.runtime, RUNTIMES))
+        s(self, "provider_options", _provider_options(self.provider_options, self.providers))
+        if not isinstance(self.state_dir, (str, Path)) or not str(self.state_dir):
+            raise ConfigError("state_dir", f"expected a directory path, got {self.state_dir!r}")
+        s(self, "state_dir", Path(self.state_dir))
         s(self, "keepalive_s", _float("keepalive_s", self.keepalive_s, 0.0, lo_open=True))
         s(self, "keepalive_timeout_s", _float("keepalive_timeout_s", self.keepalive_timeout_s, 0.0, lo_open=True))
         s(self, "connect_timeout_s", _float("connect_timeout_s", self.connect_timeout_s, 0.0, lo_open=True))
@@ -474,6 +496,16 @@ class AgentConfig:
         check_bool("i_know_insecure", self.i_know_insecure, error=ConfigError)
         if self.insecure and self.tls is not None:
             raise ConfigError("insecure", "cannot be set together with [tls]: choose mTLS or plaintext")
+
+    def resolved_provider_options(self) -> dict[str, dict[str, str]]:
+        """provider_options as onnxruntime takes them, with TensorRT's engine cache defaults (state_dir/trt-cache,
+        created private); ConfigError naming the key when a cache folder is unsafe."""
+        from models.ortopts import ProviderError, resolve_provider_options
+
+        try:
+            return resolve_provider_options(self.providers, self.provider_options, self.state_dir)
+        except (ProviderError, ValueError) as exc:
+            raise ConfigError("provider_options", str(exc)) from None
 
     def check_transport(self) -> str:
         """"tls" or "insecure": how the agent may talk to the cloud. ConfigError when neither is configured, or
@@ -535,8 +567,9 @@ class AgentConfig:
             raise ConfigError(None, f"cannot read it ({exc})", str(path)) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(None, f"not valid TOML ({exc})", str(path)) from None
-        if "bundle" in data and isinstance(data["bundle"], str) and not Path(data["bundle"]).is_absolute():
-            data["bundle"] = str(path.parent / data["bundle"])  # relative to the file, not the cwd
+        for key in ("bundle", "state_dir"):  # relative to the file, not the cwd
+            if key in data and isinstance(data[key], str) and data[key] and not Path(data[key]).is_absolute():
+                data[key] = str(path.parent / data[key])
         mqtt = data.get("mqtt")
         if isinstance(mqtt, dict):
             for name in ("tls_ca", "tls_cert", "tls_key"):
@@ -578,6 +611,24 @@ def describe() -> dict[str, str]:
     for prefix, sub in _TABLES.items():
         for f in dataclasses.fields(sub):
             out[f"{prefix}.{f.name}"] = f.metadata.get("doc", "")
+    return out
+
+
+def _provider_options(value: Any, providers: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """[provider_options.<provider>] tables: each for a provider in `providers`, with scalar values."""
+    if not isinstance(value, Mapping):
+        raise ConfigError("provider_options", f"expected [provider_options.<provider>] tables, got {value!r}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in value.items():
+        key = f"provider_options.{name}"
+        if name not in providers:
+            raise ConfigError(key, f"options for a provider that is not in providers {list(providers)}")
+        if not isinstance(table, Mapping):
+            raise ConfigError(key, f"expected a table of options, got {table!r}")
+        for option, v in table.items():
+            if not isinstance(option, str) or not option or isinstance(v, (dict, list)) or v is None:
+                raise ConfigError(f"{key}.{option}", f"expected a string, number or boolean, got {v!r}")
+        out[str(name)] = dict(table)
     return out
 
 

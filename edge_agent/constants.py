@@ -7,6 +7,7 @@ environment. Config files and CLI flags win over these.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 ENV_PREFIX = "SPLITINFER_AGENT_"
 
@@ -27,6 +28,10 @@ DEFAULT_WORKERS = 2
 DEFAULT_INTRA_OP_THREADS = 1
 DEFAULT_INTER_OP_THREADS = 1
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+DEFAULT_RUNTIME = _env("RUNTIME", "onnxruntime")
+# The agent's state (the TensorRT engine cache): systemd's StateDirectory= when run as the service.
+DEFAULT_STATE_DIR = Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+                         or _env("STATE_DIR", os.path.expanduser("~/.local/state/splitinfer-agent")))
 
 # The agent pings every 20 s; the cloud accepts pings every 10 s without calls (its
 # grpc.http2.min_ping_interval_without_data_ms), so it never answers GOAWAY too_many_pings.

@@ -1,4 +1,8 @@
-"""onnxruntime backend of the edge: the head and the local tail of a cut.
+"""The edge's runtimes: the head and the local tail of a cut.
+
+A head runs on the configured runtime (`RuntimeOptions.runtime`): onnxruntime with its execution providers
+(CPU, OpenVINO, TensorRT, CUDA; see models/ortopts.py) or LiteRT (edge_agent/runtime_litert.py, imported only
+when chosen). Both sit behind `HeadRunner`, made by `open_runner`. The local tail always runs on onnxruntime.
 
 Per cut (see models/manifest.py): a middle cut runs `head` (int8 by default) and keeps `tail` as the local
 fallback; `cloud-only` has no head (the cut tensors are the model inputs) and its local tail is full.onnx;
@@ -9,19 +13,30 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from edge_agent.config import RUNTIMES
 from models.extras import require
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle, TensorSpec
-from models.ortopts import make_session
+from models.ortopts import CPU, ProviderError, make_session
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig  # noqa: F401 - for the annotation of from_config
+
+ONNXRUNTIME, LITERT = RUNTIMES
 
 
 class ModelLoadError(RuntimeError):
-    """A bundle model cannot be loaded by onnxruntime here (bad file, no usable execution provider)."""
+    """A bundle model cannot be loaded here (bad file, no usable execution provider)."""
+
+
+class RuntimeMissingError(ModelLoadError):
+    """The runtime package or execution provider asked for is not installed; the message is one line naming the
+    pip install."""
 
 
 class InputError(ValueError):
@@ -30,33 +45,76 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """onnxruntime session settings."""
+    """How the edge runs a model: which runtime, its threads, and (onnxruntime) its execution providers.
+
+    `provider_options` maps a provider name to its options, already complete (`AgentConfig` adds TensorRT's
+    engine-cache defaults); LiteRT takes `intra_op_threads` as its interpreter's threads (0: its default) and
+    ignores the providers.
+    """
 
     intra_op_threads: int = 1
     inter_op_threads: int = 1
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple[str, ...] = CPU
+    runtime: str = ONNXRUNTIME
+    provider_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime: expected one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+
+    @property
+    def tail_options(self) -> RuntimeOptions:
+        """The options the local tail runs with: onnxruntime, the same providers."""
+        return replace(self, runtime=ONNXRUNTIME)
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> RuntimeOptions:
+        """The options of an agent config (its providers' options with TensorRT's cache defaults resolved)."""
+        return cls(config.intra_op_threads, config.inter_op_threads, tuple(config.providers), config.runtime,
+                   config.resolved_provider_options())
+
+
+class HeadRunner(Protocol):
+    """A loaded model on one runtime: `run` is safe to call from several threads at once."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on `feeds` (name -> array, ONNX layout); returns name -> array for every output."""
+        ...  # pragma: no cover - protocol
+
+    def close(self) -> None:
+        """Release the model; idempotent."""
+        ...  # pragma: no cover - protocol
+
+
+def open_runner(path: Path, options: RuntimeOptions) -> HeadRunner:
+    """A runner of the model file `path` on `options.runtime` (LiteRT is imported only when chosen)."""
+    if options.runtime == LITERT:
+        from edge_agent.runtime_litert import LiteRTRunner
+
+        return LiteRTRunner(Path(path), options)
+    return OrtRunner(path, options)
 
 
 class OrtRunner:
     """One onnxruntime session; `run` is safe to call from several threads (onnxruntime allows it)."""
 
     def __init__(self, path: Path, options: RuntimeOptions = RuntimeOptions()):
-        ort = require("onnxruntime", "edge")
+        require("onnxruntime", "edge")
         self.path = Path(path)
-        available = set(ort.get_available_providers())
-        providers = [p for p in options.providers if p in available]
-        if not providers:
-            raise ModelLoadError(
-                f"none of the execution providers {list(options.providers)} is available in this onnxruntime "
-                f"build (it has {sorted(available)})"
-            )
         try:
             self.session = make_session(self.path, threads=options.intra_op_threads,
-                                        inter_threads=options.inter_op_threads, providers=providers)
+                                        inter_threads=options.inter_op_threads, providers=options.providers,
+                                        provider_options=options.provider_options)
+        except ProviderError as exc:
+            raise RuntimeMissingError(str(exc)) from None
         except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
             raise ModelLoadError(f"{self.path}: onnxruntime cannot load it ({exc})") from exc
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
+        self.providers = tuple(self.session.get_providers())
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on `feeds` (name -> array); returns name -> array for every output."""
@@ -66,22 +124,34 @@ class OrtRunner:
         outs = self.session.run(list(self.output_names), {n: feeds[n] for n in self.input_names})
         return dict(zip(self.output_names, outs))
 
+    def close(self) -> None:
+        """Nothing to release early: the session goes with the runner."""
+
 
 class RunnerCache:
-    """One OrtRunner per file, shared by every cut that uses it (full.onnx serves two baselines)."""
+    """One runner per file and runtime, shared by every cut that uses it (full.onnx serves two baselines)."""
 
     def __init__(self, options: RuntimeOptions):
         self.options = options
-        self._runners: dict[Path, OrtRunner] = {}
+        self._runners: dict[tuple[Path, str], HeadRunner] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path) -> OrtRunner:
-        """The runner of `path`, loaded on first use."""
+    def get(self, path: Path, options: RuntimeOptions | None = None) -> HeadRunner:
+        """The runner of `path` on `options` (default the cache's), loaded on first use."""
+        options = options or self.options
+        key = (Path(path), options.runtime)
         with self._lock:
-            runner = self._runners.get(Path(path))
+            runner = self._runners.get(key)
             if runner is None:
-                runner = self._runners[Path(path)] = OrtRunner(path, self.options)
+                runner = self._runners[key] = open_runner(Path(path), options)
             return runner
+
+    def close(self) -> None:
+        """Close every runner."""
+        with self._lock:
+            runners, self._runners = list(self._runners.values()), {}
+        for runner in runners:
+            runner.close()
 
 
 class CutRuntime:
@@ -94,11 +164,15 @@ class CutRuntime:
         self.inputs: tuple[TensorSpec, ...] = bundle.inputs
         self.outputs: tuple[TensorSpec, ...] = bundle.outputs
         self.tensors: tuple[TensorSpec, ...] = cut.tensors
-        head_path = cut.edge_head if head_precision == "int8" else cut.head
+        self.runtime = cache.options.runtime
+        if self.runtime == LITERT:
+            head_path, self.head_is_int8 = _litert_head(bundle, cut, head_precision)
+        else:
+            head_path = cut.edge_head if head_precision == "int8" else cut.head
+            self.head_is_int8 = head_path is not None and head_path == cut.head_int8
         self.head_path = head_path
-        self.head_is_int8 = head_path is not None and head_path == cut.head_int8
         self.head = cache.get(head_path) if head_path is not None else None
-        self.tail = cache.get(cut.tail) if cut.tail is not None else None
+        self.tail = cache.get(cut.tail, cache.options.tail_options) if cut.tail is not None else None
         if cut_id == CLOUD_ONLY and self.head is not None:
             raise ModelLoadError(f"{bundle.root}: cut {CLOUD_ONLY!r} must have no head")
         if self.head is None and self.tail is None:
@@ -149,6 +223,24 @@ class CutRuntime:
     def zeros_input(self, batch: int = 1) -> dict[str, np.ndarray]:
         """A zero input of batch `batch` (the probes' payload)."""
         return {s.name: np.zeros(s.concrete_shape(batch), dtype=np.dtype(s.dtype)) for s in self.inputs}
+
+
+def _litert_head(bundle: Bundle, cut: Any, head_precision: str) -> tuple[Path | None, bool]:
+    """The LiteRT head of `cut` and whether it is the int8 one: "int8" -> the int8 .tflite when its accuracy gate
+    passed, else the fp32 one (as `edge_head`); "fp32" -> head.tflite. ModelLoadError when the bundle has none.
+
+    The fields are tfl's (models/manifest.py CutArtifacts.head_tflite / head_int8_tflite / edge_head_tflite),
+    read with getattr so a bundle reader without them reads as "no LiteRT heads".
+    """
+    if cut.id == CLOUD_ONLY:
+        return None, False
+    int8 = getattr(cut, "head_int8_tflite", None)
+    path = getattr(cut, "edge_head_tflite", None) if head_precision == "int8" else getattr(cut, "head_tflite", None)
+    if path is None:
+        raise ModelLoadError(f"{bundle.root}: cut {cut.id!r} has no LiteRT head (head.tflite) for runtime "
+                             f"{LITERT!r}: convert the bundle with `split-profile convert BUNDLE --edge-runtime "
+                             f"litert`, or set runtime = {ONNXRUNTIME!r}")
+    return path, path == int8
 
 
 def prepare_inputs(x: Any, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:

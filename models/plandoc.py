@@ -181,13 +181,17 @@ class SideRecord:
     device_table: str | None = None  # estimated from the device table: its source
     gpu_table: str | None = None  # estimated from the GPU table: its source
     power: Power | None = None  # the device only
+    runtime: str | None = None  # what the costs assume runs the model: "onnxruntime" | "litert"
+    providers: tuple[str, ...] | None = None  # onnxruntime's execution providers, preferred first
 
     def to_json(self) -> dict[str, Any]:
         """The plan.json form."""
         host = None if self.host is None else dict(self.host)
         power = None if self.power is None else self.power.to_json()
+        providers = None if self.providers is None else list(self.providers)
         return _present([("name", self.name), ("kind", self.kind), ("source", self.source), ("host", host),
-                         ("device_table", self.device_table), ("gpu_table", self.gpu_table), ("power", power)])
+                         ("device_table", self.device_table), ("gpu_table", self.gpu_table), ("power", power),
+                         ("runtime", self.runtime), ("providers", providers)])
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> SideRecord:
@@ -195,6 +199,8 @@ class SideRecord:
         kw = _fields(cls, obj, where, ("name", "kind", "source"))
         if kw.get("power") is not None:
             kw["power"] = Power(**_fields(Power, kw["power"], f"{where}.power"))
+        if isinstance(kw.get("providers"), list):
+            kw["providers"] = tuple(kw["providers"])
         return cls(**kw)
 
 

@@ -71,19 +71,23 @@ class _Measurements:
 
     def __init__(self, onnx_path: Path, opts: ProfileOptions, progress: Progress) -> None:
         self.onnx_path, self.opts, self.progress = onnx_path, opts, progress
-        self.done: dict[int | None, NodeCosts] = {}
+        self.done: dict[tuple[int | None, tuple[str, ...] | None], NodeCosts] = {}
 
-    def at(self, threads: int | None) -> NodeCosts:
-        """The measurement at `threads` intra-op threads."""
+    def at(self, threads: int | None, providers: tuple[str, ...] | None = None) -> NodeCosts:
+        """The measurement at `threads` intra-op threads on `providers` (None: the default ones)."""
         from partitioning.costs import measure_node_costs
 
-        if threads not in self.done:
+        key = (threads, providers)
+        if key not in self.done:
             repeats, seconds, say = self.opts.repeats, self.opts.measure_seconds, self.progress
-            say(f"measuring per-node latency on this host ({repeats} runs after warm-up, over at least {seconds:g} s)")
-            self.done[threads] = measure_node_costs(self.onnx_path, repeats=repeats, threads=threads,
-                                                    min_seconds=seconds,
-                                                    progress=lambda done, total: say(f"  run {done}/{total}"))
-        return self.done[threads]
+            on = f" on {', '.join(providers)}" if providers else ""
+            say(f"measuring per-node latency on this host{on} ({repeats} runs after warm-up, over at least "
+                f"{seconds:g} s)")
+            self.done[key] = measure_node_costs(self.onnx_path, repeats=repeats, threads=threads,
+                                                min_seconds=seconds, providers=providers,
+                                                provider_options=self.opts.provider_options if providers else None,
+                                                progress=lambda done, total: say(f"  run {done}/{total}"))
+        return self.done[key]
 
 
 def _edge_costs(device: str, model: Any, sha: str, threads: int | None,
@@ -95,20 +99,29 @@ def _edge_costs(device: str, model: Any, sha: str, threads: int | None,
     from partitioning.estimate import estimate_node_costs
 
     if device == "local":
-        nc = measured.at(threads)
+        providers = measured.opts.providers
+        nc = measured.at(threads, providers)
         power = Power(LOCAL_ACTIVE_W, LOCAL_IDLE_W, "assumed for a small x86 host; not measured")
-        record = SideRecord("local", nc.kind, nc.source, host=host_facts(threads), power=power)
+        host = host_facts(threads, providers)
+        record = SideRecord("local", nc.kind, nc.source, host=host, power=power, runtime=host["runtime"],
+                            providers=tuple(host["providers"]))
         return nc, record, LOCAL_ACTIVE_W, LOCAL_IDLE_W
     profile = resolve_device(device)
     if isinstance(profile, DeviceProfile):
         nc = estimate_node_costs(model, profile, precision="int8")
         record = SideRecord(profile.name, nc.kind, nc.source, device_table=profile.source,
-                            power=Power(profile.active_w, profile.idle_w))
+                            power=Power(profile.active_w, profile.idle_w), runtime=profile.runtime,
+                            providers=profile.providers if profile.runtime == "onnxruntime" else None)
         return nc, record, profile.active_w, profile.idle_w
     nc = profile.costs_for(model, sha)
     active = float(profile.active_w or LOCAL_ACTIVE_W)
     idle = float(profile.idle_w or LOCAL_IDLE_W)
-    return nc, SideRecord(str(device), nc.kind, nc.source, power=Power(active, idle)), active, idle
+    measured_on = profile.host
+    saved_providers = measured_on.get("providers")
+    record = SideRecord(str(device), nc.kind, nc.source, power=Power(active, idle),
+                        runtime=str(measured_on.get("runtime", "onnxruntime")),
+                        providers=tuple(saved_providers) if isinstance(saved_providers, list) else None)
+    return nc, record, active, idle
 
 
 def _cloud_costs(cloud: str, model: Any, threads: int | None, measured: _Measurements) -> tuple[NodeCosts, SideRecord]:
@@ -157,7 +170,7 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
         measured = _Measurements(loaded.onnx_path, opts, say)
         edge_nc, device_rec, active_w, idle_w = _edge_costs(opts.device, proto, onnx_sha, opts.threads, measured)
         if opts.save_device_profile is not None:
-            _save_profile(Path(opts.save_device_profile), edge_nc, onnx_sha, opts.threads)
+            _save_profile(Path(opts.save_device_profile), edge_nc, onnx_sha, opts.threads, opts.providers)
             say(f"saved the device profile to {opts.save_device_profile}")
         cloud_nc, cloud_rec = _cloud_costs(opts.cloud, proto, opts.cloud_measure_threads, measured)
         costs = CostInputs(
@@ -178,6 +191,9 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
             refined = Refinement.skipped("edge and cloud are not both measured on this host")
         elif opts.refine == 0:
             refined = Refinement.skipped("refine 0")
+        elif opts.providers and tuple(opts.providers) != ("CPUExecutionProvider",):
+            refined = Refinement.skipped(f"the edge is measured on {', '.join(opts.providers)}; refinement times "
+                                         "real heads and tails on the default providers only")
         else:
             target = RefineTarget(graph, costs, proto, loaded.onnx_path, loaded.inputs, opts.repeats,
                                   opts.measure_seconds, opts.threads, opts.cloud_measure_threads, say)
@@ -237,13 +253,14 @@ def _every_second(say: Progress, interval_s: float = 1.0) -> SearchProgress:
     return report
 
 
-def _save_profile(path: Path, costs: NodeCosts, sha: str, threads: int | None) -> None:
+def _save_profile(path: Path, costs: NodeCosts, sha: str, threads: int | None,
+                  providers: tuple[str, ...] | None = None) -> None:
     from partitioning.costs import host_facts
     from partitioning.device_profile import save_device_profile
 
     if costs.kind != "measured":
         raise ValueError("--save-device-profile needs --device local (a measurement on this host)")
-    save_device_profile(path, costs, model_sha256=sha, host=host_facts(threads))
+    save_device_profile(path, costs, model_sha256=sha, host=host_facts(threads, providers))
 
 
 def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Plan, document: PlanDocument,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.manifest import BASELINES, CODECS, OBJECTIVES, PlanDocument, rank_key, sha256_file
+from models.ortopts import parse_provider_option, parse_providers, provider_options_from
 
 if TYPE_CHECKING:
     from partitioning.options import ProfileOptions
@@ -76,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="split-profile",
         description="Find where to cut a DNN between an edge device and the cloud, and write a verified split bundle.",
     )
-    p.add_argument("model", help="model.pt (TorchScript), model.pt2 (torch.export), model.onnx, or a zoo name")
+    p.add_argument("model", nargs="?",
+                   help="model.pt (TorchScript), model.pt2 (torch.export), model.onnx, or a zoo name")
+    p.add_argument("--list-devices", action="store_true",
+                   help="print the named edge devices (what each estimate assumes: unit, runtime, providers) and exit")
     p.add_argument("--device", default="local",
                    help="edge device: 'local' (measured here), a name (jetson-nano, jetson-orin-nano, jetson-orin-nx, "
                         "jetson-agx-orin, rpi4, rpi5; aliases jetson, rpi), or a saved profile .json")
@@ -115,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads when measuring the edge here")
     p.add_argument("--cloud-threads", type=int,
                    help="with --cloud local: threads when measuring the cloud (default --threads)")
+    p.add_argument("--providers", type=parse_providers, metavar="P1,P2",
+                   help="with --device local: onnxruntime execution providers the edge is measured on, preferred "
+                        "first (e.g. OpenVINOExecutionProvider,CPUExecutionProvider); recorded in the device profile "
+                        "and plan.json (default: CUDA when onnxruntime has it, then CPU)")
+    p.add_argument("--provider-option", action="append", type=parse_provider_option, default=[],
+                   metavar="PROVIDER:KEY=VALUE", help="an option of one of --providers, repeatable")
     p.add_argument("--refine", type=_count, default=defaults.refine, metavar="K",
                    help="with --device local and --cloud local: time the K best cuts as real extracted head and "
                         "tail (fp32, --repeats runs each), and both baselines, then choose again with those times, "
@@ -273,9 +283,11 @@ def _measure_only(args: argparse.Namespace, progress: _Progress) -> int:
     progress(f"measuring per-node latency of {path} ({args.repeats} runs after warm-up, over at least "
              f"{args.measure_seconds:g} s)")
     costs = measure_node_costs(path, repeats=args.repeats, threads=args.threads, min_seconds=args.measure_seconds,
-                               progress=lambda d, t: progress(f"  run {d}/{t}"))
+                               progress=lambda d, t: progress(f"  run {d}/{t}"), providers=args.providers,
+                               provider_options=provider_options_from(args.provider_option))
     sha = sha256_file(path)
-    save_device_profile(args.save_device_profile, costs, model_sha256=sha, host=host_facts(args.threads))
+    save_device_profile(args.save_device_profile, costs, model_sha256=sha,
+                        host=host_facts(args.threads, args.providers))
     print(f"measured {len(costs.per_node_ms)} nodes, {costs.total_ms():.2f} ms per run; "
           f"saved the device profile to {args.save_device_profile}")
     print("onnx is not installed here, so no plan or bundle was made: use the profile elsewhere with --device FILE")
@@ -284,7 +296,15 @@ def _measure_only(args: argparse.Namespace, progress: _Progress) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of split-profile; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_devices:
+        from partitioning.devices import device_table
+
+        print(device_table())
+        return 0
+    if args.model is None:
+        parser.error("the model is required (or --list-devices)")
     progress = _Progress(args.quiet or args.json)
     from models.extras import MissingExtraError, require
 
@@ -336,7 +356,8 @@ def options_from_args(args: argparse.Namespace) -> ProfileOptions:
         input_hints=() if _plain(args.input_shape) else tuple(args.input_shape), int_high=args.int_high,
         name=args.name, allow_pickle=args.allow_pickle, save_device_profile=args.save_device_profile,
         repeats=args.repeats, measure_seconds=args.measure_seconds, threads=args.threads,
-        cloud_threads=args.cloud_threads, refine=args.refine,
+        cloud_threads=args.cloud_threads, refine=args.refine, providers=args.providers,
+        provider_options=provider_options_from(args.provider_option),
     )
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.dtypes import NUMERIC_ORT_NAMES, ort_numpy_dtype, ort_type_name
 from models.inputs import random_array
-from models.ortopts import make_session
+from models.ortopts import CPU_EP, CUDA_EP, TENSORRT_EP, make_session
 from partitioning.attribution import (
     LAYOUT_REORDERS,
     Attribution,
@@ -53,13 +53,14 @@ def default_providers() -> list[str]:
 
 
 def host_facts(threads: int | None = None, providers: Sequence[str] | None = None) -> dict[str, Any]:
-    """Platform, machine, CPU count, onnxruntime version and execution providers of this host."""
+    """Platform, machine, CPU count, the runtime (onnxruntime, its version) and the execution providers measured."""
     import onnxruntime as ort
 
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "runtime": "onnxruntime",
         "onnxruntime": ort.__version__,
         "providers": list(providers or default_providers()),
         "threads": threads,
@@ -115,11 +116,16 @@ def measure_node_costs(
     providers: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     min_seconds: float = MIN_SECONDS,
+    provider_options: Mapping[str, Mapping[str, str]] | None = None,
 ) -> NodeCosts:
     """Median per-node times of `onnx_path` from onnxruntime's profiler, mapped back to the original nodes.
 
     The profiled runs give each node's share; the unprofiled session's wall time, timed in turns with it
-    (and on alone until the turns span `min_seconds`), gives the scale.
+    (and on alone until the turns span `min_seconds`), gives the scale. `providers` (default: CUDA when
+    present, then CPU) and `provider_options` go to every session (models.ortopts.make_session). A provider
+    that runs the graph as fused subgraphs (OpenVINO, TensorRT) shows in the profile as one kernel per subgraph,
+    naming no node: when those outweigh the attributed kernels, the nodes' shares (and the boundary rates) come
+    from a CPU-provider profile of the same model, scaled to this provider's unprofiled wall time.
     """
     import numpy as np
 
@@ -146,23 +152,25 @@ def measure_node_costs(
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         options.log_severity_level = 3  # saving an NCHWc-optimized graph warns that it is host-specific
         try:
-            session = make_session(onnx_path, options=options, providers=providers)
+            session = make_session(onnx_path, options=options, providers=providers, provider_options=provider_options)
         except Exception:  # noqa: BLE001 - compiling EPs and >2 GB graphs cannot save it: profile without
             options.optimized_model_filepath = ""
-            session = make_session(onnx_path, options=options, providers=providers)
+            session = make_session(onnx_path, options=options, providers=providers, provider_options=provider_options)
         feeds = _random_inputs(session, batch, input_shapes)
         # The unprofiled session's wall times scale the node times below. The two sessions take turns in
         # chunks of runs, so a stretch of background load on the host slows both alike instead of skewing the
         # scale, while each still runs back to back as a deployed session does (a pool's first run after
         # another session ran pays for waking its threads).
-        plain = make_session(onnx_path, options=session_options(threads), providers=providers)
+        plain = make_session(onnx_path, options=session_options(threads), providers=providers,
+                             provider_options=provider_options)
         # Probes, timed in the same turns: a one-Identity model's run is what every session.run costs besides
         # its nodes (binding the feeds, allocating outputs, handing them to Python), which a cut model pays
         # twice; one Relu over 16 KB and one over 1 MB give the memory rate of a lone kernel, at which the
         # kernels a cut adds are costed (partitioning.planner, boundary terms).
         probes: dict[Any, tuple[Any, dict]] = {}
         for name, op, n in (("fixed", "Identity", 1), *((n, "Relu", n) for n in PROBE_ELEMENTS)):
-            probe = make_session(one_op_model(op, [n]), options=session_options(threads), providers=providers)
+            probe = make_session(one_op_model(op, [n]), options=session_options(threads), providers=providers,
+                                 provider_options=provider_options)
             probes[name] = probe, {"x": np.zeros(n, np.float32)}
         walls: list[float] = []
         probe_walls: dict[Any, list[float]] = {name: [] for name in probes}
@@ -211,6 +219,14 @@ def measure_node_costs(
     reorder_out = reorder_out_ms(mapper, runs)
 
     node_sum = sum(per_node.values())
+    cpu_shares = None
+    if providers[0] != CPU_EP and node_sum <= unattributed:
+        # The provider ran (most of) the graph as fused subgraphs, each one kernel to the profiler (OpenVINO,
+        # TensorRT): the nodes' shares come from the CPU provider's profile, scaled below to this provider's time.
+        cpu_shares = measure_node_costs(onnx_path, warmup=warmup, repeats=repeats, threads=threads, batch=batch,
+                                        providers=[CPU_EP], input_shapes=input_shapes, min_seconds=0)
+        per_node, reorder_out = dict(cpu_shares.per_node_ms), {}
+        node_sum = sum(per_node.values())
     wall = statistics.median(walls)
     # What the profiler does not see (dispatch, allocation, thread wake-ups, preemption) grows with the
     # work, so only the fixed cost of a run (the Identity model's) stays a per-run overhead; node times are
@@ -224,8 +240,8 @@ def measure_node_costs(
         per_node = {name: ms * factor for name, ms in per_node.items()}
         reorder_out = {name: ms * factor for name, ms in reorder_out.items()}
         scaled = f"; node times scaled by {factor:.2f} to add up to the unprofiled wall time"
-    fitted = fit_throughput(runs)
-    boundary = _boundary_rates(probe_ms, fitted, runs)
+    fitted = fit_throughput(runs) if cpu_shares is None else cpu_shares.fitted
+    boundary = _boundary_rates(probe_ms, fitted, runs) if cpu_shares is None else cpu_shares.boundary
     host = host_facts(threads, providers)
     fused = sum(1 for v in per_node.values() if v == 0.0)
     source = (
@@ -235,10 +251,13 @@ def measure_node_costs(
         f"{fused} of {len(nodes)} nodes fused away or constant-folded (0 ms); overhead = median "
         f"session.run of a one-Identity model, {overhead * 1000:.1f} us"
         + (f"; {unattributed:.3f} ms of runtime-inserted nodes spread over the nodes by the scaling"
-           if unattributed > 0 else "")
+           if unattributed > 0 and cpu_shares is None else "")
+        + (f"; {providers[0]} ran the graph as fused subgraphs that its profile cannot split by node "
+           f"({unattributed:.3f} ms of kernel time in them), so the nodes' shares and the boundary rates are the "
+           "CPU provider's profile's" if cpu_shares is not None else "")
         + scaled
         + ("; note: with a GPU execution provider the profiler times host-side kernel launches, so GPU "
-           "execution time shows up in the overhead" if providers[0] != "CPUExecutionProvider" else "")
+           "execution time shows up in the overhead" if providers[0] in (CUDA_EP, TENSORRT_EP) else "")
     )
     return NodeCosts(per_node, overhead, "measured", source + _describe(boundary), fitted, boundary, reorder_out)
 

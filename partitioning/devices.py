@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 
 from partitioning.costtypes import PRECISIONS, check_precision
 
-__all__ = ["PRECISIONS", "DeviceProfile", "GpuProfile", "NetworkProfile", "DEVICES", "GPUS", "NETWORKS",
-           "device_names", "device_from_table", "resolve_gpu", "resolve_network", "network_from_args"]
+__all__ = ["PRECISIONS", "JETSON_PROVIDERS", "DeviceProfile", "GpuProfile", "NetworkProfile", "DEVICES", "GPUS",
+           "NETWORKS",
+           "device_names", "device_table", "device_from_table", "resolve_gpu", "resolve_network", "network_from_args"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,15 @@ class DeviceProfile:
     launch_overhead_ms: float  # per executed op: kernel launch / dispatch
     source: str
     aliases: tuple[str, ...] = ()
+    # What the estimate assumes runs the model there: the runtime ("onnxruntime" | "litert") and, for
+    # onnxruntime, its execution providers (the efficiency factors above are for these).
+    runtime: str = "onnxruntime"
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    @property
+    def runtime_label(self) -> str:
+        """"onnxruntime (TensorrtExecutionProvider, CUDAExecutionProvider)" or "litert"."""
+        return f"{self.runtime} ({', '.join(self.providers)})" if self.runtime == "onnxruntime" else self.runtime
 
     def peak_gflops(self, precision: str = "fp32") -> float:
         """Peak GFLOP/s (GOP/s for int8) at `precision`."""
@@ -85,6 +95,8 @@ class NetworkProfile:
             )
 
 
+# JetPack's onnxruntime-gpu wheel: TensorRT first (engines built on first run, cached), CUDA for what it lacks.
+JETSON_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _JETSON_EFF = (
     "Efficiency approximate: TensorRT/onnxruntime-CUDA at batch 1 reach ~15-30% of GPU peak on small CNNs and "
     "~60% of DRAM bandwidth; per-op launch ~20-50 us."
@@ -102,6 +114,7 @@ DEVICES: dict[str, DeviceProfile] = {
             name="jetson-nano", unit="gpu", peak_fp32_gflops=236.0, peak_fp16_gflops=472.0, peak_int8_gops=472.0,
             memory_mb=4096, memory_gbps=25.6, active_w=10.0, idle_w=1.5,
             compute_efficiency=0.3, memory_efficiency=0.6, launch_overhead_ms=0.05,
+            providers=JETSON_PROVIDERS,
             source=(
                 "NVIDIA Jetson Nano datasheet: 128-core Maxwell GPU, 472 GFLOPS fp16 (fp32 half of that), "
                 "4 GB 64-bit LPDDR4 25.6 GB/s, 5 W / 10 W power modes. Maxwell has no int8 dot-product "
@@ -112,6 +125,7 @@ DEVICES: dict[str, DeviceProfile] = {
             name="jetson-orin-nano", unit="gpu", peak_fp32_gflops=1280.0, peak_fp16_gflops=10000.0,
             peak_int8_gops=20000.0, memory_mb=8192, memory_gbps=68.0, active_w=15.0, idle_w=3.0,
             compute_efficiency=0.2, memory_efficiency=0.6, launch_overhead_ms=0.03,
+            providers=JETSON_PROVIDERS,
             aliases=("jetson",),
             source=(
                 "NVIDIA Jetson Orin Nano 8GB datasheet: 1024-core Ampere GPU with 32 Tensor Cores at 625 MHz, "
@@ -124,6 +138,7 @@ DEVICES: dict[str, DeviceProfile] = {
             name="jetson-orin-nx", unit="gpu", peak_fp32_gflops=1880.0, peak_fp16_gflops=15000.0,
             peak_int8_gops=30000.0, memory_mb=16384, memory_gbps=102.4, active_w=25.0, idle_w=4.0,
             compute_efficiency=0.2, memory_efficiency=0.6, launch_overhead_ms=0.03,
+            providers=JETSON_PROVIDERS,
             source=(
                 "NVIDIA Jetson Orin NX 16GB datasheet: 100 TOPS int8 sparse (GPU + 2 DLA), 1024-core Ampere "
                 "GPU with 32 Tensor Cores at 918 MHz, 16 GB 128-bit LPDDR5 102.4 GB/s, 10-25 W. GPU-only "
@@ -135,6 +150,7 @@ DEVICES: dict[str, DeviceProfile] = {
             name="jetson-agx-orin", unit="gpu", peak_fp32_gflops=5300.0, peak_fp16_gflops=42500.0,
             peak_int8_gops=85000.0, memory_mb=65536, memory_gbps=204.8, active_w=60.0, idle_w=8.0,
             compute_efficiency=0.2, memory_efficiency=0.6, launch_overhead_ms=0.02,
+            providers=JETSON_PROVIDERS,
             source=(
                 "NVIDIA Jetson AGX Orin 64GB datasheet: 275 TOPS int8 sparse (GPU + 2 DLA), 2048-core Ampere "
                 "GPU with 64 Tensor Cores at 1.3 GHz (170 TOPS sparse int8, 5.3 TFLOPS fp32), 64 GB 256-bit "
@@ -227,6 +243,16 @@ NETWORKS: dict[str, NetworkProfile] = {
 
 def _aliases() -> dict[str, str]:
     return {alias: d.name for d in DEVICES.values() for alias in d.aliases}
+
+
+def device_table() -> str:
+    """The named devices as a text table: what each estimate assumes (unit, runtime and providers, peaks)."""
+    rows = [("device", "aliases", "unit", "runtime (providers)", "fp32 GFLOP/s", "int8 GOP/s", "memory MB")]
+    for d in DEVICES.values():
+        rows.append((d.name, ",".join(d.aliases) or "-", d.unit, d.runtime_label, f"{d.peak_fp32_gflops:g}",
+                     f"{d.peak_int8_gops:g}", str(d.memory_mb)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def device_names() -> list[str]:

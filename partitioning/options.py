@@ -7,7 +7,8 @@ The CLI builds one from its arguments; tests and scripts build one, or pass the 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.loaders import InputHint
@@ -46,6 +47,10 @@ class ProfileOptions:
     measure_seconds: float = MIN_SECONDS  # every measurement here spans at least this long
     threads: int | None = None  # edge intra-op threads when measured here
     cloud_threads: int | None = None  # cloud threads when measured here (None: threads)
+    # onnxruntime execution providers the edge is measured on here (None: the default, CUDA if present, then CPU),
+    # with options per provider; recorded in the device profile and plan.json (host.providers, host.runtime)
+    providers: tuple[str, ...] | None = None
+    provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     plan_table_mbps: tuple[float, ...] = PLAN_TABLE_MBPS
     refine: int = DEFAULT_REFINE  # best candidates timed as real head and tail; 0 disables
 
