@@ -96,8 +96,14 @@ def _edge_costs(device: str, model: Any, sha: str, threads: int | None,
 
     if device == "local":
         nc = measured.at(threads)
+        host = host_facts(threads)
+        if measured.opts.edge_runtime == "litert":
+            from partitioning.tflite import litert_host, litert_profile
+
+            nc = litert_profile(measured.onnx_path, model, nc, measured.opts, measured.progress)
+            host = litert_host(host)
         power = Power(LOCAL_ACTIVE_W, LOCAL_IDLE_W, "assumed for a small x86 host; not measured")
-        record = SideRecord("local", nc.kind, nc.source, host=host_facts(threads), power=power)
+        record = SideRecord("local", nc.kind, nc.source, host=host, power=power)
         return nc, record, LOCAL_ACTIVE_W, LOCAL_IDLE_W
     profile = resolve_device(device)
     if isinstance(profile, DeviceProfile):
@@ -157,7 +163,7 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
         measured = _Measurements(loaded.onnx_path, opts, say)
         edge_nc, device_rec, active_w, idle_w = _edge_costs(opts.device, proto, onnx_sha, opts.threads, measured)
         if opts.save_device_profile is not None:
-            _save_profile(Path(opts.save_device_profile), edge_nc, onnx_sha, opts.threads)
+            _save_profile(Path(opts.save_device_profile), edge_nc, onnx_sha, opts.threads, opts.edge_runtime)
             say(f"saved the device profile to {opts.save_device_profile}")
         cloud_nc, cloud_rec = _cloud_costs(opts.cloud, proto, opts.cloud_measure_threads, measured)
         costs = CostInputs(
@@ -237,13 +243,18 @@ def _every_second(say: Progress, interval_s: float = 1.0) -> SearchProgress:
     return report
 
 
-def _save_profile(path: Path, costs: NodeCosts, sha: str, threads: int | None) -> None:
+def _save_profile(path: Path, costs: NodeCosts, sha: str, threads: int | None, runtime: str = "onnxruntime") -> None:
     from partitioning.costs import host_facts
     from partitioning.device_profile import save_device_profile
 
     if costs.kind != "measured":
         raise ValueError("--save-device-profile needs --device local (a measurement on this host)")
-    save_device_profile(path, costs, model_sha256=sha, host=host_facts(threads))
+    host = host_facts(threads)
+    if runtime == "litert":
+        from partitioning.tflite import litert_host
+
+        host = litert_host(host)
+    save_device_profile(path, costs, model_sha256=sha, host=host)
 
 
 def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Plan, document: PlanDocument,
@@ -270,6 +281,12 @@ def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Pla
     document = replace(document, calibration=Calibration(source, len(calib)))
     final = write_bundle(Path(opts.out), proto, loaded.onnx_path, graph, plan, document, calib, checks, loaded.task,
                          progress=say)
+    if opts.edge_runtime == "litert":  # head.tflite + head.int8.tflite per cut, on the same samples
+        from partitioning.tflite import add_tflite_heads, ensure_converter
+
+        env = ensure_converter(Path(opts.converter_env) if opts.converter_env else None, opts.converter_python,
+                               progress=say)
+        final = PlanDocument.from_json(add_tflite_heads(Path(opts.out), env.convert, progress=say))
     return ProfileResult(plan, final, Path(opts.out), tuple(notes))
 
 
