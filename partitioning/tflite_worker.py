@@ -230,8 +230,8 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
         np.save(npy, data.astype(np.float32))
         cind.append([name, str(npy), np.zeros(1, np.float32), np.ones(1, np.float32)])
     _skip_int16_variants()
-    # Per-channel int8 weights first; onnx2tf 2.6.9 writes depthwise-conv biases with an invalid quantized dimension
-    # there (its own validation refuses the file), so such heads are quantized per tensor instead.
+    _bias_axis_zero()
+    # Per-channel int8 weights, else (should onnx2tf refuse that for a graph) per tensor.
     for quant_type in ("per-channel", "per-tensor"):
         try:
             onnx2tf.convert(
@@ -244,8 +244,10 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
         except RuntimeError as exc:
             if _written(work / quant_type):  # a later variant (not ours) failed; ours are checked below
                 break
-            if quant_type == "per-tensor" or "quantized_dimension" not in _causes(exc):
+            if quant_type == "per-tensor":
                 raise
+            print(f"splitinfer: per-channel quantization failed ({_causes(exc).strip()[-300:]}); trying per-tensor",
+                  file=sys.stderr)
     made = sorted((work / quant_type).glob("*.tflite"))
     fp32 = next((p for p in made if p.name.endswith("_float32.tflite")), None)
     int8 = next((p for p in made if p.name.endswith("_full_integer_quant.tflite")), None)
@@ -273,6 +275,26 @@ def _skip_int16_variants() -> None:
 
     if hasattr(builder, "strict_int16_activation_skip_reasons"):
         builder.strict_int16_activation_skip_reasons = lambda model_ir: ["not needed by splitinfer"]
+
+
+def _bias_axis_zero() -> None:
+    """onnx2tf 2.6.9 gives a per-channel bias the quantized dimension of its weights (3 for a depthwise convolution's
+    [1, H, W, C] filter), which LiteRT refuses for the 1-D bias: its channels are axis 0."""
+    from onnx2tf.tflite_builder import quantization as q
+
+    original = getattr(q, "_quantize_bias_tensor", None)
+    if original is None or getattr(original, "splitinfer", False):
+        return
+
+    def quantize_bias(**kwargs: Any) -> Any:
+        result = original(**kwargs)
+        tensor = kwargs["tensor"]
+        if getattr(tensor, "quantization", None) is not None and np.ndim(tensor.data) == 1:
+            tensor.quantization.quantized_dimension = 0
+        return result
+
+    quantize_bias.splitinfer = True  # type: ignore[attr-defined]
+    q._quantize_bias_tensor = quantize_bias
 
 
 def _causes(exc: BaseException | None) -> str:
