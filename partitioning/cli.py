@@ -149,6 +149,7 @@ def build_convert_parser() -> argparse.ArgumentParser:
         description="Add heads for another edge runtime to an existing bundle (verified like its ONNX heads).")
     p.add_argument("bundle", type=Path, help="a bundle directory written by split-profile --out")
     _runtime_arguments(p)
+    p.set_defaults(edge_runtime="litert")  # the one runtime whose heads are not the ONNX ones
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p

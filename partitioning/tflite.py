@@ -49,7 +49,8 @@ CHECK_SAMPLES = 32
 CONVERT_TIMEOUT_S = 600.0
 Progress = Callable[[str], None]
 Sample = dict[str, np.ndarray]
-Converter = Callable[[Path, Path, Path, Sequence[Sample]], dict[str, Any]]
+# Writes each (onnx head, fp32 .tflite, int8 .tflite) calibrated on the samples; per head a report or the error.
+Converter = Callable[[Sequence[tuple[Path, Path, Path]], Sequence[Sample]], list[dict[str, Any] | Exception]]
 
 
 class ConverterUnavailableError(RuntimeError):
@@ -107,9 +108,9 @@ class ConverterEnv:
         marker = self.root / ".splitinfer-converter"
         return self.python.exists() and marker.is_file() and marker.read_text().strip() == ONNX2TF
 
-    def convert(self, onnx_path: Path, fp32_out: Path, int8_out: Path, calib: Sequence[Sample]) -> dict[str, Any]:
-        """convert_head in this environment (a Converter for add_tflite_heads)."""
-        return convert_head(self, onnx_path, fp32_out, int8_out, calib)
+    def convert(self, heads: Sequence[tuple[Path, Path, Path]], calib: Sequence[Sample]) -> list[Any]:
+        """convert_heads in this environment (the Converter add_tflite_heads and litert_node_costs take)."""
+        return list(convert_heads(self, heads, calib))
 
 
 def ensure_converter(root: Path | None = None, base_python: str | None = None, create: bool = True,
@@ -123,6 +124,9 @@ def ensure_converter(root: Path | None = None, base_python: str | None = None, c
     if not create:
         raise ConverterUnavailableError(f"no TFLite converter environment at {env.root}; make it with: {how}")
     python = find_python(base_python)
+    if python is None and base_python:
+        raise ConverterUnavailableError(f"--converter-python {base_python}: not a Python {MIN_PYTHON[0]}."
+                                        f"{MIN_PYTHON[1]}+ here; the converter ({ONNX2TF}) needs one")
     if python is None:
         raise ConverterUnavailableError(
             f"converting heads to TFLite needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+ for {ONNX2TF} (none found on "
@@ -140,27 +144,43 @@ def ensure_converter(root: Path | None = None, base_python: str | None = None, c
     return env
 
 
-def convert_head(env: ConverterEnv, onnx_path: Path, fp32_out: Path, int8_out: Path,
-                 calib: Sequence[dict[str, np.ndarray]], timeout_s: float = CONVERT_TIMEOUT_S) -> dict[str, Any]:
-    """Write `fp32_out` and `int8_out` from ONNX head `onnx_path` (calibrated on `calib`); the worker's report."""
+def convert_heads(env: ConverterEnv, heads: Sequence[tuple[Path, Path, Path]], calib: Sequence[Sample],
+                  timeout_s: float = CONVERT_TIMEOUT_S) -> list[dict[str, Any] | TFLiteConversionError]:
+    """Write each (onnx head, fp32 .tflite, int8 .tflite), calibrated on `calib`, in one converter process; per head
+    the worker's report, or the TFLiteConversionError saying why it could not be converted."""
     names = list(calib[0])
     with tempfile.TemporaryDirectory(prefix="splitinfer-tflite-") as tmp:
         work = Path(tmp)
         arrays: dict[str, Any] = {n: np.concatenate([s[n] for s in calib]).astype(np.float32) for n in names}
         np.savez(work / "calib.npz", **arrays)
-        job = {"onnx": str(Path(onnx_path).resolve()), "calibration": str(work / "calib.npz"),
-               "work": str(work / "job"), "fp32": str(Path(fp32_out).resolve()), "int8": str(Path(int8_out).resolve())}
-        (work / "job.json").write_text(json.dumps(job))
+        jobs = [{"onnx": str(Path(h).resolve()), "calibration": str(work / "calib.npz"), "work": str(work / f"job{i}"),
+                 "fp32": str(Path(f).resolve()), "int8": str(Path(q).resolve())} for i, (h, f, q) in enumerate(heads)]
+        (work / "jobs.json").write_text(json.dumps({"jobs": jobs}))
         try:
-            done = subprocess.run([str(env.python), str(WORKER), str(work / "job.json")], capture_output=True,
-                                  text=True, timeout=timeout_s, cwd=work)
+            done = subprocess.run([str(env.python), str(WORKER), str(work / "jobs.json")], capture_output=True,
+                                  text=True, timeout=timeout_s * max(1, len(jobs)), cwd=work)
         except subprocess.TimeoutExpired as exc:
-            raise TFLiteConversionError(f"{onnx_path}: conversion took over {timeout_s:g} s") from exc
+            raise TFLiteConversionError(f"converting {len(jobs)} heads took over {exc.timeout:g} s") from exc
+    results: dict[int, dict[str, Any] | TFLiteConversionError] = {}
     for line in done.stdout.splitlines():
-        if line.startswith("SPLITINFER_REPORT "):
-            return dict(json.loads(line.split(" ", 1)[1]))
-    lines = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()]
-    raise TFLiteConversionError(f"{onnx_path}: onnx2tf failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+        tag, _, rest = line.partition(" ")
+        if tag in ("SPLITINFER_REPORT", "SPLITINFER_ERROR"):
+            index, _, body = rest.partition(" ")
+            head = heads[int(index)][0]
+            results[int(index)] = (dict(json.loads(body)) if tag == "SPLITINFER_REPORT"
+                                   else TFLiteConversionError(f"{head}: onnx2tf failed: {body}"))
+    lines = [ln for ln in (done.stderr or "").strip().splitlines() if ln.strip()]
+    crashed = lines[-1] if lines else f"the converter exited with {done.returncode}"
+    return [results.get(i, TFLiteConversionError(f"{h}: {crashed}")) for i, (h, _, _) in enumerate(heads)]
+
+
+def convert_head(env: ConverterEnv, onnx_path: Path, fp32_out: Path, int8_out: Path,
+                 calib: Sequence[Sample], timeout_s: float = CONVERT_TIMEOUT_S) -> dict[str, Any]:
+    """Write `fp32_out` and `int8_out` from ONNX head `onnx_path` (calibrated on `calib`); the worker's report."""
+    result = convert_heads(env, [(onnx_path, fp32_out, int8_out)], calib, timeout_s)[0]
+    if isinstance(result, TFLiteConversionError):
+        raise result
+    return result
 
 
 class TFLiteSession:
@@ -224,9 +244,9 @@ def add_tflite_heads(root: Path, convert: Converter, qconfig: QuantConfig = Quan
     """Convert every head of bundle `root` to head.tflite + head.int8.tflite, verify them, rewrite plan.json;
     return plan.json as written.
 
-    `convert(head_onnx, fp32_out, int8_out, calibration)` writes the two files (`env.convert`: onnx2tf) or raises
-    TFLiteConversionError. A cut that cannot be converted keeps its ONNX heads and records why
-    (verification.cuts[id].litert.error); only the chosen cut's failure is an error.
+    `convert` (`env.convert`: onnx2tf; a Converter) writes the two files of every head, or says why it could not.
+    A cut that cannot be converted keeps its ONNX heads and records why (verification.cuts[id].litert.error);
+    only the chosen cut's failure is an error.
     """
     root = Path(root)
     bundle = Bundle.load(root)
@@ -234,23 +254,24 @@ def add_tflite_heads(root: Path, convert: Converter, qconfig: QuantConfig = Quan
     calib, checks = bundle_samples(root, plan)
     task = str(plan["model"].get("task") or "classification")
     verified = plan.setdefault("verification", {}).setdefault("cuts", {})
-    heads = [cid for cid in bundle.cut_ids if bundle.cut(cid).head is not None]
-    for i, cut_id in enumerate(heads, 1):
-        cut = bundle.cut(cut_id)
-        assert cut.head is not None
-        folder = cut.head.parent if cut.head != bundle.full else root / "cuts" / cut_id
-        folder.mkdir(parents=True, exist_ok=True)
-        fp32, int8 = folder / "head.tflite", folder / "head.int8.tflite"
-        progress(f"converting the head of cut {cut_id} to TFLite ({i}/{len(heads)}): fp32 and int8, then verifying")
-        try:
-            report = convert(cut.head, fp32, int8, calib)
-        except TFLiteConversionError as exc:
+    jobs: list[tuple[str, Path, Path, Path]] = []
+    for cut_id in bundle.cut_ids:
+        head = bundle.cut(cut_id).head
+        if head is not None:
+            folder = head.parent if head != bundle.full else root / "cuts" / cut_id
+            folder.mkdir(parents=True, exist_ok=True)
+            jobs.append((cut_id, head, folder / "head.tflite", folder / "head.int8.tflite"))
+    progress(f"converting {len(jobs)} heads to TFLite (fp32 and int8) in the converter environment")
+    reports = convert([(h, f, q) for _, h, f, q in jobs], calib)
+    for (cut_id, _, fp32, int8), report in zip(jobs, reports):
+        if isinstance(report, Exception):
             if cut_id == bundle.chosen:
-                raise
-            progress(f"  cut {cut_id}: no TFLite head ({exc})")
-            verified.setdefault(cut_id, {})["litert"] = {"error": str(exc)}
+                raise report
+            progress(f"  cut {cut_id}: no TFLite head ({report})")
+            verified.setdefault(cut_id, {})["litert"] = {"error": str(report)}
             continue
-        litert = verify_tflite(bundle.full, cut.tail, fp32, int8, checks, task, qconfig)
+        progress(f"verifying the TFLite heads of cut {cut_id}")
+        litert = verify_tflite(bundle.full, bundle.cut(cut_id).tail, fp32, int8, checks, task, qconfig)
         verified.setdefault(cut_id, {})["litert"] = {**litert, "layout": report.get("mapping", {})}
         files = plan["artifacts"]["cuts"][cut_id]
         files["head_tflite"], files["head_int8_tflite"] = artifact_entry(root, fp32), artifact_entry(root, int8)
@@ -316,12 +337,16 @@ def litert_node_costs(onnx_path: Path, model: Any, graph: Any, base: Any, conver
     if cls is None:
         raise MissingExtraError(f"profiling on LiteRT needs ai-edge-litert: {LITERT_INSTALL}")
     with tempfile.TemporaryDirectory(prefix="splitinfer-prefix-") as tmp:
-        for n, k in enumerate(positions, 1):
-            progress(f"LiteRT: converting the graph prefix of {k}/{len(order)} nodes ({n}/{len(positions)})")
+        jobs = []
+        for k in positions:
             head = Path(onnx_path) if k == len(order) else extract_part(
                 model, inputs, graph.cut_tensors(frozenset(order[:k])), Path(tmp) / f"p{k}.onnx")
-            convert(head, Path(tmp) / f"p{k}.tflite", Path(tmp) / f"p{k}.int8.tflite", samples)
-            runners.append(LiteRTModel(cls, Path(tmp) / f"p{k}.int8.tflite", threads))
+            jobs.append((head, Path(tmp) / f"p{k}.tflite", Path(tmp) / f"p{k}.int8.tflite"))
+        progress(f"LiteRT: converting {len(jobs)} graph prefixes (up to nodes {positions} of {len(order)})")
+        for (_, _, int8), report in zip(jobs, convert(jobs, samples)):
+            if isinstance(report, Exception):
+                raise report
+            runners.append(LiteRTModel(cls, int8, threads))
         feeds = dict(samples[0])
         times: list[list[float]] = [[] for _ in runners]
         for r in runners:

@@ -2,7 +2,7 @@
 
 This file is executed by the converter venv's Python (3.12+, onnx2tf with its flatbuffer_direct backend, which needs
 no TensorFlow), never imported by the project: it imports only what that environment has (onnx2tf, ai-edge-litert,
-onnxruntime, numpy). `partitioning/tflite.py` drives it: `python tflite_worker.py JOB.json` prints one JSON report.
+onnxruntime, numpy). `partitioning/tflite.py` drives it: `python tflite_worker.py JOBS.json` prints one line per job.
 
 After onnx2tf, the two .tflite files are made self-describing, so the edge needs nothing but the runtime:
 - every input and output tensor is renamed to its ONNX name;
@@ -307,9 +307,20 @@ def _causes(exc: BaseException | None) -> str:
 
 
 def main() -> int:
-    job = json.loads(Path(sys.argv[1]).read_text())
-    report = convert(job)
-    print("SPLITINFER_REPORT " + json.dumps(report))
+    """Run every job of the file (one process for all: importing onnx2tf costs more than converting a head);
+    print `SPLITINFER_REPORT <i> <json>` or `SPLITINFER_ERROR <i> <one line>` for job i."""
+    jobs = json.loads(Path(sys.argv[1]).read_text())["jobs"]
+    for i, job in enumerate(jobs):
+        try:
+            report = convert(job)
+        except Exception as exc:  # noqa: BLE001 - one head's failure is reported; the others still convert
+            import traceback
+
+            traceback.print_exc()
+            print(f"SPLITINFER_ERROR {i} " + " ".join(f"{type(exc).__name__}: {_causes(exc).strip()}".split())[-500:],
+                  flush=True)
+            continue
+        print(f"SPLITINFER_REPORT {i} " + json.dumps(report), flush=True)
     return 0
 
 

@@ -111,7 +111,7 @@ def write_conv_relu_tflite(path: Path, w: np.ndarray, b: np.ndarray, hw: int,
 def make_converter() -> Any:
     """A Converter (partitioning.tflite) that builds the tiny bundle's conv head by hand; other heads fail."""
 
-    def convert(head: Path, fp32: Path, int8: Path, calib: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
+    def one(head: Path, fp32: Path, int8: Path, calib: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
         model = onnx.load(str(head))
         if [n.op_type for n in model.graph.node] != ["Conv", "Relu"]:
             raise TFLiteConversionError(f"{head}: the test converter only builds Conv+Relu heads")
@@ -126,5 +126,14 @@ def make_converter() -> Any:
         write_conv_relu_tflite(int8, w, b, hw, (_affine(float(x.min()), float(x.max())), _affine(0.0, float(y.max()))))
         return {"mapping": {"inputs": [{"onnx": INPUT, "perm": [0, 2, 3, 1]}],
                             "outputs": [{"onnx": CUT_TENSOR, "index": 0, "perm": [0, 2, 3, 1]}]}}
+
+    def convert(heads: Sequence[tuple[Path, Path, Path]], calib: Sequence[dict[str, np.ndarray]]) -> list[Any]:
+        out: list[Any] = []
+        for head, fp32, int8 in heads:
+            try:
+                out.append(one(head, fp32, int8, calib))
+            except TFLiteConversionError as exc:
+                out.append(exc)
+        return out
 
     return convert

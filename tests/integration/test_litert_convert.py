@@ -142,3 +142,18 @@ def test_profiling_on_litert_times_graph_prefixes_and_names_the_runtime(converte
     saved = json.loads(out.read_text())
     assert saved["host"]["runtime"] == "litert" and saved["host"]["litert"].startswith("ai-edge-litert")
     assert "providers" not in saved["host"] and "no per-node profile" in saved["host"]["attribution"]
+
+
+def test_without_a_converter_split_profile_convert_says_how_to_get_one(tmp_path, capsys):
+    from models.tiny_bundle import make_tiny_bundle
+    from partitioning.cli import main
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    plan_before = (bundle / "plan.json").read_text()
+    assert main(["convert", str(bundle), "--converter-env", str(tmp_path / "env"),
+                 "--converter-python", str(tmp_path / "no-python")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--converter-python" in err and "Python 3.12+" in err
+    with pytest.raises(ConverterUnavailableError, match=r"pip install onnx2tf==\S+ && echo"):
+        ensure_converter(tmp_path / "env", create=False)
+    assert (bundle / "plan.json").read_text() == plan_before  # nothing half-written
