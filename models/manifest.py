@@ -7,6 +7,8 @@ A bundle directory holds (schema `splitinfer.plan/v1`):
     full.onnx            the whole model (fp32), the edge's last resort and the cloud-only tail
     head.onnx            head of the chosen cut (fp32)
     head.int8.onnx       the same head, static int8 (QDQ)
+    head.tflite          optional (`--edge-runtime litert`): the same head for LiteRT, fp32; head.int8.tflite:
+                         full-integer int8; both keep the ONNX names and layout at their inputs and outputs
     tail.onnx            tail of the chosen cut; its inputs are named as the cut tensors
     cuts/<id>/...        head.onnx, head.int8.onnx, tail.onnx for the other cuts of the plan table
 
@@ -75,6 +77,9 @@ class CutArtifacts:
     head_int8: Path | None
     tail: Path | None
     int8_passed: bool
+    head_tflite: Path | None = None
+    head_int8_tflite: Path | None = None
+    tflite_int8_passed: bool = False
 
     @property
     def edge_head(self) -> Path | None:
@@ -82,6 +87,13 @@ class CutArtifacts:
         if self.head_int8 is not None and self.int8_passed:
             return self.head_int8
         return self.head
+
+    @property
+    def edge_head_tflite(self) -> Path | None:
+        """The head a LiteRT device runs by default: the int8 .tflite when it passed its gate, else the fp32 one."""
+        if self.head_int8_tflite is not None and self.tflite_int8_passed:
+            return self.head_int8_tflite
+        return self.head_tflite
 
 
 def artifact_entry(root: Path, path: Path) -> dict[str, str]:
@@ -180,7 +192,9 @@ class Bundle:
         if cut_id not in cuts:
             raise BundleError(f"{self.root}: no cut {cut_id!r}; this bundle has {sorted(cuts)}")
         files = cuts[cut_id]
-        gate = self.plan.get("verification", {}).get("cuts", {}).get(cut_id, {}).get("int8", {})
+        checked = self.plan.get("verification", {}).get("cuts", {}).get(cut_id, {})
+        gate = checked.get("int8", {})
+        tflite_gate = (checked.get("litert") or {}).get("int8") or {}
         return CutArtifacts(
             id=cut_id,
             tensors=files.tensors,
@@ -188,6 +202,9 @@ class Bundle:
             head_int8=self._resolve(files.head_int8) if files.head_int8 else None,
             tail=self._resolve(files.tail) if files.tail else None,
             int8_passed=bool(gate.get("passed", False)),
+            head_tflite=self._resolve(files.head_tflite) if files.head_tflite else None,
+            head_int8_tflite=self._resolve(files.head_int8_tflite) if files.head_int8_tflite else None,
+            tflite_int8_passed=bool(tflite_gate.get("passed", False)),
         )
 
     def candidate(self, cut_id: str) -> dict[str, Any]:
@@ -216,7 +233,7 @@ class Bundle:
     def _all_entries(self) -> list[ArtifactEntry]:
         entries = [self.artifacts.full]
         for cut in self.artifacts.cuts.values():
-            entries.extend(e for e in (cut.head, cut.head_int8, cut.tail) if e is not None)
+            entries.extend(cut.entries)
         return entries
 
     def _resolve(self, entry: ArtifactEntry) -> Path:

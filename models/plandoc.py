@@ -401,26 +401,39 @@ def _maybe_entry(obj: Any, where: str) -> ArtifactEntry | None:
     return ArtifactEntry.from_json(obj, where) if obj else None
 
 
+TFLITE_KEYS = ("head_tflite", "head_int8_tflite")  # plan.json keys of a cut's LiteRT heads
+
+
 @dataclass(frozen=True)
 class CutFiles:
-    """plan.json `artifacts.cuts[id]`: the tensors that cross the cut and its head, int8 head and tail files."""
+    """plan.json `artifacts.cuts[id]`: the tensors that cross the cut and its head, int8 head and tail files
+    (and, when the bundle was made for LiteRT devices, `head_tflite` / `head_int8_tflite`: the same head as .tflite)."""
 
     tensors: tuple[TensorSpec, ...]
     head: ArtifactEntry | None
     head_int8: ArtifactEntry | None
     tail: ArtifactEntry | None
+    head_tflite: ArtifactEntry | None = None
+    head_int8_tflite: ArtifactEntry | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The plan.json form."""
+        """The plan.json form (the tflite keys only where there are tflite heads)."""
+        tflite = _present((k, _entry(getattr(self, k))) for k in TFLITE_KEYS)
         return {"tensors": [t.to_json() for t in self.tensors], "head": _entry(self.head),
-                "head_int8": _entry(self.head_int8), "tail": _entry(self.tail)}
+                "head_int8": _entry(self.head_int8), "tail": _entry(self.tail), **tflite}
+
+    @property
+    def entries(self) -> tuple[ArtifactEntry, ...]:
+        """Every file of this cut."""
+        files = (self.head, self.head_int8, self.tail, self.head_tflite, self.head_int8_tflite)
+        return tuple(e for e in files if e is not None)
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> CutFiles:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, where, ("tensors",))
         return cls(tuple(TensorSpec.from_json(t, f"{where}.tensors") for t in kw["tensors"]),
-                   *(_maybe_entry(kw.get(k), where) for k in ("head", "head_int8", "tail")))
+                   *(_maybe_entry(kw.get(k), where) for k in ("head", "head_int8", "tail", *TFLITE_KEYS)))
 
 
 @dataclass(frozen=True)
@@ -456,10 +469,14 @@ class CutVerification:
 
     split: Mapping[str, Any]  # max_abs_error, passed, and tolerance + samples or a note
     int8: Mapping[str, Any] | None = None  # metric, value, threshold, passed, samples; None without a head
+    # The .tflite heads (LiteRT) then the ONNX tail against the model: {"fp32": split-like check, "int8": the int8
+    # gate's record} or {"error": why the conversion failed}; None when the bundle has no tflite heads.
+    litert: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The plan.json form."""
-        return {"split": dict(self.split), **({} if self.int8 is None else {"int8": dict(self.int8)})}
+        return {"split": dict(self.split), **({} if self.int8 is None else {"int8": dict(self.int8)}),
+                **({} if self.litert is None else {"litert": dict(self.litert)})}
 
 
 @dataclass(frozen=True)

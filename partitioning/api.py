@@ -103,8 +103,13 @@ def _edge_costs(device: str, model: Any, sha: str, threads: int | None,
         nc = measured.at(threads, providers)
         power = Power(LOCAL_ACTIVE_W, LOCAL_IDLE_W, "assumed for a small x86 host; not measured")
         host = host_facts(threads, providers)
+        if measured.opts.edge_runtime == "litert":
+            from partitioning.tflite import litert_host, litert_profile
+
+            nc = litert_profile(measured.onnx_path, model, nc, measured.opts, measured.progress)
+            host = litert_host(host)
         record = SideRecord("local", nc.kind, nc.source, host=host, power=power, runtime=host["runtime"],
-                            providers=tuple(host["providers"]))
+                            providers=tuple(host.get("providers") or ()) or None)
         return nc, record, LOCAL_ACTIVE_W, LOCAL_IDLE_W
     profile = resolve_device(device)
     if isinstance(profile, DeviceProfile):
@@ -170,7 +175,8 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
         measured = _Measurements(loaded.onnx_path, opts, say)
         edge_nc, device_rec, active_w, idle_w = _edge_costs(opts.device, proto, onnx_sha, opts.threads, measured)
         if opts.save_device_profile is not None:
-            _save_profile(Path(opts.save_device_profile), edge_nc, onnx_sha, opts.threads, opts.providers)
+            _save_profile(Path(opts.save_device_profile), edge_nc, onnx_sha, opts.threads, opts.providers,
+                          opts.edge_runtime)
             say(f"saved the device profile to {opts.save_device_profile}")
         cloud_nc, cloud_rec = _cloud_costs(opts.cloud, proto, opts.cloud_measure_threads, measured)
         costs = CostInputs(
@@ -254,13 +260,18 @@ def _every_second(say: Progress, interval_s: float = 1.0) -> SearchProgress:
 
 
 def _save_profile(path: Path, costs: NodeCosts, sha: str, threads: int | None,
-                  providers: tuple[str, ...] | None = None) -> None:
+                  providers: tuple[str, ...] | None = None, runtime: str = "onnxruntime") -> None:
     from partitioning.costs import host_facts
     from partitioning.device_profile import save_device_profile
 
     if costs.kind != "measured":
         raise ValueError("--save-device-profile needs --device local (a measurement on this host)")
-    save_device_profile(path, costs, model_sha256=sha, host=host_facts(threads, providers))
+    host = host_facts(threads, providers)
+    if runtime == "litert":
+        from partitioning.tflite import litert_host
+
+        host = litert_host(host)
+    save_device_profile(path, costs, model_sha256=sha, host=host)
 
 
 def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Plan, document: PlanDocument,
@@ -287,6 +298,12 @@ def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Pla
     document = replace(document, calibration=Calibration(source, len(calib)))
     final = write_bundle(Path(opts.out), proto, loaded.onnx_path, graph, plan, document, calib, checks, loaded.task,
                          progress=say)
+    if opts.edge_runtime == "litert":  # head.tflite + head.int8.tflite per cut, on the same samples
+        from partitioning.tflite import add_tflite_heads, ensure_converter
+
+        env = ensure_converter(Path(opts.converter_env) if opts.converter_env else None, opts.converter_python,
+                               progress=say)
+        final = PlanDocument.from_json(add_tflite_heads(Path(opts.out), env.convert, progress=say))
     return ProfileResult(plan, final, Path(opts.out), tuple(notes))
 
 

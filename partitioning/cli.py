@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how cut activations travel (default int8)")
     p.add_argument("--out", type=Path, help="write the bundle here (plan.json, head/int8 head/tail/full .onnx)")
     p.add_argument("--calibration", type=Path, help="folder of .npy (or .npz) inputs to calibrate the int8 heads")
+    _runtime_arguments(p)
     p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
                    help="when the model file does not record it: 1x3x224x224; with a dtype 1x128:int64; several "
                         "inputs by name: input_ids=1x128:int64,attention_mask=1x128:int64 (a dtype the model "
@@ -136,6 +137,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def _runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """--edge-runtime and the converter's options (split-profile and split-profile convert)."""
+    p.add_argument("--edge-runtime", choices=("onnxruntime", "litert"), default="onnxruntime",
+                   help="what the device runs heads on; litert: the bundle also gets head.tflite and "
+                        "head.int8.tflite per cut (converted by onnx2tf in its own Python 3.12+ environment)")
+    p.add_argument("--converter-python", metavar="PATH",
+                   help="with --edge-runtime litert: a Python 3.12+ to make the converter environment with "
+                        "(default: python3.12+ on PATH or under ~/.pyenv)")
+    p.add_argument("--converter-env", type=Path, metavar="DIR",
+                   help="with --edge-runtime litert: the converter environment (default "
+                        "$SPLITINFER_LITERT_CONVERTER, else ~/.cache/splitinfer/litert-converter-*)")
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    """The argument parser of `split-profile convert`."""
+    p = argparse.ArgumentParser(
+        prog="split-profile convert",
+        description="Add heads for another edge runtime to an existing bundle (verified like its ONNX heads).")
+    p.add_argument("bundle", type=Path, help="a bundle directory written by split-profile --out")
+    _runtime_arguments(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def convert_main(argv: Sequence[str]) -> int:
+    """`split-profile convert BUNDLE --edge-runtime litert`: write and verify the bundle's TFLite heads."""
+    args = build_convert_parser().parse_args(argv)
+    if args.edge_runtime != "litert":
+        print("split-profile convert: error: the bundle's heads are ONNX already; use --edge-runtime litert",
+              file=sys.stderr)
+        return EXIT_ERROR
+    progress = _Progress(args.quiet)
+    try:
+        document = _add_litert_heads(args.bundle, args, progress)
+    except Exception as exc:  # noqa: BLE001 - every error becomes one clear line and a non-zero exit
+        if args.debug:
+            raise
+        print(f"split-profile convert: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    from partitioning.tflite import summary_lines
+
+    print("\n".join(summary_lines(document)))
+    print(f"TFLite heads written to {args.bundle}")
+    return 0
+
+
+def _add_litert_heads(bundle: Path, args: argparse.Namespace, progress: _Progress) -> dict[str, Any]:
+    from partitioning.tflite import add_tflite_heads, ensure_converter
+
+    env = ensure_converter(args.converter_env, args.converter_python, progress=progress)
+    return add_tflite_heads(bundle, env.convert, progress=progress)
 
 
 class _Progress:
@@ -235,6 +290,10 @@ def _summary(doc: PlanDocument, bundle: Path | None) -> str:
             verdict = "pass" if q and q["passed"] else "FAIL"
             qtext = f"int8 {q['metric']} {q['value']:.3f} ({verdict} at {q['threshold']})" if q else ""
             out.append(f"verified {cid:<11} split max|err| {split['max_abs_error']:.2e} {qtext}")
+        if any(v.litert for v in ver.cuts.values()):
+            from partitioning.tflite import summary_lines
+
+            out.extend(summary_lines(doc.to_json()))
     out.append(f"bundle written to {bundle}" if bundle else "no --out given: plan only, no bundle written")
     return "\n".join(out)
 
@@ -296,6 +355,9 @@ def _measure_only(args: argparse.Namespace, progress: _Progress) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of split-profile; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:
+        return convert_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_devices:
@@ -357,7 +419,8 @@ def options_from_args(args: argparse.Namespace) -> ProfileOptions:
         name=args.name, allow_pickle=args.allow_pickle, save_device_profile=args.save_device_profile,
         repeats=args.repeats, measure_seconds=args.measure_seconds, threads=args.threads,
         cloud_threads=args.cloud_threads, refine=args.refine, providers=args.providers,
-        provider_options=provider_options_from(args.provider_option),
+        provider_options=provider_options_from(args.provider_option), edge_runtime=args.edge_runtime,
+        converter_python=args.converter_python, converter_env=args.converter_env,
     )
 
 
@@ -371,13 +434,14 @@ def _is_user_error(exc: BaseException) -> bool:
     from models.manifest import BundleError
     from partitioning.extract import SplitMismatchError
     from partitioning.quantize import CalibrationError
+    from partitioning.tflite import ConverterUnavailableError, TFLiteConversionError
 
     try:
         from models.loaders import ModelLoadError
     except ImportError:  # pragma: no cover
         ModelLoadError = ValueError  # type: ignore[misc,assignment]
     return isinstance(exc, (ModelLoadError, BundleError, CalibrationError, SplitMismatchError, MissingExtraError,
-                            ValueError, OSError, KeyError))
+                            ValueError, OSError, KeyError, ConverterUnavailableError, TFLiteConversionError))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,10 +53,17 @@ class ProfileOptions:
     provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     plan_table_mbps: tuple[float, ...] = PLAN_TABLE_MBPS
     refine: int = DEFAULT_REFINE  # best candidates timed as real head and tail; 0 disables
+    # what the device runs heads on; "litert": --device local is measured on LiteRT (timed graph prefixes) and the
+    # bundle gets .tflite heads (partitioning/tflite.py), converted in the environment below (None: the default)
+    edge_runtime: str = "onnxruntime"
+    converter_python: str | None = None
+    converter_env: str | Path | None = None
 
     def __post_init__(self) -> None:
         """Check the numeric options; FieldError (a ValueError) names the first bad one."""
         check_int("refine", self.refine, 0)  # candidates to time; 0 disables
+        if self.edge_runtime not in ("onnxruntime", "litert"):
+            raise FieldError("edge_runtime", f"{self.edge_runtime!r}: expected 'onnxruntime' or 'litert'")
         check_number("measure_seconds", self.measure_seconds, 0)
         if self.int_high is not None:
             check_int("int_high", self.int_high, 1)
