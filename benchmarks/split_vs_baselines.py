@@ -30,7 +30,10 @@ schedule), once with the agent's adaptive cut selection (the agent's default set
 (the plan table's cut at 20 Mbps); latency over time, the cut switches, and requests lost or answered twice.
 
 Needs root (cgroups; `split-emulate` says how otherwise) and exits 3 without them. Cells run one after another
-(the proxy is reshaped per network); the modes of a cell are interleaved.
+(the proxy is reshaped per network); the modes of a cell are interleaved, with an idle gap of two CFS periods
+(40 ms) before each request: a cgroup that has used its quota is throttled until the period ends, so without the
+gap a request that follows a compute-bound one inherits up to a period of throttling that a real device would not
+have (measured: edge-only 77-103 ms after another edge-only request, 56-80 ms after a cloud-bound one).
 
     python -m benchmarks.split_vs_baselines [--quick] [--models mobilenet_v2,resnet18,vgg11,vit_tiny,unet_small]
         [--devices rpi4,jetson-nano] [--networks 3g,4g,wifi] [--requests 40] [--plot bars.png] [--json out.json]
@@ -42,6 +45,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,6 +117,7 @@ def worker_cell(spec: dict[str, Any]) -> dict[str, Any]:
         for r in range(spec["warmup"] + spec["requests"]):
             order = modes[r % len(modes):] + modes[:r % len(modes)]
             for m in order:
+                time.sleep(spec.get("gap_s", 0.0))  # the CPU quota refills: no request inherits another's throttling
                 t0 = time.perf_counter()
                 res = agents[m.key].infer(x, timeout=300)
                 ms = (time.perf_counter() - t0) * 1000.0
@@ -384,7 +389,8 @@ def measure_cell(bench: Bench, cell: Cell, cloud: str, tls: Path) -> None:
     cell.modes, cell.predicted, cell.chosen = cell_modes(bundle, bench.args.codec)
     spec = {"kind": "cell", "bundle": str(cell.bundle), "cloud": cloud, "tls": str(tls),
             "head_precision": bench.args.head_precision, "modes": [m.__dict__ for m in cell.modes],
-            "requests": bench.args.requests, "warmup": bench.args.warmup}
+            "requests": bench.args.requests, "warmup": bench.args.warmup,
+            "gap_s": 2 * bench.limits[cell.device].period_quota_us()[0] / 1e6}
     path = bench.work / "spec.json"
     path.write_text(json.dumps(spec))
     with bench.device(cell.device) as dev:
@@ -565,6 +571,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(args.worker)
     if args.quick:
         args.models, args.requests, args.adaptive_s = "mobilenet_v2", 12, 45.0
+    # SIGTERM unwinds like Ctrl-C: the cloud process, the proxies and the device cgroups are closed, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     args.networks = [n.strip() for n in args.networks.split(",") if n.strip()]
