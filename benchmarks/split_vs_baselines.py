@@ -32,8 +32,9 @@ schedule), once with the agent's adaptive cut selection (the agent's default set
 Needs root (cgroups; `split-emulate` says how otherwise) and exits 3 without them. Cells run one after another
 (the proxy is reshaped per network); the modes of a cell are interleaved, with an idle gap of two CFS periods
 (40 ms) before each request: a cgroup that has used its quota is throttled until the period ends, so without the
-gap a request that follows a compute-bound one inherits up to a period of throttling that a real device would not
-have (measured: edge-only 77-103 ms after another edge-only request, 56-80 ms after a cloud-bound one).
+gap a request that follows a compute-bound one could inherit up to a period of throttling that a real device would
+not have. (Even with the gap, the edge-only baseline timed 5-30% slower than the same configuration as the chosen
+cut in the first runs, cause not found: it is counted in the noise floor.)
 
     python -m benchmarks.split_vs_baselines [--quick] [--models mobilenet_v2,resnet18,vgg11,vit_tiny,unet_small]
         [--devices rpi4,jetson-nano] [--networks 3g,4g,wifi] [--requests 40] [--plot bars.png] [--json out.json]
