@@ -4,8 +4,9 @@ It makes (or reuses) split bundles for two zoo models, starts the cloud node (gR
 fleet store, controller, dashboard), puts a link-emulating proxy in front of the cloud for each simulated device
 (its own uplink rate and delay), and runs one `split-agent run` process per device, as an emulated device of its
 label (`cloud_tier.lab.emulate`: a cgroup at the preset's calibrated CPU share, one core, its memory), so the
-devices compute at a Pi's speed, not this host's. One device's uplink swings between fast and slow so that it
-switches cuts; one loses the cloud for a while and comes back. Ctrl-C (or `--duration`) stops everything in
+devices compute at a Pi's speed, not this host's. One device's uplink is set where its plan table chooses a
+middle cut, so that the dashboard shows a real split; one's uplink swings across a boundary of its plan table
+so that it switches cuts; one loses the cloud for a while and comes back. Ctrl-C (or `--duration`) stops everything in
 order. Where cgroups cannot be made (not root), the devices run at host speed and the first line says so.
 Bundles are made by `split-profile` and agents run as separate processes, because the cloud tier never imports
 the partitioner or the edge agent, as on a real fleet.
