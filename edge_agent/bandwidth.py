@@ -41,9 +41,12 @@ While the agent runs an edge-only cut it sends nothing and so measures nothing: 
 measurement probe every `probe_interval_s`, carrying the payload of the cheapest remote cut of the plan table
 (the one it would switch to), and keeps the last estimate between probes. Every `calibration_interval_s` it
 also sends one calibration probe (on the current cut when it is remote, else on that probe cut) to keep the
-fixed-cost fit current. While the cloud is unreachable (LOCAL mode not by choice) it does not probe: the
-agent's supervisor is reconnecting and its probes feed the same estimator. A cloud override (`pin`) suspends
-switching until `resume`.
+fixed-cost fit current. Calibration probes stay within `probe_budget_kb_per_min` of payload in any 60 s (one
+that would exceed it waits): on a remote cut they share the uplink with the requests, and on a 2 Mbit/s uplink a
+100 KB fp32 payload every 5 s would hold it 8% of the time. Measurement probes are not capped: they are sent only
+while the cut sends nothing, and they are how the agent sees the link come back. While the cloud is
+unreachable (LOCAL mode not by choice) it does not probe: the agent's supervisor is reconnecting and its probes
+feed the same estimator. A cloud override (`pin`) suspends switching until `resume`.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ log = logging.getLogger("splitinfer.edge.adaptive")
 _MIN_SPACING_MS = 0.05  # replies closer than this came out of one cloud batch: they say nothing about the link
 _TRANSFER_FLOOR = 0.05  # a transfer is at least this share of network_ms (the RTT estimate may be too high)
 _FIT_RATIO = 2.0  # the fit needs sizes at least this far apart (bytes ratio)
+_ITEMSIZE = {"int64": 8, "uint64": 8, "int32": 4, "uint32": 4, "int16": 2, "uint16": 2, "int8": 1, "uint8": 1,
+             "bool": 1}  # a non-float tensor travels as itself
 
 
 def calibration_codec(codec_spec: str) -> str:
@@ -296,15 +301,49 @@ class AdaptiveCut:
         self._pinned = False
         self._stop = threading.Event()
         self._last_probe = self._last_rtt = self._last_calibration = float("-inf")
+        self._probe_log: collections.deque[tuple[float, int]] = collections.deque()  # (sent at, payload bytes)
         self.switches = 0
         self.probes = 0
         self.calibrations = 0
+        self.probes_over_budget = 0
         self._thread = threading.Thread(target=self._loop, name="splitinfer-adaptive", daemon=True)
 
     @property
     def pinned(self) -> bool:
         """Whether a cloud override holds the cut (switching suspended)."""
         return self._pinned
+
+    def probe_bytes(self, cut_id: str, calibration: bool = False) -> int:
+        """The payload bytes of a probe on `cut_id` (uncompressed: an upper bound), in the agent's codec or, for a
+        calibration probe, in `calibration_codec`."""
+        spec = getattr(getattr(self.agent, "config", None), "codec", "int8")
+        codec = (calibration_codec(spec) if calibration else str(spec)).split("+", 1)[0].strip().lower()
+        width = {"fp32": 4, "fp16": 2}.get(codec, 1)
+        try:
+            tensors = self.agent.bundle.cut(cut_id).tensors
+        except Exception:  # noqa: BLE001 - an agent double without a bundle: count nothing
+            return 0
+        total = 0
+        for t in tensors:
+            n = 1
+            for d in t.concrete_shape(1):
+                n *= d
+            dtype = str(getattr(t, "dtype", "float32"))
+            total += n * (width if dtype.startswith("float") else _ITEMSIZE.get(dtype, 4))
+        return total
+
+    def within_budget(self, nbytes: int, now: float) -> bool:
+        """Whether a calibration probe of `nbytes` keeps their payload in the last 60 s within the budget; if so
+        it is counted as sent."""
+        budget = self.config.probe_budget_kb_per_min * 1024.0
+        log_ = self._probe_log
+        while log_ and now - log_[0][0] >= 60.0:
+            log_.popleft()
+        if budget > 0 and sum(b for _, b in log_) + nbytes > budget:
+            self.probes_over_budget += 1
+            return False
+        log_.append((now, nbytes))
+        return True
 
     def start(self) -> AdaptiveCut:
         """Start the decision thread."""
@@ -346,7 +385,8 @@ class AdaptiveCut:
             agent.probe_link(self._probe_cut)
         calibrate_on = agent.cut if remote else self._probe_cut
         interval = self.config.calibration_interval_s
-        if calibrate_on is not None and interval > 0 and now - self._last_calibration >= interval:
+        if calibrate_on is not None and interval > 0 and now - self._last_calibration >= interval \
+                and self.within_budget(self.probe_bytes(calibrate_on, calibration=True), now):
             self._last_calibration = now
             self.calibrations += 1
             agent.probe_link(calibrate_on, calibration=True)

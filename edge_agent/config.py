@@ -58,6 +58,7 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     min_samples = 5             # bandwidth samples needed before deciding
     probe_interval_s = 2.0      # measurement probes while nothing is sent (edge-only cut)
     calibration_interval_s = 5.0  # a probe in another codec: learns the fixed per-request cost (0: off)
+    probe_budget_kb_per_min = 1024.0  # calibration probes send at most this many KB a minute (0: no cap)
 
     [service]                   # `split-agent serve`: the local inference API and the service's own behaviour
     socket = "/run/splitinfer-agent/agent.sock"  # Unix socket of the local API (access: its mode and group)
@@ -251,6 +252,10 @@ class AdaptiveConfig:
         default=5.0, metadata={"doc": "send a probe in another codec this often to learn the fixed per-request "
                                       "cost (0: never; the health-check RTT alone is then subtracted)"}
     )
+    probe_budget_kb_per_min: float = field(
+        default=1024.0, metadata={"doc": "calibration probes send at most this many KB of payload in any minute, "
+                                         "so that they never crowd a slow uplink's requests (0: no cap)"}
+    )
 
     def __post_init__(self) -> None:
         check_bool("enabled", self.enabled, error=ConfigError)
@@ -262,6 +267,10 @@ class AdaptiveConfig:
         )
         object.__setattr__(
             self, "calibration_interval_s", _float("calibration_interval_s", self.calibration_interval_s, 0.0, 86_400.0)
+        )
+        object.__setattr__(
+            self, "probe_budget_kb_per_min",
+            _float("probe_budget_kb_per_min", self.probe_budget_kb_per_min, 0.0, 1e9),
         )
 
 

@@ -4,8 +4,9 @@ It makes (or reuses) split bundles for two zoo models, starts the cloud node (gR
 fleet store, controller, dashboard), puts a link-emulating proxy in front of the cloud for each simulated device
 (its own uplink rate and delay), and runs one `split-agent run` process per device, as an emulated device of its
 label (`cloud_tier.lab.emulate`: a cgroup at the preset's calibrated CPU share, one core, its memory), so the
-devices compute at a Pi's speed, not this host's. One device's uplink swings between fast and slow so that it
-switches cuts; one loses the cloud for a while and comes back. Ctrl-C (or `--duration`) stops everything in
+devices compute at a Pi's speed, not this host's. One device's uplink is set where its plan table chooses a
+middle cut, so that the dashboard shows a real split; one's uplink swings across a boundary of its plan table
+so that it switches cuts; one loses the cloud for a while and comes back. Ctrl-C (or `--duration`) stops everything in
 order. Where cgroups cannot be made (not root), the devices run at host speed and the first line says so.
 Bundles are made by `split-profile` and agents run as separate processes, because the cloud tier never imports
 the partitioner or the edge agent, as on a real fleet.
@@ -14,6 +15,7 @@ the partitioner or the edge agent, as on a real fleet.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
@@ -45,6 +47,7 @@ class DemoDevice:
     swing_mbps: float | None = None  # alternate the uplink between uplink_mbps and this every `period_s`
     outage: bool = False  # lose the cloud (blackhole, then reset) for part of every `period_s`
     preset: str = "rpi4"  # the emulated device its label names (cloud_tier.lab.emulate.PRESETS)
+    on_split: bool = False  # its uplink is set where its plan table chooses a middle cut (see split_uplink)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ BUNDLES = (
 )
 
 DEVICES = (
-    DemoDevice("pi-kitchen", "Kitchen Pi 4 (fast Wi-Fi)", "mobilenet_v2-rpi4", 150.0, 200.0, 1.0, rate=4.0),
+    DemoDevice("pi-kitchen", "Kitchen Pi 4 (Wi-Fi)", "mobilenet_v2-rpi4", 150.0, 200.0, 1.0, rate=4.0,
+               on_split=True),
     DemoDevice("pi-garage", "Garage Pi 4 (flaky uplink)", "mobilenet_v2-rpi4", 20.0, 50.0, 1.0, rate=4.0,
                swing_mbps=2.0),
     DemoDevice("pi-porch", "Porch Pi 4 (4G)", "vit_tiny-rpi4", 5.85, 20.0, 1.0, rate=4.0),
@@ -132,6 +136,33 @@ def swing_range(plan_table: Sequence[tuple[float, str]], fast: float, slow: floa
     if change is None:
         return fast, None
     return (fast if cut_at(fast) != low and fast >= 4 * change else max(fast, 4 * change)), f"{change:g} Mbps"
+
+
+MAX_PROXY_MBPS = 300.0  # the link proxy's own ceiling on this kind of host (edge_agent/bandwidth.py docstring)
+
+
+def split_uplink(plan_table: Sequence[tuple[float, str]], fallback: float,
+                 ceiling: float = MAX_PROXY_MBPS) -> tuple[float, str | None]:
+    """An uplink at which the plan table chooses a middle cut (neither edge-only nor cloud-only), and that cut.
+
+    The widest band of uplinks (consecutive rows) with the same middle cut is taken, up to `ceiling`, and its
+    geometric middle returned, so that the agent's estimate, read with its hysteresis, stays inside the band;
+    (fallback, None) when the table has no middle cut below the ceiling.
+    """
+    rows = sorted(plan_table)
+    bands: list[tuple[float, float, str]] = []
+    for i, (mbps, cut) in enumerate(rows):
+        hi = rows[i + 1][0] if i + 1 < len(rows) else max(ceiling, 4 * mbps)
+        if bands and bands[-1][2] == cut:
+            bands[-1] = (bands[-1][0], hi, cut)
+        else:
+            bands.append((mbps, hi, cut))
+    middle = [(lo, min(hi, ceiling), c) for lo, hi, c in bands if c not in ("edge-only", "cloud-only") and lo < ceiling]
+    if not middle:
+        return fallback, None
+    lo, hi, cut = max(middle, key=lambda b: b[1] / (b[0] if b[0] > 0 else b[1] / 16))
+    lo = lo if lo > 0 else hi / 16  # a band from 0: its middle within 4x of the top
+    return round(math.sqrt(lo * hi), 1), cut
 
 
 class _Scenario(threading.Thread):
@@ -235,6 +266,12 @@ def run_demo(workdir: Path, *, duration_s: float | None, period_s: float, device
     agent_toml.write_text(AGENT_TOML)
     fast = {}
     for dev in devices:
+        if dev.on_split:
+            table = Bundle.load(bundles[dev.bundle]).plan_table
+            fast[dev.device_id], cut = split_uplink(table, dev.uplink_mbps)
+            say(f"{dev.device_id}: uplink {fast[dev.device_id]:g} Mbps, "
+                + (f"where its plan table chooses the middle cut {cut}" if cut else
+                   "(its plan table has no middle cut: it runs edge-only or cloud-only)"))
         if dev.swing_mbps is not None:
             table = Bundle.load(bundles[dev.bundle]).plan_table
             fast[dev.device_id], boundary = swing_range(table, dev.uplink_mbps, dev.swing_mbps)

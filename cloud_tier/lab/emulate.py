@@ -10,7 +10,8 @@ A CPU share s gives each emulated core s of a host core's time, in slices of a s
 compute-bound run takes about 1/s as long. A preset (`--device rpi4`) calibrates s: a reference model
 (the zoo's mobilenet_v2, full model, fp32, one thread) is timed here at full speed and then inside the group,
 so that it runs at the latency the device table (`partitioning.devices`, roofline) predicts for that device's
-CPU. The result is cached per host in the state dir for a day.
+CPU. The result is cached per host in the state dir for a day. A preset whose CPU is given relative to another
+preset's (jetson-nano: ~0.7x a Pi 4 core) takes that preset's calibrated share times its speed.
 
 Not emulated: a Jetson's GPU (only its CPU cores: an emulated Jetson runs what the agent runs on the CPU),
 thermal throttling, memory bandwidth and cache sizes (the host's are used: memory-bound layers keep the host's
@@ -54,6 +55,9 @@ ENV_DEVICE = "SPLITINFER_EMULATED_DEVICE"
 ENV_CORES = "SPLITINFER_EMULATED_CORES"
 ENV_LINK = "SPLITINFER_EMULATED_LINK"
 ENV_CGROUP_ROOT = "SPLITINFER_CGROUP_ROOT"  # where the cgroup filesystem is (default /sys/fs/cgroup)
+# cgroup v2: a non-root group whose controllers are enabled for its children may hold no process itself ("no
+# internal processes"), so the processes of the group the emulator starts in move into this leaf first.
+LAUNCHER_GROUP = "splitinfer-launcher"
 HOW_TO = ("run split-emulate as root (sudo), or in a container with a writable /sys/fs/cgroup "
           "(docker --privileged, or a delegated cgroup v2 subtree: systemd-run --scope -p Delegate=yes)")
 
@@ -237,6 +241,7 @@ class Cgroups:
 
     v2: bool
     parents: Mapping[str, Path]  # controller -> the directory new groups are made in
+    root: Path | None = None  # the cgroup filesystem (v2: its root group is exempt from "no internal processes")
 
     @classmethod
     def detect(cls, root: Path | None = None, proc: Path = Path("/proc/self")) -> Cgroups:
@@ -248,12 +253,14 @@ class Cgroups:
         own = _own_cgroups(proc)
         if (root / "cgroup.controllers").is_file():  # cgroup v2 (unified)
             base = root / own.get("", "/").lstrip("/")
+            if base.name == LAUNCHER_GROUP:  # moved there by an emulator before: its groups are the leaf's siblings
+                base = base.parent
             have = set(_read(base / "cgroup.controllers").split()) if (base / "cgroup.controllers").is_file() else set()
             missing = {"cpu", "memory"} - have
             if missing:
                 raise EmulationError(f"split-emulate: cgroup v2 at {base} lacks the {', '.join(sorted(missing))} "
                                      f"controller(s) (has: {' '.join(sorted(have)) or 'none'}); {HOW_TO}")
-            return cls(True, {"": base})
+            return cls(True, {"": base}, root)
         parents = {}
         for controller, probe in (("cpu", "cpu.cfs_quota_us"), ("memory", "memory.limit_in_bytes"),
                                   ("cpuset", "cpuset.cpus")):
@@ -263,7 +270,7 @@ class Cgroups:
                                      f"and no cgroup v2; mount it, or {HOW_TO}")
             rel = own.get(controller, "/").lstrip("/")
             parents[controller] = mount / rel if (mount / rel).is_dir() else mount
-        return cls(False, parents)
+        return cls(False, parents, root)
 
     def create(self, limits: Limits, tag: str = "") -> Group:
         """A new group with `limits`; EmulationError when the host does not let us make one."""
@@ -279,7 +286,7 @@ class Cgroups:
             period, quota = limits.period_quota_us()
             cpu_list = ",".join(map(str, cpus))
             if self.v2:
-                self._enable_v2(dirs[0].parent)
+                self._enable_v2(dirs[0].parent, self.root)
                 _write(dirs[0] / "cpu.max", f"{quota} {period}")
                 if (dirs[0] / "cpuset.cpus").exists():
                     _write(dirs[0] / "cpuset.cpus", cpu_list)
@@ -307,15 +314,42 @@ class Cgroups:
         return Group(name, dirs, self.v2)
 
     @staticmethod
-    def _enable_v2(parent: Path) -> None:
+    def _enable_v2(parent: Path, root: Path | None = None) -> None:
+        """Enable cpu, memory and cpuset for `parent`'s children. A non-root group that still holds processes
+        cannot ("no internal processes"): they move into the leaf LAUNCHER_GROUP first, beside the devices."""
         control = parent / "cgroup.subtree_control"
         enabled = set(_read(control).split())
         wanted = {"cpu", "memory", "cpuset"} & set(_read(parent / "cgroup.controllers").split())
-        if wanted - enabled:
-            _write(control, " ".join(f"+{c}" for c in sorted(wanted - enabled)))
+        if not wanted - enabled:
+            return
+        if root is None or parent.resolve() != Path(root).resolve():
+            move_to_leaf(parent)
+        _write(control, " ".join(f"+{c}" for c in sorted(wanted - enabled)))
 
 
 _COUNTER = iter(range(1, 1 << 62))
+
+
+def move_to_leaf(group: Path) -> list[int]:
+    """Move every process of cgroup v2 `group` into its leaf LAUNCHER_GROUP (made when missing); the pids moved.
+    A process that has left meanwhile is skipped."""
+    pids = [int(p) for p in _read(group / "cgroup.procs").split()] if (group / "cgroup.procs").is_file() else []
+    if not pids:
+        return []
+    leaf = group / LAUNCHER_GROUP
+    leaf.mkdir(exist_ok=True)
+    moved = []
+    for pid in pids:
+        try:
+            _write(leaf / "cgroup.procs", str(pid))
+        except ProcessLookupError:
+            continue
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+            continue
+        moved.append(pid)
+    return moved
 
 
 def _own_cgroups(proc: Path) -> dict[str, str]:
@@ -429,9 +463,14 @@ class Calibration:
     measured_ms: float  # the reference inside the group at `share`
     reference: str
     created: float = field(default_factory=time.time)
+    derived_from: str = ""  # "rpi4 x 0.7": the share of that preset's calibration times this preset's speed
 
     def describe(self) -> str:
         """The line the output shows."""
+        if self.derived_from:
+            return (f"calibrated: the {self.derived_from.split()[0]} calibration ({self.reference} at 1 thread, host "
+                    f"{self.host_ms:.1f} ms) scaled by this CPU's speed ({self.derived_from}): {self.device} "
+                    f"predicted {self.target_ms:.1f} ms -> share {self.share:.3f}")
         return (f"calibrated: {self.reference} at 1 thread, host {self.host_ms:.1f} ms, {self.device} predicted "
                 f"{self.target_ms:.1f} ms -> share {self.share:.3f} (measured inside at that share: "
                 f"{self.measured_ms:.1f} ms)")
@@ -526,6 +565,14 @@ def calibrate(device: str, *, cgroups: Cgroups | None = None, cache: Path | None
     calibrate with (e.g. the model the device will run) instead of the zoo's mobilenet_v2.
     """
     spec = preset(device)
+    base = next((p for p in PRESETS.values() if p.table == spec.table and p.speed == 1.0 and p is not spec), None)
+    if spec.speed != 1.0 and base is not None:
+        # A CPU described relative to another preset's (a Jetson's cores against a Pi's) shares its calibration:
+        # one timing fewer, and the two stay in the ratio the table states however noisy the host was.
+        cal = calibrate(base.name, cgroups=cgroups, cache=cache, reference=reference, refresh=refresh, say=say)
+        return Calibration(spec.name, round(min(1.0, max(0.005, cal.share * spec.speed)), 4), cal.host_ms,
+                           cal.target_ms / spec.speed, cal.measured_ms / spec.speed, cal.reference,
+                           derived_from=f"{base.name} x {spec.speed:g}")
     cgroups = cgroups or Cgroups.detect()
     cache = cache or _state_dir() / "emulate-calibration.json"
     ref_name = reference[0] if reference else REFERENCE_MODEL

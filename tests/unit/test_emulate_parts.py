@@ -73,6 +73,103 @@ def test_v2_group_gets_cpu_max_cpuset_and_memory_max(tmp_path, monkeypatch):
     assert group.procs_files == [d / "cgroup.procs"]
 
 
+class _KernelFiles:
+    """A fake cgroupfs: a new group directory gets the kernel's files, and every write is recorded (a process
+    written to cgroup.procs leaves the group it was in, as the kernel moves it)."""
+
+    FILES = ("cpu.max", "cpuset.cpus", "cpuset.mems", "memory.max", "memory.swap.max", "cgroup.procs",
+             "cgroup.controllers", "cgroup.subtree_control", "cpu.cfs_period_us", "cpu.cfs_quota_us",
+             "memory.limit_in_bytes")
+
+    def __init__(self, monkeypatch, root: Path):
+        self.writes: list[tuple[Path, str]] = []
+        self.root = root
+        original_mkdir, original_write = Path.mkdir, emulate._write
+
+        def mkdir(path: Path, *a, **k):
+            existed = path.is_dir()
+            original_mkdir(path, *a, **k)
+            if not existed and root in path.parents:
+                for f in self.FILES:
+                    (path / f).write_text("")
+
+        def write(path: Path, value: str) -> None:
+            self.writes.append((path, value))
+            if path.name == "cgroup.procs":  # the kernel moves the process: it leaves every other group
+                for other in root.rglob("cgroup.procs"):
+                    left = [p for p in other.read_text().split() if p != value]
+                    other.write_text("\n".join(left))
+                value = "\n".join([*path.read_text().split(), value])
+            if path.name == "cgroup.subtree_control":  # the kernel lists the enabled controllers by name
+                value = " ".join(sorted({*path.read_text().split(), *(c.lstrip("+") for c in value.split())}))
+            original_write(path, value)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+        monkeypatch.setattr(emulate, "_write", write)
+        monkeypatch.setattr(emulate, "pick_cpus", lambda cores, offset=0: list(range(cores)))
+
+
+def test_v2_from_a_non_root_group_moves_its_processes_into_a_leaf_first(tmp_path, monkeypatch):
+    # We run in /user.slice/app.scope with two processes: cgroup v2 lets a non-root group enable controllers for
+    # its children only while it holds no process itself, so they move into the leaf splitinfer-launcher first.
+    proc = _v2_tree(tmp_path / "cg")
+    scope = tmp_path / "cg" / "user.slice" / "app.scope"
+    scope.mkdir(parents=True)
+    (scope / "cgroup.controllers").write_text("cpu cpuset memory\n")
+    (scope / "cgroup.subtree_control").write_text("\n")
+    (scope / "cgroup.procs").write_text("4242\n4343\n")
+    (proc / "cgroup").write_text("0::/user.slice/app.scope\n")
+    kernel = _KernelFiles(monkeypatch, tmp_path / "cg")
+    cgroups = Cgroups.detect(tmp_path / "cg", proc)
+    assert cgroups.parents == {"": scope}
+    group = cgroups.create(Limits(cpu_share=0.5, memory_bytes=64 << 20), "pi")
+    leaf = scope / emulate.LAUNCHER_GROUP
+    assert leaf.is_dir() and leaf.name in {p.name for p in scope.iterdir()}
+    assert sorted((leaf / "cgroup.procs").read_text().split()) == ["4242", "4343"]
+    assert (scope / "cgroup.procs").read_text().split() == []
+    order = [p for p, _ in kernel.writes]
+    # The moves come before the controllers are enabled, which come before the device's limits.
+    assert order.index(leaf / "cgroup.procs") < order.index(scope / "cgroup.subtree_control") \
+        < order.index(group.dirs[0] / "cpu.max")
+    assert group.dirs == (scope / group.name,) and (group.dirs[0] / "cpu.max").read_text() == "10000 20000"
+    # A second device (or an emulator started from inside the leaf) makes its group beside the first.
+    (proc / "cgroup").write_text(f"0::/user.slice/app.scope/{emulate.LAUNCHER_GROUP}\n")
+    again = Cgroups.detect(tmp_path / "cg", proc)
+    assert again.parents == {"": scope}
+    second = again.create(Limits(cpu_share=0.5), "pi")
+    assert second.dirs[0].parent == scope and not (leaf / emulate.LAUNCHER_GROUP).exists()
+    assert (scope / "cgroup.subtree_control").read_text() == "cpu cpuset memory"
+
+
+def test_v2_at_the_root_group_moves_nothing(tmp_path, monkeypatch):
+    proc = _v2_tree(tmp_path / "cg")
+    (tmp_path / "cg" / "cgroup.procs").write_text("1\n4242\n")  # the root group is exempt from the rule
+    _KernelFiles(monkeypatch, tmp_path / "cg")
+    group = Cgroups.detect(tmp_path / "cg", proc).create(Limits(cpu_share=0.5), "pi")
+    assert not (tmp_path / "cg" / emulate.LAUNCHER_GROUP).exists()
+    assert group.dirs == (tmp_path / "cg" / group.name,)
+
+
+def test_v1_group_gets_quota_period_cpuset_and_memory_in_each_controller(tmp_path, monkeypatch):
+    root = tmp_path / "cg"
+    for ctl, probe in (("cpu,cpuacct", "cpu.cfs_quota_us"), ("memory", "memory.limit_in_bytes"),
+                       ("cpuset", "cpuset.cpus")):
+        (root / ctl).mkdir(parents=True)
+        (root / ctl / probe).write_text("")
+    (root / "cpuset" / "cpuset.mems").write_text("0\n")
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text("4:memory:/\n3:cpuset:/\n1:cpu,cpuacct:/\n0::/\n")
+    _KernelFiles(monkeypatch, root)
+    group = Cgroups.detect(root, proc).create(Limits(cpu_share=0.25, cores=2, memory_bytes=256 << 20), "rpi4")
+    cpu, mem, cpuset = (root / c / group.name for c in ("cpu,cpuacct", "memory", "cpuset"))
+    assert set(group.dirs) == {cpu, mem, cpuset}
+    assert (cpu / "cpu.cfs_period_us").read_text() == "20000" and (cpu / "cpu.cfs_quota_us").read_text() == "10000"
+    assert (cpuset / "cpuset.cpus").read_text() == "0,1" and (cpuset / "cpuset.mems").read_text() == "0"
+    assert (mem / "memory.limit_in_bytes").read_text() == str(256 << 20)
+    assert sorted(group.procs_files) == sorted(d / "cgroup.procs" for d in (cpu, mem, cpuset))
+
+
 def test_v2_without_the_cpu_controller_says_so(tmp_path):
     proc = _v2_tree(tmp_path / "cg", controllers="memory pids")
     with pytest.raises(EmulationError, match=r"lacks the cpu controller.*root") as err:
@@ -135,6 +232,9 @@ def test_calibration_is_cached_per_host(tmp_path, monkeypatch):
     # The jetson-nano preset is slower than the Pi 4 it derives from.
     nano = emulate.calibrate("jetson-nano", cgroups=fake, cache=cache, say=lambda _m: None)
     assert nano.target_ms == pytest.approx(100.0 / 0.7) and nano.share < cal.share
+    # ... by the ratio the table states: the Pi 4's share times the Jetson core's speed, with no timing of its own.
+    assert nano.share == pytest.approx(cal.share * 0.7, rel=0.01) and len(calls) == 2
+    assert "rpi4 x 0.7" in nano.describe()
 
 
 def test_link_schedule_parses_and_applies_in_order():
@@ -182,3 +282,14 @@ def test_demo_swing_crosses_the_plan_tables_boundary():
     assert swing_range(table, 20.0, 2.0) == (200.0, "50 Mbps")
     assert swing_range(table, 300.0, 2.0) == (300.0, "50 Mbps")
     assert swing_range([(0.5, "edge-only")], 20.0, 2.0) == (20.0, None)
+
+
+def test_demo_puts_a_device_where_its_plan_table_chooses_a_middle_cut():
+    from cloud_tier.lab.demo import split_uplink
+
+    table = [(0.5, "edge-only"), (2.0, "c038"), (5.0, "c038"), (10.0, "c021"), (20.0, "c021"), (50.0, "c021"),
+             (100.0, "cloud-only")]
+    assert split_uplink(table, 150.0) == (31.6, "c021")  # the widest middle band, 10-100 Mbps, at its middle
+    assert split_uplink([(0.5, "edge-only"), (8.0, "c1"), (500.0, "cloud-only")], 150.0) == (49.0, "c1")  # to 300
+    assert split_uplink([(0.5, "edge-only"), (20.0, "cloud-only")], 150.0) == (150.0, None)
+    assert split_uplink([(0.5, "edge-only"), (500.0, "c1")], 150.0) == (150.0, None)  # above the proxy's ceiling

@@ -1,0 +1,50 @@
+"""The split-vs-baselines benchmark's arithmetic: energy per request, a cell's speed-ups, regret, prediction error
+and noise floor, and which codec each cut is served with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.split_vs_baselines import Cell, energy_mj, plan_codec, summarize
+
+
+def _row(ms: float, served_by: str = "cloud", head: float = 0.0, tail: float = 0.0, sent: int = 0) -> dict:
+    return {"ms": ms, "served_by": served_by, "cut": "", "sent": sent, "head": head, "encode": 0.0, "tail": tail,
+            "fallback": None}
+
+
+def test_energy_counts_compute_active_waiting_idle_and_radio_bytes():
+    # 6.4 W for 40 ms of head, 2.7 W for the other 60 ms, 100 nJ per byte for 10 KB: 256 + 162 + 1 mJ.
+    assert energy_mj(_row(100.0, head=40.0, sent=10_000), (6.4, 2.7), 100.0) == pytest.approx(256 + 162 + 1.0)
+    # On the device the tail is compute too.
+    assert energy_mj(_row(50.0, "edge", head=20.0, tail=30.0), (6.4, 2.7), 0.0) == pytest.approx(6.4 * 50)
+
+
+def test_a_cells_figures():
+    cell = Cell("m", "rpi4", "4g", Path("b"))
+    cell.chosen = "chosen c021 (int8)"
+    cell.predicted = {cell.chosen: 55.0}
+    times = {"edge-only": 100.0, "cloud-only raw": 400.0, "cloud-only int8c+zstd": 200.0, cell.chosen: 50.0,
+             "top2 c038 (int8)": 40.0, "chosen again (noise)": 55.0}
+    cell.rows = {k: [_row(v), _row(v)] for k, v in times.items()}
+    s = summarize(cell, (6.4, 2.7), 0.0)
+    assert s["speedup_best_baseline"] == pytest.approx(2.0) and s["speedup_worst_baseline"] == pytest.approx(8.0)
+    assert s["best"] == "top2 c038 (int8)" and s["regret"] == pytest.approx(0.25)
+    assert s["prediction_error"] == pytest.approx(0.1) and s["noise_floor"] == pytest.approx(0.1)
+    # A chosen edge-only is the edge-only baseline again: that pair counts in the noise floor too.
+    cell.chosen = "chosen edge-only"
+    cell.rows[cell.chosen] = cell.rows.pop("chosen c021 (int8)")
+    cell.rows[cell.chosen] = [_row(80.0)]
+    cell.rows["chosen again (noise)"] = [_row(84.0)]
+    assert summarize(cell, (6.4, 2.7), 0.0)["noise_floor"] == pytest.approx(0.25)
+
+
+def test_the_plans_codec_unless_overridden():
+    plan = {"codec": "int8", "candidates": [{"id": "c1", "codec": "int8c+zstd"}, {"id": "c2"}]}
+    bundle = SimpleNamespace(plan=plan, candidate=lambda cid: next(c for c in plan["candidates"] if c["id"] == cid))
+    assert plan_codec(bundle, "c1", None) == "int8c+zstd"
+    assert plan_codec(bundle, "c2", None) == "int8"
+    assert plan_codec(bundle, "c1", "fp16") == "fp16"
