@@ -28,7 +28,7 @@ def profiled(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     model = with_outlier_channel(trained_model("shapes_mobilenet", quiet=True))
     x = torch.from_numpy(shapes_dataset(1, seed=9)[0])
-    path = to_onnx(model, (x,), root / "sensitive.onnx")
+    path = to_onnx(torch.jit.trace(model, x), (x,), root / "sensitive.onnx")  # legacy exporter: seconds
     calib = root / "calib"
     calib.mkdir()
     np.save(calib / "held_out.npy", shapes_dataset(48, seed=4)[0])  # not seed 0: the training images
