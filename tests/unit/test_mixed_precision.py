@@ -68,10 +68,17 @@ def test_the_trained_classifier_is_accurate_on_held_out_images(trained) -> None:
 
 
 def test_the_trained_classifier_passes_its_int8_gate_as_plain_int8(onnx_models, tmp_path) -> None:
-    result = quantize_gated(onnx_models["plain"], tmp_path / "q.onnx", CALIB, _gate(onnx_models["plain"]))
+    path, out = onnx_models["plain"], tmp_path / "q.onnx"
+    result = quantize_gated(path, out, CALIB, _gate(path))
     assert result.precision == "int8" and result.float_nodes == ()
     assert result.calibration == "minmax"  # auto tries minmax first
-    assert result.gate["metric"] == "top1_agreement" and result.gate["value"] >= 0.95
+    assert result.gate["metric"] == "top1_agreement" and result.gate["value"] >= 0.9
+    # agreement means something here: int8 is about as accurate as fp32 on held-out labelled images
+    x, y = shapes_dataset(200, seed=5)
+    fp32, int8 = session(path), session(out)
+    accuracy_of = {name: float(np.mean(s.run(None, {"input": x})[0].argmax(1) == y)) for name, s in
+                   (("fp32", fp32), ("int8", int8))}
+    assert accuracy_of["fp32"] >= 0.9 and accuracy_of["int8"] >= accuracy_of["fp32"] - 0.03, accuracy_of
 
 
 def test_the_sensitive_head_fails_plain_minmax_int8(onnx_models, tmp_path) -> None:
