@@ -11,6 +11,7 @@ fallback; `cloud-only` has no head (the cut tensors are the model inputs) and it
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from edge_agent.config import AgentConfig  # noqa: F401 - for the annotation of from_config
 
 ONNXRUNTIME, LITERT = RUNTIMES
+
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
@@ -154,6 +157,23 @@ class RunnerCache:
             runner.close()
 
 
+def head_choice(plan: Mapping[str, Any], cut_id: str, wanted: str, runs_int8_file: bool) -> str:
+    """Which head a cut runs and why, in words: int8, mixed (with its float nodes) or fp32."""
+    cuts = plan.get("verification", {}).get("cuts", {}) if isinstance(plan, Mapping) else {}
+    gate = (cuts.get(cut_id) or {}).get("int8") or {}
+    value = f"{gate['metric']} {float(gate['value']):.3f}" if "metric" in gate and "value" in gate else "no gate"
+    if wanted != "int8":
+        return f"fp32 head (head_precision {wanted})"
+    if runs_int8_file:
+        if gate.get("precision") == "mixed":
+            return (f"mixed-precision head: {len(gate.get('float_nodes') or ())} node(s) kept in float "
+                    f"passed its gate ({value}, calibration {gate.get('calibration', '?')})")
+        return f"int8 head (passed its gate: {value})"
+    if not gate:
+        return "fp32 head (the bundle has no int8 head for this cut)"
+    return f"fp32 head (the int8 head failed its gate: {value})"
+
+
 class CutRuntime:
     """The head and local tail of one cut of a bundle."""
 
@@ -171,6 +191,9 @@ class CutRuntime:
             head_path = cut.edge_head if head_precision == "int8" else cut.head
             self.head_is_int8 = head_path is not None and head_path == cut.head_int8
         self.head_path = head_path
+        if head_path is not None:
+            log.info("%s cut %s: running the %s", bundle.model_name, cut_id,
+                     head_choice(bundle.plan, cut_id, head_precision, self.head_is_int8))
         self.head = cache.get(head_path) if head_path is not None else None
         self.tail = cache.get(cut.tail, cache.options.tail_options) if cut.tail is not None else None
         if cut_id == CLOUD_ONLY and self.head is not None:

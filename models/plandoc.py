@@ -24,6 +24,11 @@ CODECS = ("fp32", "fp16", "int8", "int8c")
 # What the planner may minimise, and the candidate field that holds it.
 OBJECTIVES = ("latency", "energy", "bytes")
 OBJECTIVE_FIELDS = {"latency": "total_ms", "energy": "energy_mj", "bytes": "transfer_bytes"}
+# What a head runs at (all int8; int8 with some nodes kept in float; all float) and how its int8 activation
+# ranges were calibrated: plan.json `verification.cuts[id].int8` {precision, calibration, float_nodes}.
+HEAD_PRECISIONS = ("int8", "mixed", "fp32")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_CHOICES = (*CALIBRATION_METHODS, "auto")  # split-profile --calibration-method: auto tries each in turn
 
 
 class Rankable(Protocol):
@@ -478,6 +483,40 @@ class CutVerification:
         return {"split": dict(self.split), **({} if self.int8 is None else {"int8": dict(self.int8)}),
                 **({} if self.litert is None else {"litert": dict(self.litert)})}
 
+    @property
+    def precision(self) -> str | None:
+        """What the edge runs this cut's head at: "int8", "mixed" or "fp32" (None without a head).
+
+        Plans written before mixed precision say only whether the int8 head passed its gate.
+        """
+        if self.int8 is None:
+            return None
+        return str(self.int8.get("precision") or ("int8" if self.int8.get("passed") else "fp32"))
+
+    @property
+    def float_nodes(self) -> tuple[str, ...]:
+        """The head's nodes kept in float (mixed precision); () for older plans."""
+        return tuple((self.int8 or {}).get("float_nodes") or ())
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> CutVerification:
+        """Parse the plan.json form (the precision fields, absent from older plans, are checked when present)."""
+        kw = _fields(cls, obj, where, ("split",))
+        gate = kw.get("int8")
+        if gate is not None:
+            if not isinstance(gate, dict):
+                raise BundleError(f"{where}.int8: expected an object, got {gate!r}")
+            if "precision" in gate and gate["precision"] not in HEAD_PRECISIONS:
+                raise BundleError(f"{where}.int8.precision: expected one of {HEAD_PRECISIONS}, "
+                                  f"got {gate['precision']!r}")
+            if "calibration" in gate and gate["calibration"] not in CALIBRATION_METHODS:
+                raise BundleError(f"{where}.int8.calibration: expected one of {CALIBRATION_METHODS}, "
+                                  f"got {gate['calibration']!r}")
+            floats = gate.get("float_nodes", [])
+            if not isinstance(floats, list) or not all(isinstance(n, str) for n in floats):
+                raise BundleError(f"{where}.int8.float_nodes: expected a list of node names, got {floats!r}")
+        return cls(**kw)
+
 
 @dataclass(frozen=True)
 class Verification:
@@ -501,8 +540,7 @@ class Verification:
     def from_json(cls, obj: Any) -> Verification:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, "verification", ("cuts",))
-        cuts = {cid: CutVerification(**_fields(CutVerification, v, f"verification.cuts.{cid}", ("split",)))
-                for cid, v in kw["cuts"].items()}
+        cuts = {cid: CutVerification.from_json(v, f"verification.cuts.{cid}") for cid, v in kw["cuts"].items()}
         return cls(int(kw.get("samples", 0)), int(kw.get("calibration_samples", 0)), cuts)
 
 

@@ -53,6 +53,9 @@ _ENTRIES: dict[str, ZooEntry] = {
                  "ViT: 8x8 patches, cls token, 4 encoder blocks, dim 192, 3 heads, 200 classes"),
         ZooEntry("unet_small", (1, 3, 128, 128), "segmentation",
                  "U-Net: 3 down / 3 up levels with skip connections, base width 16, 8-class per-pixel map"),
+        ZooEntry("shapes_mobilenet", (1, 3, 32, 32), "classification",
+                 "MobileNetV2-style, 6 classes, TRAINED here on procedural shapes and textures (models.train; "
+                 "the first build trains ~30 s on one core, then the weights are cached)"),
     )
 }
 _SEEDS = {name: 1000 + i for i, name in enumerate(_ENTRIES)}  # fixed per model, independent of call order
@@ -77,6 +80,10 @@ def build_zoo_model(name: str) -> torch.nn.Module:
     """Build zoo model `name` in eval mode with deterministic weights (the same every call and process)."""
     entry = zoo_entry(name)
     torch = require("torch", "profile")
+    from models.train import TRAINED, trained_model
+
+    if name in TRAINED:  # weights trained on procedural data (cached), not seeded ones
+        return trained_model(name)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
         torch.manual_seed(_SEEDS[name])
         model = _builders()[name]()

@@ -212,7 +212,8 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
             raise NoFeasiblePlanError(plan.explain_infeasible(), result)
         if opts.out is None:
             return result
-        return _export(opts, loaded, proto, graph, plan, document, notes, say)
+        fp32_edge = _fp32_edge_ms(opts.device, proto, edge_nc)
+        return _export(opts, loaded, proto, graph, plan, document, notes, say, (costs, fp32_edge))
 
 
 UNCOSTED_EXAMPLES = 5
@@ -274,13 +275,26 @@ def _save_profile(path: Path, costs: NodeCosts, sha: str, threads: int | None,
     save_device_profile(path, costs, model_sha256=sha, host=host)
 
 
+def _fp32_edge_ms(device: str, model: Any, planned: NodeCosts) -> dict[str, float]:
+    """The edge's per-node times at fp32 (a head that fails its int8 gate runs float): estimated from the device
+    table at fp32, or the planned times where they were measured (a measurement runs the fp32 model)."""
+    from partitioning.device_profile import resolve_device
+    from partitioning.devices import DeviceProfile
+    from partitioning.estimate import estimate_node_costs
+
+    profile = None if device == "local" else resolve_device(device)
+    if isinstance(profile, DeviceProfile):
+        return dict(estimate_node_costs(model, profile, precision="fp32").per_node_ms)
+    return dict(planned.per_node_ms)
+
+
 def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Plan, document: PlanDocument,
-            notes: list[str], say: Progress) -> ProfileResult:
-    """Calibrate, write and verify the bundle in `opts.out`."""
+            notes: list[str], say: Progress, costing: tuple[CostInputs, dict[str, float]]) -> ProfileResult:
+    """Calibrate, write and verify the bundle in `opts.out`; cost again the heads that fell back from int8."""
     from models.convert import integer_input_highs
     from models.inputs import synthetic_samples
-    from partitioning.bundle import write_bundle
-    from partitioning.quantize import load_calibration
+    from partitioning.bundle import HeadCosting, fallback_warnings, write_bundle
+    from partitioning.quantize import QuantConfig, load_calibration
 
     assert opts.out is not None
     if opts.calibration is not None:
@@ -297,7 +311,11 @@ def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Pla
     source = str(opts.calibration) if opts.calibration else "synthetic"
     document = replace(document, calibration=Calibration(source, len(calib)))
     final = write_bundle(Path(opts.out), proto, loaded.onnx_path, graph, plan, document, calib, checks, loaded.task,
-                         progress=say)
+                         QuantConfig(calibration=opts.calibration_method), progress=say,
+                         costing=HeadCosting(*costing))
+    for msg in fallback_warnings(final):
+        warnings.warn(msg, stacklevel=3)
+        notes.append(msg)
     if opts.edge_runtime == "litert":  # head.tflite + head.int8.tflite per cut, on the same samples
         from partitioning.tflite import add_tflite_heads, ensure_converter
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.manifest import BASELINES, CODECS, OBJECTIVES, PlanDocument, rank_key, sha256_file
 from models.ortopts import parse_provider_option, parse_providers, provider_options_from
+from models.plandoc import CALIBRATION_CHOICES
 
 if TYPE_CHECKING:
     from partitioning.options import ProfileOptions
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how cut activations travel (default int8)")
     p.add_argument("--out", type=Path, help="write the bundle here (plan.json, head/int8 head/tail/full .onnx)")
     p.add_argument("--calibration", type=Path, help="folder of .npy (or .npz) inputs to calibrate the int8 heads")
+    p.add_argument("--calibration-method", choices=CALIBRATION_CHOICES, default="auto",
+                   help="how int8 activation ranges are chosen; auto (default) tries minmax, entropy, percentile in "
+                        "turn and keeps the first whose head passes its gate, then keeps the most sensitive nodes "
+                        "in float (mixed precision) if none does")
     _runtime_arguments(p)
     p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
                    help="when the model file does not record it: 1x3x224x224; with a dtype 1x128:int64; several "
@@ -289,6 +294,8 @@ def _summary(doc: PlanDocument, bundle: Path | None) -> str:
             split, q = v.split, v.int8
             verdict = "pass" if q and q["passed"] else "FAIL"
             qtext = f"int8 {q['metric']} {q['value']:.3f} ({verdict} at {q['threshold']})" if q else ""
+            if v.precision in ("mixed", "fp32"):
+                qtext += f"; runs {v.precision} ({len(v.float_nodes)} float nodes)"
             out.append(f"verified {cid:<11} split max|err| {split['max_abs_error']:.2e} {qtext}")
         if any(v.litert for v in ver.cuts.values()):
             from partitioning.tflite import summary_lines
@@ -414,6 +421,7 @@ def options_from_args(args: argparse.Namespace) -> ProfileOptions:
         uplink_mbps=args.uplink_mbps, downlink_mbps=args.downlink_mbps, rtt_ms=args.rtt_ms,
         max_latency_ms=args.max_latency_ms, edge_memory_mb=args.edge_memory_mb, max_energy_mj=args.max_energy_mj,
         objective=args.objective, codec=args.codec, out=args.out, calibration=args.calibration,
+        calibration_method=args.calibration_method,
         input_shape=args.input_shape if _plain(args.input_shape) else None,
         input_hints=() if _plain(args.input_shape) else tuple(args.input_shape), int_high=args.int_high,
         name=args.name, allow_pickle=args.allow_pickle, save_device_profile=args.save_device_profile,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.loaders import InputHint
+from models.plandoc import CALIBRATION_CHOICES
 from models.validate import FieldError, check_int, check_number
 from partitioning.costs import MIN_SECONDS
 from partitioning.planner import PLAN_TABLE_MBPS, Budgets
@@ -37,6 +38,7 @@ class ProfileOptions:
     codec: str = "int8"
     out: str | Path | None = None  # write the bundle here; None: plan only
     calibration: str | Path | None = None  # folder of .npy/.npz inputs for the int8 heads
+    calibration_method: str = "auto"  # minmax | entropy | percentile | auto (each in turn until the gate passes)
     input_shape: tuple[int, ...] | None = None
     input_hints: tuple[InputHint, ...] = ()  # per-input shapes and dtypes (--input-shape name=1x128:int64,...)
     int_high: int | None = None  # synthetic integer inputs below this where the graph does not bound them
@@ -67,6 +69,9 @@ class ProfileOptions:
         check_number("measure_seconds", self.measure_seconds, 0)
         if self.int_high is not None:
             check_int("int_high", self.int_high, 1)
+        if self.calibration_method not in CALIBRATION_CHOICES:
+            raise FieldError("calibration_method", f"{self.calibration_method!r}: expected one of "
+                             f"{', '.join(CALIBRATION_CHOICES)}")
         if self.name is not None and not _NAME.fullmatch(self.name):
             raise FieldError("name", f"{self.name!r}: expected letters, digits, '.', '_' and '-' "
                              "(at most 64, starting with a letter or digit)")

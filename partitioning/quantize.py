@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from models.extras import require
 from models.manifest import TensorSpec
+from models.plandoc import CALIBRATION_CHOICES, CALIBRATION_METHODS, HEAD_PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -98,26 +101,54 @@ def _quiet_quantizer() -> Iterator[None]:
     quant_log.setLevel(max(level, logging.ERROR))
     quiet = _FromQuantizer()
     root.addFilter(quiet)
-    try:
-        yield
+    try:  # the histogram calibrators (entropy, percentile) print their progress on stdout
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            yield
     finally:
         root.removeFilter(quiet)
         quant_log.setLevel(level)
 
 
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """How heads are quantized: QDQ, per-channel int8 weights, uint8 activations, min-max calibration."""
+    """How heads are quantized: QDQ, per-channel int8 weights, uint8 activations, and the gate's thresholds.
+
+    `calibration`: how activation ranges are chosen (one of CALIBRATION_CHOICES; `auto` tries MinMax, Entropy
+    and Percentile in that order and keeps the first whose head passes the gate). `mixed`: when no method
+    passes, keep the most sensitive nodes in float until the head passes or is all float.
+    """
 
     per_channel: bool = True
     min_top1_agreement: float = 0.9
     max_relative_error: float = 0.1
+    calibration: str = "auto"
+    mixed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATION_CHOICES:
+            raise ValueError(f"calibration must be one of {CALIBRATION_CHOICES}, got {self.calibration!r}")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The calibration methods to try, in order."""
+        return CALIBRATION_METHODS if self.calibration == "auto" else (self.calibration,)
 
 
 def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample],
-                  config: QuantConfig = QuantConfig()) -> Path:
-    """Write the static int8 (QDQ) version of `fp32_path`, calibrated on `samples` (inputs of that model)."""
+                  config: QuantConfig = QuantConfig(), method: str = "minmax",
+                  float_nodes: Sequence[str] = (), keep_activations: bool = False) -> Path:
+    """Write the static int8 (QDQ) version of `fp32_path`, calibrated on `samples` (inputs of that model).
+
+    `method`: one of CALIBRATION_METHODS; `float_nodes`: node names left in float (not quantized);
+    `keep_activations`: keep Relu/Clip as nodes rather than folding them into the quantization range.
+    """
     quant = require("onnxruntime.quantization", "edge")
+    methods = {"minmax": quant.CalibrationMethod.MinMax, "entropy": quant.CalibrationMethod.Entropy,
+               "percentile": quant.CalibrationMethod.Percentile}
+    if method not in methods:
+        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     with _quiet_quantizer(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quant.quantize_static(
@@ -128,9 +159,194 @@ def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample],
             activation_type=quant.QuantType.QUInt8,
             weight_type=quant.QuantType.QInt8,
             per_channel=config.per_channel,
-            calibrate_method=quant.CalibrationMethod.MinMax,
+            calibrate_method=methods[method],
+            nodes_to_exclude=list(float_nodes),
+            extra_options={"QDQKeepRemovableActivations": keep_activations},
         )
     return int8_path
+
+
+@dataclass(frozen=True)
+class HeadQuantization:
+    """What a head runs at after the gate: its precision, the nodes kept in float, the method, the gate's verdict.
+
+    `gate` is the `int8_agreement` of the head file written (for "fp32", of the best quantized head tried: it
+    failed, and the edge runs the float head); `attempts` lists every try in order.
+    """
+
+    precision: str  # one of HEAD_PRECISIONS
+    calibration: str  # the method of the head written
+    float_nodes: tuple[str, ...]
+    gate: Mapping[str, Any]
+    attempts: tuple[Mapping[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.precision not in HEAD_PRECISIONS:
+            raise ValueError(f"precision must be one of {HEAD_PRECISIONS}, got {self.precision!r}")
+
+    def record(self) -> dict[str, Any]:
+        """plan.json `verification.cuts[id].int8`: the gate's fields with the precision fields added."""
+        return {**self.gate, "precision": self.precision, "calibration": self.calibration,
+                "float_nodes": list(self.float_nodes), "attempts": [dict(a) for a in self.attempts]}
+
+
+Gate = Callable[[Path], Mapping[str, Any]]
+
+
+def _score(gate: Mapping[str, Any]) -> float:
+    """Higher is better, for both metrics."""
+    value = float(gate["value"])
+    return value if gate["metric"] == "top1_agreement" else -value
+
+
+def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], gate: Gate,
+                   config: QuantConfig = QuantConfig()) -> HeadQuantization:
+    """Quantize `fp32_path` into `int8_path` at the lowest precision whose head passes `gate`.
+
+    Each calibration method of `config` in turn; when none passes (and `config.mixed`), the nodes of the best
+    one ranked by `node_sensitivity` are kept in float, 1, 2, 4, ... of them, re-quantizing until the gate
+    passes. When every quantized node would be float the head is fp32 (`int8_path` keeps the best try).
+    """
+    attempts: list[dict[str, Any]] = []
+
+    def attempt(method: str, floats: Sequence[str], path: Path) -> Mapping[str, Any]:
+        quantize_head(fp32_path, path, samples, config, method, floats)
+        verdict = gate(path)
+        attempts.append({"calibration": method, "float_nodes": len(floats), "value": verdict["value"],
+                         "passed": bool(verdict["passed"])})
+        return verdict
+
+    best: tuple[float, str, Mapping[str, Any]] | None = None
+    for method in config.methods:
+        verdict = attempt(method, (), int8_path)
+        if verdict["passed"]:
+            return HeadQuantization("int8", method, (), verdict, tuple(attempts))
+        if best is None or _score(verdict) > best[0]:
+            best = (_score(verdict), method, verdict)
+    assert best is not None
+    _, method, best_gate = best
+    if method != config.methods[-1]:  # the file holds the last method's head: write the best one back
+        quantize_head(fp32_path, int8_path, samples, config, method)
+    if not config.mixed:
+        return HeadQuantization("fp32", method, (), best_gate, tuple(attempts))
+    ranked = [name for name, _ in node_sensitivity(fp32_path, samples, config, method)]
+    groups = _float_groups(int8_path, ranked)
+    trial = int8_path.with_name(int8_path.stem + ".trial.onnx")
+    try:
+        count = 1
+        while count < len(ranked):
+            floats = tuple(dict.fromkeys(n for name in ranked[:count] for n in groups[name]))
+            verdict = attempt(method, floats, trial)
+            if verdict["passed"]:
+                os.replace(trial, int8_path)
+                log.info("%s: int8 kept %d of %d quantized nodes in float (%s %.3f)", fp32_path, len(floats),
+                         len(ranked), verdict["metric"], verdict["value"])
+                return HeadQuantization("mixed", method, floats, verdict, tuple(attempts))
+            count *= 2
+    finally:
+        trial.unlink(missing_ok=True)
+    return HeadQuantization("fp32", method, tuple(ranked), best_gate, tuple(attempts))
+
+
+def _float_groups(int8_path: Path, ranked: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """{node: the nodes to keep in float so that it runs on float inputs}: itself and the quantized producers of
+    its activation inputs (onnxruntime quantizes a quantized node's outputs as well as its inputs)."""
+    onnx = require("onnx", "profile")
+    qmodel = onnx.load(str(int8_path))
+    made_by = {out: node.name for node in qmodel.graph.node for out in node.output}
+    quantized = _quantized_nodes(qmodel)
+    known = set(ranked)
+    return {name: (name, *(p for src in quantized.get(name, ()) if (p := made_by.get(src)) in known and p != name))
+            for name in ranked}
+
+
+def _quantized_nodes(qmodel) -> dict[str, list[str]]:
+    """{node: the float tensors its dequantized inputs were quantized from} for each node of a QDQ model that
+    reads an activation through QuantizeLinear -> DequantizeLinear (a dequantized weight alone does not count:
+    excluding such a node is what leaves its inputs and weights in float)."""
+    made_by = {out: node for node in qmodel.graph.node for out in node.output}
+    found: dict[str, list[str]] = {}
+    for node in qmodel.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        sources = []
+        for name in node.input:
+            dq = made_by.get(name)
+            q = made_by.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                sources.append(q.input[0])
+        if sources:
+            found[node.name] = sources
+    return found
+
+
+def _run_exposed(model, names: Sequence[str], samples: Sequence[Sample]) -> dict[str, list[np.ndarray]]:
+    """Every tensor of `names` for each sample (graph optimizations off, so nothing is fused away)."""
+    onnx = require("onnx", "profile")
+    ort = require("onnxruntime", "edge")
+    from models.ortopts import make_session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 4
+    sess = make_session(probe.SerializeToString(), options=opts)
+    runs = [sess.run(list(names), dict(x)) for x in samples]
+    return {n: [np.asarray(r[i], dtype=np.float64) for r in runs] for i, n in enumerate(names)}
+
+
+def _relative_error(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
+    num = sum(float(np.sum((g - r) ** 2)) for r, g in zip(ref, got))
+    den = sum(float(np.sum(r**2)) for r in ref)
+    return float(np.sqrt(num / max(den, 1e-30)))
+
+
+def node_sensitivity(fp32_path: Path, samples: Sequence[Sample], config: QuantConfig = QuantConfig(),
+                     method: str = "minmax") -> list[tuple[str, float]]:
+    """The nodes that int8 quantizes in `fp32_path`, most sensitive first, with the error each adds.
+
+    The head is quantized once more (activations such as Relu kept as nodes, so every tensor keeps its fp32
+    meaning) and run with every tensor exposed, beside the fp32 head, on `samples`. A node's error is the
+    relative L2 error of its output against fp32, less the largest such error among the float tensors its
+    inputs were quantized from: what quantizing its inputs and weights adds to the error that reached it.
+    """
+    onnx = require("onnx", "profile")
+    with tempfile.TemporaryDirectory(prefix="splitinfer-sens-") as tmp:
+        ranked_path = quantize_head(fp32_path, Path(tmp) / "ranking.onnx", samples, config, method,
+                                    keep_activations=True)
+        qmodel = onnx.load(str(ranked_path))
+    fp32 = onnx.load(str(fp32_path))
+    common = ({o for node in fp32.graph.node for o in node.output} | {i.name for i in fp32.graph.input}) & (
+        {o for node in qmodel.graph.node for o in node.output} | {i.name for i in qmodel.graph.input})
+    # a model output's producer writes `<name>_QuantizeLinear_Input`; its fp32 meaning is `<name>` after Q/DQ
+    after_qdq = {}
+    consumers: dict[str, list[Any]] = {}
+    for node in qmodel.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in qmodel.graph.node:
+        if node.op_type == "QuantizeLinear":
+            for dq in consumers.get(node.output[0], ()):
+                if dq.op_type == "DequantizeLinear" and dq.output[0] in common:
+                    after_qdq[node.input[0]] = dq.output[0]
+
+    def meaning(name: str) -> str | None:
+        return name if name in common else after_qdq.get(name)
+
+    nodes = _quantized_nodes(qmodel)
+    outputs = {node.name: [m for m in map(meaning, node.output) if m] for node in qmodel.graph.node}
+    names = sorted({t for n, srcs in nodes.items() for t in (*map(meaning, srcs), *outputs[n]) if t})
+    ref, got = _run_exposed(fp32, names, samples), _run_exposed(qmodel, names, samples)
+    error = {t: _relative_error(ref[t], got[t]) for t in names}
+    scores = []
+    for node, srcs in nodes.items():
+        if outputs[node]:
+            reached = max((error[m] for m in map(meaning, srcs) if m), default=0.0)
+            scores.append((node, max(error[t] for t in outputs[node]) - reached))
+    return sorted(scores, key=lambda s: (-s[1], s[0]))
 
 
 def int8_agreement(reference: Sequence[Sequence[np.ndarray]], quantized: Sequence[Sequence[np.ndarray]], task: str,

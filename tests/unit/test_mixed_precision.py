@@ -1,0 +1,179 @@
+"""Mixed precision: a head that fails its int8 gate keeps its most sensitive nodes in float until it passes.
+
+The model is the zoo's trained classifier (shapes_mobilenet, trained on procedural images: agreement figures
+mean something). Its sensitive variant (models.train.with_outlier_channel) has a 1x1 conv pair after the stem
+that scales one channel up by 1e3 and back (the same function in fp32): the per-tensor uint8 range of the
+tensor between them is then set by that channel alone, so int8 zeroes the other 15, as an outlier channel does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from models.convert import to_onnx  # noqa: E402
+from models.manifest import BundleError  # noqa: E402
+from models.plandoc import CutVerification  # noqa: E402
+from models.tiny_bundle import make_tiny_bundle  # noqa: E402
+from models.train import accuracy, shapes_dataset, trained_model, with_outlier_channel  # noqa: E402
+from partitioning.extract import session  # noqa: E402
+from partitioning.quantize import (  # noqa: E402
+    QuantConfig,
+    int8_agreement,
+    node_sensitivity,
+    quantize_gated,
+    quantize_head,
+)
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """The trained classifier (trained once per cache, ~30 s; then loaded)."""
+    return trained_model("shapes_mobilenet", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def onnx_models(trained, tmp_path_factory):
+    """{"plain": the trained classifier, "sensitive": it with the outlier pair} as ONNX files."""
+    root = tmp_path_factory.mktemp("mixed")
+    x = torch.from_numpy(shapes_dataset(1, seed=9)[0])
+    # traced: the legacy exporter takes seconds here where the dynamo one takes a minute
+    return {"plain": to_onnx(torch.jit.trace(trained, x), (x,), root / "plain.onnx"),
+            "sensitive": to_onnx(torch.jit.trace(with_outlier_channel(trained), x), (x,), root / "sensitive.onnx")}
+
+
+def _samples(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    x = shapes_dataset(count, seed)[0]
+    return [{"input": x[i : i + 1]} for i in range(count)]
+
+
+CALIB, CHECKS = _samples(16, seed=2), _samples(64, seed=3)  # held out: training used seed 0
+
+
+def _gate(fp32_path):
+    reference = [session(fp32_path).run(None, x) for x in CHECKS]
+
+    def gate(path):
+        q = session(path)
+        return int8_agreement(reference, [q.run(None, x) for x in CHECKS], "classification")
+
+    return gate
+
+
+def test_the_trained_classifier_is_accurate_on_held_out_images(trained) -> None:
+    assert accuracy(trained, count=300, seed=1) >= 0.9
+
+
+def test_the_trained_classifier_passes_its_int8_gate_as_plain_int8(onnx_models, tmp_path) -> None:
+    path, out = onnx_models["plain"], tmp_path / "q.onnx"
+    result = quantize_gated(path, out, CALIB, _gate(path))
+    assert result.precision == "int8" and result.float_nodes == ()
+    assert result.calibration == "minmax"  # auto tries minmax first
+    assert result.gate["metric"] == "top1_agreement" and result.gate["value"] >= 0.9
+    # agreement means something here: int8 is about as accurate as fp32 on held-out labelled images
+    x, y = shapes_dataset(200, seed=5)
+    fp32, int8 = session(path), session(out)
+    accuracy_of = {name: float(np.mean(s.run(None, {"input": x})[0].argmax(1) == y)) for name, s in
+                   (("fp32", fp32), ("int8", int8))}
+    assert accuracy_of["fp32"] >= 0.9 and accuracy_of["int8"] >= accuracy_of["fp32"] - 0.03, accuracy_of
+
+
+def test_the_sensitive_head_fails_plain_minmax_int8(onnx_models, tmp_path) -> None:
+    """What split-profile did before mixed precision: one MinMax int8 head, and the gate failed."""
+    path = onnx_models["sensitive"]
+    quantize_head(path, tmp_path / "q.onnx", CALIB, QuantConfig(), "minmax")
+    verdict = _gate(path)(tmp_path / "q.onnx")
+    assert not verdict["passed"] and verdict["value"] < 0.8
+
+
+def test_node_sensitivity_ranks_the_outlier_consumer_first(onnx_models) -> None:
+    path = onnx_models["sensitive"]
+    ranked = node_sensitivity(path, CALIB, QuantConfig(), "minmax")
+    assert ranked[0][0] == _down_conv(path), ranked[:3]
+    assert ranked[0][1] > 3 * max(abs(s) for _, s in ranked[1:])
+
+
+def _convs(path) -> list[str]:
+    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+
+
+def _up_conv(path) -> str:
+    """The conv that makes the outlier tensor (the first of the pair, after the stem)."""
+    return _convs(path)[1]
+
+
+def _down_conv(path) -> str:
+    """The conv that reads the outlier tensor (the second of the pair)."""
+    return _convs(path)[2]
+
+
+def test_mixed_precision_passes_the_gate_with_the_sensitive_node_in_float(onnx_models, tmp_path) -> None:
+    path, out = onnx_models["sensitive"], tmp_path / "q.onnx"
+    result = quantize_gated(path, out, CALIB, _gate(path), QuantConfig(calibration="minmax"))
+    assert result.precision == "mixed" and result.gate["passed"]
+    assert result.gate["value"] >= 0.9
+    # the consumer of the outlier tensor and its producer (whose output int8 would quantize too), nothing more
+    assert set(result.float_nodes) == {_down_conv(path), _up_conv(path)}
+    assert [a["passed"] for a in result.attempts][0] is False and result.attempts[-1]["passed"]
+    # the file written is that mixed head: the float node reads no dequantized tensor, the others still do
+    q = onnx.load(str(out))
+    made_by = {o: n.op_type for n in q.graph.node for o in n.output}
+    ops = {n.name: [made_by.get(i) for i in n.input] for n in q.graph.node}
+    assert "DequantizeLinear" not in ops[_down_conv(path)]
+    assert sum("DequantizeLinear" in v for v in ops.values()) > 10
+    record = result.record()
+    assert record["precision"] == "mixed" and record["float_nodes"] == list(result.float_nodes)
+    assert record["calibration"] == "minmax" and record["passed"]
+
+
+def test_without_mixed_a_failing_head_is_fp32(onnx_models, tmp_path) -> None:
+    path = onnx_models["sensitive"]
+    result = quantize_gated(path, tmp_path / "q.onnx", CALIB, _gate(path),
+                            QuantConfig(calibration="minmax", mixed=False))
+    assert result.precision == "fp32" and not result.gate["passed"]
+
+
+def test_quant_config_refuses_an_unknown_calibration_method() -> None:
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        QuantConfig(calibration="kl")
+    assert QuantConfig(calibration="auto").methods == ("minmax", "entropy", "percentile")
+    assert QuantConfig(calibration="entropy").methods == ("entropy",)
+
+
+# -- plan.json records --------------------------------------------------------------------------------------
+
+
+def test_cut_verification_reads_the_precision_fields_and_old_plans() -> None:
+    new = CutVerification.from_json({"split": {"passed": True}, "int8": {
+        "metric": "top1_agreement", "value": 0.95, "threshold": 0.9, "passed": True, "samples": 32,
+        "precision": "mixed", "calibration": "entropy", "float_nodes": ["conv_3", "conv_7"], "attempts": []}}, "v")
+    assert new.precision == "mixed" and new.float_nodes == ("conv_3", "conv_7")
+    old_pass = CutVerification.from_json({"split": {}, "int8": {"metric": "top1_agreement", "passed": True}}, "v")
+    old_fail = CutVerification.from_json({"split": {}, "int8": {"metric": "top1_agreement", "passed": False}}, "v")
+    assert (old_pass.precision, old_fail.precision, old_fail.float_nodes) == ("int8", "fp32", ())
+    assert CutVerification.from_json({"split": {}}, "v").precision is None
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"precision": "int4"}, "precision: expected one of"),
+    ({"calibration": "kl"}, "calibration: expected one of"),
+    ({"float_nodes": "conv_3"}, "float_nodes: expected a list"),
+])
+def test_bad_precision_fields_are_refused_by_name(bad, message) -> None:
+    with pytest.raises(BundleError, match=message):
+        CutVerification.from_json({"split": {}, "int8": {"passed": True, **bad}}, "verification.cuts.c1")
+
+
+def test_a_bundle_written_before_mixed_precision_still_loads_and_runs_int8(tmp_path) -> None:
+    from models.manifest import Bundle
+
+    root = make_tiny_bundle(tmp_path / "b")  # its plan.json has no precision fields
+    bundle = Bundle.load(root)
+    gates = {cid: v["int8"] for cid, v in bundle.plan["verification"]["cuts"].items() if v.get("int8")}
+    checks = [CutVerification.from_json({"split": {}, "int8": g}, cid) for cid, g in gates.items()]
+    assert checks and all(v.precision == "int8" and v.float_nodes == () for v in checks)
+    cut = bundle.cut(bundle.chosen)
+    assert cut.edge_head == cut.head_int8
