@@ -44,10 +44,13 @@ def background(rng: np.random.Generator, size: int, noise: float = 0.08) -> np.n
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
-def shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    """Boolean size x size mask of a filled shape centred at (cx, cy) with half-extent r (pixels)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    dx, dy = xx - cx, yy - cy
+def shape_mask(kind: str, cx: float, cy: float, r: float, size: int, origin: tuple[int, int] = (0, 0),
+               extent: tuple[int, int] | None = None) -> np.ndarray:
+    """Boolean mask of a filled shape centred at (cx, cy) with half-extent r (pixels): of the whole size x size
+    image, or of the window at `origin` (y, x) of `extent` (h, w) pixels."""
+    h, w = extent or (size, size)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    dx, dy = xx + origin[1] - cx, yy + origin[0] - cy
     if kind == "circle":
         return np.asarray(dx * dx + dy * dy <= r * r)
     if kind == "square":
@@ -59,12 +62,14 @@ def shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> np.ndarr
 
 
 def draw_shape(img: np.ndarray, kind: str, cx: float, cy: float, r: float,
-               color: Sequence[float]) -> tuple[float, float, float, float]:
+               color: Sequence[float] | np.ndarray) -> tuple[float, float, float, float]:
     """Paint a filled shape onto `img` (3 x H x W, in place); returns its box (x1, y1, x2, y2) in pixels."""
-    mask = shape_mask(kind, cx, cy, r, img.shape[-1])
-    for c in range(3):
-        img[c][mask] = color[c]
     size = img.shape[-1]
+    y0, x0 = max(int(cy - r) - 1, 0), max(int(cx - r) - 1, 0)
+    y1, x1 = min(int(cy + r) + 2, img.shape[-2]), min(int(cx + r) + 2, size)
+    mask = shape_mask(kind, cx, cy, r, size, (y0, x0), (y1 - y0, x1 - x0))
+    for c in range(3):
+        img[c, y0:y1, x0:x1][mask] = color[c]
     return (max(cx - r, 0.0), max(cy - r, 0.0), min(cx + r, float(size)), min(cy + r, float(size)))
 
 
@@ -156,7 +161,7 @@ def cached_weights(name: str, code_hash: str, build: Callable[[], Any], train: C
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.eval()
-        except (OSError, RuntimeError, ValueError) as exc:  # a damaged or foreign file: train again
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many types on a damaged file: train again
             if not quiet:
                 say(f"{name}: cached weights {path} unusable ({exc}); training again")
     if not quiet:
