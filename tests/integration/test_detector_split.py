@@ -34,6 +34,8 @@ from partitioning.graph import build_cut_graph  # noqa: E402
 from tests.pki import device_tls  # noqa: E402
 from tests.unit.test_detect_trained import match  # noqa: E402
 
+pytestmark = pytest.mark.slow  # training (first run only), profiling and int8 export of a detector
+
 POST = zoo_entry("yolo_tiny").postprocess
 assert POST is not None
 CALIBRATION_SEED, CHECK_SEED = 2_000_000, 3_000_000  # neither training nor held-out images

@@ -79,6 +79,7 @@ def test_the_detector_has_three_named_scales_that_export_as_named_onnx_outputs(t
     assert postprocess(got, POST)["count"].tolist() == [0]  # untrained: the class prior keeps scores at ~0.01
 
 
+@pytest.mark.slow  # the first run on a machine trains the detector (about a minute), later ones load the cache
 def test_the_trained_detector_finds_held_out_shapes_and_random_weights_do_not(trained):
     samples = train_detector.held_out(32)
     recall, precision = recall_precision(trained, samples)
@@ -90,3 +91,12 @@ def test_the_trained_detector_finds_held_out_shapes_and_random_weights_do_not(tr
 def test_the_weights_cache_key_is_stable_and_names_the_model():
     assert train_detector.code_hash() == train_detector.code_hash()
     assert len(train_detector.code_hash()) == 16
+
+
+def test_split_profile_of_the_zoo_detector_declares_its_postprocess():
+    from partitioning import profile
+
+    result = profile("yolo_tiny", device="rpi4", cloud="t4", network="4g")
+    model = result.plan_document.model
+    assert model.task == "detection" and model.postprocess == POST
+    assert [o.name for o in model.outputs] == ["p3", "p4", "p5"]
