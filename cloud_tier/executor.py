@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from models.detect import apply_postprocess
 from models.extras import require
-from models.manifest import CLOUD_ONLY, PLAN_FILE, Bundle, BundleError, TensorSpec
+from models.manifest import CLOUD_ONLY, PLAN_FILE, Bundle, BundleError, Postprocess, TensorSpec
 from models.ortopts import ProviderError, make_session
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,16 @@ class ServedTail:
     executor: TailExecutor
     model_sha256: str = ""
     label: str = ""
+    postprocess: Postprocess | None = None  # the bundle's decoding after the tail (a detector's boxes)
 
     @property
     def key(self) -> tuple[str, str]:
         """(model hash, cut): what names this tail on the wire."""
         return (self.model_sha256, self.cut)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The tail's outputs for `feeds`, plus the decoded ones when the bundle declares a postprocess."""
+        return apply_postprocess(self.executor.run(feeds), self.postprocess)
 
 
 class TailLookupError(LookupError):
@@ -148,7 +154,8 @@ class ModelRegistry:
                     raise BundleError(
                         f"{path}: tail inputs {sorted(executor.input_names)} do not match cut {cut_id!r} tensors {want}"
                     )
-                tails[(sha, cut_id)] = ServedTail(name, cut_id, cut.tensors, executor, sha)
+                tails[(sha, cut_id)] = ServedTail(name, cut_id, cut.tensors, executor, sha,
+                                                  postprocess=bundle.postprocess)
                 owners[(sha, cut_id)] = bdir
                 added.append(cut_id)
             log.info("serving %s (model %s) from %s: cuts %s", name, sha[:12], bdir, added)

@@ -90,7 +90,7 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         self._codec_pool = ThreadPoolExecutor(max(2, config.workers), thread_name_prefix="codec")
         self._batchers = {
             t.key: DynamicBatcher(
-                f"{t.label}/{t.cut}", t.executor.run, pool, slots, stats,
+                f"{t.label}/{t.cut}", t.run, pool, slots, stats,
                 max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
             )
             for t in registry.served()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from edge_agent.config import RUNTIMES
+from models.detect import apply_postprocess, detection_specs
 from models.extras import require
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle, TensorSpec
 from models.ortopts import CPU, ProviderError, make_session
@@ -183,6 +184,8 @@ class CutRuntime:
         self.model_name = bundle.model_name
         self.inputs: tuple[TensorSpec, ...] = bundle.inputs
         self.outputs: tuple[TensorSpec, ...] = bundle.outputs
+        self.postprocess = bundle.postprocess  # decoding after the tail: results add its outputs (models.detect)
+        self.results = self.outputs + (detection_specs(self.postprocess) if self.postprocess else ())
         self.tensors: tuple[TensorSpec, ...] = cut.tensors
         self.runtime = cache.options.runtime
         if self.runtime == LITERT:
@@ -214,19 +217,18 @@ class CutRuntime:
         return {t.name: out[t.name] for t in self.tensors}
 
     def run_tail(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The model outputs from the cut tensors, on this device (edge-only: the tensors are the outputs)."""
-        if self.tail is None:
-            return {o.name: tensors[o.name] for o in self.outputs}
-        out = self.tail.run(tensors)
-        return {o.name: out[o.name] for o in self.outputs}
+        """The model outputs from the cut tensors, on this device (edge-only: the tensors are the outputs), plus
+        the decoded ones when the bundle declares a postprocess."""
+        out = tensors if self.tail is None else self.tail.run(tensors)
+        return apply_postprocess({o.name: out[o.name] for o in self.outputs}, self.postprocess)
 
     def check_outputs(self, outputs: Mapping[str, np.ndarray], batch: int | None) -> str | None:
         """Why `outputs` (a cloud reply's) are not this model's outputs for `batch` rows, or None when they are.
 
-        Names must be exactly the model's outputs, dtypes theirs, shapes of their rank with every fixed
-        dimension as recorded and a dynamic first (batch) dimension equal to `batch` (unchecked when None).
+        Names must be exactly the model's outputs (and its postprocess's), dtypes theirs, shapes of their rank with
+        every fixed dimension as recorded and a dynamic first (batch) dimension equal to `batch` (unchecked when None).
         """
-        want = {o.name: o for o in self.outputs}
+        want = {o.name: o for o in self.results}
         if set(outputs) != set(want):
             return f"outputs {sorted(outputs)[:8]}, expected {sorted(want)}"
         for name, spec in want.items():

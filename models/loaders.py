@@ -23,7 +23,7 @@ import numpy as np
 
 from models.dtypes import numpy_dtype
 from models.extras import require
-from models.manifest import TensorSpec, sha256_file
+from models.manifest import Postprocess, TensorSpec, sha256_file
 
 FORMATS = ("zoo", "torchscript", "torch.export", "onnx", "pickle")
 _EXPECTED = "expected ONNX, TorchScript (torch.jit.save), torch.export (.pt2) or a zoo model name"
@@ -48,7 +48,8 @@ class LoadedModel:
     onnx_path: Path
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    task: str  # "classification" | "segmentation" | "other"
+    task: str  # "classification" | "segmentation" | "detection" | "other"
+    postprocess: Postprocess | None = None  # decoding after the tail (zoo detectors): plan.json model.postprocess
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,7 @@ def _load_zoo(name: str, workdir: Path, input_shape: tuple[int, ...] | None,
     _wrap(lambda: to_onnx(model, (example,), out), f"zoo model {name}")
     inputs, outputs = _describe(out, out)
     return LoadedModel(name=name, source=name, format="zoo", sha256=sha256_file(out), onnx_path=out,
-                       inputs=inputs, outputs=outputs, task=entry.task)
+                       inputs=inputs, outputs=outputs, task=entry.task, postprocess=entry.postprocess)
 
 
 def _convert_onnx(path: Path, out: Path, input_shape: tuple[int, ...] | None, named: Mapping[str | None, InputHint],

@@ -49,6 +49,7 @@ from models.plandoc import (
     NetworkRecord,
     PlanDocument,
     PlanRow,
+    Postprocess,
     Power,
     Rankable,
     Refinement,
@@ -64,7 +65,7 @@ __all__ = ["PLAN_SCHEMA", "PLAN_FILE", "EDGE_ONLY", "CLOUD_ONLY", "BASELINES", "
            "OBJECTIVE_FIELDS", "Rankable", "rank_key", "BundleError", "TensorSpec", "sha256_file", "ModelRecord",
            "Power", "SideRecord", "NetworkRecord", "BudgetsRecord", "CandidateRecord", "PlanRow", "TieBreak",
            "Refinement", "Calibration", "ArtifactEntry", "CutFiles", "Artifacts", "CutVerification", "Verification",
-           "PlanDocument", "CutArtifacts", "artifact_entry", "inside_bundle", "Bundle"]
+           "PlanDocument", "Postprocess", "CutArtifacts", "artifact_entry", "inside_bundle", "Bundle"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,10 @@ class Bundle:
         self.root = root
         self.plan = plan  # plan.json as read (bundles made by hand may hold only what the agent needs)
         self.artifacts = Artifacts.from_json(plan["artifacts"])
+        post = plan.get("model", {}).get("postprocess")
+        self.postprocess = None if post is None else Postprocess.from_json(post)  # decoding after the tail
+        if self.postprocess is not None:
+            self.postprocess.check_outputs(t.name for t in self.outputs)
 
     @property
     def document(self) -> PlanDocument:

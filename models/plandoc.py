@@ -126,6 +126,88 @@ class UncostedNodes:
             raise BundleError(f"model.uncosted_nodes: expected {{count, examples}}, got {obj!r}") from exc
 
 
+POSTPROCESS_KINDS = ("yolo",)
+# The outputs a "yolo" postprocess adds to the model's (models.detect writes them)
+DETECTION_OUTPUTS = ("boxes", "scores", "classes", "count")
+
+
+@dataclass(frozen=True)
+class Postprocess:
+    """plan.json `model.postprocess`: decoding that runs after the tail, on the side that finishes a request.
+
+    kind "yolo" (models.detect): `outputs` name the raw multi-scale maps (N x (4 + num_classes) x H x W), one per
+    stride in `strides`; boxes are decoded, thresholded at `conf`, class-aware NMS at `iou`, and padded to
+    `max_det`. The result adds `boxes`, `scores`, `classes`, `count` to the model's outputs.
+    """
+
+    kind: str
+    strides: tuple[int, ...]
+    outputs: tuple[str, ...]
+    num_classes: int
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 100
+
+    def __post_init__(self) -> None:
+        where = "model.postprocess"
+        if self.kind not in POSTPROCESS_KINDS:
+            raise BundleError(f"{where}.kind: {self.kind!r} is not one of {list(POSTPROCESS_KINDS)}")
+        if not self.strides or any(s <= 0 for s in self.strides):
+            raise BundleError(f"{where}.strides: expected positive integers, got {list(self.strides)}")
+        if len(self.outputs) != len(self.strides) or len(set(self.outputs)) != len(self.outputs):
+            raise BundleError(f"{where}.outputs: expected {len(self.strides)} distinct output names (one per "
+                              f"stride), got {list(self.outputs)}")
+        clash = sorted(set(self.outputs) & set(DETECTION_OUTPUTS))
+        if clash:
+            raise BundleError(f"{where}.outputs: {clash} is a name the decoded detections take; rename the output")
+        if self.num_classes < 1:
+            raise BundleError(f"{where}.num_classes: expected >= 1, got {self.num_classes}")
+        if not (0.0 <= self.conf <= 1.0 and 0.0 < self.iou <= 1.0):
+            raise BundleError(f"{where}: conf must be in [0, 1] and iou in (0, 1], got conf {self.conf} iou {self.iou}")
+        if not 1 <= self.max_det <= 100_000:
+            raise BundleError(f"{where}.max_det: expected 1..100000, got {self.max_det}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan.json form."""
+        return {"kind": self.kind, "strides": list(self.strides), "outputs": list(self.outputs),
+                "num_classes": self.num_classes, "conf": self.conf, "iou": self.iou, "max_det": self.max_det}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Postprocess:
+        """Parse the plan.json form; BundleError naming the field that does not fit."""
+        kw = _fields(cls, obj, "model.postprocess", ("kind", "strides", "outputs", "num_classes"))
+        unknown = sorted(set(obj) - set(kw))
+        if unknown:
+            raise BundleError(f"model.postprocess: unknown keys {unknown}")
+        for key in ("strides", "outputs"):
+            if not isinstance(kw[key], list):
+                raise BundleError(f"model.postprocess.{key}: expected a list, got {kw[key]!r}")
+        try:
+            return cls(kind=str(kw["kind"]), strides=tuple(_int(s) for s in kw["strides"]),
+                       outputs=tuple(str(o) for o in kw["outputs"]), num_classes=_int(kw["num_classes"]),
+                       conf=float(kw.get("conf", 0.25)), iou=float(kw.get("iou", 0.45)),
+                       max_det=_int(kw.get("max_det", 100)))
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"model.postprocess: {exc}") from exc
+
+    def check_outputs(self, names: Iterable[str]) -> None:
+        """BundleError unless every raw output it decodes is among the model outputs `names`, and none of the
+        model's outputs already takes a decoded output's name."""
+        have = set(names)
+        missing = [o for o in self.outputs if o not in have]
+        if missing:
+            raise BundleError(f"model.postprocess.outputs: {missing} are not model outputs (it has {sorted(have)})")
+        clash = sorted(have & set(DETECTION_OUTPUTS))
+        if clash:
+            raise BundleError(f"model.postprocess: model outputs {clash} clash with the decoded detections' names")
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, str)) or int(v) != float(v):
+        raise ValueError(f"expected an integer, got {v!r}")
+    return int(v)
+
+
 @dataclass(frozen=True)
 class ModelRecord:
     """plan.json `model`: what was planned, where it came from, its inputs and outputs."""
@@ -141,24 +223,31 @@ class ModelRecord:
     nodes: int
     # nodes costed without knowing their work (estimated costs only); absent from older plan.json files
     uncosted_nodes: UncostedNodes | None = None
+    # decoding after the tail (a detector's boxes); absent: the outputs are the model's own
+    postprocess: Postprocess | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The plan.json form."""
-        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "uncosted_nodes"}
+        optional = ("uncosted_nodes", "postprocess")
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in optional}
         doc.update(inputs=[s.to_json() for s in self.inputs], outputs=[s.to_json() for s in self.outputs])
-        if self.uncosted_nodes is not None:
-            doc["uncosted_nodes"] = self.uncosted_nodes.to_json()
+        for key in optional:
+            if getattr(self, key) is not None:
+                doc[key] = getattr(self, key).to_json()
         return doc
 
     @classmethod
     def from_json(cls, obj: Any) -> ModelRecord:
         """Parse the plan.json form."""
-        required = tuple(f.name for f in dataclasses.fields(cls) if f.name != "uncosted_nodes")
+        required = tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("uncosted_nodes", "postprocess"))
         kw = _fields(cls, obj, "model", required)
         kw["inputs"] = tuple(TensorSpec.from_json(t, "model.inputs") for t in kw["inputs"])
         kw["outputs"] = tuple(TensorSpec.from_json(t, "model.outputs") for t in kw["outputs"])
         if kw.get("uncosted_nodes") is not None:
             kw["uncosted_nodes"] = UncostedNodes.from_json(kw["uncosted_nodes"])
+        if kw.get("postprocess") is not None:
+            kw["postprocess"] = Postprocess.from_json(kw["postprocess"])
+            kw["postprocess"].check_outputs(t.name for t in kw["outputs"])
         return cls(**kw)
 
 

@@ -10,7 +10,9 @@ gives the same weights (and the same full.onnx sha256) everywhere.
 
 Default input shapes (batch 1) were chosen so one forward pass is well under ~50 ms on one CPU core:
 tiny_cnn 3x32x32, resnet18 / mobilenet_v2 3x224x224 (ImageNet, 1000 classes), vgg11 / vit_tiny 3x64x64
-(Tiny-ImageNet size, 200 classes, VGG channel widths / 4), unet_small 3x128x128 (8-class per-pixel map).
+(Tiny-ImageNet size, 200 classes, VGG channel widths / 4), unet_small 3x128x128 (8-class per-pixel map),
+yolo_tiny 3x128x128 (a YOLOv8-style detector, 3 classes: outputs `p3`, `p4`, `p5`; its entry's `postprocess`
+says how models.detect decodes them; models.train_detector trains it on procedural shapes).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from models.extras import require
+from models.plandoc import Postprocess
 
 try:  # the architectures below need torch; names and entries do not
     import torch
@@ -34,8 +37,9 @@ class ZooEntry:
 
     name: str
     input_shape: tuple[int, ...]
-    task: str  # "classification" | "segmentation"
+    task: str  # "classification" | "segmentation" | "detection"
     description: str
+    postprocess: Postprocess | None = None  # plan.json model.postprocess of its bundles (detectors)
 
 
 _ENTRIES: dict[str, ZooEntry] = {
@@ -56,6 +60,10 @@ _ENTRIES: dict[str, ZooEntry] = {
         ZooEntry("shapes_mobilenet", (1, 3, 32, 32), "classification",
                  "MobileNetV2-style, 6 classes, TRAINED here on procedural shapes and textures (models.train; "
                  "the first build trains ~30 s on one core, then the weights are cached)"),
+        ZooEntry("yolo_tiny", (1, 3, 128, 128), "detection",
+                 "YOLOv8-style detector: C2f backbone, SPPF, PAN neck, anchor-free heads at strides 8/16/32 "
+                 "(outputs p3, p4, p5), 3 classes",
+                 Postprocess("yolo", (8, 16, 32), ("p3", "p4", "p5"), num_classes=3)),
     )
 }
 _SEEDS = {name: 1000 + i for i, name in enumerate(_ENTRIES)}  # fixed per model, independent of call order
@@ -123,6 +131,7 @@ def _builders() -> dict[str, Callable[[], Any]]:
         "vgg11": VGG11,
         "vit_tiny": ViTTiny,
         "unet_small": UNetSmall,
+        "yolo_tiny": YoloTiny,
     }
 
 
@@ -347,3 +356,96 @@ if torch is not None:
             for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
                 x = dec(torch.cat([up(x), skip], dim=1))
             return self.head(x)
+
+    # -- YOLO-class detector (YOLOv8's layout, small): Conv-BN-SiLU, C2f blocks, SPPF, PAN neck, decoupled heads --
+
+    class _ConvSiLU(nn.Sequential):
+        def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1):
+            super().__init__(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
+
+    class _Bottleneck(nn.Module):
+        def __init__(self, c: int, shortcut: bool):
+            super().__init__()
+            self.cv1, self.cv2 = _ConvSiLU(c, c), _ConvSiLU(c, c)
+            self.add = shortcut
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.cv2(self.cv1(x))
+            return x + y if self.add else y
+
+    class _C2f(nn.Module):
+        """YOLOv8's CSP block: 1x1 conv, split in two, n bottlenecks on one half, concat every stage, 1x1 conv."""
+
+        def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = True):
+            super().__init__()
+            self.c = cout // 2
+            self.cv1 = _ConvSiLU(cin, 2 * self.c, 1)
+            self.m = nn.ModuleList(_Bottleneck(self.c, shortcut) for _ in range(n))
+            self.cv2 = _ConvSiLU((2 + n) * self.c, cout, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = list(self.cv1(x).chunk(2, 1))
+            for m in self.m:
+                y.append(m(y[-1]))
+            return self.cv2(torch.cat(y, 1))
+
+    class _SPPF(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            self.cv1, self.cv2 = _ConvSiLU(c, c // 2, 1), _ConvSiLU(c // 2 * 4, c, 1)
+            self.pool = nn.MaxPool2d(5, 1, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = [self.cv1(x)]
+            for _ in range(3):
+                y.append(self.pool(y[-1]))
+            return self.cv2(torch.cat(y, 1))
+
+    class _DetectHead(nn.Module):
+        """One scale's decoupled head: a box branch (4 ltrb distances) and a class branch, concatenated."""
+
+        def __init__(self, cin: int, num_classes: int, hidden: int = 16):
+            super().__init__()
+            self.box = nn.Sequential(_ConvSiLU(cin, hidden), _ConvSiLU(hidden, hidden), nn.Conv2d(hidden, 4, 1))
+            self.cls = nn.Sequential(_ConvSiLU(cin, hidden), _ConvSiLU(hidden, hidden),
+                                     nn.Conv2d(hidden, num_classes, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.box(x), self.cls(x)], 1)
+
+    class YoloTiny(nn.Module):
+        """A small YOLOv8-style detector: strides 8/16/32, outputs {p3, p4, p5}, each N x (4 + C) x H x W
+        (raw ltrb distances and class logits; models.detect decodes them)."""
+
+        STRIDES = (8, 16, 32)
+
+        def __init__(self, num_classes: int = 3, widths: tuple[int, int, int, int] = (8, 16, 32, 64)):
+            super().__init__()
+            w1, w2, w3, w4 = widths
+            self.stem = nn.Sequential(_ConvSiLU(3, w1, 3, 2), _ConvSiLU(w1, w2, 3, 2), _C2f(w2, w2))  # /4
+            self.stage3 = nn.Sequential(_ConvSiLU(w2, w3, 3, 2), _C2f(w3, w3))  # /8
+            self.stage4 = nn.Sequential(_ConvSiLU(w3, w4, 3, 2), _C2f(w4, w4))  # /16
+            self.stage5 = nn.Sequential(_ConvSiLU(w4, w4, 3, 2), _C2f(w4, w4), _SPPF(w4))  # /32
+            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+            self.top4 = _C2f(w4 + w4, w4, shortcut=False)  # FPN: P5 up + P4
+            self.top3 = _C2f(w4 + w3, w3, shortcut=False)  # FPN: N4 up + P3 -> out3
+            self.down3 = _ConvSiLU(w3, w3, 3, 2)
+            self.bottom4 = _C2f(w3 + w4, w4, shortcut=False)  # PAN: out3 down + N4 -> out4
+            self.down4 = _ConvSiLU(w4, w4, 3, 2)
+            self.bottom5 = _C2f(w4 + w4, w4, shortcut=False)  # PAN: out4 down + P5 -> out5
+            self.heads = nn.ModuleList([_DetectHead(w3, num_classes), _DetectHead(w4, num_classes),
+                                        _DetectHead(w4, num_classes)])
+            _init_cnn(self)
+            for head in self.heads:  # YOLOv8's bias prior: few objects per cell before training
+                cls_out = cast(nn.Conv2d, cast(_DetectHead, head).cls[-1])
+                nn.init.constant_(cast(torch.Tensor, cls_out.bias), -4.6)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            p3 = self.stage3(self.stem(x))
+            p4 = self.stage4(p3)
+            p5 = self.stage5(p4)
+            n4 = self.top4(torch.cat([self.up(p5), p4], 1))
+            out3 = self.top3(torch.cat([self.up(n4), p3], 1))
+            out4 = self.bottom4(torch.cat([self.down3(out3), n4], 1))
+            out5 = self.bottom5(torch.cat([self.down4(out4), p5], 1))
+            return {name: head(f) for name, head, f in zip(("p3", "p4", "p5"), self.heads, (out3, out4, out5))}

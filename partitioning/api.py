@@ -205,7 +205,7 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
                                   opts.measure_seconds, opts.threads, opts.cloud_measure_threads, say)
             plan, refined = (refiner or Refiner()).refine(plan, target, opts.refine)
         model_rec = ModelRecord(loaded.name, loaded.source, loaded.format, loaded.sha256, onnx_sha, loaded.task,
-                                loaded.inputs, loaded.outputs, len(graph.nodes), uncosted)
+                                loaded.inputs, loaded.outputs, len(graph.nodes), uncosted, loaded.postprocess)
         document = plan_document(plan, model_rec, device_rec, cloud_rec, net, opts.codec, refined)
         result = ProfileResult(plan, document, None, tuple(notes))
         if not plan.feasible:

@@ -28,7 +28,7 @@ def test_zoo_lists_the_required_models_with_sane_entries():
         entry = zoo_entry(name)
         assert entry.name == name
         assert entry.input_shape[0] == 1 and all(d > 0 for d in entry.input_shape)
-        assert entry.task in ("classification", "segmentation")
+        assert entry.task in ("classification", "segmentation", "detection")
         assert entry.description
     assert zoo_entry("unet_small").task == "segmentation"
     assert zoo_entry("tiny_cnn").input_shape == (1, 3, 32, 32)
