@@ -54,6 +54,17 @@ def _count_positive(text: str) -> int:
     return value
 
 
+def _codec(text: str) -> str:
+    from models.plandoc import split_codec_spec
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    parts = split_codec_spec(text)
+    if parts is None:
+        raise argparse.ArgumentTypeError(f"expected auto or a codec like int8+zstd, got {text!r}")
+    return parts[0] if parts[1] == "none" else "+".join(parts)
+
+
 def _shape(text: str) -> tuple[Any, ...]:
     """`--input-shape`: a plain shape (a tuple of ints) or per-input hints (a tuple of InputHint)."""
     from models.loaders import ModelLoadError, parse_input_hints
@@ -90,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-memory-mb", type=_positive, help="head weights plus peak activations")
     p.add_argument("--max-energy-mj", type=_positive, help="device power model plus radio energy per byte")
     p.add_argument("--objective", choices=OBJECTIVES, default="latency")
-    p.add_argument("--codec", choices=CODECS, default="int8",
-                   help="how cut activations travel (default int8)")
+    p.add_argument("--codec", type=_codec, default="auto",
+                   help="how cut activations travel: auto (default: each cut costed under fp32, fp16, int8 and int8c, "
+                        "with and without lz4/zstd, and sent with the best that passes the accuracy gate) or one "
+                        "codec for every cut, " + "|".join(CODECS) + "[+lz4|+zstd]")
     p.add_argument("--out", type=Path, help="write the bundle here (plan.json, head/int8 head/tail/full .onnx)")
     p.add_argument("--calibration", type=Path, help="folder of .npy (or .npz) inputs to calibrate the int8 heads")
     p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
