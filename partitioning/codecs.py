@@ -51,16 +51,17 @@ class CodecProfile:
 
 
 def _fit(sizes: Sequence[int], times: Sequence[float]) -> CodecRate:
-    """Least squares ms = fixed + per_mb * MB over the tensors, both terms kept >= 0."""
+    """Least squares ms = fixed + per_mb * MB over the tensors; where that makes a term negative (small tensors,
+    whose times are mostly fixed cost, and noise), fixed = the least time and per_mb through the rest."""
     x = np.asarray(sizes, np.float64) / 1e6
     y = np.asarray(times, np.float64)
     if len(x) >= 2 and np.ptp(x) > 0:
         slope, fixed = np.polyfit(x, y, 1)
         if slope >= 0 and fixed >= 0:
             return CodecRate(float(fixed), float(slope))
-        if slope >= 0:  # through the origin
-            return CodecRate(0.0, float((x @ y) / (x @ x)))
-    return CodecRate(float(np.median(y)), 0.0) if x.sum() == 0 else CodecRate(0.0, float(y.sum() / x.sum()))
+    fixed = float(y.min())
+    slope = float(x @ (y - fixed) / (x @ x)) if x @ x > 0 else 0.0
+    return CodecRate(fixed, max(slope, 0.0))
 
 
 def _time_codec(arr: np.ndarray, spec: str) -> tuple[float, float, int, int]:
