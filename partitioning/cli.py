@@ -180,7 +180,7 @@ def format_table(doc: PlanDocument | Mapping[str, Any], top: int = 5) -> str:
     rows = sorted(shown.values(), key=lambda c: rank_key(c, doc.budgets.objective))
     timed = any(c.measured for c in rows)  # a column only when --refine timed some of these rows
     head = (f"{'':1} {'cut':<11} {'tensors':<34} {'edge ms':>8} {'xfer KB':>8} {'xfer ms':>8} {'cloud ms':>8} "
-            f"{'total ms':>9} {'mem MB':>7} {'mJ':>7}  ok")
+            f"{'total ms':>9} {'mem MB':>7} {'mJ':>7}  {'codec':<10} {'codec ms':>8}  ok")  # codec ms: enc + dec
     head += "   timed" if timed else ""
     lines = [head, "-" * len(head)]
     for c in rows:
@@ -188,7 +188,8 @@ def format_table(doc: PlanDocument | Mapping[str, Any], top: int = 5) -> str:
         lines.append(
             f"{mark} {c.id:<11} {_fmt_cut(c.cut):<34} {c.edge_ms:8.2f} {c.transfer_bytes / 1024:8.1f} "
             f"{c.transfer_ms:8.2f} {c.cloud_ms:8.2f} {c.total_ms:9.2f} {c.edge_memory_bytes / 2**20:7.2f} "
-            f"{c.energy_mj:7.1f}  {'yes' if c.feasible else 'NO':<3}"
+            f"{c.energy_mj:7.1f}  {c.codec or '-':<10} {c.encode_ms + c.decode_ms:8.2f}  "
+            f"{'yes' if c.feasible else 'NO':<3}"
             + (f"  {'yes' if c.measured else '':>5}" if timed else "")
         )
     lines = [line.rstrip() for line in lines]
@@ -223,13 +224,15 @@ def _summary(doc: PlanDocument, bundle: Path | None) -> str:
         f"device   {doc.device.name}: {doc.device.kind} — {doc.device.source}",
         f"cloud    {doc.cloud.name}: {doc.cloud.kind} — {doc.cloud.source}",
         f"network  {net.name}: up {net.uplink_mbps:g} Mbps, down {net.downlink_mbps:g} Mbps, rtt {net.rtt_ms:g} ms",
-        f"objective {doc.budgets.objective}; {len(doc.candidates)} candidate cuts; codec {doc.codec}",
+        f"objective {doc.budgets.objective}; {len(doc.candidates)} candidate cuts; codec {doc.codec} "
+        "(the chosen cut's; each cut's in the table)",
         "",
         format_table(doc),
         "",
         f"chosen: {doc.chosen}  (* above)",
         *filter(None, [_refine_note(doc)]),
-        "plan table (uplink Mbps -> cut): " + ", ".join(f"{r.uplink_mbps:g}->{r.cut}" for r in doc.plan_table),
+        "plan table (uplink Mbps -> cut [codec]): " + ", ".join(
+            f"{r.uplink_mbps:g}->{r.cut}" + (f" [{r.codec}]" if r.codec else "") for r in doc.plan_table),
     ]
     ver = doc.verification
     if ver:
