@@ -24,6 +24,10 @@ INVALID_ARGUMENT, FAILED_PRECONDITION and OUT_OF_RANGE are about that request's 
 SPLIT; any other code (NOT_FOUND: the cloud does not serve this cut, RESOURCE_EXHAUSTED, UNAVAILABLE,
 INTERNAL, ...) says the cloud cannot serve us now, so the agent goes LOCAL and probes before coming back.
 
+Codec: with config codec "auto" (the default) each cut's tensors are sent with the plan's codec for that cut
+(plan.json candidates[].codec; when the cut is switched to by the plan table, that row's codec at the current
+uplink estimate); a plan without codecs means int8. A codec named in the config is used for every cut.
+
 Bandwidth: every cloud round trip and probe feeds `self.bandwidth` (edge_agent/bandwidth.py); with
 `[adaptive] enabled` an AdaptiveCut thread switches the cut by that estimate and the bundle's plan table.
 
