@@ -8,8 +8,8 @@ abs / max |reference|), and top-1 agreement for classifiers. Times are medians o
 images: int8 error on real data differs (usually smaller, activations of real images are less spread).
 
 Predicted vs measured: `pred enc` / `pred dec` are what the planner charges for this cut's tensors
-(partitioning.codecs: every codec timed on the full model's activations for the first input, fitted as fixed +
-per MB, the rates split-profile uses for `--device local`); `enc err` / `dec err` are (predicted - measured) /
+(partitioning.codecs: every codec timed on each of the full model's activations for the first input, the
+figures split-profile uses for `--device local`); `enc err` / `dec err` are (predicted - measured) /
 measured against the medians above. Noise floor: the same medians taken over the odd and over the even runs
 of the same loop (two timings of the same thing in one run); the footer gives its median over codecs.
 
@@ -96,8 +96,9 @@ def measure_model(bundle_path: Path, samples: int, repeats: int) -> tuple[str, l
         size = median(sizes)
         fp32_bytes = fp32_bytes or size
         enc, dec = median(enc_t), median(dec_t)
-        pred_enc = sum(rates.encode[spec_name].ms(a.nbytes) for a in acts[0].values())
-        pred_dec = sum(rates.decode[spec_name].ms(a.nbytes) for a in acts[0].values())
+        timed_enc, timed_dec = rates.tensor_encode.get(spec_name, {}), rates.tensor_decode.get(spec_name, {})
+        pred_enc = sum(timed_enc.get(k, rates.encode[spec_name].ms(a.nbytes)) for k, a in acts[0].items())
+        pred_dec = sum(timed_dec.get(k, rates.decode[spec_name].ms(a.nbytes)) for k, a in acts[0].items())
         noise += [abs(median(t[0::2]) - median(t[1::2])) / median(t) for t in (enc_t, dec_t) if median(t) > 0]
         rows.append([bundle.model_name, cut, spec_name, int(size), fp32_bytes / size, size * 8 / (FOUR_G_MBPS * 1e3),
                      enc, dec, pred_enc, pred_dec, _error(pred_enc, enc), _error(pred_dec, dec),

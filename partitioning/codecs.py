@@ -18,7 +18,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class CodecProfile:
     ratios: Mapping[str, Mapping[str, float]]  # compressed spec -> tensor -> compressed / uncompressed bytes
     memory_gbps: float  # this host's rate of the fp32 codec (a copy): what `device_scale` compares
     source: str
+    # spec -> tensor -> ms as timed on that tensor (the planner's figure for it; the fit serves the others)
+    tensor_encode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    tensor_decode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The rates as a device profile saves them (ratios depend on the data, not the device: not saved)."""
@@ -89,6 +92,8 @@ def measure_codecs(arrays: Mapping[str, np.ndarray], specs: Sequence[str] = CODE
     encode: dict[str, CodecRate] = {}
     decode: dict[str, CodecRate] = {}
     ratios: dict[str, dict[str, float]] = {}
+    tensor_enc: dict[str, dict[str, float]] = {}
+    tensor_dec: dict[str, dict[str, float]] = {}
     items = [(name, np.ascontiguousarray(a)) for name, a in arrays.items() if a.size]
     if not items:
         raise ValueError("measure_codecs: no non-empty arrays to measure the codecs on")
@@ -104,6 +109,8 @@ def measure_codecs(arrays: Mapping[str, np.ndarray], specs: Sequence[str] = CODE
             sizes.append(arr.nbytes)
             enc_ms.append(enc)
             dec_ms.append(dec)
+            tensor_enc.setdefault(spec, {})[name] = enc
+            tensor_dec.setdefault(spec, {})[name] = dec
             if compression != "none":
                 ratios.setdefault(spec, {})[name] = wire / raw if raw else 1.0
         encode[spec], decode[spec] = _fit(sizes, enc_ms), _fit(sizes, dec_ms)
@@ -111,8 +118,9 @@ def measure_codecs(arrays: Mapping[str, np.ndarray], specs: Sequence[str] = CODE
     gbps = 1.0 / copy.ms_per_mb if copy is not None and copy.ms_per_mb > 0 else float("nan")
     total = sum(a.nbytes for _, a in items)
     source = (f"codecs timed on this host on {len(items)} tensors of the model ({total / 1e6:.1f} MB at batch 1), "
-              "each twice (faster kept), fitted as fixed + per MB; compression ratios per tensor as measured")
-    return CodecProfile(encode, decode, ratios, gbps, source)
+              "each twice (faster kept): those times for those tensors, fitted as fixed + per MB for others; "
+              "compression ratios per tensor as measured")
+    return CodecProfile(encode, decode, ratios, gbps, source, tensor_enc, tensor_dec)
 
 
 def device_scale(host_gbps: float | None, device_gbps: float | None) -> float:
@@ -131,7 +139,10 @@ def codec_costs(profile: CodecProfile, edge_scale: float = 1.0, cloud_scale: flo
     dec = {s: r.scaled(cloud_scale) for s, r in profile.decode.items()}
     how = "measured on the device" if encode else f"this host's x {edge_scale:.2f}"
     source = f"{profile.source}; device encode {how}; cloud decode this host's x {cloud_scale:.2f}"
-    return CodecCosts(enc, dec, profile.ratios, {}, source)
+    tensor_enc = {} if encode else {s: {t: ms * edge_scale for t, ms in per.items()}
+                                    for s, per in profile.tensor_encode.items()}
+    tensor_dec = {s: {t: ms * cloud_scale for t, ms in per.items()} for s, per in profile.tensor_decode.items()}
+    return CodecCosts(enc, dec, profile.ratios, {}, source, tensor_enc, tensor_dec)
 
 
 class CodecGate:

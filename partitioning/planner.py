@@ -18,9 +18,10 @@ model inputs), is costed under every codec the planner was given, and the one th
 (objective, then latency, then bytes) is the candidate's; the plan table chooses again at each rate. wire_k is
 exact for a codec without compression (numel x bytes per element, plus one scale and zero point per channel
 for int8c) and the measured ratio of the compressed to the uncompressed payload on representative
-activations otherwise; enc_k and dec_k are per-tensor rates measured on the side that runs them. A codec the
-accuracy gate rejected for a cut is not costed for it. Without `CodecCosts` every cut is sent with
-`CostInputs.codec` at no encode or decode cost (the one-codec model of earlier plans).
+activations otherwise; enc_k and dec_k are times measured for the side that runs them, on that tensor where
+it was timed, else fixed + per MB. A codec the accuracy gate rejected for a cut is not costed for it. Without
+`CodecCosts` every cut is sent with `CostInputs.codec` at no encode or decode cost (the one-codec model of
+earlier plans).
 
 The boundary terms (0 for the baselines, and when a side has no `BoundaryRates`) are what the per-node sums,
 taken in one full-model run, miss when the model is cut; with a side's launch cost l and memory rate g:
@@ -142,6 +143,9 @@ class CodecCosts:
     ratios: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     denied: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # cut id -> spec -> why
     source: str = ""
+    # spec -> tensor -> ms timed on that very tensor (each side's), used in place of the rate where present
+    tensor_encode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    tensor_decode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for spec in self.encode:
@@ -310,8 +314,10 @@ def _codec_options(graph: CutGraph, cut: Sequence[str], costs: CostInputs, cut_i
             continue
         dec, ratios = codecs.decode[spec], codecs.ratios.get(spec, {})
         up = MSG_OVERHEAD_BYTES + sum(wire_bytes(graph, t, spec, ratios.get(t, 1.0)) for t in cut)
-        sizes = [graph.tensors[t].nbytes for t in cut]
-        options.append(CodecOption(spec, up, sum(enc.ms(n) for n in sizes), sum(dec.ms(n) for n in sizes)))
+        timed_enc, timed_dec = codecs.tensor_encode.get(spec, {}), codecs.tensor_decode.get(spec, {})
+        enc_ms = sum(timed_enc.get(t, enc.ms(graph.tensors[t].nbytes)) for t in cut)
+        dec_ms = sum(timed_dec.get(t, dec.ms(graph.tensors[t].nbytes)) for t in cut)
+        options.append(CodecOption(spec, up, enc_ms, dec_ms))
     if not options:  # every lossy codec rejected and fp32 not offered: raw floats always pass
         options.append(CodecOption("fp32", MSG_OVERHEAD_BYTES + sum(wire_bytes(graph, t, "fp32") for t in cut)))
     return tuple(options), dict(denied)

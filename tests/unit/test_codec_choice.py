@@ -197,3 +197,15 @@ def test_bundle_codec_for_prefers_the_rows_codec_at_that_rate():
     assert bundle.codec_for(CLOUD_ONLY, 200.0) == "fp16" and bundle.codec_for(CLOUD_ONLY, 1.0) == "int8c+zstd"
     assert bundle.codec_for(CLOUD_ONLY, 20.0) == "int8c+zstd"  # that row names another cut: the candidate's
     assert bundle.codec_for(EDGE_ONLY) is None and bundle.codec_for("nope") is None
+
+
+def test_a_tensors_own_timing_replaces_the_fitted_rate():
+    graph = chain()
+    timed = codec_costs(tensor_encode={"int8+zstd": {"x": 7.0}}, tensor_decode={"int8+zstd": {"x": 3.0}})
+    c = CostInputs(edge_ms={"n1": 50.0, "n2": 50.0}, cloud_ms={"n1": 0.5, "n2": 0.5}, codecs=timed)
+    cand = evaluate_cut(graph, frozenset(), c, Link(1.0, 10.0, 1.0), Budgets(), CLOUD_ONLY)
+    options = {o.codec: o for o, _, _ in cand.codec_options}
+    assert (options["int8+zstd"].encode_ms, options["int8+zstd"].decode_ms) == (7.0, 3.0)
+    assert options["int8"].encode_ms == pytest.approx(RATES["int8"].ms(80_000))  # not timed on x: the rate
+    profile = measure_codecs({"a": np.ones((1, 2, 8, 8), np.float32)}, ("int8",))
+    assert set(profile.tensor_encode["int8"]) == set(profile.tensor_decode["int8"]) == {"a"}
