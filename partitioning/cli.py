@@ -56,6 +56,17 @@ def _count_positive(text: str) -> int:
     return value
 
 
+def _codec(text: str) -> str:
+    from models.plandoc import split_codec_spec
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    parts = split_codec_spec(text)
+    if parts is None:
+        raise argparse.ArgumentTypeError(f"expected auto or a codec like int8+zstd, got {text!r}")
+    return parts[0] if parts[1] == "none" else "+".join(parts)
+
+
 def _shape(text: str) -> tuple[Any, ...]:
     """`--input-shape`: a plain shape (a tuple of ints) or per-input hints (a tuple of InputHint)."""
     from models.loaders import ModelLoadError, parse_input_hints
@@ -95,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-memory-mb", type=_positive, help="head weights plus peak activations")
     p.add_argument("--max-energy-mj", type=_positive, help="device power model plus radio energy per byte")
     p.add_argument("--objective", choices=OBJECTIVES, default="latency")
-    p.add_argument("--codec", choices=CODECS, default="int8",
-                   help="how cut activations travel (default int8)")
+    p.add_argument("--codec", type=_codec, default="auto",
+                   help="how cut activations travel: auto (default: each cut costed under fp32, fp16, int8 and int8c, "
+                        "with and without lz4/zstd, and sent with the best that passes the accuracy gate) or one "
+                        "codec for every cut, " + "|".join(CODECS) + "[+lz4|+zstd]")
     p.add_argument("--out", type=Path, help="write the bundle here (plan.json, head/int8 head/tail/full .onnx)")
     p.add_argument("--calibration", type=Path, help="folder of .npy (or .npz) inputs to calibrate the int8 heads")
     p.add_argument("--calibration-method", choices=CALIBRATION_CHOICES, default="auto",
@@ -237,7 +250,7 @@ def format_table(doc: PlanDocument | Mapping[str, Any], top: int = 5) -> str:
     rows = sorted(shown.values(), key=lambda c: rank_key(c, doc.budgets.objective))
     timed = any(c.measured for c in rows)  # a column only when --refine timed some of these rows
     head = (f"{'':1} {'cut':<11} {'tensors':<34} {'edge ms':>8} {'xfer KB':>8} {'xfer ms':>8} {'cloud ms':>8} "
-            f"{'total ms':>9} {'mem MB':>7} {'mJ':>7}  ok")
+            f"{'total ms':>9} {'mem MB':>7} {'mJ':>7}  {'codec':<10} {'codec ms':>8}  ok")  # codec ms: enc + dec
     head += "   timed" if timed else ""
     lines = [head, "-" * len(head)]
     for c in rows:
@@ -245,7 +258,8 @@ def format_table(doc: PlanDocument | Mapping[str, Any], top: int = 5) -> str:
         lines.append(
             f"{mark} {c.id:<11} {_fmt_cut(c.cut):<34} {c.edge_ms:8.2f} {c.transfer_bytes / 1024:8.1f} "
             f"{c.transfer_ms:8.2f} {c.cloud_ms:8.2f} {c.total_ms:9.2f} {c.edge_memory_bytes / 2**20:7.2f} "
-            f"{c.energy_mj:7.1f}  {'yes' if c.feasible else 'NO':<3}"
+            f"{c.energy_mj:7.1f}  {c.codec or '-':<10} {c.encode_ms + c.decode_ms:8.2f}  "
+            f"{'yes' if c.feasible else 'NO':<3}"
             + (f"  {'yes' if c.measured else '':>5}" if timed else "")
         )
     lines = [line.rstrip() for line in lines]
@@ -280,13 +294,15 @@ def _summary(doc: PlanDocument, bundle: Path | None) -> str:
         f"device   {doc.device.name}: {doc.device.kind} — {doc.device.source}",
         f"cloud    {doc.cloud.name}: {doc.cloud.kind} — {doc.cloud.source}",
         f"network  {net.name}: up {net.uplink_mbps:g} Mbps, down {net.downlink_mbps:g} Mbps, rtt {net.rtt_ms:g} ms",
-        f"objective {doc.budgets.objective}; {len(doc.candidates)} candidate cuts; codec {doc.codec}",
+        f"objective {doc.budgets.objective}; {len(doc.candidates)} candidate cuts; codec {doc.codec} "
+        "(the chosen cut's; each cut's in the table)",
         "",
         format_table(doc),
         "",
         f"chosen: {doc.chosen}  (* above)",
         *filter(None, [_refine_note(doc)]),
-        "plan table (uplink Mbps -> cut): " + ", ".join(f"{r.uplink_mbps:g}->{r.cut}" for r in doc.plan_table),
+        "plan table (uplink Mbps -> cut [codec]): " + ", ".join(
+            f"{r.uplink_mbps:g}->{r.cut}" + (f" [{r.codec}]" if r.codec else "") for r in doc.plan_table),
     ]
     ver = doc.verification
     if ver:

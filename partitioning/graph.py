@@ -159,11 +159,18 @@ def build_cut_graph(model: onnx.ModelProto, work_dir: Path | None = None) -> Cut
 
 def shapes_at_batch_one(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Run the model once at batch 1 with every intermediate exposed; return {tensor: (shape, dtype)}."""
+    return {name: (tuple(int(d) for d in arr.shape), arr.dtype.name) for name, arr in activations(model, names).items()}
+
+
+def activations(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray] | None = None
+                ) -> dict[str, np.ndarray]:
+    """Run the model once on `feeds` (default: a deterministic random input at batch 1) with the tensors `names`
+    exposed; return the feeds and every tensor onnxruntime could expose, by name."""
     onnx = require("onnx", "profile")
-    ort = require("onnxruntime", "edge")
     inferred = onnx.shape_inference.infer_shapes(model)
     elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
     elem_types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.output})
+    ort = require("onnxruntime", "edge")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4
@@ -183,12 +190,12 @@ def shapes_at_batch_one(model: onnx.ModelProto, names: list[str]) -> dict[str, t
         except Exception:  # noqa: BLE001 - a wrong guess: onnxruntime refuses the declared type; retry without it
             if guess is None:
                 raise
-    feeds = {i.name: sample_input(i.shape, i.type) for i in sess.get_inputs()}
-    result = {name: (tuple(int(d) for d in arr.shape), np.asarray(arr).dtype.name) for name, arr in feeds.items()}
+    if feeds is None:
+        feeds = {i.name: sample_input(i.shape, i.type) for i in sess.get_inputs()}
+    result = {name: np.asarray(arr) for name, arr in feeds.items()}
     out_names = [o.name for o in sess.get_outputs()]
     for name, arr in zip(out_names, sess.run(out_names, feeds)):
-        arr = np.asarray(arr)
-        result[name] = (tuple(int(d) for d in arr.shape), arr.dtype.name)
+        result[name] = np.asarray(arr)
     return result
 
 

@@ -35,7 +35,7 @@ class ProfileOptions:
     edge_memory_mb: float | None = None
     max_energy_mj: float | None = None
     objective: str = "latency"
-    codec: str = "int8"
+    codec: str = "auto"  # "auto": each cut with the codec that costs least (partitioning.codecs); else that one
     out: str | Path | None = None  # write the bundle here; None: plan only
     calibration: str | Path | None = None  # folder of .npy/.npz inputs for the int8 heads
     calibration_method: str = "auto"  # minmax | entropy | percentile | auto (each in turn until the gate passes)

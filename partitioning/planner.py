@@ -4,13 +4,24 @@ Cost of a cut, where E is the set of nodes run on the edge (closed under predece
 edge -> cloud) and C = crossing tensors (made on the edge or model inputs, read in the cloud):
 
     edge_ms     = o_edge + sum_{v in E} e(v) + B_edge                      (0 when E is empty)
-    up_bytes    = MSG + sum_{t in C} (TENSOR + wire(t))           wire(t): t's bytes under the plan's codec
+    up_bytes    = MSG + sum_{t in C} (TENSOR + wire_k(t))         wire_k(t): t's bytes under codec k
     down_bytes  = MSG + sum_{t in outputs} (TENSOR + bytes(t))    results come back as fp32
     transfer_ms = rtt + 8 * up_bytes / uplink + 8 * down_bytes / downlink      (0 for edge-only)
+    encode_ms   = sum_{t in C} enc_k(bytes(t)),  decode_ms = sum_{t in C} dec_k(bytes(t))   (0 for edge-only)
     cloud_ms    = o_cloud + sum_{v not in E} c(v) + B_cloud                (0 for edge-only)
-    total_ms    = edge_ms + transfer_ms + cloud_ms
-    energy_mj   = P_active * edge_ms + P_idle * (transfer_ms + cloud_ms) + e_tx * up_bytes
+    total_ms    = edge_ms + encode_ms + transfer_ms + decode_ms + cloud_ms
+    energy_mj   = P_active * (edge_ms + encode_ms) + P_idle * (transfer_ms + decode_ms + cloud_ms) + e_tx * up_bytes
     memory      = weights of E (int8: fp32 bytes / 4) + peak live activations while the head runs
+
+The codec k is chosen with the cut (`CodecCosts`): each cut, cloud-only included (its cut tensors are the
+model inputs), is costed under every codec the planner was given, and the one that ranks best at the link
+(objective, then latency, then bytes) is the candidate's; the plan table chooses again at each rate. wire_k is
+exact for a codec without compression (numel x bytes per element, plus one scale and zero point per channel
+for int8c) and the measured ratio of the compressed to the uncompressed payload on representative
+activations otherwise; enc_k and dec_k are times measured for the side that runs them, on that tensor where
+it was timed, else fixed + per MB. A codec the accuracy gate rejected for a cut is not costed for it. Without
+`CodecCosts` every cut is sent with `CostInputs.codec` at no encode or decode cost (the one-codec model of
+earlier plans).
 
 The boundary terms (0 for the baselines, and when a side has no `BoundaryRates`) are what the per-node sums,
 taken in one full-model run, miss when the model is cut; with a side's launch cost l and memory rate g:
@@ -63,19 +74,22 @@ each distinct min-cut weighting is solved once, starting from the previous one's
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from models.manifest import CLOUD_ONLY, CODECS, EDGE_ONLY, OBJECTIVES, BudgetsRecord, CandidateRecord, rank_key
-from partitioning.costtypes import BoundaryRates
+from models.plandoc import split_codec_spec
+from partitioning.costtypes import BoundaryRates, CodecRate
 from partitioning.flops import VIEW_OPS
 from partitioning.graph import CutGraph
 
 __all__ = ["OBJECTIVES", "EDGE_ONLY", "CLOUD_ONLY", "BoundaryRates", "Link", "Budgets", "CostInputs", "Candidate",
            "Plan", "plan_cuts", "apply_measured", "evaluate_cut", "rank", "choose", "search_edge_sets",
-           "min_cut_edge_set", "wire_bytes", "transfer_ms", "peak_activation_bytes", "boundary_ms"]
+           "min_cut_edge_set", "wire_bytes", "transfer_ms", "peak_activation_bytes", "boundary_ms", "CodecRate",
+           "CodecCosts", "CodecOption", "CODEC_SPECS"]
 # Ops that onnxruntime runs in the blocked layout even when their input arrives plain (it reorders it first);
 # any other op fed a plain cut tensor runs plain.
 BLOCKED_LAYOUT_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool"})
@@ -84,6 +98,10 @@ MSG_OVERHEAD_BYTES = 64  # request framing: ids, model, cut, timestamps
 TENSOR_OVERHEAD_BYTES = 32  # per tensor: name, dtype, shape, quantization parameters
 # progress of a long search: (what, done, total), e.g. ("min-cuts", 3, 61) or ("simulating", 500, 1200)
 SearchProgress = Callable[[str, int, int], None]
+# Every codec the planner chooses among (models.wirecodec specs): fp32 raw, and each lossy quantizer with and
+# without compression.
+CODEC_SPECS = ("fp32", *(q if c == "none" else f"{q}+{c}" for q in ("fp16", "int8", "int8c")
+                        for c in ("none", "lz4", "zstd")))
 PLAN_TABLE_MBPS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 
 
@@ -115,6 +133,39 @@ class Budgets(BudgetsRecord):
 
 
 @dataclass(frozen=True)
+class CodecCosts:
+    """The codecs a cut may be sent with (module docstring): encode rates on the device, decode rates in the
+    cloud, the measured compression of each tensor, and the (cut, codec) pairs the accuracy gate rejected."""
+
+    encode: Mapping[str, CodecRate]  # spec -> rate on the device; its keys are the codecs costed
+    decode: Mapping[str, CodecRate]  # spec -> rate in the cloud
+    # spec (with compression) -> tensor -> compressed / uncompressed payload bytes; a tensor absent: 1.0
+    ratios: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    denied: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # cut id -> spec -> why
+    source: str = ""
+    # spec -> tensor -> ms timed on that very tensor (each side's), used in place of the rate where present
+    tensor_encode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    tensor_decode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for spec in self.encode:
+            if split_codec_spec(spec) is None:
+                raise ValueError(f"codec {spec!r}: expected quantizer[+lz4|+zstd], quantizer one of {CODECS}")
+            if spec not in self.decode:
+                raise ValueError(f"codec {spec!r} has an encode rate but no decode rate")
+
+
+@dataclass(frozen=True)
+class CodecOption:
+    """A cut sent with one codec: its upload bytes and its encode (device) and decode (cloud) time."""
+
+    codec: str | None  # None: nothing is sent (edge-only)
+    up_bytes: int
+    encode_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class CostInputs:
     """Per-node costs on each side, what a cut adds on each side, and the edge's power model."""
 
@@ -128,8 +179,9 @@ class CostInputs:
     cloud_reorder_out_ms: Mapping[str, float] = field(default_factory=dict)
     edge_active_w: float = 5.0
     edge_idle_w: float = 1.0
-    codec: str = "int8"
+    codec: str = "int8"  # the one codec of every cut when `codecs` is None; the search's codec otherwise
     head_precision: str = "int8"
+    codecs: CodecCosts | None = None  # the codecs each cut is costed under (module docstring)
 
     def __post_init__(self) -> None:
         if self.codec not in CODEC_ITEMSIZE:
@@ -155,6 +207,12 @@ class Candidate:
     measured: bool = False  # edge_ms / cloud_ms are the timed head and tail, not the per-node sums
     predicted_edge_ms: float | None = None  # when measured: what the formula predicted
     predicted_cloud_ms: float | None = None
+    codec: str | None = None  # what the cut tensors are sent with (None: nothing is sent)
+    encode_ms: float = 0.0  # the codec on the device
+    decode_ms: float = 0.0  # the codec in the cloud
+    # every codec costed for this cut at this link: (option, transfer_ms, total_ms), the chosen one among them
+    codec_options: tuple[tuple[CodecOption, float, float], ...] = field(default=(), repr=False)
+    codecs_rejected: Mapping[str, str] = field(default_factory=dict, repr=False)  # spec -> why (accuracy gate)
 
     def objective_value(self, objective: str) -> float:
         """The value the planner minimises."""
@@ -166,10 +224,16 @@ class Candidate:
         if self.measured:
             predicted = {"edge_ms": round(self.predicted_edge_ms or 0.0, 4),
                          "cloud_ms": round(self.predicted_cloud_ms or 0.0, 4)}
+        options = {o.codec: {"transfer_bytes": o.up_bytes, "encode_ms": round(o.encode_ms, 4),
+                             "decode_ms": round(o.decode_ms, 4), "transfer_ms": round(t_ms, 4),
+                             "total_ms": round(total, 4)}
+                   for o, t_ms, total in self.codec_options if o.codec is not None}
         return CandidateRecord(
             self.id, tuple(self.cut), len(self.edge_nodes), round(self.edge_ms, 4), self.transfer_bytes,
             round(self.transfer_ms, 4), round(self.cloud_ms, 4), round(self.total_ms, 4), self.edge_memory_bytes,
             round(self.energy_mj, 4), self.feasible, tuple(self.violations), self.measured, predicted,
+            codec=self.codec, encode_ms=round(self.encode_ms, 4), decode_ms=round(self.decode_ms, 4),
+            codecs=options if len(options) > 1 else None, codecs_rejected=dict(self.codecs_rejected) or None,
         )
 
     def to_json(self) -> dict:
@@ -187,6 +251,7 @@ class Plan:
     budgets: Budgets
     feasible: bool
     plan_table: tuple[tuple[float, str], ...] = ()
+    table_codecs: tuple[str | None, ...] = ()  # the codec of each plan-table row's cut at that row's rate
 
     def candidate(self, cut_id: str) -> Candidate:
         """The candidate with id `cut_id`."""
@@ -217,11 +282,45 @@ class Plan:
 # -- simulation ---------------------------------------------------------------------------------------
 
 
-def wire_bytes(graph: CutGraph, tensor: str, codec: str) -> int:
-    """Bytes of one tensor on the wire: float tensors under the codec, others raw."""
+def wire_bytes(graph: CutGraph, tensor: str, codec: str, ratio: float = 1.0) -> int:
+    """Bytes of one tensor on the wire: float tensors under the codec's quantizer, others raw; a compressed
+    codec's payload times `ratio` (compressed / uncompressed, as measured)."""
     info = graph.tensors[tensor]
-    payload = info.numel * CODEC_ITEMSIZE[codec] if info.is_float else info.nbytes
+    quantizer, _, compression = codec.partition("+")
+    payload = info.numel * CODEC_ITEMSIZE[quantizer] if info.is_float else info.nbytes
+    if compression:
+        payload = math.ceil(payload * ratio)
+    if quantizer == "int8c" and info.is_float and len(info.shape) >= 2:
+        payload += 8 * info.shape[1]  # a float scale and an int32 zero point per channel
     return TENSOR_OVERHEAD_BYTES + payload
+
+
+def _codec_fits(graph: CutGraph, cut: Sequence[str], codec: str) -> bool:
+    """Whether every cut tensor can be sent with `codec` (int8c needs channels: rank >= 2)."""
+    if not codec.startswith("int8c"):
+        return True
+    return all(len(graph.tensors[t].shape) >= 2 for t in cut if graph.tensors[t].is_float)
+
+
+def _codec_options(graph: CutGraph, cut: Sequence[str], costs: CostInputs, cut_id: str | None
+                   ) -> tuple[tuple[CodecOption, ...], Mapping[str, str]]:
+    """Every codec `cut` may be sent with under `costs.codecs`, and those the accuracy gate rejected."""
+    codecs = costs.codecs
+    assert codecs is not None
+    denied = codecs.denied.get(cut_id, {}) if cut_id is not None else {}
+    options = []
+    for spec, enc in codecs.encode.items():
+        if spec in denied or not _codec_fits(graph, cut, spec):
+            continue
+        dec, ratios = codecs.decode[spec], codecs.ratios.get(spec, {})
+        up = MSG_OVERHEAD_BYTES + sum(wire_bytes(graph, t, spec, ratios.get(t, 1.0)) for t in cut)
+        timed_enc, timed_dec = codecs.tensor_encode.get(spec, {}), codecs.tensor_decode.get(spec, {})
+        enc_ms = sum(timed_enc.get(t, enc.ms(graph.tensors[t].nbytes)) for t in cut)
+        dec_ms = sum(timed_dec.get(t, dec.ms(graph.tensors[t].nbytes)) for t in cut)
+        options.append(CodecOption(spec, up, enc_ms, dec_ms))
+    if not options:  # every lossy codec rejected and fp32 not offered: raw floats always pass
+        options.append(CodecOption("fp32", MSG_OVERHEAD_BYTES + sum(wire_bytes(graph, t, "fp32") for t in cut)))
+    return tuple(options), dict(denied)
 
 
 def _download_bytes(graph: CutGraph) -> int:
@@ -445,6 +544,8 @@ class _LinkFree:
     down_bytes: int
     memory: int
     predicted: Mapping[str, Any]
+    options: tuple[CodecOption, ...] = ()  # the codecs this cut may be sent with (one: no choice)
+    rejected: Mapping[str, str] = field(default_factory=dict)
 
 
 def _link_free(
@@ -456,10 +557,12 @@ def _link_free(
     peak: Callable[[], int],
     sums: _Sums,
     prefix: int | None = None,
+    cut_id: str | None = None,
 ) -> _LinkFree:
     """The link-independent part of `evaluate_cut` (`peak` is called only for a non-empty edge set).
 
     `prefix`: k when `edge_nodes` are the first k nodes in topological order (their sums are looked up).
+    `cut_id`: the candidate's id, which the accuracy gate's rejections (`CodecCosts.denied`) are keyed by.
     """
     all_edge = len(edge_nodes) == len(graph.nodes)
     edge_ms = costs.edge_overhead_ms + sums.edge(edge_nodes) if edge_nodes else 0.0
@@ -479,18 +582,46 @@ def _link_free(
     if costs.head_precision == "int8":
         weights //= 4
     memory = weights + peak() if edge_nodes else 0
-    return _LinkFree(cut, edge_nodes, all_edge, edge_ms, cloud_ms, up, sums.down_bytes, memory, predicted)
+    rejected: Mapping[str, str] = {}
+    if all_edge:
+        options: tuple[CodecOption, ...] = (CodecOption(None, 0),)
+    elif costs.codecs is None:
+        options = (CodecOption(costs.codec, up),)
+    else:
+        options, rejected = _codec_options(graph, cut, costs, cut_id)
+    return _LinkFree(cut, edge_nodes, all_edge, edge_ms, cloud_ms, up, sums.down_bytes, memory, predicted,
+                     options, rejected)
 
 
 def _at_link(base: _LinkFree, costs: CostInputs, link: Link, budgets: Budgets, cut_id: str) -> Candidate:
-    """The candidate of `base` on `link`: transfer, energy, total, and the budgets checked."""
-    up, edge_ms, cloud_ms = base.up_bytes, base.edge_ms, base.cloud_ms
+    """The candidate of `base` on `link`: transfer, energy, total, and the budgets checked, with the codec that
+    ranks best there when there is a choice (module docstring)."""
+    if len(base.options) <= 1:
+        option = base.options[0] if base.options else CodecOption(costs.codec, base.up_bytes)
+        cand = _with_codec(base, costs, link, budgets, cut_id, option)
+        return replace(cand, codecs_rejected=base.rejected) if base.rejected else cand
+    each = [_with_codec(base, costs, link, budgets, cut_id, o) for o in base.options]
+    best = rank(each, budgets)[0]
+    return replace(best, codec_options=tuple((o, c.transfer_ms, c.total_ms) for o, c in zip(base.options, each)),
+                   codecs_rejected=base.rejected)
+
+
+def _with_codec(base: _LinkFree, costs: CostInputs, link: Link, budgets: Budgets, cut_id: str,
+                option: CodecOption) -> Candidate:
+    """The candidate of `base` on `link` sent with `option`'s codec."""
+    up, edge_ms, cloud_ms = option.up_bytes, base.edge_ms, base.cloud_ms
+    enc, dec = option.encode_ms, option.decode_ms
     t_ms = 0.0 if base.all_edge else transfer_ms(up, base.down_bytes, link)
-    energy = costs.edge_active_w * edge_ms + costs.edge_idle_w * (t_ms + cloud_ms) + link.tx_nj_per_byte * up * 1e-6
-    total = edge_ms + t_ms + cloud_ms
+    if enc or dec:
+        energy = (costs.edge_active_w * (edge_ms + enc) + costs.edge_idle_w * (t_ms + dec + cloud_ms)
+                  + link.tx_nj_per_byte * up * 1e-6)
+        total = edge_ms + enc + t_ms + dec + cloud_ms
+    else:  # the one-codec formula, term for term (bit for bit with earlier plans)
+        energy = costs.edge_active_w * edge_ms + costs.edge_idle_w * (t_ms + cloud_ms) + link.tx_nj_per_byte * up * 1e-6
+        total = edge_ms + t_ms + cloud_ms
     violations = _violations(total, base.memory, energy, budgets)
     return Candidate(cut_id, base.cut, base.edge_nodes, edge_ms, up, t_ms, cloud_ms, total, base.memory, energy,
-                     not violations, violations, **base.predicted)
+                     not violations, violations, **base.predicted, codec=option.codec, encode_ms=enc, decode_ms=dec)
 
 
 def evaluate_cut(
@@ -508,7 +639,7 @@ def evaluate_cut(
     """
     cut = graph.cut_tensors(edge_nodes)
     base = _link_free(graph, edge_nodes, costs, measured, cut,
-                      lambda: peak_activation_bytes(graph, edge_nodes, cut), _Sums(graph, costs))
+                      lambda: peak_activation_bytes(graph, edge_nodes, cut), _Sums(graph, costs), cut_id=cut_id)
     return _at_link(base, costs, link, budgets, cut_id)
 
 
@@ -828,7 +959,7 @@ def _evaluate_all(
         def peak(s: frozenset[str] = s, cut: tuple[str, ...] = cut, k: int | None = k) -> int:
             return prefixes.peak(k) if k and fast_peak else peak_activation_bytes(graph, s, cut)
 
-        bases.append((cid, _link_free(graph, s, costs, measured.get(cid), cut, peak, sums, k)))
+        bases.append((cid, _link_free(graph, s, costs, measured.get(cid), cut, peak, sums, k, cid)))
         if progress is not None and (done % step == 0 or done == len(edge_sets)):
             progress("simulating", done, len(edge_sets))
     return bases
@@ -858,11 +989,13 @@ def _decide(
     bases = _evaluate_all(graph, edge_sets, costs, measured, progress)
     candidates = tuple(_at_link(b, costs, link, budgets, cid) for cid, b in bases)
     best, feasible = choose(candidates, budgets)
-    table = []
+    table, codecs = [], []
     for m in table_mbps:
         at_rate = replace(link, uplink_mbps=m)
-        table.append((m, choose([_at_link(b, costs, at_rate, budgets, cid) for cid, b in bases], budgets)[0].id))
-    return Plan(candidates, best.id, link, budgets, feasible, tuple(table))
+        row = choose([_at_link(b, costs, at_rate, budgets, cid) for cid, b in bases], budgets)[0]
+        table.append((m, row.id))
+        codecs.append(row.codec)
+    return Plan(candidates, best.id, link, budgets, feasible, tuple(table), tuple(codecs))
 
 
 def plan_cuts(

@@ -103,7 +103,7 @@ def ref_evaluate_cut(
     memory = weights + ref_peak_activation_bytes(graph, edge_nodes, cut) if edge_nodes else 0
     energy = costs.edge_active_w * edge_ms + costs.edge_idle_w * (t_ms + cloud_ms) + link.tx_nj_per_byte * up * 1e-6
     cand = Candidate(cut_id, cut, edge_nodes, edge_ms, up, t_ms, cloud_ms, edge_ms + t_ms + cloud_ms, memory, energy,
-                     **predicted)
+                     **predicted, codec=None if all_edge else costs.codec)  # one codec for every cut: no choice
     return replace(cand, **ref_check_budgets(cand, budgets))
 
 
@@ -239,11 +239,13 @@ def ref_decide(
     """Simulate the edge sets (id -> nodes), choose under the budgets, and tabulate the best cut per uplink."""
     candidates = ref_evaluate_all(graph, edge_sets, costs, link, budgets, measured)
     best, feasible = choose(candidates, budgets)
-    table = []
+    table, codecs = [], []
     for m in table_mbps:
         at_rate = ref_evaluate_all(graph, edge_sets, costs, replace(link, uplink_mbps=m), budgets, measured)
-        table.append((m, choose(at_rate, budgets)[0].id))
-    return Plan(candidates, best.id, link, budgets, feasible, tuple(table))
+        row = choose(at_rate, budgets)[0]
+        table.append((m, row.id))
+        codecs.append(row.codec)
+    return Plan(candidates, best.id, link, budgets, feasible, tuple(table), tuple(codecs))
 
 
 def ref_plan_cuts(
