@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print plan.json to stdout instead of the table")
     p.add_argument("--plot", type=Path, help="write a stacked-bar PNG of latency per candidate")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks, and the conversion's detail (e.g. the graph an exporter refused)")
     return p
 
 
@@ -286,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of split-profile; returns the exit status."""
     args = build_parser().parse_args(argv)
     progress = _Progress(args.quiet or args.json)
+    _quiet_runtime(args.quiet or args.json, args.debug)
     from models.extras import MissingExtraError, require
 
     try:
@@ -321,6 +323,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(_summary(result.plan_document, result.bundle_dir))
     return 0
+
+
+def _quiet_runtime(quiet: bool, debug: bool) -> None:
+    """With -q, onnxruntime's own log lines (its default logger's warnings and errors) stay off stderr; with
+    --debug, the conversion's debug log (what the exporters printed natively, each step's detail) goes there."""
+    if quiet:
+        try:
+            import onnxruntime
+
+            onnxruntime.set_default_logger_severity(4)
+        except ImportError:  # pragma: no cover - the [edge] extra has it
+            pass
+    if debug:
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        for name in ("models.convert", "models.loaders"):
+            logger = logging.getLogger(name)
+            logger.setLevel(logging.DEBUG)
+            if not logger.handlers:
+                logger.addHandler(handler)
 
 
 def options_from_args(args: argparse.Namespace) -> ProfileOptions:

@@ -65,6 +65,14 @@ def test_an_operator_without_onnx_form_is_one_line_naming_it_and_what_to_hand_ov
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "aten::linalg_svd" in lines[0] and "--debug" in lines[0]
+    with pytest.raises(ModelLoadError) as debug:  # --debug: the traceback, down to the exporter's own error
+        split_profile([str(path), "--device", "rpi4", "--cloud", "t4", "-q", "--debug"])
+    causes = []
+    cause: BaseException | None = debug.value
+    while cause is not None:
+        causes.append(type(cause).__name__)
+        cause = cause.__cause__
+    assert "UnsupportedOperatorError" in causes
 
 
 @dataclasses.dataclass
