@@ -803,7 +803,7 @@ def _drop_unused(graph: Any, candidates: set[str]) -> None:
             break
         for n in dead:
             graph.node.remove(n)
-    read = {i for n in _walk_nodes(graph) for i in n.input} | outputs
+    read = {i for n in _walk_nodes(graph) for i in n.input} | outputs | {vi.name for vi in graph.input}
     for t in [t for t in graph.initializer if t.name not in read]:
         graph.initializer.remove(t)
 
