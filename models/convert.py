@@ -92,8 +92,8 @@ def to_onnx(module_or_program: Any, example_inputs: tuple, out_path: Path, *,
         normalize_onnx(out_path)
     resolve_shapes(out_path, say)
     _lower_ir_version(out_path)
-    if not make_batch_dynamic(out_path):
-        log.warning("%s: exported with a fixed batch dimension", out_path.name)
+    if not make_batch_dynamic(out_path):  # the loader says so once, as a progress line
+        log.info("%s: exported with a fixed batch dimension", out_path.name)
     _check_against_reference(out_path, example_inputs, reference)
     return out_path
 
@@ -173,7 +173,8 @@ def make_batch_dynamic(path: Path) -> bool:
             log.info("%s: %d Reshape(s) to batch 1 now keep the input's batch", path.name, freed)
             ok = True
     if not ok:
-        log.warning("%s: the batch dimension is fixed in the graph (e.g. a Reshape to batch 1); kept as is", path.name)
+        # info, not warning: with no logging configured a warning reaches stderr past -q; the loader says it once
+        log.info("%s: the batch dimension is fixed in the graph (e.g. a Reshape to batch 1); kept as is", path.name)
         return False
     onnx.save_model(candidate, str(path))
     log.info("%s: made the fixed batch dimension dynamic (%r)", path.name, BATCH_DIM)

@@ -103,3 +103,16 @@ def test_the_graph_probe_draws_token_ids_below_the_vocabulary():
                    [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 64, 3])], [table])
     graph = build_cut_graph(model)  # ids from [0, 10) would index past the 5-row table: onnxruntime refuses
     assert graph.tensors["e"].shape == (1, 64, 3)
+
+
+def test_a_batch_baked_into_the_graph_stays_fixed_without_a_line_on_stderr(tmp_path, capfd):
+    """The batch-2 probe fails inside onnxruntime: neither its error line nor a bare log warning reaches stderr
+    (the loader says "fixed" once, as a progress line)."""
+    nodes = [helper.make_node("Reshape", ["input", "shape"], ["output"], name="view")]
+    path = tmp_path / "baked.onnx"
+    onnx.save(_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2, 2])],
+                     [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 2])], [_const("shape", [2, 2])]),
+              path)
+    capfd.readouterr()
+    assert not make_batch_dynamic(path)
+    assert capfd.readouterr().err == ""
