@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -287,7 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of split-profile; returns the exit status."""
     args = build_parser().parse_args(argv)
     progress = _Progress(args.quiet or args.json)
-    _quiet_runtime(args.quiet or args.json, args.debug)
+    with _runtime_logs(args.quiet or args.json, args.debug):
+        return _run(args, progress)
+
+
+def _run(args: argparse.Namespace, progress: _Progress) -> int:
     from models.extras import MissingExtraError, require
 
     try:
@@ -325,9 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _quiet_runtime(quiet: bool, debug: bool) -> None:
+@contextlib.contextmanager
+def _runtime_logs(quiet: bool, debug: bool) -> Iterator[None]:
     """With -q, onnxruntime's own log lines (its default logger's warnings and errors) stay off stderr; with
-    --debug, the conversion's debug log (what the exporters printed natively, each step's detail) goes there."""
+    --debug, the conversion's debug log (what the exporters printed natively, each step's detail) goes there
+    while the command runs."""
     if quiet:
         try:
             import onnxruntime
@@ -335,16 +342,24 @@ def _quiet_runtime(quiet: bool, debug: bool) -> None:
             onnxruntime.set_default_logger_severity(4)
         except ImportError:  # pragma: no cover - the [edge] extra has it
             pass
-    if debug:
-        import logging
+    if not debug:
+        yield
+        return
+    import logging
 
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        for name in ("models.convert", "models.loaders"):
-            logger = logging.getLogger(name)
-            logger.setLevel(logging.DEBUG)
-            if not logger.handlers:
-                logger.addHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("models.convert", "models.loaders")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
 
 
 def options_from_args(args: argparse.Namespace) -> ProfileOptions:
