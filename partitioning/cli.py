@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print plan.json to stdout instead of the table")
     p.add_argument("--plot", type=Path, help="write a stacked-bar PNG of latency per candidate")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks, and the conversion's detail (e.g. the graph an exporter refused)")
     return p
 
 
@@ -391,6 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model is None:
         parser.error("the model is required (or --list-devices)")
     progress = _Progress(args.quiet or args.json)
+    with _runtime_logs(args.quiet or args.json, args.debug):
+        return _run(args, progress)
+
+
+def _run(args: argparse.Namespace, progress: _Progress) -> int:
     from models.extras import MissingExtraError, require
 
     try:
@@ -426,6 +433,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(_summary(result.plan_document, result.bundle_dir))
     return 0
+
+
+@contextlib.contextmanager
+def _runtime_logs(quiet: bool, debug: bool) -> Iterator[None]:
+    """With -q, onnxruntime's own log lines (its default logger's warnings and errors) stay off stderr; with
+    --debug, the conversion's debug log (what the exporters printed natively, each step's detail) goes there
+    while the command runs."""
+    if quiet:
+        try:
+            import onnxruntime
+
+            onnxruntime.set_default_logger_severity(4)
+        except ImportError:  # pragma: no cover - the [edge] extra has it
+            pass
+    if not debug:
+        yield
+        return
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("models.convert", "models.loaders")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
 
 
 def options_from_args(args: argparse.Namespace) -> ProfileOptions:

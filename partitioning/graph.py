@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models.convert import integer_input_highs, shape_derived
 from models.dtypes import NUMERIC_ORT_NAMES, itemsize, ort_numpy_dtype, ort_type_name
 from models.extras import require
-from models.inputs import random_array
+from models.inputs import INT_HIGH, random_array
 from models.ortopts import make_session
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,6 +63,9 @@ class CutGraph:
     inputs: tuple[str, ...]  # model inputs (non-initializer)
     outputs: tuple[str, ...]  # model outputs
     node_ops: dict[str, str] = field(default_factory=dict)  # node -> op type (may be empty in hand-made graphs)
+    # tensors that never cross a cut: shape values computed from a tensor's shape, which carry no batch dimension
+    # (the cloud batches requests) and which constant folding left because they vary with the batch size
+    local_tensors: frozenset[str] = frozenset()
     node_outputs: dict[str, tuple[str, ...]] = field(init=False, compare=False, repr=False)
     _position: dict[str, int] = field(init=False, compare=False, repr=False)
 
@@ -147,6 +151,7 @@ def build_cut_graph(model: onnx.ModelProto, work_dir: Path | None = None) -> Cut
                 dynamic.add(t)
                 producer[t] = node.name
 
+    local = frozenset(t for t in shape_derived(graph) if t in producer and producer[t] is not None)
     shapes = shapes_at_batch_one(model, [t for t in producer if t not in inputs])
     tensors = {}
     for name, prod in producer.items():
@@ -154,7 +159,8 @@ def build_cut_graph(model: onnx.ModelProto, work_dir: Path | None = None) -> Cut
             continue  # an unused optional output: never read, never crosses
         shape, dtype = shapes[name]
         tensors[name] = TensorInfo(name, prod, tuple(consumers.get(name, ())), shape, dtype)
-    return CutGraph(tuple(nodes), node_inputs, node_weights, tensors, inputs, outputs, node_ops)
+    return CutGraph(tuple(nodes), node_inputs, node_weights, tensors, inputs, outputs, node_ops,
+                    frozenset(t for t in local if t in tensors and t not in outputs and not tensors[t].is_float))
 
 
 def shapes_at_batch_one(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -191,7 +197,8 @@ def activations(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.nd
             if guess is None:
                 raise
     if feeds is None:
-        feeds = {i.name: sample_input(i.shape, i.type) for i in sess.get_inputs()}
+        highs = integer_input_highs(model)  # token ids below the vocabulary, masks 0/1, as the loader draws them
+        feeds = {i.name: sample_input(i.shape, i.type, int_high=highs.get(i.name, INT_HIGH)) for i in sess.get_inputs()}
     result = {name: np.asarray(arr) for name, arr in feeds.items()}
     out_names = [o.name for o in sess.get_outputs()]
     for name, arr in zip(out_names, sess.run(out_names, feeds)):
@@ -199,10 +206,11 @@ def activations(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.nd
     return result
 
 
-def sample_input(shape: list, ort_type: str, batch: int = 1, seed: int = 0) -> np.ndarray:
-    """A deterministic random input for an onnxruntime input description (dynamic dims -> `batch`)."""
+def sample_input(shape: list, ort_type: str, batch: int = 1, seed: int = 0, int_high: int = INT_HIGH) -> np.ndarray:
+    """A deterministic random input for an onnxruntime input description (dynamic dims -> `batch`); integers
+    from [0, int_high)."""
     dims = [d if isinstance(d, int) and d > 0 else batch for d in shape]
     if ort_type_name(ort_type) not in NUMERIC_ORT_NAMES:
         raise ValueError(f"model input of type {ort_type} is not supported; expected one of "
                          f"{sorted(f'tensor({n})' for n in NUMERIC_ORT_NAMES)}")
-    return random_array(np.random.default_rng(seed), dims, ort_numpy_dtype(ort_type))
+    return random_array(np.random.default_rng(seed), dims, ort_numpy_dtype(ort_type), int_high=int_high)

@@ -891,8 +891,11 @@ def search_edge_sets(
 
 
 def _usable_prefix(graph: CutGraph, size: int) -> bool:
-    """`_usable` for the first `size` (0 < size < n) nodes: closed by construction; no model input may cross."""
-    return all(graph.position(c) < size for t in graph.inputs for c in graph.tensors[t].consumers)
+    """`_usable` for the first `size` (0 < size < n) nodes: closed by construction; no model input (nor a shape
+    value, `CutGraph.local_tensors`) may cross."""
+    made = {t: graph.tensors[t].producer for t in (*graph.inputs, *graph.local_tensors)}
+    return all(graph.position(c) < size for t, p in made.items() if p is None or graph.position(p) < size
+               for c in graph.tensors[t].consumers)
 
 
 def _usable(graph: CutGraph, edge_nodes: frozenset[str]) -> bool:
@@ -900,7 +903,7 @@ def _usable(graph: CutGraph, edge_nodes: frozenset[str]) -> bool:
     if not graph.is_closed(edge_nodes):
         return False
     if 0 < len(edge_nodes) < len(graph.nodes):
-        return not set(graph.cut_tensors(edge_nodes)) & set(graph.inputs)
+        return not set(graph.cut_tensors(edge_nodes)) & (set(graph.inputs) | graph.local_tensors)
     return True
 
 
