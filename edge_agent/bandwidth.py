@@ -322,6 +322,7 @@ class AdaptiveCut:
         self.probes = 0
         self.calibrations = 0
         self.probes_over_budget = 0
+        self._warned_sizes: set[int] = set()  # calibration probe sizes over the whole budget, already logged
         self._thread = threading.Thread(target=self._loop, name="splitinfer-adaptive", daemon=True)
 
     @property
@@ -371,6 +372,12 @@ class AdaptiveCut:
             log_.popleft()
         if budget > 0 and sum(b for _, b in log_) + nbytes > budget:
             self.probes_over_budget += 1
+            if nbytes > budget and nbytes not in self._warned_sizes:  # it can never go: say so, once
+                self._warned_sizes.add(nbytes)
+                log.warning("adaptive cut: a calibration probe of %.0f KB exceeds probe_budget_kb_per_min (%g KB) "
+                            "on its own, so it is never sent and the fixed per-request cost is not learned; "
+                            "raise the budget, or set calibration_interval_s = 0", nbytes / 1024.0,
+                            self.config.probe_budget_kb_per_min)
             return False
         log_.append((now, nbytes))
         return True

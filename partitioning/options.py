@@ -72,6 +72,10 @@ class ProfileOptions:
         if self.calibration_method not in CALIBRATION_CHOICES:
             raise FieldError("calibration_method", f"{self.calibration_method!r}: expected one of "
                              f"{', '.join(CALIBRATION_CHOICES)}")
+        stray = sorted(set(self.provider_options) - set(self.providers or ()))
+        if stray:  # measuring passes options only to the providers it runs: these would be dropped unsaid
+            raise FieldError("provider_options", f"options for {', '.join(stray)}, which is not among the providers "
+                             f"{list(self.providers or ())}: name it in --providers")
         if self.name is not None and not _NAME.fullmatch(self.name):
             raise FieldError("name", f"{self.name!r}: expected letters, digits, '.', '_' and '-' "
                              "(at most 64, starting with a letter or digit)")
