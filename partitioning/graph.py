@@ -9,6 +9,7 @@ exact where static shape inference gives up (dynamic reshapes, attention).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -85,7 +86,7 @@ class CutGraph:
         """The largest topological index among `nodes` (-1 when there are none)."""
         return max(map(self._position.__getitem__, nodes), default=-1)
 
-    def cut_tensors(self, edge_nodes: frozenset[str]) -> tuple[str, ...]:
+    def cut_tensors(self, edge_nodes: AbstractSet[str]) -> tuple[str, ...]:
         """The tensors that cross from the edge side (`edge_nodes` plus the inputs) to the cloud side.
 
         A tensor crosses when it is made on the edge (or is a model input) and read by a cloud node, or is
@@ -104,7 +105,7 @@ class CutGraph:
             return self.inputs
         return tuple(sorted(crossing, key=self.tensor_order))
 
-    def is_closed(self, edge_nodes: frozenset[str]) -> bool:
+    def is_closed(self, edge_nodes: AbstractSet[str]) -> bool:
         """Whether every dynamic predecessor of an edge node is on the edge too (data flows edge -> cloud only)."""
         for node in edge_nodes:
             for t in self.node_inputs[node]:

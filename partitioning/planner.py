@@ -69,6 +69,10 @@ against the straightforward computation): tensor sizes are computed once; a cand
 which do not depend on the link, are simulated once and only transfer, energy and total are redone at each
 plan-table rate; the prefixes' cut tensors and peak memory come from one sweep along the topological order;
 each distinct min-cut weighting is solved once, starting from the previous one's flow.
+
+Memory (linear in the graph): a prefix candidate's edge set is a `TopoPrefix`, the graph's order and a length,
+equal to (and iterating like) the frozenset of its nodes; n frozensets of up to n names made the peak grow as
+n^1.7 (583 MB at 5,000 nodes).
 """
 
 from __future__ import annotations
@@ -76,9 +80,10 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from models.manifest import CLOUD_ONLY, CODECS, EDGE_ONLY, OBJECTIVES, BudgetsRecord, CandidateRecord, rank_key
 from models.plandoc import split_codec_spec
@@ -87,7 +92,7 @@ from partitioning.flops import VIEW_OPS
 from partitioning.graph import CutGraph
 
 __all__ = ["OBJECTIVES", "EDGE_ONLY", "CLOUD_ONLY", "BoundaryRates", "Link", "Budgets", "CostInputs", "Candidate",
-           "Plan", "plan_cuts", "apply_measured", "evaluate_cut", "rank", "choose", "search_edge_sets",
+           "Plan", "TopoPrefix", "plan_cuts", "apply_measured", "evaluate_cut", "rank", "choose", "search_edge_sets",
            "min_cut_edge_set", "wire_bytes", "transfer_ms", "peak_activation_bytes", "boundary_ms", "CodecRate",
            "CodecCosts", "CodecOption", "CODEC_SPECS"]
 # Ops that onnxruntime runs in the blocked layout even when their input arrives plain (it reorders it first);
@@ -102,6 +107,7 @@ SearchProgress = Callable[[str, int, int], None]
 # without compression.
 CODEC_SPECS = ("fp32", *(q if c == "none" else f"{q}+{c}" for q in ("fp16", "int8", "int8c")
                         for c in ("none", "lz4", "zstd")))
+_T = TypeVar("_T")
 PLAN_TABLE_MBPS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 
 
@@ -194,7 +200,7 @@ class Candidate:
 
     id: str
     cut: tuple[str, ...]
-    edge_nodes: frozenset[str] = field(repr=False)
+    edge_nodes: AbstractSet[str] = field(repr=False)  # a frozenset, or a TopoPrefix (equal to one)
     edge_ms: float
     transfer_bytes: int
     transfer_ms: float
@@ -332,7 +338,7 @@ def transfer_ms(up_bytes: int, down_bytes: int, link: Link) -> float:
     return link.rtt_ms + 8.0 * up_bytes / (link.uplink_mbps * 1e3) + 8.0 * down_bytes / (link.downlink_mbps * 1e3)
 
 
-def peak_activation_bytes(graph: CutGraph, edge_nodes: frozenset[str], cut: tuple[str, ...]) -> int:
+def peak_activation_bytes(graph: CutGraph, edge_nodes: AbstractSet[str], cut: tuple[str, ...]) -> int:
     """Peak bytes of live tensors while the head runs in topological order (inputs and cut tensors held)."""
     remaining = {t: sum(1 for c in info.consumers if c in edge_nodes) for t, info in graph.tensors.items()}
     keep = set(cut) | set(graph.inputs)
@@ -362,7 +368,7 @@ def _reorders(graph: CutGraph, tensors: Iterable[str], rates: BoundaryRates | No
                if len(graph.tensors[t].shape) == 4 and graph.tensors[t].is_float)
 
 
-def _unfused(graph: CutGraph, starts: Iterable[str], costs: CostInputs, side: frozenset[str] | None) -> list[str]:
+def _unfused(graph: CutGraph, starts: Iterable[str], costs: CostInputs, side: Container[str] | None) -> list[str]:
     """U of the module docstring: 0-cost non-view nodes reached from `starts` through such nodes.
 
     `side`: the cloud nodes (None: every reader counts, as the search assumes).
@@ -384,7 +390,7 @@ def _out_bytes(graph: CutGraph, node: str) -> int:
     return sum(graph.tensors[t].nbytes for t in graph.node_outputs[node])
 
 
-def _cloud_extra(graph: CutGraph, tensors: Sequence[str], costs: CostInputs, side: frozenset[str] | None) -> float:
+def _cloud_extra(graph: CutGraph, tensors: Sequence[str], costs: CostInputs, side: Container[str] | None) -> float:
     """B_cloud for `tensors` crossing: their reorders plus the fused nodes they leave alone (`side`: see _unfused)."""
     rates = costs.cloud_boundary
     if rates is None:
@@ -393,7 +399,7 @@ def _cloud_extra(graph: CutGraph, tensors: Sequence[str], costs: CostInputs, sid
     return _reorders(graph, tensors, rates) + sum(rates.kernel_ms(_out_bytes(graph, v)) for v in alone)
 
 
-def _moved_reorders(graph: CutGraph, cut: Sequence[str], costs: CostInputs, side: frozenset[str]) -> float:
+def _moved_reorders(graph: CutGraph, cut: Sequence[str], costs: CostInputs, side: Container[str]) -> float:
     """R of the module docstring: reorders the full run charged to cloud readers of `cut` that the head does."""
     rates = costs.cloud_boundary
     if rates is None or not rates.reorders or not costs.cloud_reorder_out_ms:
@@ -404,12 +410,24 @@ def _moved_reorders(graph: CutGraph, cut: Sequence[str], costs: CostInputs, side
 
 
 def boundary_ms(
-    graph: CutGraph, edge_nodes: frozenset[str], cut: Sequence[str], costs: CostInputs
+    graph: CutGraph, edge_nodes: AbstractSet[str], cut: Sequence[str], costs: CostInputs
 ) -> tuple[float, float]:
     """(B_edge, B_cloud) of the module docstring for a partial cut."""
-    cloud_side = frozenset(graph.nodes) - edge_nodes
+    cloud_side = _Outside(edge_nodes)
     return (_reorders(graph, cut, costs.edge_boundary),
             _cloud_extra(graph, cut, costs, cloud_side) - _moved_reorders(graph, cut, costs, cloud_side))
+
+
+class _Outside(Container[str]):
+    """The graph's nodes not in an edge set (only ever asked about graph nodes), without listing them."""
+
+    __slots__ = ("edge_nodes",)
+
+    def __init__(self, edge_nodes: AbstractSet[str]) -> None:
+        self.edge_nodes = edge_nodes
+
+    def __contains__(self, node: object) -> bool:
+        return node not in self.edge_nodes
 
 
 class _Sums:
@@ -429,18 +447,18 @@ class _Sums:
         self._weight_prefix: list[int] | None = None
         self.down_bytes = _download_bytes(graph)
 
-    def edge(self, edge_nodes: frozenset[str]) -> float:
+    def edge(self, edge_nodes: AbstractSet[str]) -> float:
         """sum of e(v) over `edge_nodes`, in the set's own iteration order."""
         get = self._edge_get
         return sum([get(v, 0.0) for v in edge_nodes])
 
-    def cloud(self, edge_nodes: frozenset[str], prefix: int | None) -> float:
+    def cloud(self, edge_nodes: AbstractSet[str], prefix: int | None) -> float:
         """sum of c(v) over the nodes not in `edge_nodes`, in topological order."""
         if prefix is not None:
             return sum(self._cloud[prefix:])
         return sum([c for v, c in self._cloud_of.items() if v not in edge_nodes])
 
-    def weights(self, edge_nodes: frozenset[str], prefix: int | None) -> int:
+    def weights(self, edge_nodes: AbstractSet[str], prefix: int | None) -> int:
         """fp32 weight bytes of `edge_nodes`."""
         if prefix is None:
             return sum(self.graph.node_weight_bytes[v] for v in edge_nodes)
@@ -536,7 +554,7 @@ class _LinkFree:
     """What a cut costs apart from the link: everything but transfer, energy, total and the budgets."""
 
     cut: tuple[str, ...]
-    edge_nodes: frozenset[str]
+    edge_nodes: AbstractSet[str]
     all_edge: bool
     edge_ms: float
     cloud_ms: float
@@ -550,7 +568,7 @@ class _LinkFree:
 
 def _link_free(
     graph: CutGraph,
-    edge_nodes: frozenset[str],
+    edge_nodes: AbstractSet[str],
     costs: CostInputs,
     measured: tuple[float, float] | None,
     cut: tuple[str, ...],
@@ -626,7 +644,7 @@ def _with_codec(base: _LinkFree, costs: CostInputs, link: Link, budgets: Budgets
 
 def evaluate_cut(
     graph: CutGraph,
-    edge_nodes: frozenset[str],
+    edge_nodes: AbstractSet[str],
     costs: CostInputs,
     link: Link,
     budgets: Budgets,
@@ -840,11 +858,13 @@ class _MinCut:
 
 def search_edge_sets(
     graph: CutGraph, costs: CostInputs, links: Iterable[Link], progress: SearchProgress | None = None
-) -> list[frozenset[str]]:
-    """Candidate edge sets: baselines, every topological prefix, and exact min-cuts per objective and link."""
+) -> list[AbstractSet[str]]:
+    """Candidate edge sets: baselines, every topological prefix, and exact min-cuts per objective and link.
+
+    The prefixes are `TopoPrefix` values (equal to the frozensets of their nodes, without holding the names).
+    """
     links = list(links)
-    sets: list[frozenset[str]] = [frozenset(), frozenset(graph.nodes)]
-    sets += [frozenset(graph.nodes[:k]) for k in range(1, len(graph.nodes))]
+    n = len(graph.nodes)
     # Boundary terms per crossing tensor (module docstring); model inputs never cross a partial cut.
     made = [t for t, info in graph.tensors.items() if info.producer is not None]
     b_edge = dict.fromkeys(graph.tensors, 0.0) | {t: _reorders(graph, [t], costs.edge_boundary) for t in made}
@@ -882,12 +902,66 @@ def search_edge_sets(
             solved[caps] = net.solve(caps)
             if progress is not None:
                 progress("min-cuts", len(solved), distinct)
-    sets += [solved[caps] for _, _, caps in problems]
-    unique: dict[frozenset[str], None] = {}
-    for j, s in enumerate(sets):  # sets[j] for 2 <= j <= n is the prefix of j - 1 nodes
-        if _usable_prefix(graph, j - 1) if 2 <= j <= len(graph.nodes) else _usable(graph, s):
-            unique.setdefault(s, None)
-    return list(unique)
+    cuts = [solved[caps] for _, _, caps in problems]
+    # Baselines, usable prefixes, then the min-cut sets not seen before: a min-cut set that is a prefix is that
+    # prefix (kept, or left out with it: a prefix's usability is its set's).
+    index = {v: i for i, v in enumerate(graph.nodes)}
+    unique: dict[AbstractSet[str], None] = dict.fromkeys(s for s in (frozenset(), frozenset(graph.nodes))
+                                                         if _usable(graph, s))
+    found: list[AbstractSet[str]] = list(unique)
+    found += [TopoPrefix(graph.nodes, index, k) for k in range(1, n) if _usable_prefix(graph, k)]
+    for s in cuts:
+        if 0 < len(s) < n and graph.last_position(s) == len(s) - 1:
+            continue
+        if s not in unique and _usable(graph, s):
+            unique[s] = None
+            found.append(s)
+    return found
+
+
+class TopoPrefix(AbstractSet[str]):
+    """The first k nodes of a topological order as a read-only set that holds (order, positions, k), not k names.
+
+    It is equal to, hashes as and iterates in the order of `frozenset(order[:k])` (so sums over it add the same
+    numbers in the same order, bit for bit); set operations with it return frozensets. A plan keeps one per
+    prefix candidate: n frozensets of up to n names each were the planner's O(n^2) memory.
+    """
+
+    __slots__ = ("order", "_position", "k", "_cached_hash")
+
+    def __init__(self, order: tuple[str, ...], position: Mapping[str, int], k: int) -> None:
+        self.order, self._position, self.k = order, position, k
+        self._cached_hash: int | None = None
+
+    def __len__(self) -> int:
+        return self.k
+
+    def __contains__(self, node: object) -> bool:
+        at = self._position.get(node) if isinstance(node, str) else None
+        return at is not None and at < self.k
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(frozenset(self.order[: self.k]))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TopoPrefix) and other.order is self.order:
+            return other.k == self.k
+        return super().__eq__(other)
+
+    def __hash__(self) -> int:
+        if self._cached_hash is None:
+            self._cached_hash = hash(frozenset(self.order[: self.k]))
+        return self._cached_hash
+
+    def __repr__(self) -> str:
+        return f"TopoPrefix(first {self.k} of {len(self.order)} nodes)"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return frozenset, (frozenset(self),)
+
+    @classmethod
+    def _from_iterable(cls, it: Iterable[_T]) -> frozenset[_T]:
+        return frozenset(it)
 
 
 def _usable_prefix(graph: CutGraph, size: int) -> bool:
@@ -898,7 +972,7 @@ def _usable_prefix(graph: CutGraph, size: int) -> bool:
                for c in graph.tensors[t].consumers)
 
 
-def _usable(graph: CutGraph, edge_nodes: frozenset[str]) -> bool:
+def _usable(graph: CutGraph, edge_nodes: AbstractSet[str]) -> bool:
     """Closed, and no raw model input crosses a partial cut (the head would have to echo its own input)."""
     if not graph.is_closed(edge_nodes):
         return False
@@ -907,12 +981,12 @@ def _usable(graph: CutGraph, edge_nodes: frozenset[str]) -> bool:
     return True
 
 
-def _candidate_id(graph: CutGraph, edge_nodes: frozenset[str], taken: set[str]) -> str:
+def _candidate_id(graph: CutGraph, edge_nodes: AbstractSet[str], taken: set[str]) -> str:
     if not edge_nodes:
         return CLOUD_ONLY
     if len(edge_nodes) == len(graph.nodes):
         return EDGE_ONLY
-    base = f"c{graph.last_position(edge_nodes) + 1:03d}"
+    base = f"c{_last_position(graph, edge_nodes) + 1:03d}"
     cid, n = base, 1
     while cid in taken:
         n += 1
@@ -939,7 +1013,7 @@ def choose(candidates: Iterable[Candidate], budgets: Budgets) -> tuple[Candidate
 
 def _evaluate_all(
     graph: CutGraph,
-    edge_sets: Mapping[str, frozenset[str]],
+    edge_sets: Mapping[str, AbstractSet[str]],
     costs: CostInputs,
     measured: Mapping[str, tuple[float, float]],
     progress: SearchProgress | None = None,
@@ -959,7 +1033,7 @@ def _evaluate_all(
         k = sizes[cid]
         cut = cuts[k] if k else graph.cut_tensors(s)
 
-        def peak(s: frozenset[str] = s, cut: tuple[str, ...] = cut, k: int | None = k) -> int:
+        def peak(s: AbstractSet[str] = s, cut: tuple[str, ...] = cut, k: int | None = k) -> int:
             return prefixes.peak(k) if k and fast_peak else peak_activation_bytes(graph, s, cut)
 
         bases.append((cid, _link_free(graph, s, costs, measured.get(cid), cut, peak, sums, k, cid)))
@@ -968,15 +1042,26 @@ def _evaluate_all(
     return bases
 
 
-def _prefix_size(graph: CutGraph, edge_nodes: frozenset[str]) -> int | None:
+def _prefix_size(graph: CutGraph, edge_nodes: AbstractSet[str]) -> int | None:
     """k when `edge_nodes` are the first k nodes in topological order, else None."""
     k = len(edge_nodes)
-    return k if graph.last_position(edge_nodes) == k - 1 else None
+    return k if _last_position(graph, edge_nodes) == k - 1 else None
+
+
+def _last_position(graph: CutGraph, edge_nodes: AbstractSet[str]) -> int:
+    """`graph.last_position(edge_nodes)`, at once for a prefix of the graph's order."""
+    if isinstance(edge_nodes, TopoPrefix) and _is_prefix_of(edge_nodes, graph):
+        return edge_nodes.k - 1
+    return graph.last_position(edge_nodes)
+
+
+def _is_prefix_of(prefix: TopoPrefix, graph: CutGraph) -> bool:
+    return prefix.order is graph.nodes or prefix.order == graph.nodes
 
 
 def _decide(
     graph: CutGraph,
-    edge_sets: Mapping[str, frozenset[str]],
+    edge_sets: Mapping[str, AbstractSet[str]],
     costs: CostInputs,
     link: Link,
     budgets: Budgets,
@@ -1021,12 +1106,12 @@ def plan_cuts(
     return _decide(graph, ids, costs, link, budgets, table_mbps, {}, progress)
 
 
-def _in_id_order(edge_sets: Iterable[frozenset[str]]) -> list[frozenset[str]]:
+def _in_id_order(edge_sets: Iterable[AbstractSet[str]]) -> list[AbstractSet[str]]:
     """The sets by size, then by their sorted node names (compared only between sets of the same size)."""
-    by_size: dict[int, list[frozenset[str]]] = {}
+    by_size: dict[int, list[AbstractSet[str]]] = {}
     for s in edge_sets:
         by_size.setdefault(len(s), []).append(s)
-    ordered: list[frozenset[str]] = []
+    ordered: list[AbstractSet[str]] = []
     for size in sorted(by_size):
         group = by_size[size]
         ordered += group if len(group) == 1 else sorted(group, key=sorted)
