@@ -159,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _runtime_arguments(p: argparse.ArgumentParser) -> None:
+def _runtime_arguments(p: argparse.ArgumentParser, default: str = "onnxruntime") -> None:
     """--edge-runtime and the converter's options (split-profile and split-profile convert)."""
-    p.add_argument("--edge-runtime", choices=("onnxruntime", "litert"), default="onnxruntime",
+    p.add_argument("--edge-runtime", choices=("onnxruntime", "litert"), default=default,
                    help="what the device runs heads on; litert: the bundle also gets head.tflite and "
                         "head.int8.tflite per cut (converted by onnx2tf in its own Python 3.12+ environment)")
     p.add_argument("--converter-python", metavar="PATH",
@@ -178,7 +178,7 @@ def build_convert_parser() -> argparse.ArgumentParser:
         prog="split-profile convert",
         description="Add heads for another edge runtime to an existing bundle (verified like its ONNX heads).")
     p.add_argument("bundle", type=Path, help="a bundle directory written by split-profile --out")
-    _runtime_arguments(p)
+    _runtime_arguments(p, default="litert")  # the one runtime there is to convert to
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
