@@ -191,6 +191,7 @@ def test_rate_change_behind_a_link_proxy_switches_the_cut_without_flapping(
 
         proxy.set_rates(None, None)
         wait_for(lambda: agent.cut == MID_CUT, "the switch back to c1 on a fast link")
+        wait_for(lambda: ad.switches >= 2, "the switch counted (AdaptiveCut counts it after set_cut returns)")
         assert ad.switches == 2
         wait_for(lambda: store.device("fleet-c")["cut"] == MID_CUT, "state cut c1")
         assert agent.wait_for_mode(SPLIT, DEADLINE_S)
