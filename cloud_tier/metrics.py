@@ -134,7 +134,7 @@ class ServerCollector(Collector):
                                 value=snapshot.get("in_flight", 0))
 
 
-def _histogram_buckets(snapshot: Mapping[str, Any]) -> list[tuple[str, float]]:
+def _histogram_buckets(snapshot: Mapping[str, Any]) -> list[tuple[str, int]]:
     """Cumulative buckets from ServerStats' non-cumulative per-bucket counts; every bucket always."""
     counts = {float(b): 0 for b in BATCH_SIZE_BUCKETS}  # a stable series set from the first scrape
     counts.update({float(k): v for k, v in snapshot.get("batch_size_histogram", {}).items()})

@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -66,7 +66,7 @@ def app_name(tail: ServedTail) -> str:
     return APP_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "_", raw)
 
 
-def _rows(items: list[Mapping[str, Any]]) -> int:
+def _rows(items: Sequence[Mapping[str, Any]]) -> int:
     """@serve.batch's batch_size_fn: a batch's size is its rows, not its requests."""
     return sum(int(i["rows"]) for i in items)
 
