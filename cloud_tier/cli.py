@@ -270,6 +270,9 @@ def serve(args: argparse.Namespace) -> int:
             sqlite3.Error) as exc:
         print(f"split-cloud: {exc}", file=sys.stderr)
         return 2
+    if ray is not None:  # ray.init installed its own SIGTERM handler, which ends the process mid-drain: ours again
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: flags.__setitem__("stop", True))
     for line in node.banner():
         print(line, flush=True)
     systemd.notify("READY=1", f"STATUS=serving on {node.grpc_address}")

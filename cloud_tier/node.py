@@ -175,6 +175,9 @@ class CloudNode:
 
             load_token(self.options.dashboard_host, self.options.dashboard_token_file)
         try:
+            if self.ray_backend is not None:
+                # Here, on the caller's thread: a local cluster's processes end with the thread that started them.
+                self.ray_backend.connect()
             self.server.start()
             if self.options is not None:
                 self._start_control_plane(self.options)

@@ -283,10 +283,13 @@ class RayBackend:
         self.names: dict[tuple[str, str], str] = {}
         self.deployments: dict[str, DeploymentStats] = {}
         self._started_ray = False
+        self._connected = False
 
     def connect(self) -> None:
         """Join the cluster at `options.address`, or start a local one on loopback; start Serve without proxies."""
         ray, serve = self.ray, self.serve
+        if self._connected:
+            return
         if not ray.is_initialized():
             if self.options.address:
                 ray.init(address=self.options.address, log_to_driver=False)
@@ -294,6 +297,7 @@ class RayBackend:
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
             self._started_ray = True
         serve.start(proxy_location="Disabled")  # no HTTP or gRPC proxy: only handles reach the tails
+        self._connected = True
 
     def deploy(self, registry: ModelRegistry) -> None:
         """One Serve application per served tail (waits until each is running)."""
@@ -366,3 +370,4 @@ class RayBackend:
             finally:
                 self.ray.shutdown()
             self._started_ray = False
+        self._connected = False
