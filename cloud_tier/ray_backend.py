@@ -236,6 +236,8 @@ class RayTail:
         except asyncio.CancelledError:
             if response is not None:
                 response.cancel()
+            if self._closed:  # close(): answered like the in-process batcher's queued requests
+                raise BatcherClosedError(f"{self.name}: server stopped before this request ran") from None
             raise
         except BackPressureError as exc:
             raise QueueFullError(f"{self.name}: Ray Serve queue full ({exc}); retry later or run locally") from None
