@@ -5,12 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The [edge] job: a second venv from a Python 3.10 interpreter (JetPack 6 ships 3.10) with only the [edge] extra.
 VENV310 := .venv310
+# The OpenVINO job: onnxruntime-openvino replaces the onnxruntime package, so its tests run in a venv of their own.
+VENVOV := .venv-openvino
 # The agent's unit tests and those of the wire contract it uses: they run on Python 3.10 in that venv with only the
 # [edge] extra, so they may not import torch or onnx (a test that needs them skips: pytest.importorskip("onnx")).
 EDGE_TESTS := $(sort $(wildcard tests/unit/test_agent_*.py)) tests/unit/test_codec.py tests/unit/test_mqtt_schema.py \
               tests/unit/test_serde.py
 
-.PHONY: setup system-packages demo check lint typecheck imports protos edge310 test bench clean
+.PHONY: setup system-packages demo check lint typecheck imports protos edge310 openvino test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -55,11 +57,17 @@ edge310:
 		.ci/edge310 $(VENV310) $(EDGE_TESTS); \
 	fi
 
+# SPLITINFER_MAKE_LITERT_CONVERTER=1: the TFLite conversion tests make the onnx2tf environment (Python 3.12+, once,
+# in ~/.cache/splitinfer) instead of skipping.
 test: setup system-packages check
-	$(BIN)/python -m pytest -q
+	SPLITINFER_MAKE_LITERT_CONVERTER=1 $(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory openvino
+
+openvino:
+	.ci/openvino $(VENVOV)
 
 bench: setup
 	$(BIN)/python -m benchmarks.planner_accuracy
 
 clean:
-	rm -rf $(VENV) $(VENV310) build *.egg-info
+	rm -rf $(VENV) $(VENV310) $(VENVOV) build *.egg-info

@@ -9,6 +9,11 @@ Prints the median wall time over --repeats runs, the peak Python memory of one r
 growth order: the slope of log(time) and log(memory) against log(nodes) over the synthetic sizes.
 
     python -m benchmarks.planning_time [--sizes 250,500,1000,2000,5000] [--repeats 3] [--no-zoo]
+
+Growth orders (2026-11-29, synthetic graphs of 250-5,000 nodes, 2 shared cores): time ~ n^1.4-1.5 (the
+per-candidate sums that must add in the reference's order: edge costs over the prefix's node set, cloud costs
+over the rest), peak memory ~ n^1.0 (46.9 MB at 5,000 nodes; it was n^1.7 and 583 MB while every prefix
+candidate held a frozenset of its nodes, before partitioning.planner.TopoPrefix).
 """
 
 from __future__ import annotations

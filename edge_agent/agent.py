@@ -24,6 +24,10 @@ INVALID_ARGUMENT, FAILED_PRECONDITION and OUT_OF_RANGE are about that request's 
 SPLIT; any other code (NOT_FOUND: the cloud does not serve this cut, RESOURCE_EXHAUSTED, UNAVAILABLE,
 INTERNAL, ...) says the cloud cannot serve us now, so the agent goes LOCAL and probes before coming back.
 
+Codec: with config codec "auto" (the default) each cut's tensors are sent with the plan's codec for that cut
+(plan.json candidates[].codec; when the cut is switched to by the plan table, that row's codec at the current
+uplink estimate); a plan without codecs means int8. A codec named in the config is used for every cut.
+
 Bandwidth: every cloud round trip and probe feeds `self.bandwidth` (edge_agent/bandwidth.py); with
 `[adaptive] enabled` an AdaptiveCut thread switches the cut by that estimate and the bundle's plan table.
 
@@ -126,6 +130,13 @@ class EdgeAgent:
         self._cache = RunnerCache(RuntimeOptions.from_config(config))
         self._runtimes: dict[str, CutRuntime] = {}
         self._rt = self._runtime(config.cut or self.bundle.chosen)
+        # The codec each cut is sent with: the plan's (config codec "auto"), or the config's for every cut.
+        self._codec_override = None if config.codec == C.DEFAULT_CODEC else config.codec
+        self._codecs: dict[str, str] = {}
+        if self._codec_override is not None and self.bundle.codec_for(self._rt.cut_id) not in (None,
+                                                                                               self._codec_override):
+            log.info("codec %s (config) overrides the plan's %s for cut %s", self._codec_override,
+                     self.bundle.codec_for(self._rt.cut_id), self._rt.cut_id)
         self._on_result = on_result
         self._result_listeners: list[Callable[[InferenceResult], None]] = []
         self._state_listeners: list[Callable[[str, str], None]] = []
@@ -147,7 +158,7 @@ class EdgeAgent:
         self._supervisor = Supervisor(
             config, self._link, self.bandwidth, state=lambda: self._state, runtime=lambda: self._rt,
             switch=self._switch, still_local=self._still_local, count=self._count, next_id=lambda: next(self._ids),
-            model_sha256=self._model_sha256,
+            model_sha256=self._model_sha256, codec=self.codec_for,
         )
         failed_at_start = False
         if connect and self._rt.remote:
@@ -189,6 +200,21 @@ class EdgeAgent:
     def cut(self) -> str:
         """The cut new requests start on."""
         return self._rt.cut_id
+
+    @property
+    def codec(self) -> str:
+        """The codec new requests are sent with (the current cut's)."""
+        return self.codec_for(self._rt.cut_id)
+
+    def codec_for(self, cut_id: str) -> str:
+        """The codec `cut_id` is sent with: the config's when it names one, else the plan's for that cut (the
+        plan-table row's it was switched to by, else the candidate's), else int8 (a plan without codecs)."""
+        if self._codec_override is not None:
+            return self._codec_override
+        codec = self._codecs.get(cut_id)
+        if codec is None:
+            codec = self._codecs[cut_id] = self.bundle.codec_for(cut_id) or C.PLANLESS_CODEC
+        return codec
 
     @property
     def forced_local(self) -> bool:
@@ -296,9 +322,15 @@ class EdgeAgent:
             return self._stats.snapshot()
 
     def set_cut(self, cut_id: str) -> None:
-        """Start new requests on `cut_id`; requests in flight finish on the cut they started on."""
+        """Start new requests on `cut_id`; requests in flight finish on the cut they started on. With codec
+        "auto" the cut's codec comes with it: the plan-table row's for the current uplink estimate."""
         rt = self._runtime(cut_id)
+        mbps = self.bandwidth.estimate().mbps
+        codec = self.bundle.codec_for(cut_id, mbps) or C.PLANLESS_CODEC
         with self._lock:
+            if self._codecs.get(cut_id) != codec:
+                self._codecs[cut_id] = codec
+                log.info("cut %s is sent with codec %s", cut_id, codec)
             changed = self._rt is not rt
             self._rt = rt
             self._stats.cut = cut_id
@@ -390,7 +422,7 @@ class EdgeAgent:
             cfg = self.config
             msg = serde.prepare(CloudRequest(
                 req.id, cfg.device_id, req.rt.model_name, req.rt.cut_id,
-                serde.encode_tensors(req.activation, cfg.codec), deadline_ms=cfg.deadline_ms,
+                serde.encode_tensors(req.activation, self.codec_for(req.rt.cut_id)), deadline_ms=cfg.deadline_ms,
                 sent_unix_ns=time.time_ns(), model_sha256=self._model_sha256,
             ))
             size = serde.message_bytes(msg)

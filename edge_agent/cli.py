@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id")
     run.add_argument("--cut", help="cut id (default: the bundle's chosen cut)")
     run.add_argument("--head-precision", choices=list(HEAD_PRECISIONS))
-    run.add_argument("--codec", help=f"activation codec: {SPEC_SYNTAX}")
+    run.add_argument("--codec", help=f"activation codec: auto (default: the plan's) or {SPEC_SYNTAX} (overrides it)")
     run.add_argument("--deadline-ms", type=int)
     run.add_argument("--max-in-flight", type=int)
     run.add_argument("--input", help='"synthetic" or a folder of .npy files')

@@ -7,7 +7,8 @@ A file looks like this (every key optional except `bundle`; unknown keys are err
     device_id = "pi-kitchen"
     cut = "c3"                  # default: the bundle's chosen cut
     head_precision = "int8"     # or "fp32"
-    codec = "int8"              # activation codec, see protos/codec.py: fp32|fp16|int8|int8c [+lz4|+zstd]
+    codec = "auto"              # the plan's codec for the cut in use; or one for every cut (overrides the plan),
+                                # see protos/codec.py: fp32|fp16|int8|int8c [+lz4|+zstd]
     deadline_ms = 1000          # how long the agent waits for the cloud's reply once a request is sent
     max_in_flight = 32
     runtime = "onnxruntime"     # the head's runtime: "onnxruntime" or "litert" (head.tflite; the local tail stays
@@ -95,6 +96,7 @@ except ImportError:  # Python 3.10 (JetPack 6): the `tomli` backport, which the 
 
 HEAD_PRECISIONS = ("int8", "fp32")
 RUNTIMES = ("onnxruntime", "litert")
+AUTO_CODEC = C.DEFAULT_CODEC  # "auto": the plan's codec for the cut in use
 
 
 class ConfigError(FieldError):
@@ -406,7 +408,8 @@ class AgentConfig:
     device_id: str = field(default=C.DEFAULT_DEVICE_ID, metadata={"doc": "this device's id, [A-Za-z0-9_-]{1,64}"})
     cut: str | None = field(default=None, metadata={"doc": "cut id to run; default the bundle's chosen cut"})
     head_precision: str = field(default=C.DEFAULT_HEAD_PRECISION, metadata={"doc": '"int8" or "fp32" head'})
-    codec: str = field(default=C.DEFAULT_CODEC, metadata={"doc": f"activation codec: {SPEC_SYNTAX}"})
+    codec: str = field(default=C.DEFAULT_CODEC, metadata={
+        "doc": f"activation codec: auto (the plan's for the cut in use) or {SPEC_SYNTAX} (overrides the plan)"})
     deadline_ms: int = field(
         default=C.DEFAULT_DEADLINE_MS, metadata={"doc": "wait for the cloud's reply after sending, then finish locally"}
     )
@@ -465,11 +468,12 @@ class AgentConfig:
             raise ConfigError("cut", f"expected a cut id of the bundle, got {self.cut!r}")
         _choice("head_precision", self.head_precision, HEAD_PRECISIONS)
         if not isinstance(self.codec, str):
-            raise ConfigError("codec", f"expected a codec spec string like \"int8\", got {self.codec!r}")
+            raise ConfigError("codec", f"expected \"auto\" or a codec spec string like \"int8\", got {self.codec!r}")
         try:
-            s(self, "codec", parse_codec(self.codec).spec)
+            s(self, "codec", AUTO_CODEC if self.codec.strip().lower() == AUTO_CODEC else parse_codec(self.codec).spec)
         except TensorError:
-            raise ConfigError("codec", f"expected one of {', '.join(VALID_SPECS)}, got {self.codec!r}") from None
+            raise ConfigError("codec", f"expected auto or one of {', '.join(VALID_SPECS)}, got {self.codec!r}"
+                              ) from None
         s(self, "deadline_ms", _int("deadline_ms", self.deadline_ms, 1, 2**32 - 1))
         s(self, "max_in_flight", _int("max_in_flight", self.max_in_flight, 1, 100_000))
         s(self, "workers", _int("workers", self.workers, 1, 256))

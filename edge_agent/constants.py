@@ -21,7 +21,8 @@ DEFAULT_CLOUD = _env("CLOUD", "127.0.0.1:50051")
 DEFAULT_DEVICE_ID = _env("DEVICE_ID", "edge-0")
 
 DEFAULT_HEAD_PRECISION = "int8"
-DEFAULT_CODEC = "int8"
+DEFAULT_CODEC = "auto"  # the plan's codec for the cut in use (edge_agent.agent)
+PLANLESS_CODEC = "int8"  # "auto" with a plan.json older than the codec choice
 DEFAULT_DEADLINE_MS = 1000
 DEFAULT_MAX_IN_FLIGHT = 32
 DEFAULT_WORKERS = 2

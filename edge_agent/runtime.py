@@ -158,10 +158,13 @@ class RunnerCache:
             runner.close()
 
 
-def head_choice(plan: Mapping[str, Any], cut_id: str, wanted: str, runs_int8_file: bool) -> str:
-    """Which head a cut runs and why, in words: int8, mixed (with its float nodes) or fp32."""
+def head_choice(plan: Mapping[str, Any], cut_id: str, wanted: str, runs_int8_file: bool,
+                runtime: str = ONNXRUNTIME) -> str:
+    """Which head a cut runs and why, in words: int8, mixed (with its float nodes) or fp32. The gate quoted is the
+    one of the heads `runtime` runs (LiteRT's .tflite heads have their own, `verification.cuts[id].litert.int8`)."""
     cuts = plan.get("verification", {}).get("cuts", {}) if isinstance(plan, Mapping) else {}
-    gate = (cuts.get(cut_id) or {}).get("int8") or {}
+    checked = cuts.get(cut_id) or {}
+    gate = ((checked.get("litert") or {}) if runtime == LITERT else checked).get("int8") or {}
     value = f"{gate['metric']} {float(gate['value']):.3f}" if "metric" in gate and "value" in gate else "no gate"
     if wanted != "int8":
         return f"fp32 head (head_precision {wanted})"
@@ -188,6 +191,11 @@ class CutRuntime:
         self.results = self.outputs + (detection_specs(self.postprocess) if self.postprocess else ())
         self.tensors: tuple[TensorSpec, ...] = cut.tensors
         self.runtime = cache.options.runtime
+        failed = _litert_error(bundle, cut) if self.runtime == LITERT else None
+        if failed is not None:  # `split-profile convert` could not convert this cut: its ONNX heads stay for it
+            log.warning("%s cut %s: no LiteRT head (its conversion failed: %s); running its ONNX head on "
+                        "onnxruntime", bundle.model_name, cut_id, failed)
+            self.runtime = ONNXRUNTIME
         if self.runtime == LITERT:
             head_path, self.head_is_int8 = _litert_head(bundle, cut, head_precision)
         else:
@@ -196,8 +204,9 @@ class CutRuntime:
         self.head_path = head_path
         if head_path is not None:
             log.info("%s cut %s: running the %s", bundle.model_name, cut_id,
-                     head_choice(bundle.plan, cut_id, head_precision, self.head_is_int8))
-        self.head = cache.get(head_path) if head_path is not None else None
+                     head_choice(bundle.plan, cut_id, head_precision, self.head_is_int8, self.runtime))
+        head_options = cache.options if self.runtime == cache.options.runtime else cache.options.tail_options
+        self.head = cache.get(head_path, head_options) if head_path is not None else None
         self.tail = cache.get(cut.tail, cache.options.tail_options) if cut.tail is not None else None
         if cut_id == CLOUD_ONLY and self.head is not None:
             raise ModelLoadError(f"{bundle.root}: cut {CLOUD_ONLY!r} must have no head")
@@ -248,6 +257,16 @@ class CutRuntime:
     def zeros_input(self, batch: int = 1) -> dict[str, np.ndarray]:
         """A zero input of batch `batch` (the probes' payload)."""
         return {s.name: np.zeros(s.concrete_shape(batch), dtype=np.dtype(s.dtype)) for s in self.inputs}
+
+
+def _litert_error(bundle: Bundle, cut: Any) -> str | None:
+    """Why `cut` has no LiteRT head when its conversion failed (plan.json verification.cuts[id].litert.error), else
+    None (it has one, or the bundle was never converted: `_litert_head` says so)."""
+    if getattr(cut, "head_tflite", None) is not None or cut.id == CLOUD_ONLY:
+        return None
+    checked = bundle.plan.get("verification", {}).get("cuts", {}).get(cut.id) or {}
+    error = (checked.get("litert") or {}).get("error")
+    return None if error is None else str(error)
 
 
 def _litert_head(bundle: Bundle, cut: Any, head_precision: str) -> tuple[Path | None, bool]:

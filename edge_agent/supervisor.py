@@ -63,10 +63,12 @@ class Supervisor:
         count: Callable[[str], None],
         next_id: Callable[[], int],
         model_sha256: str = "",
+        codec: Callable[[str], str] | None = None,
     ):
         """`state`/`runtime`: the agent's mode and current cut; `switch(mode, reason)`; `still_local(why)`
         records why a reconnect failed; `count(name)` bumps an AgentStats counter; `next_id` numbers probes;
-        `model_sha256`: the bundle's model hash, sent with each probe as with each request."""
+        `model_sha256`: the bundle's model hash, sent with each probe as with each request; `codec(cut_id)`:
+        the codec the agent sends that cut with (default: the config's)."""
         self.config = config
         self._link = link
         self._bandwidth = bandwidth
@@ -77,6 +79,7 @@ class Supervisor:
         self._count = count
         self._next_id = next_id
         self._model_sha256 = model_sha256
+        self._codec = codec or (lambda cut_id: config.codec)
         self.open_lock = threading.Lock()  # the supervisor and measurement probes both may open the link
         self._lock = threading.Lock()
         self._probes: dict[str, _Probe] = {}
@@ -198,7 +201,8 @@ class Supervisor:
         if payload is None:
             payload = self._probe_payloads[rt.cut_id] = rt.run_head(rt.zeros_input())
         pid = f"{PROBE_PREFIX}{cfg.device_id}-{self._next_id()}"
-        codec_spec = calibration_codec(cfg.codec) if calibration else cfg.codec
+        codec = self._codec(rt.cut_id)
+        codec_spec = calibration_codec(codec) if calibration else codec
         request = serde.prepare(CloudRequest(
             pid, cfg.device_id, rt.model_name, rt.cut_id, serde.encode_tensors(payload, codec_spec),
             deadline_ms=cfg.deadline_ms, probe=True, sent_unix_ns=time.time_ns(), model_sha256=self._model_sha256,

@@ -15,8 +15,9 @@ import contextlib
 import io
 import logging
 import re
+import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,15 @@ class ConversionError(ValueError):
 
 def to_onnx(module_or_program: Any, example_inputs: tuple, out_path: Path, *,
             input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-            verbose: bool = False) -> Path:
-    """Export an nn.Module, ScriptModule or ExportedProgram to normalized ONNX at `out_path`, checked against torch."""
+            verbose: bool = False, progress: Callable[[str], None] | None = None, source: str | None = None) -> Path:
+    """Export an nn.Module, ScriptModule or ExportedProgram to normalized ONNX at `out_path`, checked against torch.
+
+    `progress` hears one line per finished step with its time ("exporting model.pt to ONNX (legacy TorchScript
+    exporter)... 12.3 s"); `source` names the model in those lines (default: the output file's name).
+    """
     torch = require("torch", "profile")
+    say = progress or (lambda _msg: None)
+    what = source or Path(out_path).name
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     example_inputs = tuple(example_inputs)
@@ -58,17 +65,22 @@ def to_onnx(module_or_program: Any, example_inputs: tuple, out_path: Path, *,
     # exported under plain names (TorchScript refuses names like "0"), renamed after
     export_names = _default_names("output", len(out_names))
     args = (module_or_program, example_inputs, out_path, in_names, export_names, verbose)
+    legacy = f"exporting {what} to ONNX (legacy TorchScript exporter)"
     if isinstance(module_or_program, torch.jit.ScriptModule):
-        _export_or_raise(_export_legacy, args, "legacy (TorchScript)")
+        with timed_step(say, legacy):
+            _export_script(args, say)
     elif isinstance(module_or_program, torch.export.ExportedProgram):
-        _export_or_raise(_export_dynamo, args, "dynamo")
+        with timed_step(say, f"exporting {what} to ONNX (dynamo exporter)"):
+            _export_or_raise(_export_dynamo, args, "dynamo")
     elif isinstance(module_or_program, torch.nn.Module):
         try:
-            _export_dynamo(*args)
+            with timed_step(say, f"exporting {what} to ONNX (dynamo exporter)"):
+                _export_dynamo(*args)
         except Exception as exc:  # noqa: BLE001 - any dynamo failure: try the other exporter, keep the cause
             log.warning("dynamo ONNX export of %s failed (%s); falling back to the legacy exporter",
                         type(module_or_program).__name__, _summary(exc))
-            _export_or_raise(_export_legacy, args, f"dynamo: {_summary(exc)}; legacy")
+            with timed_step(say, legacy):
+                _export_or_raise(_export_legacy, args, f"dynamo: {_summary(exc)}; legacy")
     else:
         raise ConversionError(
             f"cannot export {type(module_or_program).__name__}: "
@@ -76,12 +88,34 @@ def to_onnx(module_or_program: Any, example_inputs: tuple, out_path: Path, *,
         )
     if export_names != out_names:
         _rename_outputs(out_path, export_names, out_names)
-    normalize_onnx(out_path)
+    with timed_step(say, f"checking {out_path.name} and inferring its shapes"):
+        normalize_onnx(out_path)
+    resolve_shapes(out_path, say)
     _lower_ir_version(out_path)
-    if not make_batch_dynamic(out_path):
-        log.warning("%s: exported with a fixed batch dimension", out_path.name)
+    if not make_batch_dynamic(out_path):  # the loader says so once, as a progress line
+        log.info("%s: exported with a fixed batch dimension", out_path.name)
     _check_against_reference(out_path, example_inputs, reference)
     return out_path
+
+
+def resolve_shapes(path: Path, progress: Callable[[str], None] | None = None) -> FoldResult:
+    """Fold the shape arithmetic of the ONNX file at `path` in place (`fold_shape_subgraphs`), saying what it did."""
+    say = progress or (lambda _msg: None)
+    start = time.monotonic()
+    result = fold_shape_subgraphs(path)
+    if result.folded or result.kept:
+        kept = (f"; {len(result.kept)} vary with the batch size and stay computed" if result.kept else "")
+        say(f"folding the shape computations of {Path(path).name}: {result.folded} made constant{kept}... "
+            f"{time.monotonic() - start:.1f} s")
+    return result
+
+
+@contextlib.contextmanager
+def timed_step(say: Callable[[str], None], what: str) -> Iterator[None]:
+    """Say "`what`... 12.3 s" once the step inside finishes (nothing when it raises: its error says enough)."""
+    start = time.monotonic()
+    yield
+    say(f"{what}... {time.monotonic() - start:.1f} s")
 
 
 def normalize_onnx(path: Path) -> None:
@@ -132,19 +166,101 @@ def make_batch_dynamic(path: Path) -> bool:
             continue
         io_.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM  # clears dim_value (oneof)
     del candidate.graph.value_info[:]  # inferred again for the new batch dim
-    try:
-        candidate = onnx.shape_inference.infer_shapes(candidate)
-        feeds = random_feeds(inputs, batch=2)
-        outputs = run_onnx(candidate.SerializeToString(), feeds)
-        ok = all(o.ndim > 0 and o.shape[0] == 2 for o in outputs)
-    except Exception as exc:  # noqa: BLE001 - any failure means the batch size is baked into the graph
-        log.debug("batch 2 run failed: %s", exc)
-        ok = False
+    ok = _runs_at_batch_two(candidate)
     if not ok:
-        log.warning("%s: the batch dimension is fixed in the graph (e.g. a Reshape to batch 1); kept as is", path.name)
+        freed = _free_reshape_batch(candidate)
+        if freed and _runs_at_batch_two(candidate) and _batch_of_two_is_two_of_one(candidate, inputs):
+            log.info("%s: %d Reshape(s) to batch 1 now keep the input's batch", path.name, freed)
+            ok = True
+    if not ok:
+        # info, not warning: with no logging configured a warning reaches stderr past -q; the loader says it once
+        log.info("%s: the batch dimension is fixed in the graph (e.g. a Reshape to batch 1); kept as is", path.name)
         return False
     onnx.save_model(candidate, str(path))
     log.info("%s: made the fixed batch dimension dynamic (%r)", path.name, BATCH_DIM)
+    return True
+
+
+def _runs_at_batch_two(candidate: Any) -> bool:
+    """Whether `candidate` (batch dims symbolic) infers and runs at batch 2 with outputs of batch 2, in place."""
+    onnx = require("onnx", "profile")
+    initializer_names = {t.name for t in candidate.graph.initializer}
+    inputs = [i for i in candidate.graph.input if i.name not in initializer_names]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(candidate)
+        outputs = run_onnx(inferred.SerializeToString(), random_feeds(inputs, batch=2), log_severity=4)
+    except Exception as exc:  # noqa: BLE001 - any failure means the batch size is baked into the graph
+        log.debug("batch 2 run failed: %s", exc)
+        return False
+    candidate.CopyFrom(inferred)
+    return all(o.ndim > 0 and o.shape[0] == 2 for o in outputs)
+
+
+def _free_reshape_batch(candidate: Any) -> int:
+    """Reshapes to a constant target starting with 1 whose data has the symbolic batch as dim 0 (torch.export
+    bakes the example's batch 1 into `view`s): that 1 becomes 0 (copy the input's dim 0). The count changed."""
+    onnx = require("onnx", "profile")
+    from onnx import numpy_helper
+
+    graph = candidate.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(candidate)
+    except Exception:  # noqa: BLE001 - nothing to go on
+        return 0
+    # dim 0 follows the symbolic batch (under whatever name inference gave it); checked by a run at batch 2 after
+    batched = {vi.name for vi in (*inferred.graph.value_info, *inferred.graph.input)
+               if vi.type.tensor_type.shape.dim and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    holders: dict[str, Any] = {t.name: t for t in graph.initializer}
+    holders.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant"
+                    for a in n.attribute if a.name == "value"})
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
+    changed = 0
+    for name, tensor in holders.items():
+        users = readers.get(name, [])
+        if not users or not all(_frees_batch(u, name, batched) for u in users):
+            continue
+        value = numpy_helper.to_array(tensor)
+        if value.ndim != 1 or not len(value) or value[0] != 1 or (value == 0).any():
+            continue
+        value = value.copy()
+        value[0] = 0
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+        for user in users:  # no other 0 in the target: allowzero made no difference until now
+            for attr in user.attribute:
+                if attr.name == "allowzero":
+                    attr.i = 0
+        changed += len(users)
+    return changed
+
+
+def _frees_batch(node: Any, target: str, batched: set[str]) -> bool:
+    return (node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] == target
+            and node.input[0] in batched)
+
+
+def _allows_zero(reshape: Any) -> bool:
+    """A Reshape whose 0 entries mean size 0 rather than "copy the input's size"."""
+    return any(a.name == "allowzero" and a.i for a in reshape.attribute)
+
+
+def _batch_of_two_is_two_of_one(candidate: Any, inputs: Sequence[Any]) -> bool:
+    """Whether the candidate's outputs at batch 2 are its outputs for each sample at batch 1, stacked."""
+    data = candidate.SerializeToString()
+    pair = random_feeds(inputs, batch=2)
+    try:
+        both = run_onnx(data, pair, log_severity=4)
+        each = [run_onnx(data, {k: v[i:i + 1] for k, v in pair.items()}, log_severity=4) for i in range(2)]
+    except Exception as exc:  # noqa: BLE001 - a failure is a no
+        log.debug("batch 2 against 2 x batch 1 failed: %s", exc)
+        return False
+    for j, out in enumerate(both):
+        stacked = np.concatenate([each[0][j], each[1][j]])
+        scale = max(float(np.max(np.abs(stacked))) if stacked.size else 0.0, 1e-6)
+        if out.shape != stacked.shape or float(np.max(np.abs(out - stacked), initial=0.0)) > RTOL * scale:
+            return False
     return True
 
 
@@ -190,6 +306,42 @@ def _export_legacy(module: Any, example_inputs: tuple, out_path: Path, in_names:
                           input_names=in_names, output_names=out_names, dynamic_axes=axes, verbose=verbose)
 
 
+def _export_script(args: tuple, say: Callable[[str], None]) -> None:
+    """The legacy exporter on a ScriptModule; when it refuses, again on the module frozen with its attention fast
+    paths and rank-dependent ops rewritten (models.torchscript); else one line naming the operator."""
+    from models import torchscript
+
+    try:
+        _export_legacy(*args)
+        return
+    except Exception as exc:  # noqa: BLE001 - the exporter raises anything; try the prepared module next
+        first = exc
+    module, example_inputs = args[0], args[1]
+    try:
+        prepared = torchscript.prepare(module, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - freezing or rewriting failed: the first refusal says why
+        log.debug("preparing the TorchScript module failed: %s", exc)
+        raise _script_refusal(first) from first
+    if prepared.rewrites:
+        say("the legacy exporter refused the TorchScript module; retrying with "
+            + ", ".join(f"{n} {op} rewritten" for op, n in prepared.rewrites.items()))
+    try:
+        _export_legacy(prepared.module, *args[1:])
+    except Exception as exc:  # noqa: BLE001 - still refused: name the operator
+        raise _script_refusal(exc) from exc
+
+
+def _script_refusal(exc: BaseException) -> ConversionError:
+    from models.torchscript import failing_operator
+
+    op = failing_operator(exc)
+    what = f"the operator {op}" if op else "this TorchScript module"
+    why = _summary(exc).split("  [Caused by")[0][:160]
+    return ConversionError(f"the legacy TorchScript exporter cannot convert {what} ({why}); hand "
+                           "over the model as .pt2 (torch.export.save) or ONNX instead; --debug shows the full "
+                           "graph and traceback")
+
+
 def _export_or_raise(export: Any, args: tuple, exporter: str) -> None:
     try:
         export(*args)
@@ -208,14 +360,44 @@ def _quiet(verbose: bool) -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        # torch.export prints failing graphs to stderr; the exception still carries the cause
+        # torch.export prints failing graphs to stderr, and the legacy exporter's C++ logs the whole graph at an
+        # exception (torch turns its ONNX log on by mistake); the exception still carries the cause
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
+                contextlib.redirect_stderr(io.StringIO()), _native_stderr_to_log():
             warnings.simplefilter("ignore")
             yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Send what native code writes to file descriptors 1 and 2 meanwhile to this module's debug log instead."""
+    import os
+    import sys
+    import tempfile
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+    except (OSError, ValueError):  # no real stdout/stderr (embedded interpreter): nothing to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            for fd, copy in ((1, saved[0]), (2, saved[1])):
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace").strip()
+            if text:
+                log.debug("native output while exporting:\n%s", text)
 
 
 def _summary(exc: BaseException) -> str:
@@ -361,9 +543,10 @@ def _check_against_reference(path: Path, example_inputs: tuple, reference: list[
             raise ConversionError(f"{path}: output {i} differs from torch by {err:.3g} (max |torch| {scale:.3g})")
 
 
-def run_onnx(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a serialized model once on one CPU thread; its outputs."""
-    return make_session(model_bytes, threads=1, inter_threads=None).run(None, feeds)
+def run_onnx(model_bytes: bytes, feeds: dict[str, np.ndarray], *, log_severity: int = 3) -> list[np.ndarray]:
+    """Run a serialized model once on one CPU thread; its outputs. `log_severity` 4 keeps onnxruntime's own error
+    lines off stderr for a run whose failure the caller handles (the exception carries the message)."""
+    return make_session(model_bytes, threads=1, inter_threads=None, log_severity=log_severity).run(None, feeds)
 
 
 def random_feeds(inputs: Sequence[Any], batch: int | None = None) -> dict[str, np.ndarray]:
@@ -406,6 +589,224 @@ def integer_input_highs(model: Any, default: int | None = None) -> dict[str, int
         elif default is not None:
             highs[vi.name] = int(default)
     return highs
+
+
+# -- shape subgraphs -------------------------------------------------------------------------------
+
+SHAPE_ROOTS = frozenset({"Shape", "Size"})
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                         "Bernoulli"})
+MAX_FOLD_ELEMENTS = 4096  # a shape value is a few integers; larger tensors (e.g. a mask built from a shape) stay
+
+
+def shape_derived(graph: Any) -> set[str]:
+    """Tensors computed only from tensors' shapes (Shape, Size) and constants: the shape arithmetic a tracer leaves
+    behind (Shape -> Gather -> Unsqueeze -> Concat -> Reshape). Their values carry no batch dimension."""
+    onnx = require("onnx", "profile")
+    constants = {t.name for t in graph.initializer}
+    derived: set[str] = set()
+    for node in graph.node:
+        outs = [o for o in node.output if o]
+        ins = [i for i in node.input if i]
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        if node.op_type == "Constant" or (ins and all(i in constants for i in ins) and node.op_type not in _RANDOM_OPS):
+            constants.update(outs)
+        elif node.op_type in SHAPE_ROOTS:
+            derived.update(outs)
+        elif (ins and node.op_type not in _RANDOM_OPS and all(i in derived or i in constants for i in ins)
+              and any(i in derived for i in ins)):
+            derived.update(outs)
+    return derived
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """What `fold_shape_subgraphs` did: shape values made constants, and those left computed (they vary with the
+    batch size and feed something other than a Reshape)."""
+
+    folded: int
+    kept: tuple[str, ...]
+
+
+def fold_shape_subgraphs(path: Path) -> FoldResult:
+    """Constant-fold the shape arithmetic of the ONNX file at `path`, in place, with its concrete input shape.
+
+    The values of the shape subgraphs' results (`shape_derived`, where read by other nodes) are read from two
+    onnxruntime runs, at batch 1 and batch 2: a value the same in both becomes a constant; a Reshape's target
+    that differs only in one entry that doubles with the batch becomes a constant with -1 there (or 0, the
+    input's size, next to a -1), checked by a run at batch 2 against two at batch 1; any other stays
+    computed (listed in `kept`). When the graph cannot run at batch 2 (the batch is fixed in it), the values at
+    batch 1 are folded. Unused nodes are then removed and shapes inferred again, so that every node's shapes are
+    known and no shape value crosses a cut.
+    """
+    onnx = require("onnx", "profile")
+    path = Path(path)
+    model = onnx.load(str(path))
+    graph = model.graph
+    derived = shape_derived(graph)
+    if not derived:
+        return FoldResult(0, ())
+    derived_nodes = [n for n in graph.node if any(o in derived for o in n.output)]
+    inside = {n.name for n in derived_nodes}  # nodes are named (normalize_onnx)
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    outputs = {o.name for o in graph.output}
+    frontier = [t for n in derived_nodes for t in n.output
+                if t and t not in outputs and any(c.name not in inside for c in consumers.get(t, ()))]
+    if not frontier:
+        return FoldResult(0, ())
+    values = _probe_values(model, frontier)
+    if values is None:
+        return FoldResult(0, tuple(frontier))
+    folded: dict[str, np.ndarray] = {}
+    kept: list[str] = []
+    for t in frontier:
+        v1, v2 = values[t]
+        if v1 is None or v1.size > MAX_FOLD_ELEMENTS:
+            kept.append(t)
+        elif v2 is None or (v1.shape == v2.shape and np.array_equal(v1, v2)):
+            folded[t] = v1
+        elif (reshape := _batch_free_reshape_target(t, v1, v2, consumers.get(t, ()))) is not None:
+            folded[t] = reshape
+        else:
+            kept.append(t)
+    if not folded:
+        return FoldResult(0, tuple(kept))
+    varying = [t for t, value in folded.items() if not _same(value, values[t][0])]  # Reshape targets made batch-free
+    result = _folded(model, folded, inside, path)
+    if varying and not _keeps_batch(result):
+        # a Reshape target rewritten for the batch got it wrong: fold only what does not vary with the batch
+        kept += varying
+        folded = {t: v for t, v in folded.items() if t not in varying}
+        result = _folded(model, folded, inside, path) if folded else model
+    onnx.save_model(result, str(path), save_as_external_data=False)
+    return FoldResult(len(folded), tuple(kept))
+
+
+def _same(a: np.ndarray, b: np.ndarray | None) -> bool:
+    return b is not None and np.array_equal(a, b)
+
+
+def _keeps_batch(model: Any) -> bool:
+    """Whether `model`, batch dims made symbolic, gives at batch 2 the outputs of its two samples at batch 1."""
+    onnx = require("onnx", "profile")
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    initializer_names = {t.name for t in candidate.graph.initializer}
+    inputs = [i for i in candidate.graph.input if i.name not in initializer_names]
+    for vi in inputs:
+        if vi.type.tensor_type.shape.dim:
+            vi.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
+    del candidate.graph.value_info[:]
+    return _runs_at_batch_two(candidate) and _batch_of_two_is_two_of_one(candidate, inputs)
+
+
+def _folded(original: Any, folded: dict[str, np.ndarray], inside: set[str], path: Path) -> Any:
+    """A copy of `original` where the tensors `folded` are constants and the shape nodes left unused are gone."""
+    onnx = require("onnx", "profile")
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    graph = model.graph
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    renamed = {}
+    for t, value in folded.items():
+        name, k = f"{t}_folded", 1
+        while name in taken:
+            name, k = f"{t}_folded_{k}", k + 1
+        taken.add(name)
+        renamed[t] = name
+        graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+    for node in graph.node:
+        if node.name in inside:
+            continue
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    _drop_unused(graph, inside)
+    del graph.value_info[:]
+    return _infer_shapes(model, path)
+
+
+def _batch_free_reshape_target(name: str, v1: np.ndarray, v2: np.ndarray, readers: Sequence[Any]) -> np.ndarray | None:
+    """The constant target for Reshapes reading `name` whose value differs between batch 1 (`v1`) and 2 (`v2`)
+    only in one entry equal to the batch size: that entry becomes -1 (inferred from the element count)."""
+    if not readers or any(r.op_type != "Reshape" or list(r.input).index(name) != 1 for r in readers):
+        return None
+    if v1.ndim != 1 or v1.shape != v2.shape or (v1 == 0).any() or any(_allows_zero(r) for r in readers):
+        return None
+    differ = np.flatnonzero(v1 != v2)
+    if len(differ) != 1 or v2[differ[0]] != 2 * v1[differ[0]]:  # the batch, or the batch times heads, ...
+        return None
+    if not (v1 == -1).any():
+        out = v1.copy()
+        out[differ[0]] = -1  # inferred from the element count
+        return out
+    if v1[differ[0]] != 1:
+        return None
+    out = v1.copy()
+    out[differ[0]] = 0  # the input's size there (checked after: _keeps_batch)
+    return out
+
+
+def _probe_values(model: Any, names: list[str]) -> dict[str, tuple[np.ndarray | None, np.ndarray | None]] | None:
+    """The values of tensors `names` from onnxruntime runs at batch 1 and batch 2 (None where batch 2 fails, or
+    where a tensor's type is unknown); None when the model does not run at all."""
+    onnx = require("onnx", "profile")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    initializer_names = {t.name for t in probe.graph.initializer}
+    inputs = [vi for vi in probe.graph.input if vi.name not in initializer_names]
+    for vi in inputs:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].dim_param = BATCH_DIM
+    del probe.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe)
+    except Exception:  # noqa: BLE001 - types of the probed tensors then stay unknown
+        inferred = probe
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    for node in probe.graph.node:
+        if node.op_type in SHAPE_ROOTS:
+            elem.update((o, onnx.TensorProto.INT64) for o in node.output)
+    known = [n for n in names if elem.get(n)]
+    existing = {o.name for o in probe.graph.output}
+    for n in known:
+        if n not in existing:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(n, elem[n], None))
+    data = probe.SerializeToString()
+    runs: list[dict[str, np.ndarray] | None] = []
+    for batch in (1, 2):
+        try:
+            sess = make_session(data, threads=1, inter_threads=None, log_severity=4)
+            got = sess.run(known, random_feeds(inputs, batch=batch))
+            runs.append(dict(zip(known, got)))
+        except Exception as exc:  # noqa: BLE001 - batch 2 fails where the batch is fixed in the graph
+            log.debug("shape probe at batch %d failed: %s", batch, exc)
+            if batch == 1:
+                return None
+            runs.append(None)
+    first, second = runs
+    assert first is not None
+    return {n: (first.get(n), None if second is None else second.get(n)) for n in names}
+
+
+def _drop_unused(graph: Any, candidates: set[str]) -> None:
+    """Remove the nodes among `candidates` (names) whose outputs nothing reads, repeatedly; then unused initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.name in candidates and not any(o in read for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    read = {i for n in _walk_nodes(graph) for i in n.input} | outputs | {vi.name for vi in graph.input}
+    for t in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(t)
 
 
 # -- graph helpers ---------------------------------------------------------------------------------

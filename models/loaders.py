@@ -275,8 +275,7 @@ def _load_zoo(name: str, workdir: Path, input_shape: tuple[int, ...] | None,
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / f"{name}.onnx"
-    say(f"{name}: converting to ONNX")
-    _wrap(lambda: to_onnx(model, (example,), out), f"zoo model {name}")
+    _wrap(lambda: to_onnx(model, (example,), out, progress=say, source=name), f"zoo model {name}")
     inputs, outputs = _describe(out, out)
     return LoadedModel(name=name, source=name, format="zoo", sha256=sha256_file(out), onnx_path=out,
                        inputs=inputs, outputs=outputs, task=entry.task, postprocess=entry.postprocess)
@@ -284,7 +283,7 @@ def _load_zoo(name: str, workdir: Path, input_shape: tuple[int, ...] | None,
 
 def _convert_onnx(path: Path, out: Path, input_shape: tuple[int, ...] | None, named: Mapping[str | None, InputHint],
                   say: Callable[[str], None]) -> None:
-    from models.convert import make_batch_dynamic, normalize_onnx
+    from models.convert import make_batch_dynamic, normalize_onnx, resolve_shapes, timed_step
 
     onnx = require("onnx", "profile")
     model = _wrap(lambda: onnx.load(str(path)), str(path))  # external data resolved next to the user's file
@@ -322,18 +321,21 @@ def _convert_onnx(path: Path, out: Path, input_shape: tuple[int, ...] | None, na
         for d in wanted[1:]:
             vi.type.tensor_type.shape.dim.add().dim_value = d
     _wrap(lambda: onnx.save_model(model, str(out), save_as_external_data=False), str(path))
-    _wrap(lambda: normalize_onnx(out), str(path))
+    with timed_step(say, f"checking {path.name} and inferring its shapes"):
+        _wrap(lambda: normalize_onnx(out), str(path))
+    _wrap(lambda: resolve_shapes(out, say), str(path))
     _wrap(lambda: make_batch_dynamic(out), str(path))
 
 
 def _convert_torchscript(path: Path, out: Path, input_shape: tuple[int, ...] | None,
                          named: Mapping[str | None, InputHint], say: Callable[[str], None]) -> None:
-    from models.convert import to_onnx
+    from models.convert import timed_step, to_onnx
 
     torch = require("torch", "profile")
     with zipfile.ZipFile(path) as zf:  # traced archives keep their example inputs; scripted ones do not
         traced = any(n.endswith("/traced_inputs.pkl") for n in zf.namelist())
-    module = _wrap(lambda: torch.jit.load(str(path), map_location="cpu", _restore_shapes=traced), str(path))
+    with timed_step(say, f"loading {path.name} (TorchScript)"):
+        module = _wrap(lambda: torch.jit.load(str(path), map_location="cpu", _restore_shapes=traced), str(path))
     module.eval()
     args = list(module.graph.inputs())[1:]  # [0] is self
     shapes: list[tuple[int, ...] | None] = []
@@ -345,13 +347,13 @@ def _convert_torchscript(path: Path, out: Path, input_shape: tuple[int, ...] | N
         dtypes.append(t.dtype() if t.kind() == "TensorType" else None)
     names = [re.sub(r"\.\d+$", "", arg.debugName()) for arg in args]
     examples = _examples_from(path, shapes, input_shape, torch, names=names, dtypes=dtypes, named=named)
-    say(f"{path.name}: converting TorchScript to ONNX")
-    _wrap(lambda: to_onnx(module, examples, out, input_names=_onnx_input_names(names)), str(path))
+    _wrap(lambda: to_onnx(module, examples, out, input_names=_onnx_input_names(names), progress=say,
+                          source=path.name), str(path))
 
 
 def _convert_exported(path: Path, out: Path, input_shape: tuple[int, ...] | None,
                       named: Mapping[str | None, InputHint], allow_pickle: bool, say: Callable[[str], None]) -> None:
-    from models.convert import to_onnx
+    from models.convert import timed_step, to_onnx
 
     torch = require("torch", "profile")
     if not allow_pickle:
@@ -359,7 +361,8 @@ def _convert_exported(path: Path, out: Path, input_shape: tuple[int, ...] | None
         if why is not None:
             raise ModelLoadError(f"{path}: is a torch.export archive whose {why} (torch.export.load would unpickle "
                                  f"it); {_PICKLE_RISK}")
-    program = _wrap(lambda: torch.export.load(str(path)), str(path))
+    with timed_step(say, f"loading {path.name} (torch.export)"):
+        program = _load_pt2(path, torch)
     recorded = getattr(program, "example_inputs", None)
     user_inputs = list(program.graph_signature.user_inputs)
     if recorded is not None and recorded[0] and not recorded[1]:
@@ -379,9 +382,64 @@ def _convert_exported(path: Path, out: Path, input_shape: tuple[int, ...] | None
                 shapes.append((batch, *dims[1:]) if static and dims else None)
                 dtypes.append(getattr(val, "dtype", None))
         examples = _examples_from(path, shapes, input_shape, torch, names=user_inputs, dtypes=dtypes, named=named)
-    say(f"{path.name}: converting the ExportedProgram to ONNX")
     in_names = _onnx_input_names(user_inputs) if len(user_inputs) == len(examples) else None
-    _wrap(lambda: to_onnx(program, examples, out, input_names=in_names), str(path))
+    _wrap(lambda: to_onnx(program, examples, out, input_names=in_names, progress=say, source=path.name), str(path))
+
+
+_PYTREE_MISSING = re.compile(r"Deserializing ([\w.]+) in pytree is not registered")
+
+
+def _load_pt2(path: Path, torch: Any) -> Any:
+    """torch.export.load, with torch's logged explanation of a failure turned into the error's one line.
+
+    A program whose inputs or outputs are types registered with torch's pytree (Hugging Face's ModelOutput, ...)
+    loads only where the package that registered them is imported: an installed one is imported and the load
+    tried again; else the error names it.
+    """
+    import importlib
+    import logging
+
+    class _Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(logging.Formatter().format(record))  # with the logged traceback
+
+    logger = logging.getLogger("torch.export")
+    imported: set[str] = set()
+    while True:
+        keep = _Keep()
+        own, propagate = list(logger.handlers), logger.propagate
+        for handler in own:  # torch's stderr handler would print the whole traceback past -q
+            logger.removeHandler(handler)
+        logger.addHandler(keep)
+        logger.propagate = False
+        try:
+            return torch.export.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - torch logs the cause and raises a generic RuntimeError
+            found = _PYTREE_MISSING.search("\n".join(keep.lines) + "\n" + str(exc))
+            if found is None:
+                raise ModelLoadError(f"{path}: {type(exc).__name__}: {_first_line(exc)}") from exc
+            type_name = found.group(1)
+            package = type_name.split(".")[0]
+            module = type_name.rsplit(".", 1)[0]
+            if module not in imported:
+                imported.add(module)
+                try:
+                    importlib.import_module(module)
+                    continue  # registered now: load again
+                except ImportError:
+                    pass
+            raise ModelLoadError(f"{path}: this .pt2 needs the package that defined its output types: import "
+                                 f"{package} (it holds a {type_name}, which torch cannot read without it; "
+                                 f"pip install {package})") from exc
+        finally:
+            logger.removeHandler(keep)
+            for handler in own:
+                logger.addHandler(handler)
+            logger.propagate = propagate
 
 
 def _convert_pickle(path: Path, out: Path, input_shape: tuple[int, ...] | None,
@@ -400,8 +458,8 @@ def _convert_pickle(path: Path, out: Path, input_shape: tuple[int, ...] | None,
     names = [n for n in named if n is not None] or ["input"]
     examples = _examples_from(path, [None] * len(names), input_shape, torch, names=names, dtypes=[None] * len(names),
                               named=named)
-    say(f"{path.name}: converting the unpickled nn.Module to ONNX")
-    _wrap(lambda: to_onnx(obj, examples, out, input_names=_onnx_input_names(names)), str(path))
+    _wrap(lambda: to_onnx(obj, examples, out, input_names=_onnx_input_names(names), progress=say, source=path.name),
+          str(path))
 
 
 # -- .pt2 archives without pickle ------------------------------------------------------------------

@@ -59,6 +59,7 @@ from models.plandoc import (
     Verification,
     rank_key,
     sha256_file,
+    split_codec_spec,
 )
 
 __all__ = ["PLAN_SCHEMA", "PLAN_FILE", "EDGE_ONLY", "CLOUD_ONLY", "BASELINES", "CODECS", "OBJECTIVES",
@@ -224,6 +225,20 @@ class Bundle:
         """(uplink Mbps, best cut id) rows, ascending in bandwidth."""
         rows = [PlanRow.from_json(r) for r in self.plan.get("plan_table") or ()] or [PlanRow(0.0, self.chosen)]
         return tuple(sorted((r.uplink_mbps, r.cut) for r in rows))
+
+    def codec_for(self, cut_id: str, uplink_mbps: float | None = None) -> str | None:
+        """The plan's codec for `cut_id`: at `uplink_mbps`, the plan-table row's when that row names this cut,
+        else the candidate's; None when the plan has none (a plan.json older than the codec choice)."""
+        if uplink_mbps is not None:
+            rows = sorted((PlanRow.from_json(r) for r in self.plan.get("plan_table") or ()),
+                          key=lambda r: r.uplink_mbps)
+            row = next((r for r in reversed(rows) if r.uplink_mbps <= uplink_mbps), rows[0] if rows else None)
+            if row is not None and row.cut == cut_id and row.codec is not None:
+                return row.codec
+        cands = self.plan.get("candidates") or ()
+        cand = next((c for c in cands if isinstance(c, dict) and c.get("id") == cut_id), None)
+        codec = None if cand is None else cand.get("codec")
+        return str(codec) if split_codec_spec(codec) is not None else None
 
     def best_cut_for(self, uplink_mbps: float) -> str:
         """The plan table's cut for a measured uplink: the row with the largest bandwidth not above it."""

@@ -21,6 +21,34 @@ CLOUD_ONLY = "cloud-only"
 BASELINES = (EDGE_ONLY, CLOUD_ONLY)
 # How cut activations travel (protos.codec implements them; the planner counts their bytes per element).
 CODECS = ("fp32", "fp16", "int8", "int8c")
+COMPRESSIONS = ("none", "lz4", "zstd")  # a codec spec is quantizer[+compression], e.g. int8c+zstd
+
+
+def split_codec_spec(spec: Any) -> tuple[str, str] | None:
+    """(quantizer, compression) of a codec spec like `int8+zstd`, or None when it is not one."""
+    if not isinstance(spec, str):
+        return None
+    text = spec.strip().lower()
+    quantizer, _, compression = text.partition("+")
+    compression = compression or "none"
+    if quantizer not in CODECS or compression not in COMPRESSIONS or compression == "none" and "+" in text:
+        return None
+    return quantizer, compression
+
+
+def _codec_field(value: Any, where: str) -> str | None:
+    """A plan.json codec spec (or null), checked."""
+    if value is None:
+        return None
+    if split_codec_spec(value) is None:
+        raise BundleError(f"{where}: expected a codec spec like \"int8+zstd\" or null, got {value!r}")
+    return str(value)
+
+
+def _ms_field(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise BundleError(f"{where}: expected a number of ms >= 0, got {value!r}")
+    return float(value)
 # What the planner may minimise, and the candidate field that holds it.
 OBJECTIVES = ("latency", "energy", "bytes")
 OBJECTIVE_FIELDS = {"latency": "total_ms", "energy": "energy_mj", "bytes": "transfer_bytes"}
@@ -346,13 +374,28 @@ class CandidateRecord:
     violations: tuple[str, ...] = ()
     measured: bool = False
     predicted: Mapping[str, float] | None = None  # when measured: the cost model's {edge_ms, cloud_ms}
+    # The codec the cut tensors are sent with (None: nothing is sent, or a plan older than the choice: the
+    # agent's configured codec), its encode time on the device and decode time in the cloud (in total_ms).
+    codec: str | None = None
+    encode_ms: float = 0.0
+    decode_ms: float = 0.0
+    # every codec costed for this cut: spec -> {transfer_bytes, encode_ms, decode_ms, transfer_ms, total_ms}
+    codecs: Mapping[str, Mapping[str, float]] | None = None
+    codecs_rejected: Mapping[str, str] | None = None  # spec -> why the accuracy gate dropped it
+
+    _CODEC_KEYS = ("transfer_bytes", "encode_ms", "decode_ms", "transfer_ms", "total_ms")
 
     def to_json(self) -> dict[str, Any]:
         """The plan.json form."""
-        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "predicted"}
+        optional = ("predicted", "codecs", "codecs_rejected")
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in optional}
         doc.update(cut=list(self.cut), violations=list(self.violations))
         if self.measured:
             doc["predicted"] = dict(self.predicted or {})
+        if self.codecs is not None:
+            doc["codecs"] = {k: dict(v) for k, v in self.codecs.items()}
+        if self.codecs_rejected is not None:
+            doc["codecs_rejected"] = dict(self.codecs_rejected)
         return doc
 
     @classmethod
@@ -362,7 +405,29 @@ class CandidateRecord:
                                                "total_ms", "edge_memory_bytes", "energy_mj", "feasible"))
         kw.update(cut=tuple(kw["cut"]), violations=tuple(kw.get("violations", ())))
         kw.setdefault("edge_nodes", 0)
+        where = f"candidates[{kw['id']!r}]"
+        kw["codec"] = _codec_field(kw.get("codec"), f"{where}.codec")
+        for key in ("encode_ms", "decode_ms"):
+            kw[key] = _ms_field(kw.get(key, 0.0), f"{where}.{key}")
+        codecs = kw.get("codecs")
+        if codecs is not None:
+            if not isinstance(codecs, dict):
+                raise BundleError(f"{where}.codecs: expected an object of codec spec -> costs, got {codecs!r}")
+            kw["codecs"] = {_codec_field(spec, f"{where}.codecs"): cls._codec_costs(v, f"{where}.codecs.{spec}")
+                            for spec, v in codecs.items()}
+        rejected = kw.get("codecs_rejected")
+        if rejected is not None:
+            if not isinstance(rejected, dict):
+                raise BundleError(f"{where}.codecs_rejected: expected an object of codec spec -> why, got {rejected!r}")
+            kw["codecs_rejected"] = {_codec_field(k, f"{where}.codecs_rejected"): str(v) for k, v in rejected.items()}
         return cls(**kw)
+
+    @classmethod
+    def _codec_costs(cls, obj: Any, where: str) -> dict[str, float]:
+        if not isinstance(obj, dict) or any(k not in obj for k in cls._CODEC_KEYS):
+            raise BundleError(f"{where}: expected an object with {', '.join(cls._CODEC_KEYS)}, got {obj!r}")
+        costs = {k: _ms_field(obj[k], f"{where}.{k}") for k in cls._CODEC_KEYS}
+        return {**costs, "transfer_bytes": int(costs["transfer_bytes"])}
 
 
 @dataclass(frozen=True)
@@ -371,16 +436,17 @@ class PlanRow:
 
     uplink_mbps: float
     cut: str
+    codec: str | None = None  # the codec of that cut at this rate (absent in plans older than the choice)
 
     def to_json(self) -> dict[str, Any]:
         """The plan.json form."""
-        return {"uplink_mbps": self.uplink_mbps, "cut": self.cut}
+        return {"uplink_mbps": self.uplink_mbps, "cut": self.cut, **_present([("codec", self.codec)])}
 
     @classmethod
     def from_json(cls, obj: Any) -> PlanRow:
         """Parse the plan.json form."""
         kw = _fields(cls, obj, "plan_table", ("uplink_mbps", "cut"))
-        return cls(float(kw["uplink_mbps"]), str(kw["cut"]))
+        return cls(float(kw["uplink_mbps"]), str(kw["cut"]), _codec_field(kw.get("codec"), "plan_table.codec"))
 
 
 @dataclass(frozen=True)

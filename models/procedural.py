@@ -164,6 +164,7 @@ def cached_weights(name: str, code_hash: str, build: Callable[[], Any], train: C
         except Exception as exc:  # noqa: BLE001 - torch.load raises many types on a damaged file: train again
             if not quiet:
                 say(f"{name}: cached weights {path} unusable ({exc}); training again")
+            model = build()  # load_state_dict copies what fits before it raises: start again from the build
     if not quiet:
         say(f"{name}: training on procedural data (cached at {path})")
     threads = torch.get_num_threads()

@@ -7,6 +7,10 @@ or transformers), with deterministic weights: what the loaders must handle beyon
   position embeddings, two transformer layers and a pooled classifier; returns a `TextOutput` (an OrderedDict
   subclass and dataclass, registered with torch's pytree as Hugging Face's `ModelOutput` is) holding `logits`
   and `last_hidden_state`; `TinyBertLogits` (`dict_output=False`) returns the logits alone and can be scripted.
+- `TinyViT`: a ViT on torch's own `nn.TransformerEncoder` (or `nn.MultiheadAttention` blocks, as torchvision's
+  vit_b_16): what the legacy ONNX exporter refuses once traced and saved as TorchScript.
+- `TinyDetector`: a residual CNN with YOLO's C2f and SPPF blocks (split into chunks, bottlenecks, pooling
+  pyramid), a neck and two heads: traced, its shapes inside the blocks are what shape inference loses.
 """
 
 from __future__ import annotations
@@ -159,3 +163,129 @@ def text_inputs(batch: int = 1, seq: int = BERT_SEQ, seed: int = 0) -> tuple[tor
     mask = torch.ones(batch, seq, dtype=torch.int64)
     mask[:, seq - seq // 4:] = 0
     return ids, mask
+
+
+# -- TorchScript transformers and YOLO-style blocks (issue 17, conversion and shapes) -----------------------------
+
+VIT_SHAPE = (1, 3, 32, 32)
+DETECTOR_SHAPE = (1, 3, 64, 64)
+
+
+class _MhaBlock(nn.Module):
+    """Pre-norm block on nn.MultiheadAttention, as torchvision's ViT EncoderBlock."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attention(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, a class token, position embeddings, two encoder layers and a linear head.
+
+    `encoder="torch"`: nn.TransformerEncoder (its eval fast path under no_grad is one fused op per layer);
+    `encoder="mha"`: blocks on nn.MultiheadAttention (fast path: aten::_native_multi_head_attention).
+    """
+
+    def __init__(self, encoder: str = "torch", image: int = 32, patch: int = 8, dim: int = 32, heads: int = 4,
+                 depth: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, (image // patch) ** 2 + 1, dim))
+        if encoder == "torch":
+            layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+            self.encoder: nn.Module = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        else:
+            self.encoder = nn.Sequential(*(_MhaBlock(dim, heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = self.encoder(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+def _cbs(c1: int, c2: int, k: int = 1, s: int = 1) -> nn.Sequential:
+    """Conv, BatchNorm, SiLU: YOLO's basic block."""
+    return nn.Sequential(nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2), nn.SiLU())
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = _cbs(c, c, 3), _cbs(c, c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(self.a(x))
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: a 1x1 conv split in two chunks, bottlenecks on the last chunk, everything concatenated."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1) -> None:
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = _cbs(c1, 2 * self.c)
+        self.cv2 = _cbs((2 + n) * self.c, c2)
+        self.m = nn.ModuleList(_Bottleneck(self.c) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    """YOLO's spatial pyramid pooling (fast): three chained 5x5 max pools, concatenated."""
+
+    def __init__(self, c1: int, c2: int, k: int = 5) -> None:
+        super().__init__()
+        c = c1 // 2
+        self.cv1, self.cv2 = _cbs(c1, c), _cbs(4 * c, c2)
+        self.m = nn.MaxPool2d(k, 1, k // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
+class TinyDetector(nn.Module):
+    """Backbone of strided convs and C2f blocks with SPPF, an upsampling neck, two heads flattened per anchor."""
+
+    def __init__(self, outputs: int = 9) -> None:
+        super().__init__()
+        self.b1 = nn.Sequential(_cbs(3, 8, 3, 2), _cbs(8, 16, 3, 2), C2f(16, 16))
+        self.b2 = nn.Sequential(_cbs(16, 32, 3, 2), C2f(32, 32))
+        self.b3 = nn.Sequential(_cbs(32, 64, 3, 2), C2f(64, 64), SPPF(64, 64))
+        self.up = nn.Upsample(scale_factor=2.0, mode="nearest")
+        self.neck = C2f(96, 32)
+        self.outputs = outputs
+        self.h1, self.h2 = nn.Conv2d(32, outputs, 1), nn.Conv2d(64, outputs, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p3 = self.b2(self.b1(x))
+        p4 = self.b3(p3)
+        n3 = self.neck(torch.cat([self.up(p4), p3], 1))
+        b = x.shape[0]
+        return torch.cat([self.h1(n3).view(b, self.outputs, -1), self.h2(p4).view(b, self.outputs, -1)], 2)
+
+
+def build_vit(seed: int = 19, encoder: str = "torch") -> TinyViT:
+    """The small ViT with weights from `seed`."""
+    return _seeded(TinyViT(encoder), seed)  # type: ignore[return-value]
+
+
+def build_detector(seed: int = 20) -> TinyDetector:
+    """The YOLO-style detector with weights from `seed`."""
+    return _seeded(TinyDetector(), seed)  # type: ignore[return-value]

@@ -174,9 +174,11 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
         graph = build_cut_graph(proto)
         measured = _Measurements(loaded.onnx_path, opts, say)
         edge_nc, device_rec, active_w, idle_w = _edge_costs(opts.device, proto, onnx_sha, opts.threads, measured)
+        samples = _samples(opts, loaded, proto)
+        codec_profile = _measure_codecs(opts, proto, graph, samples[0], say)
         if opts.save_device_profile is not None:
             _save_profile(Path(opts.save_device_profile), edge_nc, onnx_sha, opts.threads, opts.providers,
-                          opts.edge_runtime)
+                          opts.edge_runtime, codec_profile)
             say(f"saved the device profile to {opts.save_device_profile}")
         cloud_nc, cloud_rec = _cloud_costs(opts.cloud, proto, opts.cloud_measure_threads, measured)
         costs = CostInputs(
@@ -184,7 +186,9 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
             edge_overhead_ms=edge_nc.overhead_ms, cloud_overhead_ms=cloud_nc.overhead_ms,
             edge_boundary=edge_nc.boundary, cloud_boundary=cloud_nc.boundary,
             cloud_reorder_out_ms=dict(cloud_nc.reorder_out_ms),
-            edge_active_w=active_w, edge_idle_w=idle_w, codec=opts.codec,
+            edge_active_w=active_w, edge_idle_w=idle_w, codec=opts.codec.split("+", 1)[0] if opts.codec != "auto"
+            else "int8",
+            codecs=_codec_costs(opts, codec_profile, edge_nc, measured),
         )
         uncosted = _uncosted(graph, proto, (edge_nc, cloud_nc))
         if uncosted is not None and uncosted.count:
@@ -204,9 +208,11 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
             target = RefineTarget(graph, costs, proto, loaded.onnx_path, loaded.inputs, opts.repeats,
                                   opts.measure_seconds, opts.threads, opts.cloud_measure_threads, say)
             plan, refined = (refiner or Refiner()).refine(plan, target, opts.refine)
+        plan = _gate_codecs(plan, graph, costs, proto, samples, loaded.task, say)
         model_rec = ModelRecord(loaded.name, loaded.source, loaded.format, loaded.sha256, onnx_sha, loaded.task,
                                 loaded.inputs, loaded.outputs, len(graph.nodes), uncosted, loaded.postprocess)
-        document = plan_document(plan, model_rec, device_rec, cloud_rec, net, opts.codec, refined)
+        codec = plan.best.codec or (opts.codec if opts.codec != "auto" else "int8")
+        document = plan_document(plan, model_rec, device_rec, cloud_rec, net, codec, refined)
         result = ProfileResult(plan, document, None, tuple(notes))
         if not plan.feasible:
             raise NoFeasiblePlanError(plan.explain_infeasible(), result)
@@ -261,7 +267,7 @@ def _every_second(say: Progress, interval_s: float = 1.0) -> SearchProgress:
 
 
 def _save_profile(path: Path, costs: NodeCosts, sha: str, threads: int | None,
-                  providers: tuple[str, ...] | None = None, runtime: str = "onnxruntime") -> None:
+                  providers: tuple[str, ...] | None = None, runtime: str = "onnxruntime", codecs: Any = None) -> None:
     from partitioning.costs import host_facts
     from partitioning.device_profile import save_device_profile
 
@@ -272,7 +278,7 @@ def _save_profile(path: Path, costs: NodeCosts, sha: str, threads: int | None,
         from partitioning.tflite import litert_host
 
         host = litert_host(host)
-    save_device_profile(path, costs, model_sha256=sha, host=host)
+    save_device_profile(path, costs, model_sha256=sha, host=host, codecs=None if codecs is None else codecs.to_json())
 
 
 def _fp32_edge_ms(device: str, model: Any, planned: NodeCosts) -> dict[str, float]:
@@ -286,6 +292,69 @@ def _fp32_edge_ms(device: str, model: Any, planned: NodeCosts) -> dict[str, floa
     if isinstance(profile, DeviceProfile):
         return dict(estimate_node_costs(model, profile, precision="fp32").per_node_ms)
     return dict(planned.per_node_ms)
+
+
+CODEC_SAMPLES = 8  # inputs the codec accuracy gate runs (partitioning.codecs)
+
+
+def _samples(opts: ProfileOptions, loaded: Any, proto: Any) -> list[dict[str, Any]]:
+    """Inputs for the codec measurements: the calibration folder's first ones, else synthetic (seeded)."""
+    from models.convert import integer_input_highs
+    from models.inputs import synthetic_samples
+    from partitioning.quantize import load_calibration
+
+    if opts.calibration is not None:
+        return load_calibration(Path(opts.calibration), loaded.inputs)[:CODEC_SAMPLES]
+    highs = integer_input_highs(proto, opts.int_high)
+    return synthetic_samples(loaded.inputs, CODEC_SAMPLES, seed=3, int_high=highs)
+
+
+def _codec_specs(opts: ProfileOptions) -> tuple[str, ...]:
+    from partitioning.planner import CODEC_SPECS
+
+    return CODEC_SPECS if opts.codec == "auto" else (opts.codec,)
+
+
+def _measure_codecs(opts: ProfileOptions, proto: Any, graph: Any, sample: dict[str, Any], say: Progress) -> Any:
+    """Every codec timed on this host on the model's own activations for `sample` (partitioning.codecs)."""
+    from partitioning.codecs import measure_codecs
+    from partitioning.graph import activations
+
+    say("measuring the activation codecs on the model's tensors")
+    arrays = activations(proto, list(graph.tensors), feeds=dict(sample))
+    return measure_codecs({k: v for k, v in arrays.items() if k in graph.tensors}, _codec_specs(opts))
+
+
+def _codec_costs(opts: ProfileOptions, profile: Any, edge: NodeCosts, measured: _Measurements) -> Any:
+    """The planner's codec inputs: the device's encode rates (measured there, or this host's scaled by the
+    memory rates), the cloud's decode rates (this host's), the measured ratios."""
+    from partitioning.codecs import codec_costs, device_scale
+    from partitioning.device_profile import resolve_device
+
+    if opts.device == "local":
+        return codec_costs(profile)
+    saved = resolve_device(opts.device)
+    encode = getattr(saved, "codec_encode", None)
+    here = next(iter(measured.done.values()), None)  # this host's own probes, when it was measured
+    host_gbps = here.boundary.gbps if here is not None and here.boundary is not None else profile.memory_gbps
+    scale = device_scale(host_gbps, edge.boundary.gbps if edge.boundary is not None else None)
+    return codec_costs(profile, edge_scale=scale, encode=encode)
+
+
+def _gate_codecs(plan: Plan, graph: Any, costs: CostInputs, proto: Any, samples: list[dict[str, Any]], task: str,
+                 say: Progress) -> Plan:
+    """The plan with the lossy codecs that fail the accuracy gate on its exported cuts dropped."""
+    from partitioning.codecs import CodecGate, gate_plan
+    from partitioning.quantize import int8_agreement
+
+    if costs.codecs is None:
+        return plan
+    say("checking the lossy codecs' accuracy on the exported cuts")
+    gate = CodecGate(proto, samples, task, int8_agreement)
+    try:
+        return gate_plan(plan, graph, costs, gate)[0]
+    finally:
+        gate.close()
 
 
 def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Plan, document: PlanDocument,
@@ -328,6 +397,9 @@ def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Pla
 def plan_document(plan: Plan, model: ModelRecord, device: SideRecord, cloud: SideRecord, net: Any, codec: str,
                   refined: Refinement) -> PlanDocument:
     """The plan.json document (artifacts and verification are added when the bundle is written)."""
+    table_codecs = plan.table_codecs
+    if len(table_codecs) != len(plan.plan_table):  # a table set by hand: each row's cut with its candidate's codec
+        table_codecs = tuple(plan.candidate(cid).codec for _, cid in plan.plan_table)
     return PlanDocument(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         generator=GENERATOR,
@@ -341,6 +413,6 @@ def plan_document(plan: Plan, model: ModelRecord, device: SideRecord, cloud: Sid
         candidates=tuple(c.record() for c in plan.candidates),
         chosen=plan.chosen,
         feasible=plan.feasible,
-        plan_table=tuple(PlanRow(m, cid) for m, cid in plan.plan_table),
+        plan_table=tuple(PlanRow(m, cid, codec) for (m, cid), codec in zip(plan.plan_table, table_codecs)),
         refined=refined,
     )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,17 @@ def _count_positive(text: str) -> int:
     return value
 
 
+def _codec(text: str) -> str:
+    from models.plandoc import split_codec_spec
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    parts = split_codec_spec(text)
+    if parts is None:
+        raise argparse.ArgumentTypeError(f"expected auto or a codec like int8+zstd, got {text!r}")
+    return parts[0] if parts[1] == "none" else "+".join(parts)
+
+
 def _shape(text: str) -> tuple[Any, ...]:
     """`--input-shape`: a plain shape (a tuple of ints) or per-input hints (a tuple of InputHint)."""
     from models.loaders import ModelLoadError, parse_input_hints
@@ -95,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-memory-mb", type=_positive, help="head weights plus peak activations")
     p.add_argument("--max-energy-mj", type=_positive, help="device power model plus radio energy per byte")
     p.add_argument("--objective", choices=OBJECTIVES, default="latency")
-    p.add_argument("--codec", choices=CODECS, default="int8",
-                   help="how cut activations travel (default int8)")
+    p.add_argument("--codec", type=_codec, default="auto",
+                   help="how cut activations travel: auto (default: each cut costed under fp32, fp16, int8 and int8c, "
+                        "with and without lz4/zstd, and sent with the best that passes the accuracy gate) or one "
+                        "codec for every cut, " + "|".join(CODECS) + "[+lz4|+zstd]")
     p.add_argument("--out", type=Path, help="write the bundle here (plan.json, head/int8 head/tail/full .onnx)")
     p.add_argument("--calibration", type=Path, help="folder of .npy (or .npz) inputs to calibrate the int8 heads")
     p.add_argument("--calibration-method", choices=CALIBRATION_CHOICES, default="auto",
@@ -140,13 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print plan.json to stdout instead of the table")
     p.add_argument("--plot", type=Path, help="write a stacked-bar PNG of latency per candidate")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks, and the conversion's detail (e.g. the graph an exporter refused)")
     return p
 
 
-def _runtime_arguments(p: argparse.ArgumentParser) -> None:
+def _runtime_arguments(p: argparse.ArgumentParser, default: str = "onnxruntime") -> None:
     """--edge-runtime and the converter's options (split-profile and split-profile convert)."""
-    p.add_argument("--edge-runtime", choices=("onnxruntime", "litert"), default="onnxruntime",
+    p.add_argument("--edge-runtime", choices=("onnxruntime", "litert"), default=default,
                    help="what the device runs heads on; litert: the bundle also gets head.tflite and "
                         "head.int8.tflite per cut (converted by onnx2tf in its own Python 3.12+ environment)")
     p.add_argument("--converter-python", metavar="PATH",
@@ -163,7 +178,7 @@ def build_convert_parser() -> argparse.ArgumentParser:
         prog="split-profile convert",
         description="Add heads for another edge runtime to an existing bundle (verified like its ONNX heads).")
     p.add_argument("bundle", type=Path, help="a bundle directory written by split-profile --out")
-    _runtime_arguments(p)
+    _runtime_arguments(p, default="litert")  # the one runtime there is to convert to
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -237,7 +252,7 @@ def format_table(doc: PlanDocument | Mapping[str, Any], top: int = 5) -> str:
     rows = sorted(shown.values(), key=lambda c: rank_key(c, doc.budgets.objective))
     timed = any(c.measured for c in rows)  # a column only when --refine timed some of these rows
     head = (f"{'':1} {'cut':<11} {'tensors':<34} {'edge ms':>8} {'xfer KB':>8} {'xfer ms':>8} {'cloud ms':>8} "
-            f"{'total ms':>9} {'mem MB':>7} {'mJ':>7}  ok")
+            f"{'total ms':>9} {'mem MB':>7} {'mJ':>7}  {'codec':<10} {'codec ms':>8}  ok")  # codec ms: enc + dec
     head += "   timed" if timed else ""
     lines = [head, "-" * len(head)]
     for c in rows:
@@ -245,7 +260,8 @@ def format_table(doc: PlanDocument | Mapping[str, Any], top: int = 5) -> str:
         lines.append(
             f"{mark} {c.id:<11} {_fmt_cut(c.cut):<34} {c.edge_ms:8.2f} {c.transfer_bytes / 1024:8.1f} "
             f"{c.transfer_ms:8.2f} {c.cloud_ms:8.2f} {c.total_ms:9.2f} {c.edge_memory_bytes / 2**20:7.2f} "
-            f"{c.energy_mj:7.1f}  {'yes' if c.feasible else 'NO':<3}"
+            f"{c.energy_mj:7.1f}  {c.codec or '-':<10} {c.encode_ms + c.decode_ms:8.2f}  "
+            f"{'yes' if c.feasible else 'NO':<3}"
             + (f"  {'yes' if c.measured else '':>5}" if timed else "")
         )
     lines = [line.rstrip() for line in lines]
@@ -280,13 +296,15 @@ def _summary(doc: PlanDocument, bundle: Path | None) -> str:
         f"device   {doc.device.name}: {doc.device.kind} — {doc.device.source}",
         f"cloud    {doc.cloud.name}: {doc.cloud.kind} — {doc.cloud.source}",
         f"network  {net.name}: up {net.uplink_mbps:g} Mbps, down {net.downlink_mbps:g} Mbps, rtt {net.rtt_ms:g} ms",
-        f"objective {doc.budgets.objective}; {len(doc.candidates)} candidate cuts; codec {doc.codec}",
+        f"objective {doc.budgets.objective}; {len(doc.candidates)} candidate cuts; codec {doc.codec} "
+        "(the chosen cut's; each cut's in the table)",
         "",
         format_table(doc),
         "",
         f"chosen: {doc.chosen}  (* above)",
         *filter(None, [_refine_note(doc)]),
-        "plan table (uplink Mbps -> cut): " + ", ".join(f"{r.uplink_mbps:g}->{r.cut}" for r in doc.plan_table),
+        "plan table (uplink Mbps -> cut [codec]): " + ", ".join(
+            f"{r.uplink_mbps:g}->{r.cut}" + (f" [{r.codec}]" if r.codec else "") for r in doc.plan_table),
     ]
     ver = doc.verification
     if ver:
@@ -375,6 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model is None:
         parser.error("the model is required (or --list-devices)")
     progress = _Progress(args.quiet or args.json)
+    with _runtime_logs(args.quiet or args.json, args.debug):
+        return _run(args, progress)
+
+
+def _run(args: argparse.Namespace, progress: _Progress) -> int:
     from models.extras import MissingExtraError, require
 
     try:
@@ -410,6 +433,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(_summary(result.plan_document, result.bundle_dir))
     return 0
+
+
+@contextlib.contextmanager
+def _runtime_logs(quiet: bool, debug: bool) -> Iterator[None]:
+    """With -q, onnxruntime's own log lines (its default logger's warnings and errors) stay off stderr; with
+    --debug, the conversion's debug log (what the exporters printed natively, each step's detail) goes there
+    while the command runs."""
+    if quiet:
+        try:
+            import onnxruntime
+
+            onnxruntime.set_default_logger_severity(4)
+        except ImportError:  # pragma: no cover - the [edge] extra has it
+            pass
+    if not debug:
+        yield
+        return
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("models.convert", "models.loaders")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
 
 
 def options_from_args(args: argparse.Namespace) -> ProfileOptions:

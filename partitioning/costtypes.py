@@ -40,6 +40,27 @@ class BoundaryRates:
 
 
 @dataclass(frozen=True)
+class CodecRate:
+    """The time one activation codec takes on one side per tensor: fixed + per MB (1e6 bytes) of its size as
+    the model holds it (partitioning.codecs measures it, the planner charges it)."""
+
+    fixed_ms: float
+    ms_per_mb: float
+
+    def __post_init__(self) -> None:
+        if not (self.fixed_ms >= 0 and self.ms_per_mb >= 0):
+            raise ValueError(f"codec rates must be >= 0, got {self}")
+
+    def ms(self, nbytes: int) -> float:
+        """Milliseconds for a tensor of `nbytes`."""
+        return self.fixed_ms + self.ms_per_mb * nbytes / 1e6
+
+    def scaled(self, factor: float) -> CodecRate:
+        """The rate on a side `factor` times slower."""
+        return CodecRate(self.fixed_ms * factor, self.ms_per_mb * factor)
+
+
+@dataclass(frozen=True)
 class Throughput:
     """Effective (achieved) throughput fitted from measured node times."""
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from partitioning.costtypes import BoundaryRates, DeviceProfileError, NodeCosts, Throughput
+from partitioning.costtypes import BoundaryRates, CodecRate, DeviceProfileError, NodeCosts, Throughput
 from partitioning.devices import DeviceProfile, device_from_table
 from partitioning.estimate import roofline
 
@@ -37,6 +37,7 @@ class MeasuredDeviceProfile:
     path: Path | None = None
     active_w: float | None = None  # the device's power when the user gave it at save time
     idle_w: float | None = None
+    codec_encode: Mapping[str, CodecRate] | None = None  # activation codecs timed on the device (spec -> rate)
 
     def costs_for(self, model: onnx.ModelProto, model_sha256: str) -> NodeCosts:
         """The measured costs when `model` is the measured model, else an estimate from the fitted rates.
@@ -84,8 +85,10 @@ def save_device_profile(
     name: str | None = None,
     active_w: float | None = None,
     idle_w: float | None = None,
+    codecs: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write measured node costs as a `splitinfer.device/v1` JSON profile."""
+    """Write measured node costs as a `splitinfer.device/v1` JSON profile; `codecs`: the activation codecs timed
+    here (`partitioning.codecs.CodecProfile.to_json`), whose encode rates plans for this device use."""
     if costs.kind != "measured":
         raise ValueError(f"only measured costs make a device profile, got kind {costs.kind!r}")
     if not re.fullmatch(r"[0-9a-f]{64}", model_sha256 or ""):
@@ -106,6 +109,8 @@ def save_device_profile(
                                                          "gbps": costs.boundary.gbps,
                                                          "reorders": costs.boundary.reorders},
     }
+    if codecs is not None:
+        doc["codecs"] = dict(codecs)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
@@ -173,10 +178,28 @@ def load_device_profile(path: Path | str) -> MeasuredDeviceProfile:
                                  rates.get("reorders", False))
     elif fitted is not None:
         boundary = BoundaryRates(fitted.launch_ms, fitted.gbps)
+    codec_encode = _codec_rates(doc.get("codecs"), where)  # absent in profiles saved before codecs were timed
     name = str(doc.get("name") or path.stem)
     costs = NodeCosts(per_node, overhead, "measured", f"{doc.get('source', 'measured')} (loaded from {path})",
                       fitted, boundary)
-    return MeasuredDeviceProfile(name, sha, host, costs, fitted, path, watts["active_w"], watts["idle_w"])
+    return MeasuredDeviceProfile(name, sha, host, costs, fitted, path, watts["active_w"], watts["idle_w"],
+                                 codec_encode)
+
+
+def _codec_rates(obj: Any, where: str) -> dict[str, CodecRate] | None:
+    """The encode rates of a profile's `codecs` object ({spec: {"encode": [fixed_ms, ms_per_mb], ...}})."""
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise DeviceProfileError(f"{where}: codecs must be an object of codec spec -> rates, got {obj!r}")
+    rates = {}
+    for spec, entry in obj.items():
+        enc = entry.get("encode") if isinstance(entry, dict) else None
+        if not isinstance(enc, list) or len(enc) != 2:
+            raise DeviceProfileError(f"{where}: codecs.{spec}.encode must be [fixed_ms, ms_per_mb], got {enc!r}")
+        rates[str(spec)] = CodecRate(_number(enc[0], f"{where}: codecs.{spec}.encode"),
+                                     _number(enc[1], f"{where}: codecs.{spec}.encode"))
+    return rates
 
 
 def resolve_device(name_or_path: str) -> DeviceProfile | MeasuredDeviceProfile:

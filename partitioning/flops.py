@@ -214,6 +214,7 @@ def node_stats(model: onnx.ModelProto) -> dict[str, NodeStats]:
     for tensor in graph.initializer:
         types[tensor.name] = (tensor.data_type, tuple(tensor.dims))
         constants.add(tensor.name)
+    _measure_unknown(inferred, types)
     for node in graph.node:  # constant-folded chains (Identity/Transpose of a weight) still count as weights
         if node.op_type == "Constant" or (node.input and all(not i or i in constants for i in node.input)):
             constants.update(o for o in node.output if o)
@@ -241,6 +242,27 @@ def node_stats(model: onnx.ModelProto) -> dict[str, NodeStats]:
             shapes_known=all(map(shape_known, (*in_shapes, *out_shapes))),
         )
     return stats
+
+
+def _measure_unknown(model: onnx.ModelProto, types: dict[str, tuple[int, Shape]]) -> None:
+    """Fill in, from one onnxruntime run at batch 1, the shapes static inference left unknown (a Reshape to a
+    computed shape, attention's shape arithmetic): no node is costed at zero for want of a shape."""
+    from models.dtypes import onnx_type
+
+    names = [t for node in model.graph.node for t in (*node.input, *node.output)
+             if t and not shape_known(types.get(t, (0, None))[1])]
+    if not names:
+        return
+    from partitioning.graph import shapes_at_batch_one
+
+    try:
+        measured = shapes_at_batch_one(model, list(dict.fromkeys(names)))
+    except Exception:  # noqa: BLE001 - a model onnxruntime cannot run keeps its unknown shapes (reported as such)
+        return
+    for name in names:
+        if name in measured:
+            shape, dtype = measured[name]
+            types[name] = (onnx_type(dtype), shape)
 
 
 # Ops that onnxruntime and TensorRT fold into the Conv/Gemm/MatMul producing their input.

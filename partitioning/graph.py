@@ -9,6 +9,7 @@ exact where static shape inference gives up (dynamic reshapes, attention).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models.convert import integer_input_highs, shape_derived
 from models.dtypes import NUMERIC_ORT_NAMES, itemsize, ort_numpy_dtype, ort_type_name
 from models.extras import require
-from models.inputs import random_array
+from models.inputs import INT_HIGH, random_array
 from models.ortopts import make_session
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,6 +64,9 @@ class CutGraph:
     inputs: tuple[str, ...]  # model inputs (non-initializer)
     outputs: tuple[str, ...]  # model outputs
     node_ops: dict[str, str] = field(default_factory=dict)  # node -> op type (may be empty in hand-made graphs)
+    # tensors that never cross a cut: shape values computed from a tensor's shape, which carry no batch dimension
+    # (the cloud batches requests) and which constant folding left because they vary with the batch size
+    local_tensors: frozenset[str] = frozenset()
     node_outputs: dict[str, tuple[str, ...]] = field(init=False, compare=False, repr=False)
     _position: dict[str, int] = field(init=False, compare=False, repr=False)
 
@@ -81,7 +86,7 @@ class CutGraph:
         """The largest topological index among `nodes` (-1 when there are none)."""
         return max(map(self._position.__getitem__, nodes), default=-1)
 
-    def cut_tensors(self, edge_nodes: frozenset[str]) -> tuple[str, ...]:
+    def cut_tensors(self, edge_nodes: AbstractSet[str]) -> tuple[str, ...]:
         """The tensors that cross from the edge side (`edge_nodes` plus the inputs) to the cloud side.
 
         A tensor crosses when it is made on the edge (or is a model input) and read by a cloud node, or is
@@ -100,7 +105,7 @@ class CutGraph:
             return self.inputs
         return tuple(sorted(crossing, key=self.tensor_order))
 
-    def is_closed(self, edge_nodes: frozenset[str]) -> bool:
+    def is_closed(self, edge_nodes: AbstractSet[str]) -> bool:
         """Whether every dynamic predecessor of an edge node is on the edge too (data flows edge -> cloud only)."""
         for node in edge_nodes:
             for t in self.node_inputs[node]:
@@ -147,6 +152,7 @@ def build_cut_graph(model: onnx.ModelProto, work_dir: Path | None = None) -> Cut
                 dynamic.add(t)
                 producer[t] = node.name
 
+    local = frozenset(t for t in shape_derived(graph) if t in producer and producer[t] is not None)
     shapes = shapes_at_batch_one(model, [t for t in producer if t not in inputs])
     tensors = {}
     for name, prod in producer.items():
@@ -154,16 +160,24 @@ def build_cut_graph(model: onnx.ModelProto, work_dir: Path | None = None) -> Cut
             continue  # an unused optional output: never read, never crosses
         shape, dtype = shapes[name]
         tensors[name] = TensorInfo(name, prod, tuple(consumers.get(name, ())), shape, dtype)
-    return CutGraph(tuple(nodes), node_inputs, node_weights, tensors, inputs, outputs, node_ops)
+    return CutGraph(tuple(nodes), node_inputs, node_weights, tensors, inputs, outputs, node_ops,
+                    frozenset(t for t in local if t in tensors and t not in outputs and not tensors[t].is_float))
 
 
 def shapes_at_batch_one(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Run the model once at batch 1 with every intermediate exposed; return {tensor: (shape, dtype)}."""
+    return {name: (tuple(int(d) for d in arr.shape), arr.dtype.name) for name, arr in activations(model, names).items()}
+
+
+def activations(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray] | None = None
+                ) -> dict[str, np.ndarray]:
+    """Run the model once on `feeds` (default: a deterministic random input at batch 1) with the tensors `names`
+    exposed; return the feeds and every tensor onnxruntime could expose, by name."""
     onnx = require("onnx", "profile")
-    ort = require("onnxruntime", "edge")
     inferred = onnx.shape_inference.infer_shapes(model)
     elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
     elem_types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.output})
+    ort = require("onnxruntime", "edge")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4
@@ -183,19 +197,21 @@ def shapes_at_batch_one(model: onnx.ModelProto, names: list[str]) -> dict[str, t
         except Exception:  # noqa: BLE001 - a wrong guess: onnxruntime refuses the declared type; retry without it
             if guess is None:
                 raise
-    feeds = {i.name: sample_input(i.shape, i.type) for i in sess.get_inputs()}
-    result = {name: (tuple(int(d) for d in arr.shape), np.asarray(arr).dtype.name) for name, arr in feeds.items()}
+    if feeds is None:
+        highs = integer_input_highs(model)  # token ids below the vocabulary, masks 0/1, as the loader draws them
+        feeds = {i.name: sample_input(i.shape, i.type, int_high=highs.get(i.name, INT_HIGH)) for i in sess.get_inputs()}
+    result = {name: np.asarray(arr) for name, arr in feeds.items()}
     out_names = [o.name for o in sess.get_outputs()]
     for name, arr in zip(out_names, sess.run(out_names, feeds)):
-        arr = np.asarray(arr)
-        result[name] = (tuple(int(d) for d in arr.shape), arr.dtype.name)
+        result[name] = np.asarray(arr)
     return result
 
 
-def sample_input(shape: list, ort_type: str, batch: int = 1, seed: int = 0) -> np.ndarray:
-    """A deterministic random input for an onnxruntime input description (dynamic dims -> `batch`)."""
+def sample_input(shape: list, ort_type: str, batch: int = 1, seed: int = 0, int_high: int = INT_HIGH) -> np.ndarray:
+    """A deterministic random input for an onnxruntime input description (dynamic dims -> `batch`); integers
+    from [0, int_high)."""
     dims = [d if isinstance(d, int) and d > 0 else batch for d in shape]
     if ort_type_name(ort_type) not in NUMERIC_ORT_NAMES:
         raise ValueError(f"model input of type {ort_type} is not supported; expected one of "
                          f"{sorted(f'tensor({n})' for n in NUMERIC_ORT_NAMES)}")
-    return random_array(np.random.default_rng(seed), dims, ort_numpy_dtype(ort_type))
+    return random_array(np.random.default_rng(seed), dims, ort_numpy_dtype(ort_type), int_high=int_high)

@@ -35,7 +35,7 @@ class ProfileOptions:
     edge_memory_mb: float | None = None
     max_energy_mj: float | None = None
     objective: str = "latency"
-    codec: str = "int8"
+    codec: str = "auto"  # "auto": each cut with the codec that costs least (partitioning.codecs); else that one
     out: str | Path | None = None  # write the bundle here; None: plan only
     calibration: str | Path | None = None  # folder of .npy/.npz inputs for the int8 heads
     calibration_method: str = "auto"  # minmax | entropy | percentile | auto (each in turn until the gate passes)
@@ -72,6 +72,10 @@ class ProfileOptions:
         if self.calibration_method not in CALIBRATION_CHOICES:
             raise FieldError("calibration_method", f"{self.calibration_method!r}: expected one of "
                              f"{', '.join(CALIBRATION_CHOICES)}")
+        stray = sorted(set(self.provider_options) - set(self.providers or ()))
+        if stray:  # measuring passes options only to the providers it runs: these would be dropped unsaid
+            raise FieldError("provider_options", f"options for {', '.join(stray)}, which is not among the providers "
+                             f"{list(self.providers or ())}: name it in --providers")
         if self.name is not None and not _NAME.fullmatch(self.name):
             raise FieldError("name", f"{self.name!r}: expected letters, digits, '.', '_' and '-' "
                              "(at most 64, starting with a letter or digit)")

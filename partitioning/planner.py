@@ -4,13 +4,24 @@ Cost of a cut, where E is the set of nodes run on the edge (closed under predece
 edge -> cloud) and C = crossing tensors (made on the edge or model inputs, read in the cloud):
 
     edge_ms     = o_edge + sum_{v in E} e(v) + B_edge                      (0 when E is empty)
-    up_bytes    = MSG + sum_{t in C} (TENSOR + wire(t))           wire(t): t's bytes under the plan's codec
+    up_bytes    = MSG + sum_{t in C} (TENSOR + wire_k(t))         wire_k(t): t's bytes under codec k
     down_bytes  = MSG + sum_{t in outputs} (TENSOR + bytes(t))    results come back as fp32
     transfer_ms = rtt + 8 * up_bytes / uplink + 8 * down_bytes / downlink      (0 for edge-only)
+    encode_ms   = sum_{t in C} enc_k(bytes(t)),  decode_ms = sum_{t in C} dec_k(bytes(t))   (0 for edge-only)
     cloud_ms    = o_cloud + sum_{v not in E} c(v) + B_cloud                (0 for edge-only)
-    total_ms    = edge_ms + transfer_ms + cloud_ms
-    energy_mj   = P_active * edge_ms + P_idle * (transfer_ms + cloud_ms) + e_tx * up_bytes
+    total_ms    = edge_ms + encode_ms + transfer_ms + decode_ms + cloud_ms
+    energy_mj   = P_active * (edge_ms + encode_ms) + P_idle * (transfer_ms + decode_ms + cloud_ms) + e_tx * up_bytes
     memory      = weights of E (int8: fp32 bytes / 4) + peak live activations while the head runs
+
+The codec k is chosen with the cut (`CodecCosts`): each cut, cloud-only included (its cut tensors are the
+model inputs), is costed under every codec the planner was given, and the one that ranks best at the link
+(objective, then latency, then bytes) is the candidate's; the plan table chooses again at each rate. wire_k is
+exact for a codec without compression (numel x bytes per element, plus one scale and zero point per channel
+for int8c) and the measured ratio of the compressed to the uncompressed payload on representative
+activations otherwise; enc_k and dec_k are times measured for the side that runs them, on that tensor where
+it was timed, else fixed + per MB. A codec the accuracy gate rejected for a cut is not costed for it. Without
+`CodecCosts` every cut is sent with `CostInputs.codec` at no encode or decode cost (the one-codec model of
+earlier plans).
 
 The boundary terms (0 for the baselines, and when a side has no `BoundaryRates`) are what the per-node sums,
 taken in one full-model run, miss when the model is cut; with a side's launch cost l and memory rate g:
@@ -58,24 +69,32 @@ against the straightforward computation): tensor sizes are computed once; a cand
 which do not depend on the link, are simulated once and only transfer, energy and total are redone at each
 plan-table rate; the prefixes' cut tensors and peak memory come from one sweep along the topological order;
 each distinct min-cut weighting is solved once, starting from the previous one's flow.
+
+Memory (linear in the graph): a prefix candidate's edge set is a `TopoPrefix`, the graph's order and a length,
+equal to (and iterating like) the frozenset of its nodes; n frozensets of up to n names made the peak grow as
+n^1.7 (583 MB at 5,000 nodes).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from models.manifest import CLOUD_ONLY, CODECS, EDGE_ONLY, OBJECTIVES, BudgetsRecord, CandidateRecord, rank_key
-from partitioning.costtypes import BoundaryRates
+from models.plandoc import split_codec_spec
+from partitioning.costtypes import BoundaryRates, CodecRate
 from partitioning.flops import VIEW_OPS
 from partitioning.graph import CutGraph
 
 __all__ = ["OBJECTIVES", "EDGE_ONLY", "CLOUD_ONLY", "BoundaryRates", "Link", "Budgets", "CostInputs", "Candidate",
-           "Plan", "plan_cuts", "apply_measured", "evaluate_cut", "rank", "choose", "search_edge_sets",
-           "min_cut_edge_set", "wire_bytes", "transfer_ms", "peak_activation_bytes", "boundary_ms"]
+           "Plan", "TopoPrefix", "plan_cuts", "apply_measured", "evaluate_cut", "rank", "choose", "search_edge_sets",
+           "min_cut_edge_set", "wire_bytes", "transfer_ms", "peak_activation_bytes", "boundary_ms", "CodecRate",
+           "CodecCosts", "CodecOption", "CODEC_SPECS"]
 # Ops that onnxruntime runs in the blocked layout even when their input arrives plain (it reorders it first);
 # any other op fed a plain cut tensor runs plain.
 BLOCKED_LAYOUT_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool"})
@@ -84,6 +103,11 @@ MSG_OVERHEAD_BYTES = 64  # request framing: ids, model, cut, timestamps
 TENSOR_OVERHEAD_BYTES = 32  # per tensor: name, dtype, shape, quantization parameters
 # progress of a long search: (what, done, total), e.g. ("min-cuts", 3, 61) or ("simulating", 500, 1200)
 SearchProgress = Callable[[str, int, int], None]
+# Every codec the planner chooses among (models.wirecodec specs): fp32 raw, and each lossy quantizer with and
+# without compression.
+CODEC_SPECS = ("fp32", *(q if c == "none" else f"{q}+{c}" for q in ("fp16", "int8", "int8c")
+                        for c in ("none", "lz4", "zstd")))
+_T = TypeVar("_T")
 PLAN_TABLE_MBPS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 
 
@@ -115,6 +139,39 @@ class Budgets(BudgetsRecord):
 
 
 @dataclass(frozen=True)
+class CodecCosts:
+    """The codecs a cut may be sent with (module docstring): encode rates on the device, decode rates in the
+    cloud, the measured compression of each tensor, and the (cut, codec) pairs the accuracy gate rejected."""
+
+    encode: Mapping[str, CodecRate]  # spec -> rate on the device; its keys are the codecs costed
+    decode: Mapping[str, CodecRate]  # spec -> rate in the cloud
+    # spec (with compression) -> tensor -> compressed / uncompressed payload bytes; a tensor absent: 1.0
+    ratios: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    denied: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # cut id -> spec -> why
+    source: str = ""
+    # spec -> tensor -> ms timed on that very tensor (each side's), used in place of the rate where present
+    tensor_encode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    tensor_decode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for spec in self.encode:
+            if split_codec_spec(spec) is None:
+                raise ValueError(f"codec {spec!r}: expected quantizer[+lz4|+zstd], quantizer one of {CODECS}")
+            if spec not in self.decode:
+                raise ValueError(f"codec {spec!r} has an encode rate but no decode rate")
+
+
+@dataclass(frozen=True)
+class CodecOption:
+    """A cut sent with one codec: its upload bytes and its encode (device) and decode (cloud) time."""
+
+    codec: str | None  # None: nothing is sent (edge-only)
+    up_bytes: int
+    encode_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class CostInputs:
     """Per-node costs on each side, what a cut adds on each side, and the edge's power model."""
 
@@ -128,8 +185,9 @@ class CostInputs:
     cloud_reorder_out_ms: Mapping[str, float] = field(default_factory=dict)
     edge_active_w: float = 5.0
     edge_idle_w: float = 1.0
-    codec: str = "int8"
+    codec: str = "int8"  # the one codec of every cut when `codecs` is None; the search's codec otherwise
     head_precision: str = "int8"
+    codecs: CodecCosts | None = None  # the codecs each cut is costed under (module docstring)
 
     def __post_init__(self) -> None:
         if self.codec not in CODEC_ITEMSIZE:
@@ -142,7 +200,7 @@ class Candidate:
 
     id: str
     cut: tuple[str, ...]
-    edge_nodes: frozenset[str] = field(repr=False)
+    edge_nodes: AbstractSet[str] = field(repr=False)  # a frozenset, or a TopoPrefix (equal to one)
     edge_ms: float
     transfer_bytes: int
     transfer_ms: float
@@ -155,6 +213,12 @@ class Candidate:
     measured: bool = False  # edge_ms / cloud_ms are the timed head and tail, not the per-node sums
     predicted_edge_ms: float | None = None  # when measured: what the formula predicted
     predicted_cloud_ms: float | None = None
+    codec: str | None = None  # what the cut tensors are sent with (None: nothing is sent)
+    encode_ms: float = 0.0  # the codec on the device
+    decode_ms: float = 0.0  # the codec in the cloud
+    # every codec costed for this cut at this link: (option, transfer_ms, total_ms), the chosen one among them
+    codec_options: tuple[tuple[CodecOption, float, float], ...] = field(default=(), repr=False)
+    codecs_rejected: Mapping[str, str] = field(default_factory=dict, repr=False)  # spec -> why (accuracy gate)
 
     def objective_value(self, objective: str) -> float:
         """The value the planner minimises."""
@@ -166,10 +230,16 @@ class Candidate:
         if self.measured:
             predicted = {"edge_ms": round(self.predicted_edge_ms or 0.0, 4),
                          "cloud_ms": round(self.predicted_cloud_ms or 0.0, 4)}
+        options = {o.codec: {"transfer_bytes": o.up_bytes, "encode_ms": round(o.encode_ms, 4),
+                             "decode_ms": round(o.decode_ms, 4), "transfer_ms": round(t_ms, 4),
+                             "total_ms": round(total, 4)}
+                   for o, t_ms, total in self.codec_options if o.codec is not None}
         return CandidateRecord(
             self.id, tuple(self.cut), len(self.edge_nodes), round(self.edge_ms, 4), self.transfer_bytes,
             round(self.transfer_ms, 4), round(self.cloud_ms, 4), round(self.total_ms, 4), self.edge_memory_bytes,
             round(self.energy_mj, 4), self.feasible, tuple(self.violations), self.measured, predicted,
+            codec=self.codec, encode_ms=round(self.encode_ms, 4), decode_ms=round(self.decode_ms, 4),
+            codecs=options if len(options) > 1 else None, codecs_rejected=dict(self.codecs_rejected) or None,
         )
 
     def to_json(self) -> dict:
@@ -187,6 +257,7 @@ class Plan:
     budgets: Budgets
     feasible: bool
     plan_table: tuple[tuple[float, str], ...] = ()
+    table_codecs: tuple[str | None, ...] = ()  # the codec of each plan-table row's cut at that row's rate
 
     def candidate(self, cut_id: str) -> Candidate:
         """The candidate with id `cut_id`."""
@@ -217,11 +288,45 @@ class Plan:
 # -- simulation ---------------------------------------------------------------------------------------
 
 
-def wire_bytes(graph: CutGraph, tensor: str, codec: str) -> int:
-    """Bytes of one tensor on the wire: float tensors under the codec, others raw."""
+def wire_bytes(graph: CutGraph, tensor: str, codec: str, ratio: float = 1.0) -> int:
+    """Bytes of one tensor on the wire: float tensors under the codec's quantizer, others raw; a compressed
+    codec's payload times `ratio` (compressed / uncompressed, as measured)."""
     info = graph.tensors[tensor]
-    payload = info.numel * CODEC_ITEMSIZE[codec] if info.is_float else info.nbytes
+    quantizer, _, compression = codec.partition("+")
+    payload = info.numel * CODEC_ITEMSIZE[quantizer] if info.is_float else info.nbytes
+    if compression:
+        payload = math.ceil(payload * ratio)
+    if quantizer == "int8c" and info.is_float and len(info.shape) >= 2:
+        payload += 8 * info.shape[1]  # a float scale and an int32 zero point per channel
     return TENSOR_OVERHEAD_BYTES + payload
+
+
+def _codec_fits(graph: CutGraph, cut: Sequence[str], codec: str) -> bool:
+    """Whether every cut tensor can be sent with `codec` (int8c needs channels: rank >= 2)."""
+    if not codec.startswith("int8c"):
+        return True
+    return all(len(graph.tensors[t].shape) >= 2 for t in cut if graph.tensors[t].is_float)
+
+
+def _codec_options(graph: CutGraph, cut: Sequence[str], costs: CostInputs, cut_id: str | None
+                   ) -> tuple[tuple[CodecOption, ...], Mapping[str, str]]:
+    """Every codec `cut` may be sent with under `costs.codecs`, and those the accuracy gate rejected."""
+    codecs = costs.codecs
+    assert codecs is not None
+    denied = codecs.denied.get(cut_id, {}) if cut_id is not None else {}
+    options = []
+    for spec, enc in codecs.encode.items():
+        if spec in denied or not _codec_fits(graph, cut, spec):
+            continue
+        dec, ratios = codecs.decode[spec], codecs.ratios.get(spec, {})
+        up = MSG_OVERHEAD_BYTES + sum(wire_bytes(graph, t, spec, ratios.get(t, 1.0)) for t in cut)
+        timed_enc, timed_dec = codecs.tensor_encode.get(spec, {}), codecs.tensor_decode.get(spec, {})
+        enc_ms = sum(timed_enc.get(t, enc.ms(graph.tensors[t].nbytes)) for t in cut)
+        dec_ms = sum(timed_dec.get(t, dec.ms(graph.tensors[t].nbytes)) for t in cut)
+        options.append(CodecOption(spec, up, enc_ms, dec_ms))
+    if not options:  # every lossy codec rejected and fp32 not offered: raw floats always pass
+        options.append(CodecOption("fp32", MSG_OVERHEAD_BYTES + sum(wire_bytes(graph, t, "fp32") for t in cut)))
+    return tuple(options), dict(denied)
 
 
 def _download_bytes(graph: CutGraph) -> int:
@@ -233,7 +338,7 @@ def transfer_ms(up_bytes: int, down_bytes: int, link: Link) -> float:
     return link.rtt_ms + 8.0 * up_bytes / (link.uplink_mbps * 1e3) + 8.0 * down_bytes / (link.downlink_mbps * 1e3)
 
 
-def peak_activation_bytes(graph: CutGraph, edge_nodes: frozenset[str], cut: tuple[str, ...]) -> int:
+def peak_activation_bytes(graph: CutGraph, edge_nodes: AbstractSet[str], cut: tuple[str, ...]) -> int:
     """Peak bytes of live tensors while the head runs in topological order (inputs and cut tensors held)."""
     remaining = {t: sum(1 for c in info.consumers if c in edge_nodes) for t, info in graph.tensors.items()}
     keep = set(cut) | set(graph.inputs)
@@ -263,7 +368,7 @@ def _reorders(graph: CutGraph, tensors: Iterable[str], rates: BoundaryRates | No
                if len(graph.tensors[t].shape) == 4 and graph.tensors[t].is_float)
 
 
-def _unfused(graph: CutGraph, starts: Iterable[str], costs: CostInputs, side: frozenset[str] | None) -> list[str]:
+def _unfused(graph: CutGraph, starts: Iterable[str], costs: CostInputs, side: Container[str] | None) -> list[str]:
     """U of the module docstring: 0-cost non-view nodes reached from `starts` through such nodes.
 
     `side`: the cloud nodes (None: every reader counts, as the search assumes).
@@ -285,7 +390,7 @@ def _out_bytes(graph: CutGraph, node: str) -> int:
     return sum(graph.tensors[t].nbytes for t in graph.node_outputs[node])
 
 
-def _cloud_extra(graph: CutGraph, tensors: Sequence[str], costs: CostInputs, side: frozenset[str] | None) -> float:
+def _cloud_extra(graph: CutGraph, tensors: Sequence[str], costs: CostInputs, side: Container[str] | None) -> float:
     """B_cloud for `tensors` crossing: their reorders plus the fused nodes they leave alone (`side`: see _unfused)."""
     rates = costs.cloud_boundary
     if rates is None:
@@ -294,7 +399,7 @@ def _cloud_extra(graph: CutGraph, tensors: Sequence[str], costs: CostInputs, sid
     return _reorders(graph, tensors, rates) + sum(rates.kernel_ms(_out_bytes(graph, v)) for v in alone)
 
 
-def _moved_reorders(graph: CutGraph, cut: Sequence[str], costs: CostInputs, side: frozenset[str]) -> float:
+def _moved_reorders(graph: CutGraph, cut: Sequence[str], costs: CostInputs, side: Container[str]) -> float:
     """R of the module docstring: reorders the full run charged to cloud readers of `cut` that the head does."""
     rates = costs.cloud_boundary
     if rates is None or not rates.reorders or not costs.cloud_reorder_out_ms:
@@ -305,12 +410,24 @@ def _moved_reorders(graph: CutGraph, cut: Sequence[str], costs: CostInputs, side
 
 
 def boundary_ms(
-    graph: CutGraph, edge_nodes: frozenset[str], cut: Sequence[str], costs: CostInputs
+    graph: CutGraph, edge_nodes: AbstractSet[str], cut: Sequence[str], costs: CostInputs
 ) -> tuple[float, float]:
     """(B_edge, B_cloud) of the module docstring for a partial cut."""
-    cloud_side = frozenset(graph.nodes) - edge_nodes
+    cloud_side = _Outside(edge_nodes)
     return (_reorders(graph, cut, costs.edge_boundary),
             _cloud_extra(graph, cut, costs, cloud_side) - _moved_reorders(graph, cut, costs, cloud_side))
+
+
+class _Outside(Container[str]):
+    """The graph's nodes not in an edge set (only ever asked about graph nodes), without listing them."""
+
+    __slots__ = ("edge_nodes",)
+
+    def __init__(self, edge_nodes: AbstractSet[str]) -> None:
+        self.edge_nodes = edge_nodes
+
+    def __contains__(self, node: object) -> bool:
+        return node not in self.edge_nodes
 
 
 class _Sums:
@@ -330,18 +447,18 @@ class _Sums:
         self._weight_prefix: list[int] | None = None
         self.down_bytes = _download_bytes(graph)
 
-    def edge(self, edge_nodes: frozenset[str]) -> float:
+    def edge(self, edge_nodes: AbstractSet[str]) -> float:
         """sum of e(v) over `edge_nodes`, in the set's own iteration order."""
         get = self._edge_get
         return sum([get(v, 0.0) for v in edge_nodes])
 
-    def cloud(self, edge_nodes: frozenset[str], prefix: int | None) -> float:
+    def cloud(self, edge_nodes: AbstractSet[str], prefix: int | None) -> float:
         """sum of c(v) over the nodes not in `edge_nodes`, in topological order."""
         if prefix is not None:
             return sum(self._cloud[prefix:])
         return sum([c for v, c in self._cloud_of.items() if v not in edge_nodes])
 
-    def weights(self, edge_nodes: frozenset[str], prefix: int | None) -> int:
+    def weights(self, edge_nodes: AbstractSet[str], prefix: int | None) -> int:
         """fp32 weight bytes of `edge_nodes`."""
         if prefix is None:
             return sum(self.graph.node_weight_bytes[v] for v in edge_nodes)
@@ -437,7 +554,7 @@ class _LinkFree:
     """What a cut costs apart from the link: everything but transfer, energy, total and the budgets."""
 
     cut: tuple[str, ...]
-    edge_nodes: frozenset[str]
+    edge_nodes: AbstractSet[str]
     all_edge: bool
     edge_ms: float
     cloud_ms: float
@@ -445,21 +562,25 @@ class _LinkFree:
     down_bytes: int
     memory: int
     predicted: Mapping[str, Any]
+    options: tuple[CodecOption, ...] = ()  # the codecs this cut may be sent with (one: no choice)
+    rejected: Mapping[str, str] = field(default_factory=dict)
 
 
 def _link_free(
     graph: CutGraph,
-    edge_nodes: frozenset[str],
+    edge_nodes: AbstractSet[str],
     costs: CostInputs,
     measured: tuple[float, float] | None,
     cut: tuple[str, ...],
     peak: Callable[[], int],
     sums: _Sums,
     prefix: int | None = None,
+    cut_id: str | None = None,
 ) -> _LinkFree:
     """The link-independent part of `evaluate_cut` (`peak` is called only for a non-empty edge set).
 
     `prefix`: k when `edge_nodes` are the first k nodes in topological order (their sums are looked up).
+    `cut_id`: the candidate's id, which the accuracy gate's rejections (`CodecCosts.denied`) are keyed by.
     """
     all_edge = len(edge_nodes) == len(graph.nodes)
     edge_ms = costs.edge_overhead_ms + sums.edge(edge_nodes) if edge_nodes else 0.0
@@ -479,23 +600,51 @@ def _link_free(
     if costs.head_precision == "int8":
         weights //= 4
     memory = weights + peak() if edge_nodes else 0
-    return _LinkFree(cut, edge_nodes, all_edge, edge_ms, cloud_ms, up, sums.down_bytes, memory, predicted)
+    rejected: Mapping[str, str] = {}
+    if all_edge:
+        options: tuple[CodecOption, ...] = (CodecOption(None, 0),)
+    elif costs.codecs is None:
+        options = (CodecOption(costs.codec, up),)
+    else:
+        options, rejected = _codec_options(graph, cut, costs, cut_id)
+    return _LinkFree(cut, edge_nodes, all_edge, edge_ms, cloud_ms, up, sums.down_bytes, memory, predicted,
+                     options, rejected)
 
 
 def _at_link(base: _LinkFree, costs: CostInputs, link: Link, budgets: Budgets, cut_id: str) -> Candidate:
-    """The candidate of `base` on `link`: transfer, energy, total, and the budgets checked."""
-    up, edge_ms, cloud_ms = base.up_bytes, base.edge_ms, base.cloud_ms
+    """The candidate of `base` on `link`: transfer, energy, total, and the budgets checked, with the codec that
+    ranks best there when there is a choice (module docstring)."""
+    if len(base.options) <= 1:
+        option = base.options[0] if base.options else CodecOption(costs.codec, base.up_bytes)
+        cand = _with_codec(base, costs, link, budgets, cut_id, option)
+        return replace(cand, codecs_rejected=base.rejected) if base.rejected else cand
+    each = [_with_codec(base, costs, link, budgets, cut_id, o) for o in base.options]
+    best = rank(each, budgets)[0]
+    return replace(best, codec_options=tuple((o, c.transfer_ms, c.total_ms) for o, c in zip(base.options, each)),
+                   codecs_rejected=base.rejected)
+
+
+def _with_codec(base: _LinkFree, costs: CostInputs, link: Link, budgets: Budgets, cut_id: str,
+                option: CodecOption) -> Candidate:
+    """The candidate of `base` on `link` sent with `option`'s codec."""
+    up, edge_ms, cloud_ms = option.up_bytes, base.edge_ms, base.cloud_ms
+    enc, dec = option.encode_ms, option.decode_ms
     t_ms = 0.0 if base.all_edge else transfer_ms(up, base.down_bytes, link)
-    energy = costs.edge_active_w * edge_ms + costs.edge_idle_w * (t_ms + cloud_ms) + link.tx_nj_per_byte * up * 1e-6
-    total = edge_ms + t_ms + cloud_ms
+    if enc or dec:
+        energy = (costs.edge_active_w * (edge_ms + enc) + costs.edge_idle_w * (t_ms + dec + cloud_ms)
+                  + link.tx_nj_per_byte * up * 1e-6)
+        total = edge_ms + enc + t_ms + dec + cloud_ms
+    else:  # the one-codec formula, term for term (bit for bit with earlier plans)
+        energy = costs.edge_active_w * edge_ms + costs.edge_idle_w * (t_ms + cloud_ms) + link.tx_nj_per_byte * up * 1e-6
+        total = edge_ms + t_ms + cloud_ms
     violations = _violations(total, base.memory, energy, budgets)
     return Candidate(cut_id, base.cut, base.edge_nodes, edge_ms, up, t_ms, cloud_ms, total, base.memory, energy,
-                     not violations, violations, **base.predicted)
+                     not violations, violations, **base.predicted, codec=option.codec, encode_ms=enc, decode_ms=dec)
 
 
 def evaluate_cut(
     graph: CutGraph,
-    edge_nodes: frozenset[str],
+    edge_nodes: AbstractSet[str],
     costs: CostInputs,
     link: Link,
     budgets: Budgets,
@@ -508,7 +657,7 @@ def evaluate_cut(
     """
     cut = graph.cut_tensors(edge_nodes)
     base = _link_free(graph, edge_nodes, costs, measured, cut,
-                      lambda: peak_activation_bytes(graph, edge_nodes, cut), _Sums(graph, costs))
+                      lambda: peak_activation_bytes(graph, edge_nodes, cut), _Sums(graph, costs), cut_id=cut_id)
     return _at_link(base, costs, link, budgets, cut_id)
 
 
@@ -709,11 +858,13 @@ class _MinCut:
 
 def search_edge_sets(
     graph: CutGraph, costs: CostInputs, links: Iterable[Link], progress: SearchProgress | None = None
-) -> list[frozenset[str]]:
-    """Candidate edge sets: baselines, every topological prefix, and exact min-cuts per objective and link."""
+) -> list[AbstractSet[str]]:
+    """Candidate edge sets: baselines, every topological prefix, and exact min-cuts per objective and link.
+
+    The prefixes are `TopoPrefix` values (equal to the frozensets of their nodes, without holding the names).
+    """
     links = list(links)
-    sets: list[frozenset[str]] = [frozenset(), frozenset(graph.nodes)]
-    sets += [frozenset(graph.nodes[:k]) for k in range(1, len(graph.nodes))]
+    n = len(graph.nodes)
     # Boundary terms per crossing tensor (module docstring); model inputs never cross a partial cut.
     made = [t for t, info in graph.tensors.items() if info.producer is not None]
     b_edge = dict.fromkeys(graph.tensors, 0.0) | {t: _reorders(graph, [t], costs.edge_boundary) for t in made}
@@ -751,34 +902,91 @@ def search_edge_sets(
             solved[caps] = net.solve(caps)
             if progress is not None:
                 progress("min-cuts", len(solved), distinct)
-    sets += [solved[caps] for _, _, caps in problems]
-    unique: dict[frozenset[str], None] = {}
-    for j, s in enumerate(sets):  # sets[j] for 2 <= j <= n is the prefix of j - 1 nodes
-        if _usable_prefix(graph, j - 1) if 2 <= j <= len(graph.nodes) else _usable(graph, s):
-            unique.setdefault(s, None)
-    return list(unique)
+    cuts = [solved[caps] for _, _, caps in problems]
+    # Baselines, usable prefixes, then the min-cut sets not seen before: a min-cut set that is a prefix is that
+    # prefix (kept, or left out with it: a prefix's usability is its set's).
+    index = {v: i for i, v in enumerate(graph.nodes)}
+    unique: dict[AbstractSet[str], None] = dict.fromkeys(s for s in (frozenset(), frozenset(graph.nodes))
+                                                         if _usable(graph, s))
+    found: list[AbstractSet[str]] = list(unique)
+    found += [TopoPrefix(graph.nodes, index, k) for k in range(1, n) if _usable_prefix(graph, k)]
+    for s in cuts:
+        if 0 < len(s) < n and graph.last_position(s) == len(s) - 1:
+            continue
+        if s not in unique and _usable(graph, s):
+            unique[s] = None
+            found.append(s)
+    return found
+
+
+class TopoPrefix(AbstractSet[str]):
+    """The first k nodes of a topological order as a read-only set that holds (order, positions, k), not k names.
+
+    It is equal to, hashes as and iterates in the order of `frozenset(order[:k])` (so sums over it add the same
+    numbers in the same order, bit for bit); set operations with it return frozensets. A plan keeps one per
+    prefix candidate: n frozensets of up to n names each were the planner's O(n^2) memory.
+    """
+
+    __slots__ = ("order", "_position", "k", "_cached_hash")
+
+    def __init__(self, order: tuple[str, ...], position: Mapping[str, int], k: int) -> None:
+        self.order, self._position, self.k = order, position, k
+        self._cached_hash: int | None = None
+
+    def __len__(self) -> int:
+        return self.k
+
+    def __contains__(self, node: object) -> bool:
+        at = self._position.get(node) if isinstance(node, str) else None
+        return at is not None and at < self.k
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(frozenset(self.order[: self.k]))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TopoPrefix) and other.order is self.order:
+            return other.k == self.k
+        return super().__eq__(other)
+
+    def __hash__(self) -> int:
+        if self._cached_hash is None:
+            self._cached_hash = hash(frozenset(self.order[: self.k]))
+        return self._cached_hash
+
+    def __repr__(self) -> str:
+        return f"TopoPrefix(first {self.k} of {len(self.order)} nodes)"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return frozenset, (frozenset(self),)
+
+    @classmethod
+    def _from_iterable(cls, it: Iterable[_T]) -> frozenset[_T]:
+        return frozenset(it)
 
 
 def _usable_prefix(graph: CutGraph, size: int) -> bool:
-    """`_usable` for the first `size` (0 < size < n) nodes: closed by construction; no model input may cross."""
-    return all(graph.position(c) < size for t in graph.inputs for c in graph.tensors[t].consumers)
+    """`_usable` for the first `size` (0 < size < n) nodes: closed by construction; no model input (nor a shape
+    value, `CutGraph.local_tensors`) may cross."""
+    made = {t: graph.tensors[t].producer for t in (*graph.inputs, *graph.local_tensors)}
+    return all(graph.position(c) < size for t, p in made.items() if p is None or graph.position(p) < size
+               for c in graph.tensors[t].consumers)
 
 
-def _usable(graph: CutGraph, edge_nodes: frozenset[str]) -> bool:
+def _usable(graph: CutGraph, edge_nodes: AbstractSet[str]) -> bool:
     """Closed, and no raw model input crosses a partial cut (the head would have to echo its own input)."""
     if not graph.is_closed(edge_nodes):
         return False
     if 0 < len(edge_nodes) < len(graph.nodes):
-        return not set(graph.cut_tensors(edge_nodes)) & set(graph.inputs)
+        return not set(graph.cut_tensors(edge_nodes)) & (set(graph.inputs) | graph.local_tensors)
     return True
 
 
-def _candidate_id(graph: CutGraph, edge_nodes: frozenset[str], taken: set[str]) -> str:
+def _candidate_id(graph: CutGraph, edge_nodes: AbstractSet[str], taken: set[str]) -> str:
     if not edge_nodes:
         return CLOUD_ONLY
     if len(edge_nodes) == len(graph.nodes):
         return EDGE_ONLY
-    base = f"c{graph.last_position(edge_nodes) + 1:03d}"
+    base = f"c{_last_position(graph, edge_nodes) + 1:03d}"
     cid, n = base, 1
     while cid in taken:
         n += 1
@@ -805,7 +1013,7 @@ def choose(candidates: Iterable[Candidate], budgets: Budgets) -> tuple[Candidate
 
 def _evaluate_all(
     graph: CutGraph,
-    edge_sets: Mapping[str, frozenset[str]],
+    edge_sets: Mapping[str, AbstractSet[str]],
     costs: CostInputs,
     measured: Mapping[str, tuple[float, float]],
     progress: SearchProgress | None = None,
@@ -825,24 +1033,35 @@ def _evaluate_all(
         k = sizes[cid]
         cut = cuts[k] if k else graph.cut_tensors(s)
 
-        def peak(s: frozenset[str] = s, cut: tuple[str, ...] = cut, k: int | None = k) -> int:
+        def peak(s: AbstractSet[str] = s, cut: tuple[str, ...] = cut, k: int | None = k) -> int:
             return prefixes.peak(k) if k and fast_peak else peak_activation_bytes(graph, s, cut)
 
-        bases.append((cid, _link_free(graph, s, costs, measured.get(cid), cut, peak, sums, k)))
+        bases.append((cid, _link_free(graph, s, costs, measured.get(cid), cut, peak, sums, k, cid)))
         if progress is not None and (done % step == 0 or done == len(edge_sets)):
             progress("simulating", done, len(edge_sets))
     return bases
 
 
-def _prefix_size(graph: CutGraph, edge_nodes: frozenset[str]) -> int | None:
+def _prefix_size(graph: CutGraph, edge_nodes: AbstractSet[str]) -> int | None:
     """k when `edge_nodes` are the first k nodes in topological order, else None."""
     k = len(edge_nodes)
-    return k if graph.last_position(edge_nodes) == k - 1 else None
+    return k if _last_position(graph, edge_nodes) == k - 1 else None
+
+
+def _last_position(graph: CutGraph, edge_nodes: AbstractSet[str]) -> int:
+    """`graph.last_position(edge_nodes)`, at once for a prefix of the graph's order."""
+    if isinstance(edge_nodes, TopoPrefix) and _is_prefix_of(edge_nodes, graph):
+        return edge_nodes.k - 1
+    return graph.last_position(edge_nodes)
+
+
+def _is_prefix_of(prefix: TopoPrefix, graph: CutGraph) -> bool:
+    return prefix.order is graph.nodes or prefix.order == graph.nodes
 
 
 def _decide(
     graph: CutGraph,
-    edge_sets: Mapping[str, frozenset[str]],
+    edge_sets: Mapping[str, AbstractSet[str]],
     costs: CostInputs,
     link: Link,
     budgets: Budgets,
@@ -858,11 +1077,13 @@ def _decide(
     bases = _evaluate_all(graph, edge_sets, costs, measured, progress)
     candidates = tuple(_at_link(b, costs, link, budgets, cid) for cid, b in bases)
     best, feasible = choose(candidates, budgets)
-    table = []
+    table, codecs = [], []
     for m in table_mbps:
         at_rate = replace(link, uplink_mbps=m)
-        table.append((m, choose([_at_link(b, costs, at_rate, budgets, cid) for cid, b in bases], budgets)[0].id))
-    return Plan(candidates, best.id, link, budgets, feasible, tuple(table))
+        row = choose([_at_link(b, costs, at_rate, budgets, cid) for cid, b in bases], budgets)[0]
+        table.append((m, row.id))
+        codecs.append(row.codec)
+    return Plan(candidates, best.id, link, budgets, feasible, tuple(table), tuple(codecs))
 
 
 def plan_cuts(
@@ -885,12 +1106,12 @@ def plan_cuts(
     return _decide(graph, ids, costs, link, budgets, table_mbps, {}, progress)
 
 
-def _in_id_order(edge_sets: Iterable[frozenset[str]]) -> list[frozenset[str]]:
+def _in_id_order(edge_sets: Iterable[AbstractSet[str]]) -> list[AbstractSet[str]]:
     """The sets by size, then by their sorted node names (compared only between sets of the same size)."""
-    by_size: dict[int, list[frozenset[str]]] = {}
+    by_size: dict[int, list[AbstractSet[str]]] = {}
     for s in edge_sets:
         by_size.setdefault(len(s), []).append(s)
-    ordered: list[frozenset[str]] = []
+    ordered: list[AbstractSet[str]] = []
     for size in sorted(by_size):
         group = by_size[size]
         ordered += group if len(group) == 1 else sorted(group, key=sorted)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from models.convert import integer_input_highs
 from models.inputs import synthetic_samples
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Refinement, TensorSpec, TieBreak
 from partitioning.extract import extract_split, session
@@ -102,7 +103,7 @@ def time_cuts(
     if repeats < 1 or rounds < 1 or not min_seconds >= 0:
         raise ValueError(f"need repeats >= 1, rounds >= 1 and min_seconds >= 0, got repeats={repeats}, "
                          f"rounds={rounds}, min_seconds={min_seconds}")
-    feeds = synthetic_samples(inputs, 1, seed=seed)[0]
+    feeds = synthetic_samples(inputs, 1, seed=seed, int_high=integer_input_highs(model))[0]
     with tempfile.TemporaryDirectory(prefix="splitinfer-refine-") as tmp:
         parts = {c.id: _parts(model, Path(model_path), c, feeds, edge_threads, cloud_threads, Path(tmp))
                  for c in candidates}

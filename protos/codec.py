@@ -28,17 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.extras import require
-from models.manifest import CODECS, TensorSpec
+from models import wirecodec as wc
+from models.manifest import TensorSpec
+from models.wirecodec import COMPRESSIONS, QUANTIZERS, VALID_SPECS
 from protos import inference_pb2 as pb
 
 DEFAULT_MAX_TENSOR_BYTES = 64 * 1024 * 1024
-ZSTD_LEVEL = 1  # ~1.7x on post-ReLU int8 for <1 ms (DESIGN field notes); higher levels rarely pay on a link
 MAX_RANK = 16
-
-QUANTIZERS = CODECS  # the codec names are the plan's (models.manifest.CODECS); compression is the wire's
-COMPRESSIONS = ("none", "lz4", "zstd")
-VALID_SPECS = tuple(q if c == "none" else f"{q}+{c}" for q in QUANTIZERS for c in COMPRESSIONS)
 # The spec grammar in one line, for help texts: "fp32|fp16|int8|int8c[+lz4|+zstd]".
 SPEC_SYNTAX = "|".join(QUANTIZERS) + "[" + "|".join(f"+{c}" for c in COMPRESSIONS if c != "none") + "]"
 
@@ -87,46 +83,13 @@ def parse_codec(spec: str | Codec) -> Codec:
     """Parse a codec spec like `int8+zstd`; TensorError listing the valid specs otherwise."""
     if isinstance(spec, Codec):
         return spec
-    text = str(spec).strip().lower()
-    quantizer, _, compression = text.partition("+")
-    compression = compression or "none"
-    if quantizer not in QUANTIZERS or compression not in COMPRESSIONS or compression == "none" and "+" in text:
-        raise TensorError(f"unknown codec {spec!r}; expected one of {', '.join(VALID_SPECS)}")
-    return Codec(quantizer, compression)
+    try:
+        return Codec(*wc.split_spec(spec))
+    except wc.WireError as exc:
+        raise TensorError(str(exc)) from None
 
 
 # -- encoding ------------------------------------------------------------------------------------
-
-
-def _affine_int8(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric int8 quantization (range widened to include 0); returns q, scales, zero points."""
-    if axis is None:
-        lo, hi = np.minimum(x.min(), 0.0), np.maximum(x.max(), 0.0)
-    else:
-        reduce = tuple(i for i in range(x.ndim) if i != axis)
-        lo = np.minimum(x.min(axis=reduce), 0.0)
-        hi = np.maximum(x.max(axis=reduce), 0.0)
-    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-    scale = (hi - lo) / 255.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero tensor still gets a valid scale
-    zero = np.clip(np.round(-128.0 - lo / scale), -128, 127).astype(np.int32)
-    if axis is None:
-        q = np.round(x / scale) + zero
-    else:
-        bshape = [1] * x.ndim
-        bshape[axis] = -1
-        q = np.round(x / scale.reshape(bshape)) + zero.reshape(bshape)
-    return np.clip(q, -128, 127).astype(np.int8), scale.reshape(-1), zero.reshape(-1)
-
-
-def _compress(raw: bytes | memoryview, compression: str) -> bytes:
-    if compression == "lz4":
-        block = require("lz4.block", "edge")
-        return block.compress(raw, store_size=False)
-    if compression == "zstd":
-        zstd = require("zstandard", "edge")
-        return zstd.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
-    return bytes(raw)
 
 
 def encode(name: str, array: np.ndarray, codec: str | Codec = "fp32") -> pb.Tensor:
@@ -145,29 +108,23 @@ def encode(name: str, array: np.ndarray, codec: str | Codec = "fp32") -> pb.Tens
         if c.quantizer == "fp16":
             arr, t.dtype = arr.astype("<f2", copy=False), pb.FLOAT16
         elif c.quantizer in ("int8", "int8c"):
-            axis = None if c.quantizer == "int8" else 1
-            if axis is not None and arr.ndim < 2:
-                raise TensorError(f"tensor {name!r}: codec int8c needs rank >= 2 (channels on axis 1), got {arr.shape}")
-            if arr.size and not np.isfinite(arr).all():
-                raise TensorError(f"tensor {name!r}: cannot int8-quantize non-finite values")
-            if arr.size == 0:  # nothing to measure a range on: identity parameters
-                count = 1 if axis is None else arr.shape[1]
-                q, scale, zero = arr.astype(np.int8), np.ones(count, np.float32), np.zeros(count, np.int32)
-            else:
-                q, scale, zero = _affine_int8(arr.astype(np.float32, copy=False), axis)
+            try:
+                q, scale, zero, axis = wc.quantize(arr, c.quantizer)
+            except wc.WireError as exc:
+                raise TensorError(f"tensor {name!r}: {exc}") from None
             arr, t.dtype = q, pb.INT8
-            t.quantization.scale.extend(scale.tolist())
-            t.quantization.zero_point.extend(zero.tolist())
+            t.quantization.scale.extend(scale.tolist())  # type: ignore[union-attr]  # set for int8
+            t.quantization.zero_point.extend(zero.tolist())  # type: ignore[union-attr]
             t.quantization.axis = -1 if axis is None else axis
         else:
             arr, t.dtype = arr.astype("<f4", copy=False), pb.FLOAT32
     else:
         code = _DTYPE_BY_NAME[arr.dtype.name]
         arr, t.dtype, t.logical_dtype = arr.astype(_NP_DTYPES[code], copy=False), code, code
-    raw = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy 2 stubs
+    raw = wc.payload_bytes(arr)
     t.raw_size = raw.nbytes
     t.compression = _COMPRESSION_BY_NAME[c.compression]
-    t.data = _compress(raw, c.compression)
+    t.data = wc.compress(raw, c.compression)
     return t
 
 
@@ -285,42 +242,10 @@ def _validate_expected(t: pb.Tensor, shape: list[int], logical: int, spec: Tenso
 
 def _decompress(t: pb.Tensor) -> bytes:
     """The decompressed payload; never more than raw_size bytes are produced."""
-    where = f"tensor {t.name!r}"
-    size = t.raw_size
-    if t.compression == pb.LZ4:
-        block = require("lz4.block", "edge")
-        if size == 0:
-            return b""
-        try:
-            # uncompressed_size bounds the output buffer; lz4 fails rather than write past it.
-            out = block.decompress(t.data, uncompressed_size=size)
-        except block.LZ4BlockError as exc:
-            raise TensorError(f"{where}: lz4 data does not decompress to raw_size {size} bytes ({exc})") from exc
-    else:
-        zstd = require("zstandard", "edge")
-        try:
-            params = zstd.get_frame_parameters(t.data)
-        except zstd.ZstdError as exc:
-            raise TensorError(f"{where}: not zstd data ({exc})") from exc
-        # decompress() trusts a frame's declared size, so read through a bounded stream instead.
-        if params.content_size not in (zstd.CONTENTSIZE_UNKNOWN, zstd.CONTENTSIZE_ERROR) and params.content_size > size:
-            raise TensorError(f"{where}: zstd frame declares {params.content_size} bytes, raw_size is {size}")
-        reader = zstd.ZstdDecompressor().stream_reader(t.data, read_across_frames=True)
-        chunks, total = [], 0
-        try:
-            while total <= size:
-                chunk = reader.read(size + 1 - total)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-        except zstd.ZstdError as exc:
-            raise TensorError(f"{where}: corrupt zstd data ({exc})") from exc
-        out = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    if len(out) != size:
-        got = "more" if len(out) > size else len(out)
-        raise TensorError(f"{where}: data decompresses to {got} bytes, raw_size is {size}")
-    return out
+    try:
+        return wc.decompress(t.data, "lz4" if t.compression == pb.LZ4 else "zstd", t.raw_size)
+    except wc.WireError as exc:
+        raise TensorError(f"tensor {t.name!r}: {exc}") from None
 
 
 def decode(
@@ -337,16 +262,7 @@ def _decode_checked(t: pb.Tensor) -> np.ndarray:
     arr = np.frombuffer(raw, dtype=_NP_DTYPES[t.dtype]).reshape(tuple(t.shape))  # zero-copy view
     if t.HasField("quantization"):
         q = t.quantization
-        out = arr.astype(np.float32)
-        if q.axis < 0:  # per tensor: scalars (float32, as the per-channel arrays are)
-            out -= np.float32(q.zero_point[0])
-            out *= np.float32(q.scale[0])
-            return out
-        bshape = [1] * arr.ndim
-        bshape[q.axis] = -1
-        out -= np.asarray(q.zero_point, np.float32).reshape(bshape)
-        out *= np.asarray(q.scale, np.float32).reshape(bshape)
-        return out
+        return wc.dequantize(arr, q.scale, q.zero_point, None if q.axis < 0 else q.axis)
     if t.dtype == pb.FLOAT16:
         return arr.astype(np.float32)
     return arr

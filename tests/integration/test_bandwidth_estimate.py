@@ -54,3 +54,5 @@ def test_the_estimate_follows_the_proxy_rate(tiny_bundles: Path, cloud: CloudSer
         fit = agent.bandwidth.fit()
         assert fit is not None, "calibration probes of another size give the fixed-cost fit"
         assert est.mbps is not None and 0.5 * mbps <= est.mbps <= 2.0 * mbps, (est, fit, agent.bandwidth.rtt_ms())
+        # the rate the cut policy decides by (the samples' 75th percentile) is as close
+        assert est.upper_mbps is not None and 0.5 * mbps <= est.upper_mbps <= 2.0 * mbps, est

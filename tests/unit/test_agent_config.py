@@ -15,7 +15,7 @@ from edge_agent.config import AgentConfig, BackoffConfig, ConfigError, describe,
 
 def test_defaults_and_types():
     cfg = AgentConfig(bundle="b")
-    assert cfg.bundle == Path("b") and cfg.head_precision == "int8" and cfg.codec == "int8"
+    assert cfg.bundle == Path("b") and cfg.head_precision == "int8" and cfg.codec == "auto"
     assert cfg.cut is None and cfg.deadline_ms > 0 and cfg.max_in_flight >= 1
     assert cfg.backoff == BackoffConfig() and cfg.input.source == "synthetic"
 

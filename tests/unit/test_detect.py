@@ -203,6 +203,28 @@ def test_cached_weights_train_once_then_load(tmp_path, monkeypatch):
     assert len(calls) == 3 and any("unusable" in line for line in lines)
 
 
+def test_a_cache_file_that_fails_to_load_half_way_leaves_no_weights_behind(tmp_path, monkeypatch):
+    # load_state_dict copies the tensors that fit before it raises on the rest: the model trained again must
+    # start from build()'s weights, as a first training does, not from a half-loaded stale file.
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv(procedural.CACHE_ENV, str(tmp_path))
+
+    def build():
+        torch.manual_seed(1)
+        return torch.nn.Linear(2, 2)
+
+    def train(model):
+        with torch.no_grad():
+            model.weight.fill_(0.5)  # trains the weight only: the bias stays as built
+
+    stale = {"weight": torch.full((2, 2), 7.0), "bias": torch.full((2,), 7.0), "renamed.layer": torch.zeros(1)}
+    path = procedural.weights_cache_path("lin", "h1")
+    path.parent.mkdir(parents=True)
+    torch.save(stale, path)
+    model = procedural.cached_weights("lin", "h1", build, train, quiet=True)
+    assert torch.equal(model.bias, build().bias) and torch.equal(model.weight, torch.full((2, 2), 0.5))
+
+
 def test_source_hash_changes_with_the_code_and_settings():
     assert procedural.source_hash(nms) == procedural.source_hash(nms)
     assert procedural.source_hash(nms) != procedural.source_hash(decode)

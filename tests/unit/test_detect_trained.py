@@ -76,7 +76,10 @@ def test_the_detector_has_three_named_scales_that_export_as_named_onnx_outputs(t
     got = dict(zip(["p3", "p4", "p5"], sess.run(None, {sess.get_inputs()[0].name: x.numpy()})))
     for name, value in out.items():
         np.testing.assert_allclose(got[name], value.numpy(), rtol=1e-4, atol=1e-3)
-    assert postprocess(got, POST)["count"].tolist() == [0]  # untrained: the class prior keeps scores at ~0.01
+    decoded = postprocess(got, POST)  # random weights: any number of detections, in the documented shapes
+    n = int(decoded["count"][0])
+    assert decoded["boxes"].shape == (1, POST.max_det, 4) and 0 <= n <= POST.max_det
+    assert (decoded["classes"][0, n:] == -1).all() and (decoded["scores"][0, n:] == 0).all()
 
 
 @pytest.mark.slow  # the first run on a machine trains the detector (about a minute), later ones load the cache

@@ -127,7 +127,7 @@ def test_concurrent_runs_use_one_interpreter_per_thread(bundle: Bundle) -> None:
     inputs = [sample_input(1, seed=100 + i) for i in range(6)]
     expected = [runner.run({INPUT: x})[CUT_TENSOR] for x in inputs]
     errors: list[str] = []
-    models: set[int] = set()
+    models: list[object] = []  # the interpreters themselves: an id alone is reused once a finished thread's is freed
     start = threading.Barrier(6)
 
     def work(k: int) -> None:
@@ -136,14 +136,14 @@ def test_concurrent_runs_use_one_interpreter_per_thread(bundle: Bundle) -> None:
             got = runner.run({INPUT: inputs[k]})[CUT_TENSOR]
             if not np.array_equal(got, expected[k]):
                 errors.append(f"thread {k}: result of another input")
-        models.add(id(runner._model()))
+        models.append(runner._model())
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and len(models) == 6
+    assert errors == [] and len({id(m) for m in models}) == 6
 
 
 def test_feeds_that_do_not_fit_are_an_input_error(bundle: Bundle) -> None:
@@ -182,3 +182,24 @@ def test_without_a_litert_package_the_error_is_one_line_naming_the_install(
     assert str(info.value) == ("runtime 'litert' needs ai-edge-litert, which is not installed: "
                                "pip install ai-edge-litert")
     assert isinstance(info.value, ModelLoadError)
+
+
+def test_a_cut_whose_conversion_failed_runs_its_onnx_head(bundle: Bundle, caplog: pytest.LogCaptureFixture) -> None:
+    # edge-only has no .tflite here (the conversion failed; plan.json says why). The adaptive cut moves to it on a
+    # slow link: a LiteRT agent must run its ONNX head, not fail the switch on every tick.
+    from edge_agent.runtime import CutRuntime, RunnerCache, RuntimeOptions
+
+    cache = RunnerCache(RuntimeOptions(runtime="litert"))
+    with caplog.at_level("WARNING", logger="edge_agent.runtime"):
+        edge = CutRuntime(bundle, EDGE_ONLY, "int8", cache)
+    assert isinstance(edge.head, OrtRunner) and edge.runtime == "onnxruntime"
+    assert any("no LiteRT head (its conversion failed" in r.getMessage() for r in caplog.records)
+    mid = CutRuntime(bundle, MID_CUT, "int8", cache)
+    assert isinstance(mid.head, LiteRTRunner) and mid.runtime == "litert"
+    assert edge.head_path == bundle.cut(EDGE_ONLY).edge_head  # the head an onnxruntime agent runs (int8 here)
+    x = sample_input(2, seed=3)
+    want = OrtRunner(edge.head_path).run({INPUT: x})
+    out = edge.run_tail(edge.run_head({INPUT: x}))
+    assert set(out) == set(want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(out[name], value)

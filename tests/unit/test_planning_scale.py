@@ -103,7 +103,7 @@ def ref_evaluate_cut(
     memory = weights + ref_peak_activation_bytes(graph, edge_nodes, cut) if edge_nodes else 0
     energy = costs.edge_active_w * edge_ms + costs.edge_idle_w * (t_ms + cloud_ms) + link.tx_nj_per_byte * up * 1e-6
     cand = Candidate(cut_id, cut, edge_nodes, edge_ms, up, t_ms, cloud_ms, edge_ms + t_ms + cloud_ms, memory, energy,
-                     **predicted)
+                     **predicted, codec=None if all_edge else costs.codec)  # one codec for every cut: no choice
     return replace(cand, **ref_check_budgets(cand, budgets))
 
 
@@ -239,11 +239,13 @@ def ref_decide(
     """Simulate the edge sets (id -> nodes), choose under the budgets, and tabulate the best cut per uplink."""
     candidates = ref_evaluate_all(graph, edge_sets, costs, link, budgets, measured)
     best, feasible = choose(candidates, budgets)
-    table = []
+    table, codecs = [], []
     for m in table_mbps:
         at_rate = ref_evaluate_all(graph, edge_sets, costs, replace(link, uplink_mbps=m), budgets, measured)
-        table.append((m, choose(at_rate, budgets)[0].id))
-    return Plan(candidates, best.id, link, budgets, feasible, tuple(table))
+        row = choose(at_rate, budgets)[0]
+        table.append((m, row.id))
+        codecs.append(row.codec)
+    return Plan(candidates, best.id, link, budgets, feasible, tuple(table), tuple(codecs))
 
 
 def ref_plan_cuts(
@@ -499,3 +501,37 @@ def test_plan_json_without_uncosted_nodes_still_loads():
     assert ModelRecord.from_json(old) == record
     marked = replace(record, uncosted_nodes=UncostedNodes(3, ("a", "b")))
     assert ModelRecord.from_json(json.loads(json.dumps(marked.to_json()))) == marked
+
+
+# -- memory: the prefixes hold no node sets ---------------------------------------------------------------------
+
+
+def test_a_topological_prefix_is_the_frozenset_of_its_nodes():
+    graph, _ = synthetic_graph(60, seed=2)
+    index = {v: i for i, v in enumerate(graph.nodes)}
+    for k in (1, 7, 31, 59):
+        prefix, plain = planner.TopoPrefix(graph.nodes, index, k), frozenset(graph.nodes[:k])
+        assert prefix == plain and plain == prefix and hash(prefix) == hash(plain) and len(prefix) == k
+        assert list(prefix) == list(plain)  # the same iteration order: float sums over it are bit for bit the same
+        assert graph.nodes[k - 1] in prefix and graph.nodes[k] not in prefix and "no such node" not in prefix
+        assert prefix != frozenset(graph.nodes[:k - 1]) and prefix != planner.TopoPrefix(graph.nodes, index, k + 1)
+        rest = frozenset(graph.nodes) - prefix
+        assert type(rest) is frozenset and rest == frozenset(graph.nodes[k:])
+        assert type(prefix | {"x"}) is frozenset and {plain: 1}[prefix] == 1
+        assert graph.cut_tensors(prefix) == graph.cut_tensors(plain)
+
+
+def test_prefix_candidates_keep_no_node_sets_and_memory_grows_linearly():
+    import tracemalloc
+
+    peaks = []
+    for nodes in (250, 500):
+        graph, costs = synthetic_graph(nodes, seed=3)
+        tracemalloc.start()
+        plan = plan_cuts(graph, costs, LINKS[0])
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        prefixes = [c for c in plan.candidates if isinstance(c.edge_nodes, planner.TopoPrefix)]
+        assert len(prefixes) >= nodes - 2
+    # frozensets of every prefix made it ~n^1.7 (x3.2 for twice the nodes); one (order, k) per prefix: ~x2
+    assert peaks[1] / peaks[0] < 2.5, peaks

@@ -67,3 +67,16 @@ def test_the_budget_is_a_config_key_with_a_default():
     assert AgentConfig(bundle="b").adaptive.probe_budget_kb_per_min == 1024.0
     cfg = AgentConfig.from_dict({"bundle": "b", "adaptive": {"probe_budget_kb_per_min": 256}})
     assert cfg.adaptive.probe_budget_kb_per_min == 256.0
+
+
+def test_a_calibration_probe_over_the_whole_budget_is_logged_once(caplog):
+    # 32 KB calibration probes against a 16 KB budget: none can ever go, which turns calibration off.
+    with caplog.at_level("WARNING", logger="splitinfer.edge.adaptive"):
+        agent, ad = _ticks(16.0)
+    assert ad.calibrations == 0 and ad.probes_over_budget == 20
+    warned = [r for r in caplog.records if "exceeds probe_budget_kb_per_min" in r.getMessage()]
+    assert len(warned) == 1 and "32 KB" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="splitinfer.edge.adaptive"):
+        _ticks(100.0)  # each fits the budget: waiting for room is normal, not worth a warning
+    assert not [r for r in caplog.records if "exceeds" in r.getMessage()]

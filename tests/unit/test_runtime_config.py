@@ -170,3 +170,18 @@ def test_the_device_record_carries_the_runtime():
     assert SideRecord.from_json(doc, "device") == record
     assert "runtime" not in SideRecord("x", "estimated", "s").to_json()  # older plans read the same
 
+
+
+def test_the_head_choice_quotes_the_gate_of_the_runtime_that_runs_the_head() -> None:
+    # The ONNX int8 head passed its gate; LiteRT's int8 .tflite failed its own, so a LiteRT agent runs head.tflite:
+    # the line must quote LiteRT's gate, not the ONNX one that says it passed.
+    from edge_agent.runtime import ONNXRUNTIME, head_choice
+
+    onnx_gate = {"metric": "top1_agreement", "value": 0.99, "passed": True}
+    litert_gate = {"metric": "top1_agreement", "value": 0.41, "passed": False}
+    plan = {"verification": {"cuts": {"c1": {"int8": onnx_gate, "litert": {"int8": litert_gate}}}}}
+    assert head_choice(plan, "c1", "int8", False, LITERT) == \
+        "fp32 head (the int8 head failed its gate: top1_agreement 0.410)"
+    assert head_choice(plan, "c1", "int8", True, ONNXRUNTIME) == "int8 head (passed its gate: top1_agreement 0.990)"
+    assert head_choice({"verification": {"cuts": {"c1": {"int8": onnx_gate}}}}, "c1", "int8", False, LITERT) == \
+        "fp32 head (the bundle has no int8 head for this cut)"
