@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cloud_tier import fleet_cli
 from cloud_tier.config import (
+    BACKENDS,
     DEFAULT_DASHBOARD_PORT,
     DEFAULT_GRPC_PORT,
     DEFAULT_MQTT_PORT,
@@ -28,6 +29,7 @@ from cloud_tier.config import (
     STATE_DIR_ENV,
     ConfigError,
     NodeOptions,
+    RayOptions,
     ServerConfig,
     default_pki_dir,
     parse_address,
@@ -39,6 +41,8 @@ from models.ortopts import parse_provider_option, parse_providers, provider_opti
 from protos.address import format_address
 
 DEFAULTS = ServerConfig()
+RAY_DEFAULTS = RayOptions()
+RAY_INSTALL = 'pip install "splitinfer[ray]"'
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="PROVIDER:KEY=VALUE",
                        help="an option of one provider, repeatable (e.g. TensorrtExecutionProvider:trt_fp16_enable="
                             "True); TensorRT's engine cache is on by default in the state directory's trt-cache")
+    rays = serve.add_argument_group("backend (where the tails run)")
+    rays.add_argument("--backend", choices=BACKENDS, default="local",
+                      help="local: in this process (the batcher above); ray: each tail a Ray Serve deployment "
+                           "(@serve.batch with --max-batch/--max-wait-ms/--max-queue, autoscaled) behind this same "
+                           f"gRPC front; needs {RAY_INSTALL} (default %(default)s)")
+    rays.add_argument("--ray-address", metavar="ADDR", default=None,
+                      help="with --backend ray: the Ray cluster to join (HOST:6379 or ray://HOST:10001); default: "
+                           "start a local cluster on 127.0.0.1")
+    rays.add_argument("--min-replicas", type=int, default=RAY_DEFAULTS.min_replicas,
+                      help="replicas per tail at least (default %(default)s)")
+    rays.add_argument("--max-replicas", type=int, default=RAY_DEFAULTS.max_replicas,
+                      help="replicas per tail at most (default %(default)s)")
+    rays.add_argument("--target-ongoing-requests", type=float, default=None, metavar="N",
+                      help="requests in progress per replica the autoscaler aims at (default: --max-batch)")
+    rays.add_argument("--replica-cpus", type=float, default=RAY_DEFAULTS.num_cpus,
+                      help="CPUs reserved per replica (default %(default)s)")
+    rays.add_argument("--replica-gpus", type=float, default=RAY_DEFAULTS.num_gpus,
+                      help="GPUs per replica; > 0 runs the tail with CUDA (default %(default)s)")
+    rays.add_argument("--ray-timeout", type=float, default=RAY_DEFAULTS.request_timeout_s, metavar="SECONDS",
+                      help="a request without its own deadline is answered DEADLINE_EXCEEDED after this "
+                           "(default %(default)s)")
     tls = serve.add_argument_group("transport security")
     tls.add_argument("--pki", type=Path, default=None, help=pki_help + " for both planes: gRPC clients and MQTT "
                      "clients must present one of its certificates, and a device's id is taken from it; the "
@@ -203,6 +228,16 @@ def serve(args: argparse.Namespace) -> int:
         insecure_remote=args.i_know_insecure, providers=args.providers,
         provider_options=provider_options_from(args.provider_option),
     )
+    ray = None
+    if args.backend == "ray":
+        ray = RayOptions(address=args.ray_address, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                         target_ongoing_requests=args.target_ongoing_requests, num_cpus=args.replica_cpus,
+                         num_gpus=args.replica_gpus, request_timeout_s=args.ray_timeout)
+        from cloud_tier.ray_backend import require_ray
+
+        require_ray()  # without the [ray] extra: one line naming the pip install, before anything starts
+    elif args.ray_address is not None:
+        raise ConfigError("--ray-address", "needs --backend ray")
     if args.broker is not None and (args.broker_host is not None or args.broker_port is not None):
         flag = "--broker-port" if args.broker_port is not None else "--broker-host"
         raise ConfigError(flag, "sets the embedded broker, which --broker replaces by an external one: give one of "
@@ -228,13 +263,16 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: flags.__setitem__("stop", True))
     signal.signal(signal.SIGHUP, lambda *_: flags.__setitem__("reload", True))
-    node = CloudNode(args.bundles, config, options)
+    node = CloudNode(args.bundles, config, options, ray=ray)  # MissingExtraError: --backend ray without Ray
     try:
         node.start()
     except (BundleError, ServerStartError, BrokerStartError, PkiError, TimeoutError, OSError, RuntimeError,
             sqlite3.Error) as exc:
         print(f"split-cloud: {exc}", file=sys.stderr)
         return 2
+    if ray is not None:  # ray.init installed its own SIGTERM handler, which ends the process mid-drain: ours again
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: flags.__setitem__("stop", True))
     for line in node.banner():
         print(line, flush=True)
     systemd.notify("READY=1", f"STATUS=serving on {node.grpc_address}")

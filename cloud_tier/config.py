@@ -20,9 +20,9 @@ from protos import address
 from protos.address import is_loopback
 from protos.codec import DEFAULT_MAX_TENSOR_BYTES
 
-__all__ = ["ConfigError", "DEFAULT_DASHBOARD_PORT", "DEFAULT_GRPC_PORT", "DEFAULT_MQTT_PORT", "DEFAULT_MQTTS_PORT",
-           "NodeOptions", "ServerConfig", "STATE_DIR_ENV", "address_in_use", "bind_refused", "default_db_path",
-           "default_pki_dir", "default_state_dir", "is_loopback", "parse_address"]
+__all__ = ["BACKENDS", "ConfigError", "DEFAULT_DASHBOARD_PORT", "DEFAULT_GRPC_PORT", "DEFAULT_MQTT_PORT",
+           "DEFAULT_MQTTS_PORT", "NodeOptions", "RayOptions", "ServerConfig", "STATE_DIR_ENV", "address_in_use",
+           "bind_refused", "default_db_path", "default_pki_dir", "default_state_dir", "is_loopback", "parse_address"]
 
 MIB = 1024 * 1024
 HEALTH_SERVICE = "splitinfer.v1.SplitInference"
@@ -169,6 +169,45 @@ class ServerConfig:
             ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ]
+
+
+BACKENDS = ("local", "ray")  # --backend: where the tails run (in-process batcher, or Ray Serve deployments)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """`split-cloud serve --backend ray`: the tails as Ray Serve deployments (cloud_tier.ray_backend).
+
+    Batching comes from ServerConfig (max_batch rows per @serve.batch batch, max_wait_ms its window, max_queue
+    Serve's max_queued_requests); these set the cluster and the replicas. Keys in errors are the CLI flags.
+    """
+
+    address: str | None = None  # --ray-address: an existing cluster (ray://... or HOST:PORT); None: a local one
+    min_replicas: int = 1  # --min-replicas
+    max_replicas: int = 4  # --max-replicas
+    target_ongoing_requests: float | None = None  # --target-ongoing-requests per replica; None: max_batch
+    max_concurrent_batches: int = 1  # batches a replica runs at once (max_ongoing_requests >= this x max_batch)
+    num_cpus: float = 1.0  # --replica-cpus: CPUs reserved per replica
+    num_gpus: float = 0.0  # --replica-gpus: GPUs per replica (> 0: CUDA where onnxruntime has it)
+    request_timeout_s: float = 30.0  # --ray-timeout: a handle call without a request deadline gives up after this
+    upscale_delay_s: float = 5.0  # how long the load must stay above target before a replica is added
+
+    def __post_init__(self) -> None:
+        """Check every field; ConfigError names the first bad one."""
+        if self.address is not None:
+            check_text("--ray-address", self.address, allow_empty=False, error=ConfigError)
+        check_int("--min-replicas", self.min_replicas, 0, error=ConfigError)
+        check_int("--max-replicas", self.max_replicas, 1, error=ConfigError)
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError("--min-replicas", f"is {self.min_replicas}, above --max-replicas {self.max_replicas}")
+        if self.target_ongoing_requests is not None:
+            check_number("--target-ongoing-requests", self.target_ongoing_requests, 0, lo_open=True,
+                         error=ConfigError)
+        check_int("RayOptions.max_concurrent_batches", self.max_concurrent_batches, 1, error=ConfigError)
+        check_number("--replica-cpus", self.num_cpus, 0, error=ConfigError)
+        check_number("--replica-gpus", self.num_gpus, 0, error=ConfigError)
+        check_number("--ray-timeout", self.request_timeout_s, 0, lo_open=True, error=ConfigError)
+        check_number("RayOptions.upscale_delay_s", self.upscale_delay_s, 0, error=ConfigError)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ except ImportError:  # pragma: no cover - the [cloud] extra is missing: name the
 if TYPE_CHECKING:
     from cloud_tier.controller import FleetController
 
-__all__ = ["CONTENT_TYPE", "ControllerCollector", "FleetCollector", "MetricsRegistry", "ServerCollector", "render"]
+__all__ = ["CONTENT_TYPE", "ControllerCollector", "FleetCollector", "MetricsRegistry", "RayCollector",
+           "ServerCollector", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 
@@ -133,8 +134,8 @@ class ServerCollector(Collector):
                                 value=snapshot.get("in_flight", 0))
 
 
-def _batch_sizes(snapshot: Mapping[str, Any]) -> HistogramMetricFamily:
-    """Rows per tail run, from ServerStats' non-cumulative per-bucket counts; every bucket always."""
+def _histogram_buckets(snapshot: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """Cumulative buckets from ServerStats' non-cumulative per-bucket counts; every bucket always."""
     counts = {float(b): 0 for b in BATCH_SIZE_BUCKETS}  # a stable series set from the first scrape
     counts.update({float(k): v for k, v in snapshot.get("batch_size_histogram", {}).items()})
     buckets, running = [], 0
@@ -142,8 +143,46 @@ def _batch_sizes(snapshot: Mapping[str, Any]) -> HistogramMetricFamily:
         running += counts[upper]
         buckets.append((str(int(upper)) if upper.is_integer() else repr(upper), running))
     buckets.append(("+Inf", snapshot.get("batches", 0)))
-    return HistogramMetricFamily("splitinfer_cloud_batch_size_rows", "Rows per tail run.", buckets=buckets,
-                                 sum_value=snapshot.get("batched_rows", 0))
+    return buckets
+
+
+def _batch_sizes(snapshot: Mapping[str, Any]) -> HistogramMetricFamily:
+    """Rows per tail run."""
+    return HistogramMetricFamily("splitinfer_cloud_batch_size_rows", "Rows per tail run.",
+                                 buckets=_histogram_buckets(snapshot), sum_value=snapshot.get("batched_rows", 0))
+
+
+class RayCollector(Collector):
+    """The Ray backend's deployments (RayBackend.snapshot()): replicas by state, requests outstanding, batch rows."""
+
+    def __init__(self, snapshot: Callable[[], Mapping[str, Mapping[str, Any]]]):
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        """The deployment families now."""
+        return self.families(self._snapshot())
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples, so a registry refuses a name declared twice."""
+        return self.families({})
+
+    @staticmethod
+    def families(deployments: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+        """The deployment families of one RayBackend.snapshot()."""
+        replicas = GaugeMetricFamily("splitinfer_ray_replicas", "Ray Serve replicas per tail deployment, by state.",
+                                     labels=["deployment", "state"])
+        queued = GaugeMetricFamily("splitinfer_ray_queue_depth",
+                                   "Requests sent to a tail deployment and not answered yet.", labels=["deployment"])
+        sizes = HistogramMetricFamily("splitinfer_ray_batch_size_rows", "Rows per @serve.batch batch, by deployment.",
+                                      labels=["deployment"])
+        for name, d in sorted(deployments.items()):
+            for state, n in sorted({"RUNNING": 0, **d.get("replicas", {})}.items()):
+                replicas.add_metric([name, state], n)
+            queued.add_metric([name], d.get("outstanding", 0))
+            sizes.add_metric([name], _histogram_buckets(d), sum_value=d.get("batched_rows", 0))
+        yield replicas
+        yield queued
+        yield sizes
 
 
 CONTROLLER_COUNTERS = {

@@ -18,7 +18,7 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cloud_tier.config import NodeOptions, ServerConfig, address_in_use, bind_refused, parse_address
+from cloud_tier.config import NodeOptions, RayOptions, ServerConfig, address_in_use, bind_refused, parse_address
 from cloud_tier.server import CloudServer
 
 if TYPE_CHECKING:
@@ -38,9 +38,15 @@ class CloudNode:
     """A cloud node: `start()` brings every part up (or none), `stop()` takes them down in order."""
 
     def __init__(self, bundles_dir: str | Path, config: ServerConfig = ServerConfig(),
-                 options: NodeOptions | None = NodeOptions()):
-        """`options=None` runs only the gRPC tier (no broker, fleet store, controller or dashboard)."""
+                 options: NodeOptions | None = NodeOptions(), ray: RayOptions | None = None):
+        """`options=None` runs only the gRPC tier (no broker, fleet store, controller or dashboard); `ray` runs the
+        tails as Ray Serve deployments behind the same gRPC front (MissingExtraError without the [ray] extra)."""
         self.server = CloudServer.from_config(bundles_dir, config)
+        self.ray_backend: Any = None  # cloud_tier.ray_backend.RayBackend with --backend ray
+        if ray is not None:
+            from cloud_tier.ray_backend import RayBackend
+
+            self.ray_backend = self.server.tail_backend = RayBackend(ray, config)
         self.options = options
         self.broker: Any = None  # EmbeddedBroker when embedded
         self.broker_host: str | None = None
@@ -106,6 +112,8 @@ class CloudNode:
         if self.broker_address is not None:
             kind = "embedded" if self.broker_embedded else "external"
             lines.append(f"mqtt broker {self.broker_address} ({kind})")
+        if self.ray_backend is not None:
+            lines.append(f"tails on Ray Serve: {', '.join(sorted(self.ray_backend.names.values()))}")
         if self.dashboard_url is not None:
             lines.append(f"dashboard {self.dashboard_url}")
         if self.store_error is not None:
@@ -137,11 +145,13 @@ class CloudNode:
 
     def metrics_collectors(self) -> list[Collector]:
         """Prometheus collectors of the gRPC tier and (once started) the fleet controller, read at scrape time."""
-        from cloud_tier.metrics import ControllerCollector, FleetDownCollector, ServerCollector
+        from cloud_tier.metrics import ControllerCollector, FleetDownCollector, RayCollector, ServerCollector
 
         server = self.server
         out: list[Collector] = [ServerCollector(server.stats.snapshot,
                                                 lambda: server.counters.by_cut() if server.counters else {})]
+        if self.ray_backend is not None:
+            out.append(RayCollector(self.ray_backend.snapshot))
         if self.controller is not None:
             out.append(ControllerCollector(self.controller))
         elif self.store_error is not None:
@@ -165,6 +175,9 @@ class CloudNode:
 
             load_token(self.options.dashboard_host, self.options.dashboard_token_file)
         try:
+            if self.ray_backend is not None:
+                # Here, on the caller's thread: a local cluster's processes end with the thread that started them.
+                self.ray_backend.connect()
             self.server.start()
             if self.options is not None:
                 self._start_control_plane(self.options)
@@ -253,6 +266,7 @@ class CloudNode:
         """Drain and stop the gRPC tier (health NOT_SERVING first), then controller, dashboard, broker, DB."""
         steps = [
             ("gRPC tier", lambda: self.server.stop(grace=grace)),
+            ("Ray Serve deployments", lambda: self.ray_backend and self.ray_backend.stop()),
             ("fleet controller", lambda: self.controller and self.controller.stop()),
             ("dashboard", lambda: self.dashboard and self.dashboard.stop()),
             ("embedded MQTT broker", lambda: self.broker and self.broker.stop()),

@@ -160,6 +160,8 @@ class CloudServer:
         self._health: health_aio.HealthServicer | None = None
         self._stop_request: asyncio.Event | None = None
         self._pool: ThreadPoolExecutor | None = None
+        # Where the tails run instead of in-process batchers (cloud_tier.ray_backend.RayBackend): set before start()
+        self.tail_backend: Any = None
 
     @classmethod
     def from_config(cls, bundles_dir: str | Path, config: ServerConfig) -> CloudServer:
@@ -259,19 +261,25 @@ class CloudServer:
                 self.tls = ServerTls(cfg.resolved_pki_dir())
             except (OSError, ValueError) as exc:  # missing folder, unreadable or malformed PEM files
                 raise ServerStartError(str(exc)) from exc
+        remote = self.tail_backend is not None  # the tails run elsewhere: the front's sessions stay on the CPU
         registry = await self._loop.run_in_executor(
             None, lambda: ModelRegistry.load(self.bundles_dir, intra_op_threads=cfg.intra_op_threads,
-                                             prefer_gpu=cfg.prefer_gpu, providers=cfg.providers or None,
-                                             provider_options=cfg.resolved_provider_options())
+                                             prefer_gpu=cfg.prefer_gpu and not remote,
+                                             providers=None if remote else cfg.providers or None,
+                                             provider_options=None if remote else cfg.resolved_provider_options())
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")
+        batchers = None
+        if self.tail_backend is not None:  # the tails on Ray Serve: deploy them, then batch through their handles
+            await self._loop.run_in_executor(None, self.tail_backend.deploy, registry)
+            batchers = self.tail_backend.batchers(registry, self.stats)
 
         def label(request: CloudRequest) -> tuple[str, str] | None:
             tail = registry.get(request.model, request.cut, request.model_sha256)
             return None if tail is None else (tail.label, tail.cut)
 
         self.counters = RequestCounters({(t.label, t.cut) for t in registry.served()}, resolve=label)
-        self._servicer = _CountingServicer(registry, cfg, self._pool, self.stats, counters=self.counters)
+        self._servicer = _CountingServicer(registry, cfg, self._pool, self.stats, batchers, counters=self.counters)
         if self.tls is not None:
             self._servicer.guard = PeerGuard(self.tls.revocations, self.stats)
         self._health = health_aio.HealthServicer()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -78,7 +78,10 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
     # None on an --insecure server: device ids are taken from the requests.
     guard: Any = None
 
-    def __init__(self, registry: ModelRegistry, config: ServerConfig, pool: Executor, stats: ServerStats):
+    def __init__(self, registry: ModelRegistry, config: ServerConfig, pool: Executor, stats: ServerStats,
+                 batchers: Mapping[tuple[str, str], Any] | None = None):
+        """`batchers` (by tail key) replace the in-process DynamicBatchers: the Ray backend's RayTails, which have
+        the same submit/flush/idle/close and raise the same exceptions."""
         self.registry = registry
         self.config = config
         self.stats = stats
@@ -88,7 +91,7 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
         slots = WorkerSlots(config.workers)
         # Decoding and encoding of large tensors: off the event loop, and apart from the tail runs' pool.
         self._codec_pool = ThreadPoolExecutor(max(2, config.workers), thread_name_prefix="codec")
-        self._batchers = {
+        self._batchers: dict[tuple[str, str], Any] = dict(batchers) if batchers is not None else {
             t.key: DynamicBatcher(
                 f"{t.label}/{t.cut}", t.run, pool, slots, stats,
                 max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
