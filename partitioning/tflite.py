@@ -133,9 +133,13 @@ def ensure_converter(root: Path | None = None, base_python: str | None = None, c
             f"PATH or under ~/.pyenv); pass --converter-python PATH or make the environment yourself: {how}")
     progress(f"making the TFLite converter environment {env.root} ({ONNX2TF} on {python}; once, a few minutes)")
     try:
-        subprocess.run([python, "-m", "venv", "--clear", str(env.root)], check=True, capture_output=True, text=True)
+        subprocess.run([python, "-m", "venv", "--clear", str(env.root)], check=True, capture_output=True, text=True,
+                       timeout=600)
         subprocess.run([str(env.python), "-m", "pip", "install", "-q", ONNX2TF], check=True, capture_output=True,
                        text=True, timeout=1800)
+    except subprocess.TimeoutExpired as exc:
+        raise ConverterUnavailableError(f"making the TFLite converter environment {env.root} timed out after "
+                                        f"{exc.timeout:.0f} s; make it yourself: {how}") from exc
     except subprocess.CalledProcessError as exc:
         tail = (exc.stderr or exc.stdout or "").strip().splitlines()[-1:]
         raise ConverterUnavailableError(f"could not make the TFLite converter environment {env.root}: "
