@@ -87,6 +87,9 @@ class LiteRTModel:
             if len(shape) != len(port.shape) or tuple(shape[1:]) != port.shape[1:]:
                 return (f"{self.path.name}: input {port.name!r} has shape {shape}, expected "
                         f"(N, {', '.join(map(str, port.shape[1:]))})")
+        batches = {np.shape(feeds[port.name])[0] for port in self.inputs if np.ndim(feeds[port.name])}
+        if 0 in batches or len(batches) > 1:
+            return f"{self.path.name}: the inputs' batch sizes are {sorted(batches)}; they must agree and be at least 1"
         return None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -154,6 +154,8 @@ def test_feeds_that_do_not_fit_are_an_input_error(bundle: Bundle) -> None:
         runner.run({"other": sample_input()})
     with pytest.raises(InputError, match=r"expected \(N, 3, 16, 16\)"):
         runner.run({INPUT: np.zeros((1, 3, 8, 8), np.float32)})
+    with pytest.raises(InputError, match=r"batch sizes are \[0\]"):  # not a bare ValueError from numpy
+        runner.run({INPUT: np.zeros((0, 3, 16, 16), np.float32)})
 
 
 def test_close_is_idempotent_and_final(bundle: Bundle) -> None:
