@@ -181,6 +181,12 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
                           opts.edge_runtime, codec_profile)
             say(f"saved the device profile to {opts.save_device_profile}")
         cloud_nc, cloud_rec = _cloud_costs(opts.cloud, proto, opts.cloud_measure_threads, measured)
+        if opts.edge_runtime == "litert" and device_rec.runtime != "litert":
+            msg = (f"the edge costs assume {device_rec.runtime or 'onnxruntime'} ({opts.device}), not LiteRT, which "
+                   "the bundle's .tflite heads run on; for LiteRT costs measure on the device: split-profile full.onnx "
+                   "--device local --edge-runtime litert --save-device-profile dev.json")
+            warnings.warn(msg, stacklevel=2)
+            notes.append(msg)
         costs = CostInputs(
             edge_ms=dict(edge_nc.per_node_ms), cloud_ms=dict(cloud_nc.per_node_ms),
             edge_overhead_ms=edge_nc.overhead_ms, cloud_overhead_ms=cloud_nc.overhead_ms,
@@ -201,6 +207,9 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
             refined = Refinement.skipped("edge and cloud are not both measured on this host")
         elif opts.refine == 0:
             refined = Refinement.skipped("refine 0")
+        elif opts.edge_runtime == "litert":
+            refined = Refinement.skipped("the edge is measured on LiteRT; refinement times real heads and tails on "
+                                         "onnxruntime only")
         elif opts.providers and tuple(opts.providers) != ("CPUExecutionProvider",):
             refined = Refinement.skipped(f"the edge is measured on {', '.join(opts.providers)}; refinement times "
                                          "real heads and tails on the default providers only")

@@ -495,6 +495,7 @@ def _is_user_error(exc: BaseException) -> bool:
     """Errors that are about the user's input (a clear message suffices) rather than a bug of ours."""
     from models.extras import MissingExtraError
     from models.manifest import BundleError
+    from models.ortopts import ProviderError
     from partitioning.extract import SplitMismatchError
     from partitioning.quantize import CalibrationError
     from partitioning.tflite import ConverterUnavailableError, TFLiteConversionError
@@ -504,7 +505,8 @@ def _is_user_error(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         ModelLoadError = ValueError  # type: ignore[misc,assignment]
     return isinstance(exc, (ModelLoadError, BundleError, CalibrationError, SplitMismatchError, MissingExtraError,
-                            ValueError, OSError, KeyError, ConverterUnavailableError, TFLiteConversionError))
+                            ValueError, OSError, KeyError, ConverterUnavailableError, TFLiteConversionError,
+                            ProviderError))
 
 
 if __name__ == "__main__":  # pragma: no cover
