@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10, help="untimed rounds first (default 10)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every runtime (default 1, the agent's)")
     ap.add_argument("--bundles", help="keep bundles in this folder (default: a temp dir); the LiteRT rows need "
-                    "bundles with .tflite heads: run `split-profile convert DIR/MODEL` on them, then again with --bundles")
+                    "bundles with .tflite heads: run `split-profile convert DIR/MODEL` on them, then this again")
     args = ap.parse_args(argv)
     print(f"# {host_line()}; {args.runs} interleaved rounds after {args.warmup}, {args.threads} thread(s)")
     rows: list[list[object]] = []
