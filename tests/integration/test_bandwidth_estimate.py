@@ -53,6 +53,9 @@ def test_the_estimate_follows_the_proxy_rate(tiny_bundles: Path, cloud: CloudSer
         est = agent.bandwidth.estimate()
         fit = agent.bandwidth.fit()
         assert fit is not None, "calibration probes of another size give the fixed-cost fit"
-        assert est.mbps is not None and 0.5 * mbps <= est.mbps <= 2.0 * mbps, (est, fit, agent.bandwidth.rtt_ms())
+        # the median (what telemetry shows): at 200 Mbit/s the proxy itself delivers less than its setting on a
+        # shared 2-core host (64-134 Mbit/s measured quiet, 83-98 under load), so its floor there is a third
+        low = 0.5 if mbps < 200 else 1 / 3
+        assert est.mbps is not None and low * mbps <= est.mbps <= 2.0 * mbps, (est, fit, agent.bandwidth.rtt_ms())
         # the rate the cut policy decides by (the samples' 75th percentile) is as close
         assert est.upper_mbps is not None and 0.5 * mbps <= est.upper_mbps <= 2.0 * mbps, est

