@@ -388,6 +388,7 @@ class EdgeAgent:
         self._supervisor.join(5.0)
         self._deadlines.join(5.0)
         self._pool.shutdown(wait=True)
+        self._cache.close()  # LiteRT interpreters and onnxruntime sessions go now, not with their threads
 
     def __enter__(self) -> EdgeAgent:
         return self

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-LITERT_INSTALL = "pip install ai-edge-litert"
+LITERT_INSTALL = "pip install 'splitinfer[litert]' (or: pip install ai-edge-litert)"
 LITERT_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
 
 

@@ -249,7 +249,8 @@ def make_session(model: str | Path | bytes, *, threads: int | None = 1, inter_th
     and `log_severity`; `providers` (in order of preference) defaults to the CPU execution provider, and every
     one named must be usable here (else ProviderError); `provider_options` maps a provider to its options
     (`resolve_provider_options` adds TensorRT's cache defaults). A plugin provider (OpenVINO from
-    onnxruntime-ep-openvino) is added to the session options for its device; the CPU provider backs it.
+    onnxruntime-ep-openvino) is added to the session options for its device (a caller's `options` is changed by
+    that: pass a new one per session); the CPU provider backs it.
     """
     ort = require("onnxruntime", "edge")
     if options is None:

@@ -182,7 +182,7 @@ def test_without_a_litert_package_the_error_is_one_line_naming_the_install(
     with pytest.raises(RuntimeMissingError) as info:
         LiteRTRunner(bundle.cut(MID_CUT).head_tflite or Path("x"))
     assert str(info.value) == ("runtime 'litert' needs ai-edge-litert, which is not installed: "
-                               "pip install ai-edge-litert")
+                               "pip install 'splitinfer[litert]' (or: pip install ai-edge-litert)")
     assert isinstance(info.value, ModelLoadError)
 
 
