@@ -83,9 +83,9 @@ class InputSpec:
         dims = tuple(spec.shape)
         sample = dims[1:] if dims and dims[0] in (None, 1) else dims
         if any(d is None or int(d) < 0 for d in sample):
-            shown = tuple("?" if d is None else d for d in dims)
-            raise BatchInputError(f"model input {spec.name!r} has shape {shown}: split-batch needs every dimension "
-                                  "but the batch one fixed")
+            shown = ", ".join("?" if d is None else str(d) for d in dims)
+            raise BatchInputError(f"model input {spec.name!r} has shape ({shown}): split-batch needs every "
+                                  "dimension but the batch one fixed")
         return cls(spec.name, tuple(int(d) for d in sample if d is not None), np.dtype(spec.dtype))  # type: ignore[misc]
 
 

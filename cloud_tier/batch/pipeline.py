@@ -45,7 +45,6 @@ OUTPUT_METADATA_KEY = b"splitinfer.outputs"
 WRITE_ROWS = 256  # rows per output row group
 
 
-@dataclass(frozen=True)
 class OptionError(ValueError):
     """An option of split-batch is out of range; the message names it."""
 
