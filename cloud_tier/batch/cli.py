@@ -29,12 +29,18 @@ from models.extras import MissingExtraError
 from models.manifest import BundleError
 
 DEFAULTS = BatchOptions()
+CACHE_TEXT = """\
+cache: a prediction is kept per (row content hash, bundle identity = model hash, cut, head precision, hashes of
+  the files run), never per row id. Each finished block (--batch-size rows) is committed in one SQLite
+  transaction, so a rerun, or a run after a crash or kill, computes only the rows not yet committed; the summary
+  line says how many were skipped and computed. --no-cache neither reads nor writes it.
+"""
 EXIT_ERROR = 2  # bad input, bundle, cache or options: the message says which
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The split-batch command line."""
-    ap = argparse.ArgumentParser(prog="split-batch", description=__doc__, epilog=DATASET_FORMATS,
+    ap = argparse.ArgumentParser(prog="split-batch", description=__doc__, epilog=DATASET_FORMATS + CACHE_TEXT,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path, help="the bundle directory (split-profile --out)")
     ap.add_argument("--input", type=Path, required=True, metavar="DIR|FILE.parquet",
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--id-column", default=DEFAULTS.id_column,
                     help="the parquet input's row-id column, also the output's (default %(default)s)")
     ap.add_argument("--cache-dir", type=Path, default=None,
-                    help=f"the prediction cache's folder (default {DEFAULT_CACHE_DIR}/; the file is {CACHE_FILE})")
+                    help=f"the prediction cache's folder (default {DEFAULT_CACHE_DIR}; the file is {CACHE_FILE})")
     ap.add_argument("--no-cache", action="store_true", help="neither read nor write the prediction cache")
     ap.add_argument("--ray-address", help="a Ray cluster's address (default: a private local cluster on 127.0.0.1)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster (default: all)")

@@ -33,13 +33,14 @@ from cloud_tier.batch.inputs import BatchInputError, InputSpec, Row, need, scan_
 from cloud_tier.executor import select_providers
 from models.manifest import CLOUD_ONLY, EDGE_ONLY, Bundle, BundleError, sha256_file
 from models.ortopts import make_session
+from models.procedural import CACHE_ENV
 
 log = logging.getLogger(__name__)
 
 POS = "__splitinfer_pos"  # the column that carries a row's place in the pending list through the stages
 FULL = "full"  # the "cut" of the full model's identity (--compare)
 HEAD_PRECISIONS = ("int8", "fp32")
-DEFAULT_CACHE_DIR = Path("~/.cache/splitinfer/batch")
+DEFAULT_CACHE_DIR = "$SPLITINFER_CACHE/batch, else ~/.cache/splitinfer/batch"
 CACHE_FILE = "predictions.sqlite"
 OUTPUT_METADATA_KEY = b"splitinfer.outputs"
 WRITE_ROWS = 256  # rows per output row group
@@ -60,7 +61,7 @@ class BatchOptions:
     threads: int = 1  # onnxruntime intra-op threads per actor
     tail_gpus: float | None = None  # GPUs per tail actor; None: 1 where the cluster has GPUs, else 0
     use_cache: bool = True
-    cache_dir: Path | None = None  # None: DEFAULT_CACHE_DIR
+    cache_dir: Path | None = None  # None: default_cache_dir()
     id_column: str = "id"
     ray_address: str | None = None  # None: a private local cluster on 127.0.0.1
     num_cpus: int | None = None  # CPUs of the local cluster (None: all of this machine's)
@@ -453,6 +454,11 @@ def _all_cached(models: Models, data: Dataset) -> RunReport:
     return RunReport(models.label, models.identity, rows=len(data.digests), unique=unique, cached=unique)
 
 
+def default_cache_dir() -> Path:
+    """$SPLITINFER_CACHE/batch, else ~/.cache/splitinfer/batch (the trained weights' cache is beside it)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "splitinfer") / "batch"
+
+
 class _cache:
     """The prediction cache of a run: --cache-dir's (default ~/.cache/splitinfer/batch), or with --no-cache a
     temporary one, deleted at the end (the output is still written from it)."""
@@ -460,7 +466,7 @@ class _cache:
     def __init__(self, options: BatchOptions):
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if options.use_cache:
-            root = (options.cache_dir or DEFAULT_CACHE_DIR).expanduser()
+            root = options.cache_dir.expanduser() if options.cache_dir else default_cache_dir()
         else:
             self._tmp = tempfile.TemporaryDirectory(prefix="split-batch-")
             root = Path(self._tmp.name)
