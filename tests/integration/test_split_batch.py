@@ -158,13 +158,15 @@ run_batch(Path(bundle), Path(data), None, BatchOptions(cache_dir=Path(cache), ba
 def test_a_killed_run_resumes_without_recomputing_its_finished_blocks(ray_address, dataset, tmp_path) -> None:
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_RUN, str(dataset["bundle"]), str(dataset["npy"]), str(cache), ray_address,
-         str(BATCH)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    log = tmp_path / "killed-run.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLED_RUN, str(dataset["bundle"]), str(dataset["npy"]), str(cache), ray_address,
+             str(BATCH)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()  # the first block is committed, and the run holds
-        assert line.startswith("COMMITTED "), line
+        line = proc.stdout.readline()  # the first block is committed, and the run holds (EOF if it failed)
+        assert line.startswith("COMMITTED "), log.read_text()[-3000:]
         done = int(line.split()[1])
         assert 0 < done < ROWS
         proc.send_signal(signal.SIGKILL)
