@@ -51,7 +51,7 @@ def need(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingExtraError(f"split-batch needs {module.split('.')[0]}, which is not installed: "
+        raise MissingExtraError(f"{module.split('.')[0]} is not installed, and split-batch needs it: "
                                 f"{INSTALL_LINE}") from exc
 
 

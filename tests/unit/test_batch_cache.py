@@ -219,6 +219,19 @@ def test_agreement_is_top1_for_classifiers_and_relative_error_for_all() -> None:
 
 def test_without_ray_the_error_names_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without the [ray] extra gives
-    with pytest.raises(MissingExtraError, match=r"split-batch needs ray, which is not installed: "
-                                                r"pip install \"splitinfer\[ray\]\""):
+    with pytest.raises(MissingExtraError, match=r"^ray is not installed, and split-batch needs it: "
+                                                r"pip install \"splitinfer\[ray\]\"$"):
         need("ray")
+
+
+def test_split_batch_without_ray_is_one_line_naming_the_install(tiny_bundle: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from cloud_tier.batch.cli import main
+
+    data = _npy_dir(tmp_path, a=np.zeros((3, 16, 16), np.float32))
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code = main([str(tiny_bundle), "--input", str(data), "--output", str(tmp_path / "o.parquet"),
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert capsys.readouterr().err == ('split-batch: ray is not installed, and split-batch needs it: '
+                                       'pip install "splitinfer[ray]"\n')
