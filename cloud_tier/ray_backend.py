@@ -36,13 +36,13 @@ import numpy as np
 from cloud_tier.batcher import BatcherClosedError, BatchResult, BatchRunError, DeadlineExceededError, QueueFullError
 from cloud_tier.config import RayOptions, ServerConfig
 from cloud_tier.executor import ModelRegistry, ServedTail, select_providers
+from cloud_tier.rayinit import INSTALL_LINE, start_ray
 from cloud_tier.stats import BATCH_SIZE_BUCKETS, ServerStats
 from models.detect import apply_postprocess
 from models.extras import MissingExtraError
 
 log = logging.getLogger(__name__)
 
-INSTALL_LINE = 'pip install "splitinfer[ray]"'
 APP_PREFIX = "splitinfer-tail-"
 
 
@@ -292,12 +292,7 @@ class RayBackend:
         ray, serve = self.ray, self.serve
         if self._connected:
             return
-        if not ray.is_initialized():
-            if self.options.address:
-                ray.init(address=self.options.address, log_to_driver=False)
-            else:  # a private cluster on this machine, reachable from loopback only
-                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-            self._started_ray = True
+        self._started_ray = start_ray(ray, self.options.address)  # or a private cluster on loopback
         serve.start(proxy_location="Disabled")  # no HTTP or gRPC proxy: only handles reach the tails
         self._connected = True
 

@@ -1,0 +1,237 @@
+"""split-batch's parts without Ray: the prediction cache (SQLite WAL, blocks committed whole, no pickle), the
+dataset readers' checks (every bad row named before its tensor is made), row hashes and bundle identities."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_tier.batch.cache import CacheError, PredictionCache, decode_outputs, encode_outputs
+from cloud_tier.batch.inputs import BatchInputError, InputSpec, need, row_digest, scan_dataset
+from cloud_tier.batch.pipeline import BatchOptions, OptionError, agreement, full_models, split_models
+from models.extras import MissingExtraError
+from models.manifest import Bundle, TensorSpec
+
+SPEC = InputSpec("input", (3, 4), np.dtype(np.float32))
+
+
+def _outputs(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"logits": rng.standard_normal(10).astype(np.float32), "boxes": rng.integers(0, 9, (2, 4))}
+
+
+def test_a_block_is_stored_and_read_back_exactly_after_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "c" / "predictions.sqlite"
+    with PredictionCache(path) as cache:
+        cache.put_block("id-a", [("d1", _outputs(1)), ("d2", _outputs(2))])
+        cache.put_block("id-b", [("d1", _outputs(3))])
+    with PredictionCache(path) as cache:
+        assert cache.present("id-a", ["d1", "d2", "d3"]) == {"d1", "d2"}
+        assert cache.present("id-b", ["d1", "d2"]) == {"d1"}  # another bundle identity: another prediction
+        assert (cache.count("id-a"), cache.count()) == (2, 3)
+        got = cache.get("id-a", "d2")
+        for name, arr in _outputs(2).items():
+            np.testing.assert_array_equal(got[name], arr)
+            assert got[name].dtype == arr.dtype
+        with pytest.raises(KeyError):
+            cache.get("id-b", "d2")
+    mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_a_block_that_fails_to_encode_stores_none_of_its_rows(tmp_path: Path) -> None:
+    with PredictionCache(tmp_path / "p.sqlite") as cache:
+        with pytest.raises(CacheError, match="dtype object"):
+            cache.put_block("id", [("d1", _outputs(1)), ("d2", {"x": np.array([object()])})])
+        assert cache.count() == 0
+
+
+def test_records_hold_no_pickle_and_a_damaged_one_is_a_clear_error() -> None:
+    header, data = encode_outputs(_outputs(4))
+    assert b"\x80" not in header.encode()  # JSON names, dtypes and shapes; the values are raw bytes
+    decode_outputs(header, data)
+    with pytest.raises(CacheError, match="fewer bytes"):
+        decode_outputs(header, data[:-1])
+    with pytest.raises(CacheError, match="more bytes"):
+        decode_outputs(header, data + b"\0")
+    with pytest.raises(CacheError, match="dtype object"):
+        decode_outputs('[["x", "|O", [1]]]', b"\0" * 8)
+
+
+def test_a_file_that_is_not_a_cache_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "predictions.sqlite"
+    path.write_bytes(b"not sqlite" * 100)
+    with pytest.raises(CacheError, match="not a usable prediction cache"):
+        PredictionCache(path)
+
+
+def test_the_row_hash_is_of_the_content_not_the_id_or_the_form() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+    same = np.asfortranarray(x.copy())
+    assert row_digest({"input": x}, [SPEC]) == row_digest({"input": same}, [SPEC])
+    y = x.copy()
+    y[0, 0, 0] = 1e-7
+    assert row_digest({"input": x}, [SPEC]) != row_digest({"input": y}, [SPEC])
+
+
+def _npy_dir(tmp_path: Path, **files: np.ndarray) -> Path:
+    root = tmp_path / "npy"
+    root.mkdir()
+    for name, arr in files.items():
+        np.save(root / f"{name}.npy", arr)
+    return root
+
+
+def test_npy_rows_are_read_in_name_order_with_their_ids(tmp_path: Path) -> None:
+    a, b = np.ones((3, 4), np.float32), np.zeros((1, 3, 4), np.float32)  # with or without the batch dimension
+    rows = list(scan_dataset(_npy_dir(tmp_path, b=b, a=a), [SPEC]))
+    assert [r.id for r in rows] == ["a", "b"]
+    assert rows[0].feeds["input"].shape == (1, 3, 4)
+    np.testing.assert_array_equal(rows[1].feeds["input"], b)
+
+
+@pytest.mark.parametrize(("arr", "message"), [
+    (np.ones((3, 4), np.float64), "bad.npy: dtype float64, expected float32"),
+    (np.ones((4, 3), np.float32), "bad.npy: shape (4, 3), expected (3, 4) or (1, 3, 4)"),
+    (np.ones((2, 3, 4), np.float32), "bad.npy: shape (2, 3, 4)"),
+    (np.asfortranarray(np.ones((3, 4), np.float32)), "bad.npy: Fortran-ordered array"),
+    (np.array([{"a": 1}] * 12, dtype=object).reshape(3, 4), "bad.npy: dtype object, expected float32"),
+])
+def test_a_bad_npy_file_is_named_before_its_data_is_read(tmp_path: Path, arr: np.ndarray, message: str) -> None:
+    root = _npy_dir(tmp_path, good=np.ones((3, 4), np.float32), bad=arr)
+    with pytest.raises(BatchInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        list(scan_dataset(root, [SPEC]))
+
+
+def test_a_truncated_npy_file_is_named(tmp_path: Path) -> None:
+    root = _npy_dir(tmp_path, cut=np.ones((3, 4), np.float32))
+    file = root / "cut.npy"
+    file.write_bytes(file.read_bytes()[:-4])
+    with pytest.raises(BatchInputError, match=r"cut.npy: 44 bytes of data, expected 48 .* truncated"):
+        list(scan_dataset(root, [SPEC]))
+
+
+def test_a_dataset_that_is_neither_form_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "x.csv").write_text("1,2\n")
+    with pytest.raises(BatchInputError, match="expected a directory of .npy files or a .parquet file"):
+        list(scan_dataset(tmp_path / "x.csv", [SPEC]))
+    with pytest.raises(BatchInputError, match="no such file"):
+        list(scan_dataset(tmp_path / "nothing", [SPEC]))
+    with pytest.raises(BatchInputError, match="one input"):
+        list(scan_dataset(tmp_path, [SPEC, InputSpec("mask", (3,), np.dtype(np.int64))]))
+
+
+def _parquet(tmp_path: Path, columns: dict) -> Path:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_parquet_rows_from_lists_or_raw_bytes(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    xs = [np.arange(12, dtype=np.float32) + i for i in range(3)]
+    lists = _parquet(tmp_path, {"id": ["a", "b", "c"], "input": pa.array(xs, pa.list_(pa.float32()))})
+    rows = list(scan_dataset(lists, [SPEC]))
+    assert [r.id for r in rows] == ["a", "b", "c"]
+    np.testing.assert_array_equal(rows[2].feeds["input"], xs[2].reshape(1, 3, 4))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    packed = _parquet(raw, {"key": [7, 8, 9], "input": [x.astype("<f4").tobytes() for x in xs]})
+    rows2 = list(scan_dataset(packed, [SPEC], id_column="key"))
+    assert [r.id for r in rows2] == [7, 8, 9]
+    assert [r.digest for r in rows2] == [r.digest for r in rows]  # the same content, the same rows to the cache
+
+
+@pytest.mark.parametrize(("columns", "message"), [
+    ({"id": ["a", "b"], "input": [list(range(12)), list(range(11))]}, r"row 1 \(id 'b'\): column 'input' has 11 "
+                                                                      r"values, expected 12"),
+    ({"id": ["a", "b"], "input": [b"\0" * 48, b"\0" * 47]}, r"row 1 \(id 'b'\): column 'input' has 47 bytes"),
+    ({"id": ["a", "a"], "input": [b"\0" * 48, b"\0" * 48]}, r"row 1 \(id 'a'\): id 'a' appears twice"),
+    ({"id": ["a", None], "input": [b"\0" * 48, b"\0" * 48]}, r"row 1 has no id"),
+    ({"id": ["a", "b"], "input": [b"\0" * 48, None]}, r"row 1 \(id 'b'\): column 'input' is null"),
+    ({"id": ["a"], "pixels": [b"\0" * 48]}, r"no column\(s\) \['input'\]"),
+    ({"id": [1.5], "input": [b"\0" * 48]}, r"id column 'id' is double"),
+    ({"id": ["a"], "input": [[[0.0] * 4] * 3]}, r"column 'input' holds nested lists"),
+])
+def test_a_bad_parquet_row_is_named(tmp_path: Path, columns: dict, message: str) -> None:
+    pa = pytest.importorskip("pyarrow")
+    if isinstance(columns.get("input", [None])[0], list) and not isinstance(columns["input"][0][0], list):
+        columns["input"] = pa.array(columns["input"], pa.list_(pa.float32()))
+    with pytest.raises(BatchInputError, match=message):
+        list(scan_dataset(_parquet(tmp_path, columns), [SPEC]))
+
+
+def test_parquet_values_of_another_dtype_are_refused(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    path = _parquet(tmp_path, {"id": [1], "input": pa.array([list(range(12))], pa.list_(pa.float64()))})
+    with pytest.raises(BatchInputError, match="holds double values, expected float32"):
+        list(scan_dataset(path, [SPEC]))
+
+
+def test_an_input_with_a_free_dimension_is_refused() -> None:
+    with pytest.raises(BatchInputError, match=r"shape \(\?, 3, \?, 224\).*fixed"):
+        InputSpec.from_spec(TensorSpec("x", (None, 3, None, 224), "float32"))
+    assert InputSpec.from_spec(TensorSpec("x", (None, 3, 8), "float32")).shape == (3, 8)
+
+
+def test_the_identity_names_cut_precision_and_files(tiny_bundle: Path) -> None:
+    bundle = Bundle.load(tiny_bundle)
+    int8, fp32 = split_models(bundle, None, "int8"), split_models(bundle, None, "fp32")
+    assert (int8.precision, fp32.precision) == ("int8", "fp32")
+    cloud = split_models(bundle, "cloud-only", "int8")
+    assert cloud.head is None and cloud.precision == "fp32" and cloud.tail is not None
+    edge = split_models(bundle, "edge-only", "int8")
+    assert edge.tail is None and edge.head is not None
+    ids = {int8.identity, fp32.identity, cloud.identity, edge.identity, full_models(bundle).identity}
+    assert len(ids) == 5
+    assert split_models(Bundle.load(tiny_bundle), None, "int8").identity == int8.identity  # stable
+
+
+@pytest.fixture()
+def tiny_bundle(tmp_path: Path) -> Path:
+    pytest.importorskip("onnx")
+    from models.tiny_bundle import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path / "tiny")
+
+
+def test_options_out_of_range_are_named() -> None:
+    with pytest.raises(OptionError, match="batch-size must be at least 1"):
+        BatchOptions(batch_size=0).check()
+    with pytest.raises(OptionError, match="head precision 'int4'"):
+        BatchOptions(head_precision="int4").check()
+
+
+def test_agreement_is_top1_for_classifiers_and_relative_error_for_all() -> None:
+    full = [{"y": np.array([0.0, 1.0, 0.0])}, {"y": np.array([2.0, 0.0, 0.0])}]
+    split = [{"y": np.array([0.0, 1.1, 0.0])}, {"y": np.array([0.0, 0.0, 3.0])}]
+    (row,) = agreement(split, full, ["y"], classifier=True)
+    assert row.top1 == 0.5 and row.rows == 2
+    assert row.rel_err_max == pytest.approx(np.sqrt(13) / 2)
+    assert agreement(split, full, ["y"], classifier=False)[0].top1 is None
+
+
+def test_without_ray_the_error_names_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without the [ray] extra gives
+    with pytest.raises(MissingExtraError, match=r"^ray is not installed, and split-batch needs it: "
+                                                r"pip install \"splitinfer\[ray\]\"$"):
+        need("ray")
+
+
+def test_split_batch_without_ray_is_one_line_naming_the_install(tiny_bundle: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from cloud_tier.batch.cli import main
+
+    data = _npy_dir(tmp_path, a=np.zeros((3, 16, 16), np.float32))
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code = main([str(tiny_bundle), "--input", str(data), "--output", str(tmp_path / "o.parquet"),
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert capsys.readouterr().err == ('split-batch: ray is not installed, and split-batch needs it: '
+                                       'pip install "splitinfer[ray]"\n')
