@@ -146,7 +146,8 @@ class TailReplica:
     """One onnxruntime session of one tail; `__call__` takes {"feeds", "rows"} and answers {"outputs",
     "compute_ms", "batch_rows", "first"} or {"error"}. Made a Serve deployment by `RayBackend.deploy`."""
 
-    def __init__(self, model: bytes, *, max_batch: int, wait_s: float, threads: int, providers: list[str]):
+    def __init__(self, model: bytes, *, max_batch: int, wait_s: float, threads: int, providers: list[str],
+                 inputs: Sequence[str] = ()):
         import onnxruntime as ort  # the worker's own: the [ray] extra keeps the package the node has
         import ray
 
@@ -157,6 +158,9 @@ class TailReplica:
                   and (gpu or p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))]
         self.session = ort.InferenceSession(model, opts, providers=usable or ["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
+        have = sorted(i.name for i in self.session.get_inputs())
+        if inputs and have != sorted(inputs):  # the front checks requests against the bundle's cut tensors
+            raise ValueError(f"tail inputs {have} do not match the cut's tensors {sorted(inputs)}")
         self.run_batch.set_max_batch_size(max_batch)  # type: ignore[attr-defined]
         self.run_batch.set_batch_wait_timeout_s(wait_s)  # type: ignore[attr-defined]
 
@@ -445,7 +449,8 @@ class RayBackend:
                 deployment = serve.deployment(TailReplica).options(
                     name=name, **deployment_options(opts, max_batch, cfg.max_queue))
                 app = deployment.bind(model, max_batch=max_batch, wait_s=cfg.max_wait_ms / 1000.0,
-                                      threads=cfg.intra_op_threads, providers=providers)
+                                      threads=cfg.intra_op_threads, providers=providers,
+                                      inputs=[t.name for t in tail.inputs])
                 handle = serve.run(app, name=name, route_prefix=None)
             self.handles[tail.key] = handle
             self.names[tail.key] = name

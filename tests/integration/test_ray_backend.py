@@ -122,6 +122,7 @@ def test_agents_through_the_front_get_what_the_in_process_backend_gives(ray_serv
     assert f'splitinfer_ray_batch_size_rows_count{{deployment="{name}"}}' in text
     assert backend.deployments[name].batched_rows >= 2 * len(xs)
     assert server.stats.snapshot()["batched_rows"] >= 2 * len(xs)
+    assert all(t.executor.session is None for t in server._servicer.registry.served())  # no tail copy on the front
 
 
 def _replica_pid(backend: RayBackend, cut: str) -> int:

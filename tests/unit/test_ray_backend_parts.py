@@ -13,6 +13,7 @@ import pytest
 
 from cloud_tier import cli
 from cloud_tier.config import ConfigError, RayOptions
+from cloud_tier.executor import ModelRegistry
 from cloud_tier.metrics import RayCollector, render
 from cloud_tier.ray_backend import (
     APP_PREFIX,
@@ -205,3 +206,17 @@ def test_a_replica_takes_at_least_its_batches_and_the_autoscaling_target(max_bat
     assert "metrics_interval_s" not in auto and "look_back_period_s" not in auto  # Serve's own unless set
     assert auto["upscale_delay_s"] < auto["downscale_delay_s"]  # quick to add, slow to remove
     assert got["max_queued_requests"] == 256
+
+
+def test_with_the_tails_on_ray_the_front_loads_the_bundles_but_no_session(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path / "tiny")
+    here = ModelRegistry.load(tmp_path)
+    front = ModelRegistry.load(tmp_path, load_sessions=False)
+
+    def served(registry: ModelRegistry) -> list:
+        return [(t.key, t.label, t.inputs, t.executor.path, t.postprocess) for t in registry.served()]
+
+    assert served(front) == served(here) and len(served(front)) == 2  # what requests are checked against
+    assert all(t.executor.session is None for t in front.served())
+    with pytest.raises(RuntimeError, match="runs on Ray Serve"):
+        front.served()[0].run({"relu1": np.zeros((1, 8, 16, 16), np.float32)})
