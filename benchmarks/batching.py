@@ -191,7 +191,7 @@ class PlainServeTail:
     """The same tail as a plain Serve deployment: one onnxruntime session behind @serve.batch (rows = requests
     here: each carries one row), what a Serve user would write without our front. Answers (outputs, batch rows)."""
 
-    def __init__(self, model: bytes, providers: list[str], max_batch: int):
+    def __init__(self, model: bytes, providers: list[str], max_batch: int, wait_s: float = 0.0):
         import onnxruntime as ort
         import ray
 
@@ -201,6 +201,7 @@ class PlainServeTail:
                   and (ray.get_gpu_ids() or p == "CPUExecutionProvider")]
         self.session = ort.InferenceSession(model, opts, providers=usable or ["CPUExecutionProvider"])
         self.run_batch.set_max_batch_size(max_batch)  # type: ignore[attr-defined]
+        self.run_batch.set_batch_wait_timeout_s(wait_s)  # type: ignore[attr-defined]
 
     async def __call__(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         return await self.run_batch(feeds)  # type: ignore[arg-type,no-any-return]
@@ -265,13 +266,15 @@ def ray_configs(stack: contextlib.ExitStack, root: Path, models: list[str], args
     n = args.replicas
     # Every replica must fit at once: the node's tails (each cut of each bundle) and one plain deployment, each n
     # times, in the cluster's CPUs (and GPUs); the reservations are bookkeeping, the replicas share the cores.
-    replicas = n * (sum(len(Bundle.load(make_bundle(m, root)).cut_ids) for m in models) + 1)
+    # (the node serves every bundle in the folder, not only --models)
+    replicas = n * (sum(len(Bundle.load(d).cut_ids) for d in root.iterdir() if (d / "plan.json").is_file()) + 1)
     cpus = min(0.5, ray.cluster_resources().get("CPU", 2.0) / replicas)
     per_gpu = gpus / replicas if gpus else 0.0
     opts = RayOptions(min_replicas=n, max_replicas=n, num_cpus=cpus, num_gpus=per_gpu)
     cuda = args.providers == "cuda"
     device = ["--providers", ",".join(CUDA_PROVIDERS)] if cuda else ["--cpu-only"]
-    batching = ["--max-batch", str(MAX_BATCH), "--log-level", "WARNING", "--no-fleet"]
+    batching = ["--max-batch", str(MAX_BATCH), "--max-wait-ms", f"{args.max_wait_ms:g}", "--log-level", "WARNING",
+                "--no-fleet"]
     local = stack.enter_context(CloudProcess(root, *batching, "--workers", str(n), *device, insecure=True)).address
     front = stack.enter_context(CloudProcess(
         root, *batching, *device, "--backend", "ray", "--ray-address", gcs, "--min-replicas", str(n),
@@ -282,7 +285,7 @@ def ray_configs(stack: contextlib.ExitStack, root: Path, models: list[str], args
     def plain(bundle: Bundle, cut: str, req: Any) -> Load:
         name = f"{PLAIN_APP}-{bundle.model_name}"
         app = serve.deployment(PlainServeTail).options(name=name, **deployment_options(opts, MAX_BATCH, 256)).bind(
-            Path(str(bundle.cut(cut).tail)).read_bytes(), providers, MAX_BATCH)
+            Path(str(bundle.cut(cut).tail)).read_bytes(), providers, MAX_BATCH, args.max_wait_ms / 1000.0)
         with ThreadPoolExecutor(1) as pool:  # serve.run has no deadline of its own (unschedulable replicas)
             handle = pool.submit(serve.run, app, name=name, route_prefix=None).result(timeout=DEPLOY_TIMEOUT_S)
         return serve_load(handle)(bundle, cut, req)
@@ -329,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "they are (no torch needed then) (default: a temp dir)")
     ap.add_argument("--ray", action="store_true", help="compare in-process, Ray backend and plain Ray Serve instead")
     ap.add_argument("--replicas", type=int, default=2, help="--ray: replicas per deployment, tail workers in-process")
+    ap.add_argument("--max-wait-ms", type=float, default=0.0,
+                    help="--ray: the batch window of all three (--max-wait-ms, batch_wait_timeout_s) (default 0)")
     ap.add_argument("--providers", choices=("cpu", "cuda"), default="cpu",
                     help="--ray: where the tails run (cuda: the CUDA provider; GPUs shared by the replicas)")
     args = ap.parse_args(argv)
@@ -350,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[model] = measure_model(model, root, loads, counts, args, noise="local" if args.ray else None)
     if args.ray:
         print(f"batching.py --ray: {args.rounds} alternating rounds of {args.seconds:g} s per row (medians over "
-              f"rounds), codec {args.codec}, max_batch {MAX_BATCH}, {args.replicas} replicas / tail workers x 1 "
-              f"thread, providers {args.providers}; {host_line()}\n")
+              f"rounds), codec {args.codec}, max_batch {MAX_BATCH}, window {args.max_wait_ms:g} ms, {args.replicas} "
+              f"replicas / tail workers x 1 thread, providers {args.providers}; {host_line()}\n")
         return report_ray(results, counts, args)
     print(f"batching.py: {args.rounds} alternating rounds of {args.seconds:g} s per row (medians over rounds), "
           f"codec {args.codec}, 2 tail workers x 1 thread; {host_line()}\n")
