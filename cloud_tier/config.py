@@ -191,6 +191,9 @@ class RayOptions:
     num_gpus: float = 0.0  # --replica-gpus: GPUs per replica (> 0: CUDA where onnxruntime has it)
     request_timeout_s: float = 30.0  # --ray-timeout: a handle call without a request deadline gives up after this
     upscale_delay_s: float = 5.0  # how long the load must stay above target before a replica is added
+    downscale_delay_s: float = 60.0  # how long it must stay below before one is removed
+    look_back_period_s: float | None = None  # the window the autoscaler averages over; None: Serve's (30 s)
+    metrics_interval_s: float | None = None  # how often replicas and handles report load; None: Serve's (10 s)
 
     def __post_init__(self) -> None:
         """Check every field; ConfigError names the first bad one."""
@@ -208,6 +211,10 @@ class RayOptions:
         check_number("--replica-gpus", self.num_gpus, 0, error=ConfigError)
         check_number("--ray-timeout", self.request_timeout_s, 0, lo_open=True, error=ConfigError)
         check_number("RayOptions.upscale_delay_s", self.upscale_delay_s, 0, error=ConfigError)
+        check_number("RayOptions.downscale_delay_s", self.downscale_delay_s, 0, error=ConfigError)
+        for name in ("look_back_period_s", "metrics_interval_s"):
+            if getattr(self, name) is not None:
+                check_number(f"RayOptions.{name}", getattr(self, name), 0, lo_open=True, error=ConfigError)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 
 Routes: `/` (page), `/static/*` (app.js, app.css: shipped in the package, no CDN), `/api/fleet`,
 `/api/devices/{id}/series`, `POST /api/devices/{id}/commands` (send a command, answer with the device's ack),
+`/api/deployments` (the tails' Ray Serve deployments with --backend ray; none with the in-process backend),
 `/metrics`, `/healthz` (each component's status: 200 when all are ok, else 503). Every response carries a
 Content-Security-Policy that allows scripts only from this origin (no inline scripts); the page writes
 device-supplied text with textContent, never innerHTML.
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 
 # Per-device cloud-side view: device id -> {requests, errors, mean_ms, last_ts} (see server.RequestCounters).
 CloudView = Callable[[], dict[str, dict[str, Any]]]
+# The tails' deployments (RayBackend.rows()): one row per (model hash, cut) deployment; None: tails in-process.
+DeploymentsView = Callable[[], list[dict[str, Any]]]
 # The node's health report: {"status": ok|degraded|down, "components": {name: {"status", "reason"}}}.
 HealthView = Callable[[], dict[str, Any]]
 # Send a command to a device and wait for its ack: (device id, command, timeout s) -> the ack, None on timeout;
@@ -145,7 +148,8 @@ def build_app(store: FleetStore | None, *, window_s: float = 300.0, rate_window_
               series_s: float = 120.0, extra_metrics: Sequence[Collector] = (),
               cloud_view: CloudView | None = None, token: str | None = None,
               warnings: Sequence[str] = (), health: HealthView | None = None,
-              send_command: CommandSender | None = None, command_token: str | None = None) -> Any:
+              send_command: CommandSender | None = None, command_token: str | None = None,
+              deployments: DeploymentsView | None = None) -> Any:
     """The aiohttp Application serving the dashboard for `store` (None: the store could not be opened).
 
     `extra_metrics` are more Prometheus collectors for /metrics (the gRPC tier, the controller); `cloud_view`
@@ -153,7 +157,8 @@ def build_app(store: FleetStore | None, *, window_s: float = 300.0, rate_window_
     `warnings` (e.g. the node runs --insecure) are shown at the top of the page, with every component `health`
     reports not ok (default: the store's own health); `send_command` serves POST /api/devices/{id}/commands
     (without it that route answers 503); `command_token` is required by that route even where the page itself
-    is open (a token-free dashboard on loopback: any local user may look, only the token holder may command).
+    is open (a token-free dashboard on loopback: any local user may look, only the token holder may command);
+    `deployments` serves /api/deployments (the page's Deployments table, hidden while it has no rows).
     """
     web = require("aiohttp.web", "cloud")
 
@@ -304,6 +309,12 @@ def build_app(store: FleetStore | None, *, window_s: float = 300.0, rate_window_
         data = await in_thread(lambda: store.series(device_id, since_s=since, bucket_s=bucket))
         return web.json_response(data)
 
+    async def deployment_list(_request: Any) -> Any:
+        if deployments is None:
+            return web.json_response({"backend": "local", "deployments": []})
+        # Serve's state is read with a deadline, at most every few seconds (RayBackend): off the event loop
+        return web.json_response({"backend": "ray", "deployments": await in_thread(deployments)})
+
     async def metrics(_request: Any) -> Any:
         body = await in_thread(registry.render)  # the fleet collector reads SQLite: off the event loop
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
@@ -320,6 +331,7 @@ def build_app(store: FleetStore | None, *, window_s: float = 300.0, rate_window_
     app.router.add_get("/api/fleet", fleet)
     app.router.add_get("/api/devices/{device_id}/series", series)
     app.router.add_post("/api/devices/{device_id}/commands", command)
+    app.router.add_get("/api/deployments", deployment_list)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static/", STATIC_DIR, show_index=False, follow_symlinks=False)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,13 @@ class TailExecutor:
 
     def __init__(self, path: Path, *, intra_op_threads: int = 1, prefer_gpu: bool = True,
                  providers: Sequence[str] | None = None,
-                 provider_options: Mapping[str, Mapping[str, str]] | None = None):
+                 provider_options: Mapping[str, Mapping[str, str]] | None = None, load: bool = True):
+        """`load=False`: the tail runs elsewhere (Ray Serve replicas load `path`): no session here, `run` refuses."""
+        self.path = path
+        if not load:
+            self.session: Any = None
+            self.input_names = self.output_names = self.providers = ()
+            return
         try:
             self.session = make_session(path, threads=intra_op_threads,
                                         providers=list(providers or select_providers(prefer_gpu)),
@@ -44,13 +51,14 @@ class TailExecutor:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types for bad model files
             raise BundleError(f"{path}: onnxruntime cannot load this tail ({exc})") from exc
-        self.path = path
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self.providers = tuple(self.session.get_providers())
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the tail on `feeds` (input name -> array); returns output name -> array."""
+        if self.session is None:
+            raise RuntimeError(f"{self.path}: this tail runs on Ray Serve, not in this process")
         outs = self.session.run(list(self.output_names), dict(feeds))
         return dict(zip(self.output_names, outs))
 
@@ -109,9 +117,12 @@ class ModelRegistry:
     @classmethod
     def load(cls, bundles_dir: str | Path, *, intra_op_threads: int = 1, prefer_gpu: bool = True,
              providers: Sequence[str] | None = None,
-             provider_options: Mapping[str, Mapping[str, str]] | None = None) -> ModelRegistry:
+             provider_options: Mapping[str, Mapping[str, str]] | None = None,
+             load_sessions: bool = True) -> ModelRegistry:
         """Load each subdirectory of `bundles_dir` holding a plan.json; BundleError on any bad bundle, ProviderError
-        when a provider of `providers` is not usable (see TailExecutor)."""
+        when a provider of `providers` is not usable (see TailExecutor). `load_sessions=False` (the tails run on
+        Ray Serve): the bundles' metadata and tail files only, no onnxruntime session in this process (the
+        replicas check the tails' inputs)."""
         root = Path(bundles_dir)
         if not root.is_dir():
             raise BundleError(f"{root}: not a directory of bundles")
@@ -148,9 +159,10 @@ class ModelRegistry:
                     continue
                 if digest not in sessions:
                     sessions[digest] = TailExecutor(path, intra_op_threads=intra_op_threads, prefer_gpu=prefer_gpu,
-                                                    providers=providers, provider_options=provider_options)
+                                                    providers=providers, provider_options=provider_options,
+                                                    load=load_sessions)
                 executor = sessions[digest]
-                if sorted(executor.input_names) != want:
+                if load_sessions and sorted(executor.input_names) != want:
                     raise BundleError(
                         f"{path}: tail inputs {sorted(executor.input_names)} do not match cut {cut_id!r} tensors {want}"
                     )

@@ -153,7 +153,8 @@ def _batch_sizes(snapshot: Mapping[str, Any]) -> HistogramMetricFamily:
 
 
 class RayCollector(Collector):
-    """The Ray backend's deployments (RayBackend.snapshot()): replicas by state, requests outstanding, batch rows."""
+    """The Ray backend's deployments (RayBackend.snapshot()): replicas by state and the autoscaler's target,
+    requests outstanding, batch rows, and how old Serve's state is (read at most every few seconds)."""
 
     def __init__(self, snapshot: Callable[[], Mapping[str, Mapping[str, Any]]]):
         self._snapshot = snapshot
@@ -169,20 +170,28 @@ class RayCollector(Collector):
     @staticmethod
     def families(deployments: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         """The deployment families of one RayBackend.snapshot()."""
+        info = GaugeMetricFamily("splitinfer_ray_deployment_info", "The (model, cut) tail a deployment serves (1).",
+                                 labels=["deployment", "model", "model_sha256", "cut"])
         replicas = GaugeMetricFamily("splitinfer_ray_replicas", "Ray Serve replicas per tail deployment, by state.",
                                      labels=["deployment", "state"])
-        queued = GaugeMetricFamily("splitinfer_ray_queue_depth",
-                                   "Requests sent to a tail deployment and not answered yet.", labels=["deployment"])
+        target = GaugeMetricFamily("splitinfer_ray_target_replicas",
+                                   "Replicas the autoscaler wants for a tail deployment now.", labels=["deployment"])
+        queued = GaugeMetricFamily("splitinfer_ray_queue_depth", "Requests sent to a tail deployment and not "
+                                   "answered yet (ongoing and queued in Serve).", labels=["deployment"])
         sizes = HistogramMetricFamily("splitinfer_ray_batch_size_rows", "Rows per @serve.batch batch, by deployment.",
                                       labels=["deployment"])
+        age = GaugeMetricFamily("splitinfer_ray_status_age_seconds",
+                                "Seconds since Ray Serve's state (replicas, target) was last read.",
+                                labels=["deployment"])
         for name, d in sorted(deployments.items()):
+            info.add_metric([name, d.get("model", ""), d.get("model_sha256", ""), d.get("cut", "")], 1)
             for state, n in sorted({"RUNNING": 0, **d.get("replicas", {})}.items()):
                 replicas.add_metric([name, state], n)
+            target.add_metric([name], _value(d.get("target_replicas")))
             queued.add_metric([name], d.get("outstanding", 0))
             sizes.add_metric([name], _histogram_buckets(d), sum_value=d.get("batched_rows", 0))
-        yield replicas
-        yield queued
-        yield sizes
+            age.add_metric([name], _value(d.get("status_age_s")))
+        yield from (info, replicas, target, queued, sizes, age)
 
 
 CONTROLLER_COUNTERS = {

@@ -217,7 +217,8 @@ class CloudNode:
                                    extra_metrics=self.metrics_collectors(),
                                    cloud_view=self.cloud_view, warnings=self.warnings(), health=self.health,
                                    send_command=self.controller.command if self.controller is not None else None,
-                                   command_token=self._command_token(opts))
+                                   command_token=self._command_token(opts),
+                                   deployments=self.ray_backend.rows if self.ray_backend is not None else None)
         try:
             self.dashboard.start()
         except RuntimeError as exc:

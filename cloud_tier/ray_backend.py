@@ -25,8 +25,9 @@ import os
 import re
 import threading
 import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -44,6 +45,7 @@ from models.extras import MissingExtraError
 log = logging.getLogger(__name__)
 
 APP_PREFIX = "splitinfer-tail-"
+SERVE_CONTROLLER, SERVE_NAMESPACE = "SERVE_CONTROLLER_ACTOR", "serve"  # Serve's controller actor, by name
 
 
 def require_ray() -> tuple[ModuleType, ModuleType]:
@@ -80,6 +82,63 @@ def _batched(fn: Any) -> Any:
     return serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, batch_size_fn=_rows)(fn)
 
 
+def deployment_options(opts: RayOptions, max_batch: int, max_queue: int) -> dict[str, Any]:
+    """Serve's options of one tail deployment (also used by benchmarks/batching.py's plain Serve deployment).
+
+    `@serve.batch` batches are capped by the replica's max_ongoing_requests, so a replica takes max_batch x
+    (max_concurrent_batches + 1) requests: full batches, and one more batch forming while they run. The
+    autoscaler aims at `target_ongoing_requests` per replica (default max_batch: a replica with more than one full
+    batch in hand, running or waiting, gets help), counted over `look_back_period_s`, after `upscale_delay_s`.
+    """
+    target = opts.target_ongoing_requests or float(max_batch)
+    autoscaling: dict[str, Any] = {
+        "min_replicas": opts.min_replicas, "max_replicas": opts.max_replicas,
+        "initial_replicas": max(1, opts.min_replicas), "target_ongoing_requests": target,
+        "upscale_delay_s": opts.upscale_delay_s, "downscale_delay_s": opts.downscale_delay_s}
+    if opts.look_back_period_s is not None:
+        autoscaling["look_back_period_s"] = opts.look_back_period_s
+    if opts.metrics_interval_s is not None:
+        autoscaling["metrics_interval_s"] = opts.metrics_interval_s
+    return {"max_ongoing_requests": max(max_batch * (opts.max_concurrent_batches + 1), int(math.ceil(target)) + 1),
+            "max_queued_requests": max_queue, "autoscaling_config": autoscaling,
+            "ray_actor_options": {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
+            "health_check_period_s": 2.0, "health_check_timeout_s": 10.0}
+
+
+def _name(value: Any) -> str:
+    """An enum's value (Serve's states), else the text."""
+    return str(getattr(value, "value", value))
+
+
+def serve_deployments(details: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Our deployments in Serve's instance details (ServeInstanceDetails as a dict): per deployment its status,
+    the autoscaler's target replica count, and its live replicas by state."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, app in (details.get("applications") or {}).items():
+        if not str(name).startswith(APP_PREFIX):
+            continue
+        for dep_name, dep in (app.get("deployments") or {}).items():
+            out[dep_name] = {"status": _name(dep.get("status", "")),
+                             "target_replicas": int(dep.get("target_num_replicas") or 0),
+                             "replicas": dict(Counter(_name(r.get("state")) for r in dep.get("replicas") or []))}
+    return out
+
+
+def deployment_rows(snapshot: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The dashboard's rows of a RayBackend.snapshot(), sorted by model and cut."""
+    rows = []
+    for name, d in snapshot.items():
+        replicas = d.get("replicas") or {}
+        rows.append({"deployment": name, "model": d.get("model", ""), "model_sha256": d.get("model_sha256", ""),
+                     "cut": d.get("cut", ""), "status": d.get("status", ""),
+                     "replicas_running": int(replicas.get("RUNNING", 0)), "replicas_target": d.get("target_replicas"),
+                     "replicas_other": {k: v for k, v in sorted(replicas.items()) if k != "RUNNING" and v},
+                     "ongoing": d.get("outstanding", 0), "batches": d.get("batches", 0),
+                     "recent_batch_mean": d.get("recent_batch_mean"), "recent_batch_max": d.get("recent_batch_max"),
+                     "status_age_s": d.get("status_age_s"), "status_error": d.get("status_error", "")})
+    return sorted(rows, key=lambda r: (r["model"], r["model_sha256"], r["cut"]))
+
+
 # -- the replica (runs in a Ray worker) ------------------------------------------------------------------
 
 
@@ -87,7 +146,8 @@ class TailReplica:
     """One onnxruntime session of one tail; `__call__` takes {"feeds", "rows"} and answers {"outputs",
     "compute_ms", "batch_rows", "first"} or {"error"}. Made a Serve deployment by `RayBackend.deploy`."""
 
-    def __init__(self, model: bytes, *, max_batch: int, wait_s: float, threads: int, providers: list[str]):
+    def __init__(self, model: bytes, *, max_batch: int, wait_s: float, threads: int, providers: list[str],
+                 inputs: Sequence[str] = ()):
         import onnxruntime as ort  # the worker's own: the [ray] extra keeps the package the node has
         import ray
 
@@ -98,6 +158,9 @@ class TailReplica:
                   and (gpu or p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))]
         self.session = ort.InferenceSession(model, opts, providers=usable or ["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
+        have = sorted(i.name for i in self.session.get_inputs())
+        if inputs and have != sorted(inputs):  # the front checks requests against the bundle's cut tensors
+            raise ValueError(f"tail inputs {have} do not match the cut's tensors {sorted(inputs)}")
         self.run_batch.set_max_batch_size(max_batch)  # type: ignore[attr-defined]
         self.run_batch.set_batch_wait_timeout_s(wait_s)  # type: ignore[attr-defined]
 
@@ -146,15 +209,25 @@ class TailReplica:
 # -- the front's side: one RayTail per tail, in place of the in-process batcher ----------------------------------
 
 
+RECENT_S = 60.0  # the dashboard's "recent" batch sizes: batches of the last minute
+RECENT_MAX = 4096  # ... and at most this many of them (a bound on the memory, whatever the rate)
+
+
 @dataclass
 class DeploymentStats:
-    """What the front sees of one deployment: requests sent and not answered, and batch sizes (rows)."""
+    """What the front sees of one deployment: requests sent and not answered, and the batch sizes (rows) its
+    replicas ran, as each batch's first answer reports them (all time, and the last RECENT_S seconds)."""
 
     name: str
+    model: str = ""  # the tail's label (model name, or name@hash when two models share it)
+    model_sha256: str = ""
+    cut: str = ""
     outstanding: int = 0
     batches: int = 0
     batched_rows: int = 0
     sizes: Counter[float] = field(default_factory=Counter)
+    recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=RECENT_MAX))
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def batch(self, rows: int) -> None:
@@ -164,12 +237,62 @@ class DeploymentStats:
             self.batches += 1
             self.batched_rows += rows
             self.sizes[bucket] += 1
+            self.recent.append((self.clock(), rows))
 
     def snapshot(self) -> dict[str, Any]:
-        """A copy, in ServerStats.snapshot()'s batch keys."""
+        """A copy, in ServerStats.snapshot()'s batch keys, plus the recent batches' count, mean and max rows."""
         with self.lock:
-            return {"outstanding": self.outstanding, "batches": self.batches, "batched_rows": self.batched_rows,
-                    "batch_size_histogram": {str(k): v for k, v in sorted(self.sizes.items())}}
+            since = self.clock() - RECENT_S
+            recent = [rows for t, rows in self.recent if t >= since]
+            return {"model": self.model, "model_sha256": self.model_sha256, "cut": self.cut,
+                    "outstanding": self.outstanding, "batches": self.batches, "batched_rows": self.batched_rows,
+                    "batch_size_histogram": {str(k): v for k, v in sorted(self.sizes.items())},
+                    "recent_batches": len(recent),
+                    "recent_batch_mean": sum(recent) / len(recent) if recent else None,
+                    "recent_batch_max": max(recent) if recent else None}
+
+
+@dataclass
+class ServeState:
+    """Serve's view of our deployments at one reading: per deployment its status, target replica count and
+    replicas by state; `error` says why the last reading failed (the values are then the previous ones)."""
+
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    read_at: float | None = None  # clock time of the last successful reading
+    error: str = ""
+
+
+class ServeStatePoller:
+    """Reads Serve's state (`fetch`, which has its own deadline) at most every `every_s` seconds: scrapes and
+    dashboard polls between two readings get the last one, so their rate never reaches Serve's controller;
+    one reading at a time (a caller that finds one under way gets the last reading)."""
+
+    def __init__(self, fetch: Callable[[], dict[str, dict[str, Any]]], every_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self._fetch, self._every_s, self._clock = fetch, every_s, clock
+        self._state = ServeState()
+        self._tried_at: float | None = None
+        self._lock = threading.Lock()
+
+    def age(self, state: ServeState) -> float:
+        """Seconds since `state` was read."""
+        return self._clock() - (state.read_at if state.read_at is not None else -math.inf)
+
+    def get(self) -> ServeState:
+        """The last reading, renewed first when it is older than `every_s`."""
+        now = self._clock()
+        if (self._tried_at is None or now - self._tried_at >= self._every_s) and self._lock.acquire(blocking=False):
+            try:
+                self._tried_at = now
+                try:
+                    self._state = ServeState(self._fetch(), self._clock())
+                except Exception as exc:  # noqa: BLE001 - a scrape must not fail because Serve is busy or gone
+                    log.debug("reading Serve's state failed: %s", exc)
+                    self._state = ServeState(self._state.deployments, self._state.read_at,
+                                             f"{type(exc).__name__}: {exc}")
+            finally:
+                self._lock.release()
+        return self._state
 
 
 class RayTail:
@@ -275,15 +398,24 @@ async def _awaited(response: Any) -> Any:
 
 class RayBackend:
     """Deploys every tail of a registry on Ray Serve (`deploy`), gives the servicer its `batchers`, reports
-    per-deployment replicas for /metrics (`replicas`), and takes the applications down (`stop`)."""
+    per-deployment replicas (running / target), requests outstanding and batch sizes for /metrics (`snapshot`)
+    and the dashboard (`rows`), and takes the applications down (`stop`).
 
-    def __init__(self, options: RayOptions, config: ServerConfig):
+    Serve's state is read from its controller at most every `status_every_s` seconds, each reading with a
+    deadline of `status_timeout_s`: what /metrics and the dashboard cost Serve does not grow with their polling.
+    """
+
+    def __init__(self, options: RayOptions, config: ServerConfig, *, status_every_s: float = 2.0,
+                 status_timeout_s: float = 2.0):
         self.ray, self.serve = require_ray()
         self.options = options
         self.config = config
         self.handles: dict[tuple[str, str], Any] = {}
         self.names: dict[tuple[str, str], str] = {}
         self.deployments: dict[str, DeploymentStats] = {}
+        self.status_timeout_s = status_timeout_s
+        self.serve_state = ServeStatePoller(self._read_serve, every_s=status_every_s)
+        self._controller: Any = None
         self._started_ray = False
         self._connected = False
 
@@ -304,26 +436,21 @@ class RayBackend:
         if opts.num_gpus > 0 and "CUDAExecutionProvider" not in providers and cfg.prefer_gpu:
             providers = ["CUDAExecutionProvider", *providers]
         max_batch = cfg.max_batch
-        target = opts.target_ongoing_requests or float(max_batch)
         for tail in registry.served():
             name = app_name(tail)
             model = tail.executor.path.read_bytes()  # shipped in the object store: workers need no shared disk
-            deployment = serve.deployment(TailReplica).options(
-                name=name,
-                max_ongoing_requests=max(max_batch * opts.max_concurrent_batches, int(math.ceil(target)) + 1),
-                max_queued_requests=cfg.max_queue,
-                autoscaling_config={"min_replicas": opts.min_replicas, "max_replicas": opts.max_replicas,
-                                    "initial_replicas": max(1, opts.min_replicas), "target_ongoing_requests": target,
-                                    "upscale_delay_s": opts.upscale_delay_s, "downscale_delay_s": 60.0},
-                ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
-                health_check_period_s=2.0, health_check_timeout_s=10.0,
-            )
-            app = deployment.bind(model, max_batch=max_batch, wait_s=cfg.max_wait_ms / 1000.0,
-                                  threads=cfg.intra_op_threads, providers=providers)
-            handle = serve.run(app, name=name, route_prefix=None)
+            with warnings.catch_warnings():  # metrics_interval_s (set by tests only) is marked deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                deployment = serve.deployment(TailReplica).options(
+                    name=name, **deployment_options(opts, max_batch, cfg.max_queue))
+                app = deployment.bind(model, max_batch=max_batch, wait_s=cfg.max_wait_ms / 1000.0,
+                                      threads=cfg.intra_op_threads, providers=providers,
+                                      inputs=[t.name for t in tail.inputs])
+                handle = serve.run(app, name=name, route_prefix=None)
             self.handles[tail.key] = handle
             self.names[tail.key] = name
-            self.deployments[name] = DeploymentStats(name)
+            self.deployments[name] = DeploymentStats(name, model=tail.label or tail.model,
+                                                     model_sha256=tail.model_sha256, cut=tail.cut)
             log.info("Ray Serve deployment %s: %s cut %s (replicas %d..%d, max_batch %d)", name, tail.label,
                      tail.cut, opts.min_replicas, opts.max_replicas, max_batch)
 
@@ -332,28 +459,35 @@ class RayBackend:
         return {t.key: RayTail(t, self.handles[t.key], stats, self.deployments[self.names[t.key]],
                                self.options.request_timeout_s) for t in registry.served()}
 
-    def replicas(self) -> dict[str, dict[str, int]]:
-        """Per deployment: replica counts by state (RUNNING, STARTING, ...), from serve.status()."""
-        out: dict[str, dict[str, int]] = {}
+    def _read_serve(self) -> dict[str, dict[str, Any]]:
+        """Per deployment of ours: Serve's status, its target replica count and its live replicas by state (one
+        call to Serve's controller, with a deadline; what `serve status` shows, plus the autoscaler's target)."""
+        ray = self.ray
+        if self._controller is None:
+            self._controller = ray.get_actor(SERVE_CONTROLLER, namespace=SERVE_NAMESPACE)
         try:
-            status = self.serve.status()
-        except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the controller is busy
-            log.debug("serve.status() failed: %s", exc)
-            return out
-        for app_name_, app in status.applications.items():
-            if not app_name_.startswith(APP_PREFIX):
-                continue
-            for dep_name, dep in app.deployments.items():
-                out[dep_name] = {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
-        return out
+            details = ray.get(self._controller.get_serve_instance_details.remote(), timeout=self.status_timeout_s)
+        except Exception:
+            self._controller = None  # looked up again next time (the controller may have been restarted)
+            raise
+        return serve_deployments(details)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        """Per deployment: replicas by state, requests outstanding, batch sizes (what /metrics shows)."""
-        reps = self.replicas()
-        return {name: {**d.snapshot(), "replicas": reps.get(name, {})} for name, d in self.deployments.items()}
+        """Per deployment: what the front counted (requests outstanding, batch sizes) and Serve's state (replicas
+        by state, target replicas, status, seconds since it was read): what /metrics shows."""
+        state = self.serve_state.get()
+        age = None if state.read_at is None else max(0.0, self.serve_state.age(state))
+        return {name: {**d.snapshot(), "replicas": {}, "target_replicas": None, "status": "",
+                       **state.deployments.get(name, {}), "status_age_s": age, "status_error": state.error}
+                for name, d in self.deployments.items()}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The dashboard's Deployments table: one row per (model hash, cut) deployment."""
+        return deployment_rows(self.snapshot())
 
     def stop(self) -> None:
-        """Delete our applications; shut Serve and Ray down when this backend started Ray."""
+        """Delete our applications; disconnect from Ray when this backend connected, and shut Serve down too
+        when the cluster was its own (a cluster joined by --ray-address keeps Serve for its other apps)."""
         for name in list(self.names.values()):
             try:
                 self.serve.delete(name, _blocking=True)
@@ -363,7 +497,8 @@ class RayBackend:
         self.handles.clear()
         if self._started_ray:
             try:
-                self.serve.shutdown()
+                if not self.options.address:  # our private cluster; on a shared one, others' Serve apps stay up
+                    self.serve.shutdown()
             finally:
                 self.ray.shutdown()
             self._started_ray = False

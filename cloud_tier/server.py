@@ -261,12 +261,13 @@ class CloudServer:
                 self.tls = ServerTls(cfg.resolved_pki_dir())
             except (OSError, ValueError) as exc:  # missing folder, unreadable or malformed PEM files
                 raise ServerStartError(str(exc)) from exc
-        remote = self.tail_backend is not None  # the tails run elsewhere: the front's sessions stay on the CPU
+        remote = self.tail_backend is not None  # the tails run elsewhere: the front loads no session of them
         registry = await self._loop.run_in_executor(
             None, lambda: ModelRegistry.load(self.bundles_dir, intra_op_threads=cfg.intra_op_threads,
                                              prefer_gpu=cfg.prefer_gpu and not remote,
                                              providers=None if remote else cfg.providers or None,
-                                             provider_options=None if remote else cfg.resolved_provider_options())
+                                             provider_options=None if remote else cfg.resolved_provider_options(),
+                                             load_sessions=not remote)
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")
         batchers = None

@@ -29,6 +29,69 @@ function cutNote(dev) {
   return dev.mode === "split" && dev.cut === "edge-only" ? SPLIT_EDGE_NOTE : "";
 }
 
+// The row of `id` in a table body (made with one cell per column, class col-KEY, numbers right-aligned).
+function tableRow(rows, body, dataKey, id, columns, textColumns, onCreate) {
+  let tr = rows.get(id);
+  if (!tr) {
+    tr = document.createElement("tr");
+    tr.dataset[dataKey] = id;
+    for (const key of columns) {
+      const td = document.createElement("td");
+      td.className = "col-" + key;
+      if (!textColumns.has(key)) td.classList.add("num");
+      tr.appendChild(td);
+    }
+    if (onCreate) onCreate(tr);
+    rows.set(id, tr);
+    body.appendChild(tr);
+  }
+  return tr;
+}
+
+// The tails' Ray Serve deployments (split-cloud serve --backend ray); the section stays hidden without them.
+const DEPLOYMENT_COLUMNS = ["model", "model_sha256", "cut", "status", "replicas", "ongoing", "batches",
+                            "recent_batch_mean", "recent_batch_max"];
+const DEPLOYMENT_TEXT = new Set(["model", "model_sha256", "cut", "status"]);
+const rowsByDeployment = new Map();
+
+function deploymentCell(dep, key) {
+  switch (key) {
+    case "model_sha256": return dep.model_sha256 ? dep.model_sha256.slice(0, 12) : "—";
+    case "replicas": {
+      const target = dep.replicas_target === null || dep.replicas_target === undefined ? "—" : dep.replicas_target;
+      const other = Object.entries(dep.replicas_other || {}).map(([s, n]) => n + " " + s.toLowerCase());
+      return dep.replicas_running + " / " + target + (other.length ? " (" + other.join(", ") + ")" : "");
+    }
+    case "recent_batch_mean": return dep[key] === null ? "—" : dep[key].toFixed(1);
+    case "recent_batch_max": return dep[key] === null ? "—" : String(dep[key]);
+    default: return dep[key] === null || dep[key] === undefined || dep[key] === "" ? "—" : String(dep[key]);
+  }
+}
+
+function renderDeployments(data) {
+  const list = data.deployments || [];
+  const body = document.getElementById("deployment-rows");
+  const seen = new Set();
+  for (const dep of list) {
+    seen.add(dep.deployment);
+    const tr = tableRow(rowsByDeployment, body, "deployment", dep.deployment, DEPLOYMENT_COLUMNS, DEPLOYMENT_TEXT);
+    DEPLOYMENT_COLUMNS.forEach((key, i) => { tr.children[i].textContent = deploymentCell(dep, key); });
+    tr.title = dep.deployment;
+    tr.classList.toggle("stale", Boolean(dep.status_error));
+  }
+  for (const [name, tr] of rowsByDeployment) {
+    if (!seen.has(name)) { tr.remove(); rowsByDeployment.delete(name); }
+  }
+  const errors = list.filter(d => d.status_error).map(d => d.status_error);
+  const age = list.length ? list[0].status_age_s : null;
+  document.getElementById("deployments-note").textContent = errors.length
+    ? "Ray Serve's state could not be read: " + errors[0] + (age === null ? "" : " (last read " +
+      age.toFixed(0) + " s ago)")
+    : "Replicas and status as Ray Serve reported them" + (age === null ? "" : " " + age.toFixed(0) + " s ago") +
+      "; ongoing and batches as this node saw them.";
+  document.getElementById("deployments").hidden = list.length === 0;
+}
+
 let selected = null;
 const rowsByDevice = new Map();
 
@@ -52,20 +115,8 @@ function renderFleet(data) {
   const seen = new Set();
   for (const dev of data.devices) {
     seen.add(dev.device);
-    let tr = rowsByDevice.get(dev.device);
-    if (!tr) {
-      tr = document.createElement("tr");
-      tr.dataset.device = dev.device;
-      for (const key of COLUMNS) {
-        const td = document.createElement("td");
-        td.className = "col-" + key;
-        if (!TEXT_COLUMNS.has(key)) td.classList.add("num");
-        tr.appendChild(td);
-      }
-      tr.addEventListener("click", () => select(dev.device));
-      rowsByDevice.set(dev.device, tr);
-      body.appendChild(tr);
-    }
+    const tr = tableRow(rowsByDevice, body, "device", dev.device, COLUMNS, TEXT_COLUMNS,
+                        row => row.addEventListener("click", () => select(dev.device)));
     COLUMNS.forEach((key, i) => {
       const td = tr.children[i];
       td.textContent = fmt(key, cellValue(dev, key), data.now);  // textContent: a hostile label stays text
@@ -200,6 +251,14 @@ async function pollFleet() {
   }
 }
 
+async function pollDeployments() {
+  try {
+    renderDeployments(await getJSON("/api/deployments"));
+  } catch (err) {
+    document.getElementById("status").textContent = "deployments update failed: " + err.message;
+  }
+}
+
 async function pollSeries() {
   if (selected === null) return;
   const device = selected;
@@ -212,7 +271,7 @@ async function pollSeries() {
 }
 
 function tick() {
-  pollFleet().then(pollSeries).finally(() => setTimeout(tick, POLL_MS));
+  pollFleet().then(pollSeries).then(pollDeployments).finally(() => setTimeout(tick, POLL_MS));
 }
 
 document.addEventListener("DOMContentLoaded", () => { buildLegend(); tick(); });

@@ -199,6 +199,11 @@ async def drive(browser: Chromium, url: str, screenshot: Path) -> None:
                             "Number(document.getElementById('chart').dataset.points) >= 6",
                             "a few seconds of chart", timeout_s=30)
 
+        # The tails run in-process here: no Deployments view, and nothing about Ray on the page.
+        assert await page.eval("document.getElementById('deployments').hidden") is True
+        assert await page.eval("document.querySelectorAll('#deployment-rows tr').length") == 0
+        assert "deployments" not in await page.eval("document.getElementById('status').textContent")
+
         shot = await page.send("Page.captureScreenshot", format="png")
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         screenshot.write_bytes(base64.b64decode(shot["data"]))
@@ -320,3 +325,45 @@ def test_split_cloud_refuses_a_dashboard_off_loopback_without_a_token(tmp_path: 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--dashboard-token-file" in lines[0] and "0.0.0.0" in lines[0]
     assert "listening" not in proc.stdout
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed")
+def test_the_deployments_view_shows_each_ray_serve_deployment(tmp_path: Path) -> None:
+    from cloud_tier.ray_backend import DeploymentStats, deployment_rows, serve_deployments
+
+    # What RayBackend.rows() builds: the front's counts of a deployment, and Serve's details as its controller
+    # answers them (one replica running, one starting: the autoscaler's target is 2).
+    stats = DeploymentStats("splitinfer-tail-resnet18-c3", model=HOSTILE, model_sha256="0123456789abcdef" * 4, cut="c3")
+    for rows in (4, 16, 7):
+        stats.batch(rows)
+    stats.outstanding = 5
+    details = {"applications": {stats.name: {"deployments": {stats.name: {
+        "status": "UPSCALING", "target_num_replicas": 2, "replicas": [{"state": "RUNNING"}, {"state": "STARTING"}]}}}}}
+
+    def rows() -> list[dict]:
+        return deployment_rows({stats.name: {**stats.snapshot(), **serve_deployments(details)[stats.name],
+                                             "status_age_s": 1.0, "status_error": ""}})
+
+    dash = Dashboard(None, deployments=rows)
+    dash.start()
+    browser = Chromium(tmp_path / "profile")
+    try:
+        asyncio.run(_drive_deployments(browser, dash.url, stats.name))
+    finally:
+        browser.close()
+        dash.stop()
+
+
+async def _drive_deployments(browser: Chromium, url: str, name: str) -> None:
+    async with open_page(browser) as page:
+        await page.send("Page.navigate", url=url)
+        await page.wait_for("document.querySelectorAll('#deployment-rows tr').length === 1 && "
+                            "!document.getElementById('deployments').hidden", "the Deployments view")
+        cells = await page.eval(f"[...document.querySelector('tr[data-deployment=\"{name}\"]').children]"
+                                ".map(td => td.textContent)")
+        assert cells == [HOSTILE, "0123456789ab", "c3", "UPSCALING", "1 / 2 (1 starting)", "5", "3", "9.0", "16"]
+        assert await page.eval("document.querySelectorAll('img').length") == 0  # the label stayed text
+        note = await page.eval("document.getElementById('deployments-note').textContent")
+        assert "as Ray Serve reported them 1 s ago" in note
+        errors = [e for e in page.events if e["method"] == "Runtime.exceptionThrown"]
+        assert errors == []

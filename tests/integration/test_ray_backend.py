@@ -3,14 +3,17 @@
 One cluster per module, on loopback only (2 CPUs, no dashboard, token auth pinned off: since Ray 2.59 a new
 local cluster turns it on). Agents stream through the mTLS front to the replicas; their results equal the
 in-process backend's; a replica's worker killed mid-stream loses no request and answers none twice; Serve's
-back-pressure is RESOURCE_EXHAUSTED.
+back-pressure is RESOURCE_EXHAUSTED; under a short load the autoscaler adds a replica, and the dashboard's
+Deployments view and /metrics show both.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -25,6 +28,7 @@ import ray  # noqa: E402 - after the skip
 from ray import serve  # noqa: E402
 
 from cloud_tier.config import RayOptions, ServerConfig  # noqa: E402
+from cloud_tier.dashboard import Dashboard  # noqa: E402
 from cloud_tier.metrics import RayCollector, render  # noqa: E402
 from cloud_tier.ray_backend import RayBackend  # noqa: E402
 from cloud_tier.server import CloudServer  # noqa: E402
@@ -118,6 +122,7 @@ def test_agents_through_the_front_get_what_the_in_process_backend_gives(ray_serv
     assert f'splitinfer_ray_batch_size_rows_count{{deployment="{name}"}}' in text
     assert backend.deployments[name].batched_rows >= 2 * len(xs)
     assert server.stats.snapshot()["batched_rows"] >= 2 * len(xs)
+    assert all(t.executor.session is None for t in server._servicer.registry.served())  # no tail copy on the front
 
 
 def _replica_pid(backend: RayBackend, cut: str) -> int:
@@ -195,3 +200,55 @@ def test_serve_back_pressure_is_resource_exhausted(ray_cluster, bundles_dir, dev
     finally:
         server.stop(grace=1.0)
         backend.stop()
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def test_the_autoscaler_adds_a_replica_under_load_and_the_dashboard_shows_it(ray_cluster, bundles_dir) -> None:
+    # min 1, max 2, a target of 1 request per replica; Serve's load reports every 0.5 s over a 2 s window
+    server, backend = _ray_server(bundles_dir, ServerConfig(max_batch=2, max_wait_ms=2.0), max_replicas=2,
+                                  target_ongoing_requests=1.0, upscale_delay_s=0.5, metrics_interval_s=0.5,
+                                  look_back_period_s=2.0)
+    dash = Dashboard(None, deployments=backend.rows, extra_metrics=[RayCollector(backend.snapshot)])
+    dash.start()
+    name = backend.names[next(k for k in backend.names if k[1] == MID_CUT)]
+    stop = threading.Event()
+    futures: list[list[Future]] = [[], []]
+    tls = device_tls(DEFAULT_DEVICE_ID)  # once: two threads enrolling at once race on the CA's files
+
+    def load(i: int) -> None:  # a closed loop of 8 requests in flight per agent, until the second replica runs
+        with _agent(bundles_dir, server.address, cut=MID_CUT, deadline_ms=20_000, max_in_flight=8, tls=tls,
+                    **FP32) as agent:
+            while not stop.is_set() and len(futures[i]) < 20_000:
+                futures[i].append(agent.submit(sample_input(seed=len(futures[i]) % 8)))
+            for f in futures[i]:
+                f.result(timeout=30)
+
+    def row() -> dict:
+        rows = json.loads(_get(dash.url + "/api/deployments"))["deployments"]
+        return next(r for r in rows if r["deployment"] == name)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    try:
+        first = row()
+        assert (first["replicas_running"], first["replicas_target"], first["cut"]) == (1, 1, MID_CUT), first
+        for t in threads:
+            t.start()
+        scaled = polling.wait_for(lambda: (r := row())["replicas_running"] == 2 and r, "a second running replica "
+                                  "on the dashboard", 45, interval_s=0.5)
+        assert scaled["replicas_target"] == 2 and scaled["batches"] > 0 and scaled["recent_batch_max"] >= 1
+        text = _get(dash.url + "/metrics")
+        assert f'splitinfer_ray_replicas{{deployment="{name}",state="RUNNING"}} 2.0' in text
+        assert f'splitinfer_ray_target_replicas{{deployment="{name}"}} 2.0' in text
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        dash.stop()
+        server.stop(grace=1.0)
+        backend.stop()
+    results = [f.result(timeout=0) for fs in futures for f in fs]
+    assert results and all(r.served_by == CLOUD for r in results), Counter(r.fallback_reason for r in results)

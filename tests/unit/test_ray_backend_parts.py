@@ -1,5 +1,6 @@
 """The Ray backend's parts that need no cluster: options, the CLI without Ray, the replica's batch splitting,
-deployment names and the /metrics families."""
+deployment names and options, reading Serve's state (bounded), batch sizes, the /metrics families and the
+dashboard's rows."""
 
 from __future__ import annotations
 
@@ -12,8 +13,19 @@ import pytest
 
 from cloud_tier import cli
 from cloud_tier.config import ConfigError, RayOptions
+from cloud_tier.executor import ModelRegistry
 from cloud_tier.metrics import RayCollector, render
-from cloud_tier.ray_backend import APP_PREFIX, TailReplica, app_name
+from cloud_tier.ray_backend import (
+    APP_PREFIX,
+    RECENT_S,
+    DeploymentStats,
+    ServeStatePoller,
+    TailReplica,
+    app_name,
+    deployment_options,
+    deployment_rows,
+    serve_deployments,
+)
 from models.tiny_bundle import make_tiny_bundle, sample_input
 
 
@@ -94,3 +106,117 @@ def test_metrics_show_replicas_queue_and_batch_sizes_per_deployment() -> None:
     assert f'splitinfer_ray_batch_size_rows_bucket{{{dep},le="4"}} 2.0' in text
     assert f'splitinfer_ray_batch_size_rows_bucket{{{dep},le="+Inf"}} 3.0' in text
     assert f"splitinfer_ray_batch_size_rows_sum{{{dep}}} 9.0" in text
+    assert f"splitinfer_ray_target_replicas{{{dep}}} NaN" in text  # Serve's state not read yet
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_serves_state_is_read_at_most_every_interval_and_a_failed_read_keeps_the_last() -> None:
+    clock, calls = Clock(), []
+
+    def fetch() -> dict:
+        calls.append(clock.t)
+        if len(calls) == 3:
+            raise TimeoutError("GetTimeoutError: controller busy")
+        return {"d": {"replicas": {"RUNNING": len(calls)}}}
+
+    poller = ServeStatePoller(fetch, every_s=2.0, clock=clock)
+    assert poller.get().deployments == {"d": {"replicas": {"RUNNING": 1}}}
+    for _ in range(50):  # a scrape storm within the interval: one reading
+        clock.t += 0.01
+        poller.get()
+    assert len(calls) == 1 and poller.age(poller.get()) == pytest.approx(0.5)
+    clock.t += 2.0
+    assert poller.get().deployments["d"]["replicas"]["RUNNING"] == 2 and len(calls) == 2
+    clock.t += 2.0
+    failed = poller.get()  # the third reading fails: the second one's values, with the reason and their age
+    assert failed.deployments["d"]["replicas"]["RUNNING"] == 2 and "controller busy" in failed.error
+    assert poller.age(failed) == pytest.approx(2.0)
+    clock.t += 2.0
+    assert poller.get().error == "" and len(calls) == 4
+
+
+def test_recent_batch_sizes_are_those_of_the_last_minute() -> None:
+    clock = Clock()
+    stats = DeploymentStats("d", clock=clock)
+    assert stats.snapshot()["recent_batch_mean"] is None and stats.snapshot()["recent_batch_max"] is None
+    for rows in (16, 16, 2):
+        stats.batch(rows)
+    clock.t += RECENT_S / 2
+    stats.batch(4)
+    snap = stats.snapshot()
+    assert (snap["recent_batches"], snap["recent_batch_mean"], snap["recent_batch_max"]) == (4, 9.5, 16)
+    clock.t += RECENT_S / 2 + 1
+    snap = stats.snapshot()  # the first three are older than RECENT_S now; the totals keep them
+    assert (snap["recent_batches"], snap["recent_batch_mean"], snap["recent_batch_max"]) == (1, 4.0, 4)
+    assert (snap["batches"], snap["batched_rows"]) == (4, 38)
+
+
+# What Serve's controller answers (ServeInstanceDetails as a dict), cut down to what is read; states are enums there.
+class State:
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+
+DETAILS = {"applications": {
+    "splitinfer-tail-tiny-c1": {"deployments": {"splitinfer-tail-tiny-c1": {
+        "status": State("UPSCALING"), "target_num_replicas": 2,
+        "replicas": [{"state": State("RUNNING")}, {"state": State("STARTING")}]}}},
+    "someone-elses-app": {"deployments": {"D": {"status": "HEALTHY", "target_num_replicas": 5, "replicas": []}}},
+}}
+
+
+def test_our_deployments_are_read_from_serves_details() -> None:
+    assert serve_deployments(DETAILS) == {"splitinfer-tail-tiny-c1": {
+        "status": "UPSCALING", "target_replicas": 2, "replicas": {"RUNNING": 1, "STARTING": 1}}}
+    assert serve_deployments({}) == {}
+
+
+def test_the_dashboard_rows_and_metrics_show_running_and_target_replicas() -> None:
+    stats = DeploymentStats("splitinfer-tail-tiny-c1", model="tiny", model_sha256="ab" * 32, cut="c1")
+    stats.batch(3)
+    snap = {stats.name: {**stats.snapshot(), **serve_deployments(DETAILS)[stats.name], "status_age_s": 0.5,
+                         "status_error": ""}}
+    (row,) = deployment_rows(snap)
+    assert row["replicas_running"] == 1 and row["replicas_target"] == 2 and row["replicas_other"] == {"STARTING": 1}
+    assert (row["model"], row["cut"], row["status"], row["recent_batch_max"]) == ("tiny", "c1", "UPSCALING", 3)
+    text = render(RayCollector(lambda: snap))
+    dep = 'deployment="splitinfer-tail-tiny-c1"'
+    assert f"splitinfer_ray_target_replicas{{{dep}}} 2.0" in text
+    assert f"splitinfer_ray_status_age_seconds{{{dep}}} 0.5" in text
+    assert f'splitinfer_ray_deployment_info{{cut="c1",{dep},model="tiny",model_sha256="{"ab" * 32}"}} 1.0' in text
+
+
+@pytest.mark.parametrize("max_batch,concurrent,target", [(16, 1, None), (8, 2, None), (4, 1, 30.0), (1, 1, 1.0)])
+def test_a_replica_takes_at_least_its_batches_and_the_autoscaling_target(max_batch, concurrent, target) -> None:
+    opts = RayOptions(target_ongoing_requests=target, max_concurrent_batches=concurrent)
+    got = deployment_options(opts, max_batch, max_queue=256)
+    auto = got["autoscaling_config"]
+    # @serve.batch batches are capped by max_ongoing_requests; one more batch forms while the others run
+    assert got["max_ongoing_requests"] >= max_batch * (concurrent + 1)
+    assert got["max_ongoing_requests"] > auto["target_ongoing_requests"]  # the target is reachable in a replica
+    assert auto["target_ongoing_requests"] == (target or max_batch)
+    assert (auto["min_replicas"], auto["max_replicas"], auto["initial_replicas"]) == (1, 4, 1)
+    assert "metrics_interval_s" not in auto and "look_back_period_s" not in auto  # Serve's own unless set
+    assert auto["upscale_delay_s"] < auto["downscale_delay_s"]  # quick to add, slow to remove
+    assert got["max_queued_requests"] == 256
+
+
+def test_with_the_tails_on_ray_the_front_loads_the_bundles_but_no_session(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path / "tiny")
+    here = ModelRegistry.load(tmp_path)
+    front = ModelRegistry.load(tmp_path, load_sessions=False)
+
+    def served(registry: ModelRegistry) -> list:
+        return [(t.key, t.label, t.inputs, t.executor.path, t.postprocess) for t in registry.served()]
+
+    assert served(front) == served(here) and len(served(front)) == 2  # what requests are checked against
+    assert all(t.executor.session is None for t in front.served())
+    with pytest.raises(RuntimeError, match="runs on Ray Serve"):
+        front.served()[0].run({"relu1": np.zeros((1, 8, 16, 16), np.float32)})
