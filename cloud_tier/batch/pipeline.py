@@ -161,6 +161,11 @@ class OnnxStage:
         self.inputs = tuple(inputs)
         self.outputs = list(outputs)
         self.session = make_session(data, threads=threads, providers=select_providers(prefer_gpu=gpu))
+        if gpu:  # Ray forwards an actor's stderr to the driver: say where a GPU stage really runs
+            ran = self.session.get_providers()[0]
+            print(f"split-batch: a stage given GPU {ray.get_gpu_ids()} runs on {ran}"
+                  + ("" if ran != "CPUExecutionProvider" else " (no GPU provider here: pip install onnxruntime-gpu)"),
+                  file=sys.stderr, flush=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The stage's outputs for a batch (dict of columns), with the rows' positions carried through."""

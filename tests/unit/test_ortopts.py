@@ -36,3 +36,12 @@ def test_the_profiler_uses_them() -> None:
     from partitioning.costs import session_options as profiler_options
 
     assert _spin(profiler_options(2)) == "0"
+
+
+def test_cuda_searches_convolutions_heuristically_unless_told_otherwise() -> None:
+    from models.ortopts import cuda_defaults
+
+    # EXHAUSTIVE (onnxruntime's default) re-times every convolution for each new batch size the batcher forms.
+    assert cuda_defaults({}) == {"cudnn_conv_algo_search": "HEURISTIC"}
+    given = {"cudnn_conv_algo_search": "EXHAUSTIVE", "device_id": "1"}
+    assert cuda_defaults(dict(given)) == given
