@@ -45,6 +45,7 @@ from models.extras import MissingExtraError
 log = logging.getLogger(__name__)
 
 APP_PREFIX = "splitinfer-tail-"
+STOP_TIMEOUT_S = 30.0  # stop()'s deadline for Serve's deletions and shutdown
 SERVE_CONTROLLER, SERVE_NAMESPACE = "SERVE_CONTROLLER_ACTOR", "serve"  # Serve's controller actor, by name
 
 
@@ -485,21 +486,36 @@ class RayBackend:
         """The dashboard's Deployments table: one row per (model hash, cut) deployment."""
         return deployment_rows(self.snapshot())
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Delete our applications; disconnect from Ray when this backend connected, and shut Serve down too
-        when the cluster was its own (a cluster joined by --ray-address keeps Serve for its other apps)."""
-        for name in list(self.names.values()):
-            try:
-                self.serve.delete(name, _blocking=True)
-            except Exception:  # noqa: BLE001 - stopping goes on
-                log.exception("deleting the Serve application %s failed", name)
+        when the cluster was its own (a cluster joined by --ray-address keeps Serve for its other apps).
+
+        Serve's calls wait on its controller, which never answers when the cluster died first: they run under a
+        deadline (`timeout_s` in all), and past it the node stops anyway, with a warning."""
+        names = list(self.names.values())
         self.names.clear()
         self.handles.clear()
-        if self._started_ray:
-            try:
-                if not self.options.address:  # our private cluster; on a shared one, others' Serve apps stay up
+        own_serve = self._started_ray and not self.options.address  # on a shared cluster, others' apps stay up
+
+        def release() -> None:
+            for name in names:
+                try:
+                    self.serve.delete(name, _blocking=True)
+                except Exception:  # noqa: BLE001 - stopping goes on
+                    log.exception("deleting the Serve application %s failed", name)
+            if own_serve:
+                try:
                     self.serve.shutdown()
-            finally:
-                self.ray.shutdown()
+                except Exception:  # noqa: BLE001 - stopping goes on
+                    log.exception("shutting Ray Serve down failed")
+
+        worker = threading.Thread(target=release, name="ray-serve-stop", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            log.warning("Ray Serve did not answer within %.0f s while stopping (is the cluster gone?); "
+                        "stopping without it", timeout_s)
+        if self._started_ray:
+            self.ray.shutdown()
             self._started_ray = False
         self._connected = False

@@ -220,3 +220,33 @@ def test_with_the_tails_on_ray_the_front_loads_the_bundles_but_no_session(tmp_pa
     assert all(t.executor.session is None for t in front.served())
     with pytest.raises(RuntimeError, match="runs on Ray Serve"):
         front.served()[0].run({"relu1": np.zeros((1, 8, 16, 16), np.float32)})
+
+
+def test_stop_gives_up_on_a_serve_that_never_answers(caplog: pytest.LogCaptureFixture) -> None:
+    # A cluster that died before the node leaves Serve's calls waiting forever: stop must still return.
+    import threading
+
+    from cloud_tier.config import ServerConfig
+    from cloud_tier.ray_backend import RayBackend
+
+    pytest.importorskip("ray")
+    gone = threading.Event()
+
+    class DeadServe:
+        deleted: list[str] = []
+
+        def delete(self, name: str, _blocking: bool = True) -> None:
+            self.deleted.append(name)
+            gone.wait()  # the controller never answers
+
+    backend = RayBackend(RayOptions(), ServerConfig())
+    backend.serve = DeadServe()
+    backend.names[("m", "c1")] = "splitinfer-tail-m-c1"
+    try:
+        with caplog.at_level("WARNING", logger="cloud_tier.ray_backend"):
+            backend.stop(timeout_s=0.2)
+        assert DeadServe.deleted == ["splitinfer-tail-m-c1"]
+        assert backend.names == {} and backend.handles == {}
+        assert "did not answer" in caplog.text
+    finally:
+        gone.set()
