@@ -397,6 +397,21 @@ async def _awaited(response: Any) -> Any:
 # -- the backend: deploys the tails, hands the servicer its batchers, reports replicas -------------------------
 
 
+def _within(work: Callable[[], None], timeout_s: float) -> bool:
+    """Run `work` on a daemon thread and wait at most `timeout_s` for it: whether it finished (its exceptions are
+    logged). For Ray calls that wait forever on a cluster that is gone."""
+    def run() -> None:
+        try:
+            work()
+        except Exception:  # noqa: BLE001 - stopping goes on
+            log.exception("stopping Ray: %s failed", getattr(work, "__name__", work))
+
+    worker = threading.Thread(target=run, name="ray-stop", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return not worker.is_alive()
+
+
 class RayBackend:
     """Deploys every tail of a registry on Ray Serve (`deploy`), gives the servicer its `batchers`, reports
     per-deployment replicas (running / target), requests outstanding and batch sizes for /metrics (`snapshot`)
@@ -491,7 +506,8 @@ class RayBackend:
         when the cluster was its own (a cluster joined by --ray-address keeps Serve for its other apps).
 
         Serve's calls wait on its controller, which never answers when the cluster died first: they run under a
-        deadline (`timeout_s` in all), and past it the node stops anyway, with a warning."""
+        deadline (`timeout_s` for Serve's calls, as much again for ray.shutdown), and past it the node stops
+        anyway, with a warning."""
         names = list(self.names.values())
         self.names.clear()
         self.handles.clear()
@@ -509,13 +525,11 @@ class RayBackend:
                 except Exception:  # noqa: BLE001 - stopping goes on
                     log.exception("shutting Ray Serve down failed")
 
-        worker = threading.Thread(target=release, name="ray-serve-stop", daemon=True)
-        worker.start()
-        worker.join(timeout_s)
-        if worker.is_alive():
+        if not _within(release, timeout_s):
             log.warning("Ray Serve did not answer within %.0f s while stopping (is the cluster gone?); "
                         "stopping without it", timeout_s)
         if self._started_ray:
-            self.ray.shutdown()
             self._started_ray = False
+            if not _within(self.ray.shutdown, timeout_s):
+                log.warning("ray.shutdown() did not return within %.0f s; leaving it behind", timeout_s)
         self._connected = False

@@ -215,7 +215,8 @@ def cuda_defaults(options: dict[str, str]) -> dict[str, str]:
     every algorithm of every convolution once per new input shape, and the cloud tier's dynamic batches give a new
     shape per batch size: measured on an H200 (benchmarks/batching.py --providers cuda, mobilenet_v2's tail), the
     in-process backend served 0.7-2.7 requests/s with ~2 s medians at 4 and 16 agents against 285-378 at 1 agent,
-    most likely while each batch size was searched (not re-measured with this default yet). Set `cudnn_conv_algo_search` to EXHAUSTIVE (or DEFAULT) to choose otherwise."""
+    most likely while each batch size was searched (not re-measured with this default yet). Set
+    `cudnn_conv_algo_search` to EXHAUSTIVE (or DEFAULT) to choose otherwise."""
     options.setdefault("cudnn_conv_algo_search", "HEURISTIC")
     return options
 
