@@ -235,3 +235,86 @@ def test_split_batch_without_ray_is_one_line_naming_the_install(tiny_bundle: Pat
     assert code == 2
     assert capsys.readouterr().err == ('split-batch: ray is not installed, and split-batch needs it: '
                                        'pip install "splitinfer[ray]"\n')
+
+
+def _bomb(tmp_path: Path, column: object, rows: int = 4) -> Path:
+    """A small zstd parquet file whose `input` column decodes to far more than its rows claim."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(pa.table({"id": list(range(rows)), "input": column}), path, compression="zstd")
+    return path
+
+
+def test_an_oversized_parquet_list_column_is_refused_from_the_metadata(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pa = pytest.importorskip("pyarrow")
+    big = pa.array([np.zeros(2_000_000, np.float32)] * 4, pa.list_(pa.float32()))  # 32 MB decoded, KBs on disk
+    path = _bomb(tmp_path, big)
+    assert path.stat().st_size < 200_000
+    import pyarrow.parquet as pq
+
+    def no_decode(*args: object, **kwargs: object) -> None:
+        raise AssertionError("rows were decoded before the metadata check")
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", no_decode)
+    with pytest.raises(BatchInputError, match=r"row group 0 \(rows 0-3\): column 'input' holds 8000000 values "
+                                              r"for 4 rows: some row has more than 12 values"):
+        list(scan_dataset(path, [SPEC]))
+
+
+def test_an_oversized_parquet_bytes_column_is_refused_from_the_metadata(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _bomb(tmp_path, [bytes(i) + b"\0" * 8_000_000 for i in range(4)])
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", lambda *a, **k: iter(()))
+    with pytest.raises(BatchInputError, match=r"row group 0 \(rows 0-3\): column 'input' holds \d+ bytes "
+                                              r"uncompressed for 4 rows of 48 bytes"):
+        list(scan_dataset(path, [SPEC]))
+
+
+def test_a_dictionary_encoded_bytes_column_is_checked_before_it_is_expanded(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    types: list[object] = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self: object, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        for batch in real(self, *args, **kwargs):
+            types.append(batch.column("input").type)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    # one long value repeated: the file's dictionary keeps it once, a decoder would expand it per row
+    path = _bomb(tmp_path, pa.array([b"\0" * 40_000] * 4, pa.binary()))
+    with pytest.raises(BatchInputError, match=r"row 0 \(id 0\): column 'input' has 40000 bytes, expected 48"):
+        list(scan_dataset(path, [SPEC]))
+    good = _bomb(tmp_path, pa.array([np.arange(12, dtype="<f4").tobytes()] * 4, pa.binary()))
+    rows = list(scan_dataset(good, [SPEC]))
+    np.testing.assert_array_equal(rows[3].feeds["input"], np.arange(12, dtype=np.float32).reshape(1, 3, 4))
+    assert types and all(pa.types.is_dictionary(t) for t in types)  # read as the file keeps it, not expanded
+
+
+def test_parquet_batches_are_sized_by_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloud_tier.batch.inputs as inputs
+
+    pa = pytest.importorskip("pyarrow")
+    monkeypatch.setattr(inputs, "PARQUET_READ_BYTES", 2 * SPEC.nbytes)
+    xs = [np.arange(12, dtype=np.float32) + i for i in range(5)]
+    path = _parquet(tmp_path, {"id": list(range(5)), "input": pa.array(xs, pa.list_(pa.float32()))})
+    import pyarrow.parquet as pq
+
+    sizes: list[int] = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self: object, batch_size: int, **kwargs: object):  # type: ignore[no-untyped-def]
+        sizes.append(batch_size)
+        return real(self, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    rows = list(scan_dataset(path, [SPEC]))
+    assert sizes == [2] and len(rows) == 5
+    np.testing.assert_array_equal(rows[4].feeds["input"], xs[4].reshape(1, 3, 4))
