@@ -43,7 +43,8 @@ HEAD_PRECISIONS = ("int8", "fp32")
 DEFAULT_CACHE_DIR = "$SPLITINFER_CACHE/batch, else ~/.cache/splitinfer/batch"
 CACHE_FILE = "predictions.sqlite"
 OUTPUT_METADATA_KEY = b"splitinfer.outputs"
-WRITE_ROWS = 256  # rows per output row group
+WRITE_ROWS = 256  # rows per output row group, at most
+WRITE_BYTES = 64 << 20  # ... and about this many bytes of predictions (a row group holds at least one row)
 
 
 class OptionError(ValueError):
@@ -315,23 +316,22 @@ def write_output(path: Path, data: Dataset, models: Models, cache: PredictionCac
     writer = None
     shapes: dict[str, Any] = {}
     try:
-        for start in range(0, len(data.ids), WRITE_ROWS):
-            ids = data.ids[start: start + WRITE_ROWS]
-            outs = list(cache.get_many(models.identity, data.digests[start: start + WRITE_ROWS]))
+        for ids, outs in _row_groups(data, models, cache):
             columns = {id_column: pa.array(ids, type=pa.int64() if data.id_type == "int64" else pa.string())}
             for name in models.outputs:
                 arrays = [o[name] for o in outs]
                 shapes.setdefault(name, {"dtype": arrays[0].dtype.name, "shape": list(arrays[0].shape)})
-                offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int32)
+                # int64 offsets: one row's output may hold more values than an int32 list's offsets reach
+                offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int64)
                 values = pa.array(np.concatenate([a.ravel() for a in arrays]))
-                columns[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
+                columns[name] = pa.LargeListArray.from_arrays(pa.array(offsets), values)
             table = pa.table(columns)
             if writer is None:
                 meta = {"outputs": shapes, "cut": models.cut, "head_precision": models.precision,
                         "identity": models.identity}
                 schema = table.schema.with_metadata({OUTPUT_METADATA_KEY: json.dumps(meta).encode()})
                 writer = pq.ParquetWriter(tmp, schema)
-            writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
+            writer.write_table(table.replace_schema_metadata(writer.schema.metadata), row_group_size=len(ids))
         assert writer is not None
         writer.close()
         writer = None
@@ -340,6 +340,24 @@ def write_output(path: Path, data: Dataset, models: Models, cache: PredictionCac
         if writer is not None:
             writer.close()
         tmp.unlink(missing_ok=True)
+
+
+def _row_groups(data: Dataset, models: Models,
+                cache: PredictionCache) -> Iterator[tuple[list[str | int], list[dict[str, np.ndarray]]]]:
+    """The output's row groups, (ids, predictions): WRITE_ROWS rows, or fewer where they pass WRITE_BYTES."""
+    ids: list[str | int] = []
+    outs: list[dict[str, np.ndarray]] = []
+    size = 0
+    for row_id, digest in zip(data.ids, data.digests, strict=True):
+        out = cache.get(models.identity, digest)
+        ids.append(row_id)
+        outs.append(out)
+        size += sum(a.nbytes for a in out.values())
+        if len(ids) >= WRITE_ROWS or size >= WRITE_BYTES:
+            yield ids, outs
+            ids, outs, size = [], [], 0
+    if ids:
+        yield ids, outs
 
 
 # -- --compare --------------------------------------------------------------------------------------------------

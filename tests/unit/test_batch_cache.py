@@ -318,3 +318,25 @@ def test_parquet_batches_are_sized_by_bytes(tmp_path: Path, monkeypatch: pytest.
     rows = list(scan_dataset(path, [SPEC]))
     assert sizes == [2] and len(rows) == 5
     np.testing.assert_array_equal(rows[4].feeds["input"], xs[4].reshape(1, 3, 4))
+
+
+def test_the_output_has_int64_list_offsets_and_row_groups_sized_by_bytes(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import cloud_tier.batch.pipeline as pipeline
+
+    models = pipeline.Models("test", "c1", "fp32", "ident", None, None, ("y",))
+    rows = {f"d{i}": {"y": np.full((2, 5), i, np.float32)} for i in range(5)}
+    data = pipeline.Dataset(ids=[10, 11, 12, 13, 14], digests=list(rows), id_type="int64")
+    monkeypatch.setattr(pipeline, "WRITE_BYTES", 2 * 40)  # two rows of 40 bytes of predictions per row group
+    out = tmp_path / "o.parquet"
+    with PredictionCache(tmp_path / "c.sqlite") as cache:
+        cache.put_block("ident", list(rows.items()))
+        pipeline.write_output(out, data, models, cache, "id")
+    pf = pq.ParquetFile(out)
+    assert pf.schema_arrow.field("y").type == pa.large_list(pa.float32())  # int64 offsets: no 2**31 values limit
+    assert [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)] == [2, 2, 1]
+    table = pf.read()
+    assert table.column("id").to_pylist() == [10, 11, 12, 13, 14]
+    np.testing.assert_array_equal(np.asarray(table.column("y")[4].as_py()), np.full(10, 4, np.float32))
