@@ -43,6 +43,7 @@ HEAD_PRECISIONS = ("int8", "fp32")
 DEFAULT_CACHE_DIR = "$SPLITINFER_CACHE/batch, else ~/.cache/splitinfer/batch"
 CACHE_FILE = "predictions.sqlite"
 OUTPUT_METADATA_KEY = b"splitinfer.outputs"
+ACTOR_WAIT_S = 600.0  # on a cluster at --ray-address: how long Ray Data waits for a stage's actors to start
 WRITE_ROWS = 256  # rows per output row group, at most
 WRITE_BYTES = 64 << 20  # ... and about this many bytes of predictions (a row group holds at least one row)
 
@@ -276,6 +277,20 @@ def _blocks(pending: Sequence[str], data: Dataset, names: Sequence[str], size: i
         yield pa.table(columns)
 
 
+def check_gpus(options: BatchOptions, tail_gpus: float, gpus: float) -> None:
+    """OptionError when the tail's actors need more GPUs than the local cluster has (Ray would wait for them
+    forever); on a cluster at --ray-address (which may add nodes) a warning, and Ray Data waits ACTOR_WAIT_S."""
+    need_gpus = tail_gpus * options.concurrency
+    if need_gpus <= gpus:
+        return
+    what = (f"--tail-gpus {tail_gpus:g} x --concurrency {options.concurrency} needs {need_gpus:g} GPUs, and the "
+            f"cluster has {gpus:g}")
+    if options.ray_address is None:
+        raise OptionError(f"{what}: lower --tail-gpus (0 runs the tail on CPU) or --concurrency")
+    log.warning("split-batch: %s now: its actors start only when the cluster adds GPUs (Ray Data gives up "
+                "after %.0f s)", what, ACTOR_WAIT_S)
+
+
 def _run_stages(models: Models, pending: Sequence[str], data: Dataset, options: BatchOptions,
                 ray: Any) -> Iterator[dict[str, np.ndarray]]:
     """The result blocks of the head then tail stages over the pending rows, as they finish."""
@@ -286,6 +301,8 @@ def _run_stages(models: Models, pending: Sequence[str], data: Dataset, options: 
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
     tail_gpus = options.tail_gpus if options.tail_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    if models.tail is not None:
+        check_gpus(options, tail_gpus, gpus)
     actor_cpus = min(1.0, cpus / (options.concurrency * len(stages)))  # every actor fits, or the run would wait
     for stage in stages:
         on_gpu = stage is models.tail and tail_gpus > 0
@@ -423,11 +440,18 @@ def start_session(options: BatchOptions) -> tuple[Any, bool]:
     need("ray.data")
     need("pyarrow")
     started = start_ray(ray, options.ray_address, num_cpus=options.num_cpus)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = options.progress
+    configure_context(ray.data.DataContext.get_current(), options)
     if not options.progress:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray, started
+
+
+def configure_context(ctx: Any, options: BatchOptions) -> None:
+    """Ray Data's settings for a run: progress bars, and on a cluster at --ray-address a deadline on waiting
+    for a stage's actors (which otherwise waits forever for resources the cluster never has)."""
+    ctx.enable_progress_bars = options.progress
+    if options.ray_address is not None:
+        ctx.wait_for_min_actors_s = ACTOR_WAIT_S
 
 
 def run_batch(bundle_dir: Path, input_path: Path, output: Path | None, options: BatchOptions = BatchOptions(), *,

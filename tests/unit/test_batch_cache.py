@@ -340,3 +340,27 @@ def test_the_output_has_int64_list_offsets_and_row_groups_sized_by_bytes(tmp_pat
     table = pf.read()
     assert table.column("id").to_pylist() == [10, 11, 12, 13, 14]
     np.testing.assert_array_equal(np.asarray(table.column("y")[4].as_py()), np.full(10, 4, np.float32))
+
+
+def test_more_tail_gpus_than_the_local_cluster_has_is_an_option_error(caplog: pytest.LogCaptureFixture) -> None:
+    from cloud_tier.batch.pipeline import ACTOR_WAIT_S, check_gpus, configure_context
+
+    check_gpus(BatchOptions(concurrency=2), 0.5, 1.0)  # fits
+    with pytest.raises(OptionError, match=r"--tail-gpus 1 x --concurrency 2 needs 2 GPUs, and the cluster has 1"):
+        check_gpus(BatchOptions(concurrency=2), 1.0, 1.0)
+    with pytest.raises(OptionError, match="needs 1 GPUs, and the cluster has 0"):
+        check_gpus(BatchOptions(), 1.0, 0.0)
+    remote = BatchOptions(ray_address="10.0.0.1:6379")
+    with caplog.at_level("WARNING"):
+        check_gpus(remote, 1.0, 0.0)  # a remote cluster may add GPU nodes: a warning, and a deadline
+    assert "needs 1 GPUs, and the cluster has 0 now" in caplog.text
+
+    class Ctx:
+        enable_progress_bars = True
+        wait_for_min_actors_s = -1.0  # Ray Data's default: wait forever
+
+    local, far = Ctx(), Ctx()
+    configure_context(local, BatchOptions(progress=False))
+    configure_context(far, remote)
+    assert (local.enable_progress_bars, local.wait_for_min_actors_s) == (False, -1.0)
+    assert far.wait_for_min_actors_s == ACTOR_WAIT_S
