@@ -364,3 +364,33 @@ def test_more_tail_gpus_than_the_local_cluster_has_is_an_option_error(caplog: py
     configure_context(far, remote)
     assert (local.enable_progress_bars, local.wait_for_min_actors_s) == (False, -1.0)
     assert far.wait_for_min_actors_s == ACTOR_WAIT_S
+
+
+def test_a_cache_another_run_holds_is_a_cache_error_not_a_traceback(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloud_tier.batch.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "BUSY_TIMEOUT_S", 0.05)
+    path = tmp_path / "predictions.sqlite"
+    with PredictionCache(path) as cache:
+        other = sqlite3.connect(path, isolation_level=None)  # another run, writing a block
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(CacheError, match="another split-batch run is creating or writing this cache"):
+            cache.put_block("id", [("d1", _outputs(1))])
+        other.execute("ROLLBACK")
+        cache.put_block("id", [("d1", _outputs(1))])  # once it is done, this run writes
+        assert cache.count() == 1
+        other.close()
+    fresh = tmp_path / "new.sqlite"
+    creator = sqlite3.connect(fresh, isolation_level=None)  # another run, creating the cache
+    creator.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(CacheError, match="another split-batch run is creating or writing") as info:
+        PredictionCache(fresh)
+    assert "delete it" not in str(info.value)
+    creator.close()
+
+
+def test_the_cache_waits_for_another_run_longer_than_sqlites_default() -> None:
+    from cloud_tier.batch.cache import BUSY_TIMEOUT_S
+
+    assert BUSY_TIMEOUT_S >= 30  # sqlite3's default 5 s: a block of a large model can take longer to commit
