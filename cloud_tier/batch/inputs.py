@@ -47,6 +47,7 @@ output (OUT.parquet): the row-id column (same name and type as the input's; "id"
   column per model output, named as the output: a flat list of its dtype, row-major; the per-row shapes are in
   the file's metadata (key "splitinfer.outputs", JSON).
 """
+INT64_MAX = 2**63 - 1
 PARQUET_READ_ROWS = 256  # rows read from a parquet file at a time, at most
 PARQUET_READ_BYTES = 64 << 20  # ... and at most this many bytes of tensors (valid rows) at a time
 PARQUET_BYTES_SLACK = 64 << 10  # a bytes column chunk's page headers and levels beyond its rows' values
@@ -194,6 +195,7 @@ def _scan_parquet(file: Path, specs: Sequence[InputSpec], id_column: str) -> Ite
     id_type = pf.schema_arrow.field(id_column).type
     if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
         raise BatchInputError(f"{file}: id column {id_column!r} is {id_type}, expected integers or strings")
+    id_limit = INT64_MAX if pa.types.is_uint64(id_type) else None  # the output's id column is int64
     for spec in specs:
         _check_column_type(file, spec, pf.schema_arrow.field(spec.name).type)
     # raw bytes are read as a dictionary (the file's own dictionary encoding is not expanded before the checks)
@@ -213,6 +215,8 @@ def _scan_parquet(file: Path, specs: Sequence[InputSpec], id_column: str) -> Ite
                 where = f"{file}: row {index + i} (id {row_id!r})"
                 if row_id is None:
                     raise BatchInputError(f"{file}: row {index + i} has no id (null in column {id_column!r})")
+                if id_limit is not None and row_id > id_limit:
+                    raise BatchInputError(f"{where}: id above {id_limit}; integer ids must fit int64")
                 if row_id in seen:
                     raise BatchInputError(f"{where}: id {row_id!r} appears twice; row ids must be unique")
                 seen.add(row_id)
@@ -260,7 +264,8 @@ def _check_column_type(file: Path, spec: InputSpec, typ: Any) -> None:
         if pa.types.is_list(value) or pa.types.is_large_list(value) or pa.types.is_fixed_size_list(value):
             raise BatchInputError(f"{file}: column {spec.name!r} holds nested lists ({typ}); give each sample as "
                                   f"a flat list of {spec.size} values in row-major order")
-        if value.to_pandas_dtype() != spec.dtype:
+        numeric = pa.types.is_integer(value) or pa.types.is_floating(value) or pa.types.is_boolean(value)
+        if not numeric or value.to_pandas_dtype() != spec.dtype:
             raise BatchInputError(f"{file}: column {spec.name!r} holds {value} values, expected {spec.dtype} "
                                   f"(model input {spec.name!r})")
         return

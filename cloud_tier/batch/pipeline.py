@@ -52,6 +52,16 @@ class OptionError(ValueError):
     """An option of split-batch is out of range; the message names it."""
 
 
+class RunError(RuntimeError):
+    """The run failed on the cluster (a stage's error, rows lost, actors that never started): one line."""
+
+
+def run_error(label: str, exc: BaseException) -> RunError:
+    """A Ray error as one line: its type and the last line of its message (a remote traceback's error line)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return RunError(f"{label}: the run failed on Ray ({type(exc).__name__}: {lines[-1] if lines else 'no message'})")
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """How split-batch runs: which cut and head, the Ray Data stages' sizes, the cache, the cluster."""
@@ -260,7 +270,7 @@ def compute(models: Models, data: Dataset, cache: PredictionCache, options: Batc
             on_block(report)
     missing = len(pending) - report.computed
     if missing:
-        raise RuntimeError(f"{models.label}: Ray Data returned {report.computed} of {len(pending)} rows")
+        raise RunError(f"{models.label}: Ray Data returned {report.computed} of {len(pending)} rows")
     return report
 
 
@@ -476,8 +486,13 @@ def run_batch(bundle_dir: Path, input_path: Path, output: Path | None, options: 
                 needs_ray = bool(set(data.digests) - cache.present(models.identity, data.digests))
                 if needs_ray and ray is None:
                     ray, started = start_session(options)
-                report = compute(models, data, cache, options, ray, on_block) if needs_ray else _all_cached(
-                    models, data)
+                try:
+                    report = compute(models, data, cache, options, ray, on_block) if needs_ray else _all_cached(
+                        models, data)
+                except Exception as exc:  # noqa: BLE001 - only Ray's errors are re-raised as RunError
+                    if ray is not None and isinstance(exc, ray.exceptions.RayError):
+                        raise run_error(models.label, exc) from exc
+                    raise
                 reports.append(report)
                 say(report.line())
         finally:

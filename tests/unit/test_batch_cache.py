@@ -394,3 +394,52 @@ def test_the_cache_waits_for_another_run_longer_than_sqlites_default() -> None:
     from cloud_tier.batch.cache import BUSY_TIMEOUT_S
 
     assert BUSY_TIMEOUT_S >= 30  # sqlite3's default 5 s: a block of a large model can take longer to commit
+
+
+@pytest.mark.parametrize("value_type", ["struct", "dictionary", "time32"])
+def test_a_parquet_list_of_non_numbers_is_a_batch_input_error(tmp_path: Path, value_type: str) -> None:
+    pa = pytest.importorskip("pyarrow")
+    if value_type == "struct":
+        cells = pa.array([[{"a": 1.0}] * 12], pa.list_(pa.struct([("a", pa.float32())])))
+    elif value_type == "dictionary":
+        values = pa.DictionaryArray.from_arrays(pa.array([0] * 12, pa.int8()), pa.array(["1.0"]))
+        cells = pa.ListArray.from_arrays(pa.array([0, 12], pa.int32()), values)
+    else:
+        cells = pa.array([[1] * 12], pa.list_(pa.time32("s")))
+    path = _parquet(tmp_path, {"id": [1], "input": cells})
+    with pytest.raises(BatchInputError, match=r"column 'input' holds .* values, expected float32"):
+        list(scan_dataset(path, [SPEC]))
+
+
+def test_uint64_ids_above_the_int64_range_are_refused_at_scan_time(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    ids = pa.array([1, 2**63], pa.uint64())
+    path = _parquet(tmp_path, {"id": ids, "input": [b"\0" * 48, b"\0" * 48]})
+    with pytest.raises(BatchInputError, match=r"row 1 \(id 9223372036854775808\): id above 9223372036854775807"):
+        list(scan_dataset(path, [SPEC]))
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    assert [r.id for r in scan_dataset(_parquet(ok, {"id": pa.array([1, 2**63 - 1], pa.uint64()),
+                                                     "input": [b"\0" * 48] * 2}), [SPEC])] == [1, 2**63 - 1]
+
+
+def test_a_run_that_fails_on_ray_is_one_line_and_exit_1(tiny_bundle: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    exceptions = pytest.importorskip("ray.exceptions")
+    import cloud_tier.batch.cli as cli
+    from cloud_tier.batch.pipeline import RunError, run_error
+
+    remote = exceptions.RayTaskError("OnnxStage", "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                                     "onnxruntime.InvalidArgument: bad input shape\n", ValueError("bad input shape"))
+    err = run_error("cut c1, int8 head", remote)
+    assert isinstance(err, RunError)
+    assert str(err) == ("cut c1, int8 head: the run failed on Ray (RayTaskError: onnxruntime.InvalidArgument: "
+                        "bad input shape)")
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise err
+
+    monkeypatch.setattr(cli, "run_batch", fails)
+    code = cli.main([str(tiny_bundle), "--input", str(tmp_path), "--output", str(tmp_path / "o.parquet")])
+    assert code == 1
+    assert capsys.readouterr().err == f"split-batch: {err}\n"
