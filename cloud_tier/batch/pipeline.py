@@ -142,6 +142,19 @@ def split_models(bundle: Bundle, cut_id: str | None, head_precision: str) -> Mod
                   head, tail, model_outputs)
 
 
+def check_names(models: Models, id_column: str) -> None:
+    """OptionError when a model's tensor would collide with a column of split-batch's: the output's id column
+    (--id-column) or the internal position column (POS)."""
+    for stage in (models.head, models.tail):
+        for name in () if stage is None else (*stage.inputs, *stage.outputs):
+            if name == POS:
+                raise OptionError(f"{models.label}: the model has a tensor named {POS!r}, the column split-batch "
+                                  "uses internally for row positions; rename the tensor")
+    if id_column in models.outputs:
+        raise OptionError(f"{models.label}: model output {id_column!r} has the name of the id column; give "
+                          f"another --id-column (the output file has both)")
+
+
 def full_models(bundle: Bundle) -> Models:
     """The full fp32 model as one stage (the reference of --compare)."""
     outputs = tuple(s.name for s in bundle.outputs)
@@ -476,6 +489,8 @@ def run_batch(bundle_dir: Path, input_path: Path, output: Path | None, options: 
     specs = [InputSpec.from_spec(s) for s in bundle.inputs]
     split = split_models(bundle, options.cut, options.head_precision)
     runs = [split, full_models(bundle)] if compare else [split]
+    for models in runs:
+        check_names(models, options.id_column)
     with _cache(options) as cache:
         data = load_dataset(input_path, specs, options.id_column, cache, [m.identity for m in runs])
         ray = None

@@ -443,3 +443,31 @@ def test_a_run_that_fails_on_ray_is_one_line_and_exit_1(tiny_bundle: Path, tmp_p
     code = cli.main([str(tiny_bundle), "--input", str(tmp_path), "--output", str(tmp_path / "o.parquet")])
     assert code == 1
     assert capsys.readouterr().err == f"split-batch: {err}\n"
+
+
+def test_tensor_names_that_collide_with_split_batchs_columns_are_option_errors(tiny_bundle: Path) -> None:
+    from cloud_tier.batch.pipeline import POS, Models, Stage, check_names
+
+    bundle = Bundle.load(tiny_bundle)
+    split = split_models(bundle, None, "int8")
+    check_names(split, "id")
+    (output,) = split.outputs[:1]
+    with pytest.raises(OptionError, match=f"model output {output!r} has the name of the id column"):
+        check_names(split, output)
+    for stage in (Stage(b"", ("x",), (POS,)), Stage(b"", (POS,), ("y",))):
+        models = Models("cut c", "c", "fp32", "i", stage, None, ("y",))
+        with pytest.raises(OptionError, match=f"a tensor named '{POS}'"):
+            check_names(models, "id")
+
+
+def test_split_batch_refuses_an_output_named_like_the_id_column_before_the_run(tiny_bundle: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    from cloud_tier.batch.cli import main
+
+    output = Bundle.load(tiny_bundle).outputs[0].name
+    data = _npy_dir(tmp_path, a=np.zeros((3, 16, 16), np.float32))
+    code = main([str(tiny_bundle), "--input", str(data), "--output", str(tmp_path / "o.parquet"),
+                 "--cache-dir", str(tmp_path / "cache"), "--id-column", output])
+    assert code == 2
+    assert "has the name of the id column" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before the cache, the dataset or Ray
