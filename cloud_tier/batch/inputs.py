@@ -3,9 +3,10 @@
 Two forms (DATASET_FORMATS, shown by `split-batch --help`):
 
 - a directory of `.npy` files, one sample each, for a model with one input: the row id is the file name without
-  `.npy`; the array has the input's shape without the batch dimension (or with a batch dimension of 1) and its
-  dtype exactly. Files are read in name order with `allow_pickle=False`; the header is checked (dtype, shape,
-  order, the file's length) before the array is read.
+  `.npy` (regular files only: a FIFO, device or folder named *.npy is skipped); the array has the input's shape
+  without the batch dimension (or with a batch dimension of 1) and its dtype exactly. Files are read in name
+  order with `allow_pickle=False`; the header is checked (dtype, shape, order, the file's length) before the
+  array is read.
 - a parquet file with a row-id column (`id`, or `--id-column`; integers or strings, unique, no nulls) and one
   column per model input named as the input. A cell is either a flat list of the input's dtype holding the
   sample's values in row-major (C) order, prod(shape) of them, or raw bytes: the sample's values little-endian
@@ -140,7 +141,7 @@ def _scan_npy_dir(root: Path, specs: Sequence[InputSpec]) -> Iterator[Row]:
         raise BatchInputError(f"{root}: a directory of .npy files feeds a model with one input; this one has "
                               f"{[s.name for s in specs]}: use a parquet file with one column per input")
     spec = specs[0]
-    files = sorted(p for p in root.iterdir() if p.suffix == ".npy")
+    files = sorted(p for p in root.iterdir() if p.suffix == ".npy" and p.is_file())  # no FIFO, device or folder
     if not files:
         raise BatchInputError(f"{root}: no .npy files in this directory")
     for file in files:

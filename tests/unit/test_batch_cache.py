@@ -471,3 +471,13 @@ def test_split_batch_refuses_an_output_named_like_the_id_column_before_the_run(t
     assert code == 2
     assert "has the name of the id column" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()  # refused before the cache, the dataset or Ray
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs here")
+def test_only_regular_npy_files_are_read(tmp_path: Path) -> None:
+    import os
+
+    root = _npy_dir(tmp_path, a=np.ones((3, 4), np.float32))
+    (root / "b.npy").mkdir()  # sorted before the FIFO: without the check, reading it fails before the FIFO hangs
+    os.mkfifo(root / "c.npy")  # opening a FIFO for reading waits for a writer: forever
+    assert [r.id for r in scan_dataset(root, [SPEC])] == ["a"]
