@@ -1,8 +1,10 @@
 """split-batch's run: the bundle's head and tail as two Ray Data `map_batches` stages, the cache around them.
 
-The driver reads the dataset once (`inputs.scan_dataset`: every row checked, hashed), asks the cache which rows
-it already has, and hands Ray Data only the others, in blocks of `batch_size` rows (through the object store,
-so a cluster's workers need no shared disk). The head runs in CPU actors, the tail in GPU actors where the
+The driver reads the dataset once (`inputs.scan_dataset`: every row checked, hashed, only ids and hashes kept),
+asks the cache which rows it already has, and hands Ray Data only the others, in windows of WINDOW_BLOCKS blocks
+of `batch_size` rows (through the object store, so a cluster's workers need no shared disk): each window's
+tensors are read again from the dataset and dropped once its blocks are committed, so the driver holds one
+window, not the dataset. The head runs in CPU actors, the tail in GPU actors where the
 cluster has GPUs (CUDA execution provider, CPU otherwise); each actor loads its onnxruntime session once. Each
 block that comes back is committed to the cache in one transaction before the next is taken, which is what
 makes a killed run resumable. The output file is written from the cache at the end, in the dataset's order,
@@ -44,6 +46,7 @@ DEFAULT_CACHE_DIR = "$SPLITINFER_CACHE/batch, else ~/.cache/splitinfer/batch"
 CACHE_FILE = "predictions.sqlite"
 OUTPUT_METADATA_KEY = b"splitinfer.outputs"
 ACTOR_WAIT_S = 600.0  # on a cluster at --ray-address: how long Ray Data waits for a stage's actors to start
+WINDOW_BLOCKS = 64  # blocks handed to Ray Data at a time (one window's tensors in the driver's memory)
 WRITE_ROWS = 256  # rows per output row group, at most
 WRITE_BYTES = 64 << 20  # ... and about this many bytes of predictions (a row group holds at least one row)
 
@@ -223,38 +226,23 @@ class RunReport:
 
 @dataclass
 class Dataset:
-    """The scanned dataset: every row's id and content hash in order; the tensors of rows some pass still needs."""
+    """The scanned dataset: every row's id and content hash in order, and how to read its rows again."""
 
     ids: list[str | int] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)
     id_type: str = "string"
-    feeds: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    rescan: Callable[[], Iterator[Row]] = field(default=lambda: iter(()))
 
 
 BlockCallback = Callable[[RunReport], None]
 
 
-def load_dataset(path: Path, specs: Sequence[InputSpec], id_column: str, cache: PredictionCache,
-                 identities: Sequence[str]) -> Dataset:
-    """Scan the dataset once; keep the tensors only of rows missing under one of `identities`."""
-    data = Dataset()
-    chunk: list[Row] = []
-
-    def flush() -> None:
-        digests = [r.digest for r in chunk]
-        have = [cache.present(i, digests) for i in identities]
-        for r in chunk:
-            if any(r.digest not in h for h in have):
-                data.feeds.setdefault(r.digest, r.feeds)
-        chunk.clear()
-
+def load_dataset(path: Path, specs: Sequence[InputSpec], id_column: str) -> Dataset:
+    """Scan the dataset once (every row checked): its ids and content hashes, no tensors."""
+    data = Dataset(rescan=lambda: scan_dataset(path, specs, id_column))
     for row in scan_dataset(path, specs, id_column):
         data.ids.append(row.id)
         data.digests.append(row.digest)
-        chunk.append(row)
-        if len(chunk) >= 512:
-            flush()
-    flush()
     if not data.ids:
         raise BatchInputError(f"{path}: the dataset has no rows")
     data.id_type = "int64" if all(isinstance(i, int) for i in data.ids) else "string"
@@ -263,7 +251,8 @@ def load_dataset(path: Path, specs: Sequence[InputSpec], id_column: str, cache: 
 
 def compute(models: Models, data: Dataset, cache: PredictionCache, options: BatchOptions, ray: Any,
             on_block: BlockCallback | None = None) -> RunReport:
-    """Compute every row of `data` that `cache` lacks under `models.identity` with Ray Data; commit per block."""
+    """Compute every row of `data` that `cache` lacks under `models.identity` with Ray Data, a window of
+    WINDOW_BLOCKS blocks at a time; commit per block."""
     report = RunReport(models.label, models.identity, rows=len(data.digests))
     unique = list(dict.fromkeys(data.digests))
     report.unique = len(unique)
@@ -272,22 +261,42 @@ def compute(models: Models, data: Dataset, cache: PredictionCache, options: Batc
     report.cached = len(unique) - len(pending)
     if not pending:
         return report
-    for batch in _run_stages(models, pending, data, options, ray):
-        positions = np.asarray(batch[POS]).astype(np.int64).ravel()
-        rows = [(pending[p], {name: np.asarray(batch[name][j]) for name in models.outputs})
-                for j, p in enumerate(positions)]
-        cache.put_block(models.identity, rows)
-        report.computed += len(rows)
-        report.blocks += 1
-        if on_block is not None:
-            on_block(report)
-    missing = len(pending) - report.computed
-    if missing:
-        raise RunError(f"{models.label}: Ray Data returned {report.computed} of {len(pending)} rows")
+    rows_again = data.rescan()
+    window = WINDOW_BLOCKS * options.batch_size
+    for start in range(0, len(pending), window):
+        part = pending[start: start + window]
+        feeds = _window_feeds(rows_again, set(part), models.label)
+        done = 0
+        for batch in _run_stages(models, part, feeds, options, ray):
+            positions = np.asarray(batch[POS]).astype(np.int64).ravel()
+            rows = [(part[p], {name: np.asarray(batch[name][j]) for name in models.outputs})
+                    for j, p in enumerate(positions)]
+            cache.put_block(models.identity, rows)
+            done += len(rows)
+            report.computed += len(rows)
+            report.blocks += 1
+            if on_block is not None:
+                on_block(report)
+        del feeds
+        if done != len(part):
+            raise RunError(f"{models.label}: Ray Data returned {done} of {len(part)} rows of a window")
     return report
 
 
-def _blocks(pending: Sequence[str], data: Dataset, names: Sequence[str], size: int) -> Iterator[Any]:
+def _window_feeds(rows: Iterator[Row], wanted: set[str], label: str) -> dict[str, dict[str, np.ndarray]]:
+    """The tensors of the rows `wanted`, read on from `rows` (the dataset again, in order)."""
+    feeds: dict[str, dict[str, np.ndarray]] = {}
+    for row in rows:
+        if row.digest in wanted:
+            feeds.setdefault(row.digest, row.feeds)
+            if len(feeds) == len(wanted):
+                return feeds
+    raise RunError(f"{label}: the dataset changed while split-batch ran ({len(wanted) - len(feeds)} rows of its "
+                   "first read are gone); run it again")
+
+
+def _blocks(pending: Sequence[str], feeds: dict[str, dict[str, np.ndarray]], names: Sequence[str],
+            size: int) -> Iterator[Any]:
     """The pending rows as Arrow tables of `size` rows: the position column and one tensor column per input."""
     pa = need("pyarrow")
     from ray.data.extensions import ArrowTensorArray
@@ -296,7 +305,7 @@ def _blocks(pending: Sequence[str], data: Dataset, names: Sequence[str], size: i
         part = pending[start: start + size]
         columns = {POS: pa.array(np.arange(start, start + len(part), dtype=np.int64))}
         for name in names:
-            columns[name] = ArrowTensorArray.from_numpy(np.concatenate([data.feeds[d][name] for d in part]))
+            columns[name] = ArrowTensorArray.from_numpy(np.concatenate([feeds[d][name] for d in part]))
         yield pa.table(columns)
 
 
@@ -314,12 +323,12 @@ def check_gpus(options: BatchOptions, tail_gpus: float, gpus: float) -> None:
                 "after %.0f s)", what, ACTOR_WAIT_S)
 
 
-def _run_stages(models: Models, pending: Sequence[str], data: Dataset, options: BatchOptions,
-                ray: Any) -> Iterator[dict[str, np.ndarray]]:
+def _run_stages(models: Models, pending: Sequence[str], feeds: dict[str, dict[str, np.ndarray]],
+                options: BatchOptions, ray: Any) -> Iterator[dict[str, np.ndarray]]:
     """The result blocks of the head then tail stages over the pending rows, as they finish."""
     first = models.head or models.tail
     assert first is not None
-    ds = ray.data.from_arrow(list(_blocks(pending, data, first.inputs, options.batch_size)))
+    ds = ray.data.from_arrow(list(_blocks(pending, feeds, first.inputs, options.batch_size)))
     stages = [s for s in (models.head, models.tail) if s is not None]
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
@@ -492,7 +501,7 @@ def run_batch(bundle_dir: Path, input_path: Path, output: Path | None, options: 
     for models in runs:
         check_names(models, options.id_column)
     with _cache(options) as cache:
-        data = load_dataset(input_path, specs, options.id_column, cache, [m.identity for m in runs])
+        data = load_dataset(input_path, specs, options.id_column)
         ray = None
         started = False
         reports = []

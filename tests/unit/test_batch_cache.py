@@ -481,3 +481,31 @@ def test_only_regular_npy_files_are_read(tmp_path: Path) -> None:
     (root / "b.npy").mkdir()  # sorted before the FIFO: without the check, reading it fails before the FIFO hangs
     os.mkfifo(root / "c.npy")  # opening a FIFO for reading waits for a writer: forever
     assert [r.id for r in scan_dataset(root, [SPEC])] == ["a"]
+
+
+def test_compute_holds_one_window_of_tensors_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloud_tier.batch.pipeline as pipeline
+
+    xs = {f"r{i:02d}": np.full((3, 4), i, np.float32) for i in range(11)}
+    xs["r10"] = xs["r03"]  # a duplicate content: computed once
+    data = pipeline.load_dataset(_npy_dir(tmp_path, **xs), [SPEC], "id")
+    held: list[int] = []
+
+    def stages(models: object, pending: list, feeds: dict, options: object, ray: object):  # type: ignore[no-untyped-def]
+        held.append(len(feeds))  # what the driver holds while Ray Data runs this window
+        for start in range(0, len(pending), 2):
+            part = pending[start: start + 2]
+            yield {pipeline.POS: np.arange(start, start + len(part)),
+                   "y": np.stack([feeds[d]["input"][0].sum(keepdims=True) for d in part])}
+
+    monkeypatch.setattr(pipeline, "_run_stages", stages)
+    monkeypatch.setattr(pipeline, "WINDOW_BLOCKS", 2)
+    models = pipeline.Models("test", "c", "fp32", "ident", None, None, ("y",))
+    with PredictionCache(tmp_path / "c.sqlite") as cache:
+        cache.put_block("ident", [(data.digests[0], {"y": np.array([0.0], np.float32)})])  # r00: cached
+        report = pipeline.compute(models, data, cache, BatchOptions(batch_size=2), ray=None)
+        assert (report.rows, report.unique, report.cached, report.computed) == (11, 10, 1, 9)
+        assert held == [4, 4, 1]  # windows of 2 blocks x 2 rows, never the whole dataset
+        got = {row_id: float(cache.get("ident", d)["y"].ravel()[0])
+               for row_id, d in zip(data.ids, data.digests, strict=True)}
+        assert got == {**{f"r{i:02d}": 12.0 * i for i in range(10)}, "r10": 36.0}  # each row's own prediction
