@@ -13,6 +13,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ CREATE TABLE IF NOT EXISTS predictions (
 ) WITHOUT ROWID;
 """
 LOOKUP_CHUNK = 500  # digests per SELECT ... IN (...): below SQLite's variable limit
+BUSY_TIMEOUT_S = 60.0  # how long a statement waits for another run's write transaction before giving up
 
 
 class CacheError(RuntimeError):
@@ -67,6 +69,16 @@ def decode_outputs(header: str, data: bytes) -> dict[str, np.ndarray]:
     return out
 
 
+def _busy(exc: sqlite3.Error) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def _busy_error(path: Path, exc: sqlite3.Error) -> CacheError:
+    return CacheError(f"{path}: another split-batch run is creating or writing this cache and held it for more "
+                      f"than {BUSY_TIMEOUT_S:g} s ({exc}); wait for it, or give this run another --cache-dir")
+
+
 class PredictionCache:
     """Predictions by (identity, digest) in one SQLite file (WAL); safe to share between threads of one process."""
 
@@ -74,14 +86,31 @@ class PredictionCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        db = None
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
-            self._db.executescript(SCHEMA)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
+            db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
+            if db is not None:
+                db.close()
+            if _busy(exc):  # another run holds it (creating it, or writing a block): not a damaged file
+                raise _busy_error(self.path, exc) from None
             raise CacheError(f"{self.path}: not a usable prediction cache ({exc}); delete it or use --no-cache"
                              ) from None
+        self._db = db
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under this process's lock; another run's lock held past the timeout is a CacheError."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.OperationalError as exc:
+                if _busy(exc):
+                    raise _busy_error(self.path, exc) from None
+                raise
 
     def close(self) -> None:
         """Close the database (committed blocks are already on disk)."""
@@ -98,32 +127,32 @@ class PredictionCache:
         """Which of `digests` have a prediction under `identity`."""
         wanted = list(dict.fromkeys(digests))
         found: set[str] = set()
-        with self._lock:
+        with self._locked() as db:
             for i in range(0, len(wanted), LOOKUP_CHUNK):
                 chunk = wanted[i: i + LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(f"SELECT digest FROM predictions WHERE identity = ? AND digest IN ({marks})",
-                                        [identity, *chunk])
+                rows = db.execute(f"SELECT digest FROM predictions WHERE identity = ? AND digest IN ({marks})",
+                                  [identity, *chunk])
                 found.update(r[0] for r in rows)
         return found
 
     def put_block(self, identity: str, rows: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> None:
         """Store one finished block's predictions in one transaction: all of them, or (killed) none."""
         records = [(identity, digest, *encode_outputs(outputs)) for digest, outputs in rows]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._locked() as db:
+            db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", records)
+                db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", records)
             except BaseException:
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def get(self, identity: str, digest: str) -> dict[str, np.ndarray]:
         """The prediction of one row; KeyError when there is none."""
-        with self._lock:
-            row = self._db.execute("SELECT header, data FROM predictions WHERE identity = ? AND digest = ?",
-                                   (identity, digest)).fetchone()
+        with self._locked() as db:
+            row = db.execute("SELECT header, data FROM predictions WHERE identity = ? AND digest = ?",
+                             (identity, digest)).fetchone()
         if row is None:
             raise KeyError(digest)
         return decode_outputs(row[0], row[1])
@@ -135,8 +164,8 @@ class PredictionCache:
 
     def count(self, identity: str | None = None) -> int:
         """Predictions stored (under `identity`, or all)."""
-        with self._lock:
+        with self._locked() as db:
             if identity is None:
-                return int(self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
-            return int(self._db.execute("SELECT COUNT(*) FROM predictions WHERE identity = ?",
-                                        (identity,)).fetchone()[0])
+                return int(db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+            return int(db.execute("SELECT COUNT(*) FROM predictions WHERE identity = ?",
+                                  (identity,)).fetchone()[0])

@@ -22,6 +22,7 @@ from cloud_tier.batch.pipeline import (
     HEAD_PRECISIONS,
     BatchOptions,
     OptionError,
+    RunError,
     format_agreement,
     run_batch,
 )
@@ -36,6 +37,7 @@ cache: a prediction is kept per (row content hash, bundle identity = model hash,
   line says how many were skipped and computed. --no-cache neither reads nor writes it.
 """
 EXIT_ERROR = 2  # bad input, bundle, cache or options: the message says which
+EXIT_RUN_FAILED = 1  # the run failed on Ray (a stage's error, lost rows, actors that never started)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of split-batch: 0 on success, 2 with one line on stderr for a bad bundle, dataset or option."""
+    """Entry point of split-batch: 0 on success, 2 with one line on stderr for a bad bundle, dataset or option,
+    1 with one line for a run that failed on Ray."""
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.output is None and not args.compare:
@@ -89,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BatchInputError, BundleError, CacheError, MissingExtraError, OptionError, OSError) as exc:
         print(f"split-batch: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except RunError as exc:
+        print(f"split-batch: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     if result.agreement is not None:
         print(format_agreement(result.agreement, result.label))
     return 0

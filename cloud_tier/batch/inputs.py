@@ -3,13 +3,18 @@
 Two forms (DATASET_FORMATS, shown by `split-batch --help`):
 
 - a directory of `.npy` files, one sample each, for a model with one input: the row id is the file name without
-  `.npy`; the array has the input's shape without the batch dimension (or with a batch dimension of 1) and its
-  dtype exactly. Files are read in name order with `allow_pickle=False`; the header is checked (dtype, shape,
-  order, the file's length) before the array is read.
+  `.npy` (regular files only: a FIFO, device or folder named *.npy is skipped); the array has the input's shape
+  without the batch dimension (or with a batch dimension of 1) and its dtype exactly. Files are read in name
+  order with `allow_pickle=False`; the header is checked (dtype, shape, order, the file's length) before the
+  array is read.
 - a parquet file with a row-id column (`id`, or `--id-column`; integers or strings, unique, no nulls) and one
   column per model input named as the input. A cell is either a flat list of the input's dtype holding the
   sample's values in row-major (C) order, prod(shape) of them, or raw bytes: the sample's values little-endian
-  in C order, prod(shape) x itemsize bytes. Lengths are checked before any tensor is made.
+  in C order, prod(shape) x itemsize bytes. Before a row group is read, its column chunks' sizes in the file's
+  metadata (values of a list column, uncompressed bytes of a bytes column) are checked against its row count x
+  the input's size, so a small compressed file cannot decode to more than the rows it claims; raw bytes are read
+  dictionary-encoded (not expanded), and rows are read in batches of at most PARQUET_READ_BYTES. Each row's
+  length is then checked before any tensor is made.
 
 A bad row stops the run with one BatchInputError naming the row (file, or row number and id) and what was
 expected.
@@ -43,7 +48,10 @@ output (OUT.parquet): the row-id column (same name and type as the input's; "id"
   column per model output, named as the output: a flat list of its dtype, row-major; the per-row shapes are in
   the file's metadata (key "splitinfer.outputs", JSON).
 """
-PARQUET_READ_ROWS = 256  # rows read from a parquet file at a time
+INT64_MAX = 2**63 - 1
+PARQUET_READ_ROWS = 256  # rows read from a parquet file at a time, at most
+PARQUET_READ_BYTES = 64 << 20  # ... and at most this many bytes of tensors (valid rows) at a time
+PARQUET_BYTES_SLACK = 64 << 10  # a bytes column chunk's page headers and levels beyond its rows' values
 
 
 def need(module: str) -> Any:
@@ -133,7 +141,7 @@ def _scan_npy_dir(root: Path, specs: Sequence[InputSpec]) -> Iterator[Row]:
         raise BatchInputError(f"{root}: a directory of .npy files feeds a model with one input; this one has "
                               f"{[s.name for s in specs]}: use a parquet file with one column per input")
     spec = specs[0]
-    files = sorted(p for p in root.iterdir() if p.suffix == ".npy")
+    files = sorted(p for p in root.iterdir() if p.suffix == ".npy" and p.is_file())  # no FIFO, device or folder
     if not files:
         raise BatchInputError(f"{root}: no .npy files in this directory")
     for file in files:
@@ -188,35 +196,77 @@ def _scan_parquet(file: Path, specs: Sequence[InputSpec], id_column: str) -> Ite
     id_type = pf.schema_arrow.field(id_column).type
     if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
         raise BatchInputError(f"{file}: id column {id_column!r} is {id_type}, expected integers or strings")
+    id_limit = INT64_MAX if pa.types.is_uint64(id_type) else None  # the output's id column is int64
     for spec in specs:
         _check_column_type(file, spec, pf.schema_arrow.field(spec.name).type)
+    # raw bytes are read as a dictionary (the file's own dictionary encoding is not expanded before the checks)
+    binary = [s.name for s in specs if _is_binary(pf.schema_arrow.field(s.name).type)]
+    if binary:
+        pf = pq.ParquetFile(file, read_dictionary=binary)
+    rows = max(1, min(PARQUET_READ_ROWS, PARQUET_READ_BYTES // max(1, sum(s.nbytes for s in specs))))
     seen: set[str | int] = set()
     index = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_READ_ROWS, columns=[id_column, *(s.name for s in specs)]):
-        ids = batch.column(id_column).to_pylist()
-        columns = {s.name: _column_values(file, s, batch.column(s.name), index, ids) for s in specs}
-        for i, row_id in enumerate(ids):
-            where = f"{file}: row {index + i} (id {row_id!r})"
-            if row_id is None:
-                raise BatchInputError(f"{file}: row {index + i} has no id (null in column {id_column!r})")
-            if row_id in seen:
-                raise BatchInputError(f"{where}: id {row_id!r} appears twice; row ids must be unique")
-            seen.add(row_id)
-            yield _row(row_id, where, {s.name: columns[s.name][i: i + 1] for s in specs}, specs)
-        index += len(ids)
+    for group in range(pf.metadata.num_row_groups):
+        _check_row_group(file, pf.metadata, group, index, specs)
+        for batch in pf.iter_batches(batch_size=rows, row_groups=[group],
+                                     columns=[id_column, *(s.name for s in specs)]):
+            ids = batch.column(id_column).to_pylist()
+            columns = {s.name: _column_values(file, s, batch.column(s.name), index, ids) for s in specs}
+            for i, row_id in enumerate(ids):
+                where = f"{file}: row {index + i} (id {row_id!r})"
+                if row_id is None:
+                    raise BatchInputError(f"{file}: row {index + i} has no id (null in column {id_column!r})")
+                if id_limit is not None and row_id > id_limit:
+                    raise BatchInputError(f"{where}: id above {id_limit}; integer ids must fit int64")
+                if row_id in seen:
+                    raise BatchInputError(f"{where}: id {row_id!r} appears twice; row ids must be unique")
+                seen.add(row_id)
+                yield _row(row_id, where, {s.name: columns[s.name][i: i + 1] for s in specs}, specs)
+            index += len(ids)
+
+
+def _is_binary(typ: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_fixed_size_binary(typ))
+
+
+def _check_row_group(file: Path, meta: Any, group: int, start: int, specs: Sequence[InputSpec]) -> None:
+    """BatchInputError when a row group's column chunks hold more than its rows can (from the metadata alone)."""
+    rg = meta.row_group(group)
+    n = rg.num_rows
+    for j in range(rg.num_columns):
+        chunk = rg.column(j)
+        name = chunk.path_in_schema.split(".")[0]
+        spec = next((s for s in specs if s.name == name), None)
+        if spec is None:
+            continue
+        where = f"{file}: row group {group} (rows {start}-{start + n - 1}): column {name!r}"
+        if chunk.path_in_schema == name:  # raw bytes: 4 bytes of length and the value per row, and page headers
+            limit = n * (spec.nbytes + 4) + PARQUET_BYTES_SLACK
+            if chunk.total_uncompressed_size > limit:
+                raise BatchInputError(f"{where} holds {chunk.total_uncompressed_size} bytes uncompressed for {n} "
+                                      f"rows of {spec.nbytes} bytes: some row is longer than {spec.nbytes} bytes")
+        elif chunk.num_values > n * max(1, spec.size):  # a list: prod(shape) values per row (1 for a null one)
+            raise BatchInputError(f"{where} holds {chunk.num_values} values for {n} rows: some row has more than "
+                                  f"{spec.size} values (shape {spec.shape})")
 
 
 def _check_column_type(file: Path, spec: InputSpec, typ: Any) -> None:
     import pyarrow as pa
 
-    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_fixed_size_binary(typ):
+    if pa.types.is_fixed_size_binary(typ) and typ.byte_width != spec.nbytes:
+        raise BatchInputError(f"{file}: column {spec.name!r} is {typ}: {typ.byte_width} bytes per row, expected "
+                              f"{spec.nbytes} ({spec.shape}, {spec.dtype})")
+    if _is_binary(typ):
         return
     if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
         value = typ.value_type
         if pa.types.is_list(value) or pa.types.is_large_list(value) or pa.types.is_fixed_size_list(value):
             raise BatchInputError(f"{file}: column {spec.name!r} holds nested lists ({typ}); give each sample as "
                                   f"a flat list of {spec.size} values in row-major order")
-        if value.to_pandas_dtype() != spec.dtype:
+        numeric = pa.types.is_integer(value) or pa.types.is_floating(value) or pa.types.is_boolean(value)
+        if not numeric or value.to_pandas_dtype() != spec.dtype:
             raise BatchInputError(f"{file}: column {spec.name!r} holds {value} values, expected {spec.dtype} "
                                   f"(model input {spec.name!r})")
         return
@@ -235,7 +285,16 @@ def _column_values(file: Path, spec: InputSpec, col: Any, start: int, ids: list)
     if nulls.any():
         raise bad(int(np.flatnonzero(nulls)[0]), "is null")
     typ = col.type
-    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_fixed_size_binary(typ):
+    if pa.types.is_dictionary(typ):  # raw bytes read dictionary-encoded: lengths of the distinct values first
+        indices = col.indices.to_numpy(zero_copy_only=False)
+        lengths = pc.binary_length(col.dictionary).to_numpy(zero_copy_only=False)[indices]
+        wrong = np.flatnonzero(lengths != spec.nbytes)
+        if wrong.size:
+            i = int(wrong[0])
+            raise bad(i, f"has {int(lengths[i])} bytes, expected {spec.nbytes} ({spec.shape}, {spec.dtype})")
+        col = col.dictionary.take(col.indices)
+        typ = col.type
+    if _is_binary(typ):
         lengths = pc.binary_length(col).to_numpy(zero_copy_only=False)
         wrong = np.flatnonzero(lengths != spec.nbytes)
         if wrong.size:

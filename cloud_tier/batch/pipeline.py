@@ -1,8 +1,10 @@
 """split-batch's run: the bundle's head and tail as two Ray Data `map_batches` stages, the cache around them.
 
-The driver reads the dataset once (`inputs.scan_dataset`: every row checked, hashed), asks the cache which rows
-it already has, and hands Ray Data only the others, in blocks of `batch_size` rows (through the object store,
-so a cluster's workers need no shared disk). The head runs in CPU actors, the tail in GPU actors where the
+The driver reads the dataset once (`inputs.scan_dataset`: every row checked, hashed, only ids and hashes kept),
+asks the cache which rows it already has, and hands Ray Data only the others, in windows of WINDOW_BLOCKS blocks
+of `batch_size` rows (through the object store, so a cluster's workers need no shared disk): each window's
+tensors are read again from the dataset and dropped once its blocks are committed, so the driver holds one
+window, not the dataset. The head runs in CPU actors, the tail in GPU actors where the
 cluster has GPUs (CUDA execution provider, CPU otherwise); each actor loads its onnxruntime session once. Each
 block that comes back is committed to the cache in one transaction before the next is taken, which is what
 makes a killed run resumable. The output file is written from the cache at the end, in the dataset's order,
@@ -43,11 +45,24 @@ HEAD_PRECISIONS = ("int8", "fp32")
 DEFAULT_CACHE_DIR = "$SPLITINFER_CACHE/batch, else ~/.cache/splitinfer/batch"
 CACHE_FILE = "predictions.sqlite"
 OUTPUT_METADATA_KEY = b"splitinfer.outputs"
-WRITE_ROWS = 256  # rows per output row group
+ACTOR_WAIT_S = 600.0  # on a cluster at --ray-address: how long Ray Data waits for a stage's actors to start
+WINDOW_BLOCKS = 64  # blocks handed to Ray Data at a time (one window's tensors in the driver's memory)
+WRITE_ROWS = 256  # rows per output row group, at most
+WRITE_BYTES = 64 << 20  # ... and about this many bytes of predictions (a row group holds at least one row)
 
 
 class OptionError(ValueError):
     """An option of split-batch is out of range; the message names it."""
+
+
+class RunError(RuntimeError):
+    """The run failed on the cluster (a stage's error, rows lost, actors that never started): one line."""
+
+
+def run_error(label: str, exc: BaseException) -> RunError:
+    """A Ray error as one line: its type and the last line of its message (a remote traceback's error line)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return RunError(f"{label}: the run failed on Ray ({type(exc).__name__}: {lines[-1] if lines else 'no message'})")
 
 
 @dataclass(frozen=True)
@@ -130,6 +145,19 @@ def split_models(bundle: Bundle, cut_id: str | None, head_precision: str) -> Mod
                   head, tail, model_outputs)
 
 
+def check_names(models: Models, id_column: str) -> None:
+    """OptionError when a model's tensor would collide with a column of split-batch's: the output's id column
+    (--id-column) or the internal position column (POS)."""
+    for stage in (models.head, models.tail):
+        for name in () if stage is None else (*stage.inputs, *stage.outputs):
+            if name == POS:
+                raise OptionError(f"{models.label}: the model has a tensor named {POS!r}, the column split-batch "
+                                  "uses internally for row positions; rename the tensor")
+    if id_column in models.outputs:
+        raise OptionError(f"{models.label}: model output {id_column!r} has the name of the id column; give "
+                          f"another --id-column (the output file has both)")
+
+
 def full_models(bundle: Bundle) -> Models:
     """The full fp32 model as one stage (the reference of --compare)."""
     outputs = tuple(s.name for s in bundle.outputs)
@@ -198,38 +226,23 @@ class RunReport:
 
 @dataclass
 class Dataset:
-    """The scanned dataset: every row's id and content hash in order; the tensors of rows some pass still needs."""
+    """The scanned dataset: every row's id and content hash in order, and how to read its rows again."""
 
     ids: list[str | int] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)
     id_type: str = "string"
-    feeds: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    rescan: Callable[[], Iterator[Row]] = field(default=lambda: iter(()))
 
 
 BlockCallback = Callable[[RunReport], None]
 
 
-def load_dataset(path: Path, specs: Sequence[InputSpec], id_column: str, cache: PredictionCache,
-                 identities: Sequence[str]) -> Dataset:
-    """Scan the dataset once; keep the tensors only of rows missing under one of `identities`."""
-    data = Dataset()
-    chunk: list[Row] = []
-
-    def flush() -> None:
-        digests = [r.digest for r in chunk]
-        have = [cache.present(i, digests) for i in identities]
-        for r in chunk:
-            if any(r.digest not in h for h in have):
-                data.feeds.setdefault(r.digest, r.feeds)
-        chunk.clear()
-
+def load_dataset(path: Path, specs: Sequence[InputSpec], id_column: str) -> Dataset:
+    """Scan the dataset once (every row checked): its ids and content hashes, no tensors."""
+    data = Dataset(rescan=lambda: scan_dataset(path, specs, id_column))
     for row in scan_dataset(path, specs, id_column):
         data.ids.append(row.id)
         data.digests.append(row.digest)
-        chunk.append(row)
-        if len(chunk) >= 512:
-            flush()
-    flush()
     if not data.ids:
         raise BatchInputError(f"{path}: the dataset has no rows")
     data.id_type = "int64" if all(isinstance(i, int) for i in data.ids) else "string"
@@ -238,7 +251,8 @@ def load_dataset(path: Path, specs: Sequence[InputSpec], id_column: str, cache: 
 
 def compute(models: Models, data: Dataset, cache: PredictionCache, options: BatchOptions, ray: Any,
             on_block: BlockCallback | None = None) -> RunReport:
-    """Compute every row of `data` that `cache` lacks under `models.identity` with Ray Data; commit per block."""
+    """Compute every row of `data` that `cache` lacks under `models.identity` with Ray Data, a window of
+    WINDOW_BLOCKS blocks at a time; commit per block."""
     report = RunReport(models.label, models.identity, rows=len(data.digests))
     unique = list(dict.fromkeys(data.digests))
     report.unique = len(unique)
@@ -247,22 +261,42 @@ def compute(models: Models, data: Dataset, cache: PredictionCache, options: Batc
     report.cached = len(unique) - len(pending)
     if not pending:
         return report
-    for batch in _run_stages(models, pending, data, options, ray):
-        positions = np.asarray(batch[POS]).astype(np.int64).ravel()
-        rows = [(pending[p], {name: np.asarray(batch[name][j]) for name in models.outputs})
-                for j, p in enumerate(positions)]
-        cache.put_block(models.identity, rows)
-        report.computed += len(rows)
-        report.blocks += 1
-        if on_block is not None:
-            on_block(report)
-    missing = len(pending) - report.computed
-    if missing:
-        raise RuntimeError(f"{models.label}: Ray Data returned {report.computed} of {len(pending)} rows")
+    rows_again = data.rescan()
+    window = WINDOW_BLOCKS * options.batch_size
+    for start in range(0, len(pending), window):
+        part = pending[start: start + window]
+        feeds = _window_feeds(rows_again, set(part), models.label)
+        done = 0
+        for batch in _run_stages(models, part, feeds, options, ray):
+            positions = np.asarray(batch[POS]).astype(np.int64).ravel()
+            rows = [(part[p], {name: np.asarray(batch[name][j]) for name in models.outputs})
+                    for j, p in enumerate(positions)]
+            cache.put_block(models.identity, rows)
+            done += len(rows)
+            report.computed += len(rows)
+            report.blocks += 1
+            if on_block is not None:
+                on_block(report)
+        del feeds
+        if done != len(part):
+            raise RunError(f"{models.label}: Ray Data returned {done} of {len(part)} rows of a window")
     return report
 
 
-def _blocks(pending: Sequence[str], data: Dataset, names: Sequence[str], size: int) -> Iterator[Any]:
+def _window_feeds(rows: Iterator[Row], wanted: set[str], label: str) -> dict[str, dict[str, np.ndarray]]:
+    """The tensors of the rows `wanted`, read on from `rows` (the dataset again, in order)."""
+    feeds: dict[str, dict[str, np.ndarray]] = {}
+    for row in rows:
+        if row.digest in wanted:
+            feeds.setdefault(row.digest, row.feeds)
+            if len(feeds) == len(wanted):
+                return feeds
+    raise RunError(f"{label}: the dataset changed while split-batch ran ({len(wanted) - len(feeds)} rows of its "
+                   "first read are gone); run it again")
+
+
+def _blocks(pending: Sequence[str], feeds: dict[str, dict[str, np.ndarray]], names: Sequence[str],
+            size: int) -> Iterator[Any]:
     """The pending rows as Arrow tables of `size` rows: the position column and one tensor column per input."""
     pa = need("pyarrow")
     from ray.data.extensions import ArrowTensorArray
@@ -271,20 +305,36 @@ def _blocks(pending: Sequence[str], data: Dataset, names: Sequence[str], size: i
         part = pending[start: start + size]
         columns = {POS: pa.array(np.arange(start, start + len(part), dtype=np.int64))}
         for name in names:
-            columns[name] = ArrowTensorArray.from_numpy(np.concatenate([data.feeds[d][name] for d in part]))
+            columns[name] = ArrowTensorArray.from_numpy(np.concatenate([feeds[d][name] for d in part]))
         yield pa.table(columns)
 
 
-def _run_stages(models: Models, pending: Sequence[str], data: Dataset, options: BatchOptions,
-                ray: Any) -> Iterator[dict[str, np.ndarray]]:
+def check_gpus(options: BatchOptions, tail_gpus: float, gpus: float) -> None:
+    """OptionError when the tail's actors need more GPUs than the local cluster has (Ray would wait for them
+    forever); on a cluster at --ray-address (which may add nodes) a warning, and Ray Data waits ACTOR_WAIT_S."""
+    need_gpus = tail_gpus * options.concurrency
+    if need_gpus <= gpus:
+        return
+    what = (f"--tail-gpus {tail_gpus:g} x --concurrency {options.concurrency} needs {need_gpus:g} GPUs, and the "
+            f"cluster has {gpus:g}")
+    if options.ray_address is None:
+        raise OptionError(f"{what}: lower --tail-gpus (0 runs the tail on CPU) or --concurrency")
+    log.warning("split-batch: %s now: its actors start only when the cluster adds GPUs (Ray Data gives up "
+                "after %.0f s)", what, ACTOR_WAIT_S)
+
+
+def _run_stages(models: Models, pending: Sequence[str], feeds: dict[str, dict[str, np.ndarray]],
+                options: BatchOptions, ray: Any) -> Iterator[dict[str, np.ndarray]]:
     """The result blocks of the head then tail stages over the pending rows, as they finish."""
     first = models.head or models.tail
     assert first is not None
-    ds = ray.data.from_arrow(list(_blocks(pending, data, first.inputs, options.batch_size)))
+    ds = ray.data.from_arrow(list(_blocks(pending, feeds, first.inputs, options.batch_size)))
     stages = [s for s in (models.head, models.tail) if s is not None]
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
     tail_gpus = options.tail_gpus if options.tail_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    if models.tail is not None:
+        check_gpus(options, tail_gpus, gpus)
     actor_cpus = min(1.0, cpus / (options.concurrency * len(stages)))  # every actor fits, or the run would wait
     for stage in stages:
         on_gpu = stage is models.tail and tail_gpus > 0
@@ -315,23 +365,22 @@ def write_output(path: Path, data: Dataset, models: Models, cache: PredictionCac
     writer = None
     shapes: dict[str, Any] = {}
     try:
-        for start in range(0, len(data.ids), WRITE_ROWS):
-            ids = data.ids[start: start + WRITE_ROWS]
-            outs = list(cache.get_many(models.identity, data.digests[start: start + WRITE_ROWS]))
+        for ids, outs in _row_groups(data, models, cache):
             columns = {id_column: pa.array(ids, type=pa.int64() if data.id_type == "int64" else pa.string())}
             for name in models.outputs:
                 arrays = [o[name] for o in outs]
                 shapes.setdefault(name, {"dtype": arrays[0].dtype.name, "shape": list(arrays[0].shape)})
-                offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int32)
+                # int64 offsets: one row's output may hold more values than an int32 list's offsets reach
+                offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int64)
                 values = pa.array(np.concatenate([a.ravel() for a in arrays]))
-                columns[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
+                columns[name] = pa.LargeListArray.from_arrays(pa.array(offsets), values)
             table = pa.table(columns)
             if writer is None:
                 meta = {"outputs": shapes, "cut": models.cut, "head_precision": models.precision,
                         "identity": models.identity}
                 schema = table.schema.with_metadata({OUTPUT_METADATA_KEY: json.dumps(meta).encode()})
                 writer = pq.ParquetWriter(tmp, schema)
-            writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
+            writer.write_table(table.replace_schema_metadata(writer.schema.metadata), row_group_size=len(ids))
         assert writer is not None
         writer.close()
         writer = None
@@ -340,6 +389,24 @@ def write_output(path: Path, data: Dataset, models: Models, cache: PredictionCac
         if writer is not None:
             writer.close()
         tmp.unlink(missing_ok=True)
+
+
+def _row_groups(data: Dataset, models: Models,
+                cache: PredictionCache) -> Iterator[tuple[list[str | int], list[dict[str, np.ndarray]]]]:
+    """The output's row groups, (ids, predictions): WRITE_ROWS rows, or fewer where they pass WRITE_BYTES."""
+    ids: list[str | int] = []
+    outs: list[dict[str, np.ndarray]] = []
+    size = 0
+    for row_id, digest in zip(data.ids, data.digests, strict=True):
+        out = cache.get(models.identity, digest)
+        ids.append(row_id)
+        outs.append(out)
+        size += sum(a.nbytes for a in out.values())
+        if len(ids) >= WRITE_ROWS or size >= WRITE_BYTES:
+            yield ids, outs
+            ids, outs, size = [], [], 0
+    if ids:
+        yield ids, outs
 
 
 # -- --compare --------------------------------------------------------------------------------------------------
@@ -405,11 +472,18 @@ def start_session(options: BatchOptions) -> tuple[Any, bool]:
     need("ray.data")
     need("pyarrow")
     started = start_ray(ray, options.ray_address, num_cpus=options.num_cpus)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = options.progress
+    configure_context(ray.data.DataContext.get_current(), options)
     if not options.progress:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray, started
+
+
+def configure_context(ctx: Any, options: BatchOptions) -> None:
+    """Ray Data's settings for a run: progress bars, and on a cluster at --ray-address a deadline on waiting
+    for a stage's actors (which otherwise waits forever for resources the cluster never has)."""
+    ctx.enable_progress_bars = options.progress
+    if options.ray_address is not None:
+        ctx.wait_for_min_actors_s = ACTOR_WAIT_S
 
 
 def run_batch(bundle_dir: Path, input_path: Path, output: Path | None, options: BatchOptions = BatchOptions(), *,
@@ -424,8 +498,10 @@ def run_batch(bundle_dir: Path, input_path: Path, output: Path | None, options: 
     specs = [InputSpec.from_spec(s) for s in bundle.inputs]
     split = split_models(bundle, options.cut, options.head_precision)
     runs = [split, full_models(bundle)] if compare else [split]
+    for models in runs:
+        check_names(models, options.id_column)
     with _cache(options) as cache:
-        data = load_dataset(input_path, specs, options.id_column, cache, [m.identity for m in runs])
+        data = load_dataset(input_path, specs, options.id_column)
         ray = None
         started = False
         reports = []
@@ -434,8 +510,13 @@ def run_batch(bundle_dir: Path, input_path: Path, output: Path | None, options: 
                 needs_ray = bool(set(data.digests) - cache.present(models.identity, data.digests))
                 if needs_ray and ray is None:
                     ray, started = start_session(options)
-                report = compute(models, data, cache, options, ray, on_block) if needs_ray else _all_cached(
-                    models, data)
+                try:
+                    report = compute(models, data, cache, options, ray, on_block) if needs_ray else _all_cached(
+                        models, data)
+                except Exception as exc:  # noqa: BLE001 - only Ray's errors are re-raised as RunError
+                    if ray is not None and isinstance(exc, ray.exceptions.RayError):
+                        raise run_error(models.label, exc) from exc
+                    raise
                 reports.append(report)
                 say(report.line())
         finally:

@@ -235,3 +235,277 @@ def test_split_batch_without_ray_is_one_line_naming_the_install(tiny_bundle: Pat
     assert code == 2
     assert capsys.readouterr().err == ('split-batch: ray is not installed, and split-batch needs it: '
                                        'pip install "splitinfer[ray]"\n')
+
+
+def _bomb(tmp_path: Path, column: object, rows: int = 4) -> Path:
+    """A small zstd parquet file whose `input` column decodes to far more than its rows claim."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(pa.table({"id": list(range(rows)), "input": column}), path, compression="zstd")
+    return path
+
+
+def test_an_oversized_parquet_list_column_is_refused_from_the_metadata(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pa = pytest.importorskip("pyarrow")
+    big = pa.array([np.zeros(2_000_000, np.float32)] * 4, pa.list_(pa.float32()))  # 32 MB decoded, KBs on disk
+    path = _bomb(tmp_path, big)
+    assert path.stat().st_size < 200_000
+    import pyarrow.parquet as pq
+
+    def no_decode(*args: object, **kwargs: object) -> None:
+        raise AssertionError("rows were decoded before the metadata check")
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", no_decode)
+    with pytest.raises(BatchInputError, match=r"row group 0 \(rows 0-3\): column 'input' holds 8000000 values "
+                                              r"for 4 rows: some row has more than 12 values"):
+        list(scan_dataset(path, [SPEC]))
+
+
+def test_an_oversized_parquet_bytes_column_is_refused_from_the_metadata(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _bomb(tmp_path, [bytes(i) + b"\0" * 8_000_000 for i in range(4)])
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", lambda *a, **k: iter(()))
+    with pytest.raises(BatchInputError, match=r"row group 0 \(rows 0-3\): column 'input' holds \d+ bytes "
+                                              r"uncompressed for 4 rows of 48 bytes"):
+        list(scan_dataset(path, [SPEC]))
+
+
+def test_a_dictionary_encoded_bytes_column_is_checked_before_it_is_expanded(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    types: list[object] = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self: object, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        for batch in real(self, *args, **kwargs):
+            types.append(batch.column("input").type)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    # one long value repeated: the file's dictionary keeps it once, a decoder would expand it per row
+    path = _bomb(tmp_path, pa.array([b"\0" * 40_000] * 4, pa.binary()))
+    with pytest.raises(BatchInputError, match=r"row 0 \(id 0\): column 'input' has 40000 bytes, expected 48"):
+        list(scan_dataset(path, [SPEC]))
+    good = _bomb(tmp_path, pa.array([np.arange(12, dtype="<f4").tobytes()] * 4, pa.binary()))
+    rows = list(scan_dataset(good, [SPEC]))
+    np.testing.assert_array_equal(rows[3].feeds["input"], np.arange(12, dtype=np.float32).reshape(1, 3, 4))
+    assert types and all(pa.types.is_dictionary(t) for t in types)  # read as the file keeps it, not expanded
+
+
+def test_parquet_batches_are_sized_by_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloud_tier.batch.inputs as inputs
+
+    pa = pytest.importorskip("pyarrow")
+    monkeypatch.setattr(inputs, "PARQUET_READ_BYTES", 2 * SPEC.nbytes)
+    xs = [np.arange(12, dtype=np.float32) + i for i in range(5)]
+    path = _parquet(tmp_path, {"id": list(range(5)), "input": pa.array(xs, pa.list_(pa.float32()))})
+    import pyarrow.parquet as pq
+
+    sizes: list[int] = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self: object, batch_size: int, **kwargs: object):  # type: ignore[no-untyped-def]
+        sizes.append(batch_size)
+        return real(self, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    rows = list(scan_dataset(path, [SPEC]))
+    assert sizes == [2] and len(rows) == 5
+    np.testing.assert_array_equal(rows[4].feeds["input"], xs[4].reshape(1, 3, 4))
+
+
+def test_the_output_has_int64_list_offsets_and_row_groups_sized_by_bytes(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import cloud_tier.batch.pipeline as pipeline
+
+    models = pipeline.Models("test", "c1", "fp32", "ident", None, None, ("y",))
+    rows = {f"d{i}": {"y": np.full((2, 5), i, np.float32)} for i in range(5)}
+    data = pipeline.Dataset(ids=[10, 11, 12, 13, 14], digests=list(rows), id_type="int64")
+    monkeypatch.setattr(pipeline, "WRITE_BYTES", 2 * 40)  # two rows of 40 bytes of predictions per row group
+    out = tmp_path / "o.parquet"
+    with PredictionCache(tmp_path / "c.sqlite") as cache:
+        cache.put_block("ident", list(rows.items()))
+        pipeline.write_output(out, data, models, cache, "id")
+    pf = pq.ParquetFile(out)
+    assert pf.schema_arrow.field("y").type == pa.large_list(pa.float32())  # int64 offsets: no 2**31 values limit
+    assert [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)] == [2, 2, 1]
+    table = pf.read()
+    assert table.column("id").to_pylist() == [10, 11, 12, 13, 14]
+    np.testing.assert_array_equal(np.asarray(table.column("y")[4].as_py()), np.full(10, 4, np.float32))
+
+
+def test_more_tail_gpus_than_the_local_cluster_has_is_an_option_error(caplog: pytest.LogCaptureFixture) -> None:
+    from cloud_tier.batch.pipeline import ACTOR_WAIT_S, check_gpus, configure_context
+
+    check_gpus(BatchOptions(concurrency=2), 0.5, 1.0)  # fits
+    with pytest.raises(OptionError, match=r"--tail-gpus 1 x --concurrency 2 needs 2 GPUs, and the cluster has 1"):
+        check_gpus(BatchOptions(concurrency=2), 1.0, 1.0)
+    with pytest.raises(OptionError, match="needs 1 GPUs, and the cluster has 0"):
+        check_gpus(BatchOptions(), 1.0, 0.0)
+    remote = BatchOptions(ray_address="10.0.0.1:6379")
+    with caplog.at_level("WARNING"):
+        check_gpus(remote, 1.0, 0.0)  # a remote cluster may add GPU nodes: a warning, and a deadline
+    assert "needs 1 GPUs, and the cluster has 0 now" in caplog.text
+
+    class Ctx:
+        enable_progress_bars = True
+        wait_for_min_actors_s = -1.0  # Ray Data's default: wait forever
+
+    local, far = Ctx(), Ctx()
+    configure_context(local, BatchOptions(progress=False))
+    configure_context(far, remote)
+    assert (local.enable_progress_bars, local.wait_for_min_actors_s) == (False, -1.0)
+    assert far.wait_for_min_actors_s == ACTOR_WAIT_S
+
+
+def test_a_cache_another_run_holds_is_a_cache_error_not_a_traceback(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloud_tier.batch.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "BUSY_TIMEOUT_S", 0.05)
+    path = tmp_path / "predictions.sqlite"
+    with PredictionCache(path) as cache:
+        other = sqlite3.connect(path, isolation_level=None)  # another run, writing a block
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(CacheError, match="another split-batch run is creating or writing this cache"):
+            cache.put_block("id", [("d1", _outputs(1))])
+        other.execute("ROLLBACK")
+        cache.put_block("id", [("d1", _outputs(1))])  # once it is done, this run writes
+        assert cache.count() == 1
+        other.close()
+    fresh = tmp_path / "new.sqlite"
+    creator = sqlite3.connect(fresh, isolation_level=None)  # another run, creating the cache
+    creator.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(CacheError, match="another split-batch run is creating or writing") as info:
+        PredictionCache(fresh)
+    assert "delete it" not in str(info.value)
+    creator.close()
+
+
+def test_the_cache_waits_for_another_run_longer_than_sqlites_default() -> None:
+    from cloud_tier.batch.cache import BUSY_TIMEOUT_S
+
+    assert BUSY_TIMEOUT_S >= 30  # sqlite3's default 5 s: a block of a large model can take longer to commit
+
+
+@pytest.mark.parametrize("value_type", ["struct", "dictionary", "time32"])
+def test_a_parquet_list_of_non_numbers_is_a_batch_input_error(tmp_path: Path, value_type: str) -> None:
+    pa = pytest.importorskip("pyarrow")
+    if value_type == "struct":
+        cells = pa.array([[{"a": 1.0}] * 12], pa.list_(pa.struct([("a", pa.float32())])))
+    elif value_type == "dictionary":
+        values = pa.DictionaryArray.from_arrays(pa.array([0] * 12, pa.int8()), pa.array(["1.0"]))
+        cells = pa.ListArray.from_arrays(pa.array([0, 12], pa.int32()), values)
+    else:
+        cells = pa.array([[1] * 12], pa.list_(pa.time32("s")))
+    path = _parquet(tmp_path, {"id": [1], "input": cells})
+    with pytest.raises(BatchInputError, match=r"column 'input' holds .* values, expected float32"):
+        list(scan_dataset(path, [SPEC]))
+
+
+def test_uint64_ids_above_the_int64_range_are_refused_at_scan_time(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    ids = pa.array([1, 2**63], pa.uint64())
+    path = _parquet(tmp_path, {"id": ids, "input": [b"\0" * 48, b"\0" * 48]})
+    with pytest.raises(BatchInputError, match=r"row 1 \(id 9223372036854775808\): id above 9223372036854775807"):
+        list(scan_dataset(path, [SPEC]))
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    assert [r.id for r in scan_dataset(_parquet(ok, {"id": pa.array([1, 2**63 - 1], pa.uint64()),
+                                                     "input": [b"\0" * 48] * 2}), [SPEC])] == [1, 2**63 - 1]
+
+
+def test_a_run_that_fails_on_ray_is_one_line_and_exit_1(tiny_bundle: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    exceptions = pytest.importorskip("ray.exceptions")
+    import cloud_tier.batch.cli as cli
+    from cloud_tier.batch.pipeline import RunError, run_error
+
+    remote = exceptions.RayTaskError("OnnxStage", "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                                     "onnxruntime.InvalidArgument: bad input shape\n", ValueError("bad input shape"))
+    err = run_error("cut c1, int8 head", remote)
+    assert isinstance(err, RunError)
+    assert str(err) == ("cut c1, int8 head: the run failed on Ray (RayTaskError: onnxruntime.InvalidArgument: "
+                        "bad input shape)")
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise err
+
+    monkeypatch.setattr(cli, "run_batch", fails)
+    code = cli.main([str(tiny_bundle), "--input", str(tmp_path), "--output", str(tmp_path / "o.parquet")])
+    assert code == 1
+    assert capsys.readouterr().err == f"split-batch: {err}\n"
+
+
+def test_tensor_names_that_collide_with_split_batchs_columns_are_option_errors(tiny_bundle: Path) -> None:
+    from cloud_tier.batch.pipeline import POS, Models, Stage, check_names
+
+    bundle = Bundle.load(tiny_bundle)
+    split = split_models(bundle, None, "int8")
+    check_names(split, "id")
+    (output,) = split.outputs[:1]
+    with pytest.raises(OptionError, match=f"model output {output!r} has the name of the id column"):
+        check_names(split, output)
+    for stage in (Stage(b"", ("x",), (POS,)), Stage(b"", (POS,), ("y",))):
+        models = Models("cut c", "c", "fp32", "i", stage, None, ("y",))
+        with pytest.raises(OptionError, match=f"a tensor named '{POS}'"):
+            check_names(models, "id")
+
+
+def test_split_batch_refuses_an_output_named_like_the_id_column_before_the_run(tiny_bundle: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    from cloud_tier.batch.cli import main
+
+    output = Bundle.load(tiny_bundle).outputs[0].name
+    data = _npy_dir(tmp_path, a=np.zeros((3, 16, 16), np.float32))
+    code = main([str(tiny_bundle), "--input", str(data), "--output", str(tmp_path / "o.parquet"),
+                 "--cache-dir", str(tmp_path / "cache"), "--id-column", output])
+    assert code == 2
+    assert "has the name of the id column" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before the cache, the dataset or Ray
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs here")
+def test_only_regular_npy_files_are_read(tmp_path: Path) -> None:
+    import os
+
+    root = _npy_dir(tmp_path, a=np.ones((3, 4), np.float32))
+    (root / "b.npy").mkdir()  # sorted before the FIFO: without the check, reading it fails before the FIFO hangs
+    os.mkfifo(root / "c.npy")  # opening a FIFO for reading waits for a writer: forever
+    assert [r.id for r in scan_dataset(root, [SPEC])] == ["a"]
+
+
+def test_compute_holds_one_window_of_tensors_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloud_tier.batch.pipeline as pipeline
+
+    xs = {f"r{i:02d}": np.full((3, 4), i, np.float32) for i in range(11)}
+    xs["r10"] = xs["r03"]  # a duplicate content: computed once
+    data = pipeline.load_dataset(_npy_dir(tmp_path, **xs), [SPEC], "id")
+    held: list[int] = []
+
+    def stages(models: object, pending: list, feeds: dict, options: object, ray: object):  # type: ignore[no-untyped-def]
+        held.append(len(feeds))  # what the driver holds while Ray Data runs this window
+        for start in range(0, len(pending), 2):
+            part = pending[start: start + 2]
+            yield {pipeline.POS: np.arange(start, start + len(part)),
+                   "y": np.stack([feeds[d]["input"][0].sum(keepdims=True) for d in part])}
+
+    monkeypatch.setattr(pipeline, "_run_stages", stages)
+    monkeypatch.setattr(pipeline, "WINDOW_BLOCKS", 2)
+    models = pipeline.Models("test", "c", "fp32", "ident", None, None, ("y",))
+    with PredictionCache(tmp_path / "c.sqlite") as cache:
+        cache.put_block("ident", [(data.digests[0], {"y": np.array([0.0], np.float32)})])  # r00: cached
+        report = pipeline.compute(models, data, cache, BatchOptions(batch_size=2), ray=None)
+        assert (report.rows, report.unique, report.cached, report.computed) == (11, 10, 1, 9)
+        assert held == [4, 4, 1]  # windows of 2 blocks x 2 rows, never the whole dataset
+        got = {row_id: float(cache.get("ident", d)["y"].ravel()[0])
+               for row_id, d in zip(data.ids, data.digests, strict=True)}
+        assert got == {**{f"r{i:02d}": 12.0 * i for i in range(10)}, "r10": 36.0}  # each row's own prediction
