@@ -27,10 +27,11 @@ they feed the fit, not the rate samples.
 
 One way, where the reply carries the cloud's receive stamp (`received_unix_ns`) and the request the device's send
 stamp (`sent_unix_ns`): each sample also has one_way_ms = received - sent, and when two sizes of those give a fit,
-the transfer is `one_way_ms - intercept` (and, for a queued request, the spacing of the cloud's receive stamps)
-instead of the round trip's. The reason: on a device short of CPU (a cgroup quota, a busy Pi) the thread that
-receives the reply is often stalled, and a round trip counts that stall as link time, as it counts the downlink
-and the reply's decoding; the one-way time holds none of these. The two stamps are on two clocks (one on a single
+the transfer is the smaller of the round trip's and `one_way_ms - intercept` (or, for a queued request, the
+spacing of the cloud's receive stamps): each is the link time plus delays of its own kind. The reason: on a
+device short of CPU (a cgroup quota, a busy Pi) the thread that receives the reply is often stalled, and a round
+trip counts that stall as link time, as it counts the downlink and the reply's decoding; the one-way time holds
+none of these. The two stamps are on two clocks (one on a single
 host, not in the field): the intercept of the one-way fit holds their offset, and a transfer is a difference of
 two one-way times, so a constant offset cancels and is never needed (the intercept is therefore not clamped at 0).
 A clock step (NTP) skews the one-way figures until the samples before it age out (`max_age_s`, `fit_window`).
@@ -240,19 +241,23 @@ class BandwidthEstimator:
                 continue  # kept only as the predecessor of the next one
             if now - s.t_done > self.max_age_s:
                 continue
-            if fixed_one_way is not None and not math.isnan(s.one_way_ms):
-                # One way: the time from the device's send stamp to the cloud's receive stamp, less its fixed
-                # part; the spacing of the cloud's receive stamps (one clock) is the link time of a queued one.
-                transfer = s.one_way_ms - fixed_one_way
-                spacing_ms = None if before is None or math.isnan(before.one_way_ms) else \
-                    (s.cloud_t - before.cloud_t) * 1000.0
-            else:
-                transfer = s.network_ms - fixed
-                spacing_ms = None if before is None else (s.t_done - before.t_done) * 1000.0
+            transfer = s.network_ms - fixed
+            spacing_ms = None if before is None else (s.t_done - before.t_done) * 1000.0
             if spacing_ms is not None and spacing_ms < s.network_ms:  # sent while the previous one was on the link
                 if spacing_ms < _MIN_SPACING_MS:
                     continue
                 transfer = min(transfer, spacing_ms)
+            if fixed_one_way is not None and not math.isnan(s.one_way_ms):
+                # One way: the device's send stamp to the cloud's receive stamp, less its fixed part; for a queued
+                # request, the spacing of the cloud's receive stamps (one clock). Each of the two transfers is the
+                # link time plus delays of its own (the device's reply-side stalls; the error of a fit's
+                # intercept), so the smaller is the better bound.
+                one_way = s.one_way_ms - fixed_one_way
+                if before is not None and not math.isnan(before.one_way_ms):
+                    cloud_spacing_ms = (s.cloud_t - before.cloud_t) * 1000.0
+                    if _MIN_SPACING_MS <= cloud_spacing_ms < s.network_ms:
+                        one_way = min(one_way, cloud_spacing_ms)
+                transfer = min(transfer, one_way)
             transfer = max(transfer, _TRANSFER_FLOOR * s.network_ms, 1e-3)
             values.append(s.nbytes * 8.0 / (transfer * 1000.0))
         if not values:

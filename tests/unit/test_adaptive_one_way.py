@@ -93,16 +93,25 @@ def test_one_way_times_leave_out_the_devices_reply_stalls_whatever_the_clock_off
 
 def test_queued_requests_are_measured_by_the_clouds_receive_spacing():
     # Two requests sent back to back: the second waited for the first on the link, so its one-way time holds
-    # two transfers; the spacing of the cloud's receive stamps (one clock) is its own transfer.
-    est = BandwidthEstimator()
+    # two transfers; the spacing of the cloud's receive stamps (one clock) is its own transfer. Its reply was
+    # stalled 20 ms on the device, so the spacing of the replies (the round trips' measure) reads it slow.
     mbps, size = 10.0, 50_000
     xfer_ms = size * 8 / (mbps * 1000.0)
-    for i, n in enumerate((size, 4 * size)):  # the fit: one of each size, alone on the link
-        est.add(n, 2.0 + n * 8 / (mbps * 1000.0), 1.0 + i, calibration=True, sent_unix_ns=int((1.0 + i) * 1e9),
-                received_unix_ns=int((1.0 + i) * 1e9 + (2.0 + n * 8 / (mbps * 1000.0)) * 1e6))
-    sent = int(10e9)
-    first = sent + int((2.0 + xfer_ms) * 1e6)
-    second = first + int(xfer_ms * 1e6)
-    est.add(size, 2.0 + xfer_ms + 5.0, 10.1, sent_unix_ns=sent, received_unix_ns=first)
-    est.add(size, 2.0 + 2 * xfer_ms + 5.0, 10.1 + xfer_ms / 1000.0, sent_unix_ns=sent, received_unix_ns=second)
-    assert est.estimate(now=10.2).mbps == pytest.approx(mbps, rel=0.02)
+
+    def fed(stamps: bool) -> BandwidthEstimator:
+        est = BandwidthEstimator()
+        est.add_rtt(2.0, 0.0)
+        for i, n in enumerate((size, 4 * size)):  # the fit: one of each size, alone on the link
+            up = 2.0 + n * 8 / (mbps * 1000.0)
+            sent = int((1.0 + i) * 1e9)
+            est.add(n, up, 1.0 + i, calibration=True, sent_unix_ns=sent if stamps else 0,
+                    received_unix_ns=sent + int(up * 1e6))
+        sent = int(10e9)
+        first = sent + int((2.0 + xfer_ms) * 1e6)
+        est.add(size, 2.0 + xfer_ms, 10.1, sent_unix_ns=sent if stamps else 0, received_unix_ns=first)
+        est.add(size, 2.0 + 2 * xfer_ms + 20.0, 10.1 + (xfer_ms + 20.0) / 1000.0, sent_unix_ns=sent if stamps else 0,
+                received_unix_ns=first + int(xfer_ms * 1e6))
+        return est
+
+    assert fed(stamps=True).estimate(now=10.2).mbps == pytest.approx(mbps, rel=0.02)
+    assert fed(stamps=False).estimate(now=10.2).mbps < 0.9 * mbps  # the second read 6.7 Mbit/s
