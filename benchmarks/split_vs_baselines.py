@@ -222,19 +222,28 @@ def _result_of(out: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _top_cuts_exported(top: int) -> Iterator[None]:
+def _top_cuts_exported(top: int, fp32_heads: bool = False) -> Iterator[None]:
     """While inside, a bundle written by `partitioning.profile` also exports its plan's `top` best candidates (the
-    bundle exports the chosen cut, the plan table's cuts and the baselines), so that the benchmark can serve each."""
+    bundle exports the chosen cut, the plan table's cuts and the baselines), so that the benchmark can serve each.
+
+    `fp32_heads` (the benchmark serves fp32 heads): each int8 head is quantized with MinMax once, with no search
+    for a mixed precision that passes the accuracy gate (synthetic calibration data never passes it, and the
+    search took minutes a head: 4 min for mobilenet_v2's full model on this host under load). The plan is costed
+    at the heads' planned precision either way; the int8 heads only need to exist."""
     from models.plandoc import rank_key
     from partitioning import bundle as bundle_mod
+    from partitioning.quantize import QuantConfig
 
     original = bundle_mod.write_bundle
+
+    def quick(q: Any) -> Any:
+        return replace(q, calibration="minmax", mixed=False) if fp32_heads and isinstance(q, QuantConfig) else q
 
     def write(out: Path, model: Any, source: Path, graph: Any, plan: Any, document: Any, *a: Any, **k: Any) -> Any:
         best = sorted((c for c in plan.candidates if c.feasible), key=lambda c: rank_key(c, plan.budgets.objective))
         extra = tuple((0.0, c.id) for c in best[:top])
         return original(out, model, source, graph, replace(plan, plan_table=plan.plan_table + extra), document,
-                        *a, **k)
+                        *(quick(x) for x in a), **{name: quick(v) for name, v in k.items()})
 
     bundle_mod.write_bundle = write  # type: ignore[assignment]
     try:
@@ -408,14 +417,10 @@ class Bench:
         if (out / "plan.json").is_file():
             return out
         prof = self.device_profile(model, device)
-        with warnings.catch_warnings(), _top_cuts_exported(TOP):
+        with warnings.catch_warnings(), _top_cuts_exported(TOP, fp32_heads=self.args.head_precision == "fp32"):
             warnings.simplefilter("ignore")
-            # minmax: the int8 heads' calibration tried once, not each method in turn until the accuracy gate
-            # passes (which synthetic calibration data never does): the benchmark serves fp32 heads (see
-            # --head-precision), so the int8 heads only need to exist, and trying every method took minutes a bundle.
             profile(str(self.onnx(model)), device=str(prof), cloud="local", network=network, out=out,
-                    cloud_threads=1, repeats=self.args.profile_repeats, name=model,
-                    calibration_method="minmax" if self.args.head_precision == "fp32" else "auto")
+                    cloud_threads=1, repeats=self.args.profile_repeats, name=model)
         return out
 
 
