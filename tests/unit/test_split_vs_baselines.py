@@ -3,12 +3,21 @@ and noise floor, and which codec each cut is served with."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.split_vs_baselines import Cell, energy_mj, plan_codec, readme_table, summarize, targets
+from benchmarks.split_vs_baselines import (
+    Cell,
+    _readline,
+    energy_mj,
+    plan_codec,
+    readme_table,
+    summarize,
+    targets,
+)
 
 
 def _row(ms: float, served_by: str = "cloud", head: float = 0.0, tail: float = 0.0, sent: int = 0) -> dict:
@@ -63,3 +72,14 @@ def test_the_readme_table_has_one_row_per_cell_and_says_which_targets_are_met():
     assert "| 50.0 c021 (int8) | 40.0 c038 (int8) | 2.00x / 8.0x | +25% | 55.0 (+10%) | +10% |" in lines[2]
     # at least as fast as the best baseline: met; regret 25% against a 10% floor: missed; prediction +10%: met
     assert targets(s) == "faster met, regret MISSED, prediction met"
+
+
+def test_a_worker_line_is_read_with_a_deadline():
+    r, w = os.pipe()
+    with os.fdopen(r) as reader, os.fdopen(w, "w") as writer:
+        assert _readline(reader, 0.05) == ""  # nothing came: the caller kills the worker instead of hanging
+    r, w = os.pipe()
+    with os.fdopen(r) as reader, os.fdopen(w, "w") as writer:
+        writer.write("READY\n")
+        writer.flush()
+        assert _readline(reader, 5.0) == "READY\n"
