@@ -33,12 +33,12 @@ Needs root (cgroups; `split-emulate` says how otherwise) and exits 3 without the
 device by device (the first device's rows for every model come first), model by model: a model's bundles (one per
 network) are planned, served by their own `split-cloud`, and measured, each network behind its own proxy. With
 `--json OUT.json`, the JSON and the Markdown report (OUT.md: the README table first) are rewritten after every cell,
-so a run cut short still yields its rows; `--requests 0` plans and runs only the adaptive run. The modes of a cell
-are interleaved, with an idle gap of two CFS periods (40 ms) before each request: a cgroup that has used its quota
-is throttled until the period ends, so without the gap a request that follows a compute-bound one could inherit up
-to a period of throttling that a real device would not have. (Even with the gap, the edge-only baseline timed 5-30%
-slower than the same configuration as the chosen cut in the first runs, cause not found: it is counted in the noise
-floor.)
+so a run cut short still yields its rows (and `--resume` measures only the cells it lacks); `--requests 0` plans and
+runs only the adaptive run. The modes of a cell are interleaved, with an idle gap of two CFS periods (40 ms) before
+each request: a cgroup that has used its quota is throttled until the period ends, so without the gap a request that
+follows a compute-bound one could inherit up to a period of throttling that a real device would not have. (Even with
+the gap, the edge-only baseline timed 5-30% slower than the same configuration as the chosen cut in the first runs,
+cause not found: it is counted in the noise floor.)
 
     python -m benchmarks.split_vs_baselines [--quick] [--models mobilenet_v2,resnet18,vgg11,vit_tiny,unet_small]
         [--devices rpi4,jetson-nano] [--networks 3g,4g,wifi] [--requests 40] [--plot bars.png] [--json out.json]
@@ -643,6 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--adaptive-s", type=float, default=90.0, help="length of the adaptive run (0: skip)")
     ap.add_argument("--rate", type=float, default=2.0, help="requests/s in the adaptive run")
     ap.add_argument("--workdir", type=Path, help="keep profiles and bundles here between runs (default: a temp dir)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the cells already in --json (a run cut short) and measure only the others")
     ap.add_argument("--plot", type=Path, help="write grouped bars per cell to this PNG")
     ap.add_argument("--json", type=Path, help="write every figure to this JSON file, and the Markdown report beside "
                     "it (.md), after every cell")
@@ -709,13 +711,17 @@ def _run(bench: Bench, started: float) -> int:
     pki, _ = bench_pki(work, DEVICE_ID)
     tls = pki / "devices" / DEVICE_ID
     cloud_args = ("--max-batch", "1", "--cpu-only", "--no-fleet", "--log-level", "WARNING")
-    summaries: list[dict[str, Any]] = []
+    summaries = resumed(args.json) if args.resume else []
+    done = {(s["model"], s["device"], s["network"]) for s in summaries}
+    if done:
+        say(f"--resume: {len(done)} cells of {args.json} kept, not measured again")
     timelines: list[dict[str, Any]] = []
     planned: list[Cell] = []
     for dev in args.devices:
         for model in args.models:
             cells = _plan_group(bench, model, dev)
             planned += cells
+            cells = [c for c in cells if (c.model, c.device, c.network) not in done]
             if not cells or args.requests <= 0:
                 continue
             try:
@@ -744,6 +750,13 @@ def _run(bench: Bench, started: float) -> int:
     if args.plot:
         plot(summaries, args.plot)
     return 0
+
+
+def resumed(path: Path | None) -> list[dict[str, Any]]:
+    """The measured cells of an earlier run's --json (none when there is no such file)."""
+    if path is None or not path.is_file():
+        return []
+    return list(json.loads(path.read_text()).get("cells", []))
 
 
 def _measure_summarized(bench: Bench, cell: Cell, cloud_port: int, tls: Path) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from benchmarks.split_vs_baselines import (
     energy_mj,
     plan_codec,
     readme_table,
+    resumed,
     summarize,
     targets,
 )
@@ -83,3 +84,10 @@ def test_a_worker_line_is_read_with_a_deadline():
         writer.write("READY\n")
         writer.flush()
         assert _readline(reader, 5.0) == "READY\n"
+
+
+def test_resume_keeps_the_cells_of_a_run_cut_short(tmp_path):
+    out = tmp_path / "out.json"
+    assert resumed(out) == [] and resumed(None) == []
+    out.write_text('{"cells": [{"model": "m", "device": "rpi4", "network": "3g"}], "timelines": []}')
+    assert resumed(out) == [{"model": "m", "device": "rpi4", "network": "3g"}]
