@@ -29,12 +29,16 @@ whose plan table changes cut between 2 and 20 Mbps, on its device; the uplink st
 schedule), once with the agent's adaptive cut selection (the agent's default settings) and once on a fixed cut
 (the plan table's cut at 20 Mbps); latency over time, the cut switches, and requests lost or answered twice.
 
-Needs root (cgroups; `split-emulate` says how otherwise) and exits 3 without them. Cells run one after another
-(the proxy is reshaped per network); the modes of a cell are interleaved, with an idle gap of two CFS periods
-(40 ms) before each request: a cgroup that has used its quota is throttled until the period ends, so without the
-gap a request that follows a compute-bound one could inherit up to a period of throttling that a real device would
-not have. (Even with the gap, the edge-only baseline timed 5-30% slower than the same configuration as the chosen
-cut in the first runs, cause not found: it is counted in the noise floor.)
+Needs root (cgroups; `split-emulate` says how otherwise) and exits 3 without them. Cells run one after another,
+device by device (the first device's rows for every model come first), model by model: a model's bundles (one per
+network) are planned, served by their own `split-cloud`, and measured, each network behind its own proxy. With
+`--json OUT.json`, the JSON and the Markdown report (OUT.md: the README table first) are rewritten after every cell,
+so a run cut short still yields its rows (and `--resume` measures only the cells it lacks); `--requests 0` plans and
+runs only the adaptive run. The modes of a cell are interleaved, with an idle gap of two CFS periods (40 ms) before
+each request: a cgroup that has used its quota is throttled until the period ends, so without the gap a request that
+follows a compute-bound one could inherit up to a period of throttling that a real device would not have. (Even with
+the gap, the edge-only baseline timed 5-30% slower than the same configuration as the chosen cut in the first runs,
+cause not found: it is counted in the noise floor.)
 
     python -m benchmarks.split_vs_baselines [--quick] [--models mobilenet_v2,resnet18,vgg11,vit_tiny,unet_small]
         [--devices rpi4,jetson-nano] [--networks 3g,4g,wifi] [--requests 40] [--plot bars.png] [--json out.json]
@@ -45,11 +49,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -195,6 +201,19 @@ def _run_in_device(device: Any, args: list[str], *, timeout: float) -> str:
     return out
 
 
+READY_TIMEOUT_S = 300.0  # the timeline worker's agent reaches the cloud (its wait_for_mode is 120 s) well before
+
+
+def _readline(stream: Any, timeout: float) -> str:
+    """One line of `stream`, or "" when none came within `timeout` s (the reader thread ends with the stream)."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True, name="svb-readline").start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        return ""
+
+
 def _result_of(out: str) -> dict[str, Any]:
     line = next((x for x in reversed(out.splitlines()) if x.startswith("RESULT ")), None)
     if line is None:
@@ -203,19 +222,28 @@ def _result_of(out: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _top_cuts_exported(top: int) -> Iterator[None]:
+def _top_cuts_exported(top: int, fp32_heads: bool = False) -> Iterator[None]:
     """While inside, a bundle written by `partitioning.profile` also exports its plan's `top` best candidates (the
-    bundle exports the chosen cut, the plan table's cuts and the baselines), so that the benchmark can serve each."""
+    bundle exports the chosen cut, the plan table's cuts and the baselines), so that the benchmark can serve each.
+
+    `fp32_heads` (the benchmark serves fp32 heads): each int8 head is quantized with MinMax once, with no search
+    for a mixed precision that passes the accuracy gate (synthetic calibration data never passes it, and the
+    search took minutes a head: 4 min for mobilenet_v2's full model on this host under load). The plan is costed
+    at the heads' planned precision either way; the int8 heads only need to exist."""
     from models.plandoc import rank_key
     from partitioning import bundle as bundle_mod
+    from partitioning.quantize import QuantConfig
 
     original = bundle_mod.write_bundle
+
+    def quick(q: Any) -> Any:
+        return replace(q, calibration="minmax", mixed=False) if fp32_heads and isinstance(q, QuantConfig) else q
 
     def write(out: Path, model: Any, source: Path, graph: Any, plan: Any, document: Any, *a: Any, **k: Any) -> Any:
         best = sorted((c for c in plan.candidates if c.feasible), key=lambda c: rank_key(c, plan.budgets.objective))
         extra = tuple((0.0, c.id) for c in best[:top])
         return original(out, model, source, graph, replace(plan, plan_table=plan.plan_table + extra), document,
-                        *a, **k)
+                        *(quick(x) for x in a), **{name: quick(v) for name, v in k.items()})
 
     bundle_mod.write_bundle = write  # type: ignore[assignment]
     try:
@@ -331,11 +359,22 @@ class Bench:
         emulate.EmulatedDevice(emulate.Limits(), name="probe", cgroups=self.cgroups).close()
         self.limits: dict[str, Any] = {}
         self.calibration: dict[str, str] = {}
+        self.loads: list[tuple[float, str]] = []  # (s since the start, load average) at each save
         for dev in args.devices:
             limits, how = emulate.device_limits(dev, cgroups=self.cgroups, say=say)
             self.limits[dev] = replace(limits, cpus=tuple(emulate.pick_cpus(1)))
             self.calibration[dev] = how
             say(f"{dev}: {limits.describe()}; {how}")
+
+    def save(self, summaries: list[dict[str, Any]], timelines: list[dict[str, Any]], started: float) -> None:
+        """--json (and its Markdown report beside it, .md) as the run stands: rewritten after every cell."""
+        if self.args.json is None:
+            return
+        self.args.json.parent.mkdir(parents=True, exist_ok=True)
+        self.loads.append((time.monotonic() - started, _loadavg()))
+        self.args.json.write_text(json.dumps({"cells": summaries, "timelines": timelines, "calibration":
+                                              self.calibration, "load": self.loads}, indent=1, default=str))
+        self.args.json.with_suffix(".md").write_text(report(self, summaries, timelines, started) + "\n")
 
     def device(self, name: str) -> Any:
         from cloud_tier.lab import emulate
@@ -378,7 +417,7 @@ class Bench:
         if (out / "plan.json").is_file():
             return out
         prof = self.device_profile(model, device)
-        with warnings.catch_warnings(), _top_cuts_exported(TOP):
+        with warnings.catch_warnings(), _top_cuts_exported(TOP, fp32_heads=self.args.head_precision == "fp32"):
             warnings.simplefilter("ignore")
             profile(str(self.onnx(model)), device=str(prof), cloud="local", network=network, out=out,
                     cloud_threads=1, repeats=self.args.profile_repeats, name=model)
@@ -436,18 +475,24 @@ def run_timeline(bench: Bench, bundle_path: Path, device: str, cloud_port: int, 
         proc = dev.popen([sys.executable, "-m", "benchmarks.split_vs_baselines", "--worker", str(path)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=child_env())
         assert proc.stdout is not None and proc.stdin is not None
-        line = proc.stdout.readline()
-        if line.strip() != "READY":
-            proc.kill()
-            raise RuntimeError(f"timeline worker did not start: {line}{proc.communicate()[0][-600:]}")
         schedule = emulate.LinkSchedule(proxy, steps, say=say, tag=tag)  # starts with the requests
-        schedule.start()
         try:
+            line = _readline(proc.stdout, READY_TIMEOUT_S)
+            if line.strip() != "READY":
+                proc.kill()
+                raise RuntimeError(f"timeline worker did not start in {READY_TIMEOUT_S:.0f} s: "
+                                   f"{line}{proc.communicate()[0][-600:]}")
+            schedule.start()
             proc.stdin.write("GO\n")
             proc.stdin.flush()
             out, _ = proc.communicate(timeout=bench.args.adaptive_s * 10 + 300)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the timeline worker ran past {bench.args.adaptive_s * 10 + 300:.0f} s") from None
         finally:
             schedule.stop()
+            if proc.poll() is None:  # an error or a deadline above: the worker does not outlive its device
+                proc.kill()
+                proc.wait()
     result = _result_of(out)
     result.update(bundle=str(bundle_path), adaptive=adaptive, fixed_cut=fixed, plan_table=bundle.plan_table,
                   phase_s=phase, device=device)
@@ -504,49 +549,84 @@ def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:+.0f}%"
 
 
-def report(bench: Bench, summaries: list[dict[str, Any]], timelines: list[dict[str, Any]], started: float) -> None:
-    a = bench.args
-    print(f"split_vs_baselines.py: {a.requests} requests per mode per cell (+{a.warmup} warm-up), modes interleaved; "
-          f"heads {a.head_precision}; cloud = split-cloud here, max_batch 1, 1 thread, mTLS; {host_line()}")
-    for dev, how in bench.calibration.items():
-        print(f"- {dev}: {bench.limits[dev].describe()}; {how}")
-    print()
+def _ms(x: float) -> str:
+    return "n/a" if x != x else f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _mode_name(key: str) -> str:
+    """A mode's key as the README names it: 'c021 (int8)' for 'chosen c021 (int8)', 'edge-only', ..."""
+    return key.split(" ", 1)[1] if key.startswith(("chosen ", "top")) else key
+
+
+def readme_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """The README's table: one row per cell."""
     rows = []
     for s in summaries:
         m = s["median"]
-        rows.append([s["model"], s["device"], s["network"], m["edge-only"], m["cloud-only raw"],
-                     m["cloud-only int8c+zstd"], f"{m[s['chosen']]:.1f} ({s['chosen'].split()[1]})",
-                     f"{m[s['best']]:.1f} ({s['best']})", f"{s['speedup_best_baseline']:.2f}x",
-                     f"{s['speedup_worst_baseline']:.2f}x", _pct(s["regret"]),
-                     f"{s['predicted_ms']:.1f} ({_pct(s['prediction_error'])})", _pct(s["noise_floor"]),
+        rows.append([s["model"], s["device"], s["network"], _ms(m["edge-only"]),
+                     f"{_ms(m['cloud-only raw'])} / {_ms(m['cloud-only int8c+zstd'])}",
+                     f"{_ms(m[s['chosen']])} {_mode_name(s['chosen'])}", f"{_ms(m[s['best']])} {_mode_name(s['best'])}",
+                     f"{s['speedup_best_baseline']:.2f}x / {s['speedup_worst_baseline']:.1f}x", _pct(s["regret"]),
+                     f"{_ms(s['predicted_ms'])} ({_pct(s['prediction_error'])})", _pct(s["noise_floor"]),
                      f"{s['energy_mj'][s['chosen']]:.0f} / {s['energy_mj']['edge-only']:.0f}"])
-    print(table(["model", "device", "network", "edge-only ms", "cloud-only raw ms", "cloud-only int8c+zstd ms",
-                 "chosen ms (cut)", "best measured ms", "speed-up vs best baseline", "vs worst baseline", "regret",
-                 "predicted ms (error)", "noise floor", "mJ/request chosen / edge-only"], rows))
-    print("\nEvery mode (median / p95 ms, energy mJ per request, requests finished on the device instead):\n")
+    return table(["model", "device", "network", "edge-only", "cloud-only raw / compressed", "planner's choice",
+                  "best measured", "speed-up vs best / worst baseline", "regret", "predicted (error)", "noise floor",
+                  "mJ/request choice / edge-only"], rows)
+
+
+def targets(s: dict[str, Any]) -> str:
+    """Which of the three targets a cell meets: the choice at least as fast as the best baseline (within the noise
+    floor), regret under 10%, prediction within 15%; a miss smaller than the noise floor says so."""
+    floor = s["noise_floor"]
+    slower, regret, error = 1.0 - s["speedup_best_baseline"], s["regret"], abs(s["prediction_error"])
+    faster = "met" if slower <= 0 else "met within the noise" if slower <= floor else "MISSED"
+    regret_ok = "met" if regret < 0.10 else "MISSED (inside the noise floor)" if regret <= floor else "MISSED"
+    return f"faster {faster}, regret {regret_ok}, prediction {'met' if error <= 0.15 else 'MISSED'}"
+
+
+def report(bench: Bench, summaries: list[dict[str, Any]], timelines: list[dict[str, Any]], started: float) -> str:
+    """The run as Markdown: its settings, the README table, every mode, the adaptive run."""
+    a = bench.args
+    out = [f"split_vs_baselines.py: {a.requests} requests per mode per cell (+{a.warmup} warm-up), modes interleaved; "
+           f"heads {a.head_precision}; cloud = split-cloud here, max_batch 1, 1 thread, mTLS; {host_line()}; "
+           f"load average at the end {_loadavg()}"]
+    out += [f"- {dev}: {bench.limits[dev].describe()}; {how}" for dev, how in bench.calibration.items()]
+    out += ["", "Median end-to-end ms; speed-up of the planner's choice over the best and the worst baseline "
+            "(edge-only, cloud-only raw, cloud-only int8c+zstd); regret against the best measured mode; the plan's "
+            "predicted e2e ms of its choice (error against the measured median); the noise floor (the same "
+            "configuration timed twice); energy per request from the device's power model.", "",
+            readme_table(summaries), ""]
+    out += [f"- {s['model']} {s['device']} {s['network']}: {targets(s)}" for s in summaries]
+    out += ["", "Every mode (median / p95 ms, energy mJ per request, requests finished on the device instead):", ""]
     detail = []
     for s in summaries:
         for k in s["median"]:
             detail.append([s["model"], s["device"], s["network"], k, s["median"][k], s["p95"][k], s["energy_mj"][k],
                            f"{s['predicted'][k]:.1f}" if k in s["predicted"] else "", s["fallbacks"].get(k, "")])
-    print(table(["model", "device", "network", "mode", "median ms", "p95 ms", "mJ", "predicted ms", "fell back"],
-                detail))
-    for t in timelines:
-        if "error" in t:
-            print(f"\nadaptive run failed: {t['error']}")
+    out.append(table(["model", "device", "network", "mode", "median ms", "p95 ms", "mJ", "predicted ms",
+                      "fell back"], detail))
+    out += [f"\nadaptive run failed: {t['error']}" for t in timelines if "error" in t]
     if timelines and all("error" not in t for t in timelines):
-        print(f"\nAdaptive re-cut: mobilenet_v2 on {timelines[0]['device']} (its {Path(timelines[0]['bundle']).name} "
-              f"bundle), uplink 20 -> 2 -> 20 Mbps ({timelines[0]['phase_s']:.0f} s "
-              f"each), {a.rate:g} requests/s; plan table "
-              + ", ".join(f"{m:g}->{c}" for m, c in timelines[0]["plan_table"]) + "\n")
+        out.append(f"\nAdaptive re-cut: mobilenet_v2 on {timelines[0]['device']} (its "
+                   f"{Path(timelines[0]['bundle']).name} bundle), uplink 20 -> 2 -> 20 Mbps "
+                   f"({timelines[0]['phase_s']:.0f} s each), {a.rate:g} requests/s; plan table "
+                   + ", ".join(f"{m:g}->{c}" for m, c in timelines[0]["plan_table"]) + "\n")
         rows = [r for t in timelines for r in timeline_table(t)]
-        print(table(["agent", "phase", "uplink Mbps", "requests", "median ms", "p95 ms", "cuts served"], rows))
+        out.append(table(["agent", "phase", "uplink Mbps", "requests", "median ms", "p95 ms", "cuts served"], rows))
         for t in timelines:
             name = "adaptive" if t["adaptive"] else f"fixed {t['fixed_cut']}"
             sw = "; ".join(f"{at:.1f} s -> {cut} ({mode})" for at, mode, cut in t["switches"]) or "none"
-            print(f"- {name}: sent {t['sent']}, answered {len(t['rows'])}, lost {t['sent'] - len(t['rows'])} "
-                  f"(errors {t['errors']}), answered twice {t['answered_twice']}; cut switches: {sw}")
-    print(f"\n({time.monotonic() - started:.0f} s)")
+            out.append(f"- {name}: sent {t['sent']}, answered {len(t['rows'])}, lost {t['sent'] - len(t['rows'])} "
+                       f"(errors {t['errors']}), answered twice {t['answered_twice']}; cut switches: {sw}")
+    out.append(f"\n({time.monotonic() - started:.0f} s)")
+    return "\n".join(out)
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -554,7 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated zoo names (default %(default)s)")
     ap.add_argument("--devices", default="rpi4,jetson-nano", help="split-emulate presets (default %(default)s)")
     ap.add_argument("--networks", default="3g,4g,wifi", help="network profiles (default %(default)s)")
-    ap.add_argument("--requests", type=int, default=40, help="timed requests per mode per cell (default 40)")
+    ap.add_argument("--requests", type=int, default=40,
+                    help="timed requests per mode per cell (default 40; 0: plan, then only the adaptive run)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--codec", help="serve every split cut with this codec instead of the plan's")
     ap.add_argument("--head-precision", default="fp32", choices=("fp32", "int8"))
@@ -562,8 +643,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--adaptive-s", type=float, default=90.0, help="length of the adaptive run (0: skip)")
     ap.add_argument("--rate", type=float, default=2.0, help="requests/s in the adaptive run")
     ap.add_argument("--workdir", type=Path, help="keep profiles and bundles here between runs (default: a temp dir)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the cells already in --json (a run cut short) and measure only the others")
     ap.add_argument("--plot", type=Path, help="write grouped bars per cell to this PNG")
-    ap.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    ap.add_argument("--json", type=Path, help="write every figure to this JSON file, and the Markdown report beside "
+                    "it (.md), after every cell")
     ap.add_argument("--quick", action="store_true",
                     help="a small run: mobilenet_v2, rpi4 and jetson-nano, 3 networks, 12 requests, 45 s adaptive")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -591,61 +675,108 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(bench, started)
 
 
+def _serve_dir(work: Path, name: str, bundles: Sequence[Path]) -> Path:
+    """A folder of links to `bundles` for one `split-cloud` (it loads the bundles of a folder when it starts)."""
+    out = work / "serve" / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for b in bundles:
+        (out / b.name).symlink_to(b.resolve(), target_is_directory=True)
+    return out
+
+
+def _plan_group(bench: Bench, model: str, dev: str) -> list[Cell]:
+    """The bundles of one model on one device, one per network (a failure is a line, not the end of the run)."""
+    cells = []
+    for net in bench.args.networks:
+        try:
+            path = bench.bundle(model, dev, net)
+        except Exception as exc:  # noqa: BLE001 - one model's failure is a row, not the end of the run
+            say(f"{model} {dev} {net}: no bundle: {exc}")
+            continue
+        cells.append(Cell(model, dev, net, path))
+        b = Bundle.load(path)
+        say(f"{model} {dev} {net}: plan chose {b.chosen} (predicted {b.candidate(b.chosen)['total_ms']:.1f} "
+            f"ms), top {top_candidates(b)}")
+    return cells
+
+
 def _run(bench: Bench, started: float) -> int:
-    from cloud_tier.lab.linkproxy import LinkProxy
+    """Device by device (the first device's rows for every model come first), model by model: plan the model's
+    bundles (one per network), serve them from their own `split-cloud`, measure each network's cell; the JSON and
+    the Markdown report are rewritten after every cell, so a run cut short still yields its rows."""
     from cloud_tier.lab.process import CloudProcess
-    from partitioning.devices import resolve_network
 
     args, work = bench.args, bench.work
-    cells = []
-    for model in args.models:
-        for dev in args.devices:
-            for net in args.networks:
-                try:
-                    path = bench.bundle(model, dev, net)
-                except Exception as exc:  # noqa: BLE001 - one model's failure is a row, not the end of the run
-                    say(f"{model} {dev} {net}: no bundle: {exc}")
-                    continue
-                cells.append(Cell(model, dev, net, path))
-                b = Bundle.load(path)
-                say(f"{model} {dev} {net}: plan chose {b.chosen} (predicted {b.candidate(b.chosen)['total_ms']:.1f} "
-                    f"ms), top {top_candidates(b)}")
-    timeline = timeline_bundle(cells) if args.adaptive_s > 0 else None
     pki, _ = bench_pki(work, DEVICE_ID)
     tls = pki / "devices" / DEVICE_ID
-    bundles = work / "bundles"
-    summaries, timelines = [], []
-    with CloudProcess(bundles, "--max-batch", "1", "--cpu-only", "--no-fleet", "--log-level", "WARNING",
-                      pki=pki) as cloud:
-        assert cloud.port is not None
-        with LinkProxy("127.0.0.1", cloud.port) as proxy:
-            for cell in cells:
-                net = resolve_network(cell.network)
-                proxy.set_rates(net.uplink_mbps, net.downlink_mbps)
-                proxy.set_delay(net.rtt_ms / 2)
-                t0 = time.monotonic()
-                try:
-                    measure_cell(bench, cell, proxy.address, tls)
-                except Exception as exc:  # noqa: BLE001
-                    say(f"{cell.model} {cell.device} {cell.network}: failed: {exc}")
-                    continue
-                s = summarize(cell, device_power(cell.device), net.tx_nj_per_byte)
-                summaries.append(s)
-                say(f"{cell.model} {cell.device} {cell.network} ({time.monotonic() - t0:.0f} s): "
-                    + ", ".join(f"{k} {v:.0f}" for k, v in s["median"].items()))
-        if timeline is not None:
+    cloud_args = ("--max-batch", "1", "--cpu-only", "--no-fleet", "--log-level", "WARNING")
+    summaries = resumed(args.json) if args.resume else []
+    done = {(s["model"], s["device"], s["network"]) for s in summaries}
+    if done:
+        say(f"--resume: {len(done)} cells of {args.json} kept, not measured again")
+    timelines: list[dict[str, Any]] = []
+    planned: list[Cell] = []
+    for dev in args.devices:
+        for model in args.models:
+            cells = _plan_group(bench, model, dev)
+            planned += cells
+            cells = [c for c in cells if (c.model, c.device, c.network) not in done]
+            if not cells or args.requests <= 0:
+                continue
+            try:
+                with CloudProcess(_serve_dir(work, f"{dev}-{model}", [c.bundle for c in cells]), *cloud_args,
+                                  pki=pki) as cloud:
+                    assert cloud.port is not None
+                    for cell in cells:
+                        s = _measure_summarized(bench, cell, cloud.port, tls)
+                        if s is not None:
+                            summaries.append(s)
+                            bench.save(summaries, timelines, started)
+            except RuntimeError as exc:  # the cloud did not start: the group's cells are missing rows
+                say(f"{model} {dev}: split-cloud failed: {exc}")
+    timeline = timeline_bundle(planned) if args.adaptive_s > 0 else None
+    if timeline is not None:
+        with CloudProcess(_serve_dir(work, "timeline", [timeline[0]]), *cloud_args, pki=pki) as cloud:
+            assert cloud.port is not None
             for adaptive in (True, False):
                 try:
                     timelines.append(run_timeline(bench, *timeline, cloud.port, tls, adaptive))
                 except Exception as exc:  # noqa: BLE001
                     timelines.append({"adaptive": adaptive, "error": str(exc)})
-    report(bench, summaries, timelines, started)
+                bench.save(summaries, timelines, started)
+    bench.save(summaries, timelines, started)
+    print(report(bench, summaries, timelines, started))
     if args.plot:
         plot(summaries, args.plot)
-    if args.json:
-        args.json.write_text(json.dumps({"cells": summaries, "timelines": timelines,
-                                         "calibration": bench.calibration}, indent=1, default=str))
     return 0
+
+
+def resumed(path: Path | None) -> list[dict[str, Any]]:
+    """The measured cells of an earlier run's --json (none when there is no such file)."""
+    if path is None or not path.is_file():
+        return []
+    return list(json.loads(path.read_text()).get("cells", []))
+
+
+def _measure_summarized(bench: Bench, cell: Cell, cloud_port: int, tls: Path) -> dict[str, Any] | None:
+    """One cell behind its own link proxy shaped to the cell's network; its figures (None when it failed)."""
+    from cloud_tier.lab.linkproxy import LinkProxy
+    from partitioning.devices import resolve_network
+
+    net = resolve_network(cell.network)
+    t0 = time.monotonic()
+    try:
+        with LinkProxy("127.0.0.1", cloud_port, uplink_mbps=net.uplink_mbps, downlink_mbps=net.downlink_mbps,
+                       delay_ms=net.rtt_ms / 2) as proxy:
+            measure_cell(bench, cell, proxy.address, tls)
+    except Exception as exc:  # noqa: BLE001 - one cell's failure is a line, not the end of the run
+        say(f"{cell.model} {cell.device} {cell.network}: failed: {exc}")
+        return None
+    s = summarize(cell, device_power(cell.device), net.tx_nj_per_byte)
+    say(f"{cell.model} {cell.device} {cell.network} ({time.monotonic() - t0:.0f} s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in s["median"].items()))
+    return s
 
 
 if __name__ == "__main__":

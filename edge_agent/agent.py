@@ -91,7 +91,7 @@ class _Request:
 
     __slots__ = (
         "id", "future", "rt", "inputs", "t_submit", "queue_ms", "head_ms", "encode_ms", "t_sent",
-        "t_gave_up", "activation", "generation", "sent_bytes", "done",
+        "t_gave_up", "activation", "generation", "sent_bytes", "sent_unix_ns", "done",
     )
 
     def __init__(self, request_id: str, rt: CutRuntime, inputs: dict[str, np.ndarray]):
@@ -106,6 +106,7 @@ class _Request:
         self.activation: dict[str, np.ndarray] = {}
         self.generation: int | None = None
         self.sent_bytes = 0
+        self.sent_unix_ns = 0  # the request's send stamp (wall clock): with the cloud's receive stamp, one way
         self.done = False
 
 
@@ -432,7 +433,7 @@ class EdgeAgent:
                 self._finish_local(req, f"request of about {size} bytes exceeds the {C.MAX_MESSAGE_BYTES}-byte "
                                         "message limit; finished on the device")
                 return
-            req.sent_bytes = msg.tensors.wire_bytes
+            req.sent_bytes, req.sent_unix_ns = msg.tensors.wire_bytes, msg.sent_unix_ns
             req.t_sent = time.perf_counter()
             req.encode_ms = _ms(t1, req.t_sent)
             with self._lock:
@@ -499,7 +500,8 @@ class EdgeAgent:
     def _finish_cloud(self, req: _Request, reply: CloudReply) -> None:
         now = time.perf_counter()
         network_ms = max(0.0, _ms(req.t_sent, reply.received_at) - reply.cloud_ms)
-        self.bandwidth.add(req.sent_bytes, network_ms, reply.received_at)
+        self.bandwidth.add(req.sent_bytes, network_ms, reply.received_at, sent_unix_ns=req.sent_unix_ns,
+                           received_unix_ns=reply.received_unix_ns)
         timing = StageTimes(
             queue_ms=req.queue_ms, head_ms=req.head_ms, encode_ms=req.encode_ms,
             network_ms=network_ms,

@@ -25,6 +25,19 @@ they feed the fit, not the rate samples.
     estimate  = median of the last `window` rate samples no older than `max_age_s`; `upper_mbps` = their 75th
                 percentile (nearest rank), which the cut policy decides by
 
+One way, where the reply carries the cloud's receive stamp (`received_unix_ns`) and the request the device's send
+stamp (`sent_unix_ns`): each sample also has one_way_ms = received - sent, and when two sizes of those give a fit,
+the transfer is the smaller of the round trip's and `one_way_ms - intercept` (or, for a queued request, the
+spacing of the cloud's receive stamps): each is the link time plus delays of its own kind. The reason: on a
+device short of CPU (a cgroup quota, a busy Pi) the thread that receives the reply is often stalled, and a round
+trip counts that stall as link time, as it counts the downlink and the reply's decoding; the one-way time holds
+none of these. The two stamps are on two clocks (one on a single
+host, not in the field): the intercept of the one-way fit holds their offset, and a transfer is a difference of
+two one-way times, so a constant offset cancels and is never needed (the intercept is therefore not clamped at 0).
+A clock step (NTP) skews the one-way figures until the samples before it age out (`max_age_s`, `fit_window`).
+The device's send-side stalls (its quota spent when it hands the request to gRPC) stay in: the cloud cannot stamp
+the first byte's arrival (gRPC hands it the whole message), so the upper quantile below still matters.
+
 When the larger size took no longer than the smaller, the link time is below the jitter: the fixed cost is
 then the larger's time. `add` is O(1) (two bounded deques); `estimate` is O(window + 64 * fit_window). Only
 payload bytes are counted: per-byte costs off the link (serialization, TLS, the cloud's decode) land in the
@@ -38,11 +51,14 @@ jetson-nano they hit most requests, so at 20 Mbit/s the median read below the sp
 agent left a split the link could carry (issue 18's adaptive run). The upper quantile is the lower envelope of
 the times: a drop shows once 8 of 10 samples are slow (4 s at 2 requests/s), a recovery once 3 are fast.
 
-Adaptive cut (`CutPolicy`): the plan table maps uplink Mbit/s to the best cut. The policy moves to a row
-above the current one only if the estimate (`upper_mbps`) divided by `hysteresis` still reaches it, and below
-only if the estimate multiplied by `hysteresis` still stays below the current row; a cut is held at least `min_dwell_s`,
-and nothing is decided with fewer than `min_samples` samples. So a constant rate never flaps, and a rate near
-a boundary changes nothing.
+Adaptive cut (`CutPolicy`): the plan table maps uplink Mbit/s to the best cut at that rate; a row's band starts
+where its cut's predicted latency crosses the row below's (`band_edges`, from the plan's candidates), not at the
+row's rate. The policy moves to a row above the current one only if the estimate (`upper_mbps`) divided by
+`hysteresis` still reaches that row's band, and below only if the estimate multiplied by `hysteresis` still stays
+below the current row's band; a cut is held at least `min_dwell_s`, and nothing is decided with fewer than
+`min_samples` samples. So a constant rate never flaps, a rate near a band edge changes nothing, and a link back at
+a row's rate returns to its cut (with the row's rate as the edge, a cut whose row is at 20 Mbit/s was re-entered
+only at 25).
 
 While the agent runs an edge-only cut it sends nothing and so measures nothing: `AdaptiveCut` then sends one
 measurement probe every `probe_interval_s`, carrying the payload of the plan table's remote cut with the largest
@@ -67,13 +83,15 @@ import math
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from edge_agent.config import AdaptiveConfig
 
-__all__ = ["AdaptiveCut", "BandwidthEstimator", "CutPolicy", "Estimate", "calibration_codec"]
+__all__ = [
+    "AdaptiveCut", "BandwidthEstimator", "CutPolicy", "Estimate", "band_edges", "calibration_codec", "plan_costs",
+]
 
 log = logging.getLogger("splitinfer.edge.adaptive")
 
@@ -103,6 +121,16 @@ class Estimate:
     upper_mbps: float | None = None
 
 
+class _Sample(NamedTuple):
+    """One cloud round trip as the estimator keeps it (ordered by `t_done`)."""
+
+    t_done: float  # the agent's perf_counter when the reply arrived
+    nbytes: int  # payload bytes sent
+    network_ms: float  # round trip less the cloud's own time
+    one_way_ms: float  # the cloud's receive stamp less the device's send stamp (two clocks); nan when unknown
+    cloud_t: float  # the cloud's receive stamp, s (its wall clock)
+
+
 class BandwidthEstimator:
     """Windowed-median uplink estimate from (bytes, network ms) samples, with the fixed per-request cost learned
     from samples of two sizes (see the module docstring); `add` is O(1) for the hot path."""
@@ -115,27 +143,30 @@ class BandwidthEstimator:
         self.max_age_s = max_age_s
         self._fit_window = fit_window
         self._lock = threading.Lock()
-        # (t_done, bytes, network_ms); one extra kept so the oldest sample has a predecessor
-        self._samples: collections.deque[tuple[float, int, float]] = collections.deque(maxlen=window + 1)
+        # one extra kept so the oldest sample has a predecessor
+        self._samples: collections.deque[_Sample] = collections.deque(maxlen=window + 1)
         self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=rtt_window)
-        # size class (bit length of bytes: at most 64 of them) -> its last samples (t_done, bytes, network_ms)
-        self._sizes: dict[int, collections.deque[tuple[float, int, float]]] = {}
+        # size class (bit length of bytes: at most 64 of them) -> its last samples
+        self._sizes: dict[int, collections.deque[_Sample]] = {}
         self.total_samples = 0
 
     def add(self, sent_bytes: int, network_ms: float, t_done: float | None = None, *,
-            calibration: bool = False) -> None:
+            calibration: bool = False, sent_unix_ns: int = 0, received_unix_ns: int = 0) -> None:
         """One cloud round trip: payload bytes, network ms (cloud time excluded), receive time (perf_counter).
 
         `calibration`: a probe of another size, for the fixed-cost fit only (not a rate sample).
+        `sent_unix_ns` / `received_unix_ns`: the request's send stamp (device wall clock) and the cloud's receive
+        stamp (its wall clock), when both are known (0: not known); the sample then also has a one-way time.
         """
         if sent_bytes <= 0 or not network_ms >= 0:
             return  # nothing sent (edge result) or a bogus time: not a sample
         t = time.perf_counter() if t_done is None else t_done
-        sample = (t, int(sent_bytes), float(network_ms))
+        one_way = (received_unix_ns - sent_unix_ns) / 1e6 if sent_unix_ns > 0 and received_unix_ns > 0 else math.nan
+        sample = _Sample(t, int(sent_bytes), float(network_ms), one_way, received_unix_ns / 1e9)
         with self._lock:
-            size_class = self._sizes.get(sample[1].bit_length())
+            size_class = self._sizes.get(sample.nbytes.bit_length())
             if size_class is None:
-                size_class = self._sizes[sample[1].bit_length()] = collections.deque(maxlen=self._fit_window)
+                size_class = self._sizes[sample.nbytes.bit_length()] = collections.deque(maxlen=self._fit_window)
             size_class.append(sample)
             if not calibration:
                 self._samples.append(sample)
@@ -155,16 +186,22 @@ class BandwidthEstimator:
             recent = [r for t, r in self._rtts if now - t <= self.max_age_s]
         return min(recent) if recent else None
 
-    def fit(self, now: float | None = None) -> tuple[float, float] | None:
+    def fit(self, now: float | None = None, *, one_way: bool = False) -> tuple[float, float] | None:
         """(intercept ms, Mbit/s) of the line through the lower envelope of two size classes, or None without
         recent samples of sizes >= 2x apart. When the larger took no longer, the link time is below the jitter:
-        the fixed cost is the smaller time and the rate reads infinite."""
+        the fixed cost is the smaller time and the rate reads infinite.
+
+        `one_way`: fit the one-way times (samples that have them) instead of the round trips. Their intercept
+        holds the offset between the device's and the cloud's clocks, so it is not clamped at 0 (only to the
+        small point's time); a transfer is a difference of two one-way times, which cancels that offset.
+        """
         now = time.perf_counter() if now is None else now
         with self._lock:
             classes = [list(d) for d in self._sizes.values()]
         points = []
         for samples in classes:
-            recent = [(ms, b) for t, b, ms in samples if now - t <= self.max_age_s]
+            recent = [(s.one_way_ms if one_way else s.network_ms, s.nbytes) for s in samples
+                      if now - s.t_done <= self.max_age_s and not (one_way and math.isnan(s.one_way_ms))]
             if recent:
                 ms, b = min(recent)
                 points.append((b, ms))
@@ -176,11 +213,12 @@ class BandwidthEstimator:
         if ms_l <= ms_s:
             return ms_l, float("inf")
         slope = (ms_l - ms_s) / (b_l - b_s)  # ms per byte
-        intercept = min(max(ms_s - slope * b_s, 0.0), ms_s)
+        intercept = min(ms_s - slope * b_s, ms_s) if one_way else min(max(ms_s - slope * b_s, 0.0), ms_s)
         return intercept, 8.0 / (slope * 1000.0)
 
     def fixed_ms(self, now: float | None = None) -> float | None:
-        """The fixed per-request cost subtracted from every sample: max(RTT, fitted intercept); None if neither."""
+        """The fixed per-request cost subtracted from every round trip: max(RTT, fitted intercept); None if
+        neither."""
         now = time.perf_counter() if now is None else now
         rtt, line = self.rtt_ms(now), self.fit(now)
         parts = [v for v in (rtt, None if line is None else line[0]) if v is not None]
@@ -191,24 +229,37 @@ class BandwidthEstimator:
         now = time.perf_counter() if now is None else now
         rtt = self.rtt_ms(now)
         fixed = self.fixed_ms(now) or 0.0
+        line = self.fit(now, one_way=True)
+        fixed_one_way = None if line is None else line[0]
         with self._lock:
             samples = sorted(self._samples)
         values: list[float] = []
-        prev_done: float | None = None
-        for i, (t_done, nbytes, net_ms) in enumerate(samples):
-            spacing_ms = None if prev_done is None else (t_done - prev_done) * 1000.0
-            prev_done = t_done
+        prev: _Sample | None = None
+        for i, s in enumerate(samples):
+            before, prev = prev, s
             if i == 0 and len(samples) == self._samples.maxlen:
                 continue  # kept only as the predecessor of the next one
-            if now - t_done > self.max_age_s:
+            if now - s.t_done > self.max_age_s:
                 continue
-            transfer = net_ms - fixed
-            if spacing_ms is not None and spacing_ms < net_ms:  # sent while the previous one was on the link
+            transfer = s.network_ms - fixed
+            spacing_ms = None if before is None else (s.t_done - before.t_done) * 1000.0
+            if spacing_ms is not None and spacing_ms < s.network_ms:  # sent while the previous one was on the link
                 if spacing_ms < _MIN_SPACING_MS:
                     continue
                 transfer = min(transfer, spacing_ms)
-            transfer = max(transfer, _TRANSFER_FLOOR * net_ms, 1e-3)
-            values.append(nbytes * 8.0 / (transfer * 1000.0))
+            if fixed_one_way is not None and not math.isnan(s.one_way_ms):
+                # One way: the device's send stamp to the cloud's receive stamp, less its fixed part; for a queued
+                # request, the spacing of the cloud's receive stamps (one clock). Each of the two transfers is the
+                # link time plus delays of its own (the device's reply-side stalls; the error of a fit's
+                # intercept), so the smaller is the better bound.
+                one_way = s.one_way_ms - fixed_one_way
+                if before is not None and not math.isnan(before.one_way_ms):
+                    cloud_spacing_ms = (s.cloud_t - before.cloud_t) * 1000.0
+                    if _MIN_SPACING_MS <= cloud_spacing_ms < s.network_ms:
+                        one_way = min(one_way, cloud_spacing_ms)
+                transfer = min(transfer, one_way)
+            transfer = max(transfer, _TRANSFER_FLOOR * s.network_ms, 1e-3)
+            values.append(s.nbytes * 8.0 / (transfer * 1000.0))
         if not values:
             return Estimate(None, rtt, 0)
         values.sort()
@@ -223,6 +274,53 @@ class BandwidthEstimator:
             self._sizes.clear()
 
 
+def band_edges(rows: Sequence[tuple[float, str]],
+               cost: Callable[[str], tuple[float, float] | None] | None = None) -> list[float]:
+    """The uplink Mbit/s at which each plan-table row's band starts, for `rows` sorted by Mbit/s.
+
+    A row says which cut is best AT its rate; where the cut changes between two rows, the change happens somewhere
+    between their rates, not at the upper one. Taking the upper row's rate as the edge puts the hysteresis band
+    entirely above it: with rows 10 -> c038 and 20 -> c021 and hysteresis 1.25, an agent that left c021 came back
+    only at 25 Mbit/s, so a link back at 20 never returned to it. With `cost(cut)` = (fixed ms, payload bytes),
+    the edge is where the two cuts' predicted latencies, `fixed + 8 * bytes / rate` each, cross:
+    rate* = 8 * (bytes_B - bytes_A) / (1000 * (fixed_A - fixed_B)), clamped to the two rows' rates; where they
+    do not cross (or a cost is missing), the rows' geometric mean. Without `cost` (a bare table), the rows' rates.
+    """
+    edges = [rows[0][0]] if rows else []
+    for (lo, a), (hi, b) in zip(rows, rows[1:]):
+        edge = hi
+        if cost is not None and a != b:
+            ca, cb = cost(a), cost(b)
+            edge = math.sqrt(lo * hi) if lo > 0 else hi
+            if ca is not None and cb is not None and cb[1] > ca[1] and ca[0] > cb[0]:
+                edge = min(max(8.0 * (cb[1] - ca[1]) / (1000.0 * (ca[0] - cb[0])), lo), hi)
+        edges.append(edge)
+    return edges
+
+
+def plan_costs(bundle: Any) -> Callable[[str], tuple[float, float] | None] | None:
+    """`cost(cut)` for band_edges from a bundle's plan: (its total_ms less its payload's time on the plan's
+    uplink, its payload bytes), None for a cut the plan does not cost; None when the plan names no uplink."""
+    plan = getattr(bundle, "plan", None)
+    try:
+        uplink = float(plan["network"]["uplink_mbps"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not uplink > 0:
+        return None
+
+    def cost(cut: str) -> tuple[float, float] | None:
+        try:
+            c = bundle.candidate(cut)
+            nbytes = float(c["transfer_bytes"])
+            fixed = float(c["total_ms"]) - 8.0 * nbytes / (1000.0 * uplink)
+        except Exception:  # noqa: BLE001 - a cut the plan does not cost: the geometric mean for its edges
+            return None
+        return (fixed, nbytes) if math.isfinite(fixed) else None
+
+    return cost
+
+
 class CutPolicy:
     """Plan-table lookup with hysteresis and a minimum dwell; pure logic, the clock is passed in."""
 
@@ -235,14 +333,16 @@ class CutPolicy:
         min_dwell_s: float = 5.0,
         min_samples: int = 5,
         now: float = 0.0,
+        cost: Callable[[str], tuple[float, float] | None] | None = None,
     ) -> None:
-        """`plan_table`: (uplink Mbit/s, cut) rows; `current`: the cut the agent runs now."""
+        """`plan_table`: (uplink Mbit/s, cut) rows; `current`: the cut the agent runs now; `cost`: each cut's
+        (fixed ms, payload bytes) for the band edges (see band_edges)."""
         if not plan_table:
             raise ValueError("plan_table: expected at least one (uplink_mbps, cut) row")
         if hysteresis < 1.0:
             raise ValueError(f"hysteresis: expected a ratio >= 1, got {hysteresis}")
         self.rows = tuple(sorted((float(m), str(c)) for m, c in plan_table))
-        self._bounds = [m for m, _ in self.rows]
+        self._bounds = band_edges(self.rows, cost)
         self.hysteresis = hysteresis
         self.min_dwell_s = min_dwell_s
         self.min_samples = min_samples
@@ -250,8 +350,13 @@ class CutPolicy:
         self.since = now
         self._row = self._row_of(current)
 
+    @property
+    def edges(self) -> tuple[float, ...]:
+        """The uplink Mbit/s at which each row's band starts (see band_edges)."""
+        return tuple(self._bounds)
+
     def row_for(self, mbps: float) -> int:
-        """Index of the plan-table row for `mbps` (as Bundle.best_cut_for picks it)."""
+        """Index of the plan-table row whose band holds `mbps`."""
         return max(0, bisect.bisect_right(self._bounds, mbps) - 1)
 
     def _row_of(self, cut: str) -> int | None:
@@ -310,7 +415,7 @@ class AdaptiveCut:
         self.config = config
         self.policy = CutPolicy(
             agent.bundle.plan_table, agent.cut, hysteresis=config.hysteresis, min_dwell_s=config.min_dwell_s,
-            min_samples=config.min_samples, now=time.monotonic(),
+            min_samples=config.min_samples, now=time.monotonic(), cost=plan_costs(agent.bundle),
         )
         self._probe_cut = self.measurement_cut([c for _, c in self.policy.rows if agent.is_remote(c)])
         self._lock = threading.Lock()  # one decision or override at a time

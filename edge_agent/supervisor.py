@@ -225,7 +225,8 @@ class Supervisor:
         reply = probe.reply
         if reply is not None and reply.ok:
             self._bandwidth.add(request.tensors.wire_bytes, max(0.0, _ms(t_sent, reply.received_at) - reply.cloud_ms),
-                                reply.received_at, calibration=calibration)
+                                reply.received_at, calibration=calibration, sent_unix_ns=request.sent_unix_ns,
+                                received_unix_ns=reply.received_unix_ns)
             return True, ""
         if reply is not None:
             why = f"probe: cloud error {serde.status_name(reply.code)}: {reply.message}"

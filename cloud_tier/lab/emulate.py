@@ -272,6 +272,25 @@ class Cgroups:
             parents[controller] = mount / rel if (mount / rel).is_dir() else mount
         return cls(False, parents, root)
 
+    def leaf_move(self) -> tuple[Path, list[int]] | None:
+        """(group, its pids) when making a device's group will first move every process of the group the emulator
+        started in (not only this one: the shell, a service, whatever else runs there) into its leaf
+        LAUNCHER_GROUP (cgroup v2, a non-root group whose controllers are not yet enabled for its children); None
+        when nothing will move. They keep running with the same limits: the leaf is a child of that group."""
+        if not self.v2:
+            return None
+        parent = self.parents[""]
+        if self.root is not None and parent.resolve() == Path(self.root).resolve():
+            return None
+        try:
+            wanted = {"cpu", "memory", "cpuset"} & set(_read(parent / "cgroup.controllers").split())
+            if not wanted - set(_read(parent / "cgroup.subtree_control").split()):
+                return None
+            pids = [int(x) for x in _read(parent / "cgroup.procs").split()]
+        except (OSError, ValueError):  # unreadable: making the group says what is wrong
+            return None
+        return (parent, pids) if pids else None
+
     def create(self, limits: Limits, tag: str = "") -> Group:
         """A new group with `limits`; EmulationError when the host does not let us make one."""
         sweep_stale(self)
@@ -789,6 +808,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device is not None:
             preset(args.device)
         cgroups = Cgroups.detect()
+        if (moving := cgroups.leaf_move()) is not None:
+            say(f"moving the {len(moving[1])} processes of cgroup {moving[0]} (the group this started in, this "
+                f"shell's too) into its leaf {LAUNCHER_GROUP}: cgroup v2 lets a group that limits its children hold "
+                "no process itself; they keep the same limits")
         EmulatedDevice(Limits(), name="probe", cgroups=cgroups).close()  # can we make groups? before saying more
         limits, how = device_limits(args.device, cpu_share=args.cpu_share, slowdown=args.slowdown, cores=args.cores,
                                     memory_bytes=memory, cpus=cpus, cgroups=cgroups, refresh=args.recalibrate, say=say)

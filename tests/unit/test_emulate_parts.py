@@ -122,7 +122,9 @@ def test_v2_from_a_non_root_group_moves_its_processes_into_a_leaf_first(tmp_path
     kernel = _KernelFiles(monkeypatch, tmp_path / "cg")
     cgroups = Cgroups.detect(tmp_path / "cg", proc)
     assert cgroups.parents == {"": scope}
+    assert cgroups.leaf_move() == (scope, [4242, 4343])  # what split-emulate says before it moves them
     group = cgroups.create(Limits(cpu_share=0.5, memory_bytes=64 << 20), "pi")
+    assert cgroups.leaf_move() is None  # moved, and the controllers are enabled: nothing more moves
     leaf = scope / emulate.LAUNCHER_GROUP
     assert leaf.is_dir() and leaf.name in {p.name for p in scope.iterdir()}
     assert sorted((leaf / "cgroup.procs").read_text().split()) == ["4242", "4343"]
@@ -145,7 +147,9 @@ def test_v2_at_the_root_group_moves_nothing(tmp_path, monkeypatch):
     proc = _v2_tree(tmp_path / "cg")
     (tmp_path / "cg" / "cgroup.procs").write_text("1\n4242\n")  # the root group is exempt from the rule
     _KernelFiles(monkeypatch, tmp_path / "cg")
-    group = Cgroups.detect(tmp_path / "cg", proc).create(Limits(cpu_share=0.5), "pi")
+    cgroups = Cgroups.detect(tmp_path / "cg", proc)
+    assert cgroups.leaf_move() is None
+    group = cgroups.create(Limits(cpu_share=0.5), "pi")
     assert not (tmp_path / "cg" / emulate.LAUNCHER_GROUP).exists()
     assert group.dirs == (tmp_path / "cg" / group.name,)
 

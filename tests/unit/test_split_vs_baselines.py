@@ -3,12 +3,22 @@ and noise floor, and which codec each cut is served with."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.split_vs_baselines import Cell, energy_mj, plan_codec, summarize
+from benchmarks.split_vs_baselines import (
+    Cell,
+    _readline,
+    energy_mj,
+    plan_codec,
+    readme_table,
+    resumed,
+    summarize,
+    targets,
+)
 
 
 def _row(ms: float, served_by: str = "cloud", head: float = 0.0, tail: float = 0.0, sent: int = 0) -> dict:
@@ -48,3 +58,36 @@ def test_the_plans_codec_unless_overridden():
     assert plan_codec(bundle, "c1", None) == "int8c+zstd"
     assert plan_codec(bundle, "c2", None) == "int8"
     assert plan_codec(bundle, "c1", "fp16") == "fp16"
+
+
+def test_the_readme_table_has_one_row_per_cell_and_says_which_targets_are_met():
+    cell = Cell("mobilenet_v2", "rpi4", "4g", Path("b"))
+    cell.chosen = "chosen c021 (int8)"
+    cell.predicted = {cell.chosen: 55.0}
+    times = {"edge-only": 100.0, "cloud-only raw": 400.0, "cloud-only int8c+zstd": 200.0, cell.chosen: 50.0,
+             "top2 c038 (int8)": 40.0, "chosen again (noise)": 55.0}
+    cell.rows = {k: [_row(v), _row(v)] for k, v in times.items()}
+    s = summarize(cell, (6.4, 2.7), 0.0)
+    lines = readme_table([s, s]).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| model | device | network | edge-only |")
+    assert "| 50.0 c021 (int8) | 40.0 c038 (int8) | 2.00x / 8.0x | +25% | 55.0 (+10%) | +10% |" in lines[2]
+    # at least as fast as the best baseline: met; regret 25% against a 10% floor: missed; prediction +10%: met
+    assert targets(s) == "faster met, regret MISSED, prediction met"
+
+
+def test_a_worker_line_is_read_with_a_deadline():
+    r, w = os.pipe()
+    with os.fdopen(r) as reader, os.fdopen(w, "w") as writer:
+        assert _readline(reader, 0.05) == ""  # nothing came: the caller kills the worker instead of hanging
+    r, w = os.pipe()
+    with os.fdopen(r) as reader, os.fdopen(w, "w") as writer:
+        writer.write("READY\n")
+        writer.flush()
+        assert _readline(reader, 5.0) == "READY\n"
+
+
+def test_resume_keeps_the_cells_of_a_run_cut_short(tmp_path):
+    out = tmp_path / "out.json"
+    assert resumed(out) == [] and resumed(None) == []
+    out.write_text('{"cells": [{"model": "m", "device": "rpi4", "network": "3g"}], "timelines": []}')
+    assert resumed(out) == [{"model": "m", "device": "rpi4", "network": "3g"}]
