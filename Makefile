@@ -60,7 +60,7 @@ edge310:
 # SPLITINFER_MAKE_LITERT_CONVERTER=1: the TFLite conversion tests make the onnx2tf environment (Python 3.12+, once,
 # in ~/.cache/splitinfer) instead of skipping.
 test: setup system-packages check
-	SPLITINFER_MAKE_LITERT_CONVERTER=1 $(BIN)/python -m pytest -q
+	SPLITINFER_MAKE_LITERT_CONVERTER=1 $(BIN)/python -m pytest -q --durations=15
 	$(MAKE) --no-print-directory openvino
 
 openvino:
