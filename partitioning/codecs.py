@@ -157,17 +157,22 @@ class CodecGate:
         self._full = session(model.SerializeToString())
         self._reference = [self._full.run(None, dict(x)) for x in self.samples]
         self._parts: dict[str, tuple[Any, Any]] = {}
+        self._splitter: Any = None  # made on the first cut: the model's shapes inferred once for every cut
 
     def close(self) -> None:
         """Remove the extracted parts."""
         self._tmp.cleanup()
 
     def _split(self, cut_id: str, cut: Sequence[str]) -> tuple[Any, Any]:
-        from partitioning.extract import extract_split, session
+        from partitioning.extract import Splitter, session
 
         if cut_id not in self._parts:
             where = Path(self._tmp.name) / str(len(self._parts))
-            head, tail = extract_split(self.model, cut, where / "head.onnx", where / "tail.onnx")
+            if self._splitter is None:
+                graph = self.model.graph
+                self._splitter = Splitter(self.model, [*(i.name for i in graph.input), *(o.name for o in graph.output),
+                                                       *cut])
+            head, tail = self._splitter.split(cut, where / "head.onnx", where / "tail.onnx")
             self._parts[cut_id] = session(head), session(tail)
         return self._parts[cut_id]
 
