@@ -71,18 +71,18 @@ class _Exporter:
         (out / prefix).mkdir(parents=True, exist_ok=True)
         head_int8 = out / prefix / "head.int8.onnx"
         if cut_id == EDGE_ONLY:
-            head, tail = self.full_path, None
+            head, tail, tail_sess = self.full_path, None, None
             split = {"max_abs_error": 0.0, "passed": True, "note": "no tail: the head is full.onnx"}
         else:
             head, tail = self.splitter.split(cut, out / prefix / "head.onnx", out / prefix / "tail.onnx")
-            check = verify_split(self.full, session(head), session(tail), checks, reference=self.reference)
+            tail_sess = session(tail)
+            check = verify_split(self.full, session(head), tail_sess, checks, reference=self.reference)
             if not check.passed:
                 raise SplitMismatchError(
                     f"cut {cut_id}: head then tail differs from the model by {check.max_abs_error:.3g} "
                     f"(tolerance {check.tolerance:.3g})"
                 )
             split = check.to_json()
-        tail_sess = session(tail) if tail else None
 
         def gate(candidate: Path) -> Mapping[str, Any]:
             q_head = session(candidate)
