@@ -238,7 +238,7 @@ def fallback_warnings(document: PlanDocument) -> list[str]:
         gate = check.int8 or {}
         if check.precision not in ("mixed", "fp32"):
             continue
-        tries = [a for a in gate.get("attempts", ()) if not a.get("float_nodes")]
+        tries = [a for a in gate.get("attempts", ()) if not a.get("float_nodes") and "value" in a]
         best = max((float(a["value"]) for a in tries), default=float(gate.get("value", 0.0)))
         if gate.get("metric") == "relative_error":
             best = min((float(a["value"]) for a in tries), default=float(gate.get("value", 0.0)))

@@ -320,7 +320,14 @@ def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], 
 
     best: tuple[float, str, Mapping[str, Any]] | None = None
     for method in config.methods:
-        verdict = attempt(method, (), int8_path)
+        try:
+            verdict = attempt(method, (), int8_path)
+        except ValueError as exc:  # e.g. a histogram method on a tensor whose range is too narrow for its bins
+            if len(config.methods) == 1 or (best is None and method == config.methods[-1]):
+                raise
+            log.warning("%s: %s calibration failed (%s); trying the others", fp32_path, method, exc)
+            attempts.append({"calibration": method, "float_nodes": 0, "error": str(exc), "passed": False})
+            continue
         if verdict["passed"]:
             return HeadQuantization("int8", method, (), verdict, tuple(attempts))
         if best is None or _score(verdict) > best[0]:

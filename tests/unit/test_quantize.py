@@ -102,3 +102,34 @@ def test_a_head_quantized_with_the_whole_models_ranges_is_the_head_calibrated_al
             assert ta.name == tb.name
             np.testing.assert_array_equal(numpy_helper.to_array(ta), numpy_helper.to_array(tb), err_msg=ta.name)
     assert (ranges.computed, ranges.reused) == (1, len(tries))  # one calibration of the whole model served all
+
+
+def test_a_calibration_method_that_cannot_bin_a_tensor_is_one_failed_try_not_an_error(tmp_path) -> None:
+    """A tensor whose values span less than the histogram methods' bins can resolve (here ~1e-44: float32
+    denormals) makes numpy refuse the entropy and percentile histograms; `auto` goes on with the other methods
+    (split-profile stopped on efficientnet_b0 with `Too many bins for data range`)."""
+    from partitioning.quantize import QuantConfig, quantize_gated
+
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(1e-44, np.float32), "tiny")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c", "tiny"], ["y"], name="mul")]
+    path = tmp_path / "head.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                                opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    samples = synthetic_samples([TensorSpec("x", (None, 3, 8, 8), "float32")], 4)
+
+    def failing_gate(candidate):
+        return {"metric": "relative_error", "value": 0.5, "threshold": 0.1, "passed": False, "samples": 4}
+
+    result = quantize_gated(path, tmp_path / "head.int8.onnx", samples, failing_gate,
+                            QuantConfig(calibration="auto", mixed=False))
+    assert result.precision == "fp32" and result.calibration == "minmax"
+    assert [(a["calibration"], "error" in a) for a in result.attempts] == [
+        ("minmax", False), ("entropy", True), ("percentile", True)]
+    assert "Too many bins" in result.attempts[1]["error"]
+    with pytest.raises(ValueError, match="Too many bins"):  # asked for by name: the error is the answer
+        quantize_gated(path, tmp_path / "q.onnx", samples, failing_gate, QuantConfig(calibration="entropy"))
