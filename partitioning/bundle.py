@@ -154,7 +154,7 @@ def write_bundle(
             progress(f"heads that fell back from int8 are costed at the precision they run: the choice moved "
                      f"from {plan.chosen} to {moved.chosen}; exporting {', '.join(new)}")
             plan = moved
-        log.info("activation ranges: %d whole-model calibration(s), reused by %d head quantization(s)",
+        log.info("activation ranges: %d calibration(s), reused by %d head quantization(s)",
                  exporter.ranges.computed, exporter.ranges.reused)
     chosen = cuts[plan.chosen]
     artifacts = Artifacts(ArtifactEntry.of(out, full_path), cuts, chosen.head, chosen.head_int8, chosen.tail)

@@ -141,21 +141,23 @@ def _calibrated_tensors(model, op_types: Sequence[str]) -> set[str]:
 
 
 class ActivationRanges:
-    """The activation ranges of a whole model, per calibration method, computed once and reused for every head.
+    """Activation ranges per calibration method, calibrated once and reused for every head and every try.
 
     A tensor's range depends on the samples and on the nodes before it, not on where the model is cut: a head's
-    ranges are the whole model's ranges of its tensors, which is what calibrating that head would compute (the
-    same calibrator, the same samples, the same tensors; onnxruntime's calibration cache carries them in). So
-    each method runs the calibration samples through the model once per bundle, not once per head, per method
-    and per mixed-precision round. A head with a tensor the whole model's calibration did not cover is
-    calibrated on its own, as before; so is every head where onnxruntime takes no calibration cache.
+    ranges are those of its tensors in any calibration of a model that contains them, which is what calibrating
+    that head would compute (the same calibrator, the same samples, the same tensors; onnxruntime's calibration
+    cache carries them in). MinMax, cheap, is calibrated once on the whole model and serves every head; the
+    histogram methods (entropy, percentile), whose cost and memory grow with the tensors they cover, on the first
+    head that needs them, and serve every later try of that head (the best method written back, the sensitivity
+    ranking, each mixed-precision round) and every head whose tensors that calibration covers. A head that no
+    calibration covers yet is calibrated on its own; so is every head where onnxruntime takes no calibration cache.
     """
 
     def __init__(self, model_path: Path, samples: Sequence[Sample], work_dir: Path) -> None:
         self.model_path, self.samples, self.work_dir = Path(model_path), samples, Path(work_dir)
-        self._ranges: dict[str, Any] = {}
+        self._ranges: dict[str, list[Any]] = {}  # method -> the TensorsData calibrated so far
         self._files: dict[tuple[str, str], Path | None] = {}
-        self.computed = 0  # whole-model calibrations run (one per method used)
+        self.computed = 0  # calibrations run
         self.reused = 0  # head quantizations that took their ranges from here
 
     @staticmethod
@@ -168,21 +170,21 @@ class ActivationRanges:
         return ("calibration_cache_path" in inspect.signature(quant.quantize_static).parameters
                 and hasattr(calibrate, "save_tensors_data"))
 
-    def _whole(self, method: str) -> Any:
-        """The whole model's TensorsData for `method`, computed on first use."""
-        if method not in self._ranges:
-            calibrate = require("onnxruntime.quantization.calibrate", "edge")
-            with _quiet_quantizer(), warnings.catch_warnings(), \
-                    tempfile.TemporaryDirectory(prefix="splitinfer-calib-") as tmp:
-                warnings.simplefilter("ignore")
-                calibrator = calibrate.create_calibrator(
-                    self.model_path, _quantized_op_types(), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                    calibrate_method=getattr(calibrate.CalibrationMethod, _ORT_METHODS[method]))
-                calibrator.collect_data(_reader(self.samples))
-                self._ranges[method] = calibrator.compute_data()
-                del calibrator
-            self.computed += 1
-        return self._ranges[method]
+    def _calibrate(self, model_path: Path, method: str) -> Any:
+        """`model_path`'s TensorsData for `method` on the samples, kept for the heads it covers."""
+        calibrate = require("onnxruntime.quantization.calibrate", "edge")
+        with _quiet_quantizer(), warnings.catch_warnings(), \
+                tempfile.TemporaryDirectory(prefix="splitinfer-calib-") as tmp:
+            warnings.simplefilter("ignore")
+            calibrator = calibrate.create_calibrator(
+                model_path, _quantized_op_types(), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                calibrate_method=getattr(calibrate.CalibrationMethod, _ORT_METHODS[method]))
+            calibrator.collect_data(_reader(self.samples))
+            data = calibrator.compute_data()
+            del calibrator
+        self.computed += 1
+        self._ranges.setdefault(method, []).append(data)
+        return data
 
     def cache_for(self, head_path: Path, method: str) -> Path | None:
         """A calibration cache file with the ranges of the tensors `head_path` calibrates, or None (calibrate it)."""
@@ -196,12 +198,14 @@ class ActivationRanges:
     def _write(self, head_path: Path, method: str) -> Path | None:
         onnx = require("onnx", "profile")
         calibrate = require("onnxruntime.quantization.calibrate", "edge")
-        whole = self._whole(method)
         head = onnx.shape_inference.infer_shapes(onnx.load(str(head_path), load_external_data=False))
         names = _calibrated_tensors(head, _quantized_op_types())
-        if not all(n in whole for n in names):
-            return None
-        ranges = calibrate.TensorsData(whole.calibration_method, {n: whole.data[n] for n in sorted(names)})
+        found = next((d for d in self._ranges.get(method, ()) if all(n in d for n in names)), None)
+        if found is None:
+            found = self._calibrate(self.model_path if method == "minmax" else head_path, method)
+            if not all(n in found for n in names):
+                return None
+        ranges = calibrate.TensorsData(found.calibration_method, {n: found.data[n] for n in sorted(names)})
         self.work_dir.mkdir(parents=True, exist_ok=True)
         path = self.work_dir / f"ranges-{method}-{len(self._files)}.json"
         calibrate.save_tensors_data(ranges, path)
