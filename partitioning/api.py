@@ -19,7 +19,6 @@ from models.manifest import (
     ModelRecord,
     NetworkRecord,
     PlanDocument,
-    PlanRow,
     Power,
     Refinement,
     SideRecord,
@@ -217,7 +216,7 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
             target = RefineTarget(graph, costs, proto, loaded.onnx_path, loaded.inputs, opts.repeats,
                                   opts.measure_seconds, opts.threads, opts.cloud_measure_threads, say)
             plan, refined = (refiner or Refiner()).refine(plan, target, opts.refine)
-        plan = _gate_codecs(plan, graph, costs, proto, samples, loaded.task, say)
+        plan, costs = _gate_codecs(plan, graph, costs, proto, samples, loaded.task, say)
         model_rec = ModelRecord(loaded.name, loaded.source, loaded.format, loaded.sha256, onnx_sha, loaded.task,
                                 loaded.inputs, loaded.outputs, len(graph.nodes), uncosted, loaded.postprocess)
         codec = plan.best.codec or (opts.codec if opts.codec != "auto" else "int8")
@@ -228,7 +227,7 @@ def profile(model: str | Path, options: ProfileOptions | None = None, *, progres
         if opts.out is None:
             return result
         fp32_edge = _fp32_edge_ms(opts.device, proto, edge_nc)
-        return _export(opts, loaded, proto, graph, plan, document, notes, say, (costs, fp32_edge))
+        return _export(opts, loaded, proto, graph, plan, document, notes, say, (costs, fp32_edge), samples)
 
 
 UNCOSTED_EXAMPLES = 5
@@ -351,24 +350,27 @@ def _codec_costs(opts: ProfileOptions, profile: Any, edge: NodeCosts, measured: 
 
 
 def _gate_codecs(plan: Plan, graph: Any, costs: CostInputs, proto: Any, samples: list[dict[str, Any]], task: str,
-                 say: Progress) -> Plan:
-    """The plan with the lossy codecs that fail the accuracy gate on its exported cuts dropped."""
+                 say: Progress) -> tuple[Plan, CostInputs]:
+    """The plan with the lossy codecs that fail the accuracy gate on its exported cuts dropped, and the costs with
+    those rejections."""
     from partitioning.codecs import CodecGate, gate_plan
     from partitioning.quantize import int8_agreement
 
     if costs.codecs is None:
-        return plan
+        return plan, costs
     say("checking the lossy codecs' accuracy on the exported cuts")
     gate = CodecGate(proto, samples, task, int8_agreement)
     try:
-        return gate_plan(plan, graph, costs, gate)[0]
+        return gate_plan(plan, graph, costs, gate)
     finally:
         gate.close()
 
 
 def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Plan, document: PlanDocument,
-            notes: list[str], say: Progress, costing: tuple[CostInputs, dict[str, float]]) -> ProfileResult:
-    """Calibrate, write and verify the bundle in `opts.out`; cost again the heads that fell back from int8."""
+            notes: list[str], say: Progress, costing: tuple[CostInputs, dict[str, float]],
+            samples: list[dict[str, Any]]) -> ProfileResult:
+    """Calibrate, write and verify the bundle in `opts.out`; cost again the heads that fell back from int8 and
+    choose again with those costs (the lossy codecs of the cuts the choice moves to are checked on `samples`)."""
     from models.convert import integer_input_highs
     from models.inputs import synthetic_samples
     from partitioning.bundle import HeadCosting, fallback_warnings, write_bundle
@@ -388,9 +390,12 @@ def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Pla
         checks = synthetic_samples(loaded.inputs, DEFAULT_CHECK_SAMPLES, seed=2, int_high=highs)
     source = str(opts.calibration) if opts.calibration else "synthetic"
     document = replace(document, calibration=Calibration(source, len(calib)))
+    def regate(moved: Plan, costs: CostInputs) -> tuple[Plan, CostInputs]:
+        return _gate_codecs(moved, graph, costs, proto, samples, loaded.task, say)
+
     final = write_bundle(Path(opts.out), proto, loaded.onnx_path, graph, plan, document, calib, checks, loaded.task,
                          QuantConfig(calibration=opts.calibration_method), progress=say,
-                         costing=HeadCosting(*costing))
+                         costing=HeadCosting(*costing, regate=regate))
     for msg in fallback_warnings(final):
         warnings.warn(msg, stacklevel=3)
         notes.append(msg)
@@ -406,9 +411,8 @@ def _export(opts: ProfileOptions, loaded: Any, proto: Any, graph: Any, plan: Pla
 def plan_document(plan: Plan, model: ModelRecord, device: SideRecord, cloud: SideRecord, net: Any, codec: str,
                   refined: Refinement) -> PlanDocument:
     """The plan.json document (artifacts and verification are added when the bundle is written)."""
-    table_codecs = plan.table_codecs
-    if len(table_codecs) != len(plan.plan_table):  # a table set by hand: each row's cut with its candidate's codec
-        table_codecs = tuple(plan.candidate(cid).codec for _, cid in plan.plan_table)
+    from partitioning.bundle import plan_fields
+
     return PlanDocument(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         generator=GENERATOR,
@@ -418,10 +422,6 @@ def plan_document(plan: Plan, model: ModelRecord, device: SideRecord, cloud: Sid
         network=NetworkRecord(net.name, net.uplink_mbps, net.downlink_mbps, net.rtt_ms, net.tx_nj_per_byte,
                               net.source),
         budgets=BudgetsRecord(**dataclasses.asdict(plan.budgets)),  # the record, not the planner's checked subclass
-        codec=codec,
-        candidates=tuple(c.record() for c in plan.candidates),
-        chosen=plan.chosen,
-        feasible=plan.feasible,
-        plan_table=tuple(PlanRow(m, cid, codec) for (m, cid), codec in zip(plan.plan_table, table_codecs)),
         refined=refined,
+        **{**plan_fields(plan, codec), "codec": codec},
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,13 +22,14 @@ from models.manifest import (
     CutFiles,
     CutVerification,
     PlanDocument,
+    PlanRow,
     TensorSpec,
     Verification,
 )
-from partitioning.extract import SplitMismatchError, extract_split, run_split, session, verify_split
+from partitioning.extract import SplitMismatchError, Splitter, run_split, session, verify_split
 from partitioning.graph import CutGraph
-from partitioning.planner import Candidate, CostInputs, Plan, _violations, evaluate_cut
-from partitioning.quantize import QuantConfig, int8_agreement, quantize_gated
+from partitioning.planner import Candidate, CostInputs, HeadAt, Plan, apply_measured, evaluate_cut
+from partitioning.quantize import ActivationRanges, QuantConfig, int8_agreement, quantize_gated
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -43,50 +45,63 @@ def cut_tensor_specs(graph: CutGraph, cut: Sequence[str]) -> list[TensorSpec]:
     return specs
 
 
-def _write_cut(
-    out: Path,
-    model,
-    full_path: Path,
-    graph: CutGraph,
-    cut_id: str,
-    cut: Sequence[str],
-    prefix: str,
-    calib: Sequence[dict[str, np.ndarray]],
-    checks: Sequence[dict[str, np.ndarray]],
-    task: str,
-    qconfig: QuantConfig,
-) -> tuple[CutFiles, CutVerification]:
-    """Extract, quantize and verify one cut; return its files and its verification."""
-    full = session(full_path)
-    reference = [full.run(None, dict(x)) for x in checks]
-    tensors = tuple(cut_tensor_specs(graph, cut))
-    if cut_id == CLOUD_ONLY:
-        files = CutFiles(tensors, None, None, ArtifactEntry.of(out, full_path))
-        return files, CutVerification({"max_abs_error": 0.0, "passed": True, "note": "no head: the tail is full.onnx"})
-    (out / prefix).mkdir(parents=True, exist_ok=True)
-    head_int8 = out / prefix / "head.int8.onnx"
-    if cut_id == EDGE_ONLY:
-        head, tail = full_path, None
-        split = {"max_abs_error": 0.0, "passed": True, "note": "no tail: the head is full.onnx"}
-    else:
-        head, tail = extract_split(model, cut, out / prefix / "head.onnx", out / prefix / "tail.onnx")
-        check = verify_split(full, session(head), session(tail), checks)
-        if not check.passed:
-            raise SplitMismatchError(
-                f"cut {cut_id}: head then tail differs from the model by {check.max_abs_error:.3g} "
-                f"(tolerance {check.tolerance:.3g})"
-            )
-        split = check.to_json()
-    tail_sess = session(tail) if tail else None
+class _Exporter:
+    """What every cut of one bundle shares, made once: the full model's session and outputs on the check samples,
+    its shapes (`Splitter`) and its activation ranges per calibration method (`ActivationRanges`)."""
 
-    def gate(candidate: Path) -> Mapping[str, Any]:
-        q_head = session(candidate)
-        return int8_agreement(reference, [run_split(q_head, tail_sess, x) for x in checks], task, qconfig)
+    def __init__(self, out: Path, model, full_path: Path, graph: CutGraph, cut_ids: Sequence[str], plan: Plan,
+                 calib: Sequence[dict[str, np.ndarray]], checks: Sequence[dict[str, np.ndarray]], task: str,
+                 qconfig: QuantConfig, work: Path) -> None:
+        self.out, self.model, self.full_path, self.graph = out, model, full_path, graph
+        self.calib, self.checks, self.task, self.qconfig = calib, checks, task, qconfig
+        self.full = session(full_path)
+        self.reference = [self.full.run(None, dict(x)) for x in checks]
+        io = [i.name for i in model.graph.input] + [o.name for o in model.graph.output]
+        self.splitter = Splitter(model, [*io, *(t for cid in cut_ids for t in plan.candidate(cid).cut)])
+        self.ranges = ActivationRanges(full_path, calib, work)
 
-    result = quantize_gated(head, head_int8, calib, gate, qconfig)
-    files = CutFiles(tensors, ArtifactEntry.of(out, head), ArtifactEntry.of(out, head_int8),
-                     ArtifactEntry.of(out, tail) if tail else None)
-    return files, CutVerification(split, result.record())
+    def write(self, cut_id: str, cut: Sequence[str], prefix: str) -> tuple[CutFiles, CutVerification]:
+        """Extract, quantize and verify one cut; return its files and its verification."""
+        out, checks = self.out, self.checks
+        tensors = tuple(cut_tensor_specs(self.graph, cut))
+        if cut_id == CLOUD_ONLY:
+            files = CutFiles(tensors, None, None, ArtifactEntry.of(out, self.full_path))
+            return files, CutVerification({"max_abs_error": 0.0, "passed": True,
+                                           "note": "no head: the tail is full.onnx"})
+        (out / prefix).mkdir(parents=True, exist_ok=True)
+        head_int8 = out / prefix / "head.int8.onnx"
+        if cut_id == EDGE_ONLY:
+            head, tail, tail_sess = self.full_path, None, None
+            split = {"max_abs_error": 0.0, "passed": True, "note": "no tail: the head is full.onnx"}
+        else:
+            head, tail = self.splitter.split(cut, out / prefix / "head.onnx", out / prefix / "tail.onnx")
+            tail_sess = session(tail)
+            check = verify_split(self.full, session(head), tail_sess, checks, reference=self.reference)
+            if not check.passed:
+                raise SplitMismatchError(
+                    f"cut {cut_id}: head then tail differs from the model by {check.max_abs_error:.3g} "
+                    f"(tolerance {check.tolerance:.3g})"
+                )
+            split = check.to_json()
+
+        def gate(candidate: Path) -> Mapping[str, Any]:
+            q_head = session(candidate)
+            return int8_agreement(self.reference, [run_split(q_head, tail_sess, x) for x in checks], self.task,
+                                  self.qconfig)
+
+        result = quantize_gated(head, head_int8, self.calib, gate, self.qconfig, ranges=self.ranges)
+        files = CutFiles(tensors, ArtifactEntry.of(out, head), ArtifactEntry.of(out, head_int8),
+                         ArtifactEntry.of(out, tail) if tail else None)
+        return files, CutVerification(split, result.record())
+
+
+REPICK_ROUNDS = 3  # times the choice is made again after the heads it moved to were exported
+
+
+def exported_cuts(plan: Plan) -> list[str]:
+    """The cuts a bundle holds for `plan`: the chosen one, each plan-table row's, edge-only and cloud-only."""
+    wanted = [plan.chosen] + [cid for _, cid in plan.plan_table] + [EDGE_ONLY, CLOUD_ONLY]
+    return list(dict.fromkeys(c for c in wanted if any(k.id == c for k in plan.candidates)))
 
 
 def write_bundle(
@@ -105,46 +120,100 @@ def write_bundle(
 ) -> PlanDocument:
     """Write the bundle for `plan` into `out` and return the finished plan.json document.
 
-    With `costing`, the candidates whose head runs at another precision than planned (mixed or fp32 after
-    its gate) are costed again at that precision (`recost_head`).
+    With `costing`, the heads that run at another precision than planned (mixed or fp32 after their gate) are
+    costed at that precision, and the cut and the plan table are chosen again with those costs (`rechoose`); a
+    cut the choice moves to is exported (and gated) in turn, at most REPICK_ROUNDS times.
     """
     out.mkdir(parents=True, exist_ok=True)
     full_path = out / "full.onnx"
     shutil.copyfile(source_onnx, full_path)
-    wanted = [plan.chosen] + [cid for _, cid in plan.plan_table] + [EDGE_ONLY, CLOUD_ONLY]
-    cut_ids = list(dict.fromkeys(wanted))
     cuts: dict[str, CutFiles] = {}
     verification: dict[str, CutVerification] = {}
-    for i, cut_id in enumerate(cut_ids, 1):
-        progress(f"exporting cut {cut_id} ({i}/{len(cut_ids)}): extract, quantize int8 (gated), verify")
-        prefix = "." if cut_id == plan.chosen else f"cuts/{cut_id}"
-        cut = plan.candidate(cut_id).cut
-        cuts[cut_id], verification[cut_id] = _write_cut(
-            out, model, full_path, graph, cut_id, cut, prefix, calib, checks, task, qconfig
-        )
+    with tempfile.TemporaryDirectory(prefix="splitinfer-bundle-") as work:
+        # every candidate's cut is prepared for: the choice made again may move to any of them
+        exporter = _Exporter(out, model, full_path, graph, [c.id for c in plan.candidates], plan, calib, checks,
+                             task, qconfig, Path(work))
+        for rounds in range(REPICK_ROUNDS + 1):
+            todo = [cid for cid in exported_cuts(plan) if cid not in cuts]
+            for i, cut_id in enumerate(todo, 1):
+                progress(f"exporting cut {cut_id} ({i}/{len(todo)}): extract, quantize int8 (gated), verify")
+                prefix = "." if not cuts and cut_id == plan.chosen else f"cuts/{cut_id}"
+                cuts[cut_id], verification[cut_id] = exporter.write(cut_id, plan.candidate(cut_id).cut, prefix)
+            if costing is None:
+                break
+            moved = rechoose(plan, graph, costing, verification)
+            new = [cid for cid in exported_cuts(moved) if cid not in cuts]
+            if not new:
+                plan = moved
+                break
+            if rounds == REPICK_ROUNDS:  # still moving: keep the last choice, with every exported head recosted
+                log.warning("the choice still moved after %d rounds of exporting the heads it moved to; kept %s",
+                            REPICK_ROUNDS, plan.chosen)
+                plan = replace(plan, candidates=moved.candidates, feasible=moved.candidate(plan.chosen).feasible)
+                break
+            progress(f"heads that fell back from int8 are costed at the precision they run: the choice moved "
+                     f"from {plan.chosen} to {moved.chosen}; exporting {', '.join(new)}")
+            plan = moved
+        log.info("activation ranges: %d calibration(s), reused by %d head quantization(s)",
+                 exporter.ranges.computed, exporter.ranges.reused)
     chosen = cuts[plan.chosen]
     artifacts = Artifacts(ArtifactEntry.of(out, full_path), cuts, chosen.head, chosen.head_int8, chosen.tail)
-    document = replace(document, artifacts=artifacts,
+    document = replace(document, **plan_fields(plan, document.codec), artifacts=artifacts,
                        verification=Verification(len(checks), len(calib), verification))
-    if costing is not None:
-        records = {c.id: c for c in document.candidates}
-        for cut_id, check in verification.items():
-            if check.precision in ("mixed", "fp32") and cut_id in records:
-                records[cut_id] = recost_head(graph, plan, cut_id, check.precision, check.float_nodes,
-                                              costing).record()
-        document = replace(document, candidates=tuple(records[c.id] for c in document.candidates))
     (out / PLAN_FILE).write_text(json.dumps(document.to_json(), indent=2) + "\n")
     return document
+
+
+def plan_fields(plan: Plan, codec: str) -> dict[str, Any]:
+    """The plan.json fields that come from the plan: candidates, the chosen cut, feasibility, the plan table
+    (each row's cut with its codec at that rate) and the chosen cut's codec (`codec` when it sends nothing)."""
+    table_codecs = plan.table_codecs
+    if len(table_codecs) != len(plan.plan_table):  # a table set by hand: each row's cut with its candidate's codec
+        table_codecs = tuple(plan.candidate(cid).codec for _, cid in plan.plan_table)
+    return {"candidates": tuple(c.record() for c in plan.candidates), "chosen": plan.chosen,
+            "feasible": plan.feasible, "codec": plan.best.codec or codec,
+            "plan_table": tuple(PlanRow(m, cid, c) for (m, cid), c in zip(plan.plan_table, table_codecs))}
 
 
 @dataclass(frozen=True)
 class HeadCosting:
     """What costing a head again at the precision it runs takes: the planner's inputs (heads planned at
-    `costs.head_precision`, int8) and the edge's per-node times at fp32 (the same times where the edge was
-    measured: a measurement runs the fp32 model)."""
+    `costs.head_precision`, int8; with the codec gate's rejections) and the edge's per-node times at fp32 (the
+    same times where the edge was measured: a measurement runs the fp32 model). `regate`: checks the lossy
+    codecs of a plan's exported cuts again after the choice moved (`codecs.gate_plan`)."""
 
     costs: CostInputs
     fp32_edge_ms: Mapping[str, float]
+    regate: Callable[[Plan, CostInputs], tuple[Plan, CostInputs]] | None = None
+
+
+def _heads(plan: Plan, verification: Mapping[str, CutVerification], costing: HeadCosting) -> dict[str, HeadAt]:
+    """The heads that run at another precision than int8, as the planner costs them: each exported head as its gate
+    left it, and each head not exported yet with the nodes that an exported head had to keep in float (the most
+    sensitive nodes stay so in any head: their ranges are the whole model's), until it is exported and gated."""
+    heads = {cid: HeadAt(check.precision, frozenset(check.float_nodes), costing.fp32_edge_ms)
+             for cid, check in verification.items() if check.precision in ("mixed", "fp32")}
+    floats = {v for cid, check in verification.items() if check.precision == "mixed" for v in check.float_nodes}
+    for cand in plan.candidates:
+        if cand.id not in verification and cand.edge_nodes and floats:
+            kept = frozenset(v for v in floats if v in cand.edge_nodes)
+            if kept:
+                heads[cand.id] = HeadAt("mixed", kept, costing.fp32_edge_ms)
+    return heads
+
+
+def rechoose(plan: Plan, graph: CutGraph, costing: HeadCosting, verification: Mapping[str, CutVerification]) -> Plan:
+    """`plan` with the heads that fell back from int8 costed at the precision they run (`_heads`), the cut and the
+    plan table chosen again with those costs (timed candidates keep their timings), and the lossy codecs of the
+    cuts it moved to checked (`costing.regate`)."""
+    heads = _heads(plan, verification, costing)
+    if not heads or costing.costs.head_precision != "int8":
+        return plan
+    costs = replace(costing.costs, heads={**costing.costs.heads, **heads})
+    plan = apply_measured(plan, graph, costs, {})
+    if costing.regate is not None:
+        plan, _ = costing.regate(plan, costs)
+    return plan
 
 
 def recost_head(graph: CutGraph, plan: Plan, cut_id: str, precision: str, float_nodes: Sequence[str],
@@ -156,16 +225,9 @@ def recost_head(graph: CutGraph, plan: Plan, cut_id: str, precision: str, float_
     costs = costing.costs
     if precision == "int8" or not cand.edge_nodes or costs.head_precision != "int8":
         return cand
-    floats = cand.edge_nodes if precision == "fp32" else frozenset(float_nodes) & cand.edge_nodes
-    edge_ms = {**costs.edge_ms, **{v: costing.fp32_edge_ms.get(v, costs.edge_ms.get(v, 0.0)) for v in floats}}
-    at = replace(costs, edge_ms=edge_ms, head_precision="fp32" if precision == "fp32" else costs.head_precision)
+    at = replace(costs, heads={cut_id: HeadAt(precision, frozenset(float_nodes), costing.fp32_edge_ms)})
     measured = (cand.edge_ms, cand.cloud_ms) if cand.measured else None
-    new = evaluate_cut(graph, cand.edge_nodes, at, plan.link, plan.budgets, cut_id, measured)
-    if precision == "mixed":  # the float nodes' weights stay fp32: 4 bytes a weight, not 1
-        memory = new.edge_memory_bytes + sum(graph.node_weight_bytes.get(v, 0) for v in floats) * 3 // 4
-        violations = _violations(new.total_ms, memory, new.energy_mj, plan.budgets)
-        new = replace(new, edge_memory_bytes=memory, feasible=not violations, violations=violations)
-    return new
+    return evaluate_cut(graph, cand.edge_nodes, at, plan.link, plan.budgets, cut_id, measured)
 
 
 def fallback_warnings(document: PlanDocument) -> list[str]:
@@ -176,7 +238,7 @@ def fallback_warnings(document: PlanDocument) -> list[str]:
         gate = check.int8 or {}
         if check.precision not in ("mixed", "fp32"):
             continue
-        tries = [a for a in gate.get("attempts", ()) if not a.get("float_nodes")]
+        tries = [a for a in gate.get("attempts", ()) if not a.get("float_nodes") and "value" in a]
         best = max((float(a["value"]) for a in tries), default=float(gate.get("value", 0.0)))
         if gate.get("metric") == "relative_error":
             best = min((float(a["value"]) for a in tries), default=float(gate.get("value", 0.0)))

@@ -4,7 +4,8 @@
 calibration or synthetic input with every tensor exposed, `partitioning.graph.activations`) with the functions
 the wire uses (`models.wirecodec`, which `protos.codec` builds its Tensors from): per tensor the compressed /
 uncompressed payload ratio, and per codec the encode and the decode time, fitted over the tensors as fixed +
-per MB of the tensor's size (each tensor timed twice, the faster kept). The rates are this host's; another
+per MB of the tensor's size (each part of a codec timed twice, the faster kept; a quantizer's quantizing and
+dequantizing once for all its compressions). The rates are this host's; another
 device's are these times `device_scale` (this host's memory rate over the device's: codecs are memory-bound).
 
 `CodecGate` is the accuracy gate of the lossy quantizers (fp16, int8, int8c): the model's outputs with a cut's
@@ -67,24 +68,42 @@ def _fit(sizes: Sequence[int], times: Sequence[float]) -> CodecRate:
     return CodecRate(fixed, max(slope, 0.0))
 
 
-def _time_codec(arr: np.ndarray, spec: str) -> tuple[float, float, int, int]:
-    """(encode ms, decode ms, uncompressed payload bytes, wire payload bytes) of `arr` under `spec`."""
-    quantizer, compression = wc.split_spec(spec)
-    t0 = time.perf_counter()
-    if np.issubdtype(arr.dtype, np.floating):
-        q, scale, zero, axis = wc.quantize(arr, quantizer)
-    else:
-        q, scale, zero, axis = arr, None, None, None
-    raw = wc.payload_bytes(q)
-    data = wc.compress(raw, compression)
-    t1 = time.perf_counter()
-    back = np.frombuffer(wc.decompress(data, compression, raw.nbytes), q.dtype).reshape(q.shape)
+def _best_of_two(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(the faster of two timed calls of `fn` in ms, its result)."""
+    times, result = [], None
+    for _ in range(2):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return min(times), result
+
+
+def _time_codecs(arr: np.ndarray, quantizer: str, compressions: Sequence[str]
+                 ) -> dict[str, tuple[float, float, int, int]]:
+    """{compression: (encode ms, decode ms, uncompressed payload bytes, wire payload bytes)} of `arr` under
+    `quantizer` with each compression: encode = quantize + compress, decode = decompress + dequantize, each part
+    timed twice (the faster kept); the quantizing and dequantizing are timed once for all the compressions."""
+    floating = np.issubdtype(arr.dtype, np.floating)
+
+    def encode() -> tuple[Any, memoryview]:
+        q = wc.quantize(arr, quantizer) if floating else (arr, None, None, None)
+        return q, wc.payload_bytes(q[0])
+
+    q_ms, ((q, scale, zero, axis), raw) = _best_of_two(encode)
+    found: dict[str, tuple[float, float, int, int]] = {}
+    back = q
+    for compression in compressions:
+        c_ms, data = _best_of_two(lambda: wc.compress(raw, compression))  # noqa: B023 - called here, at once
+        d_ms, back = _best_of_two(
+            lambda: np.frombuffer(wc.decompress(data, compression, raw.nbytes), q.dtype).reshape(q.shape))  # noqa: B023
+        found[compression] = (q_ms + c_ms, d_ms, raw.nbytes, len(data))
     if scale is not None:
-        wc.dequantize(back, scale, zero, axis)
+        dq_ms, _ = _best_of_two(lambda: wc.dequantize(back, scale, zero, axis))
     elif back.dtype == np.float16:
-        back.astype(np.float32)
-    t2 = time.perf_counter()
-    return (t1 - t0) * 1e3, (t2 - t1) * 1e3, raw.nbytes, len(data)
+        dq_ms, _ = _best_of_two(lambda: back.astype(np.float32))
+    else:
+        dq_ms = 0.0
+    return {c: (enc, dec + dq_ms, raw_n, wire) for c, (enc, dec, raw_n, wire) in found.items()}
 
 
 def measure_codecs(arrays: Mapping[str, np.ndarray], specs: Sequence[str] = CODEC_SPECS) -> CodecProfile:
@@ -97,29 +116,35 @@ def measure_codecs(arrays: Mapping[str, np.ndarray], specs: Sequence[str] = CODE
     items = [(name, np.ascontiguousarray(a)) for name, a in arrays.items() if a.size]
     if not items:
         raise ValueError("measure_codecs: no non-empty arrays to measure the codecs on")
+    by_quantizer: dict[str, dict[str, str]] = {}  # quantizer -> compression -> spec, in the order of `specs`
     for spec in specs:
         quantizer, compression = wc.split_spec(spec)
+        by_quantizer.setdefault(quantizer, {})[compression] = spec
+    for quantizer, specs_of in by_quantizer.items():
         usable = [(n, a) for n, a in items if not (quantizer == "int8c" and a.ndim < 2 and a.dtype.kind == "f")]
-        _time_codec(usable[0][1], spec)  # warm-up: imports, first allocation
-        sizes, enc_ms, dec_ms = [], [], []
+        _time_codecs(usable[0][1], quantizer, list(specs_of))  # warm-up: imports, first allocation
+        sizes: list[int] = []
+        enc_ms: dict[str, list[float]] = {spec: [] for spec in specs_of.values()}
+        dec_ms: dict[str, list[float]] = {spec: [] for spec in specs_of.values()}
         for name, arr in usable:
-            runs = [_time_codec(arr, spec) for _ in range(2)]
-            enc, dec = min(r[0] for r in runs), min(r[1] for r in runs)
-            _, _, raw, wire = runs[0]
             sizes.append(arr.nbytes)
-            enc_ms.append(enc)
-            dec_ms.append(dec)
-            tensor_enc.setdefault(spec, {})[name] = enc
-            tensor_dec.setdefault(spec, {})[name] = dec
-            if compression != "none":
-                ratios.setdefault(spec, {})[name] = wire / raw if raw else 1.0
-        encode[spec], decode[spec] = _fit(sizes, enc_ms), _fit(sizes, dec_ms)
+            for compression, (enc, dec, raw, wire) in _time_codecs(arr, quantizer, list(specs_of)).items():
+                spec = specs_of[compression]
+                enc_ms[spec].append(enc)
+                dec_ms[spec].append(dec)
+                tensor_enc.setdefault(spec, {})[name] = enc
+                tensor_dec.setdefault(spec, {})[name] = dec
+                if compression != "none":
+                    ratios.setdefault(spec, {})[name] = wire / raw if raw else 1.0
+        for spec in specs_of.values():
+            encode[spec], decode[spec] = _fit(sizes, enc_ms[spec]), _fit(sizes, dec_ms[spec])
+    encode, decode = {s: encode[s] for s in specs}, {s: decode[s] for s in specs}
     copy = encode.get("fp32")
     gbps = 1.0 / copy.ms_per_mb if copy is not None and copy.ms_per_mb > 0 else float("nan")
     total = sum(a.nbytes for _, a in items)
     source = (f"codecs timed on this host on {len(items)} tensors of the model ({total / 1e6:.1f} MB at batch 1), "
-              "each twice (faster kept): those times for those tensors, fitted as fixed + per MB for others; "
-              "compression ratios per tensor as measured")
+              "each part (quantize, compress, decompress, dequantize) twice (faster kept): those times for those "
+              "tensors, fitted as fixed + per MB for others; compression ratios per tensor as measured")
     return CodecProfile(encode, decode, ratios, gbps, source, tensor_enc, tensor_dec)
 
 
@@ -157,17 +182,22 @@ class CodecGate:
         self._full = session(model.SerializeToString())
         self._reference = [self._full.run(None, dict(x)) for x in self.samples]
         self._parts: dict[str, tuple[Any, Any]] = {}
+        self._splitter: Any = None  # made on the first cut: the model's shapes inferred once for every cut
 
     def close(self) -> None:
         """Remove the extracted parts."""
         self._tmp.cleanup()
 
     def _split(self, cut_id: str, cut: Sequence[str]) -> tuple[Any, Any]:
-        from partitioning.extract import extract_split, session
+        from partitioning.extract import Splitter, session
 
         if cut_id not in self._parts:
             where = Path(self._tmp.name) / str(len(self._parts))
-            head, tail = extract_split(self.model, cut, where / "head.onnx", where / "tail.onnx")
+            if self._splitter is None:
+                graph = self.model.graph
+                self._splitter = Splitter(self.model, [*(i.name for i in graph.input), *(o.name for o in graph.output),
+                                                       *cut])
+            head, tail = self._splitter.split(cut, where / "head.onnx", where / "tail.onnx")
             self._parts[cut_id] = session(head), session(tail)
         return self._parts[cut_id]
 

@@ -36,23 +36,48 @@ def _with_value_info(model, names: Sequence[str]):
     return inferred
 
 
+class Splitter:
+    """Cuts one model at many places: its shapes are inferred once (for every tensor in `names`), not per part."""
+
+    def __init__(self, model, names: Sequence[str]) -> None:
+        self.model = model
+        self._prepare(names)
+
+    def _prepare(self, names: Sequence[str]) -> None:
+        onnx = require("onnx", "profile")
+        self._extractor = onnx.utils.Extractor(_with_value_info(self.model, list(dict.fromkeys(names))))
+        self._known = set(self._extractor.value_infos)
+
+    def part(self, inputs: Sequence[str], outputs: Sequence[str], path: Path) -> Path:
+        """Write the subgraph computing `outputs` from `inputs` (initializers and constants copied in)."""
+        onnx = require("onnx", "profile")
+        if not self._known.issuperset([*inputs, *outputs]):  # a name not prepared for: prepare for it now
+            self._prepare([*self._known, *inputs, *outputs])
+        part = self._extractor.extract_model(list(inputs), list(outputs))
+        part.producer_name = "splitinfer"
+        onnx.checker.check_model(part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(part, str(path))
+        return path
+
+    def split(self, cut: Sequence[str], head_path: Path, tail_path: Path) -> tuple[Path, Path]:
+        """Write head (model inputs -> cut tensors) and tail (cut tensors -> model outputs)."""
+        graph = self.model.graph
+        inputs = [i.name for i in graph.input if i.name not in {x.name for x in graph.initializer}]
+        outputs = [o.name for o in graph.output]
+        return self.part(inputs, cut, head_path), self.part(cut, outputs, tail_path)
+
+
 def extract_part(model, inputs: Sequence[str], outputs: Sequence[str], path: Path) -> Path:
     """Write the subgraph computing `outputs` from `inputs` (initializers and constants copied in)."""
-    onnx = require("onnx", "profile")
-    prepared = _with_value_info(model, list(inputs) + list(outputs))
-    part = onnx.utils.Extractor(prepared).extract_model(list(inputs), list(outputs))
-    part.producer_name = "splitinfer"
-    onnx.checker.check_model(part)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(part, str(path))
-    return path
+    return Splitter(model, [*inputs, *outputs]).part(inputs, outputs, path)
 
 
 def extract_split(model, cut: Sequence[str], head_path: Path, tail_path: Path) -> tuple[Path, Path]:
     """Write head (model inputs -> cut tensors) and tail (cut tensors -> model outputs)."""
-    inputs = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
-    outputs = [o.name for o in model.graph.output]
-    return extract_part(model, inputs, cut, head_path), extract_part(model, cut, outputs, tail_path)
+    graph = model.graph
+    io = [i.name for i in graph.input] + [o.name for o in graph.output]
+    return Splitter(model, [*io, *cut]).split(cut, head_path, tail_path)
 
 
 def session(path: Path | bytes, threads: int | None = None) -> Any:
@@ -90,11 +115,15 @@ class SplitCheck:
                 "passed": self.passed}
 
 
-def verify_split(full, head, tail, samples: Sequence[Mapping[str, np.ndarray]], rtol: float = 1e-4) -> SplitCheck:
-    """Compare head-then-tail with the full model; tolerance = rtol * max(1, max |reference|)."""
+def verify_split(full, head, tail, samples: Sequence[Mapping[str, np.ndarray]], rtol: float = 1e-4,
+                 reference: Sequence[Sequence[np.ndarray]] | None = None) -> SplitCheck:
+    """Compare head-then-tail with the full model; tolerance = rtol * max(1, max |reference|).
+
+    `reference`: the full model's outputs for `samples`, when they were computed already (else `full` runs).
+    """
     worst, scale = 0.0, 1.0
-    for feeds in samples:
-        ref = full.run(None, dict(feeds))
+    for i, feeds in enumerate(samples):
+        ref = full.run(None, dict(feeds)) if reference is None else reference[i]
         got = run_split(head, tail, feeds)
         for r, g in zip(ref, got):
             if r.shape != g.shape:

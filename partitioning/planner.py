@@ -172,6 +172,18 @@ class CodecOption:
 
 
 @dataclass(frozen=True)
+class HeadAt:
+    """A cut's head that runs at another precision than `CostInputs.head_precision` (its int8 head failed the
+    accuracy gate): "mixed" (`float_nodes` stay fp32: their fp32 times, and their weights at 4 bytes rather than
+    1) or "fp32" (every head node at its fp32 time, every weight at 4 bytes). `fp32_edge_ms`: the edge's fp32
+    per-node times of those nodes."""
+
+    precision: str
+    float_nodes: frozenset[str]
+    fp32_edge_ms: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class CostInputs:
     """Per-node costs on each side, what a cut adds on each side, and the edge's power model."""
 
@@ -188,6 +200,8 @@ class CostInputs:
     codec: str = "int8"  # the one codec of every cut when `codecs` is None; the search's codec otherwise
     head_precision: str = "int8"
     codecs: CodecCosts | None = None  # the codecs each cut is costed under (module docstring)
+    # cut id -> the precision its exported head runs at, where its int8 gate failed (`HeadAt`)
+    heads: Mapping[str, HeadAt] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.codec not in CODEC_ITEMSIZE:
@@ -580,8 +594,12 @@ def _link_free(
     """The link-independent part of `evaluate_cut` (`peak` is called only for a non-empty edge set).
 
     `prefix`: k when `edge_nodes` are the first k nodes in topological order (their sums are looked up).
-    `cut_id`: the candidate's id, which the accuracy gate's rejections (`CodecCosts.denied`) are keyed by.
+    `cut_id`: the candidate's id, which the accuracy gate's rejections (`CodecCosts.denied`) and the heads that
+    run at another precision (`CostInputs.heads`) are keyed by.
     """
+    head = costs.heads.get(cut_id) if cut_id is not None and costs.heads else None
+    if head is not None and edge_nodes and costs.head_precision == "int8":
+        return _head_at(graph, edge_nodes, costs, head, measured, cut, peak, prefix, cut_id)
     all_edge = len(edge_nodes) == len(graph.nodes)
     edge_ms = costs.edge_overhead_ms + sums.edge(edge_nodes) if edge_nodes else 0.0
     if all_edge:
@@ -609,6 +627,20 @@ def _link_free(
         options, rejected = _codec_options(graph, cut, costs, cut_id)
     return _LinkFree(cut, edge_nodes, all_edge, edge_ms, cloud_ms, up, sums.down_bytes, memory, predicted,
                      options, rejected)
+
+
+def _head_at(graph: CutGraph, edge_nodes: AbstractSet[str], costs: CostInputs, head: HeadAt,
+             measured: tuple[float, float] | None, cut: tuple[str, ...], peak: Callable[[], int], prefix: int | None,
+             cut_id: str | None) -> _LinkFree:
+    """`_link_free` for a head at `head.precision`: its float nodes at their fp32 times; fp32 weights counted at 4
+    bytes (a mixed head's float nodes: 4 instead of 1). A timed head (refinement) keeps its timed compute."""
+    floats = frozenset(edge_nodes) if head.precision == "fp32" else head.float_nodes & frozenset(edge_nodes)
+    edge_ms = {**costs.edge_ms, **{v: head.fp32_edge_ms.get(v, costs.edge_ms.get(v, 0.0)) for v in floats}}
+    at = replace(costs, edge_ms=edge_ms, heads={}, head_precision="fp32" if head.precision == "fp32" else "int8")
+    base = _link_free(graph, edge_nodes, at, measured, cut, peak, _Sums(graph, at), prefix, cut_id)
+    if head.precision == "fp32":
+        return base
+    return replace(base, memory=base.memory + sum(graph.node_weight_bytes.get(v, 0) for v in floats) * 3 // 4)
 
 
 def _at_link(base: _LinkFree, costs: CostInputs, link: Link, budgets: Budgets, cut_id: str) -> Candidate:

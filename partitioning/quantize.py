@@ -111,6 +111,107 @@ def _quiet_quantizer() -> Iterator[None]:
 
 
 
+_ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def _quantized_op_types() -> list[str]:
+    """The op types quantize_static quantizes (and so calibrates) when given none: its two registries."""
+    registry = require("onnxruntime.quantization.registry", "edge")
+    return sorted(set(registry.QLinearOpsRegistry) | set(registry.QDQRegistry))
+
+
+def _calibrated_tensors(model, op_types: Sequence[str]) -> set[str]:
+    """The tensors onnxruntime's calibrator calibrates in `model` (shape-inferred): the float inputs and outputs,
+    not initializers, of the nodes of `op_types` (`CalibraterBase.select_tensors_to_calibrate`)."""
+    onnx = require("onnx", "profile")
+    graph = model.graph
+    infos = {vi.name: vi for vi in (*graph.value_info, *graph.output, *graph.input)}
+    initializers = {t.name for t in graph.initializer}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    wanted = set(op_types)
+    found = set()
+    for node in graph.node:
+        if node.op_type in wanted:
+            for name in (*node.input, *node.output):
+                vi = infos.get(name)
+                if (vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in floats
+                        and name not in initializers):
+                    found.add(name)
+    return found
+
+
+class ActivationRanges:
+    """Activation ranges per calibration method, calibrated once and reused for every head and every try.
+
+    A tensor's range depends on the samples and on the nodes before it, not on where the model is cut: a head's
+    ranges are those of its tensors in any calibration of a model that contains them, which is what calibrating
+    that head would compute (the same calibrator, the same samples, the same tensors; onnxruntime's calibration
+    cache carries them in). MinMax, cheap, is calibrated once on the whole model and serves every head; the
+    histogram methods (entropy, percentile), whose cost and memory grow with the tensors they cover, on the first
+    head that needs them, and serve every later try of that head (the best method written back, the sensitivity
+    ranking, each mixed-precision round) and every head whose tensors that calibration covers. A head that no
+    calibration covers yet is calibrated on its own; so is every head where onnxruntime takes no calibration cache.
+    """
+
+    def __init__(self, model_path: Path, samples: Sequence[Sample], work_dir: Path) -> None:
+        self.model_path, self.samples, self.work_dir = Path(model_path), samples, Path(work_dir)
+        self._ranges: dict[str, list[Any]] = {}  # method -> the TensorsData calibrated so far
+        self._files: dict[tuple[str, str], Path | None] = {}
+        self.computed = 0  # calibrations run
+        self.reused = 0  # head quantizations that took their ranges from here
+
+    @staticmethod
+    def supported() -> bool:
+        """Whether this onnxruntime's quantize_static takes a calibration cache (1.24 and later)."""
+        import inspect
+
+        quant = require("onnxruntime.quantization", "edge")
+        calibrate = require("onnxruntime.quantization.calibrate", "edge")
+        return ("calibration_cache_path" in inspect.signature(quant.quantize_static).parameters
+                and hasattr(calibrate, "save_tensors_data"))
+
+    def _calibrate(self, model_path: Path, method: str) -> Any:
+        """`model_path`'s TensorsData for `method` on the samples, kept for the heads it covers."""
+        calibrate = require("onnxruntime.quantization.calibrate", "edge")
+        with _quiet_quantizer(), warnings.catch_warnings(), \
+                tempfile.TemporaryDirectory(prefix="splitinfer-calib-") as tmp:
+            warnings.simplefilter("ignore")
+            calibrator = calibrate.create_calibrator(
+                model_path, _quantized_op_types(), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                calibrate_method=getattr(calibrate.CalibrationMethod, _ORT_METHODS[method]))
+            calibrator.collect_data(_reader(self.samples))
+            data = calibrator.compute_data()
+            del calibrator
+        self.computed += 1
+        self._ranges.setdefault(method, []).append(data)
+        return data
+
+    def cache_for(self, head_path: Path, method: str) -> Path | None:
+        """A calibration cache file with the ranges of the tensors `head_path` calibrates, or None (calibrate it)."""
+        key = (str(Path(head_path).resolve()), method)
+        if key not in self._files:
+            self._files[key] = self._write(Path(head_path), method) if self.supported() else None
+        if self._files[key] is not None:
+            self.reused += 1
+        return self._files[key]
+
+    def _write(self, head_path: Path, method: str) -> Path | None:
+        onnx = require("onnx", "profile")
+        calibrate = require("onnxruntime.quantization.calibrate", "edge")
+        head = onnx.shape_inference.infer_shapes(onnx.load(str(head_path), load_external_data=False))
+        names = _calibrated_tensors(head, _quantized_op_types())
+        found = next((d for d in self._ranges.get(method, ()) if all(n in d for n in names)), None)
+        if found is None:
+            found = self._calibrate(self.model_path if method == "minmax" else head_path, method)
+            if not all(n in found for n in names):
+                return None
+        ranges = calibrate.TensorsData(found.calibration_method, {n: found.data[n] for n in sorted(names)})
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        path = self.work_dir / f"ranges-{method}-{len(self._files)}.json"
+        calibrate.save_tensors_data(ranges, path)
+        return path
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How heads are quantized: QDQ, per-channel int8 weights, uint8 activations, and the gate's thresholds.
@@ -138,17 +239,20 @@ class QuantConfig:
 
 def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample],
                   config: QuantConfig = QuantConfig(), method: str = "minmax",
-                  float_nodes: Sequence[str] = (), keep_activations: bool = False) -> Path:
+                  float_nodes: Sequence[str] = (), keep_activations: bool = False,
+                  ranges: ActivationRanges | None = None) -> Path:
     """Write the static int8 (QDQ) version of `fp32_path`, calibrated on `samples` (inputs of that model).
 
     `method`: one of CALIBRATION_METHODS; `float_nodes`: node names left in float (not quantized);
-    `keep_activations`: keep Relu/Clip as nodes rather than folding them into the quantization range.
+    `keep_activations`: keep Relu/Clip as nodes rather than folding them into the quantization range;
+    `ranges`: the whole model's activation ranges (`samples` are then the whole model's inputs), reused.
     """
     quant = require("onnxruntime.quantization", "edge")
     methods = {"minmax": quant.CalibrationMethod.MinMax, "entropy": quant.CalibrationMethod.Entropy,
                "percentile": quant.CalibrationMethod.Percentile}
     if method not in methods:
         raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    cache = ranges.cache_for(fp32_path, method) if ranges is not None else None
     with _quiet_quantizer(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quant.quantize_static(
@@ -162,6 +266,7 @@ def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample],
             calibrate_method=methods[method],
             nodes_to_exclude=list(float_nodes),
             extra_options={"QDQKeepRemovableActivations": keep_activations},
+            **({"calibration_cache_path": str(cache)} if cache is not None else {}),
         )
     return int8_path
 
@@ -200,17 +305,18 @@ def _score(gate: Mapping[str, Any]) -> float:
 
 
 def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], gate: Gate,
-                   config: QuantConfig = QuantConfig()) -> HeadQuantization:
+                   config: QuantConfig = QuantConfig(), ranges: ActivationRanges | None = None) -> HeadQuantization:
     """Quantize `fp32_path` into `int8_path` at the lowest precision whose head passes `gate`.
 
     Each calibration method of `config` in turn; when none passes (and `config.mixed`), the nodes of the best
     one ranked by `node_sensitivity` are kept in float, 1, 2, 4, ... of them, re-quantizing until the gate
     passes. When every quantized node would be float the head is fp32 (`int8_path` keeps the best try).
+    `ranges`: the whole model's activation ranges, reused for every try (`quantize_head`).
     """
     attempts: list[dict[str, Any]] = []
 
     def attempt(method: str, floats: Sequence[str], path: Path) -> Mapping[str, Any]:
-        quantize_head(fp32_path, path, samples, config, method, floats)
+        quantize_head(fp32_path, path, samples, config, method, floats, ranges=ranges)
         verdict = gate(path)
         attempts.append({"calibration": method, "float_nodes": len(floats), "value": verdict["value"],
                          "passed": bool(verdict["passed"])})
@@ -218,7 +324,14 @@ def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], 
 
     best: tuple[float, str, Mapping[str, Any]] | None = None
     for method in config.methods:
-        verdict = attempt(method, (), int8_path)
+        try:
+            verdict = attempt(method, (), int8_path)
+        except ValueError as exc:  # e.g. a histogram method on a tensor whose range is too narrow for its bins
+            if len(config.methods) == 1 or (best is None and method == config.methods[-1]):
+                raise
+            log.warning("%s: %s calibration failed (%s); trying the others", fp32_path, method, exc)
+            attempts.append({"calibration": method, "float_nodes": 0, "error": str(exc), "passed": False})
+            continue
         if verdict["passed"]:
             return HeadQuantization("int8", method, (), verdict, tuple(attempts))
         if best is None or _score(verdict) > best[0]:
@@ -226,10 +339,10 @@ def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], 
     assert best is not None
     _, method, best_gate = best
     if method != config.methods[-1]:  # the file holds the last method's head: write the best one back
-        quantize_head(fp32_path, int8_path, samples, config, method)
+        quantize_head(fp32_path, int8_path, samples, config, method, ranges=ranges)
     if not config.mixed:
         return HeadQuantization("fp32", method, (), best_gate, tuple(attempts))
-    ranked = [name for name, _ in node_sensitivity(fp32_path, samples, config, method)]
+    ranked = [name for name, _ in node_sensitivity(fp32_path, samples, config, method, ranges)]
     groups = _float_groups(int8_path, ranked)
     trial = int8_path.with_name(int8_path.stem + ".trial.onnx")
     try:
@@ -305,7 +418,7 @@ def _relative_error(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> flo
 
 
 def node_sensitivity(fp32_path: Path, samples: Sequence[Sample], config: QuantConfig = QuantConfig(),
-                     method: str = "minmax") -> list[tuple[str, float]]:
+                     method: str = "minmax", ranges: ActivationRanges | None = None) -> list[tuple[str, float]]:
     """The nodes that int8 quantizes in `fp32_path`, most sensitive first, with the error each adds.
 
     The head is quantized once more (activations such as Relu kept as nodes, so every tensor keeps its fp32
@@ -316,7 +429,7 @@ def node_sensitivity(fp32_path: Path, samples: Sequence[Sample], config: QuantCo
     onnx = require("onnx", "profile")
     with tempfile.TemporaryDirectory(prefix="splitinfer-sens-") as tmp:
         ranked_path = quantize_head(fp32_path, Path(tmp) / "ranking.onnx", samples, config, method,
-                                    keep_activations=True)
+                                    keep_activations=True, ranges=ranges)
         qmodel = onnx.load(str(ranked_path))
     fp32 = onnx.load(str(fp32_path))
     common = ({o for node in fp32.graph.node for o in node.output} | {i.name for i in fp32.graph.input}) & (

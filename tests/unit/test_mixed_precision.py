@@ -177,3 +177,40 @@ def test_a_bundle_written_before_mixed_precision_still_loads_and_runs_int8(tmp_p
     assert checks and all(v.precision == "int8" and v.float_nodes == () for v in checks)
     cut = bundle.cut(bundle.chosen)
     assert cut.edge_head == cut.head_int8
+
+
+# -- the choice made again at the precision each head runs ---------------------------------------------------
+
+
+def test_the_cut_is_chosen_again_with_each_head_costed_at_the_precision_it_runs(onnx_models, tmp_path) -> None:
+    """Cheap int8 edge, slow fp32 edge: at int8 the whole model runs on the device (edge-only); its int8 head fails
+    the gate and runs mixed, its outlier pair in float at the fp32 time, so a cut that leaves the pair to the
+    cloud is better. The bundle's choice and plan table are made again with that cost, and the cuts they move to
+    are exported and gated (before, the choice made at int8 stayed)."""
+    from models.manifest import CLOUD_ONLY, EDGE_ONLY
+    from partitioning import profile
+    from partitioning.bundle import HeadCosting, write_bundle
+    from partitioning.graph import build_cut_graph
+    from partitioning.planner import CostInputs, plan_cuts
+
+    path = onnx_models["sensitive"]
+    result = profile(path, device="rpi4", cloud="t4", network="4g")  # the document's records; the plan is ours
+    proto = onnx.load(str(path))
+    graph = build_cut_graph(proto)
+    costs = CostInputs(edge_ms={v: 0.01 for v in graph.nodes}, cloud_ms={v: 2.0 for v in graph.nodes})
+    plan = plan_cuts(graph, costs, result.plan.link, result.plan.budgets, (1.0, 100.0))
+    assert plan.chosen == EDGE_ONLY and {cid for _, cid in plan.plan_table} == {EDGE_ONLY}
+    fp32 = {v: 500.0 for v in graph.nodes}
+    doc = write_bundle(tmp_path / "b", proto, path, graph, plan, result.plan_document, CALIB, CHECKS,
+                       "classification", QuantConfig(calibration="minmax"), costing=HeadCosting(costs, fp32))
+    assert doc.verification is not None and doc.artifacts is not None
+    checks = doc.verification.cuts
+    assert checks[EDGE_ONLY].precision == "mixed" and checks[EDGE_ONLY].float_nodes
+    records = {c.id: c for c in doc.candidates}
+    assert records[EDGE_ONLY].edge_ms >= 500.0  # costed at the precision it runs
+    assert doc.chosen not in (EDGE_ONLY, CLOUD_ONLY), doc.chosen
+    exported = set(doc.artifacts.cuts)
+    assert doc.chosen in exported and {row.cut for row in doc.plan_table} <= exported
+    # the choice is the best of the candidates as they are costed now, and its head was gated
+    assert records[doc.chosen].total_ms == min(c.total_ms for c in doc.candidates)
+    assert checks[doc.chosen].int8 is not None and checks[doc.chosen].int8["passed"]
