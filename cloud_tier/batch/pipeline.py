@@ -189,7 +189,7 @@ class OnnxStage:
         self.inputs = tuple(inputs)
         self.outputs = list(outputs)
         self.session = make_session(data, threads=threads, providers=select_providers(prefer_gpu=gpu))
-        if gpu:  # Ray forwards an actor's stderr to the driver: say where a GPU stage really runs
+        if gpu:  # where a GPU stage really runs, in the actor's log (Ray's worker logs under its session dir)
             ran = self.session.get_providers()[0]
             print(f"split-batch: a stage given GPU {ray.get_gpu_ids()} runs on {ran}"
                   + ("" if ran != "CPUExecutionProvider" else " (no GPU provider here: pip install onnxruntime-gpu)"),

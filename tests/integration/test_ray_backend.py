@@ -31,6 +31,7 @@ from cloud_tier.config import RayOptions, ServerConfig  # noqa: E402
 from cloud_tier.dashboard import Dashboard  # noqa: E402
 from cloud_tier.metrics import RayCollector, render  # noqa: E402
 from cloud_tier.ray_backend import RayBackend  # noqa: E402
+from cloud_tier.rayinit import LOOPBACK_ENV, loopback_only
 from cloud_tier.server import CloudServer  # noqa: E402
 from edge_agent import CLOUD, EDGE, EdgeAgent  # noqa: E402
 from edge_agent.constants import DEFAULT_DEVICE_ID  # noqa: E402
@@ -52,8 +53,11 @@ def ray_cluster() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")  # loopback only; pinned, else 2.59+ turns token auth on
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv(LOOPBACK_ENV, "0")
+        loopback_only(ray)  # else Ray listens on every interface
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
                  log_to_driver=False)
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
         try:
             yield
         finally:

@@ -30,6 +30,7 @@ import ray  # noqa: E402
 from cloud_tier.batch.cache import PredictionCache  # noqa: E402
 from cloud_tier.batch.cli import main  # noqa: E402
 from cloud_tier.batch.pipeline import CACHE_FILE, BatchOptions, run_batch, split_models  # noqa: E402
+from cloud_tier.rayinit import LOOPBACK_ENV, loopback_only  # noqa: E402
 from models.manifest import PLAN_FILE, Bundle  # noqa: E402
 from models.ortopts import make_session  # noqa: E402
 from models.tiny_bundle import INPUT, OUTPUT, make_tiny_bundle, sample_input  # noqa: E402
@@ -44,8 +45,11 @@ def ray_address() -> Iterator[str]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")  # loopback only; pinned, else 2.59+ turns token auth on
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv(LOOPBACK_ENV, "0")
+        loopback_only(ray)  # else Ray listens on every interface
         info = ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
                         log_to_driver=False)
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
         try:
             yield str(info.address_info["address"])
         finally:
