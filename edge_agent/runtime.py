@@ -175,6 +175,9 @@ def head_choice(plan: Mapping[str, Any], cut_id: str, wanted: str, runs_int8_fil
         return f"int8 head (passed its gate: {value})"
     if not gate:
         return "fp32 head (the bundle has no int8 head for this cut)"
+    if gate.get("passed") and gate.get("precision") == "fp32":
+        return (f"fp32 head (its gate passed only with every quantized node kept in float: "
+                f"{len(gate.get('float_nodes') or ())} node(s), {value})")
     return f"fp32 head (the int8 head failed its gate: {value})"
 
 

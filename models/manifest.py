@@ -80,6 +80,7 @@ class CutArtifacts:
     tail: Path | None
     int8_passed: bool
     head_tflite: Path | None = None
+    int8_precision: str = "int8"  # what head_int8 runs at when it passed: "int8" or "mixed" (some nodes in float)
     head_int8_tflite: Path | None = None
     tflite_int8_passed: bool = False
 
@@ -207,7 +208,9 @@ class Bundle:
             head=self._resolve(files.head) if files.head else None,
             head_int8=self._resolve(files.head_int8) if files.head_int8 else None,
             tail=self._resolve(files.tail) if files.tail else None,
-            int8_passed=bool(gate.get("passed", False)),
+            # a head whose gate passed only with every quantized node in float is the fp32 head ("fp32")
+            int8_passed=bool(gate.get("passed", False)) and gate.get("precision") != "fp32",
+            int8_precision=str(gate.get("precision") or ("int8" if gate.get("passed") else "fp32")),
             head_tflite=self._resolve(files.head_tflite) if files.head_tflite else None,
             head_int8_tflite=self._resolve(files.head_int8_tflite) if files.head_int8_tflite else None,
             tflite_int8_passed=bool(tflite_gate.get("passed", False)),

@@ -80,10 +80,12 @@ class _Measurements:
         if key not in self.done:
             repeats, seconds, say = self.opts.repeats, self.opts.measure_seconds, self.progress
             on = f" on {', '.join(providers)}" if providers else ""
-            say(f"measuring per-node latency on this host{on} ({repeats} runs after warm-up, over at least "
-                f"{seconds:g} s)")
+            budget = self.opts.measure_budget or None
+            say(f"measuring per-node latency on this host{on} ({repeats} runs after warm-up"
+                + (f", fewer when they would take over {budget:g} s" if budget else "")
+                + f", over at least {seconds:g} s)")
             self.done[key] = measure_node_costs(self.onnx_path, repeats=repeats, threads=threads,
-                                                min_seconds=seconds, providers=providers,
+                                                min_seconds=seconds, providers=providers, max_seconds=budget,
                                                 provider_options=self.opts.provider_options if providers else None,
                                                 progress=lambda done, total: say(f"  run {done}/{total}"))
         return self.done[key]
@@ -354,12 +356,12 @@ def _gate_codecs(plan: Plan, graph: Any, costs: CostInputs, proto: Any, samples:
     """The plan with the lossy codecs that fail the accuracy gate on its exported cuts dropped, and the costs with
     those rejections."""
     from partitioning.codecs import CodecGate, gate_plan
-    from partitioning.quantize import int8_agreement
+    from partitioning.quantize import gated_agreement
 
     if costs.codecs is None:
         return plan, costs
     say("checking the lossy codecs' accuracy on the exported cuts")
-    gate = CodecGate(proto, samples, task, int8_agreement)
+    gate = CodecGate(proto, samples, task, gated_agreement)
     try:
         return gate_plan(plan, graph, costs, gate)
     finally:

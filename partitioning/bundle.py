@@ -29,7 +29,7 @@ from models.manifest import (
 from partitioning.extract import SplitMismatchError, Splitter, run_split, session, verify_split
 from partitioning.graph import CutGraph
 from partitioning.planner import Candidate, CostInputs, HeadAt, Plan, apply_measured, evaluate_cut
-from partitioning.quantize import ActivationRanges, QuantConfig, int8_agreement, quantize_gated
+from partitioning.quantize import ActivationRanges, QuantConfig, gated_agreement, quantize_gated
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -43,6 +43,9 @@ def cut_tensor_specs(graph: CutGraph, cut: Sequence[str]) -> list[TensorSpec]:
         shape = (None, *info.shape[1:]) if info.shape and info.shape[0] == 1 else info.shape
         specs.append(TensorSpec(name, tuple(shape), info.dtype))
     return specs
+
+
+SPLIT_CHECK_SAMPLES = 8  # head then tail against the model: a wiring check, exact up to float rounding
 
 
 class _Exporter:
@@ -59,6 +62,7 @@ class _Exporter:
         io = [i.name for i in model.graph.input] + [o.name for o in model.graph.output]
         self.splitter = Splitter(model, [*io, *(t for cid in cut_ids for t in plan.candidate(cid).cut)])
         self.ranges = ActivationRanges(full_path, calib, work)
+        self.seed: tuple[str, tuple[str, ...]] | None = None  # the last mixed head's (method, float nodes)
 
     def write(self, cut_id: str, cut: Sequence[str], prefix: str) -> tuple[CutFiles, CutVerification]:
         """Extract, quantize and verify one cut; return its files and its verification."""
@@ -76,7 +80,8 @@ class _Exporter:
         else:
             head, tail = self.splitter.split(cut, out / prefix / "head.onnx", out / prefix / "tail.onnx")
             tail_sess = session(tail)
-            check = verify_split(self.full, session(head), tail_sess, checks, reference=self.reference)
+            check = verify_split(self.full, session(head), tail_sess, checks[:SPLIT_CHECK_SAMPLES],
+                                 reference=self.reference[:SPLIT_CHECK_SAMPLES])
             if not check.passed:
                 raise SplitMismatchError(
                     f"cut {cut_id}: head then tail differs from the model by {check.max_abs_error:.3g} "
@@ -86,10 +91,12 @@ class _Exporter:
 
         def gate(candidate: Path) -> Mapping[str, Any]:
             q_head = session(candidate)
-            return int8_agreement(self.reference, [run_split(q_head, tail_sess, x) for x in checks], self.task,
-                                  self.qconfig)
+            return gated_agreement(self.reference, lambda i: run_split(q_head, tail_sess, checks[i]), self.task,
+                                   self.qconfig)
 
-        result = quantize_gated(head, head_int8, self.calib, gate, self.qconfig, ranges=self.ranges)
+        result = quantize_gated(head, head_int8, self.calib, gate, self.qconfig, ranges=self.ranges, seed=self.seed)
+        if result.precision == "mixed":  # the next heads try these float nodes first
+            self.seed = (result.calibration, result.float_nodes)
         files = CutFiles(tensors, ArtifactEntry.of(out, head), ArtifactEntry.of(out, head_int8),
                          ArtifactEntry.of(out, tail) if tail else None)
         return files, CutVerification(split, result.record())
@@ -133,11 +140,15 @@ def write_bundle(
         # every candidate's cut is prepared for: the choice made again may move to any of them
         exporter = _Exporter(out, model, full_path, graph, [c.id for c in plan.candidates], plan, calib, checks,
                              task, qconfig, Path(work))
+        root_used = False  # the first chosen cut's files sit at the bundle's root
         for rounds in range(REPICK_ROUNDS + 1):
-            todo = [cid for cid in exported_cuts(plan) if cid not in cuts]
+            # the whole model's head first: when it needs nodes in float, the smaller heads try those first
+            todo = sorted((cid for cid in exported_cuts(plan) if cid not in cuts), key=lambda c: c != EDGE_ONLY)
             for i, cut_id in enumerate(todo, 1):
                 progress(f"exporting cut {cut_id} ({i}/{len(todo)}): extract, quantize int8 (gated), verify")
-                prefix = "." if not cuts and cut_id == plan.chosen else f"cuts/{cut_id}"
+                prefix = f"cuts/{cut_id}"
+                if cut_id == plan.chosen and not root_used:
+                    prefix, root_used = ".", True
                 cuts[cut_id], verification[cut_id] = exporter.write(cut_id, plan.candidate(cut_id).cut, prefix)
             if costing is None:
                 break
@@ -245,10 +256,17 @@ def fallback_warnings(document: PlanDocument) -> list[str]:
         failed = (f"its int8 head failed the gate ({gate.get('metric')} {best:.3f}, "
                   f"threshold {gate.get('threshold')}, calibration tried: "
                   f"{', '.join(dict.fromkeys(str(a['calibration']) for a in tries)) or '-'})")
-        if check.precision == "mixed":
+        if check.precision == "mixed" and not tries:
+            lines.append(f"cut {cut_id}: it runs mixed precision with the {len(check.float_nodes)} node(s) in float "
+                         f"that another head of this model needed ({gate.get('metric')} {float(gate['value']):.3f}; "
+                         "its plain int8 head was not tried); its edge time is costed at that precision")
+        elif check.precision == "mixed":
             lines.append(f"cut {cut_id}: {failed}; it runs mixed precision with {len(check.float_nodes)} "
                          f"node(s) kept in float ({gate.get('metric')} {float(gate['value']):.3f}); "
                          "its edge time is costed at that precision")
+        elif gate.get("passed"):
+            lines.append(f"cut {cut_id}: {failed}; it passed only with every quantized node kept in float "
+                         f"({len(check.float_nodes)}), so it runs the fp32 head; its edge time is costed at fp32")
         else:
             lines.append(f"cut {cut_id}: {failed}, even with {len(check.float_nodes)} node(s) kept in float; "
                          "it runs the fp32 head; its edge time is costed at fp32")

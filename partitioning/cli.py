@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each measurement here (a side's profile, each refinement timing) goes on in turns until "
                         f"it spans at least S seconds, so one busy moment of the host does not decide it "
                         f"(default {defaults.measure_seconds:g})")
+    p.add_argument("--measure-budget", type=_non_negative, default=defaults.measure_budget, metavar="S",
+                   help="a side's profile here whose --repeats runs would take longer than S seconds runs fewer "
+                        f"(at least 5 after a warm-up): large models plan in less time; 0 always runs --repeats "
+                        f"(default {defaults.measure_budget:g})")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads when measuring the edge here")
     p.add_argument("--cloud-threads", type=int,
                    help="with --cloud local: threads when measuring the cloud (default --threads)")
@@ -480,8 +484,8 @@ def options_from_args(args: argparse.Namespace) -> ProfileOptions:
         input_shape=args.input_shape if _plain(args.input_shape) else None,
         input_hints=() if _plain(args.input_shape) else tuple(args.input_shape), int_high=args.int_high,
         name=args.name, allow_pickle=args.allow_pickle, save_device_profile=args.save_device_profile,
-        repeats=args.repeats, measure_seconds=args.measure_seconds, threads=args.threads,
-        cloud_threads=args.cloud_threads, refine=args.refine, providers=args.providers,
+        repeats=args.repeats, measure_seconds=args.measure_seconds, measure_budget=args.measure_budget,
+        threads=args.threads, cloud_threads=args.cloud_threads, refine=args.refine, providers=args.providers,
         provider_options=provider_options_from(args.provider_option), edge_runtime=args.edge_runtime,
         converter_python=args.converter_python, converter_env=args.converter_env,
     )

@@ -10,7 +10,7 @@ device's are these times `device_scale` (this host's memory rate over the device
 
 `CodecGate` is the accuracy gate of the lossy quantizers (fp16, int8, int8c): the model's outputs with a cut's
 tensors sent through the codec (tail(decode(encode(head(x))))), against the model's own, by the same metric
-and threshold as the int8 head's gate (`partitioning.quantize.int8_agreement`). `gate_plan` checks the pairs a
+and threshold as the int8 head's gate (`partitioning.quantize.gated_agreement`). `gate_plan` checks the pairs a
 bundle exports (the chosen cut, the plan table's, cloud-only) and chooses again without those that fail.
 """
 
@@ -126,7 +126,12 @@ def measure_codecs(arrays: Mapping[str, np.ndarray], specs: Sequence[str] = CODE
         sizes: list[int] = []
         enc_ms: dict[str, list[float]] = {spec: [] for spec in specs_of.values()}
         dec_ms: dict[str, list[float]] = {spec: [] for spec in specs_of.values()}
+        timed = _spread(usable)
         for name, arr in usable:
+            if name not in timed:  # its compression ratios only; its times from the fit
+                for compression, (raw, wire) in _ratios(arr, quantizer, list(specs_of)).items():
+                    ratios.setdefault(specs_of[compression], {})[name] = wire / raw if raw else 1.0
+                continue
             sizes.append(arr.nbytes)
             for compression, (enc, dec, raw, wire) in _time_codecs(arr, quantizer, list(specs_of)).items():
                 spec = specs_of[compression]
@@ -142,10 +147,31 @@ def measure_codecs(arrays: Mapping[str, np.ndarray], specs: Sequence[str] = CODE
     copy = encode.get("fp32")
     gbps = 1.0 / copy.ms_per_mb if copy is not None and copy.ms_per_mb > 0 else float("nan")
     total = sum(a.nbytes for _, a in items)
-    source = (f"codecs timed on this host on {len(items)} tensors of the model ({total / 1e6:.1f} MB at batch 1), "
-              "each part (quantize, compress, decompress, dequantize) twice (faster kept): those times for those "
-              "tensors, fitted as fixed + per MB for others; compression ratios per tensor as measured")
+    timed_count = min(len(items), TIMED_TENSORS)
+    source = (f"codecs timed on this host on {timed_count} of the model's {len(items)} tensors (spread over their "
+              f"sizes; {total / 1e6:.1f} MB in all at batch 1), each part (quantize, compress, decompress, "
+              "dequantize) twice (faster kept): those times for those tensors, fitted as fixed + per MB for the "
+              "others; compression ratios of every tensor as measured")
     return CodecProfile(encode, decode, ratios, gbps, source, tensor_enc, tensor_dec)
+
+
+TIMED_TENSORS = 48  # tensors whose codec times are measured; the rest are costed by the fit over them
+
+
+def _spread(items: Sequence[tuple[str, np.ndarray]], count: int = TIMED_TENSORS) -> set[str]:
+    """The names of up to `count` of `items`, spread evenly over their sizes (smallest and largest included)."""
+    if len(items) <= count:
+        return {name for name, _ in items}
+    by_size = sorted(items, key=lambda item: (item[1].nbytes, item[0]))
+    picks = np.unique(np.linspace(0, len(by_size) - 1, count).round().astype(int))
+    return {by_size[i][0] for i in picks}
+
+
+def _ratios(arr: np.ndarray, quantizer: str, compressions: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """{compression: (uncompressed payload bytes, wire payload bytes)} of `arr` under `quantizer`, untimed."""
+    q = wc.quantize(arr, quantizer)[0] if np.issubdtype(arr.dtype, np.floating) else arr
+    raw = wc.payload_bytes(q)
+    return {c: (raw.nbytes, raw.nbytes if c == "none" else len(wc.compress(raw, c))) for c in compressions}
 
 
 def device_scale(host_gbps: float | None, device_gbps: float | None) -> float:
@@ -174,7 +200,7 @@ class CodecGate:
     """The accuracy gate of lossy codecs per cut (module docstring); heads and tails extracted once per cut."""
 
     def __init__(self, model: Any, samples: Sequence[Mapping[str, np.ndarray]], task: str,
-                 agreement: Callable[[list, list, str], dict]) -> None:
+                 agreement: Callable[[list, Callable[[int], list], str], dict]) -> None:
         from partitioning.extract import session
 
         self.model, self.samples, self.task, self.agreement = model, list(samples), task, agreement
@@ -182,6 +208,7 @@ class CodecGate:
         self._full = session(model.SerializeToString())
         self._reference = [self._full.run(None, dict(x)) for x in self.samples]
         self._parts: dict[str, tuple[Any, Any]] = {}
+        self._acts: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # (cut, sample) -> the head's outputs
         self._splitter: Any = None  # made on the first cut: the model's shapes inferred once for every cut
 
     def close(self) -> None:
@@ -203,19 +230,22 @@ class CodecGate:
 
     def check(self, cut_id: str, cut: Sequence[str], quantizer: str) -> dict:
         """The agreement of the model's outputs with `cut`'s tensors sent as `quantizer` ({metric, value,
-        threshold, passed, samples})."""
-        got = []
-        for x in self.samples:
+        threshold, passed, samples}); a top-1 gate stops once it cannot pass (`quantize.gated_agreement`)."""
+
+        def run(i: int) -> list:
+            x = self.samples[i]
             if cut_id == CLOUD_ONLY:
                 sent = {k: wc.round_trip(np.asarray(v), quantizer)[0] for k, v in x.items()}
-                got.append(self._full.run(None, _as_model_input(sent, x)))
-                continue
+                return list(self._full.run(None, _as_model_input(sent, x)))
             head, tail = self._split(cut_id, cut)
-            names = [o.name for o in head.get_outputs()]
-            acts = dict(zip(names, head.run(None, dict(x))))
+            if (cut_id, i) not in self._acts:  # the head's outputs serve every quantizer checked on this cut
+                names = [o.name for o in head.get_outputs()]
+                self._acts[(cut_id, i)] = dict(zip(names, head.run(None, dict(x))))
+            acts = self._acts[(cut_id, i)]
             sent = {k: wc.round_trip(np.asarray(v), quantizer)[0] for k, v in acts.items()}
-            got.append(tail.run(None, _as_model_input(sent, acts)))
-        return self.agreement(self._reference, got, self.task)
+            return list(tail.run(None, _as_model_input(sent, acts)))
+
+        return self.agreement(self._reference, run, self.task)
 
 
 def _as_model_input(sent: Mapping[str, np.ndarray], original: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -103,6 +103,7 @@ PROBE_ELEMENTS = (4096, 262_144)  # Relu probes over 16 KB and 1 MB of floats
 # over fractions of a second: two 30-run medians of tiny_cnn (4 ms each) 2 s apart differ by 18% on average,
 # two 1-second medians by 9% (benchmarks/planner_accuracy.py, README).
 MIN_SECONDS = 1.0
+MIN_REPEATS = 5  # profiled runs a measurement under a time budget keeps (measure_node_costs max_seconds)
 
 
 def measure_node_costs(
@@ -117,8 +118,13 @@ def measure_node_costs(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     min_seconds: float = MIN_SECONDS,
     provider_options: Mapping[str, Mapping[str, str]] | None = None,
+    max_seconds: float | None = None,
 ) -> NodeCosts:
     """Median per-node times of `onnx_path` from onnxruntime's profiler, mapped back to the original nodes.
+
+    `max_seconds`: when `warmup + repeats` turns (a profiled and an unprofiled run each) would take longer than
+    this, as the first run shows, fewer are run: at least MIN_REPEATS profiled runs after one or two warm-ups
+    (a large model's node times are long beside the timer's noise; `source` says how many ran).
 
     The profiled runs give each node's share; the unprofiled session's wall time, timed in turns with it
     (and on alone until the turns span `min_seconds`), gives the scale. `providers` (default: CUDA when
@@ -135,7 +141,6 @@ def measure_node_costs(
     onnx_path = Path(onnx_path)
     nodes, initializers = read_graph(onnx_path)
     providers = list(providers or default_providers())
-    total_runs = 2 * (warmup + repeats)
     done = 0
 
     def tick() -> None:
@@ -172,6 +177,14 @@ def measure_node_costs(
             probe = make_session(one_op_model(op, [n]), options=session_options(threads), providers=providers,
                                  provider_options=provider_options)
             probes[name] = probe, {"x": np.zeros(n, np.float32)}
+        if max_seconds is not None:  # the first run (a warm-up of its own, slower than the rest) sets the budget
+            first = time.perf_counter()
+            plain.run(None, feeds)
+            turns = int(max_seconds / max(2 * (time.perf_counter() - first), 1e-9))
+            if turns < warmup + repeats:
+                warmup = min(warmup, 1 if turns < 20 else 2)
+                repeats = min(repeats, max(MIN_REPEATS, turns - warmup))
+        total_runs = 2 * (warmup + repeats)
         walls: list[float] = []
         probe_walls: dict[Any, list[float]] = {name: [] for name in probes}
         goal, ran, start = warmup + repeats, 0, time.perf_counter()

@@ -47,6 +47,8 @@ class ProfileOptions:
     save_device_profile: str | Path | None = None
     repeats: int = 20
     measure_seconds: float = MIN_SECONDS  # every measurement here spans at least this long
+    # a measurement whose runs would take longer keeps fewer (at least costs.MIN_REPEATS); 0: always `repeats`
+    measure_budget: float = 10.0
     threads: int | None = None  # edge intra-op threads when measured here
     cloud_threads: int | None = None  # cloud threads when measured here (None: threads)
     # onnxruntime execution providers the edge is measured on here (None: the default, CUDA if present, then CPU),

@@ -8,7 +8,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,17 +140,20 @@ def _calibrated_tensors(model, op_types: Sequence[str]) -> set[str]:
     return found
 
 
+HISTOGRAM_CHUNK = 4  # samples a histogram calibration (entropy, percentile) collects at a time
+
+
 class ActivationRanges:
     """Activation ranges per calibration method, calibrated once and reused for every head and every try.
 
     A tensor's range depends on the samples and on the nodes before it, not on where the model is cut: a head's
     ranges are those of its tensors in any calibration of a model that contains them, which is what calibrating
     that head would compute (the same calibrator, the same samples, the same tensors; onnxruntime's calibration
-    cache carries them in). MinMax, cheap, is calibrated once on the whole model and serves every head; the
-    histogram methods (entropy, percentile), whose cost and memory grow with the tensors they cover, on the first
-    head that needs them, and serve every later try of that head (the best method written back, the sensitivity
-    ranking, each mixed-precision round) and every head whose tensors that calibration covers. A head that no
-    calibration covers yet is calibrated on its own; so is every head where onnxruntime takes no calibration cache.
+    cache carries them in). Each method is calibrated once, on the whole model, when a head first needs it, and
+    serves every head and every try (the best method written back, the sensitivity ranking, each mixed-precision
+    round); the histogram methods (entropy, percentile) collect HISTOGRAM_CHUNK samples at a time, so their memory
+    does not grow with the samples. A head whose tensors that calibration does not cover is calibrated on its
+    own; so is every head where onnxruntime takes no calibration cache.
     """
 
     def __init__(self, model_path: Path, samples: Sequence[Sample], work_dir: Path) -> None:
@@ -179,7 +182,11 @@ class ActivationRanges:
             calibrator = calibrate.create_calibrator(
                 model_path, _quantized_op_types(), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                 calibrate_method=getattr(calibrate.CalibrationMethod, _ORT_METHODS[method]))
-            calibrator.collect_data(_reader(self.samples))
+            # a histogram calibrator holds every calibrated activation of the samples it is handed: a few at a
+            # time bound its memory (the histograms merge across calls); MinMax keeps only running ranges
+            step = len(self.samples) if method == "minmax" else HISTOGRAM_CHUNK
+            for start in range(0, len(self.samples), step):
+                calibrator.collect_data(_reader(self.samples[start:start + step]))
             data = calibrator.compute_data()
             del calibrator
         self.computed += 1
@@ -202,7 +209,7 @@ class ActivationRanges:
         names = _calibrated_tensors(head, _quantized_op_types())
         found = next((d for d in self._ranges.get(method, ()) if all(n in d for n in names)), None)
         if found is None:
-            found = self._calibrate(self.model_path if method == "minmax" else head_path, method)
+            found = self._calibrate(self.model_path, method)
             if not all(n in found for n in names):
                 return None
         ranges = calibrate.TensorsData(found.calibration_method, {n: found.data[n] for n in sorted(names)})
@@ -305,8 +312,14 @@ def _score(gate: Mapping[str, Any]) -> float:
 
 
 def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], gate: Gate,
-                   config: QuantConfig = QuantConfig(), ranges: ActivationRanges | None = None) -> HeadQuantization:
+                   config: QuantConfig = QuantConfig(), ranges: ActivationRanges | None = None,
+                   seed: tuple[str, Sequence[str]] | None = None) -> HeadQuantization:
     """Quantize `fp32_path` into `int8_path` at the lowest precision whose head passes `gate`.
+
+    `seed`: (method, nodes) that another head of the same model passed its gate with, kept in float: when some
+    of those nodes are in this head (and `config.mixed`), the head is first quantized that way, and kept if it
+    passes (one try instead of the search below; a head can only lose error by quantizing fewer nodes). When it
+    fails, the search below runs as without a seed.
 
     Each calibration method of `config` in turn; when none passes (and `config.mixed`), the nodes of the best
     one ranked by `node_sensitivity` are kept in float, 1, 2, 4, ... of them, re-quantizing until the gate
@@ -315,13 +328,26 @@ def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], 
     """
     attempts: list[dict[str, Any]] = []
 
-    def attempt(method: str, floats: Sequence[str], path: Path) -> Mapping[str, Any]:
+    def attempt(method: str, floats: Sequence[str], path: Path, **note: Any) -> Mapping[str, Any]:
         quantize_head(fp32_path, path, samples, config, method, floats, ranges=ranges)
         verdict = gate(path)
         attempts.append({"calibration": method, "float_nodes": len(floats), "value": verdict["value"],
-                         "passed": bool(verdict["passed"])})
+                         "passed": bool(verdict["passed"]), **note})
         return verdict
 
+    if seed is not None and config.mixed and seed[0] in config.methods:
+        method, floats = seed[0], _present(fp32_path, seed[1])
+        if floats:
+            trial = int8_path.with_name(int8_path.stem + ".trial.onnx")
+            try:
+                verdict = attempt(method, floats, trial, seeded=True)
+                if verdict["passed"]:
+                    os.replace(trial, int8_path)
+                    log.info("%s: int8 with the %d float nodes another head passed with (%s %.3f)", fp32_path,
+                             len(floats), verdict["metric"], verdict["value"])
+                    return _finished(int8_path, HeadQuantization("mixed", method, floats, verdict, tuple(attempts)))
+            finally:
+                trial.unlink(missing_ok=True)
     best: tuple[float, str, Mapping[str, Any]] | None = None
     for method in config.methods:
         try:
@@ -354,11 +380,31 @@ def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], 
                 os.replace(trial, int8_path)
                 log.info("%s: int8 kept %d of %d quantized nodes in float (%s %.3f)", fp32_path, len(floats),
                          len(ranked), verdict["metric"], verdict["value"])
-                return HeadQuantization("mixed", method, floats, verdict, tuple(attempts))
+                return _finished(int8_path, HeadQuantization("mixed", method, floats, verdict, tuple(attempts)))
             count *= 2
     finally:
         trial.unlink(missing_ok=True)
     return HeadQuantization("fp32", method, tuple(ranked), best_gate, tuple(attempts))
+
+
+def _present(fp32_path: Path, names: Sequence[str]) -> tuple[str, ...]:
+    """The nodes of `names` that `fp32_path` has, in their order."""
+    onnx = require("onnx", "profile")
+    here = {node.name for node in onnx.load(str(fp32_path), load_external_data=False).graph.node}
+    return tuple(n for n in dict.fromkeys(names) if n in here)
+
+
+def _finished(int8_path: Path, result: HeadQuantization) -> HeadQuantization:
+    """`result`, labelled "fp32" when its file quantizes nothing (every quantized node was kept in float): the edge
+    then runs the fp32 head, and the planner costs it so."""
+    if result.precision != "mixed":
+        return result
+    onnx = require("onnx", "profile")
+    ops = {node.op_type for node in onnx.load(str(int8_path), load_external_data=False).graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear"}:
+        return result
+    log.info("%s: every quantized node was kept in float; the head is fp32", int8_path)
+    return replace(result, precision="fp32")
 
 
 def _float_groups(int8_path: Path, ranked: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -393,8 +439,8 @@ def _quantized_nodes(qmodel) -> dict[str, list[str]]:
     return found
 
 
-def _run_exposed(model, names: Sequence[str], samples: Sequence[Sample]) -> dict[str, list[np.ndarray]]:
-    """Every tensor of `names` for each sample (graph optimizations off, so nothing is fused away)."""
+def _exposed(model, names: Sequence[str]) -> Any:
+    """A session of `model` that outputs every tensor of `names` (graph optimizations off: nothing fused away)."""
     onnx = require("onnx", "profile")
     ort = require("onnxruntime", "edge")
     from models.ortopts import make_session
@@ -406,15 +452,24 @@ def _run_exposed(model, names: Sequence[str], samples: Sequence[Sample]) -> dict
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4
-    sess = make_session(probe.SerializeToString(), options=opts)
-    runs = [sess.run(list(names), dict(x)) for x in samples]
-    return {n: [np.asarray(r[i], dtype=np.float64) for r in runs] for i, n in enumerate(names)}
+    return make_session(probe.SerializeToString(), options=opts)
 
 
-def _relative_error(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
-    num = sum(float(np.sum((g - r) ** 2)) for r, g in zip(ref, got))
-    den = sum(float(np.sum(r**2)) for r in ref)
-    return float(np.sqrt(num / max(den, 1e-30)))
+def _relative_errors(fp32, qmodel, names: Sequence[str], samples: Sequence[Sample]) -> dict[str, float]:
+    """{tensor: relative L2 error of `qmodel`'s value against `fp32`'s over `samples`}, accumulated one sample at a
+    time (every tensor of a large model over all samples, held at once, took 17 GB)."""
+    ref_sess, q_sess = _exposed(fp32, names), _exposed(qmodel, names)
+    num = dict.fromkeys(names, 0.0)
+    den = dict.fromkeys(names, 0.0)
+    for x in samples:
+        for name, ref, got in zip(names, ref_sess.run(list(names), dict(x)), q_sess.run(list(names), dict(x))):
+            r = np.asarray(ref, dtype=np.float64)
+            num[name] += float(np.sum((np.asarray(got, dtype=np.float64) - r) ** 2))
+            den[name] += float(np.sum(r**2))
+    return {n: float(np.sqrt(num[n] / max(den[n], 1e-30))) for n in names}
+
+
+SENSITIVITY_SAMPLES = 8  # samples the per-node ranking runs (a ranking, not a verdict: the gate decides)
 
 
 def node_sensitivity(fp32_path: Path, samples: Sequence[Sample], config: QuantConfig = QuantConfig(),
@@ -422,7 +477,8 @@ def node_sensitivity(fp32_path: Path, samples: Sequence[Sample], config: QuantCo
     """The nodes that int8 quantizes in `fp32_path`, most sensitive first, with the error each adds.
 
     The head is quantized once more (activations such as Relu kept as nodes, so every tensor keeps its fp32
-    meaning) and run with every tensor exposed, beside the fp32 head, on `samples`. A node's error is the
+    meaning) and run with every tensor exposed, beside the fp32 head, on the first SENSITIVITY_SAMPLES of
+    `samples` (the quantization itself is calibrated on all of them). A node's error is the
     relative L2 error of its output against fp32, less the largest such error among the float tensors its
     inputs were quantized from: what quantizing its inputs and weights adds to the error that reached it.
     """
@@ -452,14 +508,38 @@ def node_sensitivity(fp32_path: Path, samples: Sequence[Sample], config: QuantCo
     nodes = _quantized_nodes(qmodel)
     outputs = {node.name: [m for m in map(meaning, node.output) if m] for node in qmodel.graph.node}
     names = sorted({t for n, srcs in nodes.items() for t in (*map(meaning, srcs), *outputs[n]) if t})
-    ref, got = _run_exposed(fp32, names, samples), _run_exposed(qmodel, names, samples)
-    error = {t: _relative_error(ref[t], got[t]) for t in names}
+    error = _relative_errors(fp32, qmodel, names, samples[:SENSITIVITY_SAMPLES])
     scores = []
     for node, srcs in nodes.items():
         if outputs[node]:
             reached = max((error[m] for m in map(meaning, srcs) if m), default=0.0)
             scores.append((node, max(error[t] for t in outputs[node]) - reached))
     return sorted(scores, key=lambda s: (-s[1], s[0]))
+
+
+def gated_agreement(reference: Sequence[Sequence[np.ndarray]], run: Callable[[int], Sequence[np.ndarray]], task: str,
+                    config: QuantConfig = QuantConfig()) -> dict:
+    """`int8_agreement` of the outputs `run(i)` gives for sample i, run one sample at a time. A top-1 gate stops at
+    the first sample after which it cannot pass any more (every later sample agreeing would not lift it to the
+    threshold): its verdict is then the agreement on the samples run, with `stopped_after` (a failing head costs
+    a few runs, not all of them). A relative-error gate runs every sample."""
+    if not reference:
+        raise ValueError("the gate needs at least one sample")
+    first = np.asarray(reference[0][0])
+    top1 = task == "classification" and first.ndim == 2 and first.shape[1] > 1
+    total = sum(int(np.asarray(r[0]).shape[0]) for r in reference) if top1 else 0
+    got: list[Sequence[np.ndarray]] = []
+    wrong = 0
+    for i, ref in enumerate(reference):
+        out = run(i)
+        got.append(out)
+        if not top1:
+            continue
+        wrong += int(np.sum(np.asarray(ref[0]).argmax(1) != np.asarray(out[0]).argmax(1)))
+        if (total - wrong) / total < config.min_top1_agreement and i + 1 < len(reference):
+            verdict = int8_agreement(reference[: i + 1], got, task, config)
+            return {**verdict, "passed": False, "stopped_after": i + 1, "of": len(reference)}
+    return int8_agreement(reference, got, task, config)
 
 
 def int8_agreement(reference: Sequence[Sequence[np.ndarray]], quantized: Sequence[Sequence[np.ndarray]], task: str,

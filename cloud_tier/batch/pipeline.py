@@ -130,7 +130,7 @@ def split_models(bundle: Bundle, cut_id: str | None, head_precision: str) -> Mod
     head_path = cut.edge_head if head_precision == "int8" else cut.head
     if cut.id == CLOUD_ONLY:
         head_path = None
-    precision = "int8" if head_path is not None and head_path == cut.head_int8 else "fp32"
+    precision = cut.int8_precision if head_path is not None and head_path == cut.head_int8 else "fp32"
     tail_path = None if cut.id == EDGE_ONLY else cut.tail
     if head_path is None and tail_path is None:
         raise BundleError(f"{bundle.root}: cut {cut.id!r} has neither a head nor a tail")

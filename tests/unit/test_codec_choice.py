@@ -209,3 +209,20 @@ def test_a_tensors_own_timing_replaces_the_fitted_rate():
     assert options["int8"].encode_ms == pytest.approx(RATES["int8"].ms(80_000))  # not timed on x: the rate
     profile = measure_codecs({"a": np.ones((1, 2, 8, 8), np.float32)}, ("int8",))
     assert set(profile.tensor_encode["int8"]) == set(profile.tensor_decode["int8"]) == {"a"}
+
+
+def test_many_tensors_are_timed_on_a_spread_of_sizes_and_every_one_gets_its_ratio():
+    from partitioning.codecs import TIMED_TENSORS, _time_codecs
+
+    rng = np.random.default_rng(0)
+    arrays = {f"t{i:03d}": np.where(rng.random((1, 4, i + 1, 8)) < 0.5, 0.0, rng.standard_normal((1, 4, i + 1, 8)))
+              .astype(np.float32) for i in range(TIMED_TENSORS * 2)}
+    profile = measure_codecs(arrays, ("int8", "int8+zstd"))
+    timed = set(profile.tensor_encode["int8+zstd"])
+    assert len(timed) == TIMED_TENSORS and {"t000", f"t{2 * TIMED_TENSORS - 1:03d}"} <= timed  # both ends
+    assert set(profile.ratios["int8+zstd"]) == set(arrays)  # every tensor's own ratio, timed or not
+    # an untimed tensor's ratio is the one a timing of it measures
+    untimed = sorted(set(arrays) - timed)[0]
+    raw, wire = _time_codecs(arrays[untimed], "int8", ["zstd"])["zstd"][2:]
+    assert profile.ratios["int8+zstd"][untimed] == pytest.approx(wire / raw)
+    assert f"on {TIMED_TENSORS} of the model's {2 * TIMED_TENSORS} tensors" in profile.source

@@ -12,7 +12,7 @@ from partitioning.costtypes import CodecRate, NodeCosts
 from partitioning.device_profile import load_device_profile, save_device_profile
 from partitioning.graph import build_cut_graph
 from partitioning.planner import CodecCosts, CostInputs, Link, plan_cuts
-from partitioning.quantize import int8_agreement
+from partitioning.quantize import gated_agreement
 
 
 def outlier_model() -> onnx.ModelProto:
@@ -46,7 +46,7 @@ def test_lossy_codecs_that_change_the_answer_are_dropped_and_the_plan_chosen_aga
                        codecs=CodecCosts(rates, rates, {"int8+zstd": {"x": 0.2}}))
     plan = plan_cuts(graph, costs, Link(1.0, 10.0, 1.0))
     assert (plan.chosen, plan.best.codec) == (CLOUD_ONLY, "int8+zstd")  # the cheapest on the wire, unchecked
-    gate = CodecGate(model, samples(), "classification", int8_agreement)
+    gate = CodecGate(model, samples(), "classification", gated_agreement)
     try:
         assert gate.check(CLOUD_ONLY, ("x",), "int8")["passed"] is False
         assert gate.check(CLOUD_ONLY, ("x",), "fp16")["passed"] is True

@@ -227,6 +227,18 @@ def test_the_wall_time_is_sampled_until_the_turns_span_min_seconds(cnn_path) -> 
     assert set(spread.per_node_ms) == set(quick.per_node_ms) and spread.total_ms() > 0
 
 
+def test_a_time_budget_keeps_fewer_profiled_runs_but_at_least_min_repeats(cnn_path) -> None:
+    from partitioning.costs import MIN_REPEATS
+
+    # a budget far below one run's time: the least that is kept, MIN_REPEATS after one warm-up
+    tight = measure_node_costs(cnn_path, warmup=5, repeats=40, threads=1, min_seconds=0, max_seconds=1e-9)
+    assert re.search(rf"median of {MIN_REPEATS} profiled runs after 1 warm-up", tight.source), tight.source
+    # a budget that the runs fit in changes nothing
+    roomy = measure_node_costs(cnn_path, warmup=1, repeats=3, threads=1, min_seconds=0, max_seconds=1e6)
+    assert re.search(r"median of 3 profiled runs after 1 warm-up", roomy.source), roomy.source
+    assert set(tight.per_node_ms) == set(roomy.per_node_ms)
+
+
 def test_attribution_maps_fused_and_renamed_nodes() -> None:
     orig = [
         OnnxNode("conv", "Conv", ("x", "w"), ("c",)),

@@ -214,3 +214,75 @@ def test_the_cut_is_chosen_again_with_each_head_costed_at_the_precision_it_runs(
     # the choice is the best of the candidates as they are costed now, and its head was gated
     assert records[doc.chosen].total_ms == min(c.total_ms for c in doc.candidates)
     assert checks[doc.chosen].int8 is not None and checks[doc.chosen].int8["passed"]
+
+
+# -- fewer tries: the gate stops early, later heads start from the float nodes an earlier one needed ----------
+
+
+def test_a_top1_gate_stops_once_it_cannot_pass_and_a_passing_one_runs_every_sample() -> None:
+    from partitioning.quantize import gated_agreement
+
+    reference = [[np.eye(4, dtype=np.float32)[[i % 4]]] for i in range(20)]  # 20 samples, classes 0..3
+    ran: list[int] = []
+
+    def run_wrong_first(i: int) -> list[np.ndarray]:
+        ran.append(i)
+        return [np.roll(reference[i][0], 1, axis=1) if i < 3 else reference[i][0]]  # the first 3 disagree
+
+    verdict = gated_agreement(reference, run_wrong_first, "classification")
+    # after 3 wrong of 20 the best reachable is 17/20 = 0.85 < 0.9: it stopped there
+    assert ran == [0, 1, 2] and not verdict["passed"]
+    assert (verdict["stopped_after"], verdict["of"], verdict["samples"], verdict["value"]) == (3, 20, 3, 0.0)
+    ran.clear()
+    verdict = gated_agreement(reference, lambda i: (ran.append(i), [reference[i][0]])[1], "classification")
+    assert ran == list(range(20)) and verdict["passed"] and "stopped_after" not in verdict
+    # a relative-error gate cannot know early: it runs every sample
+    ran.clear()
+    verdict = gated_agreement(reference, lambda i: (ran.append(i), [reference[i][0] * 3])[1], "segmentation")
+    assert ran == list(range(20)) and verdict["metric"] == "relative_error" and not verdict["passed"]
+
+
+def test_a_head_seeded_with_another_heads_float_nodes_passes_in_one_try(onnx_models, tmp_path) -> None:
+    path = onnx_models["sensitive"]
+    searched = quantize_gated(path, tmp_path / "a.onnx", CALIB, _gate(path), QuantConfig(calibration="minmax"))
+    assert searched.precision == "mixed" and len(searched.attempts) > 1
+    seed = ("minmax", (*searched.float_nodes, "a_node_this_head_lacks"))
+    seeded = quantize_gated(path, tmp_path / "b.onnx", CALIB, _gate(path), QuantConfig(calibration="minmax"),
+                            seed=seed)
+    assert seeded.precision == "mixed" and seeded.gate["passed"]
+    assert seeded.float_nodes == searched.float_nodes  # the nodes it has, in order
+    assert [a.get("seeded") for a in seeded.attempts] == [True]
+    # a seed with none of the head's nodes changes nothing: the usual search
+    other = quantize_gated(path, tmp_path / "c.onnx", CALIB, _gate(path), QuantConfig(calibration="minmax"),
+                           seed=("minmax", ("elsewhere",)))
+    assert [a["float_nodes"] for a in other.attempts] == [a["float_nodes"] for a in searched.attempts]
+
+
+def test_a_head_that_passes_only_with_every_node_in_float_is_labelled_fp32(onnx_models, tmp_path) -> None:
+    """Mixed precision with every quantized node kept in float leaves no QuantizeLinear: that head is the fp32
+    head, and plan.json, the bundle and the agent say so (it was recorded as "mixed" with an int8 label)."""
+    from models.manifest import Bundle
+    from partitioning.quantize import _quantized_nodes
+
+    path = onnx_models["sensitive"]
+    full = tmp_path / "q.onnx"
+    quantize_head(path, full, CALIB, QuantConfig(), "minmax")
+    every = tuple(_quantized_nodes(onnx.load(str(full))))
+    result = quantize_gated(path, tmp_path / "all.onnx", CALIB, _gate(path), QuantConfig(calibration="minmax"),
+                            seed=("minmax", every))
+    assert result.gate["passed"] and result.precision == "fp32"
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in onnx.load(str(tmp_path / "all.onnx"))
+                                                         .graph.node}
+    # a bundle whose chosen head is recorded so runs (and is labelled) fp32
+    root = make_tiny_bundle(tmp_path / "b")
+    plan = Bundle.load(root).plan
+    cut = plan["chosen"]
+    plan["verification"]["cuts"][cut]["int8"].update(result.record())
+    import json
+
+    (root / "plan.json").write_text(json.dumps(plan))
+    loaded = Bundle.load(root).cut(cut)
+    assert not loaded.int8_passed and loaded.edge_head == loaded.head
+    from edge_agent.runtime import head_choice
+
+    assert head_choice(plan, cut, "int8", False).startswith("fp32 head (its gate passed only with every")
