@@ -12,7 +12,8 @@ VENVOV := .venv-openvino
 EDGE_TESTS := $(sort $(wildcard tests/unit/test_agent_*.py)) tests/unit/test_codec.py tests/unit/test_mqtt_schema.py \
               tests/unit/test_serde.py
 
-.PHONY: setup system-packages demo check lint typecheck imports protos edge310 openvino test bench clean
+.PHONY: setup system-packages demo check gates lint typecheck imports protos edge310 edge310-env openvino openvino-env \
+        litert-converter test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,9 +34,20 @@ system-packages:
 demo: setup
 	$(BIN)/split-demo
 
-# The gates CI runs before the tests: all of them run (--keep-going), and any one failing fails the build.
+# The gates CI runs before the tests: all of them run (--keep-going), and any one failing fails the build. They run
+# two at a time beside the setup of the [edge] job's venv (and, for `make test`, of the other environments the tests
+# use: ENVS): mypy keeps one core busy for a minute while pip mostly waits on the disk and the network. The [edge]
+# job's tests run after them, alone.
+GATES := lint typecheck imports protos
+ENVS := edge310-env
 check: setup
-	$(MAKE) --no-print-directory --keep-going lint typecheck imports protos edge310
+	@$(MAKE) --no-print-directory gates
+
+gates:
+	@status=0; \
+	$(MAKE) --no-print-directory --keep-going -j2 --output-sync=target $(GATES) $(ENVS) || status=1; \
+	$(MAKE) --no-print-directory edge310 || status=1; \
+	exit $$status
 
 lint:
 	$(BIN)/ruff check .
@@ -57,14 +69,25 @@ edge310:
 		.ci/edge310 $(VENV310) $(EDGE_TESTS); \
 	fi
 
+edge310-env:
+	@if [ -z "$(SKIP_PY310)" ]; then .ci/edge310 --prepare $(VENV310); fi
+
 # SPLITINFER_MAKE_LITERT_CONVERTER=1: the TFLite conversion tests make the onnx2tf environment (Python 3.12+, once,
-# in ~/.cache/splitinfer) instead of skipping.
-test: setup system-packages check
+# in ~/.cache/splitinfer) instead of skipping; `make test` makes it beside the gates (litert-converter), and the
+# OpenVINO job's venv too.
+test: setup system-packages
+	$(MAKE) --no-print-directory gates ENVS="edge310-env openvino-env litert-converter"
 	SPLITINFER_MAKE_LITERT_CONVERTER=1 $(BIN)/python -m pytest -q --durations=15
 	$(MAKE) --no-print-directory openvino
 
 openvino:
 	.ci/openvino $(VENVOV)
+
+openvino-env:
+	.ci/openvino --prepare $(VENVOV)
+
+litert-converter:
+	.ci/litert-converter $(BIN)/python
 
 bench: setup
 	$(BIN)/python -m benchmarks.planner_accuracy

@@ -1,7 +1,8 @@
 """Integration fixtures: a real Mosquitto per test module (`mosquitto`, plaintext: the lab's insecure mode), a
 fleet store plus controller on it (`fleet`), per-device MQTT TLS files from the session CA (`mqtt_tls`; the CA
 itself is tests/conftest.py's `pki`), and a Mosquitto run with the production TLS configuration
-(`mosquitto_tls`). pytest finds them here; test modules name them as arguments and import nothing.
+(`mosquitto_tls`), and one local Ray cluster for the session's Ray tests (`ray_cluster`, stopped after the last
+test that uses it). pytest finds them here; test modules name them as arguments and import nothing.
 """
 
 from __future__ import annotations
@@ -82,3 +83,53 @@ def fleet_tls(mosquitto_tls: Mosquitto, controller_tls: MqttTls,
     yield store, ctl
     ctl.stop()
     store.close()
+
+
+# The Ray cluster's stop, and the node id of the last test that uses it (set at collection): it stops after that
+# test instead of at the end of the session, so the tests after it run without Ray's processes beside them.
+_ray: dict[str, Callable[[], None] | str | None] = {"stop": None, "last": None}
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselected: the last test that runs
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    users = [item.nodeid for item in items if "ray_cluster" in getattr(item, "fixturenames", ())]
+    _ray["last"] = users[-1] if users else None
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures (a module's Serve apps) are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    stop = _ray["stop"]
+    if item.nodeid == _ray["last"] and callable(stop):
+        stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray cluster for every Ray test of the session (its address): on loopback only, 2 CPUs, no
+    dashboard, token auth pinned off (since Ray 2.59 a new local cluster turns it on). Tests using it leave it as
+    they found it (a module that deploys Serve apps shuts Serve down after itself)."""
+    ray = pytest.importorskip("ray", reason='the [ray] extra is not installed (pip install "splitinfer[ray]")')
+    from cloud_tier.rayinit import LOOPBACK_ENV, loopback_only
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")  # loopback only; pinned, else 2.59+ turns token auth on
+    mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    mp.setenv(LOOPBACK_ENV, "0")
+    loopback_only(ray)  # else Ray listens on every interface
+    try:
+        info = ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+                        log_to_driver=False)
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+    except BaseException:
+        mp.undo()
+        raise
+
+    def stop() -> None:
+        _ray["stop"] = None
+        ray.shutdown()
+        mp.undo()
+
+    _ray["stop"] = stop
+    yield str(info.address_info["address"])
+    if _ray["stop"] is not None:
+        stop()

@@ -1,10 +1,10 @@
 """`--backend ray`: the tails as Ray Serve deployments behind our gRPC front, on a real local Ray cluster.
 
-One cluster per module, on loopback only (2 CPUs, no dashboard, token auth pinned off: since Ray 2.59 a new
-local cluster turns it on). Agents stream through the mTLS front to the replicas; their results equal the
-in-process backend's; a replica's worker killed mid-stream loses no request and answers none twice; Serve's
-back-pressure is RESOURCE_EXHAUSTED; under a short load the autoscaler adds a replica, and the dashboard's
-Deployments view and /metrics show both.
+On the session's local Ray cluster (tests/integration/conftest.py: loopback only, 2 CPUs, no dashboard, token
+auth pinned off), its Serve apps shut down after the module. Agents stream through the mTLS front to the
+replicas; their results equal the in-process backend's; a replica's worker killed mid-stream loses no request and
+answers none twice; Serve's back-pressure is RESOURCE_EXHAUSTED; under a short load the autoscaler adds a replica,
+and the dashboard's Deployments view and /metrics show both.
 """
 
 from __future__ import annotations
@@ -24,14 +24,12 @@ import pytest
 
 pytest.importorskip("ray.serve", reason='the [ray] extra is not installed (pip install "splitinfer[ray]")')
 
-import ray  # noqa: E402 - after the skip
 from ray import serve  # noqa: E402
 
 from cloud_tier.config import RayOptions, ServerConfig  # noqa: E402
 from cloud_tier.dashboard import Dashboard  # noqa: E402
 from cloud_tier.metrics import RayCollector, render  # noqa: E402
 from cloud_tier.ray_backend import RayBackend  # noqa: E402
-from cloud_tier.rayinit import LOOPBACK_ENV, loopback_only
 from cloud_tier.server import CloudServer  # noqa: E402
 from edge_agent import CLOUD, EDGE, EdgeAgent  # noqa: E402
 from edge_agent.constants import DEFAULT_DEVICE_ID  # noqa: E402
@@ -49,20 +47,12 @@ OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_messag
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # loopback only; pinned, else 2.59+ turns token auth on
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        mp.setenv(LOOPBACK_ENV, "0")
-        loopback_only(ray)  # else Ray listens on every interface
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-                 log_to_driver=False)
-        assert ray.util.get_node_ip_address() == "127.0.0.1"
-        try:
-            yield
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+def serve_cluster(ray_cluster: str) -> Iterator[str]:
+    """The session's Ray cluster (tests/integration/conftest.py), with this module's Serve apps shut down after it."""
+    try:
+        yield ray_cluster
+    finally:
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +71,7 @@ def _ray_server(bundles_dir: Path, config: ServerConfig, **options) -> tuple[Clo
 
 
 @pytest.fixture(scope="module")
-def ray_server(ray_cluster, bundles_dir: Path) -> Iterator[tuple[CloudServer, RayBackend]]:
+def ray_server(serve_cluster, bundles_dir: Path) -> Iterator[tuple[CloudServer, RayBackend]]:
     server, backend = _ray_server(bundles_dir, ServerConfig(max_batch=8, max_wait_ms=2.0))
     yield server, backend
     server.stop(grace=1.0)
@@ -177,7 +167,7 @@ def test_a_killed_replica_loses_no_request_and_answers_none_twice(ray_server, bu
     assert again[0].served_by == CLOUD, again[0].fallback_reason
 
 
-def test_serve_back_pressure_is_resource_exhausted(ray_cluster, bundles_dir, device_channel) -> None:
+def test_serve_back_pressure_is_resource_exhausted(serve_cluster, bundles_dir, device_channel) -> None:
     # One replica taking 2 requests at a time and 1 queued in the handle: a burst of 3 x 64 must overflow it.
     server, backend = _ray_server(bundles_dir, ServerConfig(max_batch=1, max_queue=1))
     try:
@@ -211,7 +201,7 @@ def _get(url: str) -> str:
         return resp.read().decode()
 
 
-def test_the_autoscaler_adds_a_replica_under_load_and_the_dashboard_shows_it(ray_cluster, bundles_dir) -> None:
+def test_the_autoscaler_adds_a_replica_under_load_and_the_dashboard_shows_it(serve_cluster, bundles_dir) -> None:
     # min 1, max 2, a target of 1 request per replica; Serve's load reports every 0.5 s over a 2 s window
     server, backend = _ray_server(bundles_dir, ServerConfig(max_batch=2, max_wait_ms=2.0), max_replicas=2,
                                   target_ongoing_requests=1.0, upscale_delay_s=0.5, metrics_interval_s=0.5,

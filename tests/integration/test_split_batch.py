@@ -1,6 +1,5 @@
 """`split-batch`: a dataset through a bundle's head and tail on Ray Data, with the prediction cache, on a real
-local Ray cluster (one per module, loopback only, 2 CPUs, token auth pinned off: since 2.59 a new local cluster
-turns it on).
+local Ray cluster (the session's: tests/integration/conftest.py, loopback only, 2 CPUs, token auth pinned off).
 
 Its predictions equal the full model's run row by row (tolerance per head precision); a rerun takes every row
 from the cache, whatever the dataset's form (.npy files or parquet: the cache keys rows by content); a run
@@ -15,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +23,10 @@ pytest.importorskip("ray.data", reason='the [ray] extra is not installed (pip in
 pa = pytest.importorskip("pyarrow")
 
 import pyarrow.parquet as pq  # noqa: E402
-import ray  # noqa: E402
 
 from cloud_tier.batch.cache import PredictionCache  # noqa: E402
 from cloud_tier.batch.cli import main  # noqa: E402
 from cloud_tier.batch.pipeline import CACHE_FILE, BatchOptions, run_batch, split_models  # noqa: E402
-from cloud_tier.rayinit import LOOPBACK_ENV, loopback_only  # noqa: E402
 from models.manifest import PLAN_FILE, Bundle  # noqa: E402
 from models.ortopts import make_session  # noqa: E402
 from models.tiny_bundle import INPUT, OUTPUT, make_tiny_bundle, sample_input  # noqa: E402
@@ -38,22 +34,6 @@ from models.tiny_bundle import INPUT, OUTPUT, make_tiny_bundle, sample_input  # 
 ROWS = 24
 BATCH = 4  # rows per block: 6 blocks
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # loopback only; pinned, else 2.59+ turns token auth on
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        mp.setenv(LOOPBACK_ENV, "0")
-        loopback_only(ray)  # else Ray listens on every interface
-        info = ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-                        log_to_driver=False)
-        assert ray.util.get_node_ip_address() == "127.0.0.1"
-        try:
-            yield str(info.address_info["address"])
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +76,7 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> np.ndarray:
 
 
 def test_predictions_equal_the_full_model_and_a_rerun_takes_every_row_from_the_cache(
-        ray_address, dataset, tmp_path, capsys) -> None:
+        ray_cluster, dataset, tmp_path, capsys) -> None:
     out, cache = tmp_path / "preds.parquet", dataset["root"] / "cache"  # --compare below reuses it
     common = ["--cache-dir", str(cache), "--batch-size", str(BATCH), "-q"]
     assert main([str(dataset["bundle"]), "--input", str(dataset["npy"]), "--output", str(out), *common]) == 0
@@ -126,7 +106,7 @@ def test_predictions_equal_the_full_model_and_a_rerun_takes_every_row_from_the_c
         assert c.count(models.identity) == ROWS
 
 
-def test_compare_reports_the_agreement_of_the_int8_head_per_output(ray_address, dataset, capsys) -> None:
+def test_compare_reports_the_agreement_of_the_int8_head_per_output(ray_cluster, dataset, capsys) -> None:
     cache = dataset["root"] / "cache"  # the split's rows, if the test above ran, are cached: only the full model runs
     assert main([str(dataset["bundle"]), "--input", str(dataset["npy"]), "--compare", "--cache-dir", str(cache),
                  "--batch-size", str(2 * BATCH), "-q"]) == 0
@@ -159,13 +139,13 @@ run_batch(Path(bundle), Path(data), None, BatchOptions(cache_dir=Path(cache), ba
 """
 
 
-def test_a_killed_run_resumes_without_recomputing_its_finished_blocks(ray_address, dataset, tmp_path) -> None:
+def test_a_killed_run_resumes_without_recomputing_its_finished_blocks(ray_cluster, dataset, tmp_path) -> None:
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     log = tmp_path / "killed-run.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-c", KILLED_RUN, str(dataset["bundle"]), str(dataset["npy"]), str(cache), ray_address,
+            [sys.executable, "-c", KILLED_RUN, str(dataset["bundle"]), str(dataset["npy"]), str(cache), ray_cluster,
              str(BATCH)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     try:
         assert proc.stdout is not None

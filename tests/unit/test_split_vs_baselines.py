@@ -26,6 +26,18 @@ def _row(ms: float, served_by: str = "cloud", head: float = 0.0, tail: float = 0
             "fallback": None}
 
 
+def _cell(model: str = "m") -> Cell:
+    """A cell whose chosen cut c021 (50 ms, predicted 55) beats edge-only (100) and cloud-only (200 and 400), behind
+    the runner-up c038 (40), with the chosen cut timed again at 55 (the noise floor)."""
+    cell = Cell(model, "rpi4", "4g", Path("b"))
+    cell.chosen = "chosen c021 (int8)"
+    cell.predicted = {cell.chosen: 55.0}
+    times = {"edge-only": 100.0, "cloud-only raw": 400.0, "cloud-only int8c+zstd": 200.0, cell.chosen: 50.0,
+             "top2 c038 (int8)": 40.0, "chosen again (noise)": 55.0}
+    cell.rows = {k: [_row(v), _row(v)] for k, v in times.items()}
+    return cell
+
+
 def test_energy_counts_compute_active_waiting_idle_and_radio_bytes():
     # 6.4 W for 40 ms of head, 2.7 W for the other 60 ms, 100 nJ per byte for 10 KB: 256 + 162 + 1 mJ.
     assert energy_mj(_row(100.0, head=40.0, sent=10_000), (6.4, 2.7), 100.0) == pytest.approx(256 + 162 + 1.0)
@@ -34,12 +46,7 @@ def test_energy_counts_compute_active_waiting_idle_and_radio_bytes():
 
 
 def test_a_cells_figures():
-    cell = Cell("m", "rpi4", "4g", Path("b"))
-    cell.chosen = "chosen c021 (int8)"
-    cell.predicted = {cell.chosen: 55.0}
-    times = {"edge-only": 100.0, "cloud-only raw": 400.0, "cloud-only int8c+zstd": 200.0, cell.chosen: 50.0,
-             "top2 c038 (int8)": 40.0, "chosen again (noise)": 55.0}
-    cell.rows = {k: [_row(v), _row(v)] for k, v in times.items()}
+    cell = _cell()
     s = summarize(cell, (6.4, 2.7), 0.0)
     assert s["speedup_best_baseline"] == pytest.approx(2.0) and s["speedup_worst_baseline"] == pytest.approx(8.0)
     assert s["best"] == "top2 c038 (int8)" and s["regret"] == pytest.approx(0.25)
@@ -61,12 +68,7 @@ def test_the_plans_codec_unless_overridden():
 
 
 def test_the_readme_table_has_one_row_per_cell_and_says_which_targets_are_met():
-    cell = Cell("mobilenet_v2", "rpi4", "4g", Path("b"))
-    cell.chosen = "chosen c021 (int8)"
-    cell.predicted = {cell.chosen: 55.0}
-    times = {"edge-only": 100.0, "cloud-only raw": 400.0, "cloud-only int8c+zstd": 200.0, cell.chosen: 50.0,
-             "top2 c038 (int8)": 40.0, "chosen again (noise)": 55.0}
-    cell.rows = {k: [_row(v), _row(v)] for k, v in times.items()}
+    cell = _cell("mobilenet_v2")
     s = summarize(cell, (6.4, 2.7), 0.0)
     lines = readme_table([s, s]).splitlines()
     assert len(lines) == 4 and lines[0].startswith("| model | device | network | edge-only |")
