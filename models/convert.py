@@ -725,7 +725,8 @@ def _folded(original: Any, folded: dict[str, np.ndarray], inside: set[str], path
         for i, name in enumerate(node.input):
             if name in renamed:
                 node.input[i] = renamed[name]
-    _drop_unused(graph, inside)
+    # the Constants that fed only the folded arithmetic go too: onnxruntime would warn about each one it drops
+    _drop_unused(graph, inside | {n.name for n in graph.node if n.op_type == "Constant"})
     del graph.value_info[:]
     return _infer_shapes(model, path)
 

@@ -116,3 +116,23 @@ def test_a_batch_baked_into_the_graph_stays_fixed_without_a_line_on_stderr(tmp_p
     capfd.readouterr()
     assert not make_batch_dynamic(path)
     assert capfd.readouterr().err == ""
+
+
+def test_the_constants_that_fed_a_folded_shape_go_with_it(tmp_path, capfd):
+    """The legacy exporter writes a view's indices as Constant nodes; left behind after the fold, onnxruntime
+    drops each one with a warning line on stderr (hundreds on a ViT traced as model.pt)."""
+    path = _traced_view(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    for name in ("zero", "axes"):  # as Constant nodes, not initializers
+        tensor = next(t for t in model.graph.initializer if t.name == name)
+        model.graph.initializer.remove(tensor)
+        model.graph.node.insert(0, helper.make_node("Constant", [], [name], name=f"const_{name}", value=tensor))
+    onnx.save(model, str(path))
+    assert fold_shape_subgraphs(path).folded == 1
+    model = onnx.load(str(path))
+    assert [n.op_type for n in model.graph.node] == ["Relu", "Reshape", "Relu"]
+    capfd.readouterr()
+    from models.ortopts import make_session
+
+    make_session(model.SerializeToString(), threads=1, inter_threads=None, log_severity=2)  # warnings shown
+    assert "onnxruntime" not in capfd.readouterr().err
