@@ -168,7 +168,11 @@ def make_batch_dynamic(path: Path) -> bool:
     del candidate.graph.value_info[:]  # inferred again for the new batch dim
     ok = _runs_at_batch_two(candidate)
     if not ok:
-        freed = _free_reshape_batch(candidate)
+        freed = total = _free_reshape_batch(candidate)
+        while freed:  # a Reshape of a Reshape's output is seen to carry the batch once the first one does
+            freed = _free_reshape_batch(candidate)
+            total += freed
+        freed = total
         if freed and _runs_at_batch_two(candidate) and _batch_of_two_is_two_of_one(candidate, inputs):
             log.info("%s: %d Reshape(s) to batch 1 now keep the input's batch", path.name, freed)
             ok = True

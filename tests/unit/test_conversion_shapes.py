@@ -95,6 +95,20 @@ def test_a_reshape_to_batch_one_keeps_the_batch_when_two_samples_stay_apart(tmp_
     assert session(path).run(None, {"input": x})[0].shape == (4, 4)
 
 
+
+def test_chained_reshapes_to_batch_one_all_keep_the_batch(tmp_path):
+    """As torch.export writes YOLO's head at batch 1: a view of a Concat of views ([1, 4, 16, 8400])."""
+    nodes = [helper.make_node("Reshape", ["input", "s1"], ["a"], name="view1"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "s2"], ["output"], name="view2")]
+    path = tmp_path / "c.onnx"
+    onnx.save(_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2, 2, 2])],
+                     [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, 2, 2])],
+                     [_const("s1", [1, 2, -1]), _const("s2", [1, 2, 2, 2])]), path)
+    assert make_batch_dynamic(path)
+    x = np.arange(24, dtype=np.float32).reshape(3, 2, 2, 2)
+    np.testing.assert_array_equal(session(path).run(None, {"input": x})[0], x.reshape(3, 2, 2, 2))
+
 def test_the_graph_probe_draws_token_ids_below_the_vocabulary():
     nodes = [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed", axis=0),
              helper.make_node("Relu", ["e"], ["output"], name="relu")]
