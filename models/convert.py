@@ -168,13 +168,13 @@ def make_batch_dynamic(path: Path) -> bool:
     del candidate.graph.value_info[:]  # inferred again for the new batch dim
     ok = _runs_at_batch_two(candidate)
     if not ok:
-        freed = total = _free_reshape_batch(candidate)
-        while freed:  # a Reshape of a Reshape's output is seen to carry the batch once the first one does
-            freed = _free_reshape_batch(candidate)
+        freed = total = _free_reshape_batch(candidate) + _expand_batch_constants(candidate)
+        while freed:  # what reads a freed Reshape's output is seen to carry the batch once that one does
+            freed = _free_reshape_batch(candidate) + _expand_batch_constants(candidate)
             total += freed
         freed = total
         if freed and _runs_at_batch_two(candidate) and _batch_of_two_is_two_of_one(candidate, inputs):
-            log.info("%s: %d Reshape(s) to batch 1 now keep the input's batch", path.name, freed)
+            log.info("%s: %d Reshape(s) and constants at batch 1 now keep the input's batch", path.name, freed)
             ok = True
     if not ok:
         # info, not warning: with no logging configured a warning reaches stderr past -q; the loader says it once
@@ -202,7 +202,7 @@ def _runs_at_batch_two(candidate: Any) -> bool:
 
 def _free_reshape_batch(candidate: Any) -> int:
     """Reshapes to a constant target starting with 1 whose data has the symbolic batch as dim 0 (torch.export
-    bakes the example's batch 1 into `view`s): that 1 becomes 0 (copy the input's dim 0). The count changed."""
+    bakes the example's batch 1 into `view`s): that 1 becomes -1 (or 0 next to a -1). The count changed."""
     onnx = require("onnx", "profile")
     from onnx import numpy_helper
 
@@ -230,7 +230,9 @@ def _free_reshape_batch(candidate: Any) -> int:
         if value.ndim != 1 or not len(value) or value[0] != 1 or (value == 0).any():
             continue
         value = value.copy()
-        value[0] = 0
+        # -1 (from the element count) where the target has none: the data's dim 0 may be the batch times the
+        # heads (attention's Reshape to [1, heads, d, t] of a [batch * heads, d, t]); else 0 (copy its dim 0)
+        value[0] = 0 if (value == -1).any() else -1
         tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
         for user in users:  # no other 0 in the target: allowzero made no difference until now
             for attr in user.attribute:
@@ -239,6 +241,55 @@ def _free_reshape_batch(candidate: Any) -> int:
         changed += len(users)
     return changed
 
+
+
+def _expand_batch_constants(candidate: Any) -> int:
+    """Constants of batch 1 concatenated (on an axis other than 0) with a tensor that has the symbolic batch: a
+    class token `expand`ed to the example's batch 1, which torch.export folds into a weight. Each becomes an
+    Expand to that tensor's batch. The count changed."""
+    onnx = require("onnx", "profile")
+    from onnx import helper, numpy_helper
+
+    graph = candidate.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(candidate)
+    except Exception:  # noqa: BLE001 - nothing to go on
+        return 0
+    batched = {vi.name for vi in (*inferred.graph.value_info, *inferred.graph.input)
+               if vi.type.tensor_type.shape.dim and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    weights = {t.name: t for t in graph.initializer}
+    taken = set(weights) | {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    changed = 0
+    for index in range(len(graph.node) - 1, -1, -1):  # from the end: inserting keeps earlier indices
+        node = graph.node[index]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        source = next((i for i in node.input if i in batched), None)
+        if node.op_type != "Concat" or source is None:
+            continue
+        for slot, name in enumerate(list(node.input)):
+            dims = list(weights[name].dims) if name in weights else []
+            if len(dims) < 2 or dims[0] != 1 or axis % len(dims) == 0:
+                continue
+            stem = fresh(f"{name}_batched")
+            rest = fresh(f"{stem}_rest")
+            graph.initializer.append(numpy_helper.from_array(np.asarray(dims[1:], dtype=np.int64), rest))
+            made = [helper.make_node("Shape", [source], [fresh(f"{stem}_n")], name=fresh(f"{stem}_shape"), end=1),
+                    helper.make_node("Concat", [f"{stem}_n", rest], [fresh(f"{stem}_to")], name=fresh(f"{stem}_cat"),
+                                     axis=0),
+                    helper.make_node("Expand", [name, f"{stem}_to"], [stem], name=fresh(f"{stem}_expand"))]
+            for k, new in enumerate(made):
+                graph.node.insert(index + k, new)
+            node.input[slot] = stem
+            changed += 1
+    return changed
 
 def _frees_batch(node: Any, target: str, batched: set[str]) -> bool:
     return (node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] == target

@@ -106,3 +106,41 @@ def test_no_cut_carries_a_shape_value(vit_files, tmp_path):
     positions = [proto_graph.position(proto_graph.tensors[t].producer) for t in proto_graph.local_tensors]
     readers = [proto_graph.position(c) for t in proto_graph.local_tensors for c in proto_graph.tensors[t].consumers]
     assert min(positions) < max(readers) - 1
+
+
+
+class _TimmStyleViT(torch.nn.Module):
+    """A class token and attention as timm writes it: qkv reshaped batch first, F.scaled_dot_product_attention."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.heads = heads
+        self.patch = torch.nn.Conv2d(3, dim, 8, stride=8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.head = torch.nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.head(x[:, 0])
+
+
+def test_a_vit_pt2_at_batch_one_runs_batch_three(tmp_path):
+    """torch.export at batch 1 folds the class token's expand into a weight of batch 1 and bakes 1 into the
+    attention's Reshapes of (batch * heads) rows: both made to follow the batch (timm's ViT as .pt2)."""
+    model = _TimmStyleViT().eval()
+    x = torch.randn(VIT_SHAPE, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "model.pt2"))
+    loaded = load_model(tmp_path / "model.pt2", tmp_path / "work")
+    assert loaded.inputs[0].shape[0] is None
+    x3 = torch.randn((3, *VIT_SHAPE[1:]), generator=torch.Generator().manual_seed(1))
+    got = session(loaded.onnx_path).run(None, {"input": x3.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x3).numpy(), rtol=1e-4, atol=1e-4)
