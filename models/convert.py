@@ -168,13 +168,14 @@ def make_batch_dynamic(path: Path) -> bool:
     del candidate.graph.value_info[:]  # inferred again for the new batch dim
     ok = _runs_at_batch_two(candidate)
     if not ok:
-        freed = total = _free_reshape_batch(candidate) + _expand_batch_constants(candidate)
+        freed = total = _free_batch(candidate)
         while freed:  # what reads a freed Reshape's output is seen to carry the batch once that one does
-            freed = _free_reshape_batch(candidate) + _expand_batch_constants(candidate)
+            freed = _free_batch(candidate)
             total += freed
         freed = total
         if freed and _runs_at_batch_two(candidate) and _batch_of_two_is_two_of_one(candidate, inputs):
-            log.info("%s: %d Reshape(s) and constants at batch 1 now keep the input's batch", path.name, freed)
+            log.info("%s: %d Reshape(s), Resize(s) and constants at batch 1 now keep the input's batch", path.name,
+                     freed)
             ok = True
     if not ok:
         # info, not warning: with no logging configured a warning reaches stderr past -q; the loader says it once
@@ -200,20 +201,18 @@ def _runs_at_batch_two(candidate: Any) -> bool:
     return all(o.ndim > 0 and o.shape[0] == 2 for o in outputs)
 
 
+
+def _free_batch(candidate: Any) -> int:
+    """One round of freeing what torch.export baked batch 1 into (Reshapes, Resizes, class tokens); the count."""
+    return _free_reshape_batch(candidate) + _free_resize_batch(candidate) + _expand_batch_constants(candidate)
+
 def _free_reshape_batch(candidate: Any) -> int:
     """Reshapes to a constant target starting with 1 whose data has the symbolic batch as dim 0 (torch.export
     bakes the example's batch 1 into `view`s): that 1 becomes -1 (or 0 next to a -1). The count changed."""
-    onnx = require("onnx", "profile")
     from onnx import numpy_helper
 
     graph = candidate.graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(candidate)
-    except Exception:  # noqa: BLE001 - nothing to go on
-        return 0
-    # dim 0 follows the symbolic batch (under whatever name inference gave it); checked by a run at batch 2 after
-    batched = {vi.name for vi in (*inferred.graph.value_info, *inferred.graph.input)
-               if vi.type.tensor_type.shape.dim and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    batched = _batched(candidate)
     holders: dict[str, Any] = {t.name: t for t in graph.initializer}
     holders.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant"
                     for a in n.attribute if a.name == "value"})
@@ -243,20 +242,54 @@ def _free_reshape_batch(candidate: Any) -> int:
 
 
 
+
+def _batched(candidate: Any) -> dict[str, list[int]]:
+    """The tensors whose dim 0 follows the symbolic batch (under whatever name inference gave it), with their
+    inferred dims (-1 where unknown); empty when inference fails. Checked by a run at batch 2 after."""
+    onnx = require("onnx", "profile")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(candidate)
+    except Exception:  # noqa: BLE001 - nothing to go on
+        return {}
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
+            for vi in (*inferred.graph.value_info, *inferred.graph.input)
+            if vi.type.tensor_type.shape.dim and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")}
+
+
+def _free_resize_batch(candidate: Any) -> int:
+    """Resizes to constant `sizes` of batch 1 (torch.export's upsample at batch 1: [1, C, H, W]) of a batched input
+    whose channels the sizes keep: they resize the spatial axes only (opset 18's `axes`). The count changed."""
+    from onnx import helper, numpy_helper
+
+    graph = candidate.graph
+    batched = _batched(candidate)
+    weights = {t.name: t for t in graph.initializer}
+    changed = 0
+    for node in graph.node:
+        if (node.op_type != "Resize" or len(node.input) < 4 or node.input[0] not in batched
+                or node.input[3] not in weights or any(a.name == "axes" for a in node.attribute)):
+            continue
+        sizes = numpy_helper.to_array(weights[node.input[3]])
+        dims = batched[node.input[0]]
+        if sizes.ndim != 1 or len(sizes) != len(dims) or len(dims) < 3 or sizes[0] != 1 or sizes[1] != dims[1]:
+            continue
+        name = f"{node.input[3]}_spatial"
+        if name not in weights:
+            weights[name] = numpy_helper.from_array(sizes[2:].astype(np.int64), name)
+            graph.initializer.append(weights[name])
+        node.input[3] = name
+        node.attribute.append(helper.make_attribute("axes", list(range(2, len(dims)))))
+        changed += 1
+    return changed
+
 def _expand_batch_constants(candidate: Any) -> int:
     """Constants of batch 1 concatenated (on an axis other than 0) with a tensor that has the symbolic batch: a
     class token `expand`ed to the example's batch 1, which torch.export folds into a weight. Each becomes an
     Expand to that tensor's batch. The count changed."""
-    onnx = require("onnx", "profile")
     from onnx import helper, numpy_helper
 
     graph = candidate.graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(candidate)
-    except Exception:  # noqa: BLE001 - nothing to go on
-        return 0
-    batched = {vi.name for vi in (*inferred.graph.value_info, *inferred.graph.input)
-               if vi.type.tensor_type.shape.dim and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    batched = _batched(candidate)
     weights = {t.name: t for t in graph.initializer}
     taken = set(weights) | {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
 
@@ -291,7 +324,7 @@ def _expand_batch_constants(candidate: Any) -> int:
             changed += 1
     return changed
 
-def _frees_batch(node: Any, target: str, batched: set[str]) -> bool:
+def _frees_batch(node: Any, target: str, batched: Mapping[str, Any]) -> bool:
     return (node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] == target
             and node.input[0] in batched)
 

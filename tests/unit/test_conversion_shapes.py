@@ -109,6 +109,22 @@ def test_chained_reshapes_to_batch_one_all_keep_the_batch(tmp_path):
     x = np.arange(24, dtype=np.float32).reshape(3, 2, 2, 2)
     np.testing.assert_array_equal(session(path).run(None, {"input": x})[0], x.reshape(3, 2, 2, 2))
 
+
+def test_a_resize_to_sizes_of_batch_one_resizes_the_spatial_axes_and_keeps_the_batch(tmp_path):
+    """torch.export writes an upsample at batch 1 as Resize(sizes=[1, C, H, W]) (lraspp, deeplabv3 as .pt2)."""
+    nodes = [helper.make_node("Relu", ["input"], ["r"], name="relu"),
+             helper.make_node("Resize", ["r", "", "", "sizes"], ["output"], name="up", mode="linear")]
+    path = tmp_path / "r.onnx"
+    onnx.save(_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2, 4, 4])],
+                     [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, 8, 8])],
+                     [_const("sizes", [1, 2, 8, 8])]), path)
+    assert make_batch_dynamic(path)
+    x = np.random.default_rng(0).standard_normal((3, 2, 4, 4)).astype(np.float32)
+    got = session(path).run(None, {"input": x})[0]
+    assert got.shape == (3, 2, 8, 8)
+    one = session(path).run(None, {"input": x[1:2]})[0]
+    np.testing.assert_allclose(got[1:2], one, rtol=1e-6)
+
 def test_the_graph_probe_draws_token_ids_below_the_vocabulary():
     nodes = [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed", axis=0),
              helper.make_node("Relu", ["e"], ["output"], name="relu")]
