@@ -749,6 +749,8 @@ def fold_shape_subgraphs(path: Path) -> FoldResult:
     values = _probe_values(model, frontier)
     if values is None:
         return FoldResult(0, tuple(frontier))
+    channels = {vi.name: vi.type.tensor_type.shape.dim[1].dim_value for vi in graph.value_info
+                if len(vi.type.tensor_type.shape.dim) > 1}
     folded: dict[str, np.ndarray] = {}
     kept: list[str] = []
     for t in frontier:
@@ -759,6 +761,8 @@ def fold_shape_subgraphs(path: Path) -> FoldResult:
             folded[t] = v1
         elif (reshape := _batch_free_reshape_target(t, v1, v2, consumers.get(t, ()))) is not None:
             folded[t] = reshape
+        elif (spatial := _batch_free_resize_sizes(t, v1, v2, consumers.get(t, ()), channels)) is not None:
+            folded[t] = spatial
         else:
             kept.append(t)
     if not folded:
@@ -813,6 +817,12 @@ def _folded(original: Any, folded: dict[str, np.ndarray], inside: set[str], path
         for i, name in enumerate(node.input):
             if name in renamed:
                 node.input[i] = renamed[name]
+                if node.op_type == "Resize" and i == 3 and np.ndim(folded[name]) == 1 and (
+                        not any(a.name == "axes" for a in node.attribute)):
+                    rank = _resize_rank(node, graph)
+                    if rank > len(folded[name]):  # sizes of the spatial axes only (_batch_free_resize_sizes)
+                        axes = list(range(rank - len(folded[name]), rank))
+                        node.attribute.append(onnx.helper.make_attribute("axes", axes))
     # the Constants that fed only the folded arithmetic go too: onnxruntime would warn about each one it drops
     _drop_unused(graph, inside | {n.name for n in graph.node if n.op_type == "Constant"})
     del graph.value_info[:]
@@ -839,6 +849,29 @@ def _batch_free_reshape_target(name: str, v1: np.ndarray, v2: np.ndarray, reader
     out[differ[0]] = 0  # the input's size there (checked after: _keeps_batch)
     return out
 
+
+
+def _batch_free_resize_sizes(name: str, v1: np.ndarray, v2: np.ndarray, readers: Sequence[Any],
+                             channels: Mapping[str, int]) -> np.ndarray | None:
+    """The constant spatial sizes for Resizes reading `name` as `sizes` whose value is [batch, C, H, W] at batch 1
+    (`v1`) and 2 (`v2`) with C the data's channels (`interpolate(size=x.shape[-2:])` as the legacy exporter
+    writes it): [H, W], the readers then resizing axes 2 onward (opset 18)."""
+    if not readers or any(r.op_type != "Resize" or list(r.input).index(name) != 3
+                          or any(a.name == "axes" for a in r.attribute) for r in readers):
+        return None
+    if v1.ndim != 1 or v1.shape != v2.shape or len(v1) < 3 or v1[0] != 1 or v2[0] != 2:
+        return None
+    if (v1[1:] != v2[1:]).any() or any(channels.get(r.input[0]) != v1[1] for r in readers):
+        return None
+    return v1[2:].copy()
+
+
+def _resize_rank(node: Any, graph: Any) -> int:
+    """The rank of a Resize's data input from the graph's inferred shapes (0 when unknown)."""
+    for vi in (*graph.value_info, *graph.input):
+        if vi.name == node.input[0]:
+            return len(vi.type.tensor_type.shape.dim)
+    return 0
 
 def _probe_values(model: Any, names: list[str]) -> dict[str, tuple[np.ndarray | None, np.ndarray | None]] | None:
     """The values of tensors `names` from onnxruntime runs at batch 1 and batch 2 (None where batch 2 fails, or

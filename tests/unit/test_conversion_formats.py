@@ -144,3 +144,35 @@ def test_a_vit_pt2_at_batch_one_runs_batch_three(tmp_path):
     got = session(loaded.onnx_path).run(None, {"input": x3.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x3).numpy(), rtol=1e-4, atol=1e-4)
+
+
+class _UpsampleToInput(torch.nn.Module):
+    """A segmentation head upsampled to the input's size, as torchvision's: interpolate(size=x.shape[-2:])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.down = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.head = torch.nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.head(torch.relu(self.down(x)))
+        return torch.nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def test_a_traced_upsample_to_the_input_size_is_folded_and_cuts_stay_open(tmp_path):
+    """The legacy exporter computes the Resize sizes [batch, C, H, W] from the input's shape: a shape value made
+    at the input and read at the end, so no cut could be offered in between (lraspp as model.pt: 16 cuts of 168).
+    Folded to the spatial sizes, the graph is the .pt2's and keeps its batch."""
+    model = _UpsampleToInput().eval()
+    d = _save(model, (1, 3, 32, 32), tmp_path / "files")
+    pt = build_cut_graph(onnx.load(str(_load(d / "model.pt", tmp_path / "pt").onnx_path)))
+    pt2 = build_cut_graph(onnx.load(str(_load(d / "model.pt2", tmp_path / "pt2").onnx_path)))
+    assert not pt.local_tensors
+    assert len(pt.nodes) == len(pt2.nodes)
+    loaded = _load(d / "model.pt", tmp_path / "pt")
+    x3 = torch.randn((3, 3, 32, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x3).numpy()
+    np.testing.assert_allclose(session(loaded.onnx_path).run(None, {"input": x3.numpy()})[0], want, rtol=1e-4,
+                               atol=1e-5)
