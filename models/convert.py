@@ -684,7 +684,8 @@ def integer_input_highs(model: Any, default: int | None = None) -> dict[str, int
 SHAPE_ROOTS = frozenset({"Shape", "Size"})
 _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                          "Bernoulli"})
-MAX_FOLD_ELEMENTS = 4096  # a shape value is a few integers; larger tensors (e.g. a mask built from a shape) stay
+MAX_FOLD_ELEMENTS = 4096  # a shape value is a few integers; larger tensors (e.g. a mask built from a shape) ...
+MAX_FOLD_BYTES = 4 << 20  # ... are folded while the same at any batch and within max(4 MiB, 5 % of the weights)
 
 
 def shape_derived(graph: Any) -> set[str]:
@@ -753,9 +754,13 @@ def fold_shape_subgraphs(path: Path) -> FoldResult:
                 if len(vi.type.tensor_type.shape.dim) > 1}
     folded: dict[str, np.ndarray] = {}
     kept: list[str] = []
+    budget = max(MAX_FOLD_BYTES, sum(len(t.raw_data) for t in graph.initializer) // 20)
     for t in frontier:
         v1, v2 = values[t]
-        if v1 is None or v1.size > MAX_FOLD_ELEMENTS:
+        if v1 is not None and v1.size > MAX_FOLD_ELEMENTS and (v2 is None or _same(v1, v2)) and v1.nbytes <= budget:
+            folded[t] = v1  # a constant built from shapes (swin's shifted-window masks), within the size budget
+            budget -= v1.nbytes
+        elif v1 is None or v1.size > MAX_FOLD_ELEMENTS:
             kept.append(t)
         elif v2 is None or (v1.shape == v2.shape and np.array_equal(v1, v2)):
             folded[t] = v1

@@ -176,3 +176,26 @@ def test_a_traced_upsample_to_the_input_size_is_folded_and_cuts_stay_open(tmp_pa
         want = model(x3).numpy()
     np.testing.assert_allclose(session(loaded.onnx_path).run(None, {"input": x3.numpy()})[0], want, rtol=1e-4,
                                atol=1e-5)
+
+
+class _MaskFromShape(torch.nn.Module):
+    """A mask built from the input's shape by slice assignment, as swin's shifted windows build theirs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        mask = torch.zeros((h, w), dtype=x.dtype)
+        mask[: h // 2, :] = 1.0
+        mask[:, w // 3:] = -1.0
+        return torch.relu(x) + mask
+
+
+def test_a_large_constant_built_from_shapes_is_folded(tmp_path):
+    """80 x 80 mask values, the same at any batch: above the few integers of a shape value, folded all the same
+    (swin_t as model.pt: 2,511 nodes to search and 1,605 shape values closing cuts, against 581 and none)."""
+    d = _save(_MaskFromShape(), (1, 2, 80, 80), tmp_path / "files")
+    loaded = _load(d / "model.pt", tmp_path / "pt")
+    proto = onnx.load(str(loaded.onnx_path))
+    graph = build_cut_graph(proto)
+    assert not graph.local_tensors
+    assert [n.op_type for n in proto.graph.node] == ["Relu", "Add"]
+    assert loaded.inputs[0].shape[0] is None
