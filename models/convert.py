@@ -129,6 +129,7 @@ def normalize_onnx(path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, OSError, ValueError...
         raise ConversionError(f"{path}: cannot be read as ONNX ({type(exc).__name__}: {exc})") from exc
     _name_nodes(model.graph)
+    _constants_to_initializers(model.graph)
     model = _infer_shapes(model, path)
     if model.ByteSize() >= 2**31 - 1:
         raise ConversionError(f"{path}: model is over 2 GiB and cannot be stored in one .onnx file")
@@ -965,6 +966,38 @@ def _external_location(tensor: Any) -> str | None:
         return None
     return next((e.value for e in tensor.external_data if e.key == "location"), None)
 
+
+
+_CONSTANT_VALUES = ("value", "value_float", "value_floats", "value_int", "value_ints")
+
+
+def _constants_to_initializers(graph: Any) -> int:
+    """The top graph's Constant nodes (the legacy exporter writes them; the dynamo exporter writes initializers)
+    become initializers of the same name: weights, not activations to cut at or measure (a -inf mask constant
+    cannot be int8-encoded). Those that are graph outputs stay. The count moved."""
+    from onnx import helper, numpy_helper
+
+    outputs = {o.name for o in graph.output}
+    moved = []
+    for node in graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if (node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1
+                or node.output[0] in outputs or set(attrs) - set(_CONSTANT_VALUES) or len(attrs) != 1):
+            continue
+        (attr,) = attrs.values()
+        value = helper.get_attribute_value(attr)
+        if attr.name == "value":
+            tensor = type(value)()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+        else:
+            dtype = np.float32 if attr.name.startswith("value_float") else np.int64
+            tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), node.output[0])
+        graph.initializer.append(tensor)
+        moved.append(node)
+    for node in moved:
+        graph.node.remove(node)
+    return len(moved)
 
 def _name_nodes(graph: Any) -> None:
     """Give every node (subgraphs included) a non-empty name unique in the model: `{op_type}_{i}` where needed."""

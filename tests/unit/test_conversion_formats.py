@@ -199,3 +199,34 @@ def test_a_large_constant_built_from_shapes_is_folded(tmp_path):
     assert not graph.local_tensors
     assert [n.op_type for n in proto.graph.node] == ["Relu", "Add"]
     assert loaded.inputs[0].shape[0] is None
+
+
+class _MaskedAttention(torch.nn.Module):
+    """Scores masked with -inf where the mask is 0, as Hugging Face's BERT attention (the legacy exporter writes
+    the -inf as a Constant node)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = (x @ x.transpose(-1, -2)).masked_fill(mask[:, None, :] == 0, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ x
+
+
+def test_constants_are_weights_not_tensors_to_cut_or_measure(tmp_path):
+    """bert_hf as model.pt: the codec measurement met the -inf Constant among the activations and split-profile
+    stopped ("cannot int8-quantize non-finite values"); as .pt2 or ONNX constants are initializers."""
+    from partitioning.codecs import measure_codecs
+    from partitioning.graph import activations
+
+    x = torch.randn(1, 6, 4, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(_MaskedAttention(), (x, mask)).save(str(tmp_path / "model.pt"))
+    from models.loaders import parse_input_hints
+
+    loaded = load_model(tmp_path / "model.pt", tmp_path / "w", input_hints=parse_input_hints("x=1x6x4,mask=1x6:int64"))
+    proto = onnx.load(str(loaded.onnx_path))
+    assert "Constant" not in {n.op_type for n in proto.graph.node}
+    graph = build_cut_graph(proto)
+    feeds = {"x": x.numpy(), "mask": np.ones((1, 6), np.int64)}  # as the synthetic samples: attend everywhere
+    arrays = activations(proto, list(graph.tensors), feeds=feeds)
+    measure_codecs({k: v for k, v in arrays.items() if k in graph.tensors}, ("int8",))
