@@ -9,8 +9,10 @@ Each model is built with random weights (nothing is downloaded), exported in a c
 runs as a child process with a timeout (its progress lines are kept in split-profile-EXT.log). A row per
 (model, format): the status (ok, or the error's line), the export's and split-profile's wall and CPU time (user
 + system: the children run one thread, so on a shared host the CPU time is what an idle core would take), the
-peak memory (the child's `ru_maxrss`), the graph's node count, the chosen cut and its int8 head's agreement
-with fp32 (the verification gate).
+peak memory (the child's `ru_maxrss`), the graph's node count and GFLOPs (the planner's count on the bundle's
+full.onnx), the chosen cut and its int8 head's agreement with fp32 (the verification gate). The summary names
+the formats of a model that disagree on GFLOPs or node count by more than 5 %, and any stderr line past
+split-profile's own (what would still print under -q).
 
 Families: `torchvision`, `timm`, `transformers` (Hugging Face, built from a config, 4 layers), `ultralytics`
 (YOLO from its yaml, offline) need the `matrix` extra (`pip install -e .[matrix]`; see below); `project` (the
