@@ -9,8 +9,10 @@ Each model is built with random weights (nothing is downloaded), exported in a c
 runs as a child process with a timeout (its progress lines are kept in split-profile-EXT.log). A row per
 (model, format): the status (ok, or the error's line), the export's and split-profile's wall and CPU time (user
 + system: the children run one thread, so on a shared host the CPU time is what an idle core would take), the
-peak memory (the child's `ru_maxrss`), the graph's node count, the chosen cut and its int8 head's agreement
-with fp32 (the verification gate).
+peak memory (the child's `ru_maxrss`), the graph's node count and GFLOPs (the planner's count on the bundle's
+full.onnx), the chosen cut and its int8 head's agreement with fp32 (the verification gate). The summary names
+the formats of a model that disagree on GFLOPs or node count by more than 5 %, and any stderr line past
+split-profile's own (what would still print under -q).
 
 Families: `torchvision`, `timm`, `transformers` (Hugging Face, built from a config, 4 layers), `ultralytics`
 (YOLO from its yaml, offline) need the `matrix` extra (`pip install -e .[matrix]`; see below); `project` (the
@@ -37,6 +39,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -386,6 +389,7 @@ class Row:
     plan_cpu_s: float | None = None
     peak_mb: float | None = None
     nodes: int | None = None
+    gflops: float | None = None  # the whole model's work at batch 1 (bundle's full.onnx, partitioning.flops)
     candidates: int | None = None
     chosen: str = ""
     cut: tuple[str, ...] = ()
@@ -393,6 +397,7 @@ class Row:
     bundle: Path | None = None
     model_file: Path | None = None
     notes: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)  # stderr lines past split-profile's own (stray_lines)
 
     @property
     def ok(self) -> bool:
@@ -474,7 +479,7 @@ def plan(row: Row, model_file: Path, spec: Spec, bundle: Path, timeout: float, p
     """Run split-profile on `model_file` in a child and fill `row` from its plan.json (or its error)."""
     row.model_file = model_file
     argv = [sys.executable, "-m", "partitioning.cli", str(model_file), *profile_args,
-            "--input-shape", spec.input_shape, "--out", str(bundle)]
+            "--input-shape", spec.input_shape, "--name", f"{spec.name}-{row.fmt}", "--out", str(bundle)]
     ran = run_child(argv, timeout, env)
     row.plan_s, row.plan_cpu_s, row.peak_mb = ran.seconds, ran.cpu_seconds, ran.peak_mb
     (bundle.parent / f"split-profile-{row.fmt}.log").write_text(ran.stderr)  # the progress lines, timed
@@ -497,6 +502,55 @@ def plan(row: Row, model_file: Path, spec: Spec, bundle: Path, timeout: float, p
     row.int8 = _int8_summary(doc)
     row.notes = [line.removeprefix("split-profile: warning: ") for line in ran.stderr.splitlines()
                  if line.startswith("split-profile: warning")]
+    row.stray = stray_lines(ran.stderr)
+    row.gflops = model_gflops(bundle / "full.onnx")
+
+
+_PROGRESS = re.compile(r"^\[\s*\d+(\.\d+)?s\] ")
+
+
+def stray_lines(stderr: str) -> list[str]:
+    """split-profile's stderr lines that are neither its progress lines nor its own `split-profile:` lines:
+    what would still reach the terminal under -q (an onnxruntime `[E:onnxruntime...]` line, a library's warning)."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not _PROGRESS.match(line) and not line.startswith("split-profile: ")]
+
+
+def model_gflops(full_onnx: Path) -> float | None:
+    """The model's work at batch 1 in GFLOPs as the planner counts it (None when the file is missing)."""
+    if not full_onnx.is_file():
+        return None
+    import onnx
+
+    from partitioning.flops import node_stats
+
+    return sum(s.flops for s in node_stats(onnx.load(str(full_onnx))).values()) / 1e9
+
+
+FORMAT_SLACK = 0.05  # the same model in two formats: GFLOPs and node count within 5 %
+
+
+def format_discrepancies(rows: Sequence[Row]) -> list[str]:
+    """Lines naming each model whose formats disagree on its work or graph size by more than FORMAT_SLACK,
+    against its ONNX row (else its first planned row)."""
+    said = []
+    by_model: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.ok and row.nodes is not None:
+            by_model.setdefault(row.model, []).append(row)
+    for model, planned in by_model.items():
+        ref = next((r for r in planned if r.fmt == "onnx"), planned[0])
+        for row in planned:
+            if row is ref:
+                continue
+            what = []
+            if ref.gflops and row.gflops is not None and abs(row.gflops - ref.gflops) > FORMAT_SLACK * ref.gflops:
+                what.append(f"{row.gflops:.2f} GFLOPs against {ref.gflops:.2f}")
+            if ref.nodes and abs((row.nodes or 0) - ref.nodes) > FORMAT_SLACK * ref.nodes:
+                what.append(f"{row.nodes} nodes to search against {ref.nodes}")
+            if what:
+                said.append(f"{model} {row.fmt}: {', '.join(what)} ({ref.fmt})")
+    return said
 
 
 # -- the table --------------------------------------------------------------------------------------------------------
@@ -519,8 +573,8 @@ def _wall_cpu(wall: float | None, cpu: float | None) -> str:
     return "" if wall is None else f"{wall:.0f} ({cpu:.0f})" if cpu is not None else f"{wall:.0f}"
 
 
-HEADER = ("| model | format | status | export s (cpu) | split-profile s (cpu) | peak MB | nodes | chosen cut "
-          "| int8 head (agreement) |\n|---|---|---|---:|---:|---:|---:|---|---|")
+HEADER = ("| model | format | status | export s (cpu) | split-profile s (cpu) | peak MB | nodes | GFLOPs | chosen cut "
+          "| int8 head (agreement) |\n|---|---|---|---:|---:|---:|---:|---:|---|---|")
 
 
 def table_row(row: Row) -> str:
@@ -528,9 +582,12 @@ def table_row(row: Row) -> str:
     status = row.status.replace("|", "\\|")
     if row.slow:
         status += f" (over {PLAN_TARGET_S:g} s cpu)"
+    if row.stray:
+        status += f" ({len(row.stray)} stray stderr line(s))"
     cells = [row.model, row.fmt, status, _wall_cpu(row.export_s, row.export_cpu_s),
              _wall_cpu(row.plan_s, row.plan_cpu_s), _num(row.peak_mb, "{:.0f}"),
-             "" if row.nodes is None else str(row.nodes), _cut_text(row).replace("|", "\\|"), row.int8]
+             "" if row.nodes is None else str(row.nodes), _num(row.gflops, "{:.2f}"),
+             _cut_text(row).replace("|", "\\|"), row.int8]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -634,8 +691,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = host_note()
     ok = sum(r.ok for r in rows)
     slow = [f"{r.model} {r.fmt}" for r in rows if r.slow]
+    differ = format_discrepancies(rows)
+    stray = [f"{r.model} {r.fmt}: {r.stray[0][:160]}" for r in rows if r.stray]
     summary = (f"\n{ok} of {len(rows)} planned; over {PLAN_TARGET_S:g} s: {', '.join(slow) or 'none'}.\n"
-               f"Measured {note}.")
+               + "".join(f"Formats disagree: {line}\n" for line in differ)
+               + "".join(f"Stray stderr: {line}\n" for line in stray)
+               + f"Measured {note}.")
     print(summary)
     if args.out:
         with args.out.open("a") as f:

@@ -129,6 +129,7 @@ def normalize_onnx(path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, OSError, ValueError...
         raise ConversionError(f"{path}: cannot be read as ONNX ({type(exc).__name__}: {exc})") from exc
     _name_nodes(model.graph)
+    _constants_to_initializers(model.graph)
     model = _infer_shapes(model, path)
     if model.ByteSize() >= 2**31 - 1:
         raise ConversionError(f"{path}: model is over 2 GiB and cannot be stored in one .onnx file")
@@ -168,9 +169,14 @@ def make_batch_dynamic(path: Path) -> bool:
     del candidate.graph.value_info[:]  # inferred again for the new batch dim
     ok = _runs_at_batch_two(candidate)
     if not ok:
-        freed = _free_reshape_batch(candidate)
+        freed = total = _free_batch(candidate)
+        while freed:  # what reads a freed Reshape's output is seen to carry the batch once that one does
+            freed = _free_batch(candidate)
+            total += freed
+        freed = total
         if freed and _runs_at_batch_two(candidate) and _batch_of_two_is_two_of_one(candidate, inputs):
-            log.info("%s: %d Reshape(s) to batch 1 now keep the input's batch", path.name, freed)
+            log.info("%s: %d Reshape(s), Resize(s) and constants at batch 1 now keep the input's batch", path.name,
+                     freed)
             ok = True
     if not ok:
         # info, not warning: with no logging configured a warning reaches stderr past -q; the loader says it once
@@ -196,20 +202,18 @@ def _runs_at_batch_two(candidate: Any) -> bool:
     return all(o.ndim > 0 and o.shape[0] == 2 for o in outputs)
 
 
+
+def _free_batch(candidate: Any) -> int:
+    """One round of freeing what torch.export baked batch 1 into (Reshapes, Resizes, class tokens); the count."""
+    return _free_reshape_batch(candidate) + _free_resize_batch(candidate) + _expand_batch_constants(candidate)
+
 def _free_reshape_batch(candidate: Any) -> int:
     """Reshapes to a constant target starting with 1 whose data has the symbolic batch as dim 0 (torch.export
-    bakes the example's batch 1 into `view`s): that 1 becomes 0 (copy the input's dim 0). The count changed."""
-    onnx = require("onnx", "profile")
+    bakes the example's batch 1 into `view`s): that 1 becomes -1 (or 0 next to a -1). The count changed."""
     from onnx import numpy_helper
 
     graph = candidate.graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(candidate)
-    except Exception:  # noqa: BLE001 - nothing to go on
-        return 0
-    # dim 0 follows the symbolic batch (under whatever name inference gave it); checked by a run at batch 2 after
-    batched = {vi.name for vi in (*inferred.graph.value_info, *inferred.graph.input)
-               if vi.type.tensor_type.shape.dim and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    batched = _batched(candidate)
     holders: dict[str, Any] = {t.name: t for t in graph.initializer}
     holders.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant"
                     for a in n.attribute if a.name == "value"})
@@ -226,7 +230,9 @@ def _free_reshape_batch(candidate: Any) -> int:
         if value.ndim != 1 or not len(value) or value[0] != 1 or (value == 0).any():
             continue
         value = value.copy()
-        value[0] = 0
+        # -1 (from the element count) where the target has none: the data's dim 0 may be the batch times the
+        # heads (attention's Reshape to [1, heads, d, t] of a [batch * heads, d, t]); else 0 (copy its dim 0)
+        value[0] = 0 if (value == -1).any() else -1
         tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
         for user in users:  # no other 0 in the target: allowzero made no difference until now
             for attr in user.attribute:
@@ -236,7 +242,90 @@ def _free_reshape_batch(candidate: Any) -> int:
     return changed
 
 
-def _frees_batch(node: Any, target: str, batched: set[str]) -> bool:
+
+
+def _batched(candidate: Any) -> dict[str, list[int]]:
+    """The tensors whose dim 0 follows the symbolic batch (under whatever name inference gave it), with their
+    inferred dims (-1 where unknown); empty when inference fails. Checked by a run at batch 2 after."""
+    onnx = require("onnx", "profile")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(candidate)
+    except Exception:  # noqa: BLE001 - nothing to go on
+        return {}
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
+            for vi in (*inferred.graph.value_info, *inferred.graph.input)
+            if vi.type.tensor_type.shape.dim and not vi.type.tensor_type.shape.dim[0].HasField("dim_value")}
+
+
+def _free_resize_batch(candidate: Any) -> int:
+    """Resizes to constant `sizes` of batch 1 (torch.export's upsample at batch 1: [1, C, H, W]) of a batched input
+    whose channels the sizes keep: they resize the spatial axes only (opset 18's `axes`). The count changed."""
+    from onnx import helper, numpy_helper
+
+    graph = candidate.graph
+    batched = _batched(candidate)
+    weights = {t.name: t for t in graph.initializer}
+    changed = 0
+    for node in graph.node:
+        if (node.op_type != "Resize" or len(node.input) < 4 or node.input[0] not in batched
+                or node.input[3] not in weights or any(a.name == "axes" for a in node.attribute)):
+            continue
+        sizes = numpy_helper.to_array(weights[node.input[3]])
+        dims = batched[node.input[0]]
+        if sizes.ndim != 1 or len(sizes) != len(dims) or len(dims) < 3 or sizes[0] != 1 or sizes[1] != dims[1]:
+            continue
+        name = f"{node.input[3]}_spatial"
+        if name not in weights:
+            weights[name] = numpy_helper.from_array(sizes[2:].astype(np.int64), name)
+            graph.initializer.append(weights[name])
+        node.input[3] = name
+        node.attribute.append(helper.make_attribute("axes", list(range(2, len(dims)))))
+        changed += 1
+    return changed
+
+def _expand_batch_constants(candidate: Any) -> int:
+    """Constants of batch 1 concatenated (on an axis other than 0) with a tensor that has the symbolic batch: a
+    class token `expand`ed to the example's batch 1, which torch.export folds into a weight. Each becomes an
+    Expand to that tensor's batch. The count changed."""
+    from onnx import helper, numpy_helper
+
+    graph = candidate.graph
+    batched = _batched(candidate)
+    weights = {t.name: t for t in graph.initializer}
+    taken = set(weights) | {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    changed = 0
+    for index in range(len(graph.node) - 1, -1, -1):  # from the end: inserting keeps earlier indices
+        node = graph.node[index]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        source = next((i for i in node.input if i in batched), None)
+        if node.op_type != "Concat" or source is None:
+            continue
+        for slot, name in enumerate(list(node.input)):
+            dims = list(weights[name].dims) if name in weights else []
+            if len(dims) < 2 or dims[0] != 1 or axis % len(dims) == 0:
+                continue
+            stem = fresh(f"{name}_batched")
+            rest = fresh(f"{stem}_rest")
+            graph.initializer.append(numpy_helper.from_array(np.asarray(dims[1:], dtype=np.int64), rest))
+            made = [helper.make_node("Shape", [source], [fresh(f"{stem}_n")], name=fresh(f"{stem}_shape"), end=1),
+                    helper.make_node("Concat", [f"{stem}_n", rest], [fresh(f"{stem}_to")], name=fresh(f"{stem}_cat"),
+                                     axis=0),
+                    helper.make_node("Expand", [name, f"{stem}_to"], [stem], name=fresh(f"{stem}_expand"))]
+            for k, new in enumerate(made):
+                graph.node.insert(index + k, new)
+            node.input[slot] = stem
+            changed += 1
+    return changed
+
+def _frees_batch(node: Any, target: str, batched: Mapping[str, Any]) -> bool:
     return (node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] == target
             and node.input[0] in batched)
 
@@ -596,7 +685,8 @@ def integer_input_highs(model: Any, default: int | None = None) -> dict[str, int
 SHAPE_ROOTS = frozenset({"Shape", "Size"})
 _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                          "Bernoulli"})
-MAX_FOLD_ELEMENTS = 4096  # a shape value is a few integers; larger tensors (e.g. a mask built from a shape) stay
+MAX_FOLD_ELEMENTS = 4096  # a shape value is a few integers; larger tensors (e.g. a mask built from a shape) ...
+MAX_FOLD_BYTES = 4 << 20  # ... are folded while the same at any batch and within max(4 MiB, 5 % of the weights)
 
 
 def shape_derived(graph: Any) -> set[str]:
@@ -661,16 +751,24 @@ def fold_shape_subgraphs(path: Path) -> FoldResult:
     values = _probe_values(model, frontier)
     if values is None:
         return FoldResult(0, tuple(frontier))
+    channels = {vi.name: vi.type.tensor_type.shape.dim[1].dim_value for vi in graph.value_info
+                if len(vi.type.tensor_type.shape.dim) > 1}
     folded: dict[str, np.ndarray] = {}
     kept: list[str] = []
+    budget = max(MAX_FOLD_BYTES, sum(len(t.raw_data) for t in graph.initializer) // 20)
     for t in frontier:
         v1, v2 = values[t]
-        if v1 is None or v1.size > MAX_FOLD_ELEMENTS:
+        if v1 is not None and v1.size > MAX_FOLD_ELEMENTS and (v2 is None or _same(v1, v2)) and v1.nbytes <= budget:
+            folded[t] = v1  # a constant built from shapes (swin's shifted-window masks), within the size budget
+            budget -= v1.nbytes
+        elif v1 is None or v1.size > MAX_FOLD_ELEMENTS:
             kept.append(t)
         elif v2 is None or (v1.shape == v2.shape and np.array_equal(v1, v2)):
             folded[t] = v1
         elif (reshape := _batch_free_reshape_target(t, v1, v2, consumers.get(t, ()))) is not None:
             folded[t] = reshape
+        elif (spatial := _batch_free_resize_sizes(t, v1, v2, consumers.get(t, ()), channels)) is not None:
+            folded[t] = spatial
         else:
             kept.append(t)
     if not folded:
@@ -725,7 +823,14 @@ def _folded(original: Any, folded: dict[str, np.ndarray], inside: set[str], path
         for i, name in enumerate(node.input):
             if name in renamed:
                 node.input[i] = renamed[name]
-    _drop_unused(graph, inside)
+                if node.op_type == "Resize" and i == 3 and np.ndim(folded[name]) == 1 and (
+                        not any(a.name == "axes" for a in node.attribute)):
+                    rank = _resize_rank(node, graph)
+                    if rank > len(folded[name]):  # sizes of the spatial axes only (_batch_free_resize_sizes)
+                        axes = list(range(rank - len(folded[name]), rank))
+                        node.attribute.append(onnx.helper.make_attribute("axes", axes))
+    # the Constants that fed only the folded arithmetic go too: onnxruntime would warn about each one it drops
+    _drop_unused(graph, inside | {n.name for n in graph.node if n.op_type == "Constant"})
     del graph.value_info[:]
     return _infer_shapes(model, path)
 
@@ -750,6 +855,29 @@ def _batch_free_reshape_target(name: str, v1: np.ndarray, v2: np.ndarray, reader
     out[differ[0]] = 0  # the input's size there (checked after: _keeps_batch)
     return out
 
+
+
+def _batch_free_resize_sizes(name: str, v1: np.ndarray, v2: np.ndarray, readers: Sequence[Any],
+                             channels: Mapping[str, int]) -> np.ndarray | None:
+    """The constant spatial sizes for Resizes reading `name` as `sizes` whose value is [batch, C, H, W] at batch 1
+    (`v1`) and 2 (`v2`) with C the data's channels (`interpolate(size=x.shape[-2:])` as the legacy exporter
+    writes it): [H, W], the readers then resizing axes 2 onward (opset 18)."""
+    if not readers or any(r.op_type != "Resize" or list(r.input).index(name) != 3
+                          or any(a.name == "axes" for a in r.attribute) for r in readers):
+        return None
+    if v1.ndim != 1 or v1.shape != v2.shape or len(v1) < 3 or v1[0] != 1 or v2[0] != 2:
+        return None
+    if (v1[1:] != v2[1:]).any() or any(channels.get(r.input[0]) != v1[1] for r in readers):
+        return None
+    return v1[2:].copy()
+
+
+def _resize_rank(node: Any, graph: Any) -> int:
+    """The rank of a Resize's data input from the graph's inferred shapes (0 when unknown)."""
+    for vi in (*graph.value_info, *graph.input):
+        if vi.name == node.input[0]:
+            return len(vi.type.tensor_type.shape.dim)
+    return 0
 
 def _probe_values(model: Any, names: list[str]) -> dict[str, tuple[np.ndarray | None, np.ndarray | None]] | None:
     """The values of tensors `names` from onnxruntime runs at batch 1 and batch 2 (None where batch 2 fails, or
@@ -838,6 +966,38 @@ def _external_location(tensor: Any) -> str | None:
         return None
     return next((e.value for e in tensor.external_data if e.key == "location"), None)
 
+
+
+_CONSTANT_VALUES = ("value", "value_float", "value_floats", "value_int", "value_ints")
+
+
+def _constants_to_initializers(graph: Any) -> int:
+    """The top graph's Constant nodes (the legacy exporter writes them; the dynamo exporter writes initializers)
+    become initializers of the same name: weights, not activations to cut at or measure (a -inf mask constant
+    cannot be int8-encoded). Those that are graph outputs stay. The count moved."""
+    from onnx import helper, numpy_helper
+
+    outputs = {o.name for o in graph.output}
+    moved = []
+    for node in graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if (node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1
+                or node.output[0] in outputs or set(attrs) - set(_CONSTANT_VALUES) or len(attrs) != 1):
+            continue
+        (attr,) = attrs.values()
+        value = helper.get_attribute_value(attr)
+        if attr.name == "value":
+            tensor = type(value)()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+        else:
+            dtype = np.float32 if attr.name.startswith("value_float") else np.int64
+            tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), node.output[0])
+        graph.initializer.append(tensor)
+        moved.append(node)
+    for node in moved:
+        graph.node.remove(node)
+    return len(moved)
 
 def _name_nodes(graph: Any) -> None:
     """Give every node (subgraphs included) a non-empty name unique in the model: `{op_type}_{i}` where needed."""

@@ -95,6 +95,36 @@ def test_a_reshape_to_batch_one_keeps_the_batch_when_two_samples_stay_apart(tmp_
     assert session(path).run(None, {"input": x})[0].shape == (4, 4)
 
 
+
+def test_chained_reshapes_to_batch_one_all_keep_the_batch(tmp_path):
+    """As torch.export writes YOLO's head at batch 1: a view of a Concat of views ([1, 4, 16, 8400])."""
+    nodes = [helper.make_node("Reshape", ["input", "s1"], ["a"], name="view1"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "s2"], ["output"], name="view2")]
+    path = tmp_path / "c.onnx"
+    onnx.save(_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2, 2, 2])],
+                     [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, 2, 2])],
+                     [_const("s1", [1, 2, -1]), _const("s2", [1, 2, 2, 2])]), path)
+    assert make_batch_dynamic(path)
+    x = np.arange(24, dtype=np.float32).reshape(3, 2, 2, 2)
+    np.testing.assert_array_equal(session(path).run(None, {"input": x})[0], x.reshape(3, 2, 2, 2))
+
+
+def test_a_resize_to_sizes_of_batch_one_resizes_the_spatial_axes_and_keeps_the_batch(tmp_path):
+    """torch.export writes an upsample at batch 1 as Resize(sizes=[1, C, H, W]) (lraspp, deeplabv3 as .pt2)."""
+    nodes = [helper.make_node("Relu", ["input"], ["r"], name="relu"),
+             helper.make_node("Resize", ["r", "", "", "sizes"], ["output"], name="up", mode="linear")]
+    path = tmp_path / "r.onnx"
+    onnx.save(_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2, 4, 4])],
+                     [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, 8, 8])],
+                     [_const("sizes", [1, 2, 8, 8])]), path)
+    assert make_batch_dynamic(path)
+    x = np.random.default_rng(0).standard_normal((3, 2, 4, 4)).astype(np.float32)
+    got = session(path).run(None, {"input": x})[0]
+    assert got.shape == (3, 2, 8, 8)
+    one = session(path).run(None, {"input": x[1:2]})[0]
+    np.testing.assert_allclose(got[1:2], one, rtol=1e-6)
+
 def test_the_graph_probe_draws_token_ids_below_the_vocabulary():
     nodes = [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed", axis=0),
              helper.make_node("Relu", ["e"], ["output"], name="relu")]
@@ -116,3 +146,23 @@ def test_a_batch_baked_into_the_graph_stays_fixed_without_a_line_on_stderr(tmp_p
     capfd.readouterr()
     assert not make_batch_dynamic(path)
     assert capfd.readouterr().err == ""
+
+
+def test_the_constants_that_fed_a_folded_shape_go_with_it(tmp_path, capfd):
+    """The legacy exporter writes a view's indices as Constant nodes; left behind after the fold, onnxruntime
+    drops each one with a warning line on stderr (hundreds on a ViT traced as model.pt)."""
+    path = _traced_view(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    for name in ("zero", "axes"):  # as Constant nodes, not initializers
+        tensor = next(t for t in model.graph.initializer if t.name == name)
+        model.graph.initializer.remove(tensor)
+        model.graph.node.insert(0, helper.make_node("Constant", [], [name], name=f"const_{name}", value=tensor))
+    onnx.save(model, str(path))
+    assert fold_shape_subgraphs(path).folded == 1
+    model = onnx.load(str(path))
+    assert [n.op_type for n in model.graph.node] == ["Relu", "Reshape", "Relu"]
+    capfd.readouterr()
+    from models.ortopts import make_session
+
+    make_session(model.SerializeToString(), threads=1, inter_threads=None, log_severity=2)  # warnings shown
+    assert "onnxruntime" not in capfd.readouterr().err
