@@ -46,6 +46,8 @@ class CodecProfile:
     # spec -> tensor -> ms as timed on that tensor (the planner's figure for it; the fit serves the others)
     tensor_encode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     tensor_decode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # tensors that held non-finite values (e.g. -inf of an attention mask): int8 and int8c cannot carry them
+    unquantizable: frozenset[str] = frozenset()
 
     def to_json(self) -> dict[str, Any]:
         """The rates as a device profile saves them (ratios depend on the data, not the device: not saved)."""
@@ -120,8 +122,13 @@ def measure_codecs(arrays: Mapping[str, np.ndarray], specs: Sequence[str] = CODE
     for spec in specs:
         quantizer, compression = wc.split_spec(spec)
         by_quantizer.setdefault(quantizer, {})[compression] = spec
+    # int8 and int8c refuse non-finite values (models.wirecodec); a cut through such a tensor is never sent so
+    unquantizable = frozenset(n for n, a in items if a.dtype.kind == "f" and not np.isfinite(a).all())
     for quantizer, specs_of in by_quantizer.items():
-        usable = [(n, a) for n, a in items if not (quantizer == "int8c" and a.ndim < 2 and a.dtype.kind == "f")]
+        usable = [(n, a) for n, a in items if not (quantizer == "int8c" and a.ndim < 2 and a.dtype.kind == "f")
+                  and not (quantizer in ("int8", "int8c") and n in unquantizable)]
+        if not usable:
+            continue
         _time_codecs(usable[0][1], quantizer, list(specs_of))  # warm-up: imports, first allocation
         sizes: list[int] = []
         enc_ms: dict[str, list[float]] = {spec: [] for spec in specs_of.values()}
@@ -143,7 +150,7 @@ def measure_codecs(arrays: Mapping[str, np.ndarray], specs: Sequence[str] = CODE
                     ratios.setdefault(spec, {})[name] = wire / raw if raw else 1.0
         for spec in specs_of.values():
             encode[spec], decode[spec] = _fit(sizes, enc_ms[spec]), _fit(sizes, dec_ms[spec])
-    encode, decode = {s: encode[s] for s in specs}, {s: decode[s] for s in specs}
+    encode, decode = {s: encode[s] for s in specs if s in encode}, {s: decode[s] for s in specs if s in decode}
     copy = encode.get("fp32")
     gbps = 1.0 / copy.ms_per_mb if copy is not None and copy.ms_per_mb > 0 else float("nan")
     total = sum(a.nbytes for _, a in items)
@@ -152,7 +159,9 @@ def measure_codecs(arrays: Mapping[str, np.ndarray], specs: Sequence[str] = CODE
               f"sizes; {total / 1e6:.1f} MB in all at batch 1), each part (quantize, compress, decompress, "
               "dequantize) twice (faster kept): those times for those tensors, fitted as fixed + per MB for the "
               "others; compression ratios of every tensor as measured")
-    return CodecProfile(encode, decode, ratios, gbps, source, tensor_enc, tensor_dec)
+    if unquantizable:
+        source += f"; {len(unquantizable)} tensor(s) with non-finite values, never sent as int8/int8c"
+    return CodecProfile(encode, decode, ratios, gbps, source, tensor_enc, tensor_dec, unquantizable)
 
 
 TIMED_TENSORS = 48  # tensors whose codec times are measured; the rest are costed by the fit over them
@@ -193,7 +202,7 @@ def codec_costs(profile: CodecProfile, edge_scale: float = 1.0, cloud_scale: flo
     tensor_enc = {} if encode else {s: {t: ms * edge_scale for t, ms in per.items()}
                                     for s, per in profile.tensor_encode.items()}
     tensor_dec = {s: {t: ms * cloud_scale for t, ms in per.items()} for s, per in profile.tensor_decode.items()}
-    return CodecCosts(enc, dec, profile.ratios, {}, source, tensor_enc, tensor_dec)
+    return CodecCosts(enc, dec, profile.ratios, {}, source, tensor_enc, tensor_dec, profile.unquantizable)
 
 
 class CodecGate:
@@ -245,7 +254,11 @@ class CodecGate:
             sent = {k: wc.round_trip(np.asarray(v), quantizer)[0] for k, v in acts.items()}
             return list(tail.run(None, _as_model_input(sent, acts)))
 
-        return self.agreement(self._reference, run, self.task)
+        try:
+            return self.agreement(self._reference, run, self.task)
+        except wc.WireError as exc:  # e.g. a check input whose cut tensor holds -inf: the codec cannot send it
+            return {"metric": "wire", "value": float("nan"), "threshold": float("nan"), "passed": False,
+                    "samples": 0, "error": str(exc)}
 
 
 def _as_model_input(sent: Mapping[str, np.ndarray], original: Mapping[str, Any]) -> dict[str, np.ndarray]:

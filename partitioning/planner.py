@@ -152,6 +152,7 @@ class CodecCosts:
     # spec -> tensor -> ms timed on that very tensor (each side's), used in place of the rate where present
     tensor_encode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     tensor_decode: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    unquantizable: frozenset[str] = frozenset()  # tensors with non-finite values: never sent as int8 / int8c
 
     def __post_init__(self) -> None:
         for spec in self.encode:
@@ -315,8 +316,12 @@ def wire_bytes(graph: CutGraph, tensor: str, codec: str, ratio: float = 1.0) -> 
     return TENSOR_OVERHEAD_BYTES + payload
 
 
-def _codec_fits(graph: CutGraph, cut: Sequence[str], codec: str) -> bool:
-    """Whether every cut tensor can be sent with `codec` (int8c needs channels: rank >= 2)."""
+def _codec_fits(graph: CutGraph, cut: Sequence[str], codec: str, unquantizable: frozenset[str] = frozenset()
+                ) -> bool:
+    """Whether every cut tensor can be sent with `codec` (int8c needs channels: rank >= 2; int8 and int8c no
+    tensor with non-finite values)."""
+    if codec.startswith("int8") and unquantizable.intersection(cut):
+        return False
     if not codec.startswith("int8c"):
         return True
     return all(len(graph.tensors[t].shape) >= 2 for t in cut if graph.tensors[t].is_float)
@@ -330,7 +335,7 @@ def _codec_options(graph: CutGraph, cut: Sequence[str], costs: CostInputs, cut_i
     denied = codecs.denied.get(cut_id, {}) if cut_id is not None else {}
     options = []
     for spec, enc in codecs.encode.items():
-        if spec in denied or not _codec_fits(graph, cut, spec):
+        if spec in denied or not _codec_fits(graph, cut, spec, codecs.unquantizable):
             continue
         dec, ratios = codecs.decode[spec], codecs.ratios.get(spec, {})
         up = MSG_OVERHEAD_BYTES + sum(wire_bytes(graph, t, spec, ratios.get(t, 1.0)) for t in cut)

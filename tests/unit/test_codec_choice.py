@@ -226,3 +226,20 @@ def test_many_tensors_are_timed_on_a_spread_of_sizes_and_every_one_gets_its_rati
     raw, wire = _time_codecs(arrays[untimed], "int8", ["zstd"])["zstd"][2:]
     assert profile.ratios["int8+zstd"][untimed] == pytest.approx(wire / raw)
     assert f"on {TIMED_TENSORS} of the model's {2 * TIMED_TENSORS} tensors" in profile.source
+
+
+def test_a_tensor_with_infinities_is_never_sent_as_int8():
+    """An attention mask's -inf (bert's `.pt` export: Where(mask, 0, -inf)) cannot be int8-quantized: the codec
+    measurement skips it for int8/int8c (it stopped split-profile), and no cut through it offers those codecs."""
+    from partitioning.codecs import codec_costs as from_profile
+
+    masked = np.where(np.arange(64).reshape(1, 1, 8, 8) % 2 == 0, 0.0, -np.inf).astype(np.float32)
+    profile = measure_codecs({"x": np.ones(X_SHAPE, np.float32), "n1": masked}, ("fp32", "fp16", "int8", "int8+zstd"))
+    assert profile.unquantizable == {"n1"}
+    assert "n1" not in profile.tensor_encode["int8"] and "n1" in profile.tensor_encode["fp16"]
+    graph = chain()
+    c = CostInputs(edge_ms={"n1": 50.0, "n2": 50.0}, cloud_ms={"n1": 0.5, "n2": 0.5}, codecs=from_profile(profile))
+    through_mask = evaluate_cut(graph, frozenset({"n1"}), c, Link(1.0, 10.0, 1.0), Budgets(), "c001")
+    assert {o.codec for o, _, _ in through_mask.codec_options} == {"fp32", "fp16"}
+    at_input = evaluate_cut(graph, frozenset(), c, Link(1.0, 10.0, 1.0), Budgets(), CLOUD_ONLY)
+    assert "int8" in {o.codec for o, _, _ in at_input.codec_options}
