@@ -297,12 +297,13 @@ def gate_plan(plan: Plan, graph: CutGraph, costs: CostInputs, gate: CodecGate, r
 
 
 def _exported_pairs(plan: Plan) -> list[tuple[str, str]]:
-    """(cut id, quantizer) of the chosen cut, each plan-table row and every codec costed for cloud-only."""
+    """(cut id, quantizer) of the chosen cut, each plan-table row and cloud-only (the bundle exports it) with the
+    codec it is costed at (its other options are only ever used once this one fails the gate: then it is
+    chosen again and that one checked; each full-model check is 8 runs of the whole model)."""
     pairs = [(plan.chosen, plan.best.codec)]
     pairs += list(zip((cid for _, cid in plan.plan_table), plan.table_codecs))
-    cloud = plan.candidate(CLOUD_ONLY) if any(c.id == CLOUD_ONLY for c in plan.candidates) else None
-    if cloud is not None:
-        pairs += [(CLOUD_ONLY, o.codec) for o, _, _ in cloud.codec_options] or [(CLOUD_ONLY, cloud.codec)]
+    if any(c.id == CLOUD_ONLY for c in plan.candidates):
+        pairs.append((CLOUD_ONLY, plan.candidate(CLOUD_ONLY).codec))
     found = []
     for cid, spec in pairs:
         if cid != EDGE_ONLY and spec is not None:

@@ -55,9 +55,11 @@ def test_lossy_codecs_that_change_the_answer_are_dropped_and_the_plan_chosen_aga
         gate.close()
     cloud = gated.candidate(CLOUD_ONLY)
     assert gated.chosen == CLOUD_ONLY and cloud.codec == "fp16"
-    assert set(cloud.codecs_rejected) == {"int8", "int8+zstd", "int8c"}
+    # only the codecs the plan was about to send are checked: int8 (with its compressions) failed; the next
+    # choice, fp16, passed; int8c was never the choice here, so it was never run
+    assert set(cloud.codecs_rejected) == {"int8", "int8+zstd"}
     assert "top1_agreement" in cloud.codecs_rejected["int8"]
-    assert set(gated_costs.codecs.denied[CLOUD_ONLY]) == {"int8", "int8+zstd", "int8c"}  # type: ignore[union-attr]
+    assert set(gated_costs.codecs.denied[CLOUD_ONLY]) == {"int8", "int8+zstd"}  # type: ignore[union-attr]
 
 
 def test_a_device_profile_keeps_the_codecs_timed_on_the_device(tmp_path):
