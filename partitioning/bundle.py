@@ -62,7 +62,7 @@ class _Exporter:
         io = [i.name for i in model.graph.input] + [o.name for o in model.graph.output]
         self.splitter = Splitter(model, [*io, *(t for cid in cut_ids for t in plan.candidate(cid).cut)])
         self.ranges = ActivationRanges(full_path, calib, work)
-        self.seed: tuple[str, tuple[str, ...]] | None = None  # the last mixed head's (method, float nodes)
+        self.seed: tuple[str, tuple[str, ...]] | None = None  # the whole-model head's (method, float nodes)
 
     def write(self, cut_id: str, cut: Sequence[str], prefix: str) -> tuple[CutFiles, CutVerification]:
         """Extract, quantize and verify one cut; return its files and its verification."""
@@ -95,7 +95,7 @@ class _Exporter:
                                    self.qconfig)
 
         result = quantize_gated(head, head_int8, self.calib, gate, self.qconfig, ranges=self.ranges, seed=self.seed)
-        if result.precision == "mixed":  # the next heads try these float nodes first
+        if cut_id == EDGE_ONLY and result.precision == "mixed":  # the later heads try these float nodes first
             self.seed = (result.calibration, result.float_nodes)
         files = CutFiles(tensors, ArtifactEntry.of(out, head), ArtifactEntry.of(out, head_int8),
                          ArtifactEntry.of(out, tail) if tail else None)
@@ -243,31 +243,33 @@ def recost_head(graph: CutGraph, plan: Plan, cut_id: str, precision: str, float_
 
 def fallback_warnings(document: PlanDocument) -> list[str]:
     """One line per exported head whose int8 version failed its gate: what it runs at instead, and why."""
-    lines = []
     checks = document.verification.cuts if document.verification else {}
-    for cut_id, check in checks.items():
-        gate = check.int8 or {}
-        if check.precision not in ("mixed", "fp32"):
-            continue
-        tries = [a for a in gate.get("attempts", ()) if not a.get("float_nodes") and "value" in a]
-        best = max((float(a["value"]) for a in tries), default=float(gate.get("value", 0.0)))
-        if gate.get("metric") == "relative_error":
-            best = min((float(a["value"]) for a in tries), default=float(gate.get("value", 0.0)))
-        failed = (f"its int8 head failed the gate ({gate.get('metric')} {best:.3f}, "
-                  f"threshold {gate.get('threshold')}, calibration tried: "
-                  f"{', '.join(dict.fromkeys(str(a['calibration']) for a in tries)) or '-'})")
-        if check.precision == "mixed" and not tries:
-            lines.append(f"cut {cut_id}: it runs mixed precision with the {len(check.float_nodes)} node(s) in float "
-                         f"that another head of this model needed ({gate.get('metric')} {float(gate['value']):.3f}; "
-                         "its plain int8 head was not tried); its edge time is costed at that precision")
-        elif check.precision == "mixed":
-            lines.append(f"cut {cut_id}: {failed}; it runs mixed precision with {len(check.float_nodes)} "
-                         f"node(s) kept in float ({gate.get('metric')} {float(gate['value']):.3f}); "
-                         "its edge time is costed at that precision")
-        elif gate.get("passed"):
-            lines.append(f"cut {cut_id}: {failed}; it passed only with every quantized node kept in float "
-                         f"({len(check.float_nodes)}), so it runs the fp32 head; its edge time is costed at fp32")
-        else:
-            lines.append(f"cut {cut_id}: {failed}, even with {len(check.float_nodes)} node(s) kept in float; "
-                         "it runs the fp32 head; its edge time is costed at fp32")
-    return lines
+    return [line for cut_id, check in checks.items() if (line := fallback_line(cut_id, check)) is not None]
+
+
+def fallback_line(cut_id: str, check: CutVerification) -> str | None:
+    """The warning for one head that does not run plain int8 (None for one that does, or has no head)."""
+    gate = check.int8 or {}
+    if check.precision not in ("mixed", "fp32"):
+        return None
+    tries = [a for a in gate.get("attempts", ()) if not a.get("float_nodes") and "value" in a]
+    floats = len(check.float_nodes)
+    metric, value = gate.get("metric"), float(gate.get("value", 0.0))
+    if not tries:  # only seeded tries with float nodes ran (the plain one failed to calibrate)
+        return (f"cut {cut_id}: it runs {'mixed precision' if check.precision == 'mixed' else 'the fp32 head'} "
+                f"with the {floats} node(s) in float that another head of this model needed ({metric} {value:.3f}; "
+                f"its plain int8 head was not tried); its edge time is costed at that precision")
+    best = max((float(a["value"]) for a in tries), default=value)
+    if metric == "relative_error":
+        best = min((float(a["value"]) for a in tries), default=value)
+    stopped = " on the samples run before it could not pass" if any(a.get("stopped_after") for a in tries) else ""
+    failed = (f"its int8 head failed the gate ({metric} {best:.3f}{stopped}, threshold {gate.get('threshold')}, "
+              f"calibration tried: {', '.join(dict.fromkeys(str(a['calibration']) for a in tries)) or '-'})")
+    if check.precision == "mixed":
+        return (f"cut {cut_id}: {failed}; it runs mixed precision with {floats} node(s) kept in float "
+                f"({metric} {value:.3f}); its edge time is costed at that precision")
+    if gate.get("passed"):
+        return (f"cut {cut_id}: {failed}; it passed only with every quantized node kept in float ({floats}), so it "
+                "runs the fp32 head; its edge time is costed at fp32")
+    return (f"cut {cut_id}: {failed}, even with {floats} node(s) kept in float; it runs the fp32 head; its edge "
+            "time is costed at fp32")

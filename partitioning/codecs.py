@@ -218,6 +218,7 @@ class CodecGate:
         self._reference = [self._full.run(None, dict(x)) for x in self.samples]
         self._parts: dict[str, tuple[Any, Any]] = {}
         self._acts: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # (cut, sample) -> the head's outputs
+        self._acts_cut: str | None = None  # the cut whose head outputs `_acts` holds (one cut at a time)
         self._splitter: Any = None  # made on the first cut: the model's shapes inferred once for every cut
 
     def close(self) -> None:
@@ -247,7 +248,10 @@ class CodecGate:
                 sent = {k: wc.round_trip(np.asarray(v), quantizer)[0] for k, v in x.items()}
                 return list(self._full.run(None, _as_model_input(sent, x)))
             head, tail = self._split(cut_id, cut)
-            if (cut_id, i) not in self._acts:  # the head's outputs serve every quantizer checked on this cut
+            if self._acts_cut != cut_id:  # the head's outputs serve every quantizer checked on this cut
+                self._acts.clear()
+                self._acts_cut = cut_id
+            if (cut_id, i) not in self._acts:
                 names = [o.name for o in head.get_outputs()]
                 self._acts[(cut_id, i)] = dict(zip(names, head.run(None, dict(x))))
             acts = self._acts[(cut_id, i)]
@@ -285,7 +289,10 @@ def gate_plan(plan: Plan, graph: CutGraph, costs: CostInputs, gate: CodecGate, r
             if not verdict.get("passed"):
                 failed = True
                 why = (f"{quantizer} on this cut: {verdict['metric']} {verdict['value']:.4g} vs threshold "
-                       f"{verdict['threshold']:g} on {verdict['samples']} samples")
+                       f"{verdict['threshold']:g} on {verdict['samples']} samples"
+                       + (f" (stopped after {verdict['stopped_after']} of {verdict['of']}: it could not pass)"
+                          if "stopped_after" in verdict else "")
+                       + (f": {verdict['error']}" if "error" in verdict else ""))
                 for spec in costs.codecs.encode:
                     if spec.split("+", 1)[0] == quantizer:
                         denied.setdefault(cid, {})[spec] = why

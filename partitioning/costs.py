@@ -123,7 +123,7 @@ def measure_node_costs(
     """Median per-node times of `onnx_path` from onnxruntime's profiler, mapped back to the original nodes.
 
     `max_seconds`: when `warmup + repeats` turns (a profiled and an unprofiled run each) would take longer than
-    this, as the first run shows, fewer are run: at least MIN_REPEATS profiled runs after one or two warm-ups
+    this, as the first run shows, fewer are run: at least MIN_REPEATS profiled runs after at most two warm-ups
     (a large model's node times are long beside the timer's noise; `source` says how many ran).
 
     The profiled runs give each node's share; the unprofiled session's wall time, timed in turns with it
@@ -237,7 +237,8 @@ def measure_node_costs(
         # The provider ran (most of) the graph as fused subgraphs, each one kernel to the profiler (OpenVINO,
         # TensorRT): the nodes' shares come from the CPU provider's profile, scaled below to this provider's time.
         cpu_shares = measure_node_costs(onnx_path, warmup=warmup, repeats=repeats, threads=threads, batch=batch,
-                                        providers=[CPU_EP], input_shapes=input_shapes, min_seconds=0)
+                                        providers=[CPU_EP], input_shapes=input_shapes, min_seconds=0,
+                                        max_seconds=max_seconds)
         per_node, reorder_out = dict(cpu_shares.per_node_ms), {}
         node_sum = sum(per_node.values())
     wall = statistics.median(walls)

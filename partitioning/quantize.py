@@ -208,8 +208,8 @@ class ActivationRanges:
         head = onnx.shape_inference.infer_shapes(onnx.load(str(head_path), load_external_data=False))
         names = _calibrated_tensors(head, _quantized_op_types())
         found = next((d for d in self._ranges.get(method, ()) if all(n in d for n in names)), None)
-        if found is None:
-            found = self._calibrate(self.model_path, method)
+        if found is None:  # the whole model once per method; a head it does not cover, on its own
+            found = self._calibrate(self.model_path if method not in self._ranges else head_path, method)
             if not all(n in found for n in names):
                 return None
         ranges = calibrate.TensorsData(found.calibration_method, {n: found.data[n] for n in sorted(names)})
@@ -282,8 +282,9 @@ def quantize_head(fp32_path: Path, int8_path: Path, samples: Sequence[Sample],
 class HeadQuantization:
     """What a head runs at after the gate: its precision, the nodes kept in float, the method, the gate's verdict.
 
-    `gate` is the `int8_agreement` of the head file written (for "fp32", of the best quantized head tried: it
-    failed, and the edge runs the float head); `attempts` lists every try in order.
+    `gate` is the `int8_agreement` of the head file written (for "fp32", of the best quantized head tried, which
+    failed, or of a head that passed only with nothing left quantized; either way the edge runs the float head);
+    `attempts` lists every try in order.
     """
 
     precision: str  # one of HEAD_PRECISIONS
@@ -314,44 +315,58 @@ def _score(gate: Mapping[str, Any]) -> float:
 def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], gate: Gate,
                    config: QuantConfig = QuantConfig(), ranges: ActivationRanges | None = None,
                    seed: tuple[str, Sequence[str]] | None = None) -> HeadQuantization:
-    """Quantize `fp32_path` into `int8_path` at the lowest precision whose head passes `gate`.
-
-    `seed`: (method, nodes) that another head of the same model passed its gate with, kept in float: when some
-    of those nodes are in this head (and `config.mixed`), the head is first quantized that way, and kept if it
-    passes (one try instead of the search below; a head can only lose error by quantizing fewer nodes). When it
-    fails, the search below runs as without a seed.
+    """Quantize `fp32_path` into `int8_path` at the lowest precision whose head passes `gate` (with a `seed`:
+    the lowest of plain int8 and the seed's nodes in float, when one of those passes).
 
     Each calibration method of `config` in turn; when none passes (and `config.mixed`), the nodes of the best
     one ranked by `node_sensitivity` are kept in float, 1, 2, 4, ... of them, re-quantizing until the gate
-    passes. When every quantized node would be float the head is fp32 (`int8_path` keeps the best try).
+    passes. When every quantized node would be float the head is fp32 (`int8_path` keeps the best try; a head
+    that passes only with nothing left quantized is labelled fp32 too, its file all float).
     `ranges`: the whole model's activation ranges, reused for every try (`quantize_head`).
+
+    `seed`: (method, nodes) that another head of the same model (the whole model's) passed its gate with, kept in
+    float. When some of those nodes are in this head (and `config.mixed`), the head is first tried as plain int8
+    at the seed's method, then with the seed's nodes it has in float (unless that leaves nothing quantized); the
+    first that passes is kept (usually one or two tries instead of the search: a head that quantizes a part of
+    what passed usually passes too). When neither passes, the search above runs, reusing the plain try.
     """
     attempts: list[dict[str, Any]] = []
 
     def attempt(method: str, floats: Sequence[str], path: Path, **note: Any) -> Mapping[str, Any]:
         quantize_head(fp32_path, path, samples, config, method, floats, ranges=ranges)
         verdict = gate(path)
+        stopped = {"stopped_after": verdict["stopped_after"]} if "stopped_after" in verdict else {}
         attempts.append({"calibration": method, "float_nodes": len(floats), "value": verdict["value"],
-                         "passed": bool(verdict["passed"]), **note})
+                         "passed": bool(verdict["passed"]), **stopped, **note})
         return verdict
 
+    tried: dict[str, Mapping[str, Any]] = {}  # method -> the verdict of its plain int8 head
+    in_file: str | None = None  # the method whose plain int8 head `int8_path` holds
     if seed is not None and config.mixed and seed[0] in config.methods:
         method, floats = seed[0], _present(fp32_path, seed[1])
-        if floats:
-            trial = int8_path.with_name(int8_path.stem + ".trial.onnx")
-            try:
-                verdict = attempt(method, floats, trial, seeded=True)
+        try:
+            if floats:
+                tried[method] = verdict = attempt(method, (), int8_path, seeded=True)
+                in_file = method
                 if verdict["passed"]:
-                    os.replace(trial, int8_path)
-                    log.info("%s: int8 with the %d float nodes another head passed with (%s %.3f)", fp32_path,
-                             len(floats), verdict["metric"], verdict["value"])
-                    return _finished(int8_path, HeadQuantization("mixed", method, floats, verdict, tuple(attempts)))
-            finally:
-                trial.unlink(missing_ok=True)
+                    return HeadQuantization("int8", method, (), verdict, tuple(attempts))
+                onnx = require("onnx", "profile")
+                if set(_quantized_nodes(onnx.load(str(int8_path)))) - set(floats):  # something stays int8
+                    result = _seeded_try(fp32_path, int8_path, method, floats, attempt)
+                    if result is not None:
+                        return _finished(int8_path, replace(result, attempts=tuple(attempts)))
+        except ValueError as exc:  # e.g. a histogram method on a tensor too narrow for its bins: search instead
+            log.warning("%s: the seeded %s try failed (%s); searching", fp32_path, method, exc)
+            attempts.append({"calibration": method, "float_nodes": 0, "error": str(exc), "passed": False,
+                             "seeded": True})
     best: tuple[float, str, Mapping[str, Any]] | None = None
     for method in config.methods:
         try:
-            verdict = attempt(method, (), int8_path)
+            if method in tried:
+                verdict = tried[method]
+            else:
+                verdict = attempt(method, (), int8_path)
+                in_file = method
         except ValueError as exc:  # e.g. a histogram method on a tensor whose range is too narrow for its bins
             if len(config.methods) == 1 or (best is None and method == config.methods[-1]):
                 raise
@@ -359,12 +374,14 @@ def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], 
             attempts.append({"calibration": method, "float_nodes": 0, "error": str(exc), "passed": False})
             continue
         if verdict["passed"]:
+            if in_file != method:
+                quantize_head(fp32_path, int8_path, samples, config, method, ranges=ranges)
             return HeadQuantization("int8", method, (), verdict, tuple(attempts))
         if best is None or _score(verdict) > best[0]:
             best = (_score(verdict), method, verdict)
     assert best is not None
     _, method, best_gate = best
-    if method != config.methods[-1]:  # the file holds the last method's head: write the best one back
+    if in_file != method:  # the file holds another method's head: write the best one back
         quantize_head(fp32_path, int8_path, samples, config, method, ranges=ranges)
     if not config.mixed:
         return HeadQuantization("fp32", method, (), best_gate, tuple(attempts))
@@ -385,6 +402,22 @@ def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], 
     finally:
         trial.unlink(missing_ok=True)
     return HeadQuantization("fp32", method, tuple(ranked), best_gate, tuple(attempts))
+
+
+def _seeded_try(fp32_path: Path, int8_path: Path, method: str, floats: tuple[str, ...],
+                attempt: Callable[..., Mapping[str, Any]]) -> HeadQuantization | None:
+    """`fp32_path` quantized at `method` with `floats` in float, written to `int8_path` if it passes its gate."""
+    trial = int8_path.with_name(int8_path.stem + ".trial.onnx")
+    try:
+        verdict = attempt(method, floats, trial, seeded=True)
+        if not verdict["passed"]:
+            return None
+        os.replace(trial, int8_path)
+        log.info("%s: int8 with the %d float nodes another head passed with (%s %.3f)", fp32_path, len(floats),
+                 verdict["metric"], verdict["value"])
+        return HeadQuantization("mixed", method, floats, verdict)
+    finally:
+        trial.unlink(missing_ok=True)
 
 
 def _present(fp32_path: Path, names: Sequence[str]) -> tuple[str, ...]:

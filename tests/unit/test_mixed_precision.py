@@ -251,7 +251,9 @@ def test_a_head_seeded_with_another_heads_float_nodes_passes_in_one_try(onnx_mod
                             seed=seed)
     assert seeded.precision == "mixed" and seeded.gate["passed"]
     assert seeded.float_nodes == searched.float_nodes  # the nodes it has, in order
-    assert [a.get("seeded") for a in seeded.attempts] == [True]
+    # plain int8 at the seed's method first (it fails here), then the seed's nodes in float: two tries, no search
+    assert [(a.get("seeded"), a["float_nodes"], a["passed"]) for a in seeded.attempts] == [
+        (True, 0, False), (True, len(searched.float_nodes), True)]
     # a seed with none of the head's nodes changes nothing: the usual search
     other = quantize_gated(path, tmp_path / "c.onnx", CALIB, _gate(path), QuantConfig(calibration="minmax"),
                            seed=("minmax", ("elsewhere",)))
@@ -261,28 +263,55 @@ def test_a_head_seeded_with_another_heads_float_nodes_passes_in_one_try(onnx_mod
 def test_a_head_that_passes_only_with_every_node_in_float_is_labelled_fp32(onnx_models, tmp_path) -> None:
     """Mixed precision with every quantized node kept in float leaves no QuantizeLinear: that head is the fp32
     head, and plan.json, the bundle and the agent say so (it was recorded as "mixed" with an int8 label)."""
+    import json
+
+    from edge_agent.runtime import head_choice
     from models.manifest import Bundle
-    from partitioning.quantize import _quantized_nodes
+    from partitioning.bundle import fallback_line
+    from partitioning.quantize import HeadQuantization, _finished, _quantized_nodes
 
     path = onnx_models["sensitive"]
-    full = tmp_path / "q.onnx"
-    quantize_head(path, full, CALIB, QuantConfig(), "minmax")
-    every = tuple(_quantized_nodes(onnx.load(str(full))))
-    result = quantize_gated(path, tmp_path / "all.onnx", CALIB, _gate(path), QuantConfig(calibration="minmax"),
-                            seed=("minmax", every))
-    assert result.gate["passed"] and result.precision == "fp32"
+    quantize_head(path, tmp_path / "q.onnx", CALIB, QuantConfig(), "minmax")
+    every = tuple(_quantized_nodes(onnx.load(str(tmp_path / "q.onnx"))))
+    quantize_head(path, tmp_path / "all.onnx", CALIB, QuantConfig(), "minmax", every)
     assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in onnx.load(str(tmp_path / "all.onnx"))
                                                          .graph.node}
+    verdict = _gate(path)(tmp_path / "all.onnx")
+    tries = ({"calibration": "minmax", "float_nodes": 0, "value": 0.5, "passed": False},
+             {"calibration": "minmax", "float_nodes": len(every), "value": verdict["value"], "passed": True})
+    result = _finished(tmp_path / "all.onnx", HeadQuantization("mixed", "minmax", every, verdict, tries))
+    assert verdict["passed"] and result.precision == "fp32"
+    partial = _finished(tmp_path / "q.onnx", HeadQuantization("mixed", "minmax", every[:1], verdict, tries))
+    assert partial.precision == "mixed"  # something is still quantized there
     # a bundle whose chosen head is recorded so runs (and is labelled) fp32
     root = make_tiny_bundle(tmp_path / "b")
     plan = Bundle.load(root).plan
     cut = plan["chosen"]
     plan["verification"]["cuts"][cut]["int8"].update(result.record())
-    import json
-
     (root / "plan.json").write_text(json.dumps(plan))
     loaded = Bundle.load(root).cut(cut)
     assert not loaded.int8_passed and loaded.edge_head == loaded.head
-    from edge_agent.runtime import head_choice
-
     assert head_choice(plan, cut, "int8", False).startswith("fp32 head (its gate passed only with every")
+    line = fallback_line(cut, CutVerification.from_json({"split": {}, "int8": result.record()}, "v"))
+    assert line is not None and "passed only with every quantized node kept in float" in line
+
+
+def test_each_fallback_case_has_its_own_warning() -> None:
+    from partitioning.bundle import fallback_line
+
+    def check(precision, attempts, passed=True, floats=("a", "b")):
+        return CutVerification.from_json({"split": {}, "int8": {
+            "metric": "top1_agreement", "value": 0.95 if passed else 0.5, "threshold": 0.9, "passed": passed,
+            "samples": 32, "precision": precision, "calibration": "minmax", "float_nodes": list(floats),
+            "attempts": attempts}}, "v")
+
+    plain_fail = {"calibration": "minmax", "float_nodes": 0, "value": 0.25, "passed": False, "stopped_after": 6}
+    assert fallback_line("c1", check("int8", [], floats=())) is None
+    mixed = fallback_line("c1", check("mixed", [plain_fail]))
+    assert mixed is not None and "failed the gate (top1_agreement 0.250 on the samples run" in mixed
+    assert "mixed precision with 2 node(s)" in mixed
+    seeded = fallback_line("c1", check("mixed", [{"calibration": "minmax", "float_nodes": 2, "value": 0.95,
+                                                  "passed": True, "seeded": True}]))
+    assert seeded is not None and "plain int8 head was not tried" in seeded
+    failed = fallback_line("c1", check("fp32", [plain_fail], passed=False))
+    assert failed is not None and "even with 2 node(s) kept in float; it runs the fp32 head" in failed
