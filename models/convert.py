@@ -591,6 +591,7 @@ def _FlatOutputs(model: Any, torch: Any) -> Any:  # noqa: N802 - builds an nn.Mo
         def __init__(self) -> None:
             super().__init__()
             self.model = model
+            self.train(model.training)  # a model in eval mode (freezing needs it: models.torchscript) stays so
 
         varargs_forward = True  # torch.export sees *args as one input: dynamic_shapes nest one level deeper
 

@@ -640,12 +640,12 @@ def _wrap(fn: Callable[[], Any], where: str) -> Any:
     except ModelLoadError:
         raise
     except ConversionError as exc:
-        raise ModelLoadError(f"{where}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{where}: {_first_line(exc, limit=1000)}") from exc  # ours: one line, whole
     except Exception as exc:  # noqa: BLE001 - torch and onnx raise anything; the cause is kept as __cause__
         raise ModelLoadError(f"{where}: {type(exc).__name__}: {_first_line(exc)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300] + ("" if len(text) <= 1 else " ...")
+    return (text[0] if text else type(exc).__name__)[:limit] + ("" if len(text) <= 1 else " ...")
 

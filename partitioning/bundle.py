@@ -263,13 +263,16 @@ def fallback_line(cut_id: str, check: CutVerification) -> str | None:
     if metric == "relative_error":
         best = min((float(a["value"]) for a in tries), default=value)
     stopped = " on the samples run before it could not pass" if any(a.get("stopped_after") for a in tries) else ""
+    broken = [str(a["calibration"]) for a in gate.get("attempts", ()) if "error" in a]
     failed = (f"its int8 head failed the gate ({metric} {best:.3f}{stopped}, threshold {gate.get('threshold')}, "
-              f"calibration tried: {', '.join(dict.fromkeys(str(a['calibration']) for a in tries)) or '-'})")
+              f"calibration tried: {', '.join(dict.fromkeys(str(a['calibration']) for a in tries)) or '-'}"
+              + (f"; {', '.join(dict.fromkeys(broken))} could not calibrate" if broken else "") + ")")
+    largest = max((int(a.get("float_nodes") or 0) for a in gate.get("attempts", ())), default=0)
     if check.precision == "mixed":
         return (f"cut {cut_id}: {failed}; it runs mixed precision with {floats} node(s) kept in float "
                 f"({metric} {value:.3f}); its edge time is costed at that precision")
     if gate.get("passed"):
         return (f"cut {cut_id}: {failed}; it passed only with every quantized node kept in float ({floats}), so it "
                 "runs the fp32 head; its edge time is costed at fp32")
-    return (f"cut {cut_id}: {failed}, even with {floats} node(s) kept in float; it runs the fp32 head; its edge "
-            "time is costed at fp32")
+    return (f"cut {cut_id}: {failed}, even with {largest} of its {floats} quantized node(s) kept in float; it "
+            "runs the fp32 head; its edge time is costed at fp32")

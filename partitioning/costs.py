@@ -41,7 +41,7 @@ def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
     """The SessionOptions the head/tail runners use (models.ortopts), with `threads` intra-op threads."""
     from models.ortopts import session_options as project_options
 
-    return project_options(threads, None, log_severity=2)
+    return project_options(threads, None, log_severity=3)  # its warnings (e.g. unused initializers) are noise here
 
 
 def default_providers() -> list[str]:

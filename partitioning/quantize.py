@@ -356,7 +356,7 @@ def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], 
                     if result is not None:
                         return _finished(int8_path, replace(result, attempts=tuple(attempts)))
         except ValueError as exc:  # e.g. a histogram method on a tensor too narrow for its bins: search instead
-            log.warning("%s: the seeded %s try failed (%s); searching", fp32_path, method, exc)
+            log.info("%s: the seeded %s try failed (%s); searching", fp32_path, method, exc)
             attempts.append({"calibration": method, "float_nodes": 0, "error": str(exc), "passed": False,
                              "seeded": True})
     best: tuple[float, str, Mapping[str, Any]] | None = None
@@ -370,7 +370,8 @@ def quantize_gated(fp32_path: Path, int8_path: Path, samples: Sequence[Sample], 
         except ValueError as exc:  # e.g. a histogram method on a tensor whose range is too narrow for its bins
             if len(config.methods) == 1 or (best is None and method == config.methods[-1]):
                 raise
-            log.warning("%s: %s calibration failed (%s); trying the others", fp32_path, method, exc)
+            # info, not warning: plan.json's attempts and split-profile's fallback warning say it (past -q too)
+            log.info("%s: %s calibration failed (%s); trying the others", fp32_path, method, exc)
             attempts.append({"calibration": method, "float_nodes": 0, "error": str(exc), "passed": False})
             continue
         if verdict["passed"]:

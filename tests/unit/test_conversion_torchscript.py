@@ -49,6 +49,36 @@ def test_traced_transformer_converts_and_keeps_a_dynamic_batch(encoder, no_grad,
     assert any(line.startswith("loading model.pt (TorchScript)... ") for line in said)
 
 
+class _DictOut(torch.nn.Module):
+    """The ViT behind a dict output, as Hugging Face models return them."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.model(x)
+        return {"logits": logits, "probs": torch.softmax(logits, -1)}
+
+
+def test_a_traced_transformer_with_a_dict_output_converts_on_its_fast_path(tmp_path):
+    """The output-flattening wrapper was left in training mode, so freezing (which the fast-path rewrite needs)
+    failed and the export stopped on aten::_transformer_encoder_layer_fwd (found by a new-user trial)."""
+    model = _DictOut(build_vit(encoder="torch")).eval()
+    x = torch.randn(VIT_SHAPE, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        path = tmp_path / "vitd" / "model.pt"
+        path.parent.mkdir(parents=True)
+        torch.jit.trace(model, (x,), check_trace=False, strict=False).save(str(path))
+    loaded = load_model(path, tmp_path / "work")
+    assert [o.name for o in loaded.outputs] == ["logits", "probs"]
+    with torch.no_grad():
+        want = model(x)
+    got = session(loaded.onnx_path).run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(got[0], want["logits"].numpy(), rtol=1e-4, atol=1e-5)
+
+
 class _Svd(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.svdvals(x)

@@ -313,5 +313,8 @@ def test_each_fallback_case_has_its_own_warning() -> None:
     seeded = fallback_line("c1", check("mixed", [{"calibration": "minmax", "float_nodes": 2, "value": 0.95,
                                                   "passed": True, "seeded": True}]))
     assert seeded is not None and "plain int8 head was not tried" in seeded
-    failed = fallback_line("c1", check("fp32", [plain_fail], passed=False))
-    assert failed is not None and "even with 2 node(s) kept in float; it runs the fp32 head" in failed
+    tried = [plain_fail, {"calibration": "entropy", "float_nodes": 0, "error": "range not finite", "passed": False},
+             {"calibration": "minmax", "float_nodes": 1, "value": 0.5, "passed": False}]
+    failed = fallback_line("c1", check("fp32", tried, passed=False))
+    assert failed is not None and "even with 1 of its 2 quantized node(s) kept in float; it runs the fp32" in failed
+    assert "calibration tried: minmax; entropy could not calibrate" in failed
